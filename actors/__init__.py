@@ -1,0 +1,1 @@
+"""Parley actor runtime: supervised Trio tasks with bounded mailboxes."""

@@ -1,0 +1,1 @@
+"""Operator tooling: the parley CLI, configuration, local cluster runner, benchmarks."""

@@ -1,0 +1,1 @@
+"""Parley relay: one public UDP port, QUIC tunnels to nodes."""

@@ -1,0 +1,1 @@
+"""Parley transceiver: WebRTC sessions, audio, agents and the node daemon."""

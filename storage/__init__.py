@@ -1,0 +1,1 @@
+"""etcd for Trio: leases, node registry, session ownership with fencing epochs."""

@@ -1,0 +1,125 @@
+"""Cluster membership: nodes and relays registered under their own leases.
+
+A member's key is attached to its lease, so a member that dies disappears from the registry when
+its lease expires; one that stops cleanly deletes its key and revokes its lease at once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Literal, final
+
+import attrs
+
+from storage.etcd import Etcd, KeyValue
+from storage.keys import Keyspace
+
+log = logging.getLogger("parley.members")
+
+NodeState = Literal["active", "draining"]
+NODE_STATES: tuple[NodeState, ...] = ("active", "draining")
+
+
+@final
+@attrs.frozen
+class NodeInfo:
+    """What a node publishes about itself."""
+
+    id: str
+    state: NodeState = "active"
+    #: named endpoints, e.g. {"signaling": "ws://127.0.0.1:8701/v1/session"}
+    addresses: dict[str, str] = attrs.field(factory=dict)
+    sessions: int = 0
+    capacity: int = 0
+    pid: int = 0
+    host: str = ""
+    started_at: float = 0.0
+
+    def encode(self) -> bytes:
+        return json.dumps(attrs.asdict(self), separators=(",", ":"), sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> NodeInfo:
+        try:
+            raw: Any = json.loads(data)
+            if not isinstance(raw, dict):
+                raise TypeError("not an object")
+            state = raw.get("state", "active")
+            if state not in NODE_STATES:
+                raise ValueError(f"unknown state {state!r}")
+            addresses = raw.get("addresses", {})
+            if not isinstance(addresses, dict) or not all(
+                isinstance(k, str) and isinstance(v, str) for k, v in addresses.items()
+            ):
+                raise TypeError("addresses must map names to strings")
+            return cls(
+                id=str(raw["id"]),
+                state=state,
+                addresses=dict(addresses),
+                sessions=int(raw.get("sessions", 0)),
+                capacity=int(raw.get("capacity", 0)),
+                pid=int(raw.get("pid", 0)),
+                host=str(raw.get("host", "")),
+                started_at=float(raw.get("started_at", 0.0)),
+            )
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"bad node record: {exc}") from None
+
+
+@final
+@attrs.frozen
+class Member:
+    """A registry entry as read back: the published info plus its lease."""
+
+    info: NodeInfo
+    lease: int
+    revision: int
+
+
+@final
+class Members:
+    """Register, update and list nodes (and, later, relays) of one cluster."""
+
+    def __init__(self, etcd: Etcd, keys: Keyspace) -> None:
+        self.etcd = etcd
+        self.keys = keys
+        self.bad_values = 0
+
+    async def register_node(self, info: NodeInfo, lease: int) -> int:
+        """Publish (or update) ``info`` attached to ``lease``; returns the write revision."""
+        return await self.etcd.put(self.keys.node(info.id), info.encode(), lease=lease)
+
+    async def deregister_node(self, node_id: str) -> None:
+        await self.etcd.delete(self.keys.node(node_id))
+
+    def _member(self, kv: KeyValue) -> Member | None:
+        try:
+            info = NodeInfo.decode(kv.value)
+        except ValueError as exc:
+            self.bad_values += 1
+            log.warning("skipping %r: %s", kv.key, exc)
+            return None
+        return Member(info=info, lease=kv.lease, revision=kv.mod_revision)
+
+    async def nodes(self) -> list[Member]:
+        kvs, _ = await self.etcd.get_prefix(self.keys.nodes_prefix)
+        return [m for m in (self._member(kv) for kv in kvs) if m is not None]
+
+    async def node(self, node_id: str) -> Member | None:
+        kv = await self.etcd.get(self.keys.node(node_id))
+        return self._member(kv) if kv else None
+
+    async def relays(self) -> list[dict[str, Any]]:
+        """Relay records as published (relays arrive with the relay daemon)."""
+        kvs, _ = await self.etcd.get_prefix(self.keys.relays_prefix)
+        out: list[dict[str, Any]] = []
+        for kv in kvs:
+            try:
+                value = json.loads(kv.value)
+            except ValueError:
+                self.bad_values += 1
+                continue
+            if isinstance(value, dict):
+                out.append(value)
+        return out

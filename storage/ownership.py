@@ -1,0 +1,212 @@
+"""Session ownership: single owner per session, proved by a fencing epoch.
+
+A session's owner is one key, ``{prefix}/owners/{session}``, attached to the owner's lease: it
+vanishes when that lease expires. Every change is a compare-and-swap transaction:
+
+* **claim**    — create-if-absent (create revision == 0); the write's revision is the **epoch**;
+* **transfer** — only if the key's mod revision still equals the caller's epoch; attaches the key
+  to the new owner's lease and yields a new, larger epoch;
+* **release**  — delete only if the epoch still matches.
+
+Epochs are etcd revisions, so they only grow: any two claims of one session, even across lease
+expiries, compare in the order they happened. Relays and nodes drop media stamped with an epoch
+older than the one they know (fencing).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, final
+
+import attrs
+import trio
+
+from storage.etcd import (
+    Etcd,
+    KeyValue,
+    cmp_create_revision,
+    cmp_mod_revision,
+    op_delete,
+    op_get,
+    op_put,
+)
+from storage.keys import Keyspace
+
+log = logging.getLogger("parley.ownership")
+
+
+class OwnershipError(Exception):
+    """A claim, transfer or release was refused."""
+
+
+@final
+class AlreadyOwned(OwnershipError):
+    """The session already has an owner."""
+
+    def __init__(self, current: Ownership | None) -> None:
+        super().__init__(f"session already owned: {current}")
+        self.current = current
+
+
+@final
+class StaleEpoch(OwnershipError):
+    """The caller's epoch is not the session's current epoch (someone else moved it)."""
+
+    def __init__(self, expected: int, current: Ownership | None) -> None:
+        super().__init__(f"epoch {expected} is stale; current owner: {current}")
+        self.expected = expected
+        self.current = current
+
+
+class BadOwnershipValue(ValueError):
+    """An ownership key held a value we cannot read (counted and skipped)."""
+
+
+@final
+@attrs.frozen
+class Ownership:
+    """Who owns a session, and since which epoch."""
+
+    session: str
+    node: str
+    epoch: int
+    lease: int
+
+
+@final
+@attrs.frozen
+class OwnershipChange:
+    """One change seen by :meth:`Owners.watch`; ``node`` is None when the session lost its owner."""
+
+    session: str
+    node: str | None
+    epoch: int
+    revision: int
+
+
+def _encode(node: str, lease: int) -> bytes:
+    return json.dumps({"node": node, "lease": lease}, separators=(",", ":")).encode()
+
+
+def decode_ownership(session: str, kv: KeyValue) -> Ownership:
+    try:
+        value: Any = json.loads(kv.value)
+        node = value["node"]
+        if not isinstance(node, str) or not node:
+            raise TypeError("node must be a non-empty string")
+    except (ValueError, TypeError, KeyError) as exc:
+        raise BadOwnershipValue(f"bad ownership value for {session!r}: {exc}") from None
+    return Ownership(session=session, node=node, epoch=kv.mod_revision, lease=kv.lease)
+
+
+@final
+class Owners:
+    """Ownership operations for one cluster keyspace."""
+
+    def __init__(self, etcd: Etcd, keys: Keyspace) -> None:
+        self.etcd = etcd
+        self.keys = keys
+        #: values under the owners prefix that could not be decoded (never crash on them)
+        self.bad_values = 0
+
+    def _decode(self, kv: KeyValue) -> Ownership | None:
+        session = self.keys.session_of_owner_key(kv.key)
+        if session is None:
+            self.bad_values += 1
+            return None
+        try:
+            return decode_ownership(session, kv)
+        except BadOwnershipValue as exc:
+            self.bad_values += 1
+            log.warning("%s", exc)
+            return None
+
+    async def claim(self, session: str, node: str, lease: int) -> int:
+        """Become the owner of an unowned session; returns the epoch. Raises AlreadyOwned."""
+        key = self.keys.owner(session)
+        result = await self.etcd.txn(
+            [cmp_create_revision(key, 0)],
+            [op_put(key, _encode(node, lease), lease=lease)],
+            [op_get(key)],
+        )
+        if result.succeeded:
+            # A put inside a transaction is written at the transaction's revision.
+            return result.revision
+        current = result.ranges[0][0] if result.ranges and result.ranges[0] else None
+        raise AlreadyOwned(self._decode(current) if current else None)
+
+    async def transfer(self, session: str, epoch: int, to_node: str, to_lease: int) -> int:
+        """Move ownership to ``to_node`` if ``epoch`` is still current; returns the new epoch."""
+        key = self.keys.owner(session)
+        result = await self.etcd.txn(
+            [cmp_mod_revision(key, epoch)],
+            [op_put(key, _encode(to_node, to_lease), lease=to_lease)],
+            [op_get(key)],
+        )
+        if result.succeeded:
+            return result.revision
+        current = result.ranges[0][0] if result.ranges and result.ranges[0] else None
+        raise StaleEpoch(epoch, self._decode(current) if current else None)
+
+    async def release(self, session: str, epoch: int) -> bool:
+        """Give up ownership if ``epoch`` is still current; False if it was not ours any more."""
+        key = self.keys.owner(session)
+        result = await self.etcd.txn([cmp_mod_revision(key, epoch)], [op_delete(key)])
+        return result.succeeded
+
+    async def owner_of(self, session: str) -> Ownership | None:
+        kv = await self.etcd.get(self.keys.owner(session))
+        return self._decode(kv) if kv else None
+
+    async def list(self) -> tuple[list[Ownership], int]:
+        """Every owned session and the revision the list was read at."""
+        kvs, revision = await self.etcd.get_prefix(self.keys.owners_prefix)
+        owned = [o for o in (self._decode(kv) for kv in kvs) if o is not None]
+        return owned, revision
+
+    @asynccontextmanager
+    async def watch(
+        self, *, start_revision: int = 0
+    ) -> AsyncIterator[trio.MemoryReceiveChannel[OwnershipChange]]:
+        """Every ownership change, in order, from ``start_revision`` (0: from now).
+
+        Survives etcd restarts without losing or repeating a change. Undecodable values are
+        counted in ``bad_values`` and skipped.
+        """
+        send, receive = trio.open_memory_channel[OwnershipChange](1024)
+
+        async def translate(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            async with (
+                send,
+                self.etcd.watch_prefix(
+                    self.keys.owners_prefix, start_revision=start_revision
+                ) as batches,
+            ):
+                task_status.started()
+                async for batch in batches:
+                    for event in batch:
+                        change = self._change_of(event.kind, event.kv)
+                        if change is not None:
+                            await send.send(change)
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(translate)
+            try:
+                yield receive
+            finally:
+                nursery.cancel_scope.cancel()
+
+    def _change_of(self, kind: str, kv: KeyValue) -> OwnershipChange | None:
+        if kind == "delete":
+            session = self.keys.session_of_owner_key(kv.key)
+            if session is None:
+                self.bad_values += 1
+                return None
+            return OwnershipChange(session, None, 0, kv.mod_revision)
+        owned = self._decode(kv)
+        if owned is None:
+            return None
+        return OwnershipChange(owned.session, owned.node, owned.epoch, kv.mod_revision)

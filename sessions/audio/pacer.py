@@ -1,0 +1,262 @@
+"""Sans-I/O outbound pacing: one 20 ms frame per tick, on a schedule that never drifts.
+
+An agent produces speech in bursts (a TTS engine is usually faster than real time), but RTP
+audio must leave at the rate it is played. :class:`Pacer` holds the agent's frames and hands
+out one per 20 ms tick with its RTP timestamp and marker bit. Time is passed in; nothing here
+reads a clock or sleeps. The frames are opaque bytes: queue PCM and encode at the tick, so that
+:meth:`Pacer.flush` (barge-in) throws away audio that was never encoded and the encoder only
+ever sees what is sent.
+
+Schedule. Tick ``n`` of a talkspurt is due at ``start + n * 0.020``, computed from ``n`` each
+time rather than by adding 20 ms to the last deadline or by sleeping 20 ms after each send, so
+neither rounding nor a late wake-up accumulates into drift. A tick handled more than
+``late_threshold`` after its deadline counts as late; a caller that fell behind gets the
+missed ticks one call at a time (a burst the receiver's jitter buffer absorbs), unless it fell
+more than ``max_catchup`` ticks behind: then those ticks are skipped, nothing is sent for them
+and the audio is delayed rather than rushed.
+
+RTP timestamps (RFC 3550 §5.1, RFC 7587 §4.1). The timestamp advances by 960 for every tick,
+whether or not a frame was sent, so it keeps tracking real time across gaps; a talkspurt that
+starts after an idle period continues from where the last one ended plus the whole 20 ms ticks
+that passed. The marker bit is set on the first packet after any tick that sent nothing - the
+first packet of a talkspurt (RFC 3551 §4.1) - so that the receiver can re-anchor its playout.
+
+Underruns. A tick that finds the queue empty in the middle of a talkspurt (the agent did not
+call :meth:`Pacer.end_talkspurt`) is an underrun, and nothing is sent. Not sending is the
+ordinary discontinuous transmission of Opus over RTP (RFC 7587 §3.1.3): the receiver conceals
+the gap and the timestamp jump plus marker bit tell it exactly how long the gap was.
+Comfort silence would cost an encode and about 10 kbit/s per idle session, and would hide the
+gap from the peer's jitter buffer rather than let it re-anchor. After ``hangover`` empty ticks
+in a row the talkspurt is taken to have ended and the pacer goes idle (no timer) until the next
+:meth:`Pacer.push`.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+from typing import Final, final
+
+import attrs
+
+__all__ = ["FRAME_MS", "FRAME_SECONDS", "FRAME_TIMESTAMP", "PacedFrame", "Pacer", "PacerStats"]
+
+#: Duration of one frame and one tick.
+FRAME_MS: Final = 20
+FRAME_SECONDS: Final = FRAME_MS / 1000
+#: RTP timestamp units per frame (RFC 7587 §4.1: the Opus RTP clock is 48 kHz).
+FRAME_TIMESTAMP: Final = 960
+
+_TS_MOD: Final = 1 << 32
+_FROZEN: Final = attrs.setters.frozen  # settings are fixed at construction
+
+
+@final
+@attrs.frozen
+class PacedFrame:
+    """One frame to send now: its RTP timestamp, marker bit and the deadline it was due at."""
+
+    payload: bytes
+    timestamp: int
+    marker: bool
+    deadline: float
+
+
+@final
+@attrs.frozen
+class PacerStats:
+    """Counters of a :class:`Pacer` (durations in milliseconds)."""
+
+    ticks: int
+    """Ticks handled, with or without a frame (skipped ticks not included)."""
+    sent: int
+    late: int
+    """Ticks handled more than ``late_threshold`` after their deadline."""
+    underruns: int
+    """Ticks inside a talkspurt that found nothing to send."""
+    skipped: int
+    """Ticks given up because the caller fell more than ``max_catchup`` ticks behind."""
+    talkspurts: int
+    played_ms: int
+    """Audio actually handed out, over the pacer's life."""
+    talkspurt_ms: int
+    """Audio handed out in the current (or last) talkspurt: what a barged-in user heard."""
+    flushed_ms: int
+    queued_ms: int
+
+
+@final
+@attrs.define
+class Pacer:
+    """Paces queued frames out at one per 20 ms (see the module docstring).
+
+    Settings, fixed at construction:
+
+    * ``initial_timestamp``: RTP timestamp of the first frame (RFC 3550 §5.1 wants it random;
+      the RTP sender picks it). To move a session, carry :attr:`next_timestamp` over;
+    * ``late_threshold``: seconds after its deadline from which a tick counts as late;
+    * ``hangover``: empty ticks after which a talkspurt the agent did not end is over;
+    * ``max_catchup``: how many ticks behind a caller may be before ticks are skipped.
+    """
+
+    initial_timestamp: int = attrs.field(
+        default=0,
+        validator=[attrs.validators.ge(0), attrs.validators.lt(_TS_MOD)],
+        on_setattr=_FROZEN,
+    )
+    late_threshold: float = attrs.field(
+        default=0.005, validator=attrs.validators.ge(0.0), on_setattr=_FROZEN
+    )
+    hangover: int = attrs.field(default=5, validator=attrs.validators.ge(1), on_setattr=_FROZEN)
+    max_catchup: int = attrs.field(default=5, validator=attrs.validators.ge(0), on_setattr=_FROZEN)
+
+    _queue: collections.deque[bytes] = attrs.field(init=False, factory=collections.deque)
+    _start: float = attrs.field(init=False, default=0.0)  # deadline of tick 0 of the talkspurt
+    _tick: int = attrs.field(init=False, default=0)  # index of the next tick in the talkspurt
+    _active: bool = attrs.field(init=False, default=False)
+    _next_ts: int = attrs.field(init=False)  # timestamp of the next tick, not wrapped
+    _idle_deadline: float | None = attrs.field(init=False, default=None)  # first unused tick
+    _marker: bool = attrs.field(init=False, default=True)
+    _ending: bool = attrs.field(init=False, default=False)  # end_talkspurt() was called
+    _empty_run: int = attrs.field(init=False, default=0)
+    _counts: collections.Counter[str] = attrs.field(init=False, factory=collections.Counter)
+
+    @_next_ts.default
+    def _next_ts_default(self) -> int:
+        return self.initial_timestamp
+
+    # --- input --------------------------------------------------------------------------------
+
+    def push(self, frame: bytes, now: float) -> None:
+        """Queue one 20 ms frame; starts a talkspurt (first tick due at once) if idle."""
+        self._queue.append(frame)
+        self._ending = False
+        if not self._active:
+            self._begin(now)
+
+    def end_talkspurt(self) -> None:
+        """The agent has queued the whole utterance: once it is sent, go idle quietly.
+
+        Without this the empty ticks after the last frame count as underruns until
+        ``hangover`` of them end the talkspurt.
+        """
+        self._ending = True
+        if self._active and not self._queue:
+            self._go_idle()
+
+    def flush(self) -> int:
+        """Drop everything queued (barge-in); return how many milliseconds were dropped.
+
+        The talkspurt ends; the next :meth:`push` starts a new one, marker bit set.
+        """
+        dropped = len(self._queue) * FRAME_MS
+        self._queue.clear()
+        self._counts["flushed_ms"] += dropped
+        if self._active:
+            self._go_idle()
+        return dropped
+
+    def _begin(self, now: float) -> None:
+        # Never earlier than the tick the last talkspurt left unused, so consecutive packets
+        # are at least 20 ms apart and the timestamp never runs ahead of real time.
+        if self._idle_deadline is None:
+            self._start = now
+        else:
+            self._start = max(now, self._idle_deadline)
+            # The timestamp keeps tracking real time across the idle period, in whole ticks.
+            elapsed = round((self._start - self._idle_deadline) / FRAME_SECONDS)
+            self._next_ts += FRAME_TIMESTAMP * elapsed
+        self._tick = 0
+        self._active = True
+        self._marker = True
+        self._empty_run = 0
+        self._counts["talkspurts"] += 1
+        self._counts["talkspurt_ms"] = 0
+
+    def _go_idle(self) -> None:
+        self._idle_deadline = self._deadline()
+        self._active = False
+        self._ending = False
+
+    # --- output -------------------------------------------------------------------------------
+
+    def _deadline(self) -> float:
+        # Always from the tick index, never accumulated: no drift.
+        return self._start + self._tick * FRAME_SECONDS
+
+    def get_timer(self) -> float | None:
+        """Deadline of the next tick, or ``None`` while idle (nothing queued)."""
+        return self._deadline() if self._active else None
+
+    def pop(self, now: float) -> PacedFrame | None:
+        """Handle the next tick if it is due at ``now``; the frame to send, if there is one.
+
+        ``None`` means either that no tick is due or that the tick had nothing to send, so a
+        caller drives the pacer with ``while (t := pacer.get_timer()) is not None and
+        t <= now: pacer.pop(now)``, sending every frame it gets.
+        """
+        if not self._active:
+            return None
+        deadline = self._deadline()
+        if now < deadline:
+            return None
+        behind = math.floor((now - deadline) / FRAME_SECONDS)
+        if behind > self.max_catchup:
+            # A long stall: skip to the tick that is due now instead of bursting them all.
+            self._tick += behind
+            self._next_ts += FRAME_TIMESTAMP * behind
+            self._counts["skipped"] += behind
+            self._marker = True  # nothing was sent for the skipped ticks
+            deadline = self._deadline()
+        self._counts["ticks"] += 1
+        if now - deadline > self.late_threshold:
+            self._counts["late"] += 1
+        timestamp = self._next_ts % _TS_MOD
+        self._tick += 1
+        self._next_ts += FRAME_TIMESTAMP
+
+        if not self._queue:
+            self._counts["underruns"] += 1
+            self._empty_run += 1
+            self._marker = True  # RFC 3551 §4.1: the next packet starts after a silence
+            if self._empty_run >= self.hangover:
+                self._go_idle()
+            return None
+
+        frame = PacedFrame(self._queue.popleft(), timestamp, self._marker, deadline)
+        self._marker = False
+        self._empty_run = 0
+        self._counts["sent"] += 1
+        self._counts["played_ms"] += FRAME_MS
+        self._counts["talkspurt_ms"] += FRAME_MS
+        if not self._queue and self._ending:
+            self._go_idle()
+        return frame
+
+    # --- state --------------------------------------------------------------------------------
+
+    @property
+    def next_timestamp(self) -> int:
+        """RTP timestamp the next tick will carry (what a session move must carry over)."""
+        return self._next_ts % _TS_MOD
+
+    @property
+    def queued_ms(self) -> int:
+        """Milliseconds of audio waiting to be sent."""
+        return len(self._queue) * FRAME_MS
+
+    def stats(self) -> PacerStats:
+        """A snapshot of the counters."""
+        c = self._counts
+        return PacerStats(
+            ticks=c["ticks"],
+            sent=c["sent"],
+            late=c["late"],
+            underruns=c["underruns"],
+            skipped=c["skipped"],
+            talkspurts=c["talkspurts"],
+            played_ms=c["played_ms"],
+            talkspurt_ms=c["talkspurt_ms"],
+            flushed_ms=c["flushed_ms"],
+            queued_ms=self.queued_ms,
+        )

@@ -1,0 +1,144 @@
+"""The ``parley`` command: what an operator types."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+from typing import Any
+
+import attrs
+import trio
+
+from ops.config import Config, ConfigError, load_config
+from ops.log import setup_logging
+
+log = logging.getLogger("parley.cli")
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", help="TOML config file (default: $PARLEY_CONFIG or ./parley.toml)"
+    )
+    parser.add_argument("--etcd", help="etcd client endpoint host:port (cluster.etcd)")
+    parser.add_argument("--prefix", help="etcd key prefix of the cluster (cluster.prefix)")
+    parser.add_argument(
+        "--log-json", action="store_true", default=None, help="one JSON object a log line"
+    )
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="parley", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    node = commands.add_parser("node", help="run a node daemon (the transceiver)")
+    _common(node)
+    node.add_argument("--id", help="node id (node.id; default <hostname>-<pid>)")
+    node.add_argument("--lease-ttl", type=int, help="lease TTL in seconds (node.lease_ttl)")
+    node.add_argument("--capacity", type=int, help="sessions this node accepts (node.capacity)")
+
+    up = commands.add_parser("up", help="run etcd and nodes locally, supervised, until Ctrl-C")
+    _common(up)
+    up.add_argument("--nodes", type=int, help="how many nodes (up.nodes)")
+    up.add_argument("--data-dir", help="where etcd data and logs go (up.data_dir)")
+    up.add_argument("--etcd-port", type=int, help="local etcd client port (up.etcd_client_port)")
+    up.add_argument(
+        "--lease-ttl", type=int, help="lease TTL of the nodes, seconds (node.lease_ttl)"
+    )
+
+    status = commands.add_parser("status", help="nodes, relays and sessions of a cluster")
+    _common(status)
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    return parser
+
+
+def config_from(args: argparse.Namespace) -> Config:
+    def get(name: str) -> Any:
+        return getattr(args, name, None)
+
+    overrides: dict[str, dict[str, Any]] = {
+        "cluster": {"etcd": get("etcd"), "prefix": get("prefix")},
+        "node": {"id": get("id"), "lease_ttl": get("lease_ttl"), "capacity": get("capacity")},
+        "up": {
+            "nodes": get("nodes"),
+            "data_dir": get("data_dir"),
+            "etcd_client_port": get("etcd_port"),
+        },
+        "log": {"json": get("log_json"), "level": get("log_level")},
+    }
+    config = load_config(get("config"), overrides=overrides)
+    if args.command == "up" and get("etcd") is None:
+        # The nodes of `parley up` talk to the etcd it starts.
+        cluster = config.cluster
+        config = attrs.evolve(
+            config, cluster=attrs.evolve(cluster, etcd=f"127.0.0.1:{config.up.etcd_client_port}")
+        )
+    return config
+
+
+def cmd_node(config: Config) -> int:
+    from sessions.node import Node
+
+    node = Node(config)
+
+    async def main() -> None:
+        async def on_signal() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("stopping on signal", extra={"signal": signal.Signals(signum).name})
+                    node.request_stop()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(on_signal)
+            await node.run()
+            nursery.cancel_scope.cancel()
+
+    log.info("node starting", extra={"node": node.id, "etcd": config.cluster.etcd})
+    trio.run(main)
+    return 0
+
+
+def cmd_status(config: Config, as_json: bool) -> int:
+    from ops.status import format_status, gather_status
+    from storage.etcd import EtcdError, open_etcd
+    from storage.keys import Keyspace
+
+    async def main() -> dict[str, Any]:
+        async with open_etcd(config.cluster.etcd) as etcd:
+            return await gather_status(etcd, Keyspace(config.cluster.prefix))
+
+    try:
+        status = trio.run(main)
+    except EtcdError as exc:
+        print(
+            f"parley status: etcd at {config.cluster.etcd} did not answer: {exc}", file=sys.stderr
+        )
+        return 2
+    print(json.dumps(status, indent=2) if as_json else format_status(status))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        config = config_from(args)
+    except ConfigError as exc:
+        print(f"parley: {exc}", file=sys.stderr)
+        return 2
+    setup_logging(args.command, json_lines=config.log.json, level=config.log.level)
+    if args.command == "node":
+        return cmd_node(config)
+    if args.command == "up":
+        from ops.up import run_up
+
+        return run_up(config)
+    if args.command == "status":
+        return cmd_status(config, args.json)
+    raise AssertionError(args.command)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

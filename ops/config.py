@@ -1,0 +1,216 @@
+"""Configuration: one TOML file, overridden by ``PARLEY_*`` environment variables and CLI flags.
+
+Precedence, lowest first: built-in defaults (which work with ``parley up``), the TOML file
+(``--config``, ``$PARLEY_CONFIG`` or ``./parley.toml`` if present), environment variables named
+``PARLEY_<SECTION>_<KEY>`` (for example ``PARLEY_NODE_LEASE_TTL=3``), then command-line flags.
+
+Example ``parley.toml``::
+
+    [cluster]
+    etcd = "127.0.0.1:23790"   # host:port of etcd's client URL
+    prefix = "/parley"        # every key of this cluster lives under it
+
+    [node]
+    id = "node-1"             # default: <hostname>-<pid>
+    lease_ttl = 5             # seconds; keepalives go out every lease_ttl / 3
+    lease_margin = 1.0        # stop owned work this long before the lease could expire
+    capacity = 1000           # sessions this node accepts
+    signaling_host = "127.0.0.1"
+    signaling_port = 0        # 0: any free port
+
+    [up]
+    nodes = 2
+    data_dir = ".parley"
+    etcd_client_port = 23790
+    etcd_peer_port = 23800
+
+    [log]
+    json = false
+    level = "info"
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import tomllib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, final
+
+import attrs
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names the setting and where it came from."""
+
+
+@final
+@attrs.frozen
+class ClusterConfig:
+    etcd: str = "127.0.0.1:23790"
+    prefix: str = "/parley"
+
+
+@final
+@attrs.frozen
+class NodeConfig:
+    id: str = ""
+    lease_ttl: int = 5
+    lease_margin: float = 0.0  # 0: derived from the TTL (storage.lease.default_margin)
+    capacity: int = 1000
+    signaling_host: str = "127.0.0.1"
+    signaling_port: int = 0
+
+    def node_id(self) -> str:
+        return self.id or f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
+
+
+@final
+@attrs.frozen
+class UpConfig:
+    nodes: int = 2
+    data_dir: str = ".parley"
+    etcd_client_port: int = 23790
+    etcd_peer_port: int = 23800
+
+
+@final
+@attrs.frozen
+class LogConfig:
+    json: bool = False
+    level: str = "info"
+
+
+@final
+@attrs.frozen
+class Config:
+    cluster: ClusterConfig = ClusterConfig()
+    node: NodeConfig = NodeConfig()
+    up: UpConfig = UpConfig()
+    log: LogConfig = LogConfig()
+    #: where the file layer came from, for messages
+    source: str = "defaults"
+
+
+_SECTIONS: dict[str, type[Any]] = {
+    "cluster": ClusterConfig,
+    "node": NodeConfig,
+    "up": UpConfig,
+    "log": LogConfig,
+}
+
+
+def _coerce(value: Any, target: type[Any], where: str) -> Any:
+    if target is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in {
+            "1",
+            "true",
+            "yes",
+            "on",
+            "0",
+            "false",
+            "no",
+            "off",
+        }:
+            return value.lower() in {"1", "true", "yes", "on"}
+    elif target is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+            return int(value)
+    elif target is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif target is str and isinstance(value, str):
+        return value
+    raise ConfigError(f"{where}: expected {target.__name__}, got {value!r}")
+
+
+def _field_types(cls: type[Any]) -> dict[str, type[Any]]:
+    hints = {"bool": bool, "int": int, "float": float, "str": str}
+    return {f.name: hints[str(f.type)] for f in attrs.fields(cls)}
+
+
+def _apply(base: Config, layer: Mapping[str, Mapping[str, Any]], origin: str) -> Config:
+    changes: dict[str, Any] = {}
+    for section, values in layer.items():
+        cls = _SECTIONS.get(section)
+        if cls is None:
+            raise ConfigError(f"{origin}: unknown section [{section}]")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{origin}: [{section}] must be a table")
+        types = _field_types(cls)
+        coerced = {}
+        for key, value in values.items():
+            if key not in types:
+                raise ConfigError(f"{origin}: unknown setting {section}.{key}")
+            coerced[key] = _coerce(value, types[key], f"{origin}: {section}.{key}")
+        changes[section] = attrs.evolve(getattr(base, section), **coerced)
+    return attrs.evolve(base, **changes)
+
+
+def _env_layer(env: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    layer: dict[str, dict[str, str]] = {}
+    for name, value in env.items():
+        if not name.startswith("PARLEY_") or name == "PARLEY_CONFIG" or name == "PARLEY_ETCD_BIN":
+            continue
+        rest = name[len("PARLEY_") :].lower()
+        section, _, key = rest.partition("_")
+        if section in _SECTIONS and key:
+            layer.setdefault(section, {})[key] = value
+    return layer
+
+
+def load_config(
+    path: str | Path | None = None,
+    *,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+) -> Config:
+    """Build the effective configuration (see the module docstring for the precedence)."""
+    env = os.environ if env is None else env
+    config = Config()
+    chosen = path or env.get("PARLEY_CONFIG")
+    if chosen is None and Path("parley.toml").is_file():
+        chosen = "parley.toml"
+    if chosen is not None:
+        file = Path(chosen)
+        try:
+            data = tomllib.loads(file.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{file}: {exc}") from None
+        config = attrs.evolve(_apply(config, data, str(file)), source=str(file))
+    config = _apply(config, _env_layer(env), "environment")
+    if overrides:
+        cleaned = {
+            s: {k: v for k, v in vals.items() if v is not None} for s, vals in overrides.items()
+        }
+        config = _apply(config, {s: v for s, v in cleaned.items() if v}, "command line")
+    _validate(config)
+    return config
+
+
+def _validate(config: Config) -> None:
+    host, _, port = config.cluster.etcd.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"cluster.etcd must be host:port, not {config.cluster.etcd!r}")
+    if not config.cluster.prefix.startswith("/") or config.cluster.prefix.endswith("/"):
+        raise ConfigError("cluster.prefix must start with '/' and not end with one")
+    if config.node.lease_ttl < 2:
+        raise ConfigError("node.lease_ttl must be at least 2 seconds")
+    if not 0 <= config.node.lease_margin < config.node.lease_ttl:
+        raise ConfigError("node.lease_margin must be between 0 and node.lease_ttl")
+    if config.up.nodes < 1:
+        raise ConfigError("up.nodes must be at least 1")
+    if config.log.level.lower() not in {"debug", "info", "warning", "error"}:
+        raise ConfigError("log.level must be debug, info, warning or error")

@@ -1,0 +1,98 @@
+"""``parley status``: what the cluster's etcd says about nodes, relays and sessions."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from typing import Any
+
+import trio
+
+from storage.etcd import Etcd
+from storage.keys import Keyspace
+from storage.members import Members
+from storage.ownership import Owners
+
+
+async def gather_status(etcd: Etcd, keys: Keyspace) -> dict[str, Any]:
+    """The cluster as JSON-ready data: ``{"nodes": [..], "relays": [..], "sessions": [..]}``."""
+    members = Members(etcd, keys)
+    owners = Owners(etcd, keys)
+    nodes = await members.nodes()
+    owned, revision = await owners.list()
+    per_node = Counter(o.node for o in owned)
+    ttls: dict[int, int] = {}
+
+    async def ttl_of(lease: int) -> None:
+        ttls[lease] = await etcd.lease_time_to_live(lease)
+
+    async with trio.open_nursery() as nursery:
+        for lease in {m.lease for m in nodes}:
+            nursery.start_soon(ttl_of, lease)
+
+    now = time.time()
+    return {
+        "revision": revision,
+        "nodes": [
+            {
+                "id": m.info.id,
+                "state": m.info.state,
+                "lease": f"{m.lease:x}",
+                "lease_ttl_left": ttls.get(m.lease, -1),
+                "sessions": per_node.get(m.info.id, 0),
+                "capacity": m.info.capacity,
+                "signaling": m.info.addresses.get("signaling"),
+                "addresses": m.info.addresses,
+                "host": m.info.host,
+                "pid": m.info.pid,
+                "uptime": round(max(0.0, now - m.info.started_at), 1)
+                if m.info.started_at
+                else None,
+            }
+            for m in sorted(nodes, key=lambda m: m.info.id)
+        ],
+        "relays": await members.relays(),
+        "sessions": [
+            {"id": o.session, "owner": o.node, "epoch": o.epoch}
+            for o in sorted(owned, key=lambda o: o.session)
+        ],
+    }
+
+
+def _table(headers: list[str], rows: list[list[str]]) -> str:
+    widths = [
+        max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)
+    ]
+    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+    return "\n".join(lines)
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """Plain-text tables for people."""
+    nodes = [
+        [
+            n["id"],
+            n["state"],
+            f"{n['lease_ttl_left']}s" if n["lease_ttl_left"] >= 0 else "expired",
+            str(n["sessions"]),
+            n["signaling"] or "-",
+        ]
+        for n in status["nodes"]
+    ]
+    relays = [
+        [str(r.get("id", "?")), str(r.get("address", "-")), str(r.get("sessions", "-"))]
+        for r in status["relays"]
+    ]
+    sessions = [[s["id"], s["owner"], str(s["epoch"])] for s in status["sessions"]]
+    parts = [
+        f"nodes ({len(nodes)})",
+        _table(["id", "state", "lease", "sessions", "signaling"], nodes),
+        "",
+        f"relays ({len(relays)})",
+        _table(["id", "address", "sessions"], relays),
+        "",
+        f"sessions ({len(sessions)})",
+        _table(["id", "owner", "epoch"], sessions),
+    ]
+    return "\n".join(parts)

@@ -1,0 +1,214 @@
+"""``parley up``: the embedded default cluster on one machine.
+
+Starts a local etcd (data under ``<data_dir>/etcd``) and ``up.nodes`` node daemons as child
+processes, restarts any that dies, prints what runs where, and on Ctrl-C or SIGTERM stops the
+nodes (SIGTERM, so they release what they own), then etcd.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, final
+
+import attrs
+import trio
+
+from ops.config import Config
+from ops.etcdserver import EtcdServer, EtcdServerError
+from ops.status import format_status, gather_status
+from storage.etcd import EtcdError, open_etcd
+from storage.keys import Keyspace
+
+log = logging.getLogger("parley.up")
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: get SIGTERM if ``parley up`` dies without cleaning up."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):  # not Linux: the operator cleans up by hand
+        pass
+
+
+@final
+@attrs.define
+class Child:
+    """One supervised child process."""
+
+    name: str
+    argv: list[str]
+    log_path: Path
+    process: trio.Process | None = None
+    restarts: int = 0
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.pid if self.process is not None else None
+
+
+@final
+class LocalCluster:
+    """etcd plus node processes, supervised from one Trio task."""
+
+    def __init__(self, config: Config, *, stdout: Any = None) -> None:
+        self.config = config
+        self.data_dir = Path(config.up.data_dir).resolve()
+        self.etcd = EtcdServer(
+            self.data_dir / "etcd",
+            client_port=config.up.etcd_client_port,
+            peer_port=config.up.etcd_peer_port,
+            log_file=self.data_dir / "logs" / "etcd.log",
+        )
+        self.endpoint = self.etcd.endpoint
+        self.children = [self._node_child(i + 1) for i in range(config.up.nodes)]
+        self.out = stdout or sys.stdout
+        self._stopping = False
+        self.ready = trio.Event()
+
+    def _node_child(self, index: int) -> Child:
+        name = f"node-{index}"
+        argv = [
+            sys.executable,
+            "-m",
+            "ops.cli",
+            "node",
+            "--id",
+            name,
+            "--etcd",
+            self.endpoint,
+            "--prefix",
+            self.config.cluster.prefix,
+            "--lease-ttl",
+            str(self.config.node.lease_ttl),
+        ]
+        if self.config.log.json:
+            argv.append("--log-json")
+        return Child(name, argv, self.data_dir / "logs" / f"{name}.log")
+
+    def say(self, text: str) -> None:
+        print(text, file=self.out, flush=True)
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[LocalCluster] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
+        try:
+            await trio.to_thread.run_sync(self.etcd.start)
+        except EtcdServerError as exc:
+            raise SystemExit(f"parley up: {exc}") from None
+        self.say(f"etcd     {self.endpoint}  pid {self.etcd.pid}  data {self.etcd.data_dir}")
+        try:
+            async with trio.open_nursery() as nursery:
+                for child in self.children:
+                    await nursery.start(self._supervise, child)
+                    self.say(f"{child.name:<8} pid {child.pid}  log {child.log_path}")
+                await self._wait_registered()
+                self.ready.set()
+                task_status.started(self)
+                nursery.start_soon(self._stop_on_signal, nursery.cancel_scope)
+                await self.print_status()
+                self.say("\nparley is up. `parley status` shows the cluster; Ctrl-C stops it.")
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._stop_children()
+                await trio.to_thread.run_sync(self.etcd.stop)
+            self.say("parley stopped.")
+
+    async def _supervise(self, child: Child, *, task_status: trio.TaskStatus[None]) -> None:
+        backoff = 0.5
+        first = True
+        while True:
+            log_file = await trio.to_thread.run_sync(lambda: open(child.log_path, "ab"))  # noqa: SIM115
+            try:
+                child.process = await trio.lowlevel.open_process(
+                    child.argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_file,
+                    stderr=log_file,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
+                )
+            finally:
+                log_file.close()
+            if first:
+                task_status.started()
+                first = False
+            code = await child.process.wait()
+            if self._stopping:
+                return
+            child.restarts += 1
+            self.say(
+                f"{child.name} exited with {code}; restarting in {backoff:.1f}s ({child.log_path})"
+            )
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, 10.0)
+
+    async def _wait_registered(self) -> None:
+        wanted = {c.name for c in self.children}
+        keys = Keyspace(self.config.cluster.prefix)
+        async with open_etcd(self.endpoint) as etcd:
+            with trio.move_on_after(30):
+                while True:
+                    try:
+                        status = await gather_status(etcd, keys)
+                    except EtcdError:
+                        status = {"nodes": []}
+                    if wanted <= {n["id"] for n in status["nodes"]}:
+                        return
+                    await trio.sleep(0.2)
+        self.say("warning: not every node registered within 30 s; see the logs above")
+
+    async def print_status(self) -> None:
+        async with open_etcd(self.endpoint) as etcd:
+            status = await gather_status(etcd, Keyspace(self.config.cluster.prefix))
+        self.say("")
+        self.say(format_status(status))
+
+    async def _stop_on_signal(self, scope: trio.CancelScope) -> None:
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                self.say(f"\n{signal.Signals(signum).name}: stopping nodes, then etcd ...")
+                scope.cancel()
+                return
+
+    async def _stop_children(self, grace: float = 15.0) -> None:
+        self._stopping = True
+        running = [
+            c for c in self.children if c.process is not None and c.process.returncode is None
+        ]
+        for child in reversed(running):
+            assert child.process is not None
+            child.process.send_signal(signal.SIGTERM)
+        with trio.move_on_after(grace):
+            for child in reversed(running):
+                assert child.process is not None
+                await child.process.wait()
+        for child in running:
+            assert child.process is not None
+            if child.process.returncode is None:
+                self.say(f"{child.name} did not stop within {grace:.0f}s; killing it")
+                child.process.kill()
+                await child.process.wait()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "etcd": {"endpoint": self.endpoint, "pid": self.etcd.process and self.etcd.pid},
+            "nodes": [{"id": c.name, "pid": c.pid, "log": str(c.log_path)} for c in self.children],
+        }
+
+
+def run_up(config: Config) -> int:
+    cluster = LocalCluster(config)
+    try:
+        trio.run(cluster.run)
+    except KeyboardInterrupt:  # a second Ctrl-C while stopping
+        return 130
+    return 0

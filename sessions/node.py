@@ -1,0 +1,280 @@
+"""The node daemon: registers itself, owns sessions under its lease, stops cleanly.
+
+Life of a node::
+
+    etcd client ── lease keeper (keepalive every TTL/3, local safety deadline)
+         │
+         └── for each lease generation, inside the lease's cancel scope:
+                 registration (nodes/<id>, attached to the lease, with state and load)
+                 session supervisor (one-for-one) ── one actor per session
+
+If the lease's safety deadline passes, the scope is cancelled: every session actor stops before
+etcd could expire the lease and let another node claim its sessions. The node then waits for a new
+lease and registers again, owning nothing. On SIGTERM the node turns ``draining``, stops and
+releases its sessions, deregisters and revokes its lease, so nothing waits for a TTL.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from typing import final
+
+import attrs
+import trio
+
+from actors import Actor, ChildSpec, Intensity, Registry, Restart, Strategy, Supervisor
+from ops.config import Config
+from storage.etcd import Etcd, EtcdError, open_etcd
+from storage.keys import Keyspace, check_name
+from storage.lease import Lease, LeaseKeeper
+from storage.members import Members, NodeInfo, NodeState
+from storage.ownership import Owners
+
+log = logging.getLogger("parley.node")
+
+
+class NodeRefused(Exception):
+    """The node will not take a session; ``code`` is machine-readable (signaling error code)."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@final
+@attrs.define
+class HostedSession:
+    id: str
+    epoch: int
+    lease: int
+    started_at: float
+
+
+@final
+class Node:
+    """One transceiver node. Start ``run`` with ``nursery.start``; it reports the node itself."""
+
+    def __init__(self, config: Config, *, node_id: str | None = None) -> None:
+        self.config = config
+        self.id = check_name("node", node_id or config.node.node_id())
+        self.keys = Keyspace(config.cluster.prefix)
+        self.registry = Registry()
+        self.state: NodeState = "active"
+        self.sessions: dict[str, HostedSession] = {}
+        #: named endpoints published in the registry (signaling URLs arrive with signaling)
+        self.addresses: dict[str, str] = {}
+        self.started_at = time.time()
+        self.lease_generations = 0
+        self._stop_requested = trio.Event()
+        self._load_changed = trio.Event()
+        self._lease: Lease | None = None
+        self._supervisor: Supervisor | None = None
+        self._reported = False
+        self._etcd: Etcd | None = None
+        self._owners: Owners | None = None
+        self._members: Members | None = None
+
+    # -- public API -----------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Begin a graceful stop (what SIGTERM does)."""
+        self._stop_requested.set()
+
+    @property
+    def lease(self) -> Lease | None:
+        return self._lease
+
+    async def host_session(self, session: str, factory: Callable[[], Actor]) -> int:
+        """Claim ``session`` for this node and start its actor; returns the epoch.
+
+        Raises :class:`NodeRefused` (``node_draining``, ``node_over_capacity``, ``no_lease``) or
+        storage's ``AlreadyOwned`` if another node owns it.
+        """
+        check_name("session", session)
+        if self.state != "active" or self._stop_requested.is_set():
+            raise NodeRefused("node_draining", f"node {self.id} is draining")
+        if len(self.sessions) >= self.config.node.capacity:
+            raise NodeRefused("node_over_capacity", f"node {self.id} is at capacity")
+        lease, supervisor, owners = self._lease, self._supervisor, self._owners
+        if lease is None or supervisor is None or owners is None or lease.lost.is_set():
+            raise NodeRefused("no_lease", f"node {self.id} holds no live lease")
+        epoch = await owners.claim(session, self.id, lease.id)
+        try:
+            await supervisor.start_child(ChildSpec(session, factory, restart=Restart.TRANSIENT))
+        except BaseException:
+            with trio.CancelScope(shield=True), trio.move_on_after(self._rpc_timeout()):
+                await owners.release(session, epoch)
+            raise
+        self.sessions[session] = HostedSession(session, epoch, lease.id, time.time())
+        self._load_changed.set()
+        log.info("session hosted", extra={"session": session, "epoch": epoch})
+        return epoch
+
+    async def end_session(self, session: str) -> None:
+        """Stop a session's actor and release its ownership."""
+        hosted = self.sessions.pop(session, None)
+        if hosted is None:
+            return
+        if self._supervisor is not None and session in self._supervisor.child_names():
+            await self._supervisor.stop_child(session)
+        if self._owners is not None:
+            try:
+                released = await self._owners.release(session, hosted.epoch)
+            except EtcdError as exc:
+                log.warning("release failed", extra={"session": session, "error": str(exc)})
+            else:
+                if not released:
+                    log.warning("session was no longer ours", extra={"session": session})
+        self._load_changed.set()
+        log.info("session ended", extra={"session": session})
+
+    def info(self) -> NodeInfo:
+        return NodeInfo(
+            id=self.id,
+            state=self.state,
+            addresses=dict(self.addresses),
+            sessions=len(self.sessions),
+            capacity=self.config.node.capacity,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            started_at=self.started_at,
+        )
+
+    # -- lifetime -------------------------------------------------------------------------------
+
+    def _rpc_timeout(self) -> float:
+        return self._etcd.timeout if self._etcd is not None else 2.0
+
+    async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
+        node_cfg = self.config.node
+        margin = node_cfg.lease_margin or None
+        async with open_etcd(self.config.cluster.etcd) as etcd:
+            self._etcd = etcd
+            self._owners = Owners(etcd, self.keys)
+            self._members = Members(etcd, self.keys)
+            keeper = LeaseKeeper(etcd, ttl=node_cfg.lease_ttl, margin=margin)
+            async with trio.open_nursery() as nursery:
+                await nursery.start(keeper.run)
+                while True:
+                    lease = await self._next_lease(keeper)
+                    if lease is None:
+                        break
+                    self.lease_generations += 1
+                    with lease.scope:
+                        await self._serve(lease, None if self._reported else task_status)
+                    if lease.lost.is_set() and not self._stop_requested.is_set():
+                        log.error(
+                            "lease lost: stopped every session before it could expire",
+                            extra={"lease": hex(lease.id), "sessions": len(self.sessions)},
+                        )
+                        self.sessions.clear()
+                nursery.cancel_scope.cancel()
+            await self._revoke()
+        log.info("node stopped", extra={"node": self.id})
+
+    async def _next_lease(self, keeper: LeaseKeeper) -> Lease | None:
+        """The next live lease, or None once a stop is requested (etcd may be unreachable)."""
+        if self._stop_requested.is_set():
+            return None
+        found: Lease | None = None
+        async with trio.open_nursery() as nursery:
+
+            async def take() -> None:
+                nonlocal found
+                found = await keeper.current()
+                nursery.cancel_scope.cancel()
+
+            async def stop() -> None:
+                await self._stop_requested.wait()
+                nursery.cancel_scope.cancel()
+
+            nursery.start_soon(take)
+            nursery.start_soon(stop)
+        return None if self._stop_requested.is_set() and found is None else found
+
+    async def _serve(self, lease: Lease, task_status: trio.TaskStatus[Node] | None) -> None:
+        assert self._members is not None
+        self._lease = lease
+        supervisor = Supervisor(
+            f"{self.id}/sessions",
+            strategy=Strategy.ONE_FOR_ONE,
+            # Sessions are independent: one crashing repeatedly must not take the others down,
+            # so this supervisor tolerates many restarts (each session limits its own).
+            intensity=Intensity(max_restarts=1000, within=10.0),
+            registry=self.registry,
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(supervisor.run)
+            self._supervisor = supervisor
+            await self._register(lease)
+            log.info(
+                "node registered",
+                extra={"node": self.id, "lease": hex(lease.id), "generation": lease.generation},
+            )
+            self._reported = True
+            if task_status is not None:
+                task_status.started(self)
+            nursery.start_soon(self._report_load, lease)
+            await self._stop_requested.wait()
+            await self._drain(lease)
+            nursery.cancel_scope.cancel()
+        self._supervisor = None
+
+    async def _register(self, lease: Lease) -> None:
+        """Publish this node under ``lease``, retrying while etcd is unreachable.
+
+        Runs inside the lease's scope, so it gives up when the lease does.
+        """
+        assert self._members is not None
+        backoff = 0.1
+        while True:
+            try:
+                await self._members.register_node(self.info(), lease.id)
+                return
+            except EtcdError as exc:
+                log.warning("could not register; retrying", extra={"error": str(exc)})
+            await trio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    async def _report_load(self, lease: Lease) -> None:
+        """Keep the registration current: on every change, and at least once per TTL."""
+        assert self._members is not None
+        while True:
+            with trio.move_on_after(lease.ttl):
+                await self._load_changed.wait()
+            self._load_changed = trio.Event()
+            try:
+                await self._members.register_node(self.info(), lease.id)
+            except EtcdError as exc:
+                log.warning("could not update registration", extra={"error": str(exc)})
+
+    async def _drain(self, lease: Lease) -> None:
+        """Graceful stop: mark draining, release every session, deregister."""
+        assert self._members is not None
+        self.state = "draining"
+        log.info("node draining", extra={"node": self.id, "sessions": len(self.sessions)})
+        try:
+            await self._members.register_node(self.info(), lease.id)
+        except EtcdError as exc:
+            log.warning("could not publish draining state", extra={"error": str(exc)})
+        # Stop in reverse order of arrival, like a supervisor stops its children.
+        for session in reversed(list(self.sessions)):
+            await self.end_session(session)
+        try:
+            await self._members.deregister_node(self.id)
+        except EtcdError as exc:
+            log.warning("could not deregister", extra={"error": str(exc)})
+
+    async def _revoke(self) -> None:
+        lease, self._lease = self._lease, None
+        if lease is None or self._etcd is None:
+            return
+        with trio.CancelScope(shield=True), trio.move_on_after(self._etcd.timeout):
+            try:
+                await self._etcd.lease_revoke(lease.id)
+            except EtcdError as exc:
+                log.warning("could not revoke lease", extra={"error": str(exc)})

@@ -1,0 +1,74 @@
+"""Configuration layering: defaults < TOML file < PARLEY_* environment < command line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from ops.cli import build_parser, config_from
+from ops.config import ConfigError, load_config
+
+
+def test_defaults_work_with_parley_up() -> None:
+    config = load_config(env={})
+    assert config.cluster.etcd == "127.0.0.1:23790"
+    assert config.node.lease_ttl == 5
+    assert config.up.nodes == 2
+
+
+def test_file_then_environment_then_flags(tmp_path: Path) -> None:
+    file = tmp_path / "parley.toml"
+    file.write_text('[node]\nlease_ttl = 7\ncapacity = 10\n[cluster]\nprefix = "/a"\n')
+    config = load_config(file, env={})
+    assert (config.node.lease_ttl, config.node.capacity, config.cluster.prefix) == (7, 10, "/a")
+    env = {"PARLEY_NODE_LEASE_TTL": "9", "PARLEY_LOG_JSON": "true", "HOME": "/x"}
+    config = load_config(file, env=env)
+    assert (config.node.lease_ttl, config.node.capacity, config.log.json) == (9, 10, True)
+    config = load_config(file, env=env, overrides={"node": {"lease_ttl": 3, "capacity": None}})
+    assert (config.node.lease_ttl, config.node.capacity) == (3, 10)
+    assert config.source == str(file)
+
+
+def test_config_file_from_environment(tmp_path: Path) -> None:
+    file = tmp_path / "c.toml"
+    file.write_text("[up]\nnodes = 4\n")
+    assert load_config(env={"PARLEY_CONFIG": str(file)}).up.nodes == 4
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "message"),
+    [
+        ("[nodes]\nid = 'x'\n", {}, "unknown section"),
+        ("[node]\nttl = 3\n", {}, "unknown setting node.ttl"),
+        ("[node]\nlease_ttl = 'soon'\n", {}, "node.lease_ttl: expected int"),
+        ("[node]\nlease_ttl = 1\n", {}, "at least 2 seconds"),
+        ("[cluster]\netcd = 'nohost'\n", {}, "host:port"),
+        ("node = [", {}, "parley.toml"),
+        ("", {"PARLEY_NODE_CAPACITY": "many"}, "environment: node.capacity"),
+    ],
+)
+def test_bad_settings_are_named(
+    tmp_path: Path, text: str, env: dict[str, str], message: str
+) -> None:
+    file = tmp_path / "parley.toml"
+    file.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_config(file, env=env)
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "nope.toml", env={})
+
+
+def test_cli_flags_override_and_up_points_nodes_at_its_etcd(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("PARLEY_CLUSTER_ETCD", raising=False)
+    args = build_parser().parse_args(["up", "--nodes", "3", "--etcd-port", "24000"])
+    config = config_from(args)
+    assert config.up.nodes == 3 and config.cluster.etcd == "127.0.0.1:24000"
+    args = build_parser().parse_args(["node", "--id", "n1", "--lease-ttl", "4", "--log-json"])
+    config = config_from(args)
+    assert (config.node.id, config.node.lease_ttl, config.log.json) == ("n1", 4, True)

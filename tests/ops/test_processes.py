@@ -1,0 +1,153 @@
+"""What an operator types, as real processes: `parley node`, `parley status`, `parley up`."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ops.etcdserver import EtcdServer, free_port
+
+PARLEY = [sys.executable, "-m", "ops.cli"]
+
+
+def run_status(endpoint: str, prefix: str = "/parley", *extra: str) -> dict[str, Any]:
+    out = subprocess.run(
+        [*PARLEY, "status", "--json", "--etcd", endpoint, "--prefix", prefix, *extra],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    status: dict[str, Any] = json.loads(out.stdout)
+    return status
+
+
+def wait_for(predicate: Any, within: float, what: str) -> Any:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def start_node(endpoint: str, node_id: str, tmp_path: Path) -> subprocess.Popen[bytes]:
+    log = open(tmp_path / f"{node_id}.log", "wb")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(
+        [*PARLEY, "node", "--id", node_id, "--etcd", endpoint, "--lease-ttl", "2", "--log-json"],
+        stdout=log,
+        stderr=log,
+    )
+
+
+def node_ids(endpoint: str) -> set[str]:
+    return {n["id"] for n in run_status(endpoint)["nodes"]}
+
+
+def test_node_registers_and_deregisters_at_once_on_sigterm(
+    etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    node = start_node(etcd_server.endpoint, "n1", tmp_path)
+    try:
+        wait_for(lambda: "n1" in node_ids(etcd_server.endpoint), 20, "n1 to register")
+        status = run_status(etcd_server.endpoint)
+        (entry,) = status["nodes"]
+        assert entry["state"] == "active" and entry["pid"] == node.pid
+        assert 0 < entry["lease_ttl_left"] <= 2
+        assert status["sessions"] == [] and status["relays"] == []
+        node.send_signal(signal.SIGTERM)
+        assert node.wait(10) == 0
+        # Deregistered by the node itself, not by a lease running out.
+        assert "n1" not in node_ids(etcd_server.endpoint)
+    finally:
+        node.kill()
+    lines = [json.loads(line) for line in (tmp_path / "n1.log").read_text().splitlines()]
+    messages = [line["msg"] for line in lines]
+    assert "node registered" in messages and "node stopped" in messages
+    assert all({"ts", "level", "component", "msg"} <= set(line) for line in lines)
+
+
+def test_sigkilled_node_disappears_when_its_lease_expires(
+    etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    node = start_node(etcd_server.endpoint, "n1", tmp_path)
+    try:
+        wait_for(lambda: "n1" in node_ids(etcd_server.endpoint), 20, "n1 to register")
+        node.kill()
+        node.wait()
+        killed = time.monotonic()
+        assert "n1" in node_ids(etcd_server.endpoint)  # its lease still runs
+        wait_for(lambda: "n1" not in node_ids(etcd_server.endpoint), 10, "n1's lease to expire")
+        assert time.monotonic() - killed < 2 + 3
+    finally:
+        node.kill()
+
+
+def test_status_reports_an_unreachable_etcd_clearly() -> None:
+    out = subprocess.run(
+        [*PARLEY, "status", "--etcd", f"127.0.0.1:{free_port()}"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 2
+    assert "did not answer" in out.stderr
+
+
+def test_parley_up_runs_etcd_and_nodes_restarts_a_killed_node_and_stops_cleanly(
+    tmp_path: Path,
+) -> None:
+    port = free_port()
+    data = tmp_path / "data"
+    env = dict(os.environ, PARLEY_UP_ETCD_PEER_PORT=str(free_port()))
+    up = subprocess.Popen(
+        [*PARLEY, "up", "--data-dir", str(data), "--etcd-port", str(port), "--lease-ttl", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
+    endpoint = f"127.0.0.1:{port}"
+    output: list[str] = []
+    try:
+        assert up.stdout is not None
+        for line in up.stdout:
+            output.append(line)
+            if "parley is up" in line:
+                break
+        text = "".join(output)
+        assert f"etcd     {endpoint}" in text and "node-1" in text and "node-2" in text
+        status = run_status(endpoint)
+        assert sorted(n["id"] for n in status["nodes"]) == ["node-1", "node-2"]
+        # Chaos: kill a node; `parley up` brings it back.
+        victim = next(n for n in status["nodes"] if n["id"] == "node-1")
+        os.kill(victim["pid"], signal.SIGKILL)
+
+        def replaced() -> bool:
+            nodes = run_status(endpoint)["nodes"]
+            return any(n["id"] == "node-1" and n["pid"] != victim["pid"] for n in nodes)
+
+        wait_for(replaced, 20, "node-1 to be restarted")
+        pids = [n["pid"] for n in run_status(endpoint)["nodes"]]
+        up.send_signal(signal.SIGINT)
+        rest, _ = up.communicate(timeout=30)
+        assert up.returncode == 0, rest
+        assert "parley stopped." in rest
+        for pid in pids:
+            with pytest.raises(ProcessLookupError):
+                os.kill(pid, 0)
+        assert (data / "etcd").is_dir() and (data / "logs" / "node-1.log").is_file()
+    finally:
+        if up.poll() is None:
+            up.kill()
+            up.wait()

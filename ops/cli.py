@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 from typing import Any
@@ -39,6 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--id", help="node id (node.id; default <hostname>-<pid>)")
     node.add_argument("--lease-ttl", type=int, help="lease TTL in seconds (node.lease_ttl)")
     node.add_argument("--capacity", type=int, help="sessions this node accepts (node.capacity)")
+    node.add_argument(
+        "--parent-pid", type=int, help="stop gracefully when this process is gone (parley up)"
+    )
 
     up = commands.add_parser("up", help="run etcd and nodes locally, supervised, until Ctrl-C")
     _common(up)
@@ -79,7 +83,7 @@ def config_from(args: argparse.Namespace) -> Config:
     return config
 
 
-def cmd_node(config: Config) -> int:
+def cmd_node(config: Config, parent_pid: int | None = None) -> int:
     from sessions.node import Node
 
     node = Node(config)
@@ -91,8 +95,23 @@ def cmd_node(config: Config) -> int:
                     log.info("stopping on signal", extra={"signal": signal.Signals(signum).name})
                     node.request_stop()
 
+        async def watch_parent(pid: int) -> None:
+            try:
+                fd = os.pidfd_open(pid)
+            except OSError:  # already gone
+                pass
+            else:
+                try:
+                    await trio.lowlevel.wait_readable(fd)  # readable once the process exits
+                finally:
+                    os.close(fd)
+            log.warning("parent process is gone; stopping", extra={"parent": pid})
+            node.request_stop()
+
         async with trio.open_nursery() as nursery:
             nursery.start_soon(on_signal)
+            if parent_pid is not None:
+                nursery.start_soon(watch_parent, parent_pid)
             await node.run()
             nursery.cancel_scope.cancel()
 
@@ -130,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_logging(args.command, json_lines=config.log.json, level=config.log.level)
     if args.command == "node":
-        return cmd_node(config)
+        return cmd_node(config, args.parent_pid)
     if args.command == "up":
         from ops.up import run_up
 

@@ -7,8 +7,8 @@ nodes (SIGTERM, so they release what they own), then etcd.
 
 from __future__ import annotations
 
-import ctypes
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -25,17 +25,6 @@ from storage.etcd import EtcdError, open_etcd
 from storage.keys import Keyspace
 
 log = logging.getLogger("parley.up")
-
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: get SIGTERM if ``parley up`` dies without cleaning up."""
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):  # not Linux: the operator cleans up by hand
-        pass
 
 
 @final
@@ -88,6 +77,9 @@ class LocalCluster:
             self.config.cluster.prefix,
             "--lease-ttl",
             str(self.config.node.lease_ttl),
+            # A node started by `parley up` stops when `parley up` is gone, even if it was killed.
+            "--parent-pid",
+            str(os.getpid()),
         ]
         if self.config.log.json:
             argv.append("--log-json")
@@ -134,7 +126,6 @@ class LocalCluster:
                     stdout=log_file,
                     stderr=log_file,
                     start_new_session=True,
-                    preexec_fn=_die_with_parent,
                 )
             finally:
                 log_file.close()

@@ -76,6 +76,40 @@ def test_node_registers_and_deregisters_at_once_on_sigterm(
     assert all({"ts", "level", "component", "msg"} <= set(line) for line in lines)
 
 
+PARENT = """
+import os, subprocess, sys, time
+log = open(sys.argv[1], "wb")
+argv = [sys.executable, "-m", "ops.cli", "node", "--id", "n1", "--etcd", sys.argv[2],
+        "--lease-ttl", "5", "--parent-pid", str(os.getpid())]
+node = subprocess.Popen(argv, stdout=log, stderr=log)
+print(node.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_node_started_by_parley_up_stops_when_its_parent_dies(
+    etcd_server: EtcdServer, tmp_path: Path
+) -> None:
+    parent = subprocess.Popen(
+        [sys.executable, "-c", PARENT, str(tmp_path / "n1.log"), etcd_server.endpoint],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert parent.stdout is not None
+    node_pid = int(parent.stdout.readline())
+    try:
+        wait_for(lambda: "n1" in node_ids(etcd_server.endpoint), 20, "n1 to register")
+        parent.kill()  # like SIGKILL of `parley up`: no chance to stop its children
+        parent.wait()
+        # The orphan notices, drains and deregisters well before its 5 s lease could lapse.
+        wait_for(lambda: "n1" not in node_ids(etcd_server.endpoint), 4, "n1 to deregister")
+        wait_for(lambda: not Path(f"/proc/{node_pid}").exists(), 10, "the orphan to exit")
+    finally:
+        if Path(f"/proc/{node_pid}").exists():
+            os.kill(node_pid, signal.SIGKILL)
+    assert "parent process is gone" in (tmp_path / "n1.log").read_text()
+
+
 def test_sigkilled_node_disappears_when_its_lease_expires(
     etcd_server: EtcdServer, tmp_path: Path
 ) -> None:
@@ -118,6 +152,7 @@ def test_parley_up_runs_etcd_and_nodes_restarts_a_killed_node_and_stops_cleanly(
         cwd=tmp_path,
     )
     endpoint = f"127.0.0.1:{port}"
+    started = time.monotonic()
     output: list[str] = []
     try:
         assert up.stdout is not None
@@ -138,7 +173,13 @@ def test_parley_up_runs_etcd_and_nodes_restarts_a_killed_node_and_stops_cleanly(
             return any(n["id"] == "node-1" and n["pid"] != victim["pid"] for n in nodes)
 
         wait_for(replaced, 20, "node-1 to be restarted")
-        pids = [n["pid"] for n in run_status(endpoint)["nodes"]]
+        # Past Trio's idle-thread timeout (10 s): nodes must not die with the thread that
+        # spawned them, and the other node keeps running untouched.
+        time.sleep(max(0.0, started + 13 - time.monotonic()))
+        nodes = run_status(endpoint)["nodes"]
+        survivor = next(n for n in status["nodes"] if n["id"] == "node-2")
+        assert [n["pid"] for n in nodes if n["id"] == "node-2"] == [survivor["pid"]]
+        pids = [n["pid"] for n in nodes]
         up.send_signal(signal.SIGINT)
         rest, _ = up.communicate(timeout=30)
         assert up.returncode == 0, rest
@@ -146,6 +187,7 @@ def test_parley_up_runs_etcd_and_nodes_restarts_a_killed_node_and_stops_cleanly(
         for pid in pids:
             with pytest.raises(ProcessLookupError):
                 os.kill(pid, 0)
+        assert rest.count("exited with") == 1, rest  # only the node we killed
         assert (data / "etcd").is_dir() and (data / "logs" / "node-1.log").is_file()
     finally:
         if up.poll() is None:

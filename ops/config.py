@@ -17,6 +17,8 @@ Example ``parley.toml``::
     capacity = 1000           # sessions this node accepts
     signaling_host = "127.0.0.1"
     signaling_port = 0        # 0: any free port
+    media_host = "127.0.0.1"  # the node's client UDP port, one for all its sessions
+    media_port = 0
 
     [up]
     nodes = 2
@@ -61,6 +63,9 @@ class NodeConfig:
     capacity: int = 1000
     signaling_host: str = "127.0.0.1"
     signaling_port: int = 0
+    #: the node's own client-facing UDP port (one for all its sessions); relays replace it
+    media_host: str = "127.0.0.1"
+    media_port: int = 0
 
     def node_id(self) -> str:
         return self.id or f"{socket.gethostname().split('.')[0]}-{os.getpid()}"

@@ -20,6 +20,7 @@ async def gather_status(etcd: Etcd, keys: Keyspace) -> dict[str, Any]:
     owners = Owners(etcd, keys)
     nodes = await members.nodes()
     owned, revision = await owners.list()
+    live = await members.session_stats()
     per_node = Counter(o.node for o in owned)
     ttls: dict[int, int] = {}
 
@@ -53,7 +54,7 @@ async def gather_status(etcd: Etcd, keys: Keyspace) -> dict[str, Any]:
         ],
         "relays": await members.relays(),
         "sessions": [
-            {"id": o.session, "owner": o.node, "epoch": o.epoch}
+            {"id": o.session, "owner": o.node, "epoch": o.epoch, "stats": live.get(o.session)}
             for o in sorted(owned, key=lambda o: o.session)
         ],
     }
@@ -66,6 +67,31 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     return "\n".join(lines)
+
+
+def _session_columns(session: dict[str, Any]) -> list[str]:
+    stats = dict(session.get("stats") or {})
+    if isinstance(stats.get("loss_fraction"), int | float):
+        stats["loss_percent"] = 100 * stats["loss_fraction"]
+
+    def num(key: str, unit: str = "", digits: int = 1) -> str:
+        value = stats.get(key)
+        return f"{value:.{digits}f}{unit}" if isinstance(value, int | float) else "-"
+
+    def packets(direction: str) -> str:
+        count, size = stats.get(f"packets_{direction}"), stats.get(f"bytes_{direction}")
+        if not isinstance(count, int) or not isinstance(size, int):
+            return "-"
+        return f"{count}p/{size // 1024}KiB"
+
+    return [
+        str(stats.get("state", "-")),
+        packets("in"),
+        packets("out"),
+        num("loss_percent", "%"),
+        num("jitter_ms", "ms"),
+        num("rtt_ms", "ms"),
+    ]
 
 
 def format_status(status: dict[str, Any]) -> str:
@@ -84,7 +110,9 @@ def format_status(status: dict[str, Any]) -> str:
         [str(r.get("id", "?")), str(r.get("address", "-")), str(r.get("sessions", "-"))]
         for r in status["relays"]
     ]
-    sessions = [[s["id"], s["owner"], str(s["epoch"])] for s in status["sessions"]]
+    sessions = [
+        [s["id"], s["owner"], str(s["epoch"]), *_session_columns(s)] for s in status["sessions"]
+    ]
     parts = [
         f"nodes ({len(nodes)})",
         _table(["id", "state", "lease", "sessions", "signaling"], nodes),
@@ -93,6 +121,6 @@ def format_status(status: dict[str, Any]) -> str:
         _table(["id", "address", "sessions"], relays),
         "",
         f"sessions ({len(sessions)})",
-        _table(["id", "owner", "epoch"], sessions),
+        _table(["id", "owner", "epoch", "state", "in", "out", "loss", "jitter", "rtt"], sessions),
     ]
     return "\n".join(parts)

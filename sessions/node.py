@@ -20,8 +20,8 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable
-from typing import final
+from collections.abc import Awaitable, Callable
+from typing import Any, final
 
 import attrs
 import trio
@@ -35,6 +35,12 @@ from storage.members import Members, NodeInfo, NodeState
 from storage.ownership import Owners
 
 log = logging.getLogger("parley.node")
+
+STATS_INTERVAL = 2.0
+
+
+#: serves a node's clients (signaling, media); started once per node with ``nursery.start``
+Frontend = Callable[..., Awaitable[None]]
 
 
 class NodeRefused(Exception):
@@ -58,7 +64,9 @@ class HostedSession:
 class Node:
     """One transceiver node. Start ``run`` with ``nursery.start``; it reports the node itself."""
 
-    def __init__(self, config: Config, *, node_id: str | None = None) -> None:
+    def __init__(
+        self, config: Config, *, node_id: str | None = None, frontend: Frontend | None = None
+    ) -> None:
         self.config = config
         self.id = check_name("node", node_id or config.node.node_id())
         self.keys = Keyspace(config.cluster.prefix)
@@ -69,6 +77,9 @@ class Node:
         self.addresses: dict[str, str] = {}
         self.started_at = time.time()
         self.lease_generations = 0
+        self._frontend = frontend
+        #: per-session stats, published for `parley status` (set by the frontend)
+        self.stats_source: Callable[[], Awaitable[dict[str, dict[str, Any]]]] | None = None
         self._stop_requested = trio.Event()
         self._load_changed = trio.Event()
         self._lease: Lease | None = None
@@ -158,6 +169,9 @@ class Node:
             self._members = Members(etcd, self.keys)
             keeper = LeaseKeeper(etcd, ttl=node_cfg.lease_ttl, margin=margin)
             async with trio.open_nursery() as nursery:
+                if self._frontend is not None:
+                    # Signaling and media outlive lease generations: their addresses stay put.
+                    await nursery.start(self._frontend, self)
                 await nursery.start(keeper.run)
                 while True:
                     lease = await self._next_lease(keeper)
@@ -219,6 +233,7 @@ class Node:
             if task_status is not None:
                 task_status.started(self)
             nursery.start_soon(self._report_load, lease)
+            nursery.start_soon(self._publish_stats, lease)
             await self._stop_requested.wait()
             await self._drain(lease)
             nursery.cancel_scope.cancel()
@@ -251,6 +266,19 @@ class Node:
                 await self._members.register_node(self.info(), lease.id)
             except EtcdError as exc:
                 log.warning("could not update registration", extra={"error": str(exc)})
+
+    async def _publish_stats(self, lease: Lease) -> None:
+        """Every STATS_INTERVAL, the live stats of every session, for `parley status`."""
+        assert self._members is not None
+        while True:
+            await trio.sleep(STATS_INTERVAL)
+            if self.stats_source is None:
+                continue
+            try:
+                stats = await self.stats_source()
+                await self._members.publish_stats(self.id, stats, lease.id)
+            except EtcdError as exc:
+                log.debug("could not publish stats: %s", exc)
 
     async def _drain(self, lease: Lease) -> None:
         """Graceful stop: mark draining, release every session, deregister."""

@@ -39,6 +39,13 @@ class Keyspace:
     def owners_prefix(self) -> str:
         return f"{self.prefix}/owners/"
 
+    @property
+    def stats_prefix(self) -> str:
+        return f"{self.prefix}/stats/"
+
+    def stats(self, node_id: str) -> str:
+        return self.stats_prefix + check_name("node", node_id)
+
     def node(self, node_id: str) -> str:
         return self.nodes_prefix + check_name("node", node_id)
 

@@ -110,6 +110,25 @@ class Members:
         kv = await self.etcd.get(self.keys.node(node_id))
         return self._member(kv) if kv else None
 
+    async def publish_stats(self, node_id: str, stats: dict[str, Any], lease: int) -> None:
+        """Per-session stats of one node, attached to its lease (read by ``parley status``)."""
+        value = json.dumps(stats, separators=(",", ":"), default=str).encode()
+        await self.etcd.put(self.keys.stats(node_id), value, lease=lease)
+
+    async def session_stats(self) -> dict[str, dict[str, Any]]:
+        """Session id -> the stats its node last published (malformed entries skipped)."""
+        kvs, _ = await self.etcd.get_prefix(self.keys.stats_prefix)
+        out: dict[str, dict[str, Any]] = {}
+        for kv in kvs:
+            try:
+                value = json.loads(kv.value)
+            except ValueError:
+                self.bad_values += 1
+                continue
+            if isinstance(value, dict):
+                out.update({k: v for k, v in value.items() if isinstance(v, dict)})
+        return out
+
     async def relays(self) -> list[dict[str, Any]]:
         """Relay records as published (relays arrive with the relay daemon)."""
         kvs, _ = await self.etcd.get_prefix(self.keys.relays_prefix)

@@ -1,0 +1,820 @@
+"""The signaling server over real sockets: WebSocket and WHIP clients against an in-test backend."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, Literal
+
+import attrs
+import h11
+import pytest
+import trio
+import trio_websocket
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from sessions.signaling import (
+    ClientMessageError,
+    SessionHandle,
+    SignalingLimits,
+    SignalingRefused,
+    SignalingServer,
+    parse_client_message,
+)
+from sessions.webrtc.errors import SdpError
+from tests.helpers import eventually
+
+FAST = SignalingLimits(request_timeout=2.0, close_timeout=1.0, send_timeout=2.0)
+SDP_CODES = ("bad_sdp", "no_audio", "no_common_codec", "unsupported")
+KNOWN_CODES = {
+    "bad_json",
+    "bad_message",
+    *SDP_CODES,
+    "node_draining",
+    "node_over_capacity",
+    "internal",
+    "timeout",
+}
+
+
+class FakeBackend:
+    """Answers offers by their text: ``sdp-error CODE``, ``refuse CODE`` and ``boom`` fail;
+    ``early`` queues an event before the answer; anything else opens session ``s<n>``."""
+
+    def __init__(self) -> None:
+        self.opened: list[tuple[str, str]] = []
+        self.closed: list[tuple[str, str]] = []
+        self.senders: dict[str, trio.MemorySendChannel[dict[str, object]]] = {}
+        self._count = 0
+        self._closed_changed = trio.Event()
+
+    async def open_session(
+        self, offer_sdp: str, *, transport: Literal["websocket", "http"]
+    ) -> SessionHandle:
+        await trio.lowlevel.checkpoint()
+        self.opened.append((offer_sdp, transport))
+        word, _, arg = offer_sdp.partition(" ")
+        if word == "sdp-error":
+            raise SdpError(arg, f"offer refused: {arg}")
+        if word == "refuse":
+            raise SignalingRefused(arg, f"node refused: {arg}")
+        if word == "boom":
+            raise RuntimeError("backend bug")
+        self._count += 1
+        session_id = f"s{self._count}"
+        send, receive = trio.open_memory_channel[dict[str, object]](16)
+        self.senders[session_id] = send
+        if word == "early":
+            send.send_nowait({"event": "early"})
+        return SessionHandle(session_id, f"answer to {offer_sdp}", receive)
+
+    async def close_session(self, session_id: str, reason: str) -> bool:
+        await trio.lowlevel.checkpoint()
+        self.closed.append((session_id, reason))
+        self._closed_changed.set()
+        self._closed_changed = trio.Event()
+        sender = self.senders.pop(session_id, None)
+        if sender is None:
+            return False
+        sender.close()
+        return True
+
+    async def wait_closed(self, session_id: str) -> str:
+        """The reason ``session_id`` was closed with, once it is."""
+        with trio.fail_after(5):
+            while True:
+                for closed_id, reason in self.closed:
+                    if closed_id == session_id:
+                        return reason
+                await self._closed_changed.wait()
+
+
+@pytest.fixture
+def backend() -> FakeBackend:
+    return FakeBackend()
+
+
+async def start(
+    nursery: trio.Nursery,
+    backend: FakeBackend,
+    limits: SignalingLimits = FAST,
+    pages: Mapping[str, tuple[str, bytes]] | None = None,
+) -> SignalingServer:
+    server = SignalingServer(backend, limits=limits, pages=pages)
+    started: SignalingServer = await nursery.start(server.run)
+    return started
+
+
+@pytest.fixture
+async def server(nursery: trio.Nursery, backend: FakeBackend) -> SignalingServer:
+    return await start(nursery, backend)
+
+
+# -- clients ------------------------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def ws_open(server: SignalingServer) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+    url = server.urls()["signaling"]
+    async with trio_websocket.open_websocket_url(url, max_message_size=1 << 22) as ws:
+        yield ws
+    # trio-websocket's client leaves its socket open when the server closed first
+    await trio.aclose_forcefully(ws._stream)
+
+
+async def send(ws: trio_websocket.WebSocketConnection, message: Mapping[str, object]) -> None:
+    await ws.send_message(json.dumps(message))
+
+
+async def receive(ws: trio_websocket.WebSocketConnection) -> dict[str, Any]:
+    with trio.fail_after(5):
+        message = await ws.get_message()
+    assert isinstance(message, str)
+    value = json.loads(message)
+    assert isinstance(value, dict)
+    return value
+
+
+async def request(ws: trio_websocket.WebSocketConnection, message: Any) -> dict[str, Any]:
+    if isinstance(message, str | bytes):
+        await ws.send_message(message)
+    else:
+        await send(ws, message)
+    return await receive(ws)
+
+
+async def offer(ws: trio_websocket.WebSocketConnection, sdp: str = "v=0 ok") -> str:
+    answer = await request(ws, {"type": "offer", "sdp": sdp})
+    assert answer == {"type": "answer", "sdp": f"answer to {sdp}", "session": answer["session"]}
+    session = answer["session"]
+    assert isinstance(session, str)
+    return session
+
+
+async def closed_code(ws: trio_websocket.WebSocketConnection) -> int:
+    """Wait for the server to close the socket; its close code."""
+    with trio.fail_after(5):
+        with pytest.raises(trio_websocket.ConnectionClosed) as info:
+            while True:
+                await ws.get_message()
+    assert info.value.reason is not None
+    return info.value.reason.code
+
+
+@attrs.frozen
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        assert self.headers["content-type"] == "application/json"
+        return json.loads(self.body)
+
+
+async def read_reply(stream: trio.SocketStream, client: h11.Connection) -> Reply:
+    status, headers, body = 0, {}, bytearray()
+    with trio.fail_after(5):
+        while True:
+            event = client.next_event()
+            if event is h11.NEED_DATA:
+                client.receive_data(bytes(await stream.receive_some(65536)))
+            elif isinstance(event, h11.Response):
+                status = event.status_code
+                headers = {k.decode(): v.decode() for k, v in event.headers}
+            elif isinstance(event, h11.Data):
+                body += event.data
+            elif isinstance(event, h11.EndOfMessage):
+                return Reply(status, headers, bytes(body))
+
+
+def http_send(
+    client: h11.Connection,
+    method: str,
+    path: str,
+    headers: Sequence[tuple[str, str]],
+    body: bytes,
+    port: int,
+) -> bytes:
+    all_headers = [("Host", f"127.0.0.1:{port}"), *headers]
+    if body or method == "POST":
+        all_headers.append(("Content-Length", str(len(body))))
+    data = client.send(h11.Request(method=method, target=path, headers=all_headers))
+    if body:
+        data += client.send(h11.Data(data=body))
+    return data + client.send(h11.EndOfMessage())
+
+
+async def http(
+    server: SignalingServer,
+    method: str,
+    path: str,
+    *,
+    headers: Sequence[tuple[str, str]] = (),
+    body: bytes = b"",
+) -> Reply:
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        client = h11.Connection(h11.CLIENT)
+        data = http_send(
+            client, method, path, [*headers, ("Connection", "close")], body, server.port
+        )
+        await stream.send_all(data)
+        return await read_reply(stream, client)
+
+
+async def whip(server: SignalingServer, sdp: str) -> Reply:
+    headers = [("Content-Type", "application/sdp")]
+    return await http(server, "POST", "/v1/session", headers=headers, body=sdp.encode())
+
+
+async def raw(port: int, data: bytes, *, within: float = 5) -> bytes:
+    """Send ``data``; everything the server sends until it closes the connection."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        if data:
+            await stream.send_all(data)
+        received = bytearray()
+        with trio.fail_after(within):
+            while chunk := await stream.receive_some(65536):
+                received += chunk
+        return bytes(received)
+
+
+def status_of(response: bytes) -> int:
+    assert response.startswith(b"HTTP/1.1 "), response[:80]
+    return int(response.split(b" ", 2)[1])
+
+
+def body_json(response: bytes) -> Any:
+    return json.loads(response.split(b"\r\n\r\n", 1)[1])
+
+
+# -- WebSocket ----------------------------------------------------------------------------------
+
+
+async def test_offer_answer_then_events_in_order(
+    server: SignalingServer, backend: FakeBackend
+) -> None:
+    assert server.port != 0
+    assert server.urls() == {
+        "signaling": f"ws://127.0.0.1:{server.port}/v1/session",
+        "whip": f"http://127.0.0.1:{server.port}/v1/session",
+    }
+    async with ws_open(server) as ws:
+        session = await offer(ws, "early v=0")
+        assert backend.opened == [("early v=0", "websocket")]
+        assert (await receive(ws))["event"] == "early"  # queued before the answer, sent after
+        for n in range(5):
+            await backend.senders[session].send({"event": "speech", "n": n, "text": "héllo"})
+        for n in range(5):
+            event = await receive(ws)
+            assert event["type"] == "event"
+            assert event["event"] == "speech"
+            assert event["n"] == n
+            assert event["text"] == "héllo"
+            assert isinstance(event["ts"], float)
+        assert await request(ws, {"type": "ping"}) == {"type": "pong"}
+    assert server.counters["sessions_opened"] == 1
+    assert server.counters["events_forwarded"] == 6
+
+
+async def test_closing_the_socket_closes_the_session(
+    server: SignalingServer, backend: FakeBackend
+) -> None:
+    async with ws_open(server) as ws:
+        session = await offer(ws)
+    assert await backend.wait_closed(session) == "signaling closed"
+    assert server.counters["sessions_closed"] == 1
+
+
+async def test_dropped_connection_closes_the_session(
+    server: SignalingServer, backend: FakeBackend
+) -> None:
+    async with ws_open(server) as ws:
+        session = await offer(ws)
+        await ws._stream.aclose()  # no close handshake: the network went away
+    assert await backend.wait_closed(session) == "signaling closed"
+
+
+async def test_node_side_end_sends_session_ended_and_closes(
+    server: SignalingServer, backend: FakeBackend
+) -> None:
+    async with ws_open(server) as ws:
+        session = await offer(ws)
+        await backend.senders[session].send({"event": "agent_left"})
+        backend.senders.pop(session).close()  # the node ended the session
+        assert (await receive(ws))["event"] == "agent_left"
+        ended = await receive(ws)
+        assert ended["type"] == "event"
+        assert ended["event"] == "session_ended"
+        assert await closed_code(ws) == 1000
+    await trio.sleep(0.05)
+    assert backend.closed == []  # the node ended it: nothing to close
+
+
+async def test_session_ended_from_the_backend_is_not_repeated(
+    server: SignalingServer, backend: FakeBackend
+) -> None:
+    async with ws_open(server) as ws:
+        session = await offer(ws)
+        sender = backend.senders.pop(session)
+        await sender.send({"event": "session_ended", "reason": "ice timeout"})
+        sender.close()
+        ended = await receive(ws)
+        assert ended["event"] == "session_ended"
+        assert ended["reason"] == "ice timeout"
+        assert await closed_code(ws) == 1000
+
+
+async def test_unserializable_event_is_dropped(
+    server: SignalingServer, backend: FakeBackend
+) -> None:
+    async with ws_open(server) as ws:
+        session = await offer(ws)
+        await backend.senders[session].send({"event": "bad", "value": object()})
+        await backend.senders[session].send({"no": "name"})
+        await backend.senders[session].send({"event": "good"})
+        assert (await receive(ws))["event"] == "good"
+    assert server.counters["events_dropped"] == 2
+
+
+async def test_a_client_that_stops_reading_loses_its_session(
+    nursery: trio.Nursery, backend: FakeBackend
+) -> None:
+    server = await start(nursery, backend, attrs.evolve(FAST, send_timeout=0.3))
+    async with ws_open(server) as ws:
+        session = await offer(ws)
+        sender = backend.senders[session]
+
+        async def flood() -> None:
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                while True:
+                    await sender.send({"event": "flood", "pad": "x" * 60_000})
+
+        nursery.start_soon(flood)  # and never read
+        assert await backend.wait_closed(session) == "signaling closed"
+    assert server.counters["stalled"] == 1
+
+
+CLIENT_ERRORS: list[tuple[str | bytes, str]] = [
+    ("not json", "bad_json"),
+    ("", "bad_json"),
+    ("[1, 2]", "bad_json"),
+    ('"offer"', "bad_json"),
+    ('{"sdp": "v=0"}', "bad_json"),
+    ('{"type": 5}', "bad_json"),
+    ("[" * 50_000, "bad_json"),
+    (b"\x00binary", "bad_json"),
+    ('{"type": "dance"}', "bad_message"),
+    ('{"type": "answer", "sdp": "v=0"}', "bad_message"),
+    ('{"type": "offer"}', "bad_message"),
+    ('{"type": "offer", "sdp": ""}', "bad_message"),
+    ('{"type": "offer", "sdp": 7}', "bad_message"),
+    (json.dumps({"type": "offer", "sdp": "v=0 " + "a" * 100_000}), "bad_message"),
+]
+
+
+@pytest.mark.parametrize(("message", "code"), CLIENT_ERRORS)
+async def test_bad_messages_get_errors_and_the_connection_lives(
+    server: SignalingServer, message: str | bytes, code: str
+) -> None:
+    async with ws_open(server) as ws:
+        error = await request(ws, message)
+        assert error["type"] == "error"
+        assert error["code"] == code
+        assert isinstance(error["message"], str) and error["message"]
+        assert await request(ws, {"type": "ping"}) == {"type": "pong"}
+        await offer(ws)  # still usable for a session
+    assert server.counters[code] == 1
+
+
+BACKEND_ERRORS = [
+    *((f"sdp-error {code}", code) for code in SDP_CODES),
+    ("refuse node_draining", "node_draining"),
+    ("refuse node_over_capacity", "node_over_capacity"),
+    ("boom", "internal"),
+]
+
+
+@pytest.mark.parametrize(("sdp", "code"), BACKEND_ERRORS)
+async def test_backend_refusals_become_error_codes(
+    server: SignalingServer,
+    backend: FakeBackend,
+    caplog: pytest.LogCaptureFixture,
+    sdp: str,
+    code: str,
+) -> None:
+    async with ws_open(server) as ws:
+        error = await request(ws, {"type": "offer", "sdp": sdp})
+        assert error["type"] == "error"
+        assert error["code"] == code
+        assert await request(ws, {"type": "ping"}) == {"type": "pong"}
+        await offer(ws)  # a failed offer leaves room for another
+    if code == "internal":
+        assert error["message"] == "internal error"  # no backend internals leak to clients
+        failures = [r for r in caplog.records if r.name == "parley.signaling" and r.exc_info]
+        assert failures, "an unexpected backend failure is logged with its traceback"
+
+
+async def test_second_offer_is_refused(server: SignalingServer, backend: FakeBackend) -> None:
+    async with ws_open(server) as ws:
+        session = await offer(ws)
+        error = await request(ws, {"type": "offer", "sdp": "v=0 again"})
+        assert error["code"] == "bad_message"
+        assert error["message"] == "one session per connection"
+        assert await request(ws, {"type": "ping"}) == {"type": "pong"}
+        assert backend.closed == []
+        await backend.senders[session].send({"event": "still_alive"})
+        assert (await receive(ws))["event"] == "still_alive"
+    assert len(backend.opened) == 1
+
+
+async def test_bye_ends_the_session_and_closes(
+    server: SignalingServer, backend: FakeBackend
+) -> None:
+    async with ws_open(server) as ws:
+        session = await offer(ws)
+        await send(ws, {"type": "bye"})
+        assert await closed_code(ws) == 1000
+    assert await backend.wait_closed(session) == "bye"
+    assert len(backend.closed) == 1
+
+
+async def test_bye_without_a_session_closes(server: SignalingServer) -> None:
+    async with ws_open(server) as ws:
+        await send(ws, {"type": "bye"})
+        assert await closed_code(ws) == 1000
+
+
+async def test_oversized_frame_closes_with_1009(server: SignalingServer) -> None:
+    async with ws_open(server) as ws:
+        await ws.send_message("x" * (FAST.max_frame_chars + 1))
+        assert await closed_code(ws) == 1009
+    async with ws_open(server) as ws:  # the server serves on
+        assert await request(ws, {"type": "ping"}) == {"type": "pong"}
+
+
+async def test_socket_without_an_offer_times_out(
+    nursery: trio.Nursery, backend: FakeBackend
+) -> None:
+    server = await start(nursery, backend, attrs.evolve(FAST, offer_timeout=0.3))
+    async with ws_open(server) as ws:
+        assert await request(ws, {"type": "ping"}) == {"type": "pong"}
+        error = await receive(ws)
+        assert error["code"] == "timeout"
+        assert await closed_code(ws) == 1000
+    async with ws_open(server) as ws:  # a session lifts the deadline
+        await offer(ws)
+        await trio.sleep(0.5)
+        assert await request(ws, {"type": "ping"}) == {"type": "pong"}
+
+
+async def test_stopping_the_server_closes_websocket_sessions(backend: FakeBackend) -> None:
+    async with trio.open_nursery() as outer:
+        server_scope = trio.CancelScope()
+
+        async def serve(task_status: trio.TaskStatus[SignalingServer]) -> None:
+            with server_scope:
+                await SignalingServer(backend, limits=FAST).run(task_status=task_status)
+
+        server: SignalingServer = await outer.start(serve)
+        async with ws_open(server) as ws:
+            session = await offer(ws)
+            server_scope.cancel()
+            assert await backend.wait_closed(session) == "signaling closed"
+            with pytest.raises(trio_websocket.ConnectionClosed):
+                await receive(ws)
+
+
+async def test_sdp_is_never_logged_at_info(
+    server: SignalingServer, backend: FakeBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="parley.signaling")
+    secret = "a=ice-pwd:s3cr3tpassw0rd"
+    async with ws_open(server) as ws:
+        await offer(ws, f"v=0 {secret}")
+    await whip(server, f"v=0 {secret}")
+    await backend.wait_closed("s1")
+    records = [r for r in caplog.records if r.name == "parley.signaling"]
+    assert any(secret in str(vars(r)) for r in records if r.levelno == logging.DEBUG)
+    for record in records:
+        if record.levelno >= logging.INFO:
+            assert secret not in str(vars(record)), record
+
+
+async def test_websocket_upgrade_elsewhere_is_rejected(server: SignalingServer) -> None:
+    head = (
+        "GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: {version}\r\n\r\n"
+    )
+    response = await raw(server.port, head.format(path="/v2/nowhere", version=13).encode())
+    assert status_of(response) == 404
+    response = await raw(server.port, head.format(path="/v1/session", version=8).encode())
+    assert status_of(response) == 426
+    assert b"Sec-WebSocket-Version: 13" in response
+    no_key = head.format(path="/v1/session", version=13).replace("Sec-WebSocket-Key", "X-Key")
+    assert status_of(await raw(server.port, no_key.encode())) == 400
+    async with ws_open(server) as ws:  # and a proper upgrade still works
+        assert await request(ws, {"type": "ping"}) == {"type": "pong"}
+
+
+# -- WHIP ---------------------------------------------------------------------------------------
+
+
+async def test_whip_post_then_delete(server: SignalingServer, backend: FakeBackend) -> None:
+    reply = await whip(server, "v=0 whip")
+    assert reply.status == 201
+    assert reply.headers["content-type"] == "application/sdp"
+    assert reply.headers["location"] == "/v1/session/s1"
+    assert reply.body == b"answer to v=0 whip"
+    assert backend.opened == [("v=0 whip", "http")]
+    reply = await http(server, "DELETE", "/v1/session/s1")
+    assert reply.status == 200
+    assert await backend.wait_closed("s1") == "whip delete"
+    reply = await http(server, "DELETE", "/v1/session/s1")
+    assert reply.status == 404
+    assert reply.json()["code"] == "unknown_session"
+
+
+async def test_whip_session_ended_by_the_node_is_gone(
+    server: SignalingServer, backend: FakeBackend
+) -> None:
+    assert (await whip(server, "v=0")).status == 201
+    await backend.senders["s1"].send({"event": "ignored"})  # HTTP sessions have no event channel
+    backend.senders.pop("s1").close()
+
+    async def delete_status() -> int:
+        return (await http(server, "DELETE", "/v1/session/s1")).status
+
+    await eventually(delete_status, lambda status: status == 404, within=5)
+    assert backend.closed == []
+
+
+async def test_only_whip_sessions_can_be_deleted(
+    server: SignalingServer, backend: FakeBackend
+) -> None:
+    async with ws_open(server) as ws:
+        session = await offer(ws)
+        assert (await http(server, "DELETE", f"/v1/session/{session}")).status == 404
+        assert await request(ws, {"type": "ping"}) == {"type": "pong"}
+        assert backend.closed == []
+
+
+@pytest.mark.parametrize(
+    ("content_type", "body", "status", "code"),
+    [
+        ("application/json", b'{"sdp": "v=0"}', 415, "unsupported_media_type"),
+        ("text/plain", b"v=0", 415, "unsupported_media_type"),
+        ("application/sdp", b"", 400, "bad_sdp"),
+        ("application/sdp", b"\xff\xfe", 400, "bad_sdp"),
+        *(("application/sdp", f"sdp-error {c}".encode(), 400, c) for c in SDP_CODES),
+        ("application/sdp", b"refuse node_draining", 503, "node_draining"),
+        ("application/sdp", b"refuse node_over_capacity", 503, "node_over_capacity"),
+        ("application/sdp", b"boom", 500, "internal"),
+        ("application/sdp", b"v=0 " + b"a" * 70_000, 413, "bad_message"),
+    ],
+)
+async def test_whip_errors(
+    server: SignalingServer, content_type: str, body: bytes, status: int, code: str
+) -> None:
+    headers = [("Content-Type", content_type)]
+    reply = await http(server, "POST", "/v1/session", headers=headers, body=body)
+    assert reply.status == status
+    error = reply.json()
+    assert error["type"] == "error"
+    assert error["code"] == code
+    assert isinstance(error["message"], str)
+    if status == 415:
+        assert reply.headers["accept-post"] == "application/sdp"
+    assert (await http(server, "GET", "/healthz")).status == 200
+
+
+async def test_content_type_parameters_are_accepted(server: SignalingServer) -> None:
+    headers = [("Content-Type", "Application/SDP; charset=utf-8")]
+    reply = await http(server, "POST", "/v1/session", headers=headers, body=b"v=0")
+    assert reply.status == 201
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "status", "allow"),
+    [
+        ("GET", "/nowhere", 404, None),
+        ("GET", "/v1/session/", 404, None),
+        ("GET", "/v1/session/a/b", 404, None),
+        ("PUT", "/v1/session", 405, "GET, POST, OPTIONS"),
+        ("DELETE", "/v1/session", 405, "GET, POST, OPTIONS"),
+        ("GET", "/v1/session", 426, None),
+        ("PATCH", "/v1/session/s1", 405, "DELETE, OPTIONS"),
+        ("GET", "/v1/session/s1", 405, "DELETE, OPTIONS"),
+        ("POST", "/healthz", 405, "GET, HEAD"),
+    ],
+)
+async def test_routing_errors(
+    server: SignalingServer, method: str, path: str, status: int, allow: str | None
+) -> None:
+    reply = await http(server, method, path)
+    assert reply.status == status
+    assert reply.json()["type"] == "error"
+    assert reply.headers.get("allow") == allow
+
+
+async def test_options_healthz_and_pages(nursery: trio.Nursery, backend: FakeBackend) -> None:
+    page = b"<!doctype html><title>parley</title>"
+    server = await start(nursery, backend, pages={"/": ("text/html; charset=utf-8", page)})
+    reply = await http(server, "OPTIONS", "/v1/session")
+    assert reply.status == 204
+    assert reply.headers["accept-post"] == "application/sdp"
+    reply = await http(server, "GET", "/healthz")
+    assert (reply.status, reply.json()) == (200, {"ok": True})
+    reply = await http(server, "GET", "/?cache=no")
+    assert (reply.status, reply.headers["content-type"], reply.body) == (
+        200,
+        "text/html; charset=utf-8",
+        page,
+    )
+    reply = await http(server, "HEAD", "/")
+    assert (reply.status, reply.body) == (200, b"")
+    assert reply.headers["content-length"] == str(len(page))
+    with pytest.raises(ValueError, match="not a free absolute path"):
+        SignalingServer(backend, pages={"/healthz": ("text/plain", b"")})
+
+
+async def test_keep_alive_serves_several_requests(
+    server: SignalingServer, backend: FakeBackend
+) -> None:
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        client = h11.Connection(h11.CLIENT)
+        await stream.send_all(http_send(client, "GET", "/healthz", [], b"", server.port))
+        assert (await read_reply(stream, client)).status == 200
+        client.start_next_cycle()
+        headers = [("Content-Type", "application/sdp")]
+        await stream.send_all(
+            http_send(client, "POST", "/v1/session", headers, b"v=0", server.port)
+        )
+        assert (await read_reply(stream, client)).status == 201
+        client.start_next_cycle()
+        await stream.send_all(http_send(client, "GET", "/nowhere", [], b"", server.port))
+        assert (await read_reply(stream, client)).status == 404
+        client.start_next_cycle()
+        await stream.send_all(http_send(client, "DELETE", "/v1/session/s1", [], b"", server.port))
+        assert (await read_reply(stream, client)).status == 200
+
+
+async def test_expect_100_continue(server: SignalingServer) -> None:
+    head = (
+        "POST /v1/session HTTP/1.1\r\nHost: x\r\nContent-Type: application/sdp\r\n"
+        "Content-Length: 3\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n"
+    )
+    stream = await trio.open_tcp_stream("127.0.0.1", server.port)
+    async with stream:
+        await stream.send_all(head.encode())
+        with trio.fail_after(5):
+            interim = await stream.receive_some(65536)
+        assert interim.startswith(b"HTTP/1.1 100 ")
+        await stream.send_all(b"v=0")
+        response = bytearray()
+        with trio.fail_after(5):
+            while chunk := await stream.receive_some(65536):
+                response += chunk
+    assert status_of(bytes(response)) == 201
+
+
+# -- hostile HTTP -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        (b"\x00\x01\x02 garbage\r\n\r\n", 400),
+        (b"GET / HTTP/1.1\r\n\r\n", 400),  # no Host
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: nope\r\n\r\n", 400),
+        (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX: " + b"a" * 20_000 + b"\r\n\r\n", 431),
+        (b"POST /v1/session HTTP/1.1\r\nHost: x\r\nContent-Length: 999999\r\n\r\n", 413),
+    ],
+)
+async def test_malformed_http_gets_an_error_and_a_close(
+    server: SignalingServer, data: bytes, status: int
+) -> None:
+    response = await raw(server.port, data)
+    assert status_of(response) == status
+    assert b"Connection: close" in response
+    assert body_json(response)["type"] == "error"
+    assert (await http(server, "GET", "/healthz")).status == 200
+    assert server.counters["http_errors"] == 1
+
+
+async def test_slow_clients_time_out_while_others_are_served(
+    nursery: trio.Nursery, backend: FakeBackend
+) -> None:
+    server = await start(nursery, backend, attrs.evolve(FAST, request_timeout=0.5))
+    results: dict[str, bytes] = {}
+
+    async def slow(name: str, data: bytes) -> None:
+        results[name] = await raw(server.port, data, within=3)
+
+    with trio.fail_after(4):
+        async with trio.open_nursery() as clients:
+            clients.start_soon(slow, "silent", b"")
+            clients.start_soon(slow, "head", b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+            body_head = b"POST /v1/session HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\nv=0"
+            clients.start_soon(slow, "body", body_head)
+            for _ in range(3):
+                assert (await http(server, "GET", "/healthz")).status == 200
+                await trio.sleep(0.05)
+    assert results["silent"] == b""  # no request at all: closed without a word
+    assert status_of(results["head"]) == 408
+    assert body_json(results["head"])["code"] == "timeout"
+    assert status_of(results["body"]) == 408
+    assert server.counters["timeouts"] == 2
+    assert backend.opened == []
+
+
+async def test_connections_beyond_the_limit_are_refused(
+    nursery: trio.Nursery, backend: FakeBackend
+) -> None:
+    server = await start(nursery, backend, attrs.evolve(FAST, max_connections=1))
+    async with ws_open(server) as ws:
+        response = await raw(server.port, b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert status_of(response) == 503
+        assert body_json(response)["code"] == "node_over_capacity"
+        assert await request(ws, {"type": "ping"}) == {"type": "pong"}
+    assert server.counters["connections_refused"] == 1
+
+    async def healthz() -> int:
+        return (await http(server, "GET", "/healthz")).status
+
+    await eventually(healthz, lambda status: status == 200, within=5)
+
+
+# -- properties ---------------------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+typed_messages = st.fixed_dictionaries(
+    {"type": st.sampled_from(["offer", "ping", "bye", "answer", "", "OFFER", "event"])},
+    optional={"sdp": st.one_of(st.text(max_size=30), json_values), "extra": json_values},
+)
+client_messages = st.one_of(
+    st.text(max_size=100),
+    st.binary(max_size=20),
+    json_values.map(json.dumps),
+    typed_messages.map(json.dumps),
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(client_messages)
+def test_parse_client_message_accepts_or_refuses(message: str | bytes) -> None:
+    try:
+        parsed = parse_client_message(message)
+    except ClientMessageError as exc:
+        assert exc.code in ("bad_json", "bad_message")
+        return
+    assert parsed["type"] in ("offer", "ping", "bye")
+    if parsed["type"] == "offer":
+        sdp = parsed["sdp"]
+        assert isinstance(sdp, str) and sdp.strip()
+
+
+def is_bye(message: str | bytes) -> bool:
+    try:
+        value = json.loads(message)
+    except ValueError:
+        return False
+    return isinstance(value, dict) and value.get("type") == "bye"
+
+
+@settings(
+    max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow], database=None
+)
+@given(st.lists(client_messages, min_size=1, max_size=6))
+async def test_random_messages_never_break_the_server(messages: list[str | bytes]) -> None:
+    backend = FakeBackend()
+    async with trio.open_nursery() as nursery:
+        server = await start(nursery, backend)
+        async with ws_open(server) as ws:
+            closed = False
+            for message in messages:
+                await ws.send_message(message)
+                if is_bye(message):
+                    assert await closed_code(ws) == 1000
+                    closed = True
+                    break
+                reply = await receive(ws)
+                assert reply["type"] in ("error", "pong", "answer")
+                if reply["type"] == "error":
+                    assert reply["code"] in KNOWN_CODES - {"internal"}
+            if not closed:
+                assert await request(ws, {"type": "ping"}) == {"type": "pong"}
+        assert server.counters["internal"] == 0
+        nursery.cancel_scope.cancel()

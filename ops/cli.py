@@ -84,9 +84,10 @@ def config_from(args: argparse.Namespace) -> Config:
 
 
 def cmd_node(config: Config, parent_pid: int | None = None) -> int:
+    from sessions.host import run_frontend
     from sessions.node import Node
 
-    node = Node(config)
+    node = Node(config, frontend=run_frontend)
 
     async def main() -> None:
         async def on_signal() -> None:

@@ -1,0 +1,190 @@
+"""Where signaling meets the node: offers become owned, supervised session actors.
+
+:class:`NodeSessions` is the signaling server's backend. For each offer it builds a transceiver
+(which parses the offer and writes the answer), routes the session's ICE ufrag on the media port,
+claims the session in etcd and starts its actor under the node's session supervisor. When the
+session ends — the client closes its socket, a WHIP DELETE, consent expiry, a DTLS failure — it
+stops the actor, releases ownership and unroutes the ufrag.
+
+Snapshots the actors checkpoint are kept here, so a crashed session actor restarts from its last
+snapshot instead of from zero.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from typing import Any, Literal, final
+
+import trio
+
+from sessions.media import MediaPort
+from sessions.node import Node, NodeRefused
+from sessions.session import SessionActor
+from sessions.signaling import SessionHandle, SignalingRefused, SignalingServer
+from sessions.transceiver import SessionSnapshot, Transceiver
+from sessions.webrtc.certs import Certificate, generate_certificate
+from storage.ownership import AlreadyOwned
+
+log = logging.getLogger("parley.host")
+
+_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
+EVENT_BUFFER = 64
+
+
+def new_session_id() -> str:
+    """20 base32 characters: 100 random bits, and a valid etcd key segment."""
+    return "".join(secrets.choice(_ID_ALPHABET) for _ in range(20))
+
+
+@final
+class NodeSessions:
+    """The signaling backend of one node. Start ``run`` before serving signaling."""
+
+    def __init__(
+        self, node: Node, media: MediaPort, certificate: Certificate | None = None
+    ) -> None:
+        self.node = node
+        self.media = media
+        # One DTLS certificate per node process (RFC 8827 §6.5 allows reuse across sessions);
+        # its fingerprint goes into every answer.
+        self.certificate = certificate or generate_certificate()
+        self.snapshots: dict[str, SessionSnapshot] = {}
+        self._events: dict[str, trio.MemorySendChannel[dict[str, Any]]] = {}
+        self._ending_send, self._ending = trio.open_memory_channel[tuple[str, str]](1024)
+        self.events_dropped = 0
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """End sessions that end themselves (their actor calls back synchronously)."""
+        task_status.started()
+        async for session_id, reason in self._ending:
+            await self.close_session(session_id, reason)
+
+    async def open_session(
+        self, offer_sdp: str, *, transport: Literal["websocket", "http"]
+    ) -> SessionHandle:
+        session_id = new_session_id()
+        now = trio.current_time()
+        # SdpError (with the signaling error code) propagates to the signaling layer.
+        core, answer = Transceiver.accept(
+            offer_sdp,
+            session_id=session_id,
+            certificate=self.certificate,
+            candidates=[self.media.address],
+            now=now,
+        )
+        port = self.media.register(session_id, core.local_ufrag)
+        send_events, events = trio.open_memory_channel[dict[str, Any]](EVENT_BUFFER)
+        self._events[session_id] = send_events
+        first_core: list[Transceiver] = [core]
+
+        def factory() -> SessionActor:
+            return SessionActor(
+                session_id,
+                port=port,
+                certificate=self.certificate,
+                # The first incarnation runs the core that wrote the answer; a restart after a
+                # crash continues from the last checkpoint.
+                core=first_core.pop() if first_core else None,
+                restore_from=lambda: self.snapshots.get(session_id),
+                store=lambda snapshot: self._store(session_id, snapshot),
+                events=lambda event: self._emit(session_id, event),
+                on_end=self._ended,
+            )
+
+        try:
+            await self.node.host_session(session_id, factory)
+        except NodeRefused as exc:
+            self._forget(session_id)
+            raise SignalingRefused(exc.code, str(exc)) from None
+        except AlreadyOwned:
+            self._forget(session_id)
+            raise SignalingRefused("internal", "session id collision; retry") from None
+        except BaseException:
+            self._forget(session_id)
+            raise
+        log.info("session opened", extra={"session": session_id, "transport": transport})
+        return SessionHandle(session_id=session_id, answer_sdp=answer, events=events)
+
+    async def close_session(self, session_id: str, reason: str) -> bool:
+        if session_id not in self.node.sessions:
+            self._forget(session_id)
+            return False
+        actor = (
+            self.node.registry.lookup(session_id)
+            if session_id in self.node.registry.names()
+            else None
+        )
+        if actor is not None:
+            with trio.move_on_after(1.0):
+                try:
+                    await actor.ask("close", timeout=1.0)  # sends DTLS close_notify
+                except Exception as exc:  # the actor may already be gone; closing anyway
+                    log.debug("close of %s: %s", session_id, exc)
+        await self.node.end_session(session_id)
+        self._forget(session_id)
+        log.info("session closed", extra={"session": session_id, "reason": reason})
+        return True
+
+    def _store(self, session_id: str, snapshot: SessionSnapshot) -> None:
+        self.snapshots[session_id] = snapshot
+
+    def _emit(self, session_id: str, event: dict[str, Any]) -> None:
+        channel = self._events.get(session_id)
+        if channel is None:
+            return
+        try:
+            channel.send_nowait(event)
+        except trio.WouldBlock:
+            self.events_dropped += 1  # a client that does not read its socket loses events
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    def _ended(self, session_id: str, reason: str) -> None:
+        try:
+            self._ending_send.send_nowait((session_id, reason))
+        except trio.WouldBlock:
+            log.error("session end queue full", extra={"session": session_id})
+
+    def _forget(self, session_id: str) -> None:
+        self.media.unregister(session_id)
+        self.snapshots.pop(session_id, None)
+        channel = self._events.pop(session_id, None)
+        if channel is not None:
+            channel.close()
+
+    async def stats(self) -> dict[str, dict[str, Any]]:
+        """Per-session stats from each live actor."""
+        out: dict[str, dict[str, Any]] = {}
+        for session_id in list(self.node.sessions):
+            try:
+                ref = self.node.registry.lookup(session_id)
+                value = await ref.ask("stats", timeout=0.5)
+            except Exception:  # stats are best effort; a busy or restarting actor is skipped
+                continue
+            if isinstance(value, dict):
+                out[session_id] = value
+        return out
+
+
+async def run_frontend(
+    node: Node, *, task_status: trio.TaskStatus[NodeSessions] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Serve ``node``'s clients: its media port, the session backend and signaling.
+
+    The node's media port receives client UDP directly (``node.media_host``/``media_port``); in a
+    cluster, relays take its place without any change to sessions.
+    """
+    cfg = node.config.node
+    media = MediaPort(cfg.media_host, cfg.media_port)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(media.run)
+        backend = NodeSessions(node, media)
+        await nursery.start(backend.run)
+        server = SignalingServer(backend, host=cfg.signaling_host, port=cfg.signaling_port)
+        await nursery.start(server.run)
+        node.addresses.update(server.urls())
+        node.addresses["media"] = f"udp://{media.host}:{media.port}"
+        log.info("serving clients", extra=dict(node.addresses))
+        node.stats_source = backend.stats
+        task_status.started(backend)

@@ -1,0 +1,94 @@
+"""Real WebRTC peers for tests: aiortc playing espeak-ng speech and recording what it hears."""
+
+from __future__ import annotations
+
+import array
+import asyncio
+import contextlib
+import fractions
+import time
+
+import aioice.ice
+import aiortc
+import av
+import pytest
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from sessions.agents import FRAME_BYTES
+from sessions.audio import speech
+
+FRAME = 0.020
+
+
+class SpeechTrack(MediaStreamTrack):
+    """Plays PCM (looped, with a pause between repeats) as 20 ms s16 mono 48 kHz frames, paced
+    in real time like a microphone."""
+
+    kind = "audio"
+
+    def __init__(self, pcm: bytes, *, pause: float = 0.5) -> None:
+        super().__init__()
+        self._frames = speech.frames(pcm) + [bytes(FRAME_BYTES)] * round(pause / FRAME)
+        self._index = 0
+        self._start: float | None = None
+
+    async def recv(self) -> av.AudioFrame:
+        if self.readyState != "live":
+            raise MediaStreamError
+        if self._start is None:
+            self._start = time.monotonic()
+        else:
+            await asyncio.sleep(max(0.0, self._start + self._index * FRAME - time.monotonic()))
+        frame = av.AudioFrame(format="s16", layout="mono", samples=960)
+        frame.planes[0].update(self._frames[self._index % len(self._frames)])
+        frame.sample_rate = 48_000
+        frame.pts = self._index * 960
+        frame.time_base = fractions.Fraction(1, 48_000)
+        self._index += 1
+        return frame
+
+
+@pytest.fixture
+def loopback_ice(monkeypatch: pytest.MonkeyPatch) -> None:
+    """aioice never gathers loopback candidates; for these tests it gathers only 127.0.0.1."""
+    monkeypatch.setattr(aioice.ice, "get_host_addresses", lambda use_ipv4, use_ipv6: ["127.0.0.1"])
+
+
+class AiortcCall:
+    """aiortc's RTCPeerConnection calling a transceiver behind a UdpGlue."""
+
+    def __init__(self, pcm: bytes) -> None:
+        self.pc = aiortc.RTCPeerConnection(aiortc.RTCConfiguration(iceServers=[]))
+        self.pc.addTrack(SpeechTrack(pcm))
+        self.received: list[tuple[float, bytes]] = []  # (arrival, mono PCM of a frame)
+        self._readers: list[asyncio.Task[None]] = []
+        self.pc.on("track", self._on_track)
+
+    def _on_track(self, track: MediaStreamTrack) -> None:
+        async def read() -> None:
+            loop = asyncio.get_running_loop()
+            with contextlib.suppress(MediaStreamError):
+                while True:
+                    frame = await track.recv()
+                    assert isinstance(frame, av.AudioFrame)
+                    # aiortc decodes to interleaved s16 stereo; keep the left channel
+                    samples = array.array("h", bytes(frame.planes[0])[: frame.samples * 4])
+                    self.received.append((loop.time(), samples[0::2].tobytes()))
+
+        self._readers.append(asyncio.ensure_future(read()))
+
+    async def offer(self) -> str:
+        await self.pc.setLocalDescription(await self.pc.createOffer())
+        assert self.pc.localDescription is not None
+        return self.pc.localDescription.sdp
+
+    async def answer(self, sdp: str) -> None:
+        await self.pc.setRemoteDescription(aiortc.RTCSessionDescription(sdp, "answer"))
+
+    def pcm_between(self, start: float, end: float) -> bytes:
+        return b"".join(pcm for at, pcm in self.received if start <= at < end)
+
+    async def close(self) -> None:
+        await self.pc.close()
+        for reader in self._readers:
+            reader.cancel()

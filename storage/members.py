@@ -115,30 +115,28 @@ class Members:
         value = json.dumps(stats, separators=(",", ":"), default=str).encode()
         await self.etcd.put(self.keys.stats(node_id), value, lease=lease)
 
-    async def session_stats(self) -> dict[str, dict[str, Any]]:
-        """Session id -> the stats its node last published (malformed entries skipped)."""
-        kvs, _ = await self.etcd.get_prefix(self.keys.stats_prefix)
-        out: dict[str, dict[str, Any]] = {}
-        for kv in kvs:
-            try:
-                value = json.loads(kv.value)
-            except ValueError:
-                self.bad_values += 1
-                continue
-            if isinstance(value, dict):
-                out.update({k: v for k, v in value.items() if isinstance(v, dict)})
-        return out
-
-    async def relays(self) -> list[dict[str, Any]]:
-        """Relay records as published (relays arrive with the relay daemon)."""
-        kvs, _ = await self.etcd.get_prefix(self.keys.relays_prefix)
+    async def _objects(self, prefix: str) -> list[dict[str, Any]]:
+        """The JSON objects stored under ``prefix``; anything else is counted and skipped."""
+        kvs, _ = await self.etcd.get_prefix(prefix)
         out: list[dict[str, Any]] = []
         for kv in kvs:
             try:
                 value = json.loads(kv.value)
             except ValueError:
-                self.bad_values += 1
-                continue
+                value = None
             if isinstance(value, dict):
                 out.append(value)
+            else:
+                self.bad_values += 1
         return out
+
+    async def session_stats(self) -> dict[str, dict[str, Any]]:
+        """Session id -> the stats its node last published (malformed entries skipped)."""
+        out: dict[str, dict[str, Any]] = {}
+        for per_node in await self._objects(self.keys.stats_prefix):
+            out.update({k: v for k, v in per_node.items() if isinstance(v, dict)})
+        return out
+
+    async def relays(self) -> list[dict[str, Any]]:
+        """Relay records as published (relays arrive with the relay daemon)."""
+        return await self._objects(self.keys.relays_prefix)

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import trio
 
 T = TypeVar("T")
+
+#: the parley CLI of this checkout, as a user runs it
+PARLEY = [sys.executable, "-m", "ops.cli"]
 
 
 async def eventually(
@@ -21,3 +27,16 @@ async def eventually(
             if value is not None and ok(value):
                 return value
             await trio.sleep(0.05)
+
+
+def run_status(endpoint: str, prefix: str = "/parley") -> dict[str, Any]:
+    """What `parley status --json` prints, run as a separate process."""
+    out = subprocess.run(
+        [*PARLEY, "status", "--json", "--etcd", endpoint, "--prefix", prefix],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    status: dict[str, Any] = json.loads(out.stdout)
+    return status

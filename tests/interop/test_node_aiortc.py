@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import math
 import threading
 import urllib.request
@@ -21,6 +20,7 @@ from ops.etcdserver import EtcdServer
 from sessions.audio import speech
 from sessions.host import run_frontend
 from sessions.node import Node
+from tests.helpers import run_status
 from tests.peers import AiortcCall, loopback_ice  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("loopback_ice")]
@@ -116,7 +116,7 @@ def test_aiortc_through_signaling_echo_stats_crash_restart_and_delete(
             await asyncio.sleep(1.0 + len(sent) / 96_000 + 1.5)
             heard = call.pcm_between(settled, math.inf)
             after, _ = speech.correlation(sent, heard, len(heard) // 2 - 1)
-            status_json = await asyncio.to_thread(status_of, etcd_server.endpoint)
+            status_json = await asyncio.to_thread(run_status, etcd_server.endpoint, "/parley-test")
             deleted = await asyncio.to_thread(whip_delete, running_node.whip, location)
             return {
                 "session": session,
@@ -140,29 +140,4 @@ def test_aiortc_through_signaling_echo_stats_crash_restart_and_delete(
     assert node_entry["signaling"].startswith("ws://127.0.0.1:")
     assert result["deleted"] == 200
     assert node.sessions == {}
-    assert not status_of(etcd_server.endpoint)["sessions"]
-
-
-def status_of(endpoint: str) -> dict[str, Any]:
-    import subprocess
-    import sys
-
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ops.cli",
-            "status",
-            "--json",
-            "--etcd",
-            endpoint,
-            "--prefix",
-            "/parley-test",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    status: dict[str, Any] = json.loads(out.stdout)
-    return status
+    assert not run_status(etcd_server.endpoint, "/parley-test")["sessions"]

@@ -14,20 +14,7 @@ from typing import Any
 import pytest
 
 from ops.etcdserver import EtcdServer, free_port
-
-PARLEY = [sys.executable, "-m", "ops.cli"]
-
-
-def run_status(endpoint: str, prefix: str = "/parley", *extra: str) -> dict[str, Any]:
-    out = subprocess.run(
-        [*PARLEY, "status", "--json", "--etcd", endpoint, "--prefix", prefix, *extra],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        check=True,
-    )
-    status: dict[str, Any] = json.loads(out.stdout)
-    return status
+from tests.helpers import PARLEY, run_status
 
 
 def wait_for(predicate: Any, within: float, what: str) -> Any:

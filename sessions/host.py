@@ -20,6 +20,7 @@ import trio
 
 from sessions.media import MediaPort
 from sessions.node import Node, NodeRefused
+from sessions.pages import HTML, echo_page
 from sessions.session import SessionActor
 from sessions.signaling import SessionHandle, SignalingRefused, SignalingServer
 from sessions.transceiver import SessionSnapshot, Transceiver
@@ -181,7 +182,12 @@ async def run_frontend(
         await nursery.start(media.run)
         backend = NodeSessions(node, media)
         await nursery.start(backend.run)
-        server = SignalingServer(backend, host=cfg.signaling_host, port=cfg.signaling_port)
+        server = SignalingServer(
+            backend,
+            host=cfg.signaling_host,
+            port=cfg.signaling_port,
+            pages={"/": (HTML, echo_page())},  # a browser client: open the node's http://HOST:PORT/
+        )
         await nursery.start(server.run)
         node.addresses.update(server.urls())
         node.addresses["media"] = f"udp://{media.host}:{media.port}"

@@ -530,9 +530,13 @@ class Transceiver:
         if srtp is None:
             self._dropped["srtp_before_keys"] += 1
             return
-        if addr != self._ice.selected:
-            # Media is bound to the nominated pair; another address has no business here,
-            # even with valid SRTP (a replay from elsewhere).
+        if addr != self._ice.selected and not (
+            self._ice.selected is None and self._ice.is_valid(addr)
+        ):
+            # Media is bound to the nominated pair. Before any nomination, a pair whose check
+            # succeeded may already carry media (RFC 8445 §12.1: browsers start sending on
+            # it before they nominate); any other address has no business here, even with
+            # valid SRTP (a replay from elsewhere).
             self._dropped["srtp_wrong_address"] += 1
             return
         # RFC 5761 §4: RTCP packet types 192..223 in the second byte.

@@ -1,0 +1,18 @@
+"""Static pages the node's signaling port serves (``SignalingServer(pages=...)``).
+
+``echo.html`` is a small browser client: it calls the node over the WebSocket on the same host and
+port, plays the echo back and shows the session's events and WebRTC stats. It loads nothing else.
+"""
+
+from __future__ import annotations
+
+import functools
+from importlib import resources
+
+HTML = "text/html; charset=utf-8"
+
+
+@functools.cache
+def echo_page() -> bytes:
+    """The bytes of ``echo.html`` (package data, read once)."""
+    return resources.files(__name__).joinpath("echo.html").read_bytes()

@@ -19,6 +19,7 @@ Example ``parley.toml``::
     signaling_port = 0        # 0: any free port
     media_host = "127.0.0.1"  # the node's client UDP port, one for all its sessions
     media_port = 0
+    agent = "turn-echo"       # or "echo": the immediate echo test
 
     [up]
     nodes = 2
@@ -41,6 +42,9 @@ from pathlib import Path
 from typing import Any, final
 
 import attrs
+
+#: the built-in agents a node can give its sessions
+AGENTS = ("turn-echo", "echo")
 
 
 class ConfigError(ValueError):
@@ -66,6 +70,8 @@ class NodeConfig:
     #: the node's own client-facing UDP port (one for all its sessions); relays replace it
     media_host: str = "127.0.0.1"
     media_port: int = 0
+    #: who the user talks to: "turn-echo" (plays each finished turn back) or "echo" (at once)
+    agent: str = "turn-echo"
 
     def node_id(self) -> str:
         return self.id or f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
@@ -215,6 +221,10 @@ def _validate(config: Config) -> None:
         raise ConfigError("node.lease_ttl must be at least 2 seconds")
     if not 0 <= config.node.lease_margin < config.node.lease_ttl:
         raise ConfigError("node.lease_margin must be between 0 and node.lease_ttl")
+    if config.node.agent not in AGENTS:
+        raise ConfigError(
+            f"node.agent must be one of {', '.join(AGENTS)}, not {config.node.agent!r}"
+        )
     if config.up.nodes < 1:
         raise ConfigError("up.nodes must be at least 1")
     if config.log.level.lower() not in {"debug", "info", "warning", "error"}:

@@ -18,6 +18,7 @@ from typing import Any, Literal, final
 
 import trio
 
+from sessions.agents import Agent, EchoAgent, TurnEchoAgent
 from sessions.media import MediaPort
 from sessions.node import Node, NodeRefused
 from sessions.pages import HTML, echo_page
@@ -31,6 +32,15 @@ log = logging.getLogger("parley.host")
 
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
 EVENT_BUFFER = 64
+
+
+def make_agent(name: str) -> Agent:
+    """A fresh built-in agent by its configured name (``node.agent``)."""
+    if name == "echo":
+        return EchoAgent()
+    if name == "turn-echo":
+        return TurnEchoAgent()
+    raise ValueError(f"unknown agent {name!r}")
 
 
 def new_session_id() -> str:
@@ -73,6 +83,7 @@ class NodeSessions:
             certificate=self.certificate,
             candidates=[self.media.address],
             now=now,
+            agent=make_agent(self.node.config.node.agent),
         )
         port = self.media.register(session_id, core.local_ufrag)
         send_events, events = trio.open_memory_channel[dict[str, Any]](EVENT_BUFFER)
@@ -91,6 +102,7 @@ class NodeSessions:
                 store=lambda snapshot: self._store(session_id, snapshot),
                 events=lambda event: self._emit(session_id, event),
                 on_end=self._ended,
+                make_agent=lambda: make_agent(self.node.config.node.agent),
             )
 
         try:

@@ -21,9 +21,11 @@ from typing import Any, final
 import trio
 
 from actors import Actor
+from sessions.agents import Agent, EchoAgent
 from sessions.media import SessionPort
 from sessions.transceiver import (
     CheckpointDue,
+    ClientEvent,
     DtlsConnected,
     IceConnected,
     MediaStarted,
@@ -66,6 +68,7 @@ class SessionActor(Actor):
         store: Callable[[SessionSnapshot], None],
         events: EventSink,
         on_end: Callable[[str, str], None],
+        make_agent: Callable[[], Agent] = EchoAgent,
     ) -> None:
         super().__init__(session_id)
         self.session_id = session_id
@@ -76,6 +79,7 @@ class SessionActor(Actor):
         self._store = store
         self._events = events
         self._on_end = on_end
+        self._make_agent = make_agent
         self.restored = False
 
     @property
@@ -89,7 +93,9 @@ class SessionActor(Actor):
             snapshot = self._restore_from()
             if snapshot is None:
                 raise SessionEnded("no snapshot to restart from")
-            self._core = Transceiver.restore(snapshot, certificate=self.certificate, now=now)
+            self._core = Transceiver.restore(
+                snapshot, certificate=self.certificate, now=now, agent=self._make_agent()
+            )
             self.restored = True
             stale = self._shed_backlog()
             log.info(
@@ -174,6 +180,10 @@ class SessionActor(Actor):
                     self._emit("dtls_connected", profile=str(profile))
                 case MediaStarted():
                     self._emit("media_started")
+                case ClientEvent(name=name, at=at, fields=fields):
+                    # The core's clock is Trio's; the client wants wall-clock time.
+                    wall = time.time() - (trio.current_time() - at)
+                    self._emit(name, at=round(wall, 3), **fields)
                 case SessionFailed(reason=reason, code=code):
                     self._end(reason, code)
                     return True

@@ -50,7 +50,7 @@ import math
 import random
 import secrets
 from collections.abc import Sequence
-from typing import Final, final
+from typing import Any, Final, final
 
 import attrs
 
@@ -59,6 +59,7 @@ from sessions.audio.jitter import Frame, JitterBuffer
 from sessions.audio.opus import CLOCK_RATE, CodecError, OpusDecoder, OpusEncoder
 from sessions.audio.pacer import FRAME_MS, FRAME_SECONDS, FRAME_TIMESTAMP, PacedFrame, Pacer
 from sessions.snapshot import SessionSnapshot
+from sessions.turns import SpeechStarted, TurnConfig, TurnDetector, TurnEvent
 from sessions.webrtc import rtcp, rtp, sdp
 from sessions.webrtc.certs import Certificate
 from sessions.webrtc.demux import PacketKind, classify, is_rtcp
@@ -96,6 +97,7 @@ __all__ = [
     "CONNECT_TIMEOUT",
     "RTCP_INTERVAL",
     "CheckpointDue",
+    "ClientEvent",
     "DtlsConnected",
     "EchoAgent",
     "IceConnected",
@@ -206,8 +208,27 @@ class CheckpointDue:
     """Take :meth:`Transceiver.snapshot`, store it durably, then :meth:`Transceiver.confirm`."""
 
 
+@final
+@attrs.frozen
+class ClientEvent:
+    """Something the client is told on its signaling socket: the user's turns
+    (``speech_started``/``speech_stopped``), the agent's replies (``agent_started``,
+    ``agent_finished``, ``agent_interrupted``) and whatever the agent emits itself. ``at`` is on
+    the transceiver's clock (the owner converts it to wall time)."""
+
+    name: str
+    at: float
+    fields: dict[str, Any] = attrs.field(factory=dict)
+
+
 SessionEvent = (
-    IceConnected | DtlsConnected | MediaStarted | SessionFailed | SessionClosed | CheckpointDue
+    IceConnected
+    | DtlsConnected
+    | MediaStarted
+    | SessionFailed
+    | SessionClosed
+    | CheckpointDue
+    | ClientEvent
 )
 
 
@@ -258,6 +279,7 @@ class Transceiver:
         agent: Agent | None,
         created: float,
         now: float,
+        turn_config: TurnConfig | None = None,
     ) -> None:
         """Use :meth:`accept` or :meth:`restore`."""
         if not isinstance(session_id, str) or not session_id:
@@ -280,6 +302,15 @@ class Transceiver:
         self._ssrc = ssrc
         self._seq = seq
         self._agent: Agent = EchoAgent() if agent is None else agent
+        self._turns = TurnDetector(TurnConfig() if turn_config is None else turn_config)
+        #: the agent's audio is on the air (sent on the last tick); barge-in stops it
+        self._agent_on_air = False
+        #: barge-in reactions: (first voiced frame of the interrupting turn, last agent frame)
+        self.barge_ins: list[tuple[float, float]] = []
+        #: end-of-turn latencies: (last voiced frame, first agent frame of the reply)
+        self.turn_latencies: list[tuple[float, float]] = []
+        self._turn_ended_at: float | None = None
+        self._last_agent_frame_at: float | None = None
         self._pacer = Pacer(initial_timestamp=timestamp)
         self._jitter = JitterBuffer()
         self._encoder = OpusEncoder()
@@ -337,6 +368,7 @@ class Transceiver:
         candidates: Sequence[tuple[str, int]],
         now: float,
         agent: Agent | None = None,
+        turn_config: TurnConfig | None = None,
     ) -> tuple[Transceiver, str]:
         """Answer a client's offer: a new session and the SDP answer to send back.
 
@@ -378,6 +410,7 @@ class Transceiver:
             seq=_FIRST_SEQ + secrets.randbelow((1 << 15) - _FIRST_SEQ),
             timestamp=secrets.randbits(32),
             agent=agent,
+            turn_config=turn_config,
             created=now,
             now=now,
         )
@@ -392,6 +425,7 @@ class Transceiver:
         certificate: Certificate,
         now: float,
         agent: Agent | None = None,
+        turn_config: TurnConfig | None = None,
     ) -> Transceiver:
         """Continue a session from ``snapshot`` (the newest stored one), taken ``now``.
 
@@ -425,6 +459,7 @@ class Transceiver:
             seq=seq,
             timestamp=(snapshot.next_timestamp + jump * FRAME_TIMESTAMP) % _TS_MOD,
             agent=agent,
+            turn_config=turn_config,
             created=now - snapshot.age,
             now=now,
         )
@@ -621,7 +656,7 @@ class Transceiver:
         if self._media_ready():
             jitter = self._jitter.get_timer()
             pacer = self._pacer.get_timer()
-            deadlines += [jitter, pacer, self._rtcp_at]
+            deadlines += [jitter, pacer, self._rtcp_at, self._turns.get_timer()]
             if jitter is None and pacer is None and self._may_send:
                 # Nothing else ticks: keep asking the agent every 20 ms for something to say.
                 deadlines.append(self._poll_at)
@@ -664,12 +699,21 @@ class Transceiver:
         return self._srtp is not None and self._ice.selected is not None
 
     def _media_tick(self, now: float) -> None:
-        # Playout: every frame the jitter buffer has due, to the agent.
+        # Playout: every frame the jitter buffer has due, to the turn detector and the agent.
         while (due := self._jitter.get_timer()) is not None and due <= now:
             frame = self._jitter.pop(now)
             if frame is None:
                 break  # the stream paused
-            self._agent.on_audio(self._render(frame), now)
+            heard = self._render(frame)
+            self._agent.on_audio(heard, now)
+            for turn in self._turns.push(heard, now):
+                self._on_turn(turn, now)
+        # A client that stops sending (DTX, an outage) still ends its turn.
+        for turn in self._turns.poll(now):
+            self._on_turn(turn, now)
+        for event in self._agent.poll_events():
+            name = str(event.get("event", "agent_event"))
+            self._emit(ClientEvent(name, now, {k: v for k, v in event.items() if k != "event"}))
         if self._may_send:
             # The agent's reply, a little ahead of the pacer; PCM is encoded only when sent
             # (the pacer's rule), so frames the pacer drops were never encoded.
@@ -680,11 +724,54 @@ class Transceiver:
                 if len(pcm) != FRAME_BYTES:
                     raise ValueError(f"the agent returned {len(pcm)} bytes, not {FRAME_BYTES}")
                 self._pacer.push(pcm, now)
+            sent = False
             while (due := self._pacer.get_timer()) is not None and due <= now:
                 paced = self._pacer.pop(now)
                 if paced is not None:
                     self._send_rtp(paced)
+                    sent = True
+            if sent:
+                if self._turn_ended_at is not None:
+                    self.turn_latencies.append((self._turn_ended_at, now))
+                    self._turn_ended_at = None
+                self._last_agent_frame_at = now
+            self._agent_on_air = sent or self._pacer.queued_ms > 0
         self._poll_at = now + FRAME_SECONDS
+
+    def _on_turn(self, turn: TurnEvent, now: float) -> None:
+        """The user's turn started or ended: tell the agent and the client; barge in."""
+        if isinstance(turn, SpeechStarted):
+            self._turn_ended_at = None
+            self._emit(ClientEvent("speech_started", turn.at, {"turn": turn.turn}))
+            if self._agent_on_air and self._agent.interruptible:
+                self._barge_in(now)
+        else:
+            self._turn_ended_at = turn.at
+            self._emit(
+                ClientEvent(
+                    "speech_stopped", turn.at, {"turn": turn.turn, "duration_ms": turn.duration_ms}
+                )
+            )
+        self._agent.on_turn(turn, now)
+
+    def _barge_in(self, now: float) -> None:
+        """The user talks over the agent: its audio stops before the next 20 ms frame.
+
+        Whatever the pacer still holds is dropped (never encoded, so no sequence numbers are
+        spent on it) and the agent is told how much of its reply the user actually heard.
+        """
+        played_ms = self._pacer.stats().talkspurt_ms
+        dropped_ms = self._pacer.flush()
+        self._agent.on_interrupted(played_ms, now)
+        self._agent_on_air = False
+        first_voiced = self._turns.first_voiced_at
+        if first_voiced is not None and self._last_agent_frame_at is not None:
+            self.barge_ins.append((first_voiced, self._last_agent_frame_at))
+        self._emit(
+            ClientEvent(
+                "agent_interrupted", now, {"played_ms": played_ms, "dropped_ms": dropped_ms}
+            )
+        )
 
     def _render(self, frame: Frame) -> bytes:
         try:

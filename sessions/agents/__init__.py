@@ -6,20 +6,28 @@ in playout order) with :meth:`Agent.on_audio`, and asks it for frames to send ba
 :meth:`Agent.pull`. Frames are always :data:`FRAME_BYTES` of 48 kHz mono int16 PCM (20 ms,
 RFC 7587 §4.1). Both calls must return quickly: they run inside the session's media tick.
 
-:class:`EchoAgent` is the only agent so far: it plays the user's voice straight back.
+:class:`EchoAgent` plays the user's voice straight back; :class:`TurnEchoAgent` plays each
+finished turn back (the demo's default).
 """
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Any, Protocol
 
 from sessions.agents.echo import FRAME_BYTES, EchoAgent
+from sessions.agents.turn_echo import TurnEchoAgent
 
-__all__ = ["FRAME_BYTES", "Agent", "EchoAgent"]
+__all__ = ["FRAME_BYTES", "Agent", "EchoAgent", "TurnEchoAgent"]
 
 
 class Agent(Protocol):
     """What a transceiver needs from an agent (:class:`EchoAgent` is one)."""
+
+    @property
+    def interruptible(self) -> bool:
+        """Whether the user talking over the agent stops it (barge-in); an immediate echo is
+        full-duplex by nature and is not interruptible."""
+        ...
 
     def on_audio(self, pcm: bytes, now: float) -> None:
         """One 20 ms frame of 48 kHz mono int16 PCM heard from the user at ``now``."""
@@ -27,4 +35,18 @@ class Agent(Protocol):
 
     def pull(self, now: float) -> bytes | None:
         """The next 20 ms frame to play to the user, or ``None`` if there is nothing yet."""
+        ...
+
+    def on_turn(self, event: object, now: float) -> None:
+        """The user's turn started (``SpeechStarted``) or ended (``SpeechStopped``)."""
+        ...
+
+    def on_interrupted(self, played_ms: int, now: float) -> None:
+        """Barge-in: the session dropped the agent's queued audio; ``played_ms`` of the current
+        reply reached the user. Drop whatever is still waiting."""
+        ...
+
+    def poll_events(self) -> list[dict[str, Any]]:
+        """The agent's own events since the last call (``{"event": "agent_started", ...}``),
+        forwarded to the client."""
         ...

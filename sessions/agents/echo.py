@@ -9,7 +9,7 @@ lags by the network round trip plus both jitter buffers, which is what an echo t
 from __future__ import annotations
 
 import collections
-from typing import Final, final
+from typing import Any, Final, final
 
 from sessions.audio.pacer import FRAME_TIMESTAMP
 
@@ -33,6 +33,9 @@ class EchoAgent:
 
     __slots__ = ("_queue", "dropped", "max_frames")
 
+    #: the echo talks while the user talks: that is the point, not a barge-in
+    interruptible: Final = False
+
     def __init__(self, max_frames: int = DEFAULT_MAX_FRAMES) -> None:
         if max_frames < 1:
             raise ValueError("max_frames must be at least 1")
@@ -54,6 +57,16 @@ class EchoAgent:
     def pull(self, now: float) -> bytes | None:
         """The next 20 ms frame to play, or ``None`` if nothing is waiting."""
         return self._queue.popleft() if self._queue else None
+
+    def on_turn(self, event: object, now: float) -> None:
+        """Turns do not matter to an immediate echo."""
+
+    def on_interrupted(self, played_ms: int, now: float) -> None:
+        """The user talked over the echo: what was waiting is stale."""
+        self._queue.clear()
+
+    def poll_events(self) -> list[dict[str, Any]]:
+        return []
 
     @property
     def queued(self) -> int:

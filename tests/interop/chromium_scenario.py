@@ -331,7 +331,7 @@ async def hang_up(cdp: Cdp, node: Node, result: dict[str, Any]) -> None:
 async def scenario(etcd_endpoint: str, work: Path, wav: Path, result: dict[str, Any]) -> None:
     config = Config(
         cluster=ClusterConfig(etcd=etcd_endpoint, prefix=PREFIX),
-        node=NodeConfig(id="chromium-node", lease_ttl=3),
+        node=NodeConfig(id="chromium-node", lease_ttl=3, agent="echo"),
     )
     node = Node(config, frontend=run_frontend)
     # The test's timeout sends SIGTERM: fail the scenario so that every finally runs.

@@ -50,7 +50,7 @@ class RunningNode:
 def running_node(etcd_server: EtcdServer) -> Iterator[RunningNode]:
     config = Config(
         cluster=ClusterConfig(etcd=etcd_server.endpoint, prefix="/parley-test"),
-        node=NodeConfig(id="n1", lease_ttl=3),
+        node=NodeConfig(id="n1", lease_ttl=3, agent="echo"),
     )
     node = Node(config, frontend=run_frontend)
     ready = threading.Event()

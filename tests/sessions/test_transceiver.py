@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from OpenSSL import SSL
 
-from sessions.agents import FRAME_BYTES, EchoAgent
+from sessions.agents import FRAME_BYTES, Agent, EchoAgent
 from sessions.audio import speech
 from sessions.audio.opus import OpusDecoder, OpusEncoder
 from sessions.snapshot import SNAPSHOT_VERSION, SessionSnapshot
@@ -299,6 +299,7 @@ class Sim:
         delay: float = 0.02,
         auto_checkpoint: bool = True,
         client_certificate: Certificate = CLIENT_CERT,
+        agent: Agent | None = None,
     ) -> None:
         self.now = 0.0
         self.delay = delay
@@ -309,6 +310,7 @@ class Sim:
             certificate=SERVER_CERT,
             candidates=[SERVER_ADDR],
             now=0.0,
+            agent=agent,
         )
         self.answer = answer
         self.client = Client(answer, client_certificate)

@@ -1,0 +1,98 @@
+"""The voice loop on a virtual clock: turns, the turn-echo agent, barge-in, client events."""
+
+from __future__ import annotations
+
+import functools
+
+from sessions.agents import FRAME_BYTES, TurnEchoAgent
+from sessions.audio import speech
+from sessions.transceiver import ClientEvent
+from sessions.turns import TurnConfig
+from tests.sessions.test_transceiver import FRAME, Sim
+
+SILENCE = bytes(FRAME_BYTES)
+
+
+@functools.cache
+def sentence() -> bytes:
+    return speech.speak("the quick brown fox jumps over the lazy dog", rate=190)
+
+
+@functools.cache
+def other_sentence() -> bytes:
+    return speech.speak("stop, wait a moment please", rate=190)
+
+
+def client_events(sim: Sim) -> list[tuple[float, ClientEvent]]:
+    return [(t, e) for t, e in sim.events if isinstance(e, ClientEvent)]
+
+
+def connected(agent: TurnEchoAgent) -> Sim:
+    sim = Sim(agent=agent)
+    sim.connect()
+    return sim
+
+
+def test_turn_echo_plays_the_turn_back_after_it_ends_with_events_in_order() -> None:
+    sim = connected(TurnEchoAgent())
+    sent = sentence()
+    frames = speech.frames(sent) + [SILENCE] * 100  # the client keeps sending silence
+    end = sim.talk(frames)
+    sim.keep_consent(end + 6)
+    sim.run(end + 6)
+    names = [e.name for _, e in client_events(sim)]
+    assert names == ["speech_started", "speech_stopped", "agent_started", "agent_finished"]
+    received = sim.client.pcm()
+    score, _ = speech.correlation(sent, received, len(received) // 2 - 1)
+    assert score > 0.8, score
+    # The reply starts once end_silence has passed after the last voiced frame.
+    (latency,) = sim.core.turn_latencies
+    gap = latency[1] - latency[0]
+    assert TurnConfig().end_silence_ms / 1000 <= gap <= TurnConfig().end_silence_ms / 1000 + 0.1
+    stopped = next(e for _, e in client_events(sim) if e.name == "speech_stopped")
+    assert stopped.fields["duration_ms"] > 1000
+
+
+def test_barge_in_stops_agent_audio_within_frames_and_reports_what_was_played() -> None:
+    sim = connected(TurnEchoAgent())
+    first = speech.frames(sentence())
+    interruption = speech.frames(other_sentence())
+    end = sim.talk(first + [SILENCE] * 60)  # the reply starts about 0.6 s into this silence
+    # Talk over the reply, one second after the first turn ended.
+    barge_at = end - 60 * FRAME + 1.6
+    sim.talk([SILENCE] * round((barge_at - end) / FRAME) + interruption + [SILENCE] * 100, end)
+    sim.keep_consent(barge_at + 8)
+    sim.run(barge_at + 8)
+
+    events = client_events(sim)
+    names = [e.name for _, e in events]
+    assert names[:5] == [
+        "speech_started",
+        "speech_stopped",
+        "agent_started",
+        "speech_started",
+        "agent_interrupted",
+    ]
+    interrupted_at, interrupted = next((t, e) for t, e in events if e.name == "agent_interrupted")
+    # The reply was heard in part: more than nothing, less than all of it.
+    reply_ms = next(e for _, e in events if e.name == "agent_started").fields["ms"]
+    assert 0 < interrupted.fields["played_ms"] < reply_ms
+    assert interrupted.fields["dropped_ms"] >= 0
+
+    # Reaction: first voiced frame of the interruption -> last agent frame sent.
+    (reaction,) = sim.core.barge_ins
+    frames_after = round((reaction[1] - reaction[0]) / FRAME)
+    bound = TurnConfig().min_speech_ms // 20 + 1  # detection needs min_speech of voice
+    assert frames_after <= bound, frames_after
+    # And nothing of the first reply goes out after the interruption, until the second turn
+    # ends and its own reply starts.
+    second_stop = [t for t, e in events if e.name == "speech_stopped"][1]
+    leaked = [t for t in rtp_times(sim) if interrupted_at + FRAME < t < second_stop]
+    assert not leaked, "agent audio after barge-in"
+    assert names[-2:] == ["agent_started", "agent_finished"]  # the second turn is answered
+
+
+def rtp_times(sim: Sim) -> set[float]:
+    from sessions.webrtc.demux import PacketKind, classify, is_rtcp
+
+    return {t for t, d, _ in sim.sent if classify(d) is PacketKind.RTP_RTCP and not is_rtcp(d)}

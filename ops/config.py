@@ -21,6 +21,11 @@ Example ``parley.toml``::
     media_port = 0
     agent = "turn-echo"       # or "echo": the immediate echo test
 
+    [turns]
+    min_speech_ms = 200       # voice needed before a turn starts (and before barge-in)
+    end_silence_ms = 600      # silence that ends a turn
+    padding_ms = 200          # audio kept before and after the voiced part of a turn
+
     [up]
     nodes = 2
     data_dir = ".parley"
@@ -79,6 +84,16 @@ class NodeConfig:
 
 @final
 @attrs.frozen
+class TurnsConfig:
+    """Turn detection thresholds (see sessions.turns.TurnConfig)."""
+
+    min_speech_ms: int = 200
+    end_silence_ms: int = 600
+    padding_ms: int = 200
+
+
+@final
+@attrs.frozen
 class UpConfig:
     nodes: int = 2
     data_dir: str = ".parley"
@@ -98,6 +113,7 @@ class LogConfig:
 class Config:
     cluster: ClusterConfig = ClusterConfig()
     node: NodeConfig = NodeConfig()
+    turns: TurnsConfig = TurnsConfig()
     up: UpConfig = UpConfig()
     log: LogConfig = LogConfig()
     #: where the file layer came from, for messages
@@ -107,6 +123,7 @@ class Config:
 _SECTIONS: dict[str, type[Any]] = {
     "cluster": ClusterConfig,
     "node": NodeConfig,
+    "turns": TurnsConfig,
     "up": UpConfig,
     "log": LogConfig,
 }
@@ -225,6 +242,9 @@ def _validate(config: Config) -> None:
         raise ConfigError(
             f"node.agent must be one of {', '.join(AGENTS)}, not {config.node.agent!r}"
         )
+    turns = config.turns
+    if min(turns.min_speech_ms, turns.end_silence_ms) < 20 or turns.padding_ms < 0:
+        raise ConfigError("turns: min_speech_ms and end_silence_ms are at least 20, padding >= 0")
     if config.up.nodes < 1:
         raise ConfigError("up.nodes must be at least 1")
     if config.log.level.lower() not in {"debug", "info", "warning", "error"}:

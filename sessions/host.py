@@ -18,6 +18,7 @@ from typing import Any, Literal, final
 
 import trio
 
+from ops.config import Config
 from sessions.agents import Agent, EchoAgent, TurnEchoAgent
 from sessions.media import MediaPort
 from sessions.node import Node, NodeRefused
@@ -25,6 +26,7 @@ from sessions.pages import HTML, echo_page
 from sessions.session import SessionActor
 from sessions.signaling import SessionHandle, SignalingRefused, SignalingServer
 from sessions.transceiver import SessionSnapshot, Transceiver
+from sessions.turns import TurnConfig
 from sessions.webrtc.certs import Certificate, generate_certificate
 from storage.ownership import AlreadyOwned
 
@@ -41,6 +43,15 @@ def make_agent(name: str) -> Agent:
     if name == "turn-echo":
         return TurnEchoAgent()
     raise ValueError(f"unknown agent {name!r}")
+
+
+def turn_config(config: Config) -> TurnConfig:
+    turns = config.turns
+    return TurnConfig(
+        min_speech_ms=turns.min_speech_ms,
+        end_silence_ms=turns.end_silence_ms,
+        padding_ms=turns.padding_ms,
+    )
 
 
 def new_session_id() -> str:
@@ -84,6 +95,7 @@ class NodeSessions:
             candidates=[self.media.address],
             now=now,
             agent=make_agent(self.node.config.node.agent),
+            turn_config=turn_config(self.node.config),
         )
         port = self.media.register(session_id, core.local_ufrag)
         send_events, events = trio.open_memory_channel[dict[str, Any]](EVENT_BUFFER)
@@ -103,6 +115,7 @@ class NodeSessions:
                 events=lambda event: self._emit(session_id, event),
                 on_end=self._ended,
                 make_agent=lambda: make_agent(self.node.config.node.agent),
+                turn_config=turn_config(self.node.config),
             )
 
         try:

@@ -34,6 +34,7 @@ from sessions.transceiver import (
     SessionSnapshot,
     Transceiver,
 )
+from sessions.turns import TurnConfig
 from sessions.webrtc.certs import Certificate
 
 log = logging.getLogger("parley.session")
@@ -69,6 +70,7 @@ class SessionActor(Actor):
         events: EventSink,
         on_end: Callable[[str, str], None],
         make_agent: Callable[[], Agent] = EchoAgent,
+        turn_config: TurnConfig | None = None,
     ) -> None:
         super().__init__(session_id)
         self.session_id = session_id
@@ -80,6 +82,7 @@ class SessionActor(Actor):
         self._events = events
         self._on_end = on_end
         self._make_agent = make_agent
+        self._turn_config = turn_config
         self.restored = False
 
     @property
@@ -94,7 +97,11 @@ class SessionActor(Actor):
             if snapshot is None:
                 raise SessionEnded("no snapshot to restart from")
             self._core = Transceiver.restore(
-                snapshot, certificate=self.certificate, now=now, agent=self._make_agent()
+                snapshot,
+                certificate=self.certificate,
+                now=now,
+                agent=self._make_agent(),
+                turn_config=self._turn_config,
             )
             self.restored = True
             stale = self._shed_backlog()

@@ -30,6 +30,19 @@ def test_file_then_environment_then_flags(tmp_path: Path) -> None:
     assert config.source == str(file)
 
 
+def test_agent_and_turn_thresholds_are_settings(tmp_path: Path) -> None:
+    file = tmp_path / "parley.toml"
+    file.write_text('[node]\nagent = "echo"\n[turns]\nend_silence_ms = 800\n')
+    config = load_config(file, env={"PARLEY_TURNS_MIN_SPEECH_MS": "120"})
+    assert config.node.agent == "echo"
+    assert (config.turns.min_speech_ms, config.turns.end_silence_ms) == (120, 800)
+    assert load_config(env={}).node.agent == "turn-echo"
+    with pytest.raises(ConfigError, match=r"node\.agent must be one of"):
+        load_config(env={"PARLEY_NODE_AGENT": "parrot"})
+    with pytest.raises(ConfigError, match="turns:"):
+        load_config(env={"PARLEY_TURNS_END_SILENCE_MS": "5"})
+
+
 def test_config_file_from_environment(tmp_path: Path) -> None:
     file = tmp_path / "c.toml"
     file.write_text("[up]\nnodes = 4\n")

@@ -19,7 +19,8 @@ Example ``parley.toml``::
     signaling_port = 0        # 0: any free port
     media_host = "127.0.0.1"  # the node's client UDP port, one for all its sessions
     media_port = 0
-    agent = "turn-echo"       # or "echo": the immediate echo test
+    agent = "turn-echo"       # or "echo" (the immediate echo test), or "bridge":
+    agent_url = ""            #   ws://HOST:PORT/PATH of an external agent (docs/agent-protocol.md)
 
     [turns]
     min_speech_ms = 200       # voice needed before a turn starts (and before barge-in)
@@ -49,7 +50,7 @@ from typing import Any, final
 import attrs
 
 #: the built-in agents a node can give its sessions
-AGENTS = ("turn-echo", "echo")
+AGENTS = ("turn-echo", "echo", "bridge")
 
 
 class ConfigError(ValueError):
@@ -75,8 +76,10 @@ class NodeConfig:
     #: the node's own client-facing UDP port (one for all its sessions); relays replace it
     media_host: str = "127.0.0.1"
     media_port: int = 0
-    #: who the user talks to: "turn-echo" (plays each finished turn back) or "echo" (at once)
+    #: who the user talks to: "turn-echo" (plays each finished turn back), "echo" (at once) or
+    #: "bridge" (an external agent over WebSocket at agent_url; docs/agent-protocol.md)
     agent: str = "turn-echo"
+    agent_url: str = ""
 
     def node_id(self) -> str:
         return self.id or f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
@@ -242,6 +245,8 @@ def _validate(config: Config) -> None:
         raise ConfigError(
             f"node.agent must be one of {', '.join(AGENTS)}, not {config.node.agent!r}"
         )
+    if config.node.agent == "bridge" and not config.node.agent_url.startswith(("ws://", "wss://")):
+        raise ConfigError("node.agent = bridge needs node.agent_url = ws://HOST:PORT/PATH")
     turns = config.turns
     if min(turns.min_speech_ms, turns.end_silence_ms) < 20 or turns.padding_ms < 0:
         raise ConfigError("turns: min_speech_ms and end_silence_ms are at least 20, padding >= 0")

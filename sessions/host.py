@@ -20,6 +20,7 @@ import trio
 
 from ops.config import Config
 from sessions.agents import Agent, EchoAgent, TurnEchoAgent
+from sessions.agents.bridge import BridgeAgent
 from sessions.media import MediaPort
 from sessions.node import Node, NodeRefused
 from sessions.pages import HTML, echo_page
@@ -36,12 +37,17 @@ _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
 EVENT_BUFFER = 64
 
 
-def make_agent(name: str) -> Agent:
-    """A fresh built-in agent by its configured name (``node.agent``)."""
+def make_agent(config: Config, session_id: str) -> Agent:
+    """A fresh agent for a session, as ``node.agent`` says."""
+    name = config.node.agent
     if name == "echo":
         return EchoAgent()
     if name == "turn-echo":
         return TurnEchoAgent()
+    if name == "bridge":
+        # An external agent over WebSocket (docs/agent-protocol.md); the session actor runs
+        # its connection and it reconnects on its own if the agent goes away.
+        return BridgeAgent(config.node.agent_url, session_id)
     raise ValueError(f"unknown agent {name!r}")
 
 
@@ -87,6 +93,7 @@ class NodeSessions:
     ) -> SessionHandle:
         session_id = new_session_id()
         now = trio.current_time()
+        agent = make_agent(self.node.config, session_id)
         # SdpError (with the signaling error code) propagates to the signaling layer.
         core, answer = Transceiver.accept(
             offer_sdp,
@@ -94,7 +101,7 @@ class NodeSessions:
             certificate=self.certificate,
             candidates=[self.media.address],
             now=now,
-            agent=make_agent(self.node.config.node.agent),
+            agent=agent,
             turn_config=turn_config(self.node.config),
         )
         port = self.media.register(session_id, core.local_ufrag)
@@ -103,18 +110,20 @@ class NodeSessions:
         first_core: list[Transceiver] = [core]
 
         def factory() -> SessionActor:
+            # The first incarnation runs the core that wrote the answer (and its agent); a
+            # restart after a crash continues from the last checkpoint with a fresh agent.
+            first = first_core.pop() if first_core else None
             return SessionActor(
                 session_id,
                 port=port,
                 certificate=self.certificate,
-                # The first incarnation runs the core that wrote the answer; a restart after a
-                # crash continues from the last checkpoint.
-                core=first_core.pop() if first_core else None,
+                core=first,
                 restore_from=lambda: self.snapshots.get(session_id),
                 store=lambda snapshot: self._store(session_id, snapshot),
                 events=lambda event: self._emit(session_id, event),
                 on_end=self._ended,
-                make_agent=lambda: make_agent(self.node.config.node.agent),
+                agent=agent if first is not None else None,
+                make_agent=lambda: make_agent(self.node.config, session_id),
                 turn_config=turn_config(self.node.config),
             )
 

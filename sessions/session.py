@@ -69,6 +69,7 @@ class SessionActor(Actor):
         store: Callable[[SessionSnapshot], None],
         events: EventSink,
         on_end: Callable[[str, str], None],
+        agent: Agent | None = None,
         make_agent: Callable[[], Agent] = EchoAgent,
         turn_config: TurnConfig | None = None,
     ) -> None:
@@ -81,6 +82,7 @@ class SessionActor(Actor):
         self._store = store
         self._events = events
         self._on_end = on_end
+        self._agent = agent
         self._make_agent = make_agent
         self._turn_config = turn_config
         self.restored = False
@@ -96,11 +98,12 @@ class SessionActor(Actor):
             snapshot = self._restore_from()
             if snapshot is None:
                 raise SessionEnded("no snapshot to restart from")
+            self._agent = self._make_agent()
             self._core = Transceiver.restore(
                 snapshot,
                 certificate=self.certificate,
                 now=now,
-                agent=self._make_agent(),
+                agent=self._agent,
                 turn_config=self._turn_config,
             )
             self.restored = True
@@ -110,6 +113,10 @@ class SessionActor(Actor):
                 extra={"session": self.session_id, "stale_rtp_dropped": stale},
             )
         self.nursery.start_soon(self._media_loop)
+        # Agents with a connection of their own (the WebSocket bridge) run it beside the media.
+        run = getattr(self._agent, "run", None)
+        if run is not None:
+            self.nursery.start_soon(run)
 
     def _shed_backlog(self, keep: int = 3) -> int:
         """Drop the client audio that queued up while the actor was down, but its newest.

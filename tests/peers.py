@@ -55,11 +55,11 @@ def loopback_ice(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 class AiortcCall:
-    """aiortc's RTCPeerConnection calling a transceiver behind a UdpGlue."""
+    """aiortc's RTCPeerConnection, speaking ``pcm`` in a loop with ``pause`` seconds between."""
 
-    def __init__(self, pcm: bytes) -> None:
+    def __init__(self, pcm: bytes, *, pause: float = 0.5) -> None:
         self.pc = aiortc.RTCPeerConnection(aiortc.RTCConfiguration(iceServers=[]))
-        self.pc.addTrack(SpeechTrack(pcm))
+        self.pc.addTrack(SpeechTrack(pcm, pause=pause))
         self.received: list[tuple[float, bytes]] = []  # (arrival, mono PCM of a frame)
         self._readers: list[asyncio.Task[None]] = []
         self.pc.on("track", self._on_track)

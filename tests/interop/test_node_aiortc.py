@@ -6,21 +6,14 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
-import threading
-import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
-import attrs
 import pytest
-import trio
 
-from ops.config import ClusterConfig, Config, NodeConfig
 from ops.etcdserver import EtcdServer
 from sessions.audio import speech
-from sessions.host import run_frontend
-from sessions.node import Node
 from tests.helpers import run_status
+from tests.interop.conftest import RunningNode, whip_delete, whip_post
 from tests.peers import AiortcCall, loopback_ice  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("loopback_ice")]
@@ -29,63 +22,6 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("loopback_ice")]
 @functools.cache
 def utterance() -> bytes:
     return speech.speak("one two three four five six", rate=190)
-
-
-@attrs.define
-class RunningNode:
-    node: Node
-    token: trio.lowlevel.TrioToken
-    thread: threading.Thread
-
-    def call(self, fn: Any, *args: Any) -> Any:
-        """Run an async function on the node's Trio loop (from the test's thread)."""
-        return trio.from_thread.run(fn, *args, trio_token=self.token)
-
-    @property
-    def whip(self) -> str:
-        return self.node.addresses["whip"]
-
-
-@pytest.fixture
-def running_node(etcd_server: EtcdServer) -> Iterator[RunningNode]:
-    config = Config(
-        cluster=ClusterConfig(etcd=etcd_server.endpoint, prefix="/parley-test"),
-        node=NodeConfig(id="n1", lease_ttl=3, agent="echo"),
-    )
-    node = Node(config, frontend=run_frontend)
-    ready = threading.Event()
-    box: dict[str, Any] = {}
-
-    async def main() -> None:
-        box["token"] = trio.lowlevel.current_trio_token()
-        async with trio.open_nursery() as nursery:
-            await nursery.start(node.run)
-            ready.set()
-
-    thread = threading.Thread(target=lambda: trio.run(main), daemon=True)
-    thread.start()
-    assert ready.wait(30), "node did not start"
-    running = RunningNode(node, box["token"], thread)
-    try:
-        yield running
-    finally:
-        trio.from_thread.run_sync(node.request_stop, trio_token=running.token)
-        thread.join(20)
-        assert not thread.is_alive()
-
-
-def whip_post(url: str, offer: str) -> tuple[int, str, str]:
-    request = urllib.request.Request(
-        url, data=offer.encode(), method="POST", headers={"Content-Type": "application/sdp"}
-    )
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return response.status, response.headers["Location"], response.read().decode()
-
-
-def whip_delete(base: str, location: str) -> int:
-    url = base.split("/v1/")[0] + location
-    with urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=10) as r:
-        return int(r.status)
 
 
 def test_aiortc_through_signaling_echo_stats_crash_restart_and_delete(

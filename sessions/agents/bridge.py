@@ -1,0 +1,696 @@
+"""The bridge agent: a voice session's agent that lives in another program, over a WebSocket.
+
+The session core drives :class:`BridgeAgent` like any other agent, synchronously and every 20 ms:
+:meth:`~BridgeAgent.on_audio` with each frame of the user's voice, :meth:`~BridgeAgent.pull` for
+the next frame to play, :meth:`~BridgeAgent.on_turn` and :meth:`~BridgeAgent.on_interrupted`
+when the user starts or stops speaking or barges in, and :meth:`~BridgeAgent.poll_events` for
+events to forward to the client. None of these ever waits: they only move data between the
+session and bounded queues.
+
+:meth:`BridgeAgent.run`, started by the session actor in its nursery, is the asynchronous side:
+it connects to the agent's URL, says hello (``parley.agent.v1``, see ``docs/agent-protocol.md``),
+and pumps both directions until the connection ends, then reconnects with exponential backoff
+for as long as the session lives. Nothing the agent does can raise into the session: a dropped
+connection means silence and a reconnect, a malformed message is counted and dropped.
+
+Bounds, so that a slow or hostile agent costs a session a fixed amount of memory and never a
+late media tick:
+
+* user audio to the agent waits in a queue of a few frames; when the socket has not taken a
+  frame for longer than :attr:`BridgeLimits.stall_ms`, or the queue is full, new frames are
+  dropped and counted (the 20 ms loop never waits for the network);
+* agent audio waits for playout in a queue of :attr:`BridgeLimits.max_playout_ms` (30 s);
+  what does not fit is dropped and counted;
+* control messages to the agent (turns, interruptions) are never dropped: when even they cannot
+  be queued the link is declared stalled, closed, and a fresh one is opened;
+* events for the client wait in a queue of :attr:`BridgeLimits.max_events`.
+
+PCM is never logged, and neither is the agent URL's query string (it may carry a token).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import logging
+import math
+import random
+import re
+import urllib.parse
+from collections.abc import Sequence
+from typing import Any, Final, final
+
+import attrs
+import trio
+import trio_websocket
+
+from sessions.agents.echo import FRAME_BYTES
+
+__all__ = ["FRAME_MS", "PROTOCOL", "BridgeAgent", "BridgeLimits"]
+
+log = logging.getLogger("parley.agent")
+
+#: the protocol this bridge speaks, sent in and expected back in ``hello``
+PROTOCOL: Final = "parley.agent.v1"
+#: duration of one frame of user audio (FRAME_BYTES of 48 kHz mono int16)
+FRAME_MS: Final = 20
+_AUDIO_FORMAT: Final = {"encoding": "pcm16le", "sample_rate": 48_000, "channels": 1, "frame_ms": 20}
+
+#: turn event classes (from the voice loop) and their names on the wire
+_TURN_EVENTS: Final = {"SpeechStarted": "speech_started", "SpeechStopped": "speech_stopped"}
+#: event names the bridge emits itself
+_BRIDGE_EVENTS: Final = frozenset({"agent_connected", "agent_disconnected", "agent_error"})
+#: event names an agent may not use: ours, and the session's own (so none can be spoofed)
+_RESERVED_EVENTS: Final = _BRIDGE_EVENTS | {
+    "agent_interrupted",
+    "speech_started",
+    "speech_stopped",
+    "ice_connected",
+    "dtls_connected",
+    "media_started",
+    "session_ended",
+}
+_EVENT_NAME: Final = re.compile(r"[a-z][a-z0-9_.\-]{0,63}")
+#: a connection that lived this long resets the reconnect backoff
+_STABLE_SECONDS: Final = 1.0
+#: room in the outgoing queue for control messages, on top of the audio backlog
+_CONTROL_ROOM: Final = 64
+#: close codes (RFC 6455 §7.4.1)
+_CLOSE_NORMAL: Final = 1000
+_CLOSE_GOING_AWAY: Final = 1001
+_CLOSE_PROTOCOL_ERROR: Final = 1002
+
+_positive_int = attrs.validators.gt(0)
+_positive_float = attrs.validators.gt(0.0)
+
+
+@final
+@attrs.frozen
+class BridgeLimits:
+    """Queue bounds and timeouts of one bridge (the defaults suit a real deployment)."""
+
+    #: agent audio queued for playout, in ms; beyond it new audio is dropped and counted
+    max_playout_ms: int = attrs.field(default=30_000, validator=_positive_int)
+    #: frames of user audio that may wait for the socket
+    send_backlog_frames: int = attrs.field(default=5, validator=_positive_int)
+    #: a socket write in progress for longer than this makes new user frames drop
+    stall_ms: float = attrs.field(default=40.0, validator=_positive_float)
+    #: first and largest pause between connection attempts, in seconds (doubling, +-20 % jitter)
+    backoff_initial: float = attrs.field(default=0.2, validator=_positive_float)
+    backoff_max: float = attrs.field(default=5.0, validator=_positive_float)
+    #: TCP connect plus WebSocket handshake
+    connect_timeout: float = attrs.field(default=5.0, validator=_positive_float)
+    #: from our hello until the agent's
+    hello_timeout: float = attrs.field(default=5.0, validator=_positive_float)
+    #: our closing handshake
+    close_timeout: float = attrs.field(default=1.0, validator=_positive_float)
+    #: WebSocket pings find a dead agent whose socket never said so (a half-open TCP connection)
+    ping_interval: float = attrs.field(default=5.0, validator=_positive_float)
+    ping_timeout: float = attrs.field(default=10.0, validator=_positive_float)
+    #: any message from the agent; a larger one closes the connection (1009)
+    max_message_bytes: int = attrs.field(default=1 << 20, validator=_positive_int)
+    #: a text message from the agent larger than this is malformed (dropped, the link lives)
+    max_text_chars: int = attrs.field(default=64 * 1024, validator=_positive_int)
+    #: events waiting for :meth:`BridgeAgent.poll_events`; more are dropped and counted
+    max_events: int = attrs.field(default=256, validator=_positive_int)
+
+
+class _HandshakeFailed(Exception):
+    """The agent answered our hello with something other than a matching hello."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+
+
+@final
+class _Link:
+    """One established connection: the socket, its outgoing queue, and per-connection state."""
+
+    __slots__ = (
+        "audio_backlog",
+        "audio_frames",
+        "discarding",
+        "outgoing",
+        "reason",
+        "scope",
+        "send_started",
+        "ws",
+    )
+
+    def __init__(
+        self,
+        ws: trio_websocket.WebSocketConnection,
+        outgoing: trio.MemorySendChannel[str | bytes],
+    ) -> None:
+        self.ws = ws
+        self.outgoing = outgoing
+        self.scope = trio.CancelScope()
+        #: user frames queued but not yet taken by the writer
+        self.audio_backlog = 0
+        #: user frames queued on this connection: the agent's audio clock (FRAME_MS each)
+        self.audio_frames = 0
+        #: trio time at which the write in progress began, None when the writer is idle
+        self.send_started: float | None = None
+        #: after an interruption, agent audio is stale until the agent's ``clear``
+        self.discarding = False
+        #: why the link ended (the first reason given wins)
+        self.reason: str | None = None
+
+    def end(self, reason: str) -> None:
+        """Tear the link down (from any task, or from the sync side)."""
+        if self.reason is None:
+            self.reason = reason
+        self.scope.cancel()
+
+
+@final
+class BridgeAgent:
+    """An agent reached over a WebSocket (``parley.agent.v1``), reconnecting as needed.
+
+    ``url`` is the agent's ``ws://`` or ``wss://`` URL; ``headers`` are extra HTTP headers for
+    the WebSocket handshake (an ``Authorization`` header, say). A session restored from a
+    checkpoint passes ``resume_turn`` (the last turn it knew of) so that its first hello already
+    says ``resume``. ``interruptible=False`` makes the session let the agent talk over the user
+    (no barge-in). The sync side (:meth:`on_audio`, :meth:`on_turn`, :meth:`on_interrupted`,
+    :meth:`pull`, :meth:`poll_events`, :meth:`stats`) must be called from the Trio thread that
+    runs :meth:`run`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        session_id: str,
+        *,
+        headers: Sequence[tuple[str, str]] = (),
+        limits: BridgeLimits | None = None,
+        resume_turn: int | None = None,
+        interruptible: bool = True,
+        rng: random.Random | None = None,
+    ) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("ws", "wss") or not parts.hostname:
+            raise ValueError("the agent URL must be ws:// or wss:// with a host")
+        self.url: Final = url
+        self.session_id: Final = session_id
+        self.limits: Final = BridgeLimits() if limits is None else limits
+        #: the URL as logs and stats show it: no credentials, no query string
+        self.display_url: Final = _redact(parts)
+        #: whether the user talking over the agent stops it (barge-in, ``on_interrupted``)
+        self.interruptible: Final = interruptible
+        self._headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
+        self._rng = random.Random() if rng is None else rng
+        self._turn = 0 if resume_turn is None else resume_turn
+        self._resume = resume_turn is not None
+        self._link: _Link | None = None
+        # agent audio, re-framed: whole frames, then the bytes of a frame still incomplete
+        self._playout: collections.deque[bytes] = collections.deque()
+        self._partial = bytearray()
+        self._partial_waited = False  # a pull already found only the partial frame
+        self._max_frames = max(1, self.limits.max_playout_ms // FRAME_MS)
+        self._events: collections.deque[dict[str, Any]] = collections.deque()
+        self._failure_streak = 0
+        self._up_at: float | None = None  # when the current link said hello
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._user_dropped: collections.Counter[str] = collections.Counter()
+        self._agent_dropped: collections.Counter[str] = collections.Counter()
+        self._malformed: collections.Counter[str] = collections.Counter()
+        self._handshake_failures: collections.Counter[str] = collections.Counter()
+
+    # --- sync side: called by the session core, never waits ----------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """Whether an agent is connected and has said hello."""
+        return self._live() is not None
+
+    def _live(self) -> _Link | None:
+        """The current link, unless it is being torn down."""
+        link = self._link
+        return link if link is not None and link.reason is None else None
+
+    def on_audio(self, pcm: bytes, now: float) -> None:
+        """One 20 ms frame of the user's voice: queued for the agent, or dropped and counted."""
+        if len(pcm) != FRAME_BYTES:
+            # The transceiver always hands out whole frames: anything else is a local bug.
+            raise ValueError(f"a frame is {FRAME_BYTES} bytes of PCM, got {len(pcm)}")
+        link = self._live()
+        if link is None:
+            self._user_dropped["disconnected"] += 1
+            return
+        stalled = (
+            link.send_started is not None
+            and (trio.current_time() - link.send_started) * 1000 > self.limits.stall_ms
+        )
+        if stalled or link.audio_backlog >= self.limits.send_backlog_frames:
+            self._user_dropped["backpressure"] += 1
+            return
+        try:
+            link.outgoing.send_nowait(bytes(pcm))
+        except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
+            self._user_dropped["backpressure"] += 1
+            return
+        link.audio_backlog += 1
+        link.audio_frames += 1
+
+    def on_turn(self, event: object, now: float) -> None:
+        """A turn event from the voice loop (``SpeechStarted`` or ``SpeechStopped``, read by
+        duck typing: ``.at``, ``.turn`` and, when stopped, ``.duration_ms``)."""
+        name = _TURN_EVENTS.get(type(event).__name__)
+        if name is None:
+            self._counts["turn_events_ignored"] += 1
+            return
+        turn = int(getattr(event, "turn"))  # noqa: B009 - duck typing on purpose
+        at = float(getattr(event, "at"))  # noqa: B009
+        self._turn = max(self._turn, turn)
+        link = self._live()
+        if link is None:
+            self._counts["turn_events_unsent"] += 1
+            return
+        # Where the event falls in the audio this connection carried: what was queued before
+        # this message, less how long ago the event happened.
+        lag_ms = max(0.0, (now - at) * 1000)
+        message: dict[str, Any] = {
+            "type": "turn",
+            "event": name,
+            "turn": turn,
+            "at": round(at, 3),
+            "audio_ms": max(0, round(link.audio_frames * FRAME_MS - lag_ms)),
+        }
+        if name == "speech_stopped":
+            message["duration_ms"] = max(0, int(getattr(event, "duration_ms")))  # noqa: B009
+            if getattr(event, "cut", False):
+                message["cut"] = True  # the turn hit its length limit: the user may go on
+            # A compliant agent answered the interruption with a clear long ago; one that did
+            # not gets its new reply played anyway.
+            link.discarding = False
+        self._send_control(link, message)
+
+    def on_interrupted(self, played_ms: int, now: float) -> None:
+        """The user barged in: the core dropped the agent audio it held; so do we, and we tell
+        the agent how much of its reply (``played_ms``) the user actually heard."""
+        self._drop_playout("interrupted")
+        link = self._live()
+        if link is None:
+            return
+        link.discarding = True
+        message = {"type": "interrupted", "played_ms": max(0, int(played_ms)), "turn": self._turn}
+        self._send_control(link, message)
+
+    def pull(self, now: float) -> bytes | None:
+        """The next 20 ms frame of the agent's voice, or ``None`` (silence) if there is none."""
+        if self._live() is None:
+            return None
+        if self._playout:
+            self._counts["agent_frames_played"] += 1
+            return self._playout.popleft()
+        if self._partial:
+            # The agent's reply ends on a partial frame, or its stream runs late: give it one
+            # tick to complete the frame, then play what there is, padded with silence.
+            if self._partial_waited:
+                frame = bytes(self._partial).ljust(FRAME_BYTES, b"\0")
+                self._partial.clear()
+                self._partial_waited = False
+                self._counts["agent_frames_played"] += 1
+                return frame
+            self._partial_waited = True
+        return None
+
+    def poll_events(self) -> list[dict[str, Any]]:
+        """Events for the client since the last call (from the agent, and the bridge's own
+        ``agent_connected`` / ``agent_disconnected`` / ``agent_error``)."""
+        events = list(self._events)
+        self._events.clear()
+        return events
+
+    def stats(self) -> dict[str, object]:
+        """Counters for metrics and logs (plain values, JSON-friendly)."""
+        c = self._counts
+        return {
+            "agent": self.display_url,
+            "connected": self.connected,
+            "turn": self._turn,
+            "connects": c["connects"],
+            "reconnects": c["reconnects"],
+            "connect_failures": c["connect_failures"],
+            "handshake_failures": dict(self._handshake_failures),
+            "disconnects": c["disconnects"],
+            "stalls": c["stalls"],
+            "ping_timeouts": c["ping_timeouts"],
+            "user_frames_sent": c["user_frames_sent"],
+            "user_frames_dropped": dict(self._user_dropped),
+            "agent_frames_received": c["agent_frames_received"],
+            "agent_frames_played": c["agent_frames_played"],
+            "agent_frames_queued": len(self._playout),
+            "agent_frames_dropped": dict(self._agent_dropped),
+            "agent_events": c["agent_events"],
+            "agent_errors": c["agent_errors"],
+            "events_dropped": c["events_dropped"],
+            "turn_events_unsent": c["turn_events_unsent"],
+            "turn_events_ignored": c["turn_events_ignored"],
+            "malformed": dict(self._malformed),
+            "internal_errors": c["internal_errors"],
+        }
+
+    def _send_control(self, link: _Link, message: dict[str, Any]) -> None:
+        try:
+            link.outgoing.send_nowait(json.dumps(message, separators=(",", ":")))
+        except trio.WouldBlock:
+            # Dozens of control messages the socket did not take: the link is stuck. Drop it;
+            # the agent hears the turn counter again in the resuming hello.
+            self._counts["stalls"] += 1
+            self._counts["turn_events_unsent"] += 1
+            log.warning(
+                "agent link stalled, reconnecting",
+                extra={"session": self.session_id, "agent": self.display_url},
+            )
+            link.end("stalled")
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            self._counts["turn_events_unsent"] += 1
+
+    def _emit(self, event: dict[str, Any]) -> None:
+        if len(self._events) >= self.limits.max_events:
+            self._counts["events_dropped"] += 1
+            return
+        self._events.append(event)
+
+    def _drop_playout(self, reason: str) -> None:
+        frames = len(self._playout) + (1 if self._partial else 0)
+        if frames:
+            self._agent_dropped[reason] += frames
+        self._playout.clear()
+        self._partial.clear()
+        self._partial_waited = False
+
+    # --- async side ---------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, serve, and reconnect for as long as the session lives (cancel to stop).
+
+        Never raises but :class:`trio.Cancelled`: connection failures, agents that misbehave
+        and even bugs in this module end one connection, not the session.
+        """
+        backoff = self.limits.backoff_initial
+        while True:
+            self._up_at = None
+            try:
+                await self._connect_and_serve()
+            except _HandshakeFailed as exc:
+                self._handshake_failures[exc.reason] += 1
+                self._log_failure("agent refused the handshake", exc)
+            except (
+                OSError,
+                trio.TooSlowError,
+                trio_websocket.HandshakeError,
+                trio_websocket.ConnectionClosed,
+                trio.BrokenResourceError,
+                trio.ClosedResourceError,
+            ) as exc:
+                self._counts["connect_failures"] += 1
+                self._log_failure("agent connection failed", exc)
+            except Exception:
+                # A bug of ours must not end the session: count it, log it, reconnect.
+                self._counts["internal_errors"] += 1
+                log.exception(
+                    "agent bridge failed",
+                    extra={"session": self.session_id, "agent": self.display_url},
+                )
+            up_at = self._up_at
+            if up_at is not None and trio.current_time() - up_at >= _STABLE_SECONDS:
+                backoff = self.limits.backoff_initial
+            await trio.sleep(backoff * self._rng.uniform(0.8, 1.2))
+            backoff = min(backoff * 2, self.limits.backoff_max)
+
+    def _log_failure(self, what: str, exc: BaseException) -> None:
+        self._failure_streak += 1
+        level = logging.WARNING if self._failure_streak == 1 else logging.DEBUG
+        log.log(
+            level,
+            what,
+            extra={
+                "session": self.session_id,
+                "agent": self.display_url,
+                "error": type(exc).__name__,
+                "detail": str(exc)[:200],
+                "attempt": self._failure_streak,
+            },
+        )
+
+    async def _connect_and_serve(self) -> None:
+        """One connection: open, hello, serve until it ends."""
+        limits = self.limits
+        async with trio_websocket.open_websocket_url(
+            self.url,
+            extra_headers=self._headers,
+            message_queue_size=4,
+            max_message_size=limits.max_message_bytes,
+            connect_timeout=limits.connect_timeout,
+            disconnect_timeout=limits.close_timeout,
+        ) as ws:
+            await self._hello(ws)
+            outgoing, incoming = trio.open_memory_channel[str | bytes](
+                limits.send_backlog_frames + _CONTROL_ROOM
+            )
+            link = _Link(ws, outgoing)
+            self._up(link)
+            try:
+                with link.scope:
+                    async with trio.open_nursery() as nursery:
+                        nursery.start_soon(self._write, link, incoming)
+                        nursery.start_soon(self._keepalive, link)
+                        await self._read(link)
+            finally:
+                ending = trio.current_effective_deadline() == -math.inf
+                reason = link.reason or ("session ended" if ending else "error")
+                self._down(link, reason)
+                outgoing.close()
+                incoming.close()
+                # Say goodbye if the socket still works: 1000 when the session is over, 1001
+                # when only this link is (a resuming hello follows). When the session is ending
+                # the library's reader is cancelled too and never sees the agent's reply: do
+                # not wait for it long.
+                with (
+                    trio.CancelScope(shield=True),
+                    trio.move_on_after(0.1 if ending else limits.close_timeout),
+                ):
+                    if ending:
+                        await ws.aclose(_CLOSE_NORMAL, "session ended")
+                    else:
+                        await ws.aclose(_CLOSE_GOING_AWAY, reason)
+
+    async def _hello(self, ws: trio_websocket.WebSocketConnection) -> None:
+        hello = {
+            "type": "hello",
+            "protocol": PROTOCOL,
+            "session": self.session_id,
+            "audio": _AUDIO_FORMAT,
+            "resume": self._resume,
+            "turn": self._turn,
+        }
+        await ws.send_message(json.dumps(hello, separators=(",", ":")))
+        with trio.fail_after(self.limits.hello_timeout):
+            reply = await ws.get_message()
+        message = _json_object(reply) if isinstance(reply, str) else "binary"
+        if isinstance(message, str):
+            raise _HandshakeFailed("bad_hello", "the agent's first message is not a JSON object")
+        kind = message.get("type")
+        if kind == "error":
+            code = message.get("code")
+            raise _HandshakeFailed(
+                "agent_error", f"agent said {code!r}" if isinstance(code, str) else "agent error"
+            )
+        if kind != "hello":
+            raise _HandshakeFailed("bad_hello", f"expected hello, got {str(kind)[:40]!r}")
+        protocol = message.get("protocol")
+        if protocol != PROTOCOL:
+            error = {
+                "type": "error",
+                "code": "unsupported_protocol",
+                "message": f"this node speaks {PROTOCOL}",
+            }
+            with trio.move_on_after(self.limits.close_timeout):
+                await ws.send_message(json.dumps(error))
+                await ws.aclose(_CLOSE_PROTOCOL_ERROR, "unsupported protocol")
+            raise _HandshakeFailed("unsupported_protocol", f"agent speaks {str(protocol)[:40]!r}")
+
+    def _up(self, link: _Link) -> None:
+        resumed = self._resume
+        self._link = link
+        self._up_at = trio.current_time()
+        self._resume = True  # every later hello resumes this session
+        self._failure_streak = 0
+        self._counts["connects"] += 1
+        if self._counts["connects"] > 1:
+            self._counts["reconnects"] += 1
+        self._partial_waited = False
+        log.info(
+            "agent connected",
+            extra={"session": self.session_id, "agent": self.display_url, "resumed": resumed},
+        )
+        self._emit({"event": "agent_connected", "resumed": resumed})
+
+    def _down(self, link: _Link, reason: str) -> None:
+        if self._link is link:
+            self._link = None
+        self._counts["disconnects"] += 1
+        self._drop_playout("disconnected")
+        close = link.ws.closed
+        fields: dict[str, Any] = {"reason": reason}
+        if close is not None:
+            fields["code"] = close.code
+        log.info(
+            "agent disconnected",
+            extra={"session": self.session_id, "agent": self.display_url, **fields},
+        )
+        self._emit({"event": "agent_disconnected", **fields})
+
+    async def _write(self, link: _Link, incoming: trio.MemoryReceiveChannel[str | bytes]) -> None:
+        """The only task that writes to the socket (so cancelling a producer never cuts a
+        WebSocket frame in half)."""
+        try:
+            async for item in incoming:
+                audio = isinstance(item, bytes)
+                if audio:
+                    link.audio_backlog -= 1
+                link.send_started = trio.current_time()
+                await link.ws.send_message(item)
+                link.send_started = None
+                if audio:
+                    self._counts["user_frames_sent"] += 1
+        except trio_websocket.ConnectionClosed:
+            pass
+        link.end("closed")
+
+    async def _keepalive(self, link: _Link) -> None:
+        limits = self.limits
+        try:
+            while True:
+                await trio.sleep(limits.ping_interval)
+                with trio.move_on_after(limits.ping_timeout) as waited:
+                    await link.ws.ping()
+                if waited.cancelled_caught:
+                    self._counts["ping_timeouts"] += 1
+                    log.warning(
+                        "agent stopped answering pings",
+                        extra={"session": self.session_id, "agent": self.display_url},
+                    )
+                    link.end("ping_timeout")
+                    return
+        except trio_websocket.ConnectionClosed:
+            pass
+        link.end("closed")
+
+    async def _read(self, link: _Link) -> None:
+        while True:
+            try:
+                message = await link.ws.get_message()
+            except trio_websocket.ConnectionClosed:
+                link.end("closed")
+                return
+            if isinstance(message, bytes):
+                self._on_agent_audio(link, message)
+            else:
+                self._on_agent_text(link, message)
+
+    # --- what the agent says ------------------------------------------------------------------
+
+    def _on_agent_audio(self, link: _Link, pcm: bytes) -> None:
+        if len(pcm) % 2:
+            self._malformed_message("odd_length_audio")
+            return
+        if link.discarding:
+            self._agent_dropped["stale"] += -(-len(pcm) // FRAME_BYTES)
+            return
+        self._partial += pcm
+        self._partial_waited = False
+        whole = len(self._partial) // FRAME_BYTES * FRAME_BYTES
+        if not whole:
+            return
+        view = memoryview(self._partial)
+        frames = [bytes(view[i : i + FRAME_BYTES]) for i in range(0, whole, FRAME_BYTES)]
+        view.release()
+        del self._partial[:whole]
+        room = self._max_frames - len(self._playout)
+        if len(frames) > room:
+            self._agent_dropped["overflow"] += len(frames) - max(0, room)
+            frames = frames[: max(0, room)]
+        self._playout.extend(frames)
+        self._counts["agent_frames_received"] += len(frames)
+
+    def _on_agent_text(self, link: _Link, text: str) -> None:
+        if len(text) > self.limits.max_text_chars:
+            self._malformed_message("too_large")
+            return
+        message = self._parse_text(text)
+        if message is None:
+            return
+        kind = message.get("type")
+        if kind == "event":
+            name = message.get("event")
+            if not isinstance(name, str) or not _EVENT_NAME.fullmatch(name):
+                self._malformed_message("bad_event")
+            elif name in _RESERVED_EVENTS:
+                self._malformed_message("reserved_event")
+            else:
+                self._counts["agent_events"] += 1
+                fields = {k: v for k, v in message.items() if k not in ("type", "event")}
+                self._emit({"event": name, **fields})
+        elif kind == "clear":
+            self._drop_playout("cleared")
+            link.discarding = False
+        elif kind == "error":
+            code = message.get("code")
+            code = code[:64] if isinstance(code, str) else "unknown"
+            self._counts["agent_errors"] += 1
+            log.warning(
+                "agent reported an error",
+                extra={"session": self.session_id, "agent": self.display_url, "code": code},
+            )
+            self._emit({"event": "agent_error", "code": code})
+        elif kind == "hello":
+            self._malformed_message("unexpected_hello")
+        elif isinstance(kind, str):
+            self._malformed_message("unknown_type")
+        else:
+            self._malformed_message("no_type")
+
+    def _parse_text(self, text: str) -> dict[str, Any] | None:
+        """A JSON object, or None (counted as malformed)."""
+        message = _json_object(text)
+        if isinstance(message, str):
+            self._malformed_message(message)
+            return None
+        return message
+
+    def _malformed_message(self, reason: str) -> None:
+        self._malformed[reason] += 1
+        # The first of each kind is worth a warning; a flood of them is not worth a log flood.
+        level = logging.WARNING if self._malformed[reason] == 1 else logging.DEBUG
+        log.log(
+            level,
+            "malformed message from agent dropped",
+            extra={"session": self.session_id, "agent": self.display_url, "reason": reason},
+        )
+
+
+def _json_object(text: str) -> dict[str, Any] | str:
+    """The JSON object in ``text``, or why there is none. NaN and Infinity are not JSON."""
+    try:
+        value = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, RecursionError):
+        return "bad_json"
+    if not isinstance(value, dict):
+        return "not_an_object"
+    return value
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def _redact(parts: urllib.parse.SplitResult) -> str:
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port is not None else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"

@@ -162,6 +162,11 @@ class LocalCluster:
             status = await gather_status(etcd, Keyspace(self.config.cluster.prefix))
         self.say("")
         self.say(format_status(status))
+        pages = demo_pages(status)
+        if pages:
+            self.say("\ndemo: open a node's page in a browser, click Talk, speak, then pause")
+            for node_id, url in pages:
+                self.say(f"  {node_id:<8} {url}")
 
     async def _stop_on_signal(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -194,6 +199,28 @@ class LocalCluster:
             "etcd": {"endpoint": self.endpoint, "pid": self.etcd.process and self.etcd.pid},
             "nodes": [{"id": c.name, "pid": c.pid, "log": str(c.log_path)} for c in self.children],
         }
+
+
+def page_url(signaling: str) -> str | None:
+    """The page a node serves beside its signaling: ``ws://H:P/v1/session`` → ``http://H:P/``
+    (``wss`` → ``https``); ``None`` for anything else."""
+    for scheme, web in (("ws://", "http://"), ("wss://", "https://")):
+        if signaling.startswith(scheme):
+            authority = signaling.removeprefix(scheme).split("/", 1)[0]
+            return f"{web}{authority}/" if authority else None
+    return None
+
+
+def demo_pages(status: dict[str, Any]) -> list[tuple[str, str]]:
+    """(node id, demo page URL) for every node in ``status`` (as :func:`gather_status` returns
+    it) that publishes a signaling address."""
+    pages = []
+    for node in status.get("nodes", []):
+        addresses = node.get("addresses") or {}
+        url = page_url(str(addresses.get("signaling") or ""))
+        if url is not None:
+            pages.append((str(node.get("id")), url))
+    return pages
 
 
 def run_up(config: Config) -> int:

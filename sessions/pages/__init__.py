@@ -1,7 +1,8 @@
 """Static pages the node's signaling port serves (``SignalingServer(pages=...)``).
 
-``echo.html`` is a small browser client: it calls the node over the WebSocket on the same host and
-port, plays the echo back and shows the session's events and WebRTC stats. It loads nothing else.
+``echo.html`` is the demo page: a browser client that calls the node over the WebSocket on the same
+host and port, plays the agent back (the turn-echo by default), and shows the session's turn and
+agent events, its state and live WebRTC stats (RTT, jitter, loss, levels). It loads nothing else.
 """
 
 from __future__ import annotations

@@ -3,14 +3,25 @@
 Run by ``test_chromium.py`` in a fresh network namespace (and PID namespace, so that nothing it
 starts outlives it)::
 
-    unshare --net --pid --fork --kill-child --mount-proc -- python chromium_scenario.py OUTFILE
+    unshare --net --pid --fork --kill-child --mount-proc -- \
+        python chromium_scenario.py OUTFILE [echo|demo]
 
 Inside it brings ``lo`` up (and refuses to go on if any other interface is up), writes a speech
 WAV with espeak-ng (Chromium's fake microphone plays it in a loop), starts a local etcd and a node
 (in-process, on this Trio loop), and opens the node's own page (``sessions/pages/echo.html``) at
 the signaling address the node published in etcd. Over the DevTools protocol it calls
-``parleyStart()`` and polls ``window.parleyStats`` until the echo of the fake microphone comes
-back, reads the node's own stats of the session, hangs up and checks that the node ended the
+``parleyStart()``, then:
+
+* ``echo`` (the default): the node runs the immediate echo agent; it polls ``window.parleyStats``
+  until the echo of the fake microphone comes back;
+* ``demo``: the node runs its default agent (turn-echo) and the WAV is the speech followed by
+  :data:`DEMO_SILENCE` of digital silence, so that every loop of it is one user turn. It polls
+  the page (``window.parleyLog``, ``window.parleyCollectStats()``) until the page has seen
+  ``speech_started`` → ``speech_stopped`` → ``agent_started`` and what comes after it
+  (``agent_finished``, or the next loop's ``speech_started``/``agent_interrupted``), and the
+  reply was heard: inbound ``audioLevel`` above 0 in a sample taken after ``agent_started``.
+
+Then it reads the node's own stats of the session, hangs up and checks that the node ended the
 session. The outcome goes to OUTFILE as JSON, also when something fails (``error`` says what).
 Chromium, the node and etcd are stopped on every exit, each within a bound.
 """
@@ -31,6 +42,7 @@ import tempfile
 import time
 import traceback
 import urllib.request
+import wave
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -48,6 +60,13 @@ from storage.keys import Keyspace
 
 PREFIX = "/parley-chromium"
 SPEECH = "one two three four five. Parley echoes what you say, six seven eight nine ten."
+#: the demo's user turn; the WAV loops, so the user says it again every few seconds
+DEMO_SPEECH = "Hello Parley. This is a test of turn taking."
+#: digital silence after the demo's speech (seconds): long enough to end the turn
+DEMO_SILENCE = 1.5
+#: how long the demo's events and reply may take to show up in the page
+DEMO_TIMEOUT = 40.0
+MODES = ("echo", "demo")
 #: how long the echo may take to show up in the browser's stats
 MEDIA_TIMEOUT = 30.0
 #: everything after etcd is up: node start, browser start, the call, the hang-up
@@ -106,11 +125,23 @@ def isolate_network() -> list[str]:
         return [n for _, n in socket.if_nameindex() if interface_flags(sock, n) & IFF_UP]
 
 
-def speech_wav(path: Path) -> None:
+def speech_wav(path: Path, mode: str = "echo") -> None:
+    """The fake microphone's WAV: espeak-ng speech (``demo``: then :data:`DEMO_SILENCE`)."""
     espeak = shutil.which("espeak-ng")
     if espeak is None:
         raise ScenarioError("espeak-ng not found: install espeak-ng")
-    subprocess.run([espeak, "-s", "160", "-w", str(path), SPEECH], check=True, timeout=30)
+    text = DEMO_SPEECH if mode == "demo" else SPEECH
+    subprocess.run([espeak, "-s", "160", "-w", str(path), text], check=True, timeout=30)
+    if mode == "demo":
+        with wave.open(str(path), "rb") as spoken:
+            params = spoken.getparams()
+            pcm = spoken.readframes(spoken.getnframes())
+        silence = bytes(round(DEMO_SILENCE * params.framerate) * params.sampwidth)
+        with wave.open(str(path), "wb") as out:
+            out.setnchannels(params.nchannels)
+            out.setsampwidth(params.sampwidth)
+            out.setframerate(params.framerate)
+            out.writeframes(pcm + silence * params.nchannels)
 
 
 def chromium_command(binary: str, profile: Path, wav: Path, url: str) -> list[str]:
@@ -254,7 +285,7 @@ async def published_signaling(etcd_endpoint: str) -> str:
 
 
 async def call_from_browser(
-    node: Node, etcd_endpoint: str, work: Path, wav: Path, result: dict[str, Any]
+    node: Node, etcd_endpoint: str, work: Path, wav: Path, mode: str, result: dict[str, Any]
 ) -> None:
     signaling = await published_signaling(etcd_endpoint)
     result["signaling"] = signaling
@@ -281,7 +312,10 @@ async def call_from_browser(
                 raise ScenarioError("the page did not load (or has no parleyStart) within 20 s")
             result["browser_ready_s"] = round(time.monotonic() - started, 2)
             result["start"] = await cdp.evaluate("window.parleyStart()", await_promise=True)
-            await wait_for_echo(cdp, node, result)
+            if mode == "demo":
+                await wait_for_turns(cdp, node, result)
+            else:
+                await wait_for_echo(cdp, node, result)
             await hang_up(cdp, node, result)
     finally:
         stop_process_group(chromium)
@@ -317,6 +351,98 @@ async def wait_for_echo(cdp: Cdp, node: Node, result: dict[str, Any]) -> None:
         result["node_stats"] = await node.stats_source()
 
 
+#: one poll of the demo page: a fresh stats sample and everything it logged
+DEMO_POLL = """(async () => ({
+  state: window.parleyState,
+  sample: await window.parleyCollectStats(),
+  log: window.parleyLog,
+  events: window.parleyEvents,
+}))()"""
+
+
+def turn_sequence(names: list[str]) -> list[int] | None:
+    """Indexes of ``speech_started`` → ``speech_stopped`` → ``agent_started`` → what follows
+    the reply (``agent_finished``, the next ``speech_started`` or ``agent_interrupted``), the
+    first such run in ``names``; ``None`` until the page has seen all four."""
+    wanted: list[tuple[str, ...]] = [
+        ("speech_started",),
+        ("speech_stopped",),
+        ("agent_started",),
+        ("agent_finished", "speech_started", "agent_interrupted"),
+    ]
+    found: list[int] = []
+    for index, name in enumerate(names):
+        if name in wanted[len(found)]:
+            found.append(index)
+            if len(found) == len(wanted):
+                return found
+    return None
+
+
+async def wait_for_turns(cdp: Cdp, node: Node, result: dict[str, Any]) -> None:
+    """Poll the demo page until a whole turn went round and its reply was heard."""
+    started = time.monotonic()
+    deadline = trio.current_time() + DEMO_TIMEOUT
+    samples: list[dict[str, Any]] = []
+    page: dict[str, Any] = {}
+    level_after = level_before = 0.0
+    while True:
+        page = await cdp.evaluate(DEMO_POLL, await_promise=True)
+        log: list[dict[str, Any]] = page.get("log") or []
+        sample = page.get("sample") or {}
+        if sample:
+            samples.append(
+                {k: sample.get(k) for k in ("ms", "at", "voice", "audioLevel", "micLevel")}
+            )
+        replies = [e["wall"] for e in log if e["event"] == "agent_started"]
+        level = float(sample.get("audioLevel") or 0.0)
+        if replies and sample.get("at", 0) > replies[0]:
+            level_after = max(level_after, level)
+        elif not replies:
+            level_before = max(level_before, level)
+        if page["state"].get("error"):
+            break
+        if turn_sequence([e["event"] for e in log]) is not None and level_after > 0:
+            break
+        if trio.current_time() > deadline:
+            result["media_timed_out"] = True
+            break
+        await trio.sleep(0.2)
+    result["turns_s"] = round(time.monotonic() - started, 2)
+    result["ice"] = await cdp.evaluate(ICE_REPORT, await_promise=True)
+    result["page"] = {"state": page.get("state"), "events": page.get("events"), "log": log}
+    result["samples"] = samples
+    result["level_after_agent_started"] = level_after
+    result["level_before_agent_started"] = level_before
+    result["figures"] = turn_figures(log)
+    result["node_sessions"] = sorted(node.sessions)
+    if node.stats_source is not None:
+        result["node_stats"] = await node.stats_source()
+
+
+def turn_figures(log: list[dict[str, Any]]) -> dict[str, list[float]]:
+    """The node's own timing, from the ``at`` of its events (one clock, the node's):
+    end of turn (last voiced frame) → reply, and first voiced frame → ``agent_interrupted``."""
+    gaps: list[float] = []
+    reactions: list[float] = []
+    stopped_at: float | None = None
+    started_at: float | None = None
+    for entry in log:
+        name, at = entry["event"], entry.get("at")
+        if not isinstance(at, (int, float)):
+            continue
+        if name == "speech_stopped":
+            stopped_at = at
+        elif name == "agent_started" and stopped_at is not None:
+            gaps.append(round(at - stopped_at, 3))
+            stopped_at = None
+        elif name == "speech_started":
+            started_at = at
+        elif name == "agent_interrupted" and started_at is not None:
+            reactions.append(round(at - started_at, 3))
+    return {"end_of_turn_to_reply_s": gaps, "voice_to_interrupted_s": reactions}
+
+
 async def hang_up(cdp: Cdp, node: Node, result: dict[str, Any]) -> None:
     """Hang up in the page: closing its socket must end the session on the node."""
     await cdp.evaluate("window.parleyHangUp()")
@@ -328,11 +454,15 @@ async def hang_up(cdp: Cdp, node: Node, result: dict[str, Any]) -> None:
     result["node_sessions_after_hangup"] = sorted(node.sessions)
 
 
-async def scenario(etcd_endpoint: str, work: Path, wav: Path, result: dict[str, Any]) -> None:
-    config = Config(
-        cluster=ClusterConfig(etcd=etcd_endpoint, prefix=PREFIX),
-        node=NodeConfig(id="chromium-node", lease_ttl=3, agent="echo"),
-    )
+async def scenario(
+    etcd_endpoint: str, work: Path, wav: Path, mode: str, result: dict[str, Any]
+) -> None:
+    # The demo runs the node's default agent (turn-echo), the echo test the immediate echo.
+    node_config = NodeConfig(id="chromium-node", lease_ttl=3)
+    if mode == "echo":
+        node_config = NodeConfig(id="chromium-node", lease_ttl=3, agent="echo")
+    config = Config(cluster=ClusterConfig(etcd=etcd_endpoint, prefix=PREFIX), node=node_config)
+    result["agent"] = config.node.agent
     node = Node(config, frontend=run_frontend)
     # The test's timeout sends SIGTERM: fail the scenario so that every finally runs.
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
@@ -342,7 +472,7 @@ async def scenario(etcd_endpoint: str, work: Path, wav: Path, result: dict[str, 
                 await nursery.start(node.run)
                 try:
                     with trio.fail_after(SCENARIO_TIMEOUT):
-                        await call_from_browser(node, etcd_endpoint, work, wav, result)
+                        await call_from_browser(node, etcd_endpoint, work, wav, mode, result)
                 finally:
                     node.request_stop()
                     # A graceful stop is quick; never let it hold the scenario.
@@ -363,14 +493,15 @@ def describe(exc: BaseException) -> str:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 2:
-        print(f"usage: {argv[0]} OUTFILE", file=sys.stderr)
+    if len(argv) not in (2, 3) or (len(argv) == 3 and argv[2] not in MODES):
+        print(f"usage: {argv[0]} OUTFILE [{'|'.join(MODES)}]", file=sys.stderr)
         return 2
     outfile = Path(argv[1])
+    mode = argv[2] if len(argv) == 3 else "echo"
     # The test stops us with SIGTERM on its timeout (Trio's run takes it over, see scenario):
     # unwind so that every finally runs.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    result: dict[str, Any] = {"completed": False}
+    result: dict[str, Any] = {"completed": False, "mode": mode}
     started = time.monotonic()
     try:
         with tempfile.TemporaryDirectory(prefix="parley-chromium-") as tmp:
@@ -378,9 +509,9 @@ def main(argv: list[str]) -> int:
             try:
                 result["interfaces_up"] = isolate_network()
                 wav = work / "speech.wav"
-                speech_wav(wav)
+                speech_wav(wav, mode)
                 with EtcdServer(work / "etcd") as etcd:
-                    trio.run(scenario, etcd.endpoint, work, wav, result)
+                    trio.run(scenario, etcd.endpoint, work, wav, mode, result)
                 result["completed"] = True
             finally:
                 log = Path(result.get("chromium_log", work / "none"))

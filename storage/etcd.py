@@ -334,7 +334,9 @@ class Etcd:
                 # to come, so a reconnect may resume after it.
                 state["next"] = max(state["next"], header_revision + 1)
 
-        async with send:
+        # A plain `with`: closing must not checkpoint, or a cancellation arriving as the
+        # consumer leaves would replace a Compacted error on its way out.
+        with send:
             while True:
                 stream = _WatchStream(self._client, key, range_end, state["next"])
                 try:

@@ -179,18 +179,18 @@ class Owners:
         send, receive = trio.open_memory_channel[OwnershipChange](1024)
 
         async def translate(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            async with (
-                send,
-                self.etcd.watch_prefix(
+            # `with send` closes without a checkpoint, so a Compacted error is never replaced
+            # by the cancellation that follows the consumer leaving.
+            with send:
+                async with self.etcd.watch_prefix(
                     self.keys.owners_prefix, start_revision=start_revision
-                ) as batches,
-            ):
-                task_status.started()
-                async for batch in batches:
-                    for event in batch:
-                        change = self._change_of(event.kind, event.kv)
-                        if change is not None:
-                            await send.send(change)
+                ) as batches:
+                    task_status.started()
+                    async for batch in batches:
+                        for event in batch:
+                            change = self._change_of(event.kind, event.kv)
+                            if change is not None:
+                                await send.send(change)
 
         async with trio.open_nursery() as nursery:
             await nursery.start(translate)

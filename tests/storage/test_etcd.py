@@ -9,6 +9,7 @@ import trio
 
 from ops.etcdserver import EtcdServer
 from storage.etcd import (
+    Compacted,
     Etcd,
     EtcdUnavailable,
     WatchEvent,
@@ -134,3 +135,24 @@ async def test_watch_from_a_revision_replays_history(etcd: Etcd) -> None:
                 if len(got) == 2:
                     break
     assert got == [b"/h/a", b"/h/b"]
+
+
+async def test_watch_from_a_compacted_revision_raises_compacted(
+    etcd: Etcd, etcd_server: EtcdServer
+) -> None:
+    first = await etcd.put("/c/a", b"1")
+    for i in range(5):
+        await etcd.put("/c/a", str(i).encode())
+    latest = await etcd.put("/c/a", b"last")
+    # Compact away the history the watch will ask for (etcdctl, as an operator would).
+    await trio.run_process(
+        ["etcdctl", f"--endpoints=http://{etcd_server.endpoint}", "compaction", str(latest)],
+        capture_stdout=True,
+        env={"ETCDCTL_API": "3"},
+    )
+    with pytest.raises(BaseExceptionGroup) as raised:
+        async with etcd.watch_prefix("/c/", start_revision=first) as batches:
+            with trio.fail_after(5):
+                async for _ in batches:
+                    pass
+    assert raised.group_contains(Compacted)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import trio
 
-from storage.etcd import Etcd
+from ops.etcdserver import EtcdServer
+from storage.etcd import Compacted, Etcd
 from storage.keys import Keyspace
 from storage.ownership import AlreadyOwned, Owners, OwnershipChange, StaleEpoch
 
@@ -102,3 +103,26 @@ async def test_invalid_session_ids_are_refused_before_etcd(etcd: Etcd, keys: Key
     owners = Owners(etcd, keys)
     with pytest.raises(ValueError, match="invalid session id"):
         await owners.claim("../x", "node-a", 0)
+
+
+async def test_watch_from_a_compacted_revision_raises_instead_of_ending_quietly(
+    etcd: Etcd, etcd_server: EtcdServer, keys: Keyspace
+) -> None:
+    owners = Owners(etcd, keys)
+    lease, _ = await etcd.lease_grant(10)
+    first = await owners.claim("s1", "node-a", lease)
+    latest = first
+    for i in range(5):
+        latest = await owners.transfer("s1", latest, f"node-{i}", lease)
+    await trio.run_process(
+        ["etcdctl", f"--endpoints=http://{etcd_server.endpoint}", "compaction", str(latest)],
+        capture_stdout=True,
+        env={"ETCDCTL_API": "3"},
+    )
+    # Losing events silently is the one thing a watch must never do.
+    with pytest.raises(BaseExceptionGroup) as raised:
+        async with owners.watch(start_revision=first) as changes:
+            with trio.fail_after(5):
+                async for _ in changes:
+                    pass
+    assert raised.group_contains(Compacted)

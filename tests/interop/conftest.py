@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -10,6 +11,7 @@ from typing import Any
 import attrs
 import pytest
 import trio
+import trio_websocket
 
 from ops.config import ClusterConfig, Config, NodeConfig
 from ops.etcdserver import EtcdServer
@@ -22,6 +24,7 @@ class RunningNode:
     node: Node
     token: trio.lowlevel.TrioToken
     thread: threading.Thread
+    nursery: trio.Nursery
 
     def call(self, fn: Any, *args: Any) -> Any:
         """Run an async function on the node's Trio loop (from the test's thread)."""
@@ -50,13 +53,14 @@ def running_node(node_config: Config) -> Iterator[RunningNode]:
     async def main() -> None:
         box["token"] = trio.lowlevel.current_trio_token()
         async with trio.open_nursery() as nursery:
+            box["nursery"] = nursery
             await nursery.start(node.run)
             ready.set()
 
     thread = threading.Thread(target=lambda: trio.run(main), daemon=True)
     thread.start()
     assert ready.wait(30), "node did not start"
-    running = RunningNode(node, box["token"], thread)
+    running = RunningNode(node, box["token"], thread, box["nursery"])
     try:
         yield running
     finally:
@@ -77,3 +81,40 @@ def whip_delete(base: str, location: str) -> int:
     url = base.split("/v1/")[0] + location
     with urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=10) as r:
         return int(r.status)
+
+
+@attrs.define
+class WebSocketClient:
+    """A signaling client as a browser page is one: offer in, answer and events out.
+
+    It runs on the node's Trio loop (the test's own thread runs asyncio for aiortc)."""
+
+    url: str
+    answer: str = ""
+    session: str = ""
+    events: list[dict[str, Any]] = attrs.field(factory=list)
+    answered: threading.Event = attrs.field(factory=threading.Event)
+
+    async def run(self, offer: str) -> None:
+        async with trio_websocket.open_websocket_url(self.url) as ws:
+            await ws.send_message(json.dumps({"type": "offer", "sdp": offer}))
+            while True:
+                try:
+                    message = json.loads(await ws.get_message())
+                except trio_websocket.ConnectionClosed:
+                    return  # the session ended (the node stops with the test)
+                if message["type"] == "answer":
+                    self.answer, self.session = message["sdp"], message["session"]
+                    self.answered.set()
+                elif message["type"] == "event":
+                    self.events.append(message)
+                else:
+                    raise AssertionError(f"unexpected signaling message {message}")
+
+
+def open_websocket_session(node: RunningNode, offer: str) -> WebSocketClient:
+    """Start a signaling client on the node's loop and wait for its answer."""
+    client = WebSocketClient(node.node.addresses["signaling"])
+    trio.from_thread.run_sync(node.nursery.start_soon, client.run, offer, trio_token=node.token)
+    assert client.answered.wait(10), "no answer"
+    return client

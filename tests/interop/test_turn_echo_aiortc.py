@@ -1,0 +1,54 @@
+"""aiortc speaks a sentence through a node's signaling WebSocket, waits, and hears the same
+sentence back from the turn-echo agent, with the turn and agent events in order."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import math
+
+import attrs
+import pytest
+
+from ops.config import Config
+from sessions.audio import speech
+from tests.interop.conftest import RunningNode, open_websocket_session
+from tests.peers import AiortcCall, loopback_ice  # noqa: F401 - fixture
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("loopback_ice")]
+
+
+@functools.cache
+def sentence() -> bytes:
+    return speech.speak("please repeat what I just said", rate=190)
+
+
+@pytest.fixture
+def node_config(node_config: Config) -> Config:
+    return attrs.evolve(node_config, node=attrs.evolve(node_config.node, agent="turn-echo"))
+
+
+def test_aiortc_hears_its_turn_played_back_with_events_in_order(running_node: RunningNode) -> None:
+    sent = sentence()
+    seconds = len(sent) / 96_000
+
+    async def scenario() -> tuple[float, list[str]]:
+        call = AiortcCall(sent, pause=2.5)  # speak, then stay silent long enough for a reply
+        loop = asyncio.get_running_loop()
+        try:
+            offer = await call.offer()
+            client = await asyncio.to_thread(open_websocket_session, running_node, offer)
+            await call.answer(client.answer)
+            start = loop.time()
+            await asyncio.sleep(2 * seconds + 2.0)
+            heard = call.pcm_between(start + seconds, math.inf)  # after the user's turn
+            score, _ = speech.correlation(sent, heard, len(heard) // 2 - 1)
+            return score, [e["event"] for e in client.events]
+        finally:
+            await call.close()
+
+    score, events = asyncio.run(scenario())
+    assert score > 0.6, score
+    turn = [e for e in events if e.startswith(("speech_", "agent_"))]
+    assert turn[:4] == ["speech_started", "speech_stopped", "agent_started", "agent_finished"]
+    assert set(events[:3]) == {"ice_connected", "dtls_connected", "media_started"}

@@ -145,17 +145,12 @@ class NodeSessions:
         if session_id not in self.node.sessions:
             self._forget(session_id)
             return False
-        actor = (
-            self.node.registry.lookup(session_id)
-            if session_id in self.node.registry.names()
-            else None
-        )
-        if actor is not None:
-            with trio.move_on_after(1.0):
-                try:
-                    await actor.ask("close", timeout=1.0)  # sends DTLS close_notify
-                except Exception as exc:  # the actor may already be gone; closing anyway
-                    log.debug("close of %s: %s", session_id, exc)
+        with trio.move_on_after(1.0):
+            try:
+                actor = self.node.registry.lookup(session_id)
+                await actor.ask("close", timeout=1.0)  # sends RTCP BYE and DTLS close_notify
+            except Exception as exc:  # the actor may be gone or restarting; closing anyway
+                log.debug("close of %s: %s", session_id, exc)
         await self.node.end_session(session_id)
         self._forget(session_id)
         log.info("session closed", extra={"session": session_id, "reason": reason})

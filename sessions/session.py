@@ -48,10 +48,6 @@ def _is_rtp(data: bytes) -> bool:
     return len(data) > 1 and 128 <= data[0] <= 191 and not 192 <= data[1] <= 223
 
 
-class SessionEnded(Exception):
-    """Raised inside the actor when its session is over (the supervisor does not restart it)."""
-
-
 @final
 class SessionActor(Actor):
     """One voice session. Built by a factory the node gives its session supervisor."""
@@ -97,7 +93,11 @@ class SessionActor(Actor):
         if self._core is None:
             snapshot = self._restore_from()
             if snapshot is None:
-                raise SessionEnded("no snapshot to restart from")
+                # It crashed before its first checkpoint (before DTLS completed): there is no
+                # state to continue, so the session ends instead of restarting forever.
+                self._end("crashed before its first checkpoint", "internal")
+                self.stop()
+                return
             self._agent = self._make_agent()
             self._core = Transceiver.restore(
                 snapshot,

@@ -43,6 +43,10 @@ class Keyspace:
     def stats_prefix(self) -> str:
         return f"{self.prefix}/stats/"
 
+    @property
+    def checkpoints_prefix(self) -> str:
+        return f"{self.prefix}/checkpoints/"
+
     def stats(self, node_id: str) -> str:
         return self.stats_prefix + check_name("node", node_id)
 
@@ -54,6 +58,9 @@ class Keyspace:
 
     def owner(self, session: str) -> str:
         return self.owners_prefix + check_name("session", session)
+
+    def checkpoint(self, session: str) -> str:
+        return self.checkpoints_prefix + check_name("session", session)
 
     def _tail(self, prefix: str, key: bytes) -> str | None:
         raw = prefix.encode()

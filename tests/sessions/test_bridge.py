@@ -455,6 +455,7 @@ async def test_protocol_version_mismatch(nursery: trio.Nursery) -> None:
     limits = BridgeLimits(backoff_initial=0.05, backoff_max=0.1)
     bridge = BridgeAgent(fake.url, "s-version", limits=limits)
     nursery.start_soon(bridge.run)
+
     def refused_twice() -> bool:
         # The fake may see a close before the bridge has counted that handshake failure.
         failures = cast(dict[str, int], bridge.stats()["handshake_failures"])

@@ -70,13 +70,11 @@ def _table(headers: list[str], rows: list[list[str]]) -> str:
 
 
 def _session_columns(session: dict[str, Any]) -> list[str]:
-    stats = dict(session.get("stats") or {})
-    if isinstance(stats.get("loss_fraction"), int | float):
-        stats["loss_percent"] = 100 * stats["loss_fraction"]
+    stats = session.get("stats") or {}
 
-    def num(key: str, unit: str = "", digits: int = 1) -> str:
+    def num(key: str, unit: str, scale: float = 1.0) -> str:
         value = stats.get(key)
-        return f"{value:.{digits}f}{unit}" if isinstance(value, int | float) else "-"
+        return f"{scale * value:.1f}{unit}" if isinstance(value, int | float) else "-"
 
     def packets(direction: str) -> str:
         count, size = stats.get(f"packets_{direction}"), stats.get(f"bytes_{direction}")
@@ -88,7 +86,7 @@ def _session_columns(session: dict[str, Any]) -> list[str]:
         str(stats.get("state", "-")),
         packets("in"),
         packets("out"),
-        num("loss_percent", "%"),
+        num("loss_fraction", "%", scale=100),
         num("jitter_ms", "ms"),
         num("rtt_ms", "ms"),
     ]

@@ -7,6 +7,7 @@ import trio.testing
 from pytest import raises
 
 from actors import Actor, ActorDied, ActorRef, AskTimeout, Mailbox, MailboxFull
+from tests.actors.support import run_capturing
 
 
 class Recorder(Actor):
@@ -39,18 +40,6 @@ class Recorder(Actor):
 
     async def on_stop(self) -> None:
         self.events.append("on_stop")
-
-
-async def _run_capturing(
-    actor: Actor,
-    errors: list[BaseException],
-    *,
-    task_status: trio.TaskStatus[ActorRef] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    try:
-        await actor.run(task_status=task_status)
-    except Exception as exc:
-        errors.append(exc)
 
 
 async def test_tell_ask_and_hooks(autojump_clock: trio.testing.MockClock) -> None:
@@ -120,7 +109,7 @@ async def test_an_actor_runs_once(autojump_clock: trio.testing.MockClock) -> Non
 async def test_default_receive_crashes(autojump_clock: trio.testing.MockClock) -> None:
     errors: list[BaseException] = []
     async with trio.open_nursery() as nursery:
-        ref = await nursery.start(_run_capturing, Actor("plain"), errors)
+        ref = await nursery.start(run_capturing, Actor("plain"), errors)
         with raises(ActorDied):
             await ref.ask("anything", timeout=1)
     assert [type(e) for e in errors] == [NotImplementedError]
@@ -141,7 +130,7 @@ async def test_ask_on_crash_fails_at_once(autojump_clock: trio.testing.MockClock
     errors: list[BaseException] = []
     actor = Recorder()
     async with trio.open_nursery() as nursery:
-        ref = await nursery.start(_run_capturing, actor, errors)
+        ref = await nursery.start(run_capturing, actor, errors)
         start = trio.current_time()
         with raises(ActorDied) as info:
             await ref.ask("boom", timeout=100)

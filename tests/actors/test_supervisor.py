@@ -21,6 +21,7 @@ from actors import (
     Strategy,
     Supervisor,
 )
+from tests.actors.support import run_capturing
 
 Journal = list[str]
 
@@ -111,18 +112,6 @@ class Family:
 
     def clear(self) -> None:
         self.journal.clear()
-
-
-async def _run_capturing(
-    actor: Actor,
-    errors: list[BaseException],
-    *,
-    task_status: trio.TaskStatus[ActorRef] = trio.TASK_STATUS_IGNORED,
-) -> None:
-    try:
-        await actor.run(task_status=task_status)
-    except Exception as exc:
-        errors.append(exc)
 
 
 async def test_restart_after_crash(
@@ -366,7 +355,7 @@ async def test_escalation_reaches_the_top(autojump_clock: trio.testing.MockClock
     root = _nested(family, registry, Intensity(max_restarts=0))
     errors: list[BaseException] = []
     async with trio.open_nursery() as nursery:
-        await nursery.start(_run_capturing, root, errors)
+        await nursery.start(run_capturing, root, errors)
         await _crash_leaf_three_times(registry)
     assert len(errors) == 1
     top = errors[0]
@@ -516,7 +505,7 @@ async def test_restart_that_fails_to_start_counts(autojump_clock: trio.testing.M
     sup = Supervisor("sup", [ChildSpec("f", flaky)], intensity=Intensity(max_restarts=3))
     errors: list[BaseException] = []
     async with trio.open_nursery() as nursery:
-        await nursery.start(_run_capturing, sup, errors)
+        await nursery.start(run_capturing, sup, errors)
         await sup.child_ref("f").tell("boom")
     assert len(attempts) == 4  # first start, then 3 failed restarts before escalating
     assert isinstance(errors[0], Escalation)

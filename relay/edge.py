@@ -1,0 +1,357 @@
+"""The relay's packet path: one public UDP port in front of every session of the cluster.
+
+For each datagram from a client the relay reads as little as it can:
+
+1. **A known client address** (the cache): its session is known; look the session's owner up in
+   the route table (relay/routes.py) and forward through that node's tunnel. STUN from a known
+   address is still read (below): it is rare (a consent check every few seconds) and it is how a
+   client that reuses its socket for a new session is re-routed.
+2. **A new address**: only a STUN Binding request may introduce one (RFC 7983 demultiplexing:
+   first byte 0 to 3). Its USERNAME is ``"<server ufrag>:<client ufrag>"`` (RFC 8445 §7.2.2); the
+   server ufrag carries a routing hint the node minted (relay/hint.py), whose MAC is checked
+   before anything is looked up. A forged or mutated hint is dropped. The address is cached.
+3. Anything else is counted and dropped.
+
+Datagrams from nodes (tunnel frames, relay/frames.py) go out to their client from the public
+socket of the client's address family — but only if the node's epoch is current for the session
+(fencing, :meth:`RouteTable.admit_from_node`) and the client address is one that proved, with
+an authenticated hint, that it belongs to that session: a node cannot make the relay send to an
+arbitrary address.
+
+**Floods.** Addresses the relay does not know are rate limited per source IP before their bytes
+are parsed, and every known client per address, so a flood from a few sources costs a dict lookup
+per packet and cannot crowd out real sessions' forwarding. The caches are bounded; idle clients
+expire after ``idle_timeout`` (clients send consent checks every ~5 s, RFC 7675).
+
+The receive loop waits for readability once and then drains the socket without blocking, as
+sessions/media.py does; tunnels are flushed once per drained batch (one ``datagrams_to_send`` per
+connection, not per packet).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import socket
+from collections.abc import Callable, Sequence
+from typing import Final, Protocol, final
+
+import attrs
+import trio
+
+from relay import frames
+from relay.hint import read_hint
+from relay.routes import RouteTable
+from sessions.webrtc import stun
+from sessions.webrtc.errors import StunError
+
+__all__ = ["Client", "DatagramSink", "Limits", "RelayEdge", "TokenBucket"]
+
+log = logging.getLogger("parley.relay")
+
+Address = tuple[str, int]
+MAX_DATAGRAM: Final = 2048
+#: datagrams read per wakeup before yielding to other tasks
+BATCH: Final = 512
+
+_COUNTERS: Final = (
+    "client_in",  # datagrams received on the public port(s)
+    "client_out",  # datagrams sent to clients
+    "forwarded",  # client datagrams sent into a node's tunnel
+    "unknown_source",  # non-STUN (or STUN without USERNAME) from an unknown address
+    "malformed_stun",  # STUN-looking datagrams that are not well-framed STUN
+    "forged_hint",  # USERNAMEs whose ufrag hint does not authenticate
+    "new_clients",  # addresses admitted by an authenticated hint
+    "rerouted",  # known addresses that switched session
+    "rate_limited_new",  # datagrams from unknown sources over their source's rate
+    "rate_limited",  # datagrams from known clients over their rate
+    "no_route",  # the session has no owner the relay knows of
+    "no_tunnel",  # the owner has no tunnel to this relay (yet)
+    "tunnel_full",  # the tunnel refused the datagram (closed, too big)
+    "node_in",  # frames received from nodes
+    "malformed_frame",  # frames that did not decode, or the wrong kind
+    "fenced",  # frames from a node whose epoch is stale for the session
+    "unknown_client",  # frames for an address not admitted for that session
+    "send_failed",  # sendto to a client failed (buffer full, unreachable)
+    "expired",  # idle clients forgotten
+    "evicted",  # clients forgotten early because the cache was full
+)
+
+
+@final
+@attrs.frozen
+class Limits:
+    """The relay's flood protection and cache bounds."""
+
+    #: datagrams per second that one unknown source IP may have inspected (burst: the same)
+    new_source_rate: float = 50.0
+    #: datagrams per second that one known client address may send (burst: a quarter second)
+    client_rate: float = 1000.0
+    #: most client addresses cached; beyond it, the least recently admitted is forgotten
+    max_clients: int = 100_000
+    #: most unknown sources tracked for rate limiting
+    max_sources: int = 65_536
+    #: seconds without a datagram after which a client address is forgotten
+    idle_timeout: float = 60.0
+
+
+@final
+class TokenBucket:
+    """``rate`` tokens a second, at most ``burst`` saved up."""
+
+    __slots__ = ("burst", "rate", "stamp", "tokens")
+
+    def __init__(self, rate: float, burst: float, now: float) -> None:
+        self.rate = rate
+        self.burst = burst
+        self.tokens = burst
+        self.stamp = now
+
+    def take(self, now: float) -> bool:
+        tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate)
+        self.stamp = now
+        if tokens < 1.0:
+            self.tokens = tokens
+            return False
+        self.tokens = tokens - 1.0
+        return True
+
+
+@final
+class Client:
+    """A cached client address: its session and when it was last heard."""
+
+    __slots__ = ("bucket", "last_seen", "session")
+
+    def __init__(self, session: str, bucket: TokenBucket, now: float) -> None:
+        self.session = session
+        self.bucket = bucket
+        self.last_seen = now
+
+
+class DatagramSink(Protocol):
+    """What the edge needs of a tunnel (relay/quic.py ``Tunnel``)."""
+
+    def send_datagram(self, data: bytes) -> bool: ...
+
+
+@final
+class RelayEdge:
+    """The public side of one relay. Feed it with :meth:`serve` (or the ``from_*`` methods).
+
+    ``tunnels`` maps node id → that node's tunnel; the relay daemon (relay/daemon.py) keeps it
+    current as nodes connect. ``flush`` is called once per batch of forwarded datagrams.
+    """
+
+    def __init__(
+        self,
+        relay_id: str,
+        secrets: Sequence[bytes],
+        routes: RouteTable,
+        *,
+        limits: Limits | None = None,
+        clock: Callable[[], float] = trio.current_time,
+        flush: Callable[[], None] = lambda: None,
+    ) -> None:
+        if not secrets:
+            raise ValueError("a relay needs the cluster secret to read routing hints")
+        self.relay_id = relay_id
+        self.secrets = list(secrets)
+        self.routes = routes
+        self.limits = limits or Limits()
+        self.clock = clock
+        self.flush = flush
+        self.tunnels: dict[str, DatagramSink] = {}
+        self.clients: dict[Address, Client] = {}
+        self._sources: dict[str, TokenBucket] = {}
+        self._socks: dict[int, socket.socket] = {}
+        #: the public addresses the relay listens on, once bound
+        self.addresses: list[Address] = []
+        self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+
+    # -- clients -> nodes ------------------------------------------------------------------------
+
+    def _admit_source(self, host: str, now: float) -> bool:
+        bucket = self._sources.get(host)
+        if bucket is None:
+            if len(self._sources) >= self.limits.max_sources:
+                # Forget the oldest tracked source: a spoofing flood churns this map, it cannot
+                # grow it.
+                del self._sources[next(iter(self._sources))]
+            rate = self.limits.new_source_rate
+            bucket = self._sources[host] = TokenBucket(rate, rate, now)
+        return bucket.take(now)
+
+    def _new_client(self, addr: Address, session: str, now: float) -> Client:
+        clients = self.clients
+        if len(clients) >= self.limits.max_clients:
+            del clients[next(iter(clients))]
+            self.counters["evicted"] += 1
+        rate = self.limits.client_rate
+        client = clients[addr] = Client(session, TokenBucket(rate, rate / 4, now), now)
+        self.counters["new_clients"] += 1
+        return client
+
+    def from_client(self, data: bytes, addr: Address) -> None:
+        """Route one datagram from a client; never raises for its content."""
+        counters = self.counters
+        now = self.clock()
+        client = self.clients.get(addr)
+        if client is None and not self._admit_source(addr[0], now):
+            counters["rate_limited_new"] += 1
+            return
+        if data and data[0] < 4:  # RFC 7983 §7: STUN
+            try:
+                username = stun.username_of(data)
+            except StunError:
+                counters["malformed_stun"] += 1
+                return
+            if username is not None:
+                hint = read_hint(username.partition(":")[0], self.secrets)
+                if hint is None:
+                    counters["forged_hint"] += 1
+                    return
+                if client is None:
+                    client = self._new_client(addr, hint.session, now)
+                elif client.session != hint.session:
+                    client.session = hint.session  # the client's socket serves a new session
+                    counters["rerouted"] += 1
+                if self.routes.lookup(hint.session) is None:
+                    self.routes.hint_route(hint)
+        if client is None:
+            counters["unknown_source"] += 1
+            return
+        if not client.bucket.take(now):
+            counters["rate_limited"] += 1
+            return
+        client.last_seen = now
+        route = self.routes.lookup(client.session)
+        if route is None:
+            counters["no_route"] += 1
+            return
+        tunnel = self.tunnels.get(route.node)
+        if tunnel is None:
+            counters["no_tunnel"] += 1
+            return
+        if tunnel.send_datagram(frames.encode_from_client(client.session, addr, data)):
+            counters["forwarded"] += 1
+        else:
+            counters["tunnel_full"] += 1
+
+    # -- nodes -> clients ------------------------------------------------------------------------
+
+    def from_node(self, node: str, frame: bytes) -> None:
+        """Send a node's frame on to its client, if the node may still speak for the session."""
+        counters = self.counters
+        counters["node_in"] += 1
+        try:
+            decoded = frames.decode(frame)
+        except frames.FrameError:
+            counters["malformed_frame"] += 1
+            return
+        if not isinstance(decoded, frames.ToClient):
+            counters["malformed_frame"] += 1
+            return
+        if not self.routes.admit_from_node(decoded.session, node, decoded.epoch):
+            counters["fenced"] += 1
+            return
+        client = self.clients.get(decoded.client)
+        if client is None or client.session != decoded.session:
+            counters["unknown_client"] += 1
+            return
+        self.send_to_client(decoded.payload, decoded.client)
+
+    def send_to_client(self, data: bytes, addr: Address) -> None:
+        sock = self._socks.get(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET)
+        if sock is None:
+            self.counters["send_failed"] += 1
+            return
+        try:
+            sock.sendto(data, addr)
+        except OSError:  # a full buffer or an unreachable client: like the network, drop
+            self.counters["send_failed"] += 1
+        else:
+            self.counters["client_out"] += 1
+
+    # -- housekeeping ----------------------------------------------------------------------------
+
+    def expire(self) -> int:
+        """Forget clients idle for ``idle_timeout``; returns how many."""
+        deadline = self.clock() - self.limits.idle_timeout
+        stale = [addr for addr, c in self.clients.items() if c.last_seen <= deadline]
+        for addr in stale:
+            del self.clients[addr]
+        self.counters["expired"] += len(stale)
+        return len(stale)
+
+    def sessions(self) -> int:
+        """Distinct sessions with at least one cached client address."""
+        return len({c.session for c in self.clients.values()})
+
+    # -- sockets ---------------------------------------------------------------------------------
+
+    async def serve(
+        self,
+        listen: Sequence[Address],
+        *,
+        task_status: trio.TaskStatus[list[Address]] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Bind every ``listen`` address (at most one per address family) and serve them.
+
+        Reports the bound addresses (ports resolved). A client is answered from the socket of
+        its own address family, which is the one it sent to.
+        """
+        families = [socket.AF_INET6 if ":" in host else socket.AF_INET for host, _ in listen]
+        if len(set(families)) != len(families):
+            raise ValueError("a relay listens on at most one IPv4 and one IPv6 address")
+        async with trio.open_nursery() as nursery:
+            bound: list[Address] = []
+            for (host, port), family in zip(listen, families, strict=True):
+                bound.append(await nursery.start(self._serve_one, host, port, family))
+            self.addresses = bound
+            task_status.started(bound)
+            nursery.start_soon(self._expire_loop)
+
+    async def _expire_loop(self) -> None:
+        while True:
+            await trio.sleep(max(self.limits.idle_timeout / 4, 0.25))
+            self.expire()
+
+    async def _serve_one(
+        self, host: str, port: int, family: int, *, task_status: trio.TaskStatus[Address]
+    ) -> None:
+        sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+        with sock:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            await sock.bind((host, port))
+            raw = socket.socket(fileno=sock.fileno(), family=family, type=socket.SOCK_DGRAM)
+            raw.setblocking(False)
+            # Room for a burst while the loop serves the tunnels.
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+            self._socks[family] = raw
+            try:
+                name = raw.getsockname()
+                task_status.started((name[0], name[1]))
+                receive = raw.recvfrom
+                deliver = self.from_client
+                while True:
+                    await trio.lowlevel.wait_readable(raw)
+                    count = 0
+                    for _ in range(BATCH):  # bounded, so a flood cannot starve other tasks
+                        try:
+                            data, addr = receive(MAX_DATAGRAM)
+                        except (BlockingIOError, InterruptedError):
+                            break
+                        except OSError as exc:
+                            if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH):
+                                continue  # ICMP about an earlier send
+                            raise
+                        count += 1
+                        deliver(data, (addr[0], addr[1]))
+                    self.counters["client_in"] += count
+                    self.flush()
+                    await trio.lowlevel.checkpoint()
+            finally:
+                self._socks.pop(family, None)
+                raw.detach()

@@ -1,0 +1,241 @@
+"""The relay's packet path: hints, the address cache, fencing, rate limits, expiry, sockets."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+import trio
+
+from relay import frames
+from relay.edge import Limits, RelayEdge, TokenBucket
+from relay.hint import mint_ufrag
+from relay.routes import RouteTable
+from sessions.webrtc import stun
+from storage.ownership import OwnershipChange
+
+SECRET = b"cluster secret, 32 bytes long..."
+SESSION = "sessionaaaaaaaaaaaaa"
+CLIENT = ("198.51.100.7", 40000)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class Sink:
+    """A tunnel that records what the edge sends into it."""
+
+    def __init__(self, accept: bool = True) -> None:
+        self.sent: list[bytes] = []
+        self.accept = accept
+
+    def send_datagram(self, data: bytes) -> bool:
+        self.sent.append(data)
+        return self.accept
+
+
+def check(ufrag: str, client_ufrag: str = "cli1") -> bytes:
+    """A connectivity check from the client (RFC 8445 §7.2.2 USERNAME)."""
+    request = stun.binding_request(
+        os.urandom(12),
+        username=f"{ufrag}:{client_ufrag}",
+        priority=1,
+        controlling=True,
+        tie_breaker=1,
+    )
+    return stun.encode(request, integrity_key=b"pwd" * 8, fingerprint=True)
+
+
+def make_edge(limits: Limits | None = None) -> tuple[RelayEdge, RouteTable, FakeClock]:
+    clock = FakeClock()
+    routes = RouteTable(clock=clock)
+    edge = RelayEdge("relay-a", [SECRET], routes, limits=limits, clock=clock)
+    return edge, routes, clock
+
+
+def own(routes: RouteTable, session: str, node: str, epoch: int) -> None:
+    routes.apply(OwnershipChange(session, node, epoch, epoch))
+
+
+def test_first_check_routes_by_hint_then_by_address() -> None:
+    edge, routes, _ = make_edge()
+    node_a = edge.tunnels["node-a"] = Sink()
+    ufrag = mint_ufrag(SESSION, "node-a", SECRET)
+    first = check(ufrag)
+    edge.from_client(first, CLIENT)
+    # The table did not know the session: the hint made a provisional route to node-a.
+    assert routes.lookup(SESSION) is not None and routes.lookup(SESSION).provisional  # type: ignore[union-attr]
+    edge.from_client(b"\x80" + bytes(40), CLIENT)  # RTP from the cached address
+    assert [frames.decode(f) for f in node_a.sent] == [
+        frames.FromClient(SESSION, CLIENT, first),
+        frames.FromClient(SESSION, CLIENT, b"\x80" + bytes(40)),
+    ]
+    assert edge.counters["new_clients"] == 1 and edge.counters["forwarded"] == 2
+
+
+def test_forged_and_mutated_hints_never_reach_a_node() -> None:
+    edge, routes, _ = make_edge()
+    sink = edge.tunnels["node-a"] = Sink()
+    genuine = mint_ufrag(SESSION, "node-a", SECRET)
+    forged = mint_ufrag(SESSION, "node-a", b"another secret of 32 bytes......")
+    mutated = genuine[:5] + ("A" if genuine[5] != "A" else "B") + genuine[6:]
+    for index, ufrag in enumerate([forged, mutated, "plainufrag", ""]):
+        edge.from_client(check(ufrag) if ufrag else b"\x00\x01\x00\x00", ("192.0.2.1", index))
+    assert sink.sent == []
+    assert len(routes) == 0 and not edge.clients
+    assert edge.counters["forged_hint"] == 3
+    assert edge.counters["malformed_stun"] == 1
+
+
+def test_unknown_sources_and_non_stun_are_dropped() -> None:
+    edge, _, _ = make_edge()
+    sink = edge.tunnels["node-a"] = Sink()
+    edge.from_client(b"\x80" + bytes(100), CLIENT)  # RTP from nobody we know
+    edge.from_client(b"\x16\xfe\xfd" + bytes(20), CLIENT)  # DTLS from nobody we know
+    assert sink.sent == [] and edge.counters["unknown_source"] == 2
+
+
+def test_route_change_moves_the_next_packet_to_the_new_owner() -> None:
+    edge, routes, _ = make_edge()
+    a, b = edge.tunnels["node-a"], edge.tunnels["node-b"] = Sink(), Sink()
+    own(routes, SESSION, "node-a", 10)
+    edge.from_client(check(mint_ufrag(SESSION, "node-a", SECRET)), CLIENT)
+    own(routes, SESSION, "node-b", 20)  # the session moved (a drain, a failover)
+    edge.from_client(b"\x80" + bytes(40), CLIENT)
+    assert len(a.sent) == 1 and len(b.sent) == 1
+
+
+def test_fencing_drops_frames_from_a_former_owner() -> None:
+    edge, routes, _ = make_edge()
+    edge.tunnels["node-a"] = Sink()
+    own(routes, SESSION, "node-a", 10)
+    edge.from_client(check(mint_ufrag(SESSION, "node-a", SECRET)), CLIENT)
+    sent: list[tuple[bytes, tuple[str, int]]] = []
+    edge.send_to_client = lambda data, addr: sent.append((data, addr))  # type: ignore[method-assign]
+    edge.from_node("node-a", frames.encode_to_client(SESSION, 10, CLIENT, b"answer"))
+    own(routes, SESSION, "node-b", 20)
+    edge.from_node("node-a", frames.encode_to_client(SESSION, 10, CLIENT, b"stale"))
+    edge.from_node("node-b", frames.encode_to_client(SESSION, 10, CLIENT, b"wrong epoch"))
+    edge.from_node("node-b", frames.encode_to_client(SESSION, 20, CLIENT, b"new owner"))
+    assert sent == [(b"answer", CLIENT), (b"new owner", CLIENT)]
+    assert edge.counters["fenced"] == 2
+
+
+def test_a_node_cannot_send_to_an_address_that_did_not_join_its_session() -> None:
+    edge, routes, _ = make_edge()
+    own(routes, SESSION, "node-a", 10)
+    own(routes, "othersession", "node-a", 11)
+    edge.from_client(check(mint_ufrag(SESSION, "node-a", SECRET)), CLIENT)
+    sent: list[bytes] = []
+    edge.send_to_client = lambda data, addr: sent.append(data)  # type: ignore[method-assign]
+    edge.from_node("node-a", frames.encode_to_client(SESSION, 10, ("192.0.2.99", 9), b"x"))
+    edge.from_node("node-a", frames.encode_to_client("othersession", 11, CLIENT, b"x"))
+    edge.from_node("node-a", b"\x01garbage")
+    edge.from_node("node-a", frames.encode_from_client(SESSION, CLIENT, b"x"))  # wrong kind
+    assert sent == []
+    assert edge.counters["unknown_client"] == 2 and edge.counters["malformed_frame"] == 2
+
+
+def test_a_flooding_source_is_limited_before_parsing() -> None:
+    edge, _, clock = make_edge(Limits(new_source_rate=10))
+    for port in range(1000):  # one IP, many ports, all garbage STUN
+        edge.from_client(b"\x00\x01\x00\x08" + bytes(16), ("192.0.2.66", port))
+    assert edge.counters["malformed_stun"] == 10
+    assert edge.counters["rate_limited_new"] == 990
+    clock.now += 1.0
+    edge.from_client(b"\x00\x01\x00\x08" + bytes(16), ("192.0.2.66", 1))
+    assert edge.counters["malformed_stun"] == 11  # the bucket refilled
+
+
+def test_a_known_client_over_its_rate_loses_only_its_own_packets() -> None:
+    edge, routes, clock = make_edge(Limits(client_rate=400))
+    sink = edge.tunnels["node-a"] = Sink()
+    own(routes, SESSION, "node-a", 10)
+    own(routes, "quietsession", "node-a", 11)
+    edge.from_client(check(mint_ufrag(SESSION, "node-a", SECRET)), CLIENT)
+    quiet = ("198.51.100.8", 1)
+    edge.from_client(check(mint_ufrag("quietsession", "node-a", SECRET)), quiet)
+    for _ in range(1000):
+        edge.from_client(b"\x80" + bytes(20), CLIENT)
+    edge.from_client(b"\x80" + bytes(20), quiet)
+    assert edge.counters["rate_limited"] >= 1000 - 100
+    assert frames.decode(sink.sent[-1]).client == quiet  # type: ignore[union-attr]
+
+
+def test_idle_clients_expire_and_the_cache_is_bounded() -> None:
+    edge, routes, clock = make_edge(Limits(idle_timeout=30, max_clients=3))
+    for index in range(5):
+        edge.from_client(check(mint_ufrag(SESSION, "node-a", SECRET)), ("192.0.2.1", index))
+    assert len(edge.clients) == 3 and edge.counters["evicted"] == 2
+    clock.now += 29
+    edge.from_client(b"\x80" + bytes(20), ("192.0.2.1", 4))  # keeps one alive
+    clock.now += 2
+    assert edge.expire() == 2
+    assert list(edge.clients) == [("192.0.2.1", 4)]
+
+
+def test_a_client_reusing_its_socket_for_a_new_session_is_rerouted() -> None:
+    edge, routes, _ = make_edge()
+    edge.tunnels["node-a"] = Sink()
+    edge.from_client(check(mint_ufrag(SESSION, "node-a", SECRET)), CLIENT)
+    edge.from_client(check(mint_ufrag("secondsession", "node-a", SECRET)), CLIENT)
+    assert edge.clients[CLIENT].session == "secondsession"
+    assert edge.counters["rerouted"] == 1
+
+
+def test_no_tunnel_and_refusing_tunnel_are_counted() -> None:
+    edge, routes, _ = make_edge()
+    own(routes, SESSION, "node-a", 10)
+    edge.from_client(check(mint_ufrag(SESSION, "node-a", SECRET)), CLIENT)
+    assert edge.counters["no_tunnel"] == 1
+    edge.tunnels["node-a"] = Sink(accept=False)
+    edge.from_client(b"\x80" + bytes(20), CLIENT)
+    assert edge.counters["tunnel_full"] == 1
+
+
+def test_token_bucket() -> None:
+    bucket = TokenBucket(rate=2, burst=2, now=0.0)
+    assert [bucket.take(0.0) for _ in range(3)] == [True, True, False]
+    assert bucket.take(0.5) and not bucket.take(0.5)
+
+
+def test_needs_a_secret() -> None:
+    with pytest.raises(ValueError):
+        RelayEdge("relay-a", [], RouteTable())
+
+
+async def test_serves_a_real_socket_and_answers_from_the_same_port() -> None:
+    routes = RouteTable()
+    edge = RelayEdge("relay-a", [SECRET], routes)
+    sink = edge.tunnels["node-a"] = Sink()
+    flushes = 0
+
+    def flush() -> None:
+        nonlocal flushes
+        flushes += 1
+
+    edge.flush = flush
+    async with trio.open_nursery() as nursery:
+        (public,) = await nursery.start(edge.serve, [("127.0.0.1", 0)])
+        client = trio.socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        with client:
+            await client.bind(("127.0.0.1", 0))
+            first = check(mint_ufrag(SESSION, "node-a", SECRET))
+            await client.sendto(first, public)
+            with trio.fail_after(5):
+                while not sink.sent:
+                    await trio.sleep(0.01)
+            own(routes, SESSION, "node-a", 5)
+            here = client.getsockname()
+            edge.from_node("node-a", frames.encode_to_client(SESSION, 5, here, b"reply"))
+            with trio.fail_after(5):
+                data, source = await client.recvfrom(2048)
+            assert data == b"reply" and source == public
+        assert flushes >= 1
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,78 @@
+"""Tunnel framing: round trips, sizes, and malformed frames refused with FrameError only."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from relay import frames
+from relay.frames import FrameError, FromClient, ToClient
+
+SESSION = "abcdefghijklmnopqrst"
+
+
+@pytest.mark.parametrize("client", [("203.0.113.7", 50000), ("2001:db8::1", 3478), ("::", 0)])
+def test_round_trips(client: tuple[str, int]) -> None:
+    payload = bytes(range(160))
+    up = frames.decode(frames.encode_from_client(SESSION, client, payload))
+    assert up == FromClient(SESSION, client, payload)
+    down = frames.decode(frames.encode_to_client(SESSION, 2**40 + 3, client, payload))
+    assert down == ToClient(SESSION, 2**40 + 3, client, payload)
+
+
+def test_header_is_compact() -> None:
+    frame = frames.encode_from_client(SESSION, ("192.0.2.1", 1), b"")
+    assert len(frame) == 2 + 6 + 1 + 20  # type, flags, address, id length, id
+    frame = frames.encode_to_client(SESSION, 1, ("2001:db8::1", 1), b"")
+    assert len(frame) == 2 + 8 + 18 + 1 + 20
+
+
+def test_local_misuse_raises_value_error() -> None:
+    with pytest.raises(ValueError):
+        frames.encode_from_client("", ("192.0.2.1", 1), b"")
+    with pytest.raises(ValueError):
+        frames.encode_from_client("x" * 256, ("192.0.2.1", 1), b"")
+    with pytest.raises(ValueError):
+        frames.encode_from_client(SESSION, ("not an ip", 1), b"")
+    with pytest.raises(ValueError):
+        frames.encode_from_client(SESSION, ("192.0.2.1", 70000), b"")
+
+
+@pytest.mark.parametrize(
+    "frame",
+    [
+        b"",
+        b"\x01",
+        b"\x03\x00" + bytes(30),  # unknown type
+        b"\x01\x02" + bytes(30),  # unknown flag
+        b"\x01\x00\x7f\x00\x00\x01",  # truncated port
+        b"\x01\x00\x7f\x00\x00\x01\x00\x01",  # no id length
+        b"\x01\x00\x7f\x00\x00\x01\x00\x01\x00",  # empty id
+        b"\x01\x00\x7f\x00\x00\x01\x00\x01\x05abc",  # id shorter than its length
+        b"\x01\x00\x7f\x00\x00\x01\x00\x01\x02\xff\xfe",  # id not ASCII
+        b"\x02\x00\x00\x00\x00",  # truncated epoch
+        b"\x01\x01" + bytes(10),  # truncated IPv6 address
+    ],
+)
+def test_malformed_frames_are_refused(frame: bytes) -> None:
+    with pytest.raises(FrameError):
+        frames.decode(frame)
+
+
+@given(st.binary(max_size=80))
+def test_decode_never_raises_anything_else(data: bytes) -> None:
+    try:
+        frames.decode(data)
+    except FrameError:
+        pass
+
+
+@given(st.binary(min_size=1, max_size=60), st.integers(0, 255))
+def test_mutated_frames_decode_or_fail_cleanly(data: bytes, position: int) -> None:
+    frame = bytearray(frames.encode_to_client(SESSION, 7, ("198.51.100.2", 9), data))
+    frame[position % len(frame)] ^= 0xFF
+    try:
+        frames.decode(bytes(frame))
+    except FrameError:
+        pass

@@ -17,7 +17,7 @@ import errno
 import logging
 import socket
 from collections.abc import Callable
-from typing import final
+from typing import Protocol, final
 
 import attrs
 import trio
@@ -36,6 +36,16 @@ INBOX_SIZE = 256
 MAX_DATAGRAM = 2048
 
 
+class PacketPath(Protocol):
+    """What the node's session backend needs of a packet path: this port, or the relays'
+    tunnels in a cluster (sessions/relayed.py)."""
+
+    def candidates(self, session_id: str) -> list[Address]: ...
+    def mint_ufrag(self, session_id: str) -> str | None: ...
+    def register(self, session_id: str, ufrag: str) -> SessionPort: ...
+    def unregister(self, session_id: str) -> None: ...
+
+
 @final
 @attrs.define(eq=False)
 class SessionPort:
@@ -48,6 +58,8 @@ class SessionPort:
     send: SendFn
     addresses: set[Address] = attrs.field(factory=set)
     dropped_full: int = 0
+    #: called after a batch of sends: a tunnel transmits what the batch queued at once
+    flush: Callable[[], None] = lambda: None
 
 
 @final
@@ -75,6 +87,17 @@ class MediaPort:
     @property
     def address(self) -> Address:
         return (self.host, self.port)
+
+    def candidates(self, session_id: str) -> list[Address]:
+        """The candidates of an answer: this port, the same for every session."""
+        return [self.address]
+
+    def mint_ufrag(self, session_id: str) -> str | None:
+        """None: a node's own port routes any ufrag; the session's ICE core picks a random one."""
+        return None
+
+    def flush(self) -> None:
+        """Nothing to do: every send went out at once."""
 
     def register(self, session_id: str, ufrag: str) -> SessionPort:
         """Route packets for ``ufrag`` to a new inbox for ``session_id``."""

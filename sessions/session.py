@@ -176,8 +176,11 @@ class SessionActor(Actor):
 
     def _flush(self) -> None:
         send = self.port.send
-        for data, addr in self.core.datagrams_to_send():
+        out = self.core.datagrams_to_send()
+        for data, addr in out:
             send(data, addr)
+        if out:
+            self.port.flush()
 
     def _handle_events(self) -> bool:
         """Act on the core's events; True once the session is over."""

@@ -369,16 +369,19 @@ class Transceiver:
         now: float,
         agent: Agent | None = None,
         turn_config: TurnConfig | None = None,
+        ufrag: str | None = None,
     ) -> tuple[Transceiver, str]:
         """Answer a client's offer: a new session and the SDP answer to send back.
 
         Raises :class:`~sessions.webrtc.errors.SdpError` (its ``code`` is the signaling error
         code) for an offer we cannot answer, and :class:`ValueError` for bad local arguments
         (``candidates`` empty or not IP literals). ``candidates`` are our UDP host candidates,
-        most preferred first.
+        most preferred first. ``ufrag`` is our ICE ufrag if the caller minted it (in a cluster it
+        carries the relays' routing hint, relay/hint.py); otherwise a random one.
         """
         offer = sdp.parse_offer(offer_sdp)
-        ufrag, pwd = mint_credentials()
+        minted, pwd = mint_credentials()
+        ufrag = ufrag or minted
         ice = IceLiteResponder(ufrag, pwd, offer.ice_ufrag, offer.ice_pwd)
         # RFC 3550 §8.1: a random SSRC; avoid the one the client announced.
         ssrc = secrets.randbits(32)

@@ -49,7 +49,9 @@ __all__ = [
     "mint_credentials",
 ]
 
-#: A UDP transport address as ``(host, port)``, the host a literal IPv4 or IPv6 address.
+#: A UDP transport address as ``(host, port)``, the host a literal IPv4 or IPv6 address — or,
+#: for a client reached through a relay, ``"<ip>@<relay id>"``: the relay is our local candidate,
+#: so one client address seen through two relays is two candidate pairs (RFC 8445 §6.1.2.2).
 Address = tuple[str, int]
 
 #: RFC 7675 §5.1: consent expires 30 s after the last proof of it.
@@ -228,9 +230,10 @@ def _mapped_host(host: str) -> str:
     """The host to report in XOR-MAPPED-ADDRESS: IPv4-mapped IPv6 as the IPv4 it stands for.
 
     A dual-stack socket sees an IPv4 client as ``::ffff:a.b.c.d``; that client sent its check
-    over IPv4 and expects an IPv4 reflexive address back.
+    over IPv4 and expects an IPv4 reflexive address back. A relayed address names its relay
+    after ``@``; the client's own address is what it sees reflected.
     """
-    address = ipaddress.ip_address(host)
+    address = ipaddress.ip_address(host.partition("@")[0])
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)
     return host

@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import attrs
@@ -41,12 +42,44 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument("--lease-ttl", type=int, help="lease TTL in seconds (node.lease_ttl)")
     node.add_argument("--capacity", type=int, help="sessions this node accepts (node.capacity)")
     node.add_argument(
+        "--media", choices=["direct", "relay"], help="how client media arrives (node.media)"
+    )
+    node.add_argument("--certs", help="cluster certificate directory (cluster.certs)")
+    node.add_argument(
         "--parent-pid", type=int, help="stop gracefully when this process is gone (parley up)"
     )
+
+    relay = commands.add_parser(
+        "relay", help="run a relay: the cluster's public UDP port, tunnels to the nodes"
+    )
+    _common(relay)
+    relay.add_argument("--id", help="relay id (relay.id; default relay-<hostname>-<pid>)")
+    relay.add_argument(
+        "--listen", help="public UDP address(es), e.g. 0.0.0.0:3478,[::]:3478 (relay.listen)"
+    )
+    relay.add_argument("--tunnel-host", help="address nodes tunnel to (relay.tunnel_host)")
+    relay.add_argument("--tunnel-port", type=int, help="QUIC tunnel port (relay.tunnel_port)")
+    relay.add_argument("--certs", help="cluster certificate directory (cluster.certs)")
+    relay.add_argument(
+        "--parent-pid", type=int, help="stop gracefully when this process is gone (parley up)"
+    )
+
+    certs = commands.add_parser(
+        "certs", help="make the cluster CA and hint secret, and issue node and relay certificates"
+    )
+    certs_commands = certs.add_subparsers(dest="certs_command", required=True, metavar="ACTION")
+    init = certs_commands.add_parser("init", help="a new cluster CA and hint secret in --dir")
+    init.add_argument("--dir", required=True, help="the certificate directory (cluster.certs)")
+    init.add_argument("--force", action="store_true", help="replace an existing CA and secret")
+    issue = certs_commands.add_parser("issue", help="a certificate for one node or relay")
+    issue.add_argument("--dir", required=True, help="the certificate directory (cluster.certs)")
+    issue.add_argument("role", choices=["node", "relay"], help="what the certificate is for")
+    issue.add_argument("id", help="the node or relay id it names")
 
     up = commands.add_parser("up", help="run etcd and nodes locally, supervised, until Ctrl-C")
     _common(up)
     up.add_argument("--nodes", type=int, help="how many nodes (up.nodes)")
+    up.add_argument("--relays", type=int, help="how many relays (up.relays; 0: direct media)")
     up.add_argument("--data-dir", help="where etcd data and logs go (up.data_dir)")
     up.add_argument("--etcd-port", type=int, help="local etcd client port (up.etcd_client_port)")
     up.add_argument(
@@ -63,11 +96,24 @@ def config_from(args: argparse.Namespace) -> Config:
     def get(name: str) -> Any:
         return getattr(args, name, None)
 
+    command = args.command
     overrides: dict[str, dict[str, Any]] = {
-        "cluster": {"etcd": get("etcd"), "prefix": get("prefix")},
-        "node": {"id": get("id"), "lease_ttl": get("lease_ttl"), "capacity": get("capacity")},
+        "cluster": {"etcd": get("etcd"), "prefix": get("prefix"), "certs": get("certs")},
+        "node": {
+            "id": get("id") if command == "node" else None,
+            "lease_ttl": get("lease_ttl"),
+            "capacity": get("capacity"),
+            "media": get("media"),
+        },
+        "relay": {
+            "id": get("id") if command == "relay" else None,
+            "listen": get("listen"),
+            "tunnel_host": get("tunnel_host"),
+            "tunnel_port": get("tunnel_port"),
+        },
         "up": {
             "nodes": get("nodes"),
+            "relays": get("relays"),
             "data_dir": get("data_dir"),
             "etcd_client_port": get("etcd_port"),
         },
@@ -83,6 +129,34 @@ def config_from(args: argparse.Namespace) -> Config:
     return config
 
 
+async def _stop_on(stop: Callable[[], None], parent_pid: int | None) -> None:
+    """Call ``stop`` on SIGTERM or SIGINT, or once process ``parent_pid`` is gone."""
+
+    async def on_signal() -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("stopping on signal", extra={"signal": signal.Signals(signum).name})
+                stop()
+
+    async def watch_parent(pid: int) -> None:
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:  # already gone
+            pass
+        else:
+            try:
+                await trio.lowlevel.wait_readable(fd)  # readable once the process exits
+            finally:
+                os.close(fd)
+        log.warning("parent process is gone; stopping", extra={"parent": pid})
+        stop()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(on_signal)
+        if parent_pid is not None:
+            nursery.start_soon(watch_parent, parent_pid)
+
+
 def cmd_node(config: Config, parent_pid: int | None = None) -> int:
     from sessions.host import run_frontend
     from sessions.node import Node
@@ -90,34 +164,53 @@ def cmd_node(config: Config, parent_pid: int | None = None) -> int:
     node = Node(config, frontend=run_frontend)
 
     async def main() -> None:
-        async def on_signal() -> None:
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for signum in signals:
-                    log.info("stopping on signal", extra={"signal": signal.Signals(signum).name})
-                    node.request_stop()
-
-        async def watch_parent(pid: int) -> None:
-            try:
-                fd = os.pidfd_open(pid)
-            except OSError:  # already gone
-                pass
-            else:
-                try:
-                    await trio.lowlevel.wait_readable(fd)  # readable once the process exits
-                finally:
-                    os.close(fd)
-            log.warning("parent process is gone; stopping", extra={"parent": pid})
-            node.request_stop()
-
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(on_signal)
-            if parent_pid is not None:
-                nursery.start_soon(watch_parent, parent_pid)
+            nursery.start_soon(_stop_on, node.request_stop, parent_pid)
             await node.run()
             nursery.cancel_scope.cancel()
 
     log.info("node starting", extra={"node": node.id, "etcd": config.cluster.etcd})
     trio.run(main)
+    return 0
+
+
+def cmd_relay(config: Config, parent_pid: int | None = None) -> int:
+    from ops.config import load_credentials, load_secrets
+    from relay.daemon import Relay
+    from relay.edge import Limits
+
+    cfg = config.relay
+    relay_id = cfg.relay_id()
+    try:
+        relay = Relay(
+            relay_id,
+            etcd_endpoint=config.cluster.etcd,
+            prefix=config.cluster.prefix,
+            credentials=load_credentials(config, "relay", relay_id),
+            secrets=load_secrets(config),
+            listen=cfg.listen_addresses(),
+            tunnel_host=cfg.tunnel_host,
+            tunnel_port=cfg.tunnel_port,
+            lease_ttl=cfg.lease_ttl,
+            limits=Limits(
+                new_source_rate=cfg.new_source_rate,
+                client_rate=cfg.client_rate,
+                max_clients=cfg.max_clients,
+                idle_timeout=cfg.idle_timeout,
+            ),
+        )
+    except (ConfigError, ValueError) as exc:
+        print(f"parley relay: {exc}", file=sys.stderr)
+        return 2
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(relay.run)
+            await _stop_on(nursery.cancel_scope.cancel, parent_pid)
+
+    log.info("relay starting", extra={"relay": relay_id, "etcd": config.cluster.etcd})
+    trio.run(main)
+    log.info("relay stopped", extra={"relay": relay_id})
     return 0
 
 
@@ -151,6 +244,12 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging(args.command, json_lines=config.log.json, level=config.log.level)
     if args.command == "node":
         return cmd_node(config, args.parent_pid)
+    if args.command == "relay":
+        return cmd_relay(config, args.parent_pid)
+    if args.command == "certs":
+        from ops.certs import run_certs
+
+        return run_certs(args)
     if args.command == "up":
         from ops.up import run_up
 

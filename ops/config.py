@@ -9,6 +9,7 @@ Example ``parley.toml``::
     [cluster]
     etcd = "127.0.0.1:23790"   # host:port of etcd's client URL
     prefix = "/parley"        # every key of this cluster lives under it
+    certs = ".parley/certs"   # cluster CA, member certificates, hint secret (`parley certs`)
 
     [node]
     id = "node-1"             # default: <hostname>-<pid>
@@ -17,8 +18,11 @@ Example ``parley.toml``::
     capacity = 1000           # sessions this node accepts
     signaling_host = "127.0.0.1"
     signaling_port = 0        # 0: any free port
+    media = "direct"          # "direct": clients send to media_host:media_port;
+                              # "relay": through the cluster's relays only (no client UDP port)
     media_host = "127.0.0.1"  # the node's client UDP port, one for all its sessions
     media_port = 0
+    tunnel_host = "127.0.0.1" # the local address the node's QUIC tunnels to relays leave from
     agent = "turn-echo"       # or "echo" (the immediate echo test), or "bridge":
     agent_url = ""            #   ws://HOST:PORT/PATH of an external agent (docs/agent-protocol.md)
 
@@ -27,8 +31,21 @@ Example ``parley.toml``::
     end_silence_ms = 600      # silence that ends a turn
     padding_ms = 200          # audio kept before and after the voiced part of a turn
 
+    [relay]
+    id = "relay-1"            # default: relay-<hostname>-<pid>
+    listen = "0.0.0.0:3478,[::]:3478"  # the public UDP port: one IPv4 and/or one IPv6 address
+    tunnel_host = "127.0.0.1" # where nodes reach the relay's QUIC tunnel endpoint
+    tunnel_port = 0
+    lease_ttl = 5
+    idle_timeout = 60.0       # seconds before a silent client address is forgotten
+    new_source_rate = 200.0   # STUN datagrams/s inspected from one unknown source IP
+    client_rate = 1000.0      # datagrams/s forwarded for one client address
+    max_clients = 100000
+
     [up]
-    nodes = 2
+    nodes = 3
+    relays = 2
+    relay_port = 3478         # relays listen on 127.0.0.1:relay_port, relay_port + 1, ...
     data_dir = ".parley"
     etcd_client_port = 23790
     etcd_peer_port = 23800
@@ -40,17 +57,25 @@ Example ``parley.toml``::
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, final
+from typing import Any, Literal, final
 
 import attrs
 
+from relay.certs import Credentials
+
 #: the built-in agents a node can give its sessions
 AGENTS = ("turn-echo", "echo", "bridge")
+#: how client media reaches a node
+MEDIA_PATHS = ("direct", "relay")
+#: in ``cluster.certs``: the secret that authenticates the relays' routing hints, hex, one per
+#: line, current first (more than one while rotating)
+HINT_SECRET_FILE = "hint.secret"
 
 
 class ConfigError(ValueError):
@@ -62,6 +87,8 @@ class ConfigError(ValueError):
 class ClusterConfig:
     etcd: str = "127.0.0.1:23790"
     prefix: str = "/parley"
+    #: directory of the cluster CA (ca.pem), member certificates and the hint secret
+    certs: str = ""
 
 
 @final
@@ -73,9 +100,13 @@ class NodeConfig:
     capacity: int = 1000
     signaling_host: str = "127.0.0.1"
     signaling_port: int = 0
-    #: the node's own client-facing UDP port (one for all its sessions); relays replace it
+    #: "direct": the node's own client-facing UDP port (media_host:media_port) takes media;
+    #: "relay": media only comes through the cluster's relays, and no client port is opened
+    media: str = "direct"
     media_host: str = "127.0.0.1"
     media_port: int = 0
+    #: local address of the node's QUIC tunnels to the relays
+    tunnel_host: str = "127.0.0.1"
     #: who the user talks to: "turn-echo" (plays each finished turn back), "echo" (at once) or
     #: "bridge" (an external agent over WebSocket at agent_url; docs/agent-protocol.md)
     agent: str = "turn-echo"
@@ -97,8 +128,49 @@ class TurnsConfig:
 
 @final
 @attrs.frozen
+class RelayConfig:
+    id: str = ""
+    #: public UDP addresses, comma-separated: at most one IPv4 and one IPv6 (``[::]:3478``)
+    listen: str = "0.0.0.0:3478,[::]:3478"
+    tunnel_host: str = "127.0.0.1"
+    tunnel_port: int = 0
+    lease_ttl: int = 5
+    idle_timeout: float = 60.0
+    new_source_rate: float = 200.0
+    client_rate: float = 1000.0
+    max_clients: int = 100_000
+
+    def relay_id(self) -> str:
+        return self.id or f"relay-{socket.gethostname().split('.')[0]}-{os.getpid()}"
+
+    def listen_addresses(self) -> list[tuple[str, int]]:
+        """``listen`` parsed; raises ConfigError."""
+        out: list[tuple[str, int]] = []
+        for item in (part.strip() for part in self.listen.split(",")):
+            host, _, port = item.rpartition(":")
+            host = host.removeprefix("[").removesuffix("]")
+            try:
+                ipaddress.ip_address(host)
+                number = int(port)
+            except ValueError:
+                raise ConfigError(
+                    f"relay.listen: {item!r} is not IP:PORT (IPv6 as [ADDR]:PORT)"
+                ) from None
+            if not 0 <= number <= 0xFFFF:
+                raise ConfigError(f"relay.listen: port out of range in {item!r}")
+            out.append((host, number))
+        families = [":" in host for host, _ in out]
+        if not out or len(set(families)) != len(families):
+            raise ConfigError("relay.listen: one IPv4 and/or one IPv6 address")
+        return out
+
+
+@final
+@attrs.frozen
 class UpConfig:
-    nodes: int = 2
+    nodes: int = 3
+    relays: int = 2
+    relay_port: int = 3478
     data_dir: str = ".parley"
     etcd_client_port: int = 23790
     etcd_peer_port: int = 23800
@@ -117,6 +189,7 @@ class Config:
     cluster: ClusterConfig = ClusterConfig()
     node: NodeConfig = NodeConfig()
     turns: TurnsConfig = TurnsConfig()
+    relay: RelayConfig = RelayConfig()
     up: UpConfig = UpConfig()
     log: LogConfig = LogConfig()
     #: where the file layer came from, for messages
@@ -127,6 +200,7 @@ _SECTIONS: dict[str, type[Any]] = {
     "cluster": ClusterConfig,
     "node": NodeConfig,
     "turns": TurnsConfig,
+    "relay": RelayConfig,
     "up": UpConfig,
     "log": LogConfig,
 }
@@ -250,7 +324,56 @@ def _validate(config: Config) -> None:
     turns = config.turns
     if min(turns.min_speech_ms, turns.end_silence_ms) < 20 or turns.padding_ms < 0:
         raise ConfigError("turns: min_speech_ms and end_silence_ms are at least 20, padding >= 0")
-    if config.up.nodes < 1:
-        raise ConfigError("up.nodes must be at least 1")
+    if config.node.media not in MEDIA_PATHS:
+        raise ConfigError(f"node.media must be direct or relay, not {config.node.media!r}")
+    if config.node.media == "relay" and not config.cluster.certs:
+        raise ConfigError("node.media = relay needs cluster.certs (see `parley certs init`)")
+    config.relay.listen_addresses()
+    if config.relay.lease_ttl < 2:
+        raise ConfigError("relay.lease_ttl must be at least 2 seconds")
+    relay = config.relay
+    if min(relay.idle_timeout, relay.new_source_rate, relay.client_rate) <= 0:
+        raise ConfigError("relay.idle_timeout, new_source_rate and client_rate must be > 0")
+    if relay.max_clients < 1:
+        raise ConfigError("relay.max_clients must be at least 1")
+    if config.up.nodes < 1 or config.up.relays < 0:
+        raise ConfigError("up.nodes must be at least 1 and up.relays at least 0")
     if config.log.level.lower() not in {"debug", "info", "warning", "error"}:
         raise ConfigError("log.level must be debug, info, warning or error")
+
+
+def _certs_dir(config: Config) -> Path:
+    if not config.cluster.certs:
+        raise ConfigError(
+            "cluster.certs is not set: make a cluster CA with `parley certs init --dir DIR` "
+            "and set cluster.certs = DIR"
+        )
+    return Path(config.cluster.certs)
+
+
+def load_credentials(config: Config, role: Literal["node", "relay"], ident: str) -> Credentials:
+    """This member's tunnel certificate, key and the cluster CA, from ``cluster.certs``."""
+    directory = _certs_dir(config)
+    try:
+        return Credentials.load(directory, role, ident)
+    except OSError as exc:
+        raise ConfigError(
+            f"{exc} (`parley certs issue --dir {directory} {role} {ident}` makes one)"
+        ) from None
+
+
+def load_secrets(config: Config) -> list[bytes]:
+    """The cluster's hint secrets, current first, from ``cluster.certs``/hint.secret."""
+    path = _certs_dir(config) / HINT_SECRET_FILE
+    try:
+        lines = path.read_text().split()
+        found = [bytes.fromhex(line) for line in lines]
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read the hint secret {path}: {exc.strerror} (`parley certs init` makes it)"
+        ) from None
+    except ValueError:
+        raise ConfigError(f"{path}: each line must be one secret in hex") from None
+    if not found or any(len(secret) < 16 for secret in found):
+        raise ConfigError(f"{path}: needs at least one secret of 16 bytes or more")
+    return found

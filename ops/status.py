@@ -92,6 +92,26 @@ def _session_columns(session: dict[str, Any]) -> list[str]:
     ]
 
 
+def _address(value: Any) -> str:
+    if isinstance(value, list | tuple) and len(value) == 2:
+        host, port = value
+        return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+    return "?"
+
+
+def _relay_columns(relay: dict[str, Any]) -> list[str]:
+    public = relay.get("public")
+    tunnels = relay.get("tunnels")
+    return [
+        str(relay.get("id", "?")),
+        ",".join(_address(a) for a in public) if isinstance(public, list) and public else "-",
+        ",".join(map(str, tunnels)) if isinstance(tunnels, list) and tunnels else "-",
+        str(relay.get("sessions", "-")),
+        str(relay.get("pps_in", "-")),
+        str(relay.get("pps_out", "-")),
+    ]
+
+
 def format_status(status: dict[str, Any]) -> str:
     """Plain-text tables for people."""
     nodes = [
@@ -104,10 +124,7 @@ def format_status(status: dict[str, Any]) -> str:
         ]
         for n in status["nodes"]
     ]
-    relays = [
-        [str(r.get("id", "?")), str(r.get("address", "-")), str(r.get("sessions", "-"))]
-        for r in status["relays"]
-    ]
+    relays = [_relay_columns(r) for r in sorted(status["relays"], key=lambda r: str(r.get("id")))]
     sessions = [
         [s["id"], s["owner"], str(s["epoch"]), *_session_columns(s)] for s in status["sessions"]
     ]
@@ -116,7 +133,7 @@ def format_status(status: dict[str, Any]) -> str:
         _table(["id", "state", "lease", "sessions", "signaling"], nodes),
         "",
         f"relays ({len(relays)})",
-        _table(["id", "address", "sessions"], relays),
+        _table(["id", "address", "tunnels", "sessions", "pkt/s in", "pkt/s out"], relays),
         "",
         f"sessions ({len(sessions)})",
         _table(["id", "owner", "epoch", "state", "in", "out", "loss", "jitter", "rtt"], sessions),

@@ -1,8 +1,13 @@
 """``parley up``: the embedded default cluster on one machine.
 
-Starts a local etcd (data under ``<data_dir>/etcd``) and ``up.nodes`` node daemons as child
-processes, restarts any that dies, prints what runs where, and on Ctrl-C or SIGTERM stops the
-nodes (SIGTERM, so they release what they own), then etcd.
+Starts a local etcd (data under ``<data_dir>/etcd``), ``up.relays`` relays (the cluster's public
+UDP ports, 127.0.0.1:``up.relay_port`` and up) and ``up.nodes`` node daemons as child processes,
+restarts any that dies, prints what runs where, and on Ctrl-C or SIGTERM stops the nodes (SIGTERM,
+so they release what they own), the relays, then etcd.
+
+With relays, the nodes take media only through them (``node.media = "relay"``). The cluster CA,
+the hint secret and every member's certificate are made under ``<data_dir>/certs`` on first use
+(``parley certs``), unless ``cluster.certs`` names another directory.
 """
 
 from __future__ import annotations
@@ -18,9 +23,11 @@ from typing import Any, final
 import attrs
 import trio
 
+from ops.certs import init_cluster
 from ops.config import Config
 from ops.etcdserver import EtcdServer, EtcdServerError
 from ops.status import format_status, gather_status
+from relay.certs import issue_files
 from storage.etcd import EtcdError, open_etcd
 from storage.keys import Keyspace
 
@@ -57,33 +64,56 @@ class LocalCluster:
             log_file=self.data_dir / "logs" / "etcd.log",
         )
         self.endpoint = self.etcd.endpoint
-        self.children = [self._node_child(i + 1) for i in range(config.up.nodes)]
+        self.certs = Path(config.cluster.certs or self.data_dir / "certs").resolve()
+        self.relays = [self._relay_child(i + 1) for i in range(config.up.relays)]
+        self.nodes = [self._node_child(i + 1) for i in range(config.up.nodes)]
+        self.children = self.relays + self.nodes
         self.out = stdout or sys.stdout
         self._stopping = False
         self.ready = trio.Event()
 
-    def _node_child(self, index: int) -> Child:
-        name = f"node-{index}"
+    def _argv(self, command: str, name: str) -> list[str]:
         argv = [
             sys.executable,
             "-m",
             "ops.cli",
-            "node",
+            command,
             "--id",
             name,
             "--etcd",
             self.endpoint,
             "--prefix",
             self.config.cluster.prefix,
-            "--lease-ttl",
-            str(self.config.node.lease_ttl),
-            # A node started by `parley up` stops when `parley up` is gone, even if it was killed.
+            # A child of `parley up` stops when `parley up` is gone, even if it was killed.
             "--parent-pid",
             str(os.getpid()),
         ]
         if self.config.log.json:
             argv.append("--log-json")
+        return argv
+
+    def _relay_child(self, index: int) -> Child:
+        name = f"relay-{index}"
+        listen = f"127.0.0.1:{self.config.up.relay_port + index - 1}"
+        argv = [*self._argv("relay", name), "--certs", str(self.certs), "--listen", listen]
         return Child(name, argv, self.data_dir / "logs" / f"{name}.log")
+
+    def _node_child(self, index: int) -> Child:
+        name = f"node-{index}"
+        argv = [*self._argv("node", name), "--lease-ttl", str(self.config.node.lease_ttl)]
+        if self.relays:
+            argv += ["--media", "relay", "--certs", str(self.certs)]
+        return Child(name, argv, self.data_dir / "logs" / f"{name}.log")
+
+    def _make_certs(self) -> None:
+        """The CA and hint secret if missing, and a certificate for every member."""
+        if not (self.certs / "ca.pem").exists():
+            init_cluster(self.certs)
+            self.say(f"certs    made a cluster CA and hint secret in {self.certs}")
+        for child in self.children:
+            role, _, _ = child.name.rpartition("-")
+            if not (self.certs / f"{child.name}.pem").exists():
+                issue_files(self.certs, "relay" if role == "relay" else "node", child.name)
 
     def say(self, text: str) -> None:
         print(text, file=self.out, flush=True)
@@ -92,6 +122,8 @@ class LocalCluster:
         self, *, task_status: trio.TaskStatus[LocalCluster] = trio.TASK_STATUS_IGNORED
     ) -> None:
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
+        if self.relays:
+            await trio.to_thread.run_sync(self._make_certs)
         try:
             await trio.to_thread.run_sync(self.etcd.start)
         except EtcdServerError as exc:
@@ -151,11 +183,12 @@ class LocalCluster:
                     try:
                         status = await gather_status(etcd, keys)
                     except EtcdError:
-                        status = {"nodes": []}
-                    if wanted <= {n["id"] for n in status["nodes"]}:
+                        status = {"nodes": [], "relays": []}
+                    members = status["nodes"] + status["relays"]
+                    if wanted <= {m.get("id") for m in members}:
                         return
                     await trio.sleep(0.2)
-        self.say("warning: not every node registered within 30 s; see the logs above")
+        self.say("warning: not every relay and node registered within 30 s; see the logs above")
 
     async def print_status(self) -> None:
         async with open_etcd(self.endpoint) as etcd:
@@ -197,7 +230,8 @@ class LocalCluster:
     def describe(self) -> dict[str, Any]:
         return {
             "etcd": {"endpoint": self.endpoint, "pid": self.etcd.process and self.etcd.pid},
-            "nodes": [{"id": c.name, "pid": c.pid, "log": str(c.log_path)} for c in self.children],
+            "relays": [{"id": c.name, "pid": c.pid, "log": str(c.log_path)} for c in self.relays],
+            "nodes": [{"id": c.name, "pid": c.pid, "log": str(c.log_path)} for c in self.nodes],
         }
 
 

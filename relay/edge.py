@@ -18,10 +18,12 @@ socket of the client's address family — but only if the node's epoch is curren
 an authenticated hint, that it belongs to that session: a node cannot make the relay send to an
 arbitrary address.
 
-**Floods.** Addresses the relay does not know are rate limited per source IP before their bytes
-are parsed, and every known client per address, so a flood from a few sources costs a dict lookup
-per packet and cannot crowd out real sessions' forwarding. The caches are bounded; idle clients
-expire after ``idle_timeout`` (clients send consent checks every ~5 s, RFC 7675).
+**Floods.** Datagrams from addresses the relay does not know are dropped unless they look like
+STUN (one byte compared), and STUN from them is rate limited per source IP before its bytes are
+parsed or its MAC computed; every known client is rate limited per address. A flood costs a
+byte comparison or a dict lookup per packet and cannot crowd out real sessions' forwarding.
+The caches are bounded; idle clients expire after ``idle_timeout`` (clients send consent
+checks every ~5 s, RFC 7675).
 
 The receive loop waits for readability once and then drains the socket without blocking, as
 sessions/media.py does; tunnels are flushed once per drained batch (one ``datagrams_to_send`` per
@@ -83,8 +85,8 @@ _COUNTERS: Final = (
 class Limits:
     """The relay's flood protection and cache bounds."""
 
-    #: datagrams per second that one unknown source IP may have inspected (burst: the same)
-    new_source_rate: float = 50.0
+    #: STUN datagrams per second that one unknown source IP may have inspected (burst: the same)
+    new_source_rate: float = 200.0
     #: datagrams per second that one known client address may send (burst: a quarter second)
     client_rate: float = 1000.0
     #: most client addresses cached; beyond it, the least recently admitted is forgotten
@@ -197,10 +199,17 @@ class RelayEdge:
         counters = self.counters
         now = self.clock()
         client = self.clients.get(addr)
-        if client is None and not self._admit_source(addr[0], now):
-            counters["rate_limited_new"] += 1
-            return
-        if data and data[0] < 4:  # RFC 7983 §7: STUN
+        stun_like = bool(data) and data[0] < 4  # RFC 7983 §7: STUN
+        if client is None:
+            if not stun_like:
+                counters["unknown_source"] += 1  # cheap to drop: no budget spent on it
+                return
+            # Parsing and a MAC cost real time: a source gets a budget for them. (Real clients
+            # behind one NAT address share it; a consent check every few seconds each is small.)
+            if not self._admit_source(addr[0], now):
+                counters["rate_limited_new"] += 1
+                return
+        if stun_like:
             try:
                 username = stun.username_of(data)
             except StunError:

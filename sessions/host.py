@@ -18,12 +18,13 @@ from typing import Any, Literal, final
 
 import trio
 
-from ops.config import Config
+from ops.config import Config, load_credentials, load_secrets
 from sessions.agents import Agent, EchoAgent, TurnEchoAgent
 from sessions.agents.bridge import BridgeAgent
-from sessions.media import MediaPort
+from sessions.media import MediaPort, PacketPath
 from sessions.node import Node, NodeRefused
 from sessions.pages import HTML, echo_page
+from sessions.relayed import RelayedMedia
 from sessions.session import SessionActor
 from sessions.signaling import SessionHandle, SignalingRefused, SignalingServer
 from sessions.transceiver import SessionSnapshot, Transceiver
@@ -70,7 +71,7 @@ class NodeSessions:
     """The signaling backend of one node. Start ``run`` before serving signaling."""
 
     def __init__(
-        self, node: Node, media: MediaPort, certificate: Certificate | None = None
+        self, node: Node, media: PacketPath, certificate: Certificate | None = None
     ) -> None:
         self.node = node
         self.media = media
@@ -93,16 +94,20 @@ class NodeSessions:
     ) -> SessionHandle:
         session_id = new_session_id()
         now = trio.current_time()
+        candidates = self.media.candidates(session_id)
+        if not candidates:
+            raise SignalingRefused("no_relay", "no relay of the cluster is reachable; retry")
         agent = make_agent(self.node.config, session_id)
         # SdpError (with the signaling error code) propagates to the signaling layer.
         core, answer = Transceiver.accept(
             offer_sdp,
             session_id=session_id,
             certificate=self.certificate,
-            candidates=[self.media.address],
+            candidates=candidates,
             now=now,
             agent=agent,
             turn_config=turn_config(self.node.config),
+            ufrag=self.media.mint_ufrag(session_id),
         )
         port = self.media.register(session_id, core.local_ufrag)
         send_events, events = trio.open_memory_channel[dict[str, Any]](EVENT_BUFFER)
@@ -202,13 +207,31 @@ async def run_frontend(
 ) -> None:
     """Serve ``node``'s clients: its media port, the session backend and signaling.
 
-    The node's media port receives client UDP directly (``node.media_host``/``media_port``); in a
-    cluster, relays take its place without any change to sessions.
+    With ``node.media = "direct"`` the node's own UDP port receives client media
+    (``node.media_host``/``media_port``); with ``"relay"`` (a cluster) the node opens no
+    client-facing port at all and media comes through QUIC tunnels from the cluster's relays
+    (sessions/relayed.py), without any change to sessions.
     """
     cfg = node.config.node
-    media = MediaPort(cfg.media_host, cfg.media_port)
     async with trio.open_nursery() as nursery:
-        await nursery.start(media.run)
+        media: PacketPath
+        if cfg.media == "relay":
+            relayed = RelayedMedia(
+                node.id,
+                load_credentials(node.config, "node", node.id),
+                load_secrets(node.config)[0],
+                lambda: node.members,
+                node.epoch_of,
+                tunnel_host=cfg.tunnel_host,
+            )
+            await nursery.start(relayed.run)
+            media = relayed
+            node.addresses["media"] = "relays"
+        else:
+            direct = MediaPort(cfg.media_host, cfg.media_port)
+            await nursery.start(direct.run)
+            media = direct
+            node.addresses["media"] = f"udp://{direct.host}:{direct.port}"
         backend = NodeSessions(node, media)
         await nursery.start(backend.run)
         server = SignalingServer(
@@ -219,7 +242,6 @@ async def run_frontend(
         )
         await nursery.start(server.run)
         node.addresses.update(server.urls())
-        node.addresses["media"] = f"udp://{media.host}:{media.port}"
         log.info("serving clients", extra=dict(node.addresses))
         node.stats_source = backend.stats
         task_status.started(backend)

@@ -99,6 +99,16 @@ class Node:
     def lease(self) -> Lease | None:
         return self._lease
 
+    @property
+    def members(self) -> Members | None:
+        """The cluster registry, once the node is connected to etcd."""
+        return self._members
+
+    def epoch_of(self, session: str) -> int | None:
+        """The ownership epoch of a session hosted here, or None."""
+        hosted = self.sessions.get(session)
+        return None if hosted is None else hosted.epoch
+
     async def host_session(self, session: str, factory: Callable[[], Actor]) -> int:
         """Claim ``session`` for this node and start its actor; returns the epoch.
 

@@ -69,6 +69,69 @@ class NodeInfo:
 
 @final
 @attrs.frozen
+class RelayInfo:
+    """What a relay publishes about itself.
+
+    ``public`` are the UDP addresses clients send to (they become the candidates of every
+    answer); ``tunnel`` is where nodes open their QUIC tunnel to it.
+    """
+
+    id: str
+    public: tuple[tuple[str, int], ...] = ()
+    tunnel: tuple[str, int] = ("", 0)
+    #: node ids with an open tunnel
+    tunnels: tuple[str, ...] = ()
+    sessions: int = 0
+    clients: int = 0
+    #: datagrams per second from clients, and to clients, over the last stats interval
+    pps_in: float = 0.0
+    pps_out: float = 0.0
+    counters: dict[str, int] = attrs.field(factory=dict)
+    pid: int = 0
+    host: str = ""
+    started_at: float = 0.0
+
+    def encode(self) -> bytes:
+        return json.dumps(attrs.asdict(self), separators=(",", ":"), sort_keys=True).encode()
+
+    @classmethod
+    def decode(cls, data: bytes) -> RelayInfo:
+        """Parse a published record; raises ValueError for anything malformed."""
+        try:
+            raw: Any = json.loads(data)
+            if not isinstance(raw, dict):
+                raise TypeError("not an object")
+            public = tuple(_address(a) for a in raw.get("public", ()))
+            counters = raw.get("counters", {})
+            if not isinstance(counters, dict):
+                raise TypeError("counters must be an object")
+            return cls(
+                id=str(raw["id"]),
+                public=public,
+                tunnel=_address(raw["tunnel"]),
+                tunnels=tuple(str(n) for n in raw.get("tunnels", ())),
+                sessions=int(raw.get("sessions", 0)),
+                clients=int(raw.get("clients", 0)),
+                pps_in=float(raw.get("pps_in", 0.0)),
+                pps_out=float(raw.get("pps_out", 0.0)),
+                counters={str(k): int(v) for k, v in counters.items()},
+                pid=int(raw.get("pid", 0)),
+                host=str(raw.get("host", "")),
+                started_at=float(raw.get("started_at", 0.0)),
+            )
+        except (ValueError, TypeError, KeyError) as exc:
+            raise ValueError(f"bad relay record: {exc}") from None
+
+
+def _address(value: Any) -> tuple[str, int]:
+    host, port = value
+    if not isinstance(host, str) or not isinstance(port, int) or not 0 <= port <= 0xFFFF:
+        raise TypeError(f"an address is [host, port], not {value!r}")
+    return host, port
+
+
+@final
+@attrs.frozen
 class Member:
     """A registry entry as read back: the published info plus its lease."""
 
@@ -79,7 +142,7 @@ class Member:
 
 @final
 class Members:
-    """Register, update and list nodes (and, later, relays) of one cluster."""
+    """Register, update and list the nodes and relays of one cluster."""
 
     def __init__(self, etcd: Etcd, keys: Keyspace) -> None:
         self.etcd = etcd
@@ -138,5 +201,24 @@ class Members:
         return out
 
     async def relays(self) -> list[dict[str, Any]]:
-        """Relay records as published (relays arrive with the relay daemon)."""
+        """Relay records as published, as JSON objects (for ``parley status``)."""
         return await self._objects(self.keys.relays_prefix)
+
+    async def register_relay(self, info: RelayInfo, lease: int) -> int:
+        """Publish (or update) a relay's record attached to ``lease``."""
+        return await self.etcd.put(self.keys.relay(info.id), info.encode(), lease=lease)
+
+    async def deregister_relay(self, relay_id: str) -> None:
+        await self.etcd.delete(self.keys.relay(relay_id))
+
+    async def relay_infos(self) -> list[RelayInfo]:
+        """Every registered relay, parsed; malformed records are counted and skipped."""
+        kvs, _ = await self.etcd.get_prefix(self.keys.relays_prefix)
+        out: list[RelayInfo] = []
+        for kv in kvs:
+            try:
+                out.append(RelayInfo.decode(kv.value))
+            except ValueError as exc:
+                self.bad_values += 1
+                log.warning("skipping %r: %s", kv.key, exc)
+        return out

@@ -233,10 +233,11 @@ def _mapped_host(host: str) -> str:
     over IPv4 and expects an IPv4 reflexive address back. A relayed address names its relay
     after ``@``; the client's own address is what it sees reflected.
     """
-    address = ipaddress.ip_address(host.partition("@")[0])
+    bare = host.partition("@")[0]
+    address = ipaddress.ip_address(bare)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)
-    return host
+    return bare
 
 
 @final

@@ -14,7 +14,11 @@ def test_defaults_work_with_parley_up() -> None:
     config = load_config(env={})
     assert config.cluster.etcd == "127.0.0.1:23790"
     assert config.node.lease_ttl == 5
-    assert config.up.nodes == 2
+    assert (config.up.nodes, config.up.relays) == (3, 2)
+    assert config.node.media == "direct" and config.relay.listen_addresses() == [
+        ("0.0.0.0", 3478),
+        ("::", 3478),
+    ]
 
 
 def test_file_then_environment_then_flags(tmp_path: Path) -> None:

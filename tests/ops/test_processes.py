@@ -124,12 +124,17 @@ def test_status_reports_an_unreachable_etcd_clearly() -> None:
     assert "did not answer" in out.stderr
 
 
-def test_parley_up_runs_etcd_and_nodes_restarts_a_killed_node_and_stops_cleanly(
+def test_parley_up_runs_etcd_relays_and_nodes_restarts_a_killed_node_and_stops_cleanly(
     tmp_path: Path,
 ) -> None:
     port = free_port()
     data = tmp_path / "data"
-    env = dict(os.environ, PARLEY_UP_ETCD_PEER_PORT=str(free_port()))
+    env = dict(
+        os.environ,
+        PARLEY_UP_ETCD_PEER_PORT=str(free_port()),
+        PARLEY_UP_RELAY_PORT=str(free_port()),
+        PARLEY_UP_NODES="2",
+    )
     up = subprocess.Popen(
         [*PARLEY, "up", "--data-dir", str(data), "--etcd-port", str(port), "--lease-ttl", "2"],
         stdout=subprocess.PIPE,
@@ -149,8 +154,19 @@ def test_parley_up_runs_etcd_and_nodes_restarts_a_killed_node_and_stops_cleanly(
                 break
         text = "".join(output)
         assert f"etcd     {endpoint}" in text and "node-1" in text and "node-2" in text
+        assert "relay-1" in text and "relay-2" in text
         status = run_status(endpoint)
         assert sorted(n["id"] for n in status["nodes"]) == ["node-1", "node-2"]
+        # Cluster mode: the nodes open no client UDP port, and every relay has a tunnel from
+        # every node (parley up waits for the relays; the tunnels follow within a second).
+        assert all(n["addresses"]["media"] == "relays" for n in status["nodes"])
+        wait_for(
+            lambda: [r.get("tunnels") for r in run_status(endpoint)["relays"]]
+            == [["node-1", "node-2"]] * 2,
+            10,
+            "tunnels from both nodes to both relays",
+        )
+        assert (data / "certs" / "ca.pem").is_file() and (data / "certs" / "hint.secret").is_file()
         # Chaos: kill a node; `parley up` brings it back.
         victim = next(n for n in status["nodes"] if n["id"] == "node-1")
         os.kill(victim["pid"], signal.SIGKILL)
@@ -166,7 +182,7 @@ def test_parley_up_runs_etcd_and_nodes_restarts_a_killed_node_and_stops_cleanly(
         nodes = run_status(endpoint)["nodes"]
         survivor = next(n for n in status["nodes"] if n["id"] == "node-2")
         assert [n["pid"] for n in nodes if n["id"] == "node-2"] == [survivor["pid"]]
-        pids = [n["pid"] for n in nodes]
+        pids = [n["pid"] for n in nodes] + [r["pid"] for r in run_status(endpoint)["relays"]]
         up.send_signal(signal.SIGINT)
         rest, _ = up.communicate(timeout=30)
         assert up.returncode == 0, rest

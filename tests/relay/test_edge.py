@@ -153,8 +153,21 @@ def test_a_flooding_source_is_limited_before_parsing() -> None:
     assert edge.counters["malformed_stun"] == 11  # the bucket refilled
 
 
+def test_non_stun_floods_cost_no_budget_of_the_real_clients_sharing_the_ip() -> None:
+    # Clients behind one NAT share an IP; an RTP flood from that IP must not use up the budget
+    # their connectivity checks need.
+    edge, routes, _ = make_edge(Limits(new_source_rate=5))
+    sink = edge.tunnels["node-a"] = Sink()
+    own(routes, SESSION, "node-a", 10)
+    for port in range(10_000):
+        edge.from_client(b"\x80" + bytes(100), ("192.0.2.66", port))
+    edge.from_client(check(mint_ufrag(SESSION, "node-a", SECRET)), ("192.0.2.66", 65000))
+    assert edge.counters["unknown_source"] == 10_000
+    assert edge.counters["rate_limited_new"] == 0 and len(sink.sent) == 1
+
+
 def test_a_known_client_over_its_rate_loses_only_its_own_packets() -> None:
-    edge, routes, clock = make_edge(Limits(client_rate=400))
+    edge, routes, _ = make_edge(Limits(client_rate=400))
     sink = edge.tunnels["node-a"] = Sink()
     own(routes, SESSION, "node-a", 10)
     own(routes, "quietsession", "node-a", 11)
@@ -169,7 +182,7 @@ def test_a_known_client_over_its_rate_loses_only_its_own_packets() -> None:
 
 
 def test_idle_clients_expire_and_the_cache_is_bounded() -> None:
-    edge, routes, clock = make_edge(Limits(idle_timeout=30, max_clients=3))
+    edge, _, clock = make_edge(Limits(idle_timeout=30, max_clients=3))
     for index in range(5):
         edge.from_client(check(mint_ufrag(SESSION, "node-a", SECRET)), ("192.0.2.1", index))
     assert len(edge.clients) == 3 and edge.counters["evicted"] == 2
@@ -181,7 +194,7 @@ def test_idle_clients_expire_and_the_cache_is_bounded() -> None:
 
 
 def test_a_client_reusing_its_socket_for_a_new_session_is_rerouted() -> None:
-    edge, routes, _ = make_edge()
+    edge, _, _ = make_edge()
     edge.tunnels["node-a"] = Sink()
     edge.from_client(check(mint_ufrag(SESSION, "node-a", SECRET)), CLIENT)
     edge.from_client(check(mint_ufrag("secondsession", "node-a", SECRET)), CLIENT)
@@ -229,7 +242,7 @@ async def test_serves_a_real_socket_and_answers_from_the_same_port() -> None:
             first = check(mint_ufrag(SESSION, "node-a", SECRET))
             await client.sendto(first, public)
             with trio.fail_after(5):
-                while not sink.sent:
+                while not sink.sent:  # noqa: ASYNC110 - the sink is a plain list
                     await trio.sleep(0.01)
             own(routes, SESSION, "node-a", 5)
             here = client.getsockname()

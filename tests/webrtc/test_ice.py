@@ -145,6 +145,21 @@ def test_ipv4_mapped_source_is_reported_as_ipv4() -> None:
     assert responder.is_valid(addr)
 
 
+def test_relayed_paths_are_separate_pairs_reflecting_the_client_address() -> None:
+    # Through relays r1 and r2 one client address is two candidate pairs (the relay is our
+    # local candidate); each is answered with the client's own address, and nominating one
+    # selects that relay's path.
+    responder = _responder()
+    via_1, via_2 = (f"{CLIENT[0]}@r1", CLIENT[1]), (f"{CLIENT[0]}@r2", CLIENT[1])
+    for addr in (via_1, via_2):
+        response = _reply(responder.receive_stun(_check(), addr, 0.0), addr)
+        assert response.attributes["XOR-MAPPED-ADDRESS"] == CLIENT
+    assert responder.is_valid(via_1) and responder.is_valid(via_2)
+    assert not responder.is_valid(CLIENT)
+    responder.receive_stun(_check(use_candidate=True), via_2, 1.0)
+    assert responder.selected == via_2
+
+
 def test_check_without_fingerprint_is_answered() -> None:
     responder = _responder()
     data = stun.encode(stun.parse(_our_check()), integrity_key=LOCAL_PWD.encode())

@@ -1,0 +1,65 @@
+"""``parley certs``: the cluster's trust material, in one directory (``cluster.certs``).
+
+* ``parley certs init --dir DIR`` makes the cluster CA (``ca.pem``, ``ca.key``) and the secret
+  that authenticates the relays' routing hints (``hint.secret``, relay/hint.py).
+* ``parley certs issue --dir DIR node|relay ID`` signs a tunnel certificate for one member
+  (``node-ID.pem`` / ``.key``); relays and nodes refuse tunnel peers without one.
+
+Every relay and node needs ``ca.pem``, its own certificate and key, and ``hint.secret``;
+``ca.key`` only belongs where certificates are issued. Private files are written mode 0600.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import secrets
+import sys
+from pathlib import Path
+
+from ops.config import HINT_SECRET_FILE
+from relay.certs import init_ca, issue_files
+
+__all__ = ["init_cluster", "run_certs", "write_hint_secret"]
+
+#: bytes of a new hint secret (HMAC-SHA256 key)
+SECRET_BYTES = 32
+
+
+def write_hint_secret(directory: Path, *, force: bool = False) -> Path:
+    """A new random hint secret in ``directory``; refuses to replace one unless ``force``."""
+    path = Path(directory) / HINT_SECRET_FILE
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_TRUNC if force else os.O_EXCL)
+    try:
+        fd = os.open(path, flags, 0o600)
+    except FileExistsError:
+        raise FileExistsError(
+            f"{path} already exists; a new secret breaks the hints of live sessions "
+            "(use --force to replace it)"
+        ) from None
+    with os.fdopen(fd, "w") as f:
+        f.write(secrets.token_hex(SECRET_BYTES) + "\n")
+    os.chmod(path, 0o600)
+    return path
+
+
+def init_cluster(directory: Path, *, force: bool = False) -> list[Path]:
+    """The CA and the hint secret; returns the files written."""
+    ca = init_ca(Path(directory), force=force)
+    return [ca, write_hint_secret(directory, force=force)]
+
+
+def run_certs(args: argparse.Namespace) -> int:
+    directory = Path(args.dir)
+    try:
+        if args.certs_command == "init":
+            for path in init_cluster(directory, force=args.force):
+                print(f"wrote {path}")
+            print(f"next: parley certs issue --dir {directory} node|relay ID, for each member")
+        else:
+            for path in issue_files(directory, args.role, args.id):
+                print(f"wrote {path}")
+    except (OSError, ValueError) as exc:
+        print(f"parley certs: {exc}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,204 @@
+"""``parley relay``: the relay daemon — public UDP port, route table, tunnel endpoint, registry.
+
+The tree of one relay process::
+
+    relay ─┬─ route table    (etcd: list + watch of session owners; relay/routes.py)
+           ├─ tunnel endpoint (QUIC server; nodes dial in with cluster certificates; relay/quic.py)
+           ├─ public port     (UDP, IPv4 and/or IPv6; relay/edge.py)
+           └─ registration    (etcd key under the relay's own lease, refreshed with stats)
+
+A relay holds no session state that matters for safety: fencing is decided by epochs from etcd,
+so it keeps forwarding through an etcd outage (with the routes it has) and re-registers when
+etcd is back. Nodes find relays through their registrations; when a relay dies its lease expires
+and nodes stop listing it in answers.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+from collections.abc import Sequence
+from typing import Any, Final, final
+
+import trio
+
+from relay.certs import Credentials
+from relay.edge import Limits, RelayEdge
+from relay.quic import Tunnel, TunnelEndpoint
+from relay.routes import RouteTable
+from storage.etcd import Etcd, EtcdError, open_etcd
+from storage.keys import Keyspace, check_name
+from storage.lease import LeaseKeeper
+from storage.members import Members, RelayInfo
+from storage.ownership import Owners
+
+__all__ = ["STATS_INTERVAL", "Relay"]
+
+log = logging.getLogger("parley.relay")
+
+#: how often the relay's record (with its packet rates) is refreshed in etcd
+STATS_INTERVAL: Final = 2.0
+
+
+@final
+class Relay:
+    """One relay process. Start ``run`` with ``nursery.start``; it reports the relay itself."""
+
+    def __init__(
+        self,
+        relay_id: str,
+        *,
+        etcd_endpoint: str,
+        prefix: str,
+        credentials: Credentials,
+        secrets: Sequence[bytes],
+        listen: Sequence[tuple[str, int]],
+        tunnel_host: str = "127.0.0.1",
+        tunnel_port: int = 0,
+        lease_ttl: int = 5,
+        limits: Limits | None = None,
+    ) -> None:
+        self.id = check_name("relay", relay_id)
+        if credentials.identity.role != "relay" or credentials.identity.ident != self.id:
+            raise ValueError(
+                f"the certificate is for {credentials.identity}, not relay {self.id!r}"
+            )
+        self.etcd_endpoint = etcd_endpoint
+        self.keys = Keyspace(prefix)
+        self.credentials = credentials
+        self.listen = list(listen)
+        self.tunnel_host = tunnel_host
+        self.tunnel_port = tunnel_port
+        self.lease_ttl = lease_ttl
+        self.routes = RouteTable()
+        self.edge = RelayEdge(self.id, secrets, self.routes, limits=limits)
+        self.endpoint: TunnelEndpoint | None = None
+        self.started_at = time.time()
+        self._last: tuple[float, int, int] = (0.0, 0, 0)
+        self._rates = (0.0, 0.0)
+
+    # -- TunnelHandler ---------------------------------------------------------------------------
+
+    def tunnel_opened(self, tunnel: Tunnel) -> None:
+        if tunnel.peer.role != "node":
+            tunnel.close("only nodes tunnel to a relay")
+            return
+        old = self.edge.tunnels.get(tunnel.peer.ident)
+        self.edge.tunnels[tunnel.peer.ident] = tunnel  # a reconnecting node replaces its tunnel
+        if isinstance(old, Tunnel) and old is not tunnel:
+            old.close("replaced by a new tunnel from the same node")
+        log.info("tunnel open", extra={"node": tunnel.peer.ident, "remote": tunnel.remote})
+
+    def datagram_received(self, tunnel: Tunnel, data: bytes) -> None:
+        self.edge.from_node(tunnel.peer.ident, data)
+
+    def control_received(self, tunnel: Tunnel, message: dict[str, Any]) -> None:
+        log.debug("control from %s: %s", tunnel.peer.ident, message)
+
+    def tunnel_closed(self, tunnel: Tunnel, reason: str) -> None:
+        if self.edge.tunnels.get(tunnel.peer.ident) is tunnel:
+            del self.edge.tunnels[tunnel.peer.ident]
+            log.warning("tunnel closed", extra={"node": tunnel.peer.ident, "reason": reason})
+
+    # -- lifetime --------------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED) -> None:
+        async with open_etcd(self.etcd_endpoint) as etcd, trio.open_nursery() as nursery:
+            owners = Owners(etcd, self.keys)
+            members = Members(etcd, self.keys)
+            # Routes first: a relay that forwarded before knowing owners would route only by
+            # hints, and could not fence.
+            await nursery.start(self.routes.run, owners)
+            endpoint = TunnelEndpoint(
+                self.credentials,
+                self,
+                host=self.tunnel_host,
+                port=self.tunnel_port,
+                server=True,
+            )
+            await nursery.start(endpoint.run)
+            self.endpoint = endpoint
+            self.edge.flush = endpoint.flush
+            await nursery.start(self.edge.serve, self.listen)
+            keeper = LeaseKeeper(etcd, ttl=self.lease_ttl)
+            await nursery.start(keeper.run)
+            await self._register(members, keeper, etcd, task_status)
+
+    def info(self) -> RelayInfo:
+        assert self.endpoint is not None
+        counters = self.edge.counters
+        return RelayInfo(
+            id=self.id,
+            public=tuple(self.edge.addresses),
+            tunnel=self.endpoint.address,
+            tunnels=tuple(sorted(self.edge.tunnels)),
+            sessions=self.edge.sessions(),
+            clients=len(self.edge.clients),
+            pps_in=round(self._rates[0], 1),
+            pps_out=round(self._rates[1], 1),
+            counters={**counters, **{f"routes_{k}": v for k, v in self.routes.counters.items()}},
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            started_at=self.started_at,
+        )
+
+    def _measure(self) -> None:
+        now = trio.current_time()
+        then, received, sent = self._last
+        counters = self.edge.counters
+        if then:
+            elapsed = max(now - then, 1e-6)
+            self._rates = (
+                (counters["client_in"] - received) / elapsed,
+                (counters["client_out"] - sent) / elapsed,
+            )
+        self._last = (now, counters["client_in"], counters["client_out"])
+
+    async def _register(
+        self,
+        members: Members,
+        keeper: LeaseKeeper,
+        etcd: Etcd,
+        task_status: trio.TaskStatus[Relay],
+    ) -> None:
+        """Publish the relay under its lease, refreshed every STATS_INTERVAL, forever.
+
+        A lost lease (etcd unreachable for a TTL) only means a new registration under the next
+        one; forwarding goes on meanwhile. On the way out the record is deleted and the lease
+        revoked, so nodes drop this relay from their answers at once.
+        """
+        reported = False
+        try:
+            while True:
+                lease = await keeper.current()
+                with lease.scope:
+                    while True:
+                        self._measure()
+                        try:
+                            await members.register_relay(self.info(), lease.id)
+                        except EtcdError as exc:
+                            log.warning("could not register relay", extra={"error": str(exc)})
+                        else:
+                            if not reported:
+                                reported = True
+                                log.info(
+                                    "relay registered",
+                                    extra={
+                                        "relay": self.id,
+                                        "public": self.edge.addresses,
+                                        "tunnel": self.info().tunnel,
+                                    },
+                                )
+                                task_status.started(self)
+                        await trio.sleep(STATS_INTERVAL)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(2.0):
+                try:
+                    await members.deregister_relay(self.id)
+                    last = keeper.lease
+                    if last is not None:
+                        await etcd.lease_revoke(last.id)
+                except EtcdError as exc:
+                    log.warning("could not deregister relay", extra={"error": str(exc)})

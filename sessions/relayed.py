@@ -1,0 +1,266 @@
+"""A node's media path in a cluster: QUIC tunnels to the relays, no client-facing UDP port.
+
+The node finds the cluster's relays in etcd (storage/members.py ``RelayInfo``) and keeps one QUIC
+tunnel open to each (relay/quic.py; the node dials, the relay listens, both authenticate with
+certificates of the cluster CA). Clients reach sessions only through relays:
+
+* every answer lists the relays' public addresses as its candidates, rotated per session so
+  that sessions spread over the relays; ICE picks among them, and a client can fall back to
+  another relay's candidate if one dies;
+* the server ufrag is minted with a routing hint (relay/hint.py), so a relay can route a new
+  client's first STUN packet to this node before etcd's watch tells it the session is here;
+* a datagram arriving through relay ``r`` from client ``ip:port`` is given to its session as
+  coming from ``("ip@r", port)`` — the relay is the local candidate of that pair, so the session's
+  ICE core keeps one pair per relay (sessions/webrtc/ice.py) and answers each path through the
+  relay it came by;
+* every datagram to a client is stamped with the session's ownership epoch, which the relay
+  checks (fencing, relay/routes.py): once the session belongs to another node, what this node
+  still sends is dropped.
+
+This class offers sessions the same surface as the node's own UDP port (sessions/media.py), so
+session code does not know which one it runs on.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Callable
+from typing import Any, Final, final
+
+import trio
+
+from relay import frames
+from relay.certs import Credentials, Identity
+from relay.hint import mint_ufrag
+from relay.quic import Tunnel, TunnelEndpoint, TunnelError
+from sessions.media import INBOX_SIZE, Address, Datagram, SessionPort
+from storage.etcd import EtcdError
+from storage.members import Members, RelayInfo
+
+__all__ = ["RelayedMedia"]
+
+log = logging.getLogger("parley.relayed")
+
+#: how often the node looks for relays that joined or left, and retries failed tunnels
+DISCOVERY_INTERVAL: Final = 1.0
+_MAX_BACKOFF: Final = 5.0
+
+_COUNTERS: Final = (
+    "received",  # frames from relays
+    "sent",  # datagrams sent into tunnels
+    "malformed_frame",  # frames that did not decode, or the wrong kind
+    "unknown_session",  # frames for a session this node does not host
+    "inbox_full",  # a session that could not keep up lost a datagram
+    "no_tunnel",  # a datagram for a relay we have no open tunnel to
+    "not_owned",  # a datagram of a session this node holds no epoch for
+    "send_failed",  # the tunnel refused a datagram
+)
+
+
+@final
+class RelayedMedia:
+    """Sessions' packet path through the cluster's relays. Start ``run`` with ``nursery.start``.
+
+    ``epoch_of`` gives the ownership epoch of a session hosted here (None if not hosted);
+    ``members`` lists the relays; ``secret`` is the cluster's hint secret.
+    """
+
+    def __init__(
+        self,
+        node_id: str,
+        credentials: Credentials,
+        secret: bytes,
+        members: Callable[[], Members | None],
+        epoch_of: Callable[[str], int | None],
+        *,
+        tunnel_host: str = "127.0.0.1",
+    ) -> None:
+        self.node_id = node_id
+        self.credentials = credentials
+        self.secret = secret
+        self._members = members
+        self._epoch_of = epoch_of
+        self.tunnel_host = tunnel_host
+        self.endpoint: TunnelEndpoint | None = None
+        self.relays: dict[str, RelayInfo] = {}
+        self.tunnels: dict[str, Tunnel] = {}
+        self._ports: dict[str, SessionPort] = {}
+        self._connecting: set[str] = set()
+        self._backoff: dict[str, tuple[float, float]] = {}  # relay -> (retry at, backoff)
+        self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+
+    # -- what NodeSessions needs -----------------------------------------------------------------
+
+    def mint_ufrag(self, session_id: str) -> str:
+        """A server ufrag carrying this node's routing hint for ``session_id``."""
+        return mint_ufrag(session_id, self.node_id, self.secret)
+
+    def candidates(self, session_id: str) -> list[Address]:
+        """The relays' public addresses for an answer, rotated by session.
+
+        Relays with an open tunnel only: a candidate whose relay cannot reach us would only cost
+        the client a failed check. Empty if no relay is reachable (the offer is then refused).
+        """
+        addresses: list[Address] = []
+        for relay_id in sorted(self.tunnels):
+            info = self.relays.get(relay_id)
+            if info is not None:
+                addresses.extend(a for a in info.public if a not in addresses)
+        if not addresses:
+            return []
+        turn = zlib.crc32(session_id.encode()) % len(addresses)
+        return addresses[turn:] + addresses[:turn]
+
+    def register(self, session_id: str, ufrag: str) -> SessionPort:
+        if session_id in self._ports:
+            raise ValueError(f"session {session_id!r} already routed")
+        send, receive = trio.open_memory_channel[Datagram](INBOX_SIZE)
+
+        def send_to(data: bytes, addr: Address) -> None:
+            self._send(session_id, data, addr)
+
+        port = SessionPort(session_id, ufrag, send, receive, send_to, flush=self.flush)
+        self._ports[session_id] = port
+        return port
+
+    def unregister(self, session_id: str) -> None:
+        port = self._ports.pop(session_id, None)
+        if port is not None:
+            port.inbox_send.close()
+
+    def flush(self) -> None:
+        if self.endpoint is not None:
+            self.endpoint.flush()
+
+    # -- sessions -> relays ----------------------------------------------------------------------
+
+    def _send(self, session_id: str, data: bytes, addr: Address) -> None:
+        host, _, relay_id = addr[0].partition("@")
+        tunnel = self.tunnels.get(relay_id)
+        if tunnel is None:
+            self.counters["no_tunnel"] += 1
+            return
+        epoch = self._epoch_of(session_id)
+        if epoch is None:
+            self.counters["not_owned"] += 1
+            return
+        frame = frames.encode_to_client(session_id, epoch, (host, addr[1]), data)
+        if tunnel.send_datagram(frame):
+            self.counters["sent"] += 1
+        else:
+            self.counters["send_failed"] += 1
+
+    # -- relays -> sessions (TunnelHandler) ------------------------------------------------------
+
+    def datagram_received(self, tunnel: Tunnel, data: bytes) -> None:
+        self.counters["received"] += 1
+        try:
+            frame = frames.decode(data)
+        except frames.FrameError:
+            self.counters["malformed_frame"] += 1
+            return
+        if not isinstance(frame, frames.FromClient):
+            self.counters["malformed_frame"] += 1
+            return
+        port = self._ports.get(frame.session)
+        if port is None:
+            self.counters["unknown_session"] += 1
+            return
+        addr = (f"{frame.client[0]}@{tunnel.peer.ident}", frame.client[1])
+        port.addresses.add(addr)
+        try:
+            port.inbox_send.send_nowait((frame.payload, addr))
+        except trio.WouldBlock:
+            port.dropped_full += 1
+            self.counters["inbox_full"] += 1
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            pass
+
+    def tunnel_opened(self, tunnel: Tunnel) -> None:
+        if tunnel.peer.role != "relay":
+            tunnel.close("a node only tunnels to relays")
+            return
+        self.tunnels[tunnel.peer.ident] = tunnel
+        log.info("tunnel open", extra={"relay": tunnel.peer.ident, "remote": tunnel.remote})
+
+    def control_received(self, tunnel: Tunnel, message: dict[str, Any]) -> None:
+        log.debug("control from %s: %s", tunnel.peer.ident, message)
+
+    def tunnel_closed(self, tunnel: Tunnel, reason: str) -> None:
+        if self.tunnels.get(tunnel.peer.ident) is tunnel:
+            del self.tunnels[tunnel.peer.ident]
+            log.warning("tunnel closed", extra={"relay": tunnel.peer.ident, "reason": reason})
+
+    # -- finding relays --------------------------------------------------------------------------
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[RelayedMedia] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Open the tunnel endpoint, then keep a tunnel to every registered relay."""
+        endpoint = TunnelEndpoint(
+            self.credentials, self, host=self.tunnel_host, port=0, server=False
+        )
+        async with trio.open_nursery() as nursery:
+            await nursery.start(endpoint.run)
+            self.endpoint = endpoint
+            await self.refresh(nursery)
+            task_status.started(self)
+            while True:
+                await trio.sleep(DISCOVERY_INTERVAL)
+                await self.refresh(nursery)
+
+    async def refresh(self, nursery: trio.Nursery) -> None:
+        """Read the relay registry once and dial every relay without an open tunnel."""
+        members = self._members()
+        if members is None:
+            return
+        try:
+            infos = await members.relay_infos()
+        except EtcdError as exc:
+            log.debug("cannot list relays: %s", exc)
+            return
+        self.relays = {info.id: info for info in infos}
+        for relay_id in list(self.tunnels):
+            info = self.relays.get(relay_id)
+            if info is None:
+                # Deregistered (stopped cleanly, or its lease expired): stop using it.
+                self.tunnels.pop(relay_id).close("relay left the cluster")
+            elif self.tunnels[relay_id].remote != info.tunnel:
+                # The relay restarted elsewhere (a new tunnel port): the old tunnel leads to
+                # a dead process, and would only be noticed at its idle timeout. Redial now.
+                self.tunnels.pop(relay_id).close("relay moved to a new tunnel address")
+        now = trio.current_time()
+        for info in infos:
+            if info.id in self.tunnels or info.id in self._connecting:
+                continue
+            if self._backoff.get(info.id, (0.0, 0.0))[0] > now:
+                continue
+            self._connecting.add(info.id)
+            nursery.start_soon(self._dial, info)
+
+    async def _dial(self, info: RelayInfo) -> None:
+        assert self.endpoint is not None
+        try:
+            await self.endpoint.connect(
+                *info.tunnel, expect=Identity("relay", info.id), timeout=3.0
+            )
+        except TunnelError as exc:
+            _, backoff = self._backoff.get(info.id, (0.0, 0.25))
+            backoff = min(backoff * 2, _MAX_BACKOFF)
+            self._backoff[info.id] = (trio.current_time() + backoff, backoff)
+            log.warning(
+                "tunnel to relay failed",
+                extra={"relay": info.id, "error": str(exc), "retry_in": backoff},
+            )
+        else:
+            self._backoff.pop(info.id, None)
+        finally:
+            self._connecting.discard(info.id)
+
+    def stats(self) -> dict[str, Any]:
+        return {
+            "tunnels": sorted(self.tunnels),
+            "relays": sorted(self.relays),
+            **self.counters,
+        }

@@ -1,0 +1,393 @@
+"""A whole Parley cluster, as separate processes, serving real WebRTC clients through its relays.
+
+Run by ``test_relay_cluster.py`` in a fresh network and PID namespace (only ``lo`` up)::
+
+    unshare --net --pid --fork --kill-child --mount-proc -- \
+        python cluster_scenario.py OUTFILE [CLIENTS]
+
+1. ``parley up`` (a child process) starts etcd, 2 relays and 3 nodes (each its own process; the
+   nodes in relay mode, with no client-facing UDP port) with the immediate echo agent.
+2. CLIENTS aiortc peers (default 20) offer through the nodes' WHIP endpoints, round robin, and
+   speak espeak-ng speech; one headless Chromium opens a node's demo page and talks too. Every
+   answer's candidates must be the relays' public ports only.
+3. After a few seconds each aiortc peer's received audio is correlated with what it said, and
+   ``parley status`` must show sessions on every node and traffic through the relays.
+4. ``relay-1`` is SIGKILLed. ``parley up`` restarts it; the peers' next consent checks (STUN,
+   every ~5 s) re-admit their addresses on it, and every peer must again hear its echo.
+   Chromium's inbound packet count is sampled across the kill too.
+
+The outcome goes to OUTFILE as JSON, also when something fails (``error`` says what).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import multiprocessing
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import traceback
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import aioice.ice
+import trio
+import trio_websocket
+
+from ops.status import gather_status
+from sessions.audio import speech
+from storage.etcd import open_etcd
+from storage.keys import Keyspace
+from tests.interop.chromium_scenario import (
+    Cdp,
+    chromium_binary,
+    chromium_command,
+    devtools_port,
+    eventually,
+    isolate_network,
+    page_websocket,
+    speech_wav,
+    start_chromium,
+    stop_process_group,
+)
+from tests.peers import AiortcCall
+
+ETCD_PORT = 23790
+RELAY_PORTS = (3478, 3479)
+PREFIX = "/parley"
+SPEECH = "one two three four five six"
+#: seconds each call talks before its echo is judged
+LISTEN = 6.0
+#: after the relay kill: its restart and the peers' next consent check (every 4-6 s)
+RECOVER = 10.0
+#: the flood: datagrams per second to each relay, for how long
+FLOOD_RATE = 10_000
+FLOOD_SECONDS = 3.0
+#: seconds the peers have to set their calls up
+SETUP = 20.0
+#: processes the aiortc peers are spread over
+PEER_PROCESSES = 4
+
+
+class ScenarioError(Exception):
+    pass
+
+
+def whip(url: str, offer: str) -> tuple[int, str, str]:
+    request = urllib.request.Request(
+        url, data=offer.encode(), method="POST", headers={"Content-Type": "application/sdp"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return response.status, response.headers.get("Location", ""), response.read().decode()
+
+
+def status() -> dict[str, Any]:
+    async def read() -> dict[str, Any]:
+        async with open_etcd(f"127.0.0.1:{ETCD_PORT}") as etcd:
+            return await gather_status(etcd, Keyspace(PREFIX))
+
+    return trio.run(read)
+
+
+def wait_for_cluster(up: subprocess.Popen[bytes], within: float = 60.0) -> dict[str, Any]:
+    """Until 3 nodes and 2 relays are registered and every relay has a tunnel from every node."""
+    deadline = time.monotonic() + within
+    last: dict[str, Any] = {}
+    while time.monotonic() < deadline:
+        if up.poll() is not None:
+            raise ScenarioError(f"parley up exited with {up.returncode}")
+        try:
+            last = status()
+        except Exception:  # etcd not up yet
+            time.sleep(0.3)
+            continue
+        nodes = {n["id"] for n in last["nodes"]}
+        tunnels = [set(r.get("tunnels", [])) for r in last["relays"]]
+        if len(nodes) == 3 and len(tunnels) == 2 and all(t == nodes for t in tunnels):
+            return last
+        time.sleep(0.3)
+    raise ScenarioError(f"the cluster did not come up within {within:.0f} s: {last}")
+
+
+def candidates_of(answer: str) -> list[tuple[str, int]]:
+    found = []
+    for line in answer.splitlines():
+        if line.startswith("a=candidate:"):
+            parts = line.split()
+            found.append((parts[4], int(parts[5])))
+    return found
+
+
+async def peers(
+    whips: list[str], offset: int, count: int, plan: dict[str, float]
+) -> dict[str, Any]:
+    """``count`` aiortc peers, offering round robin from ``offset``; their echo correlations.
+
+    ``plan`` holds wall-clock times shared with the other peer processes: the calls are up by
+    ``talk``; the echo is judged in [talk + 2, kill) and again in [recover, end).
+    """
+    sent = speech.speak(SPEECH, rate=190)
+    calls = [AiortcCall(sent, pause=0.3) for _ in range(count)]
+    loop = asyncio.get_running_loop()
+    out: dict[str, Any] = {"answer_candidates": [], "sessions": []}
+
+    def local(at: float) -> float:  # a wall-clock time on this loop's clock
+        return loop.time() + (at - time.time())
+
+    async def until(at: float) -> None:
+        await asyncio.sleep(max(0.0, at - time.time()))
+
+    def window(call: AiortcCall, start: float, end: float) -> bytes:
+        return call.pcm_between(local(start), local(end))
+
+    try:
+        for index, call in enumerate(calls):
+            offer = await call.offer()
+            url = whips[(offset + index) % len(whips)]
+            code, location, answer = await asyncio.to_thread(whip, url, offer)
+            if code != 201:
+                raise ScenarioError(f"WHIP answered {code}")
+            out["answer_candidates"].append(candidates_of(answer))
+            out["sessions"].append(location.rsplit("/", 1)[1])
+            await call.answer(answer)
+        if time.time() > plan["talk"]:
+            raise ScenarioError("the calls took too long to set up")
+        await until(plan["kill"])
+        before = [window(c, plan["talk"] + 2.0, plan["flood"]) for c in calls]
+        await until(plan["end"])
+        after = [window(c, plan["recover"], plan["end"]) for c in calls]
+    finally:
+        await asyncio.gather(*(c.close() for c in calls), return_exceptions=True)
+    # Judged once the calls are over, so that the pure-Python correlation takes no CPU from
+    # the live audio.
+    out["correlation_before"] = [best_chunk(sent, pcm) for pcm in before]
+    out["correlation_after"] = [best_chunk(sent, pcm) for pcm in after]
+    out["heard_before"] = [round(len(pcm) / 96_000, 2) for pcm in before]
+    out["heard_after"] = [round(len(pcm) / 96_000, 2) for pcm in after]
+    return out
+
+
+def best_chunk(sent: bytes, heard: bytes) -> float:
+    """The best correlation of a 1 s chunk of what a peer heard with what it said.
+
+    Two cores hold the whole cluster, 20 peers and a browser in this test, so a peer's audio
+    has the odd gap (a frame its own jitter buffer dropped late), and one gap misaligns a long
+    waveform comparison. A whole second of the heard audio matching the speech still shows
+    that the peer hears its own words back, through relays and nodes.
+    """
+    chunk = 96_000  # 1 s of 48 kHz s16
+    scores = [
+        speech.correlation(sent, heard[at : at + chunk], len(sent) // 2)[0]
+        for at in range(0, len(heard) - chunk + 1, chunk // 2)
+    ]
+    return round(max(scores, default=0.0), 3)
+
+
+def flood(seconds: float) -> None:
+    """Random UDP and forged connectivity checks at both relays, FLOOD_RATE each, from many
+    source ports. Half the datagrams are random bytes; half are well-formed STUN Binding
+    requests whose ufrag looks like a hint but carries a MAC under the wrong secret."""
+    import random
+    import socket
+
+    from relay.hint import mint_ufrag
+    from sessions.webrtc import stun
+
+    rng = random.Random(7)
+    forged = [
+        stun.encode(
+            stun.binding_request(
+                rng.randbytes(12),
+                username=f"{mint_ufrag('floodsession' + str(i), 'node-1', bytes(32))}:x",
+                priority=1,
+                controlling=True,
+                tie_breaker=1,
+            )
+        )
+        for i in range(64)
+    ]
+    noise = [rng.randbytes(rng.randrange(1, 1200)) for _ in range(64)]
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(32)]
+    for sock in socks:
+        sock.setblocking(False)
+    batch = 100
+    interval = batch / FLOOD_RATE
+    end = time.monotonic() + seconds
+    next_at = time.monotonic()
+    sent = 0
+    while time.monotonic() < end:
+        for i in range(batch):
+            data = forged[i % 64] if i % 2 else noise[i % 64]
+            for port in RELAY_PORTS:
+                with contextlib.suppress(BlockingIOError):
+                    socks[(sent + i) % len(socks)].sendto(data, ("127.0.0.1", port))
+        sent += batch
+        next_at += interval
+        time.sleep(max(0.0, next_at - time.monotonic()))
+    for sock in socks:
+        sock.close()
+
+
+def peer_process(args: tuple[list[str], int, int, dict[str, float]]) -> dict[str, Any]:
+    """One process of peers (one asyncio loop per process: 20 peers in one would starve)."""
+    aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]  # type: ignore[assignment]
+    whips, offset, count, plan = args
+    try:
+        return asyncio.run(peers(whips, offset, count, plan))
+    except Exception:
+        return {"error": traceback.format_exc()}
+
+
+async def chromium_call(
+    page_url: str, work: Path, result: dict[str, Any], done: threading.Event
+) -> None:
+    wav = work / "speech.wav"
+    speech_wav(wav)
+    profile = work / "chromium-profile"
+    command = chromium_command(chromium_binary(), profile, wav, page_url)
+    chromium = await trio.to_thread.run_sync(start_chromium, command, work / "chromium.log")
+    samples: list[tuple[float, int, float]] = []
+    try:
+        port = await devtools_port(profile, chromium)
+        target = await page_websocket(port, page_url)
+        async with trio_websocket.open_websocket_url(target, max_message_size=16 << 20) as ws:
+            cdp = Cdp(ws)
+            loaded = (
+                "document.readyState === 'complete' && typeof window.parleyStart === 'function'"
+            )
+            if not await eventually(lambda: cdp.evaluate(loaded), within=20):
+                raise ScenarioError("the demo page did not load within 20 s")
+            await cdp.evaluate("window.parleyStart()", await_promise=True)
+            started = time.monotonic()
+            result["chromium_started"] = started
+            while not done.is_set():
+                page = await cdp.evaluate(
+                    "({state: window.parleyState, stats: window.parleyStats})"
+                )
+                stats = (page or {}).get("stats") or {}
+                samples.append(
+                    (
+                        round(time.monotonic() - started, 2),
+                        int(stats.get("packetsReceived") or 0),
+                        float(stats.get("audioLevel") or 0.0),
+                    )
+                )
+                await trio.sleep(0.5)
+    finally:
+        stop_process_group(chromium)
+        result["chromium_samples"] = samples
+
+
+def main(outfile: Path, clients: int) -> None:
+    result: dict[str, Any] = {"clients": clients}
+    up: subprocess.Popen[bytes] | None = None
+    work = Path(tempfile.mkdtemp(prefix="parley-cluster-"))
+    try:
+        result["interfaces_up"] = isolate_network()
+        # aioice gathers no loopback candidates by default; here loopback is all there is.
+        env = {**os.environ, "PARLEY_NODE_AGENT": "echo", "PARLEY_CONFIG": "/dev/null"}
+        env.pop("PARLEY_CLUSTER_CERTS", None)
+        up_log = work / "up.log"
+        with open(up_log, "wb") as log:
+            up = subprocess.Popen(
+                [
+                    sys.executable, "-m", "ops.cli", "up",
+                    "--data-dir", str(work / "up"),
+                    "--etcd-port", str(ETCD_PORT),
+                    "--nodes", "3",
+                    "--relays", "2",
+                ],
+                stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=Path(__file__).resolve().parents[2], env=env, start_new_session=True,
+            )  # fmt: skip
+        result["up_log"] = str(up_log)
+        first = wait_for_cluster(up)
+        result["relays_up"] = first["relays"]
+        whips = sorted(str(n["addresses"]["whip"]) for n in first["nodes"])
+        result["whips"] = whips
+        nodes_pages = sorted(
+            "http://" + str(n["signaling"]).removeprefix("ws://").split("/", 1)[0] + "/"
+            for n in first["nodes"]
+        )
+
+        now = time.time()
+        plan = {"talk": now + SETUP, "flood": now + SETUP + LISTEN}
+        plan["kill"] = plan["flood"] + FLOOD_SECONDS + 2.5
+        plan["recover"] = plan["kill"] + RECOVER
+        plan["end"] = plan["recover"] + LISTEN - 2.0
+        done = threading.Event()
+        errors: list[str] = []
+
+        def browser() -> None:
+            try:
+                trio.run(chromium_call, nodes_pages[0], work, result, done)
+            except Exception:
+                errors.append("chromium: " + traceback.format_exc())
+
+        thread = threading.Thread(target=browser)
+        thread.start()
+        shares = [
+            clients // PEER_PROCESSES + (i < clients % PEER_PROCESSES)
+            for i in range(PEER_PROCESSES)
+        ]
+        jobs = [(whips, sum(shares[:i]), n, plan) for i, n in enumerate(shares) if n]
+        context = multiprocessing.get_context("spawn")
+        try:
+            with context.Pool(len(jobs)) as pool:
+                pending = pool.map_async(peer_process, jobs)
+                time.sleep(max(0.0, plan["flood"] - 0.3 - time.time()))
+                result["status_before"] = status()
+                flooder = context.Process(target=flood, args=(FLOOD_SECONDS,))
+                time.sleep(max(0.0, plan["flood"] - time.time()))
+                flooder.start()
+                flooder.join(FLOOD_SECONDS + 10)
+                # Nodes publish session stats every 2 s: wait for a publication after the flood.
+                time.sleep(max(0.0, plan["kill"] - 0.3 - time.time()))
+                result["status_flooded"] = status()
+                relay = next(r for r in result["status_flooded"]["relays"] if r["id"] == "relay-1")
+                time.sleep(max(0.0, plan["kill"] - time.time()))
+                result["killed_relay_pid"] = relay["pid"]
+                result["killed_at"] = time.monotonic()
+                os.kill(int(relay["pid"]), signal.SIGKILL)
+                time.sleep(max(0.0, plan["end"] - 0.3 - time.time()))
+                result["status_after"] = status()
+                outcomes = pending.get(timeout=SETUP + 60)
+        finally:
+            done.set()
+            thread.join(30)
+        keys = ("answer_candidates", "sessions", "correlation_before", "correlation_after")
+        for key in (*keys, "heard_before", "heard_after"):
+            result[key] = [x for o in outcomes for x in o.get(key, [])]
+        errors += [o["error"] for o in outcomes if "error" in o]
+        result["errors"] = errors
+        result["ok"] = not errors
+    except Exception as exc:
+        result["error"] = f"{type(exc).__name__}: {exc}"
+        result["traceback"] = traceback.format_exc()
+    finally:
+        if up is not None and up.poll() is None:
+            up.send_signal(signal.SIGTERM)
+            try:
+                up.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(up.pid, signal.SIGKILL)
+        result["up_exit"] = up.returncode if up is not None else None
+        logs = work / "up" / "logs"
+        if logs.is_dir():
+            result["log_tails"] = {
+                p.name: p.read_text(errors="replace")[-1500:] for p in sorted(logs.glob("*.log"))
+            }
+        outfile.write_text(json.dumps(result, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 20)

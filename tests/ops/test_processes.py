@@ -161,8 +161,10 @@ def test_parley_up_runs_etcd_relays_and_nodes_restarts_a_killed_node_and_stops_c
         # every node (parley up waits for the relays; the tunnels follow within a second).
         assert all(n["addresses"]["media"] == "relays" for n in status["nodes"])
         wait_for(
-            lambda: [r.get("tunnels") for r in run_status(endpoint)["relays"]]
-            == [["node-1", "node-2"]] * 2,
+            lambda: (
+                [r.get("tunnels") for r in run_status(endpoint)["relays"]]
+                == [["node-1", "node-2"]] * 2
+            ),
             10,
             "tunnels from both nodes to both relays",
         )

@@ -88,13 +88,14 @@ import struct
 import subprocess
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any, Final, final
 
 import attrs
 import trio
 
+from ops.bench.common import percentile, split_cores
 from relay import frames
 from relay.certs import Credentials, Identity, make_ca
 from relay.edge import Limits, RelayEdge
@@ -288,14 +289,6 @@ class BenchResult:
 
 def _json_number(value: object) -> object:
     return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-def _percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile; NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
 
 
 # --- the servers (child processes) -----------------------------------------------------------
@@ -975,27 +968,11 @@ def _run(config: str, sessions: int, run: int, servers: _Servers, params: Params
         latency_rate=rate,
         latency_sent=latency_sent,
         latency_received=len(rtts),
-        p50=_percentile(rtts, 50),
-        p99=_percentile(rtts, 99),
+        p50=percentile(rtts, 50),
+        p99=percentile(rtts, 99),
         latency_relay_cpu=done.cpu_since(quiet),
         latency_others=done.others_since(quiet),
     )
-
-
-@contextlib.contextmanager
-def _cores() -> Iterator[tuple[set[int], set[int]]]:
-    """(relay core, the others): this process moves to the others, and back afterwards."""
-    original = os.sched_getaffinity(0)
-    if len(original) < 2:
-        yield set(), set()
-        return
-    relay = {max(original)}
-    others = original - relay
-    os.sched_setaffinity(0, others)
-    try:
-        yield relay, others
-    finally:
-        os.sched_setaffinity(0, original)
 
 
 def _raise_fd_limit(needed: int) -> None:
@@ -1032,7 +1009,7 @@ def measure(params: Params) -> BenchResult:
     _raise_fd_limit(max(params.sessions) + 256)
     rows: list[Figures] = []
     info = machine()
-    with _cores() as (relay_cpus, other_cpus), contextlib.ExitStack() as stack:
+    with split_cores() as (relay_cpus, other_cpus), contextlib.ExitStack() as stack:
         info["pinned"] = bool(relay_cpus)
         servers = _start(relay_cpus, other_cpus, stack)
         gc.collect()

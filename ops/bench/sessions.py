@@ -87,12 +87,13 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Callable, Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from pathlib import Path
 from typing import IO, Any, Final, final
 
 import attrs
 
+from ops.bench.common import percentile, split_cores
 from ops.etcdserver import EtcdServer, free_port
 
 __all__ = ["BenchResult", "ServerFigures", "StepFigures", "main", "measure", "render"]
@@ -208,7 +209,7 @@ class ServerFigures:
     stopped_by: str
 
     def setup_percentile(self, which: str, q: float) -> float:
-        return _percentile(getattr(self, f"{which}_times"), q)
+        return percentile(getattr(self, f"{which}_times"), q)
 
     def cpu_per_session_at(self, sessions: int) -> float | None:
         for step in self.steps:
@@ -265,15 +266,6 @@ def _no_nan(value: Any) -> Any:
     if isinstance(value, list):
         return [_no_nan(v) for v in value]
     return value
-
-
-def _percentile(values: Sequence[float], q: float) -> float:
-    """Nearest-rank percentile (NaN for none)."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
 
 
 # --- CPU and machine ---------------------------------------------------------------------------
@@ -1067,7 +1059,7 @@ async def _window(
         frames=frames,
         late=late,
         missing=missing,
-        jitter=_percentile(delays, 99),
+        jitter=percentile(delays, 99),
         drift=statistics.median(drifts) if drifts else math.nan,
         server_late=server_late,
         failed_setups=failed,
@@ -1189,22 +1181,6 @@ async def _measure_server(server: Server, packets: list[bytes], params: Params) 
     )
 
 
-@contextlib.contextmanager
-def _cores() -> Iterator[tuple[set[int], set[int]]]:
-    """(server cores, client cores): one core for the server, the rest for us, restored after."""
-    original = os.sched_getaffinity(0)
-    if len(original) < 2:
-        yield set(), set()
-        return
-    server = {max(original)}
-    clients = original - server
-    os.sched_setaffinity(0, clients)
-    try:
-        yield server, clients
-    finally:
-        os.sched_setaffinity(0, original)
-
-
 def _run_server(
     factory: Callable[[Path, set[int], set[int]], Server],
     workdir: Path,
@@ -1253,7 +1229,7 @@ def measure(params: Params) -> BenchResult:
     about = machine()
     workdir = Path(tempfile.mkdtemp(prefix="parley-bench-"))
     try:
-        with _cores() as cores:
+        with split_cores() as cores:
 
             async def measure_it(server: Server) -> ServerFigures:
                 return await _measure_server(server, packets, params)

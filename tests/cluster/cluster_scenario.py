@@ -41,23 +41,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import aioice.ice
 import trio
-import trio_websocket
 
 from ops.status import gather_status
 from sessions.audio import speech
 from storage.etcd import open_etcd
 from storage.keys import Keyspace
 from tests.interop.chromium_scenario import (
-    Cdp,
-    chromium_binary,
-    chromium_command,
-    devtools_port,
-    eventually,
+    browser_page,
     isolate_network,
-    page_websocket,
     speech_wav,
-    start_chromium,
-    stop_process_group,
 )
 from tests.peers import AiortcCall
 
@@ -252,39 +244,23 @@ async def chromium_call(
 ) -> None:
     wav = work / "speech.wav"
     speech_wav(wav)
-    profile = work / "chromium-profile"
-    command = chromium_command(chromium_binary(), profile, wav, page_url)
-    chromium = await trio.to_thread.run_sync(start_chromium, command, work / "chromium.log")
     samples: list[tuple[float, int, float]] = []
-    try:
-        port = await devtools_port(profile, chromium)
-        target = await page_websocket(port, page_url)
-        async with trio_websocket.open_websocket_url(target, max_message_size=16 << 20) as ws:
-            cdp = Cdp(ws)
-            loaded = (
-                "document.readyState === 'complete' && typeof window.parleyStart === 'function'"
+    result["chromium_samples"] = samples
+    async with browser_page(page_url, work, wav, result) as cdp:
+        await cdp.evaluate("window.parleyStart()", await_promise=True)
+        started = time.monotonic()
+        result["chromium_started"] = started
+        while not done.is_set():
+            page = await cdp.evaluate("({state: window.parleyState, stats: window.parleyStats})")
+            stats = (page or {}).get("stats") or {}
+            samples.append(
+                (
+                    round(time.monotonic() - started, 2),
+                    int(stats.get("packetsReceived") or 0),
+                    float(stats.get("audioLevel") or 0.0),
+                )
             )
-            if not await eventually(lambda: cdp.evaluate(loaded), within=20):
-                raise ScenarioError("the demo page did not load within 20 s")
-            await cdp.evaluate("window.parleyStart()", await_promise=True)
-            started = time.monotonic()
-            result["chromium_started"] = started
-            while not done.is_set():
-                page = await cdp.evaluate(
-                    "({state: window.parleyState, stats: window.parleyStats})"
-                )
-                stats = (page or {}).get("stats") or {}
-                samples.append(
-                    (
-                        round(time.monotonic() - started, 2),
-                        int(stats.get("packetsReceived") or 0),
-                        float(stats.get("audioLevel") or 0.0),
-                    )
-                )
-                await trio.sleep(0.5)
-    finally:
-        stop_process_group(chromium)
-        result["chromium_samples"] = samples
+            await trio.sleep(0.5)
 
 
 def main(outfile: Path, clients: int) -> None:

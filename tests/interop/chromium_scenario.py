@@ -294,6 +294,21 @@ async def call_from_browser(
     page_url = "http://" + signaling.removeprefix("ws://").split("/", 1)[0] + "/"
     result["page_url"] = page_url
 
+    async with browser_page(page_url, work, wav, result) as cdp:
+        result["start"] = await cdp.evaluate("window.parleyStart()", await_promise=True)
+        if mode == "demo":
+            await wait_for_turns(cdp, node, result)
+        else:
+            await wait_for_echo(cdp, node, result)
+        await hang_up(cdp, node, result)
+
+
+@contextlib.asynccontextmanager
+async def browser_page(
+    page_url: str, work: Path, wav: Path, result: dict[str, Any]
+) -> AsyncIterator[Cdp]:
+    """Chromium (fake microphone playing ``wav``) showing Parley's page at ``page_url``, loaded
+    and ready for ``parleyStart()``; stopped on the way out. Notes go into ``result``."""
     profile = work / "chromium-profile"
     browser_log = work / "chromium.log"
     result["chromium_log"] = str(browser_log)
@@ -311,12 +326,7 @@ async def call_from_browser(
             if not await eventually(lambda: cdp.evaluate(loaded), within=20):
                 raise ScenarioError("the page did not load (or has no parleyStart) within 20 s")
             result["browser_ready_s"] = round(time.monotonic() - started, 2)
-            result["start"] = await cdp.evaluate("window.parleyStart()", await_promise=True)
-            if mode == "demo":
-                await wait_for_turns(cdp, node, result)
-            else:
-                await wait_for_echo(cdp, node, result)
-            await hang_up(cdp, node, result)
+            yield cdp
     finally:
         stop_process_group(chromium)
         result["chromium_exit"] = chromium.returncode

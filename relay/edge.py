@@ -44,6 +44,7 @@ import trio
 from relay import frames
 from relay.hint import read_hint
 from relay.routes import RouteTable
+from sessions.media import bound_udp
 from sessions.webrtc import stun
 from sessions.webrtc.errors import StunError
 
@@ -329,15 +330,8 @@ class RelayEdge:
     async def _serve_one(
         self, host: str, port: int, family: int, *, task_status: trio.TaskStatus[Address]
     ) -> None:
-        sock = trio.socket.socket(family, socket.SOCK_DGRAM)
-        with sock:
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            await sock.bind((host, port))
-            raw = socket.socket(fileno=sock.fileno(), family=family, type=socket.SOCK_DGRAM)
-            raw.setblocking(False)
-            # Room for a burst while the loop serves the tunnels.
-            raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
+        # Room for a burst while the loop serves the tunnels.
+        async with bound_udp(host, port, v6only=True, receive_buffer=4 << 20) as raw:
             self._socks[family] = raw
             try:
                 name = raw.getsockname()
@@ -363,4 +357,3 @@ class RelayEdge:
                     await trio.lowlevel.checkpoint()
             finally:
                 self._socks.pop(family, None)
-                raw.detach()

@@ -60,6 +60,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from relay.certs import Credentials, Identity, TunnelAuthError, verify_peer
+from sessions.media import bound_udp
 
 __all__ = [
     "ALPN",
@@ -449,15 +450,9 @@ class TunnelEndpoint:
         """
         if self._sock is not None or self._stopping:
             raise RuntimeError("a TunnelEndpoint runs once")
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = trio.socket.socket(family, socket.SOCK_DGRAM)
-        with sock:
-            await sock.bind((self.host, self.requested_port))
-            self._port = sock.getsockname()[1]
-            # A plain non-blocking view of the same socket: sends never wait (a full buffer
-            # drops, and QUIC recovers) and receives drain without a Trio round trip each.
-            raw = socket.socket(fileno=sock.fileno(), family=family, type=socket.SOCK_DGRAM)
-            raw.setblocking(False)
+        # Sends never wait (a full buffer drops, and QUIC recovers).
+        async with bound_udp(self.host, self.requested_port) as raw:
+            self._port = raw.getsockname()[1]
             self._sock = raw
             try:
                 async with trio.open_nursery() as nursery:
@@ -467,7 +462,6 @@ class TunnelEndpoint:
             finally:
                 self._shutdown()
                 self._sock = None
-                raw.detach()
 
     # The timeout bounds the handshake only (and is part of the agreed API), hence the noqa.
     async def connect(

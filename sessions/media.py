@@ -13,10 +13,11 @@ would block: on this machine that forwards about three times more packets per se
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import socket
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Protocol, final
 
 import attrs
@@ -34,6 +35,34 @@ SendFn = Callable[[bytes, Address], None]
 
 INBOX_SIZE = 256
 MAX_DATAGRAM = 2048
+
+
+@contextlib.asynccontextmanager
+async def bound_udp(
+    host: str, port: int, *, v6only: bool = False, receive_buffer: int = 0
+) -> AsyncIterator[socket.socket]:
+    """A UDP socket bound to ``host:port``, as a plain non-blocking socket.
+
+    Sends never wait (a full buffer drops, like the network would) and receives drain without a
+    Trio round trip each: wait for readability with ``trio.lowlevel.wait_readable`` once, then
+    read until ``BlockingIOError``. On this machine that forwards about three times more
+    datagrams per second than awaiting ``recvfrom`` per datagram. Shared by the node's media
+    port, the relay's public port and the QUIC tunnel endpoints.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = trio.socket.socket(family, socket.SOCK_DGRAM)
+    with sock:
+        if v6only and family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        await sock.bind((host, port))
+        raw = socket.socket(fileno=sock.fileno(), family=family, type=socket.SOCK_DGRAM)
+        try:
+            raw.setblocking(False)
+            if receive_buffer:
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+            yield raw
+        finally:
+            raw.detach()  # the Trio socket owns the descriptor and closes it
 
 
 class PacketPath(Protocol):
@@ -177,15 +206,8 @@ class MediaPort:
     async def run(
         self, *, task_status: trio.TaskStatus[MediaPort] = trio.TASK_STATUS_IGNORED
     ) -> None:
-        family = socket.AF_INET6 if ":" in self.host else socket.AF_INET
-        sock = trio.socket.socket(family, socket.SOCK_DGRAM)
-        with sock:
-            await sock.bind((self.host, self.requested_port))
-            self.port = sock.getsockname()[1]
-            # A plain non-blocking view of the same socket: sends never wait (a full buffer
-            # drops, like the network would) and receives drain without a Trio round trip each.
-            raw = socket.socket(fileno=sock.fileno(), family=family, type=socket.SOCK_DGRAM)
-            raw.setblocking(False)
+        async with bound_udp(self.host, self.requested_port) as raw:
+            self.port = raw.getsockname()[1]
             self._sock = raw
             try:
                 task_status.started(self)
@@ -204,4 +226,3 @@ class MediaPort:
                     await trio.lowlevel.checkpoint()
             finally:
                 self._sock = None
-                raw.detach()

@@ -68,6 +68,7 @@ from typing import Any, Literal, final
 import attrs
 
 from relay.certs import Credentials
+from relay.edge import Limits
 
 #: the built-in agents a node can give its sessions
 AGENTS = ("turn-echo", "echo", "bridge")
@@ -76,6 +77,7 @@ MEDIA_PATHS = ("direct", "relay")
 #: in ``cluster.certs``: the secret that authenticates the relays' routing hints, hex, one per
 #: line, current first (more than one while rotating)
 HINT_SECRET_FILE = "hint.secret"
+_LIMITS = Limits()
 
 
 class ConfigError(ValueError):
@@ -135,10 +137,11 @@ class RelayConfig:
     tunnel_host: str = "127.0.0.1"
     tunnel_port: int = 0
     lease_ttl: int = 5
-    idle_timeout: float = 60.0
-    new_source_rate: float = 200.0
-    client_rate: float = 1000.0
-    max_clients: int = 100_000
+    # The edge's own defaults (relay/edge.py Limits), so that the two cannot drift apart.
+    idle_timeout: float = _LIMITS.idle_timeout
+    new_source_rate: float = _LIMITS.new_source_rate
+    client_rate: float = _LIMITS.client_rate
+    max_clients: int = _LIMITS.max_clients
 
     def relay_id(self) -> str:
         return self.id or f"relay-{socket.gethostname().split('.')[0]}-{os.getpid()}"

@@ -21,6 +21,11 @@ NodeState = Literal["active", "draining"]
 NODE_STATES: tuple[NodeState, ...] = ("active", "draining")
 
 
+def _encode(record: NodeInfo | RelayInfo) -> bytes:
+    """A registry record as compact, key-sorted JSON."""
+    return json.dumps(attrs.asdict(record), separators=(",", ":"), sort_keys=True).encode()
+
+
 @final
 @attrs.frozen
 class NodeInfo:
@@ -37,7 +42,7 @@ class NodeInfo:
     started_at: float = 0.0
 
     def encode(self) -> bytes:
-        return json.dumps(attrs.asdict(self), separators=(",", ":"), sort_keys=True).encode()
+        return _encode(self)
 
     @classmethod
     def decode(cls, data: bytes) -> NodeInfo:
@@ -92,7 +97,7 @@ class RelayInfo:
     started_at: float = 0.0
 
     def encode(self) -> bytes:
-        return json.dumps(attrs.asdict(self), separators=(",", ":"), sort_keys=True).encode()
+        return _encode(self)
 
     @classmethod
     def decode(cls, data: bytes) -> RelayInfo:

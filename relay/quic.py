@@ -450,8 +450,10 @@ class TunnelEndpoint:
         """
         if self._sock is not None or self._stopping:
             raise RuntimeError("a TunnelEndpoint runs once")
-        # Sends never wait (a full buffer drops, and QUIC recovers).
-        async with bound_udp(self.host, self.requested_port) as raw:
+        # Sends never wait (a full buffer drops, and QUIC recovers). A tunnel carries every
+        # session between a relay and a node: room for a burst while this process is busy
+        # elsewhere (the kernel's default holds ~150 full packets; the kernel may cap this).
+        async with bound_udp(self.host, self.requested_port, receive_buffer=4 << 20) as raw:
             self._port = raw.getsockname()[1]
             self._sock = raw
             try:

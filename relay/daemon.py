@@ -138,7 +138,12 @@ class Relay:
             clients=len(self.edge.clients),
             pps_in=round(self._rates[0], 1),
             pps_out=round(self._rates[1], 1),
-            counters={**counters, **{f"routes_{k}": v for k, v in self.routes.counters.items()}},
+            counters={
+                **counters,
+                **{f"routes_{k}": v for k, v in self.routes.counters.items()},
+                # What the tunnels dropped (backlog, size, closed) shows up here too.
+                **{f"tunnel_{k}": v for k, v in self.endpoint.counters.items()},
+            },
             pid=os.getpid(),
             host=socket.gethostname(),
             started_at=self.started_at,

@@ -197,6 +197,7 @@ def cmd_relay(config: Config, parent_pid: int | None = None) -> int:
                 client_rate=cfg.client_rate,
                 max_clients=cfg.max_clients,
                 idle_timeout=cfg.idle_timeout,
+                receive_buffer=cfg.receive_buffer,
             ),
         )
     except (ConfigError, ValueError) as exc:

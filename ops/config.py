@@ -41,6 +41,7 @@ Example ``parley.toml``::
     new_source_rate = 200.0   # STUN datagrams/s inspected from one unknown source IP
     client_rate = 1000.0      # datagrams/s forwarded for one client address
     max_clients = 100000
+    receive_buffer = 16777216 # bytes queued on the public port while the relay is busy
 
     [up]
     nodes = 3
@@ -142,6 +143,7 @@ class RelayConfig:
     new_source_rate: float = _LIMITS.new_source_rate
     client_rate: float = _LIMITS.client_rate
     max_clients: int = _LIMITS.max_clients
+    receive_buffer: int = _LIMITS.receive_buffer
 
     def relay_id(self) -> str:
         return self.id or f"relay-{socket.gethostname().split('.')[0]}-{os.getpid()}"
@@ -339,6 +341,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("relay.idle_timeout, new_source_rate and client_rate must be > 0")
     if relay.max_clients < 1:
         raise ConfigError("relay.max_clients must be at least 1")
+    if relay.receive_buffer < 0:
+        raise ConfigError("relay.receive_buffer must be bytes >= 0 (0: the kernel's default)")
     if config.up.nodes < 1 or config.up.relays < 0:
         raise ConfigError("up.nodes must be at least 1 and up.relays at least 0")
     if config.log.level.lower() not in {"debug", "info", "warning", "error"}:

@@ -46,6 +46,7 @@ async def gather_status(etcd: Etcd, keys: Keyspace) -> dict[str, Any]:
                 "addresses": m.info.addresses,
                 "host": m.info.host,
                 "pid": m.info.pid,
+                "counters": m.info.counters,
                 "uptime": round(max(0.0, now - m.info.started_at), 1)
                 if m.info.started_at
                 else None,

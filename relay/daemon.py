@@ -24,6 +24,7 @@ from typing import Any, Final, final
 
 import trio
 
+from actors.lag import LoopLag
 from relay.certs import Credentials
 from relay.edge import Limits, RelayEdge
 from relay.quic import Tunnel, TunnelEndpoint
@@ -78,6 +79,8 @@ class Relay:
         self.started_at = time.time()
         self._last: tuple[float, int, int] = (0.0, 0, 0)
         self._rates = (0.0, 0.0)
+        self.lag = LoopLag()
+        self._lag: dict[str, int] = {}
 
     # -- TunnelHandler ---------------------------------------------------------------------------
 
@@ -106,6 +109,7 @@ class Relay:
 
     async def run(self, *, task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED) -> None:
         async with open_etcd(self.etcd_endpoint) as etcd, trio.open_nursery() as nursery:
+            nursery.start_soon(self.lag.run)
             owners = Owners(etcd, self.keys)
             members = Members(etcd, self.keys)
             # Routes first: a relay that forwarded before knowing owners would route only by
@@ -143,6 +147,10 @@ class Relay:
                 **{f"routes_{k}": v for k, v in self.routes.counters.items()},
                 # What the tunnels dropped (backlog, size, closed) shows up here too.
                 **{f"tunnel_{k}": v for k, v in self.endpoint.counters.items()},
+                "kernel_drops": self.edge.kernel_drops(),
+                "tunnel_kernel_drops": self.endpoint.kernel_drops(),
+                # A stalled loop loses packets in the kernel, where no counter above sees it.
+                **self._lag,
             },
             pid=os.getpid(),
             host=socket.gethostname(),
@@ -160,6 +168,7 @@ class Relay:
                 (counters["client_out"] - sent) / elapsed,
             )
         self._last = (now, counters["client_in"], counters["client_out"])
+        self._lag = self.lag.counters()
 
     async def _register(
         self,

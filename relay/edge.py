@@ -44,7 +44,7 @@ import trio
 from relay import frames
 from relay.hint import read_hint
 from relay.routes import RouteTable
-from sessions.media import bound_udp
+from sessions.media import bound_udp, kernel_drops
 from sessions.webrtc import stun
 from sessions.webrtc.errors import StunError
 
@@ -96,6 +96,11 @@ class Limits:
     max_sources: int = 65_536
     #: seconds without a datagram after which a client address is forgotten
     idle_timeout: float = 60.0
+    #: bytes the kernel may queue on the public port while the relay is not running (a stall of
+    #: the process under a flood otherwise loses real clients' packets with the flood's). 16 MiB
+    #: holds about 2 s of a 10k/s flood of mixed sizes. Past net.core.rmem_max it needs
+    #: CAP_NET_ADMIN; without it the relay warns and runs with what it got.
+    receive_buffer: int = 16 << 20
 
 
 @final
@@ -294,6 +299,10 @@ class RelayEdge:
         self.counters["expired"] += len(stale)
         return len(stale)
 
+    def kernel_drops(self) -> int:
+        """Datagrams the kernel dropped at the public port(s) because the relay fell behind."""
+        return sum(kernel_drops(sock) or 0 for sock in list(self._socks.values()))
+
     def sessions(self) -> int:
         """Distinct sessions with at least one cached client address."""
         return len({c.session for c in self.clients.values()})
@@ -331,7 +340,9 @@ class RelayEdge:
         self, host: str, port: int, family: int, *, task_status: trio.TaskStatus[Address]
     ) -> None:
         # Room for a burst while the loop serves the tunnels.
-        async with bound_udp(host, port, v6only=True, receive_buffer=4 << 20) as raw:
+        async with bound_udp(
+            host, port, v6only=True, receive_buffer=self.limits.receive_buffer
+        ) as raw:
             self._socks[family] = raw
             try:
                 name = raw.getsockname()

@@ -60,7 +60,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 from relay.certs import Credentials, Identity, TunnelAuthError, verify_peer
-from sessions.media import bound_udp
+from sessions.media import bound_udp, kernel_drops
 
 __all__ = [
     "ALPN",
@@ -431,6 +431,11 @@ class TunnelEndpoint:
             for link in self._links
             if link.tunnel is not None and not link.tunnel.closed
         ]
+
+    def kernel_drops(self) -> int:
+        """Datagrams the kernel dropped at this endpoint's socket (its buffer was full)."""
+        sock = self._sock
+        return (kernel_drops(sock) or 0) if sock is not None else 0
 
     def flush(self) -> None:
         """Transmit what is queued on every connection, now. Call it once after queuing a batch

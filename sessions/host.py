@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import logging
 import secrets
+from collections.abc import Callable
 from typing import Any, Literal, final
 
 import trio
 
+from actors.lag import LoopLag
 from ops.config import Config, load_credentials, load_secrets
 from sessions.agents import Agent, EchoAgent, TurnEchoAgent
 from sessions.agents.bridge import BridgeAgent
@@ -215,6 +217,7 @@ async def run_frontend(
     cfg = node.config.node
     async with trio.open_nursery() as nursery:
         media: PacketPath
+        counters: Callable[[], dict[str, int]]
         if cfg.media == "relay":
             relayed = RelayedMedia(
                 node.id,
@@ -227,11 +230,18 @@ async def run_frontend(
             await nursery.start(relayed.run)
             media = relayed
             node.addresses["media"] = "relays"
+            counters = relayed.all_counters
         else:
             direct = MediaPort(cfg.media_host, cfg.media_port)
             await nursery.start(direct.run)
             media = direct
             node.addresses["media"] = f"udp://{direct.host}:{direct.port}"
+            counters = direct.all_counters
+        lag = LoopLag()
+        nursery.start_soon(lag.run)
+        # What the media path counted, and how late the node's loop ran (a stall loses packets
+        # in the kernel, where no counter of ours sees it).
+        node.counters_source = lambda: {**counters(), **lag.counters()}
         backend = NodeSessions(node, media)
         await nursery.start(backend.run)
         server = SignalingServer(

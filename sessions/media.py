@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import logging
+import os
 import socket
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol, final
@@ -48,6 +49,9 @@ async def bound_udp(
     read until ``BlockingIOError``. On this machine that forwards about three times more
     datagrams per second than awaiting ``recvfrom`` per datagram. Shared by the node's media
     port, the relay's public port and the QUIC tunnel endpoints.
+
+    ``receive_buffer`` (bytes) is what the kernel may hold for us while this process is not
+    running; see :func:`set_receive_buffer`.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = trio.socket.socket(family, socket.SOCK_DGRAM)
@@ -59,10 +63,55 @@ async def bound_udp(
         try:
             raw.setblocking(False)
             if receive_buffer:
-                raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+                set_receive_buffer(raw, receive_buffer)
             yield raw
         finally:
             raw.detach()  # the Trio socket owns the descriptor and closes it
+
+
+def set_receive_buffer(sock: socket.socket, size: int) -> int:
+    """Ask for a receive buffer of ``size`` bytes; returns what the kernel granted.
+
+    Linux caps SO_RCVBUF at ``net.core.rmem_max``; a process with CAP_NET_ADMIN may go past the
+    cap (SO_RCVBUFFORCE). If neither gets ``size``, a warning says which sysctl to raise: a
+    short buffer turns any pause of this process into lost packets, and the kernel counts those
+    where our counters cannot see them (:func:`kernel_drops`).
+    """
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+    granted: int = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    # Linux reports twice the request (it counts its own bookkeeping); half is what we asked.
+    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    if granted // 2 < size and force is not None:
+        with contextlib.suppress(PermissionError):
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+            granted = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+    if granted // 2 < size:
+        log.warning(
+            "UDP receive buffer capped below what was asked: raise net.core.rmem_max",
+            extra={"asked": size, "granted": granted // 2, "port": sock.getsockname()[1]},
+        )
+    return granted
+
+
+def kernel_drops(sock: socket.socket) -> int | None:
+    """Datagrams the kernel dropped for ``sock`` because its receive buffer was full (Linux:
+    the ``drops`` column of /proc/net/udp and udp6, matched by the socket's inode), or None
+    where the kernel does not say."""
+    try:
+        inode = str(os.fstat(sock.fileno()).st_ino)
+    except OSError:
+        return None
+    for table in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(table, encoding="ascii") as rows:
+                next(rows, None)  # the header
+                for row in rows:
+                    fields = row.split()
+                    if len(fields) >= 13 and fields[9] == inode:
+                        return int(fields[-1])
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 class PacketPath(Protocol):
@@ -127,6 +176,11 @@ class MediaPort:
 
     def flush(self) -> None:
         """Nothing to do: every send went out at once."""
+
+    def all_counters(self) -> dict[str, int]:
+        """The counters, and what the kernel dropped at the port (its buffer was full)."""
+        drops = kernel_drops(self._sock) if self._sock is not None else None
+        return {**self.counters, "kernel_drops": drops or 0}
 
     def register(self, session_id: str, ufrag: str) -> SessionPort:
         """Route packets for ``ufrag`` to a new inbox for ``session_id``."""

@@ -80,6 +80,8 @@ class Node:
         self._frontend = frontend
         #: per-session stats, published for `parley status` (set by the frontend)
         self.stats_source: Callable[[], Awaitable[dict[str, dict[str, Any]]]] | None = None
+        #: the media path's counters, published with the node's record
+        self.counters_source: Callable[[], dict[str, int]] | None = None
         self._stop_requested = trio.Event()
         self._load_changed = trio.Event()
         self._lease: Lease | None = None
@@ -160,6 +162,7 @@ class Node:
             addresses=dict(self.addresses),
             sessions=len(self.sessions),
             capacity=self.config.node.capacity,
+            counters=self.counters_source() if self.counters_source is not None else {},
             pid=os.getpid(),
             host=socket.gethostname(),
             started_at=self.started_at,
@@ -287,6 +290,8 @@ class Node:
             try:
                 stats = await self.stats_source()
                 await self._members.publish_stats(self.id, stats, lease.id)
+                if self.counters_source is not None:
+                    await self._members.register_node(self.info(), lease.id)
             except EtcdError as exc:
                 log.debug("could not publish stats: %s", exc)
 

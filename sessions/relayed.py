@@ -258,6 +258,14 @@ class RelayedMedia:
         finally:
             self._connecting.discard(info.id)
 
+    def all_counters(self) -> dict[str, int]:
+        """This path's counters and, as ``tunnel_*``, its tunnel endpoint's."""
+        endpoint = self.endpoint
+        if endpoint is None:
+            return dict(self.counters)
+        tunnel = {**endpoint.counters, "kernel_drops": endpoint.kernel_drops()}
+        return {**self.counters, **{f"tunnel_{k}": v for k, v in tunnel.items()}}
+
     def stats(self) -> dict[str, Any]:
         return {
             "tunnels": sorted(self.tunnels),

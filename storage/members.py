@@ -37,6 +37,8 @@ class NodeInfo:
     addresses: dict[str, str] = attrs.field(factory=dict)
     sessions: int = 0
     capacity: int = 0
+    #: the media path's counters (received, inbox_full, tunnel_* ...), for `parley status`
+    counters: dict[str, int] = attrs.field(factory=dict)
     pid: int = 0
     host: str = ""
     started_at: float = 0.0
@@ -58,12 +60,16 @@ class NodeInfo:
                 isinstance(k, str) and isinstance(v, str) for k, v in addresses.items()
             ):
                 raise TypeError("addresses must map names to strings")
+            counters = raw.get("counters", {})
+            if not isinstance(counters, dict):
+                raise TypeError("counters must be an object")
             return cls(
                 id=str(raw["id"]),
                 state=state,
                 addresses=dict(addresses),
                 sessions=int(raw.get("sessions", 0)),
                 capacity=int(raw.get("capacity", 0)),
+                counters={str(k): int(v) for k, v in counters.items()},
                 pid=int(raw.get("pid", 0)),
                 host=str(raw.get("host", "")),
                 started_at=float(raw.get("started_at", 0.0)),

@@ -54,6 +54,7 @@ def test_relay_without_certs_is_refused_clearly(tmp_path: Path) -> None:
         ({"relay": {"listen": "localhost:3478"}}, "relay.listen"),
         ({"relay": {"listen": "127.0.0.1:1,127.0.0.2:2"}}, "one IPv4"),
         ({"relay": {"listen": "127.0.0.1:70000"}}, "out of range"),
+        ({"relay": {"receive_buffer": -1}}, "receive_buffer"),
     ],
 )
 def test_bad_cluster_settings_are_refused(

@@ -182,6 +182,15 @@ def test_parley_up_runs_etcd_relays_and_nodes_restarts_a_killed_node_and_stops_c
         # spawned them, and the other node keeps running untouched.
         time.sleep(max(0.0, started + 13 - time.monotonic()))
         nodes = run_status(endpoint)["nodes"]
+        # Both kinds of process publish what their packet path counted, including what the
+        # kernel dropped for them and how late their loop ran.
+        for node in nodes:
+            assert {"tunnel_datagrams_in", "tunnel_kernel_drops", "loop_stalls"} <= set(
+                node["counters"]
+            ), node
+        for relay in run_status(endpoint)["relays"]:
+            assert relay["counters"]["kernel_drops"] == 0, relay
+            assert {"tunnel_kernel_drops", "loop_lag_ms"} <= set(relay["counters"]), relay
         survivor = next(n for n in status["nodes"] if n["id"] == "node-2")
         assert [n["pid"] for n in nodes if n["id"] == "node-2"] == [survivor["pid"]]
         pids = [n["pid"] for n in nodes] + [r["pid"] for r in run_status(endpoint)["relays"]]

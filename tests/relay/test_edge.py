@@ -252,3 +252,19 @@ async def test_serves_a_real_socket_and_answers_from_the_same_port() -> None:
             assert data == b"reply" and source == public
         assert flushes >= 1
         nursery.cancel_scope.cancel()
+
+
+async def test_counts_what_the_kernel_drops_while_the_relay_is_stalled() -> None:
+    # A relay that does not run for a while (a busy machine) loses datagrams in the kernel once
+    # its public port's buffer is full; only the kernel's count shows them.
+    edge = RelayEdge("relay-a", [SECRET], RouteTable(), limits=Limits(receive_buffer=4096))
+    async with trio.open_nursery() as nursery:
+        (public,) = await nursery.start(edge.serve, [("127.0.0.1", 0)])
+        assert edge.kernel_drops() == 0
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as flood:
+            for _ in range(200):  # no checkpoint: the edge cannot read meanwhile
+                flood.sendto(b"\xff" * 200, public)
+        assert edge.kernel_drops() > 0
+        await trio.sleep(0.05)
+        assert 0 < edge.counters["client_in"] < 200  # what fitted was read, and dropped
+        nursery.cancel_scope.cancel()

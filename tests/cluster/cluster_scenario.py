@@ -90,6 +90,47 @@ def status() -> dict[str, Any]:
     return trio.run(read)
 
 
+def kernel_udp() -> dict[str, Any]:
+    """This namespace's UDP counters from the kernel: the ``Udp:`` line of /proc/net/snmp and
+    every socket's drop count by local port (a full receive buffer shows here, not in ours)."""
+    snmp = Path("/proc/net/snmp").read_text().splitlines()
+    names, values = (line.split()[1:] for line in snmp if line.startswith("Udp:"))
+    drops: dict[int, int] = {}
+    for line in Path("/proc/net/udp").read_text().splitlines()[1:]:
+        fields = line.split()
+        port = int(fields[1].rsplit(":", 1)[1], 16)
+        drops[port] = drops.get(port, 0) + int(fields[-1])
+    return {"udp": dict(zip(names, map(int, values), strict=True)), "socket_drops": drops}
+
+
+def cpu_seconds() -> dict[str, float]:
+    """CPU seconds (user + system) each process in this PID namespace has used, by a short
+    name (``relay-1``, ``node-2``, ``etcd``, ``chromium``, ``python``...), summed over names."""
+    tick = os.sysconf("SC_CLK_TCK")
+    used: dict[str, float] = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            stat = (proc / "stat").read_text()
+            argv = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        words = [a.decode(errors="replace") for a in argv if a]
+        name = next((w for w in words if w.startswith(("relay-", "node-"))), None)
+        if name is None:
+            name = stat.split("(", 1)[1].split(")", 1)[0]
+            if "peer" in " ".join(words) or "multiprocessing" in " ".join(words):
+                name = "peers"
+        used[name] = used.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+    # and the whole machine's (all cores): idle, softirq (packets) and steal (the hypervisor)
+    machine = Path("/proc/stat").read_text().split()
+    for name, field in (("(idle)", 4), ("(softirq)", 7), ("(steal)", 8)):
+        used[name] = int(machine[field]) / tick
+    return used
+
+
 def wait_for_cluster(up: subprocess.Popen[bytes], within: float = 60.0) -> dict[str, Any]:
     """Until 3 nodes and 2 relays are registered and every relay has a tunnel from every node."""
     deadline = time.monotonic() + within
@@ -322,6 +363,8 @@ def main(outfile: Path, clients: int) -> None:
                 pending = pool.map_async(peer_process, jobs)
                 time.sleep(max(0.0, plan["flood"] - 0.3 - time.time()))
                 result["status_before"] = status()
+                result["kernel_before"] = kernel_udp()
+                result["cpu_before"] = cpu_seconds()
                 flooder = context.Process(target=flood, args=(FLOOD_SECONDS,))
                 time.sleep(max(0.0, plan["flood"] - time.time()))
                 flooder.start()
@@ -329,6 +372,8 @@ def main(outfile: Path, clients: int) -> None:
                 # Nodes publish session stats every 2 s: wait for a publication after the flood.
                 time.sleep(max(0.0, plan["kill"] - 0.3 - time.time()))
                 result["status_flooded"] = status()
+                result["kernel_flooded"] = kernel_udp()
+                result["cpu_flooded"] = cpu_seconds()
                 relay = next(r for r in result["status_flooded"]["relays"] if r["id"] == "relay-1")
                 time.sleep(max(0.0, plan["kill"] - time.time()))
                 result["killed_relay_pid"] = relay["pid"]

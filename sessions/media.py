@@ -18,6 +18,7 @@ import errno
 import logging
 import os
 import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Protocol, final
 
@@ -35,12 +36,19 @@ Datagram = tuple[bytes, Address]
 SendFn = Callable[[bytes, Address], None]
 
 INBOX_SIZE = 256
+# Python's socket module does not export it; Linux's value (asm-generic/socket.h)
+_SO_RCVBUFFORCE = 33 if sys.platform.startswith("linux") else None
 MAX_DATAGRAM = 2048
 
 
 @contextlib.asynccontextmanager
 async def bound_udp(
-    host: str, port: int, *, v6only: bool = False, receive_buffer: int = 0
+    host: str,
+    port: int,
+    *,
+    v6only: bool = False,
+    receive_buffer: int = 0,
+    reuse_port: bool = False,
 ) -> AsyncIterator[socket.socket]:
     """A UDP socket bound to ``host:port``, as a plain non-blocking socket.
 
@@ -51,13 +59,17 @@ async def bound_udp(
     port, the relay's public port and the QUIC tunnel endpoints.
 
     ``receive_buffer`` (bytes) is what the kernel may hold for us while this process is not
-    running; see :func:`set_receive_buffer`.
+    running; see :func:`set_receive_buffer`. With ``reuse_port`` several processes bind the
+    same address (SO_REUSEPORT) and the kernel spreads senders over them, each sender (address
+    and port) always to the same socket while the set of sockets stays the same.
     """
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = trio.socket.socket(family, socket.SOCK_DGRAM)
     with sock:
         if v6only and family == socket.AF_INET6:
             sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         await sock.bind((host, port))
         raw = socket.socket(fileno=sock.fileno(), family=family, type=socket.SOCK_DGRAM)
         try:
@@ -80,7 +92,7 @@ def set_receive_buffer(sock: socket.socket, size: int) -> int:
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
     granted: int = sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
     # Linux reports twice the request (it counts its own bookkeeping); half is what we asked.
-    force = getattr(socket, "SO_RCVBUFFORCE", None)
+    force = getattr(socket, "SO_RCVBUFFORCE", _SO_RCVBUFFORCE)
     if granted // 2 < size and force is not None:
         with contextlib.suppress(PermissionError):
             sock.setsockopt(socket.SOL_SOCKET, force, size)

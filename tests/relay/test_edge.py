@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 
 import pytest
 import trio
@@ -12,6 +13,7 @@ from relay import frames
 from relay.edge import Limits, RelayEdge, TokenBucket
 from relay.hint import mint_ufrag
 from relay.routes import RouteTable
+from sessions.media import set_receive_buffer
 from sessions.webrtc import stun
 from storage.ownership import OwnershipChange
 
@@ -268,3 +270,21 @@ async def test_counts_what_the_kernel_drops_while_the_relay_is_stalled() -> None
         await trio.sleep(0.05)
         assert 0 < edge.counters["client_in"] < 200  # what fitted was read, and dropped
         nursery.cancel_scope.cancel()
+
+
+def test_the_public_buffer_goes_past_rmem_max_when_allowed_and_warns_when_not(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rmem_max = int(Path("/proc/sys/net/core/rmem_max").read_text())
+    status = Path("/proc/self/status").read_text()
+    effective = int(
+        next(ln for ln in status.splitlines() if ln.startswith("CapEff:")).split()[1], 16
+    )
+    net_admin = bool(effective & (1 << 12))  # CAP_NET_ADMIN
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        granted = set_receive_buffer(sock, 2 * rmem_max)
+    if net_admin:
+        assert granted // 2 >= 2 * rmem_max  # SO_RCVBUFFORCE
+        assert "rmem_max" not in caplog.text
+    else:
+        assert granted // 2 <= rmem_max and "raise net.core.rmem_max" in caplog.text

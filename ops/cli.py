@@ -8,7 +8,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import attrs
@@ -61,6 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
     relay.add_argument("--tunnel-port", type=int, help="QUIC tunnel port (relay.tunnel_port)")
     relay.add_argument("--certs", help="cluster certificate directory (cluster.certs)")
     relay.add_argument(
+        "--workers",
+        type=int,
+        help="processes sharing the public port through SO_REUSEPORT (relay.workers)",
+    )
+    relay.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by the supervisor
+    relay.add_argument(
         "--parent-pid", type=int, help="stop gracefully when this process is gone (parley up)"
     )
 
@@ -110,6 +116,7 @@ def config_from(args: argparse.Namespace) -> Config:
             "listen": get("listen"),
             "tunnel_host": get("tunnel_host"),
             "tunnel_port": get("tunnel_port"),
+            "workers": get("workers"),
         },
         "up": {
             "nodes": get("nodes"),
@@ -174,13 +181,25 @@ def cmd_node(config: Config, parent_pid: int | None = None) -> int:
     return 0
 
 
-def cmd_relay(config: Config, parent_pid: int | None = None) -> int:
+def cmd_relay(
+    config: Config,
+    parent_pid: int | None = None,
+    worker: int | None = None,
+    argv: Sequence[str] = (),
+) -> int:
     from ops.config import load_credentials, load_secrets
-    from relay.daemon import Relay
+    from relay.daemon import Relay, worker_id
     from relay.edge import Limits
 
     cfg = config.relay
     relay_id = cfg.relay_id()
+    if worker is None and cfg.workers > 1:
+        from ops.workers import run_relay_workers
+
+        return run_relay_workers(relay_id, cfg.workers, argv, parent_pid)
+    tunnel_port = cfg.tunnel_port
+    if worker is not None and tunnel_port:
+        tunnel_port += worker  # each worker is its own tunnel endpoint
     try:
         relay = Relay(
             relay_id,
@@ -190,7 +209,7 @@ def cmd_relay(config: Config, parent_pid: int | None = None) -> int:
             secrets=load_secrets(config),
             listen=cfg.listen_addresses(),
             tunnel_host=cfg.tunnel_host,
-            tunnel_port=cfg.tunnel_port,
+            tunnel_port=tunnel_port,
             lease_ttl=cfg.lease_ttl,
             limits=Limits(
                 new_source_rate=cfg.new_source_rate,
@@ -199,6 +218,7 @@ def cmd_relay(config: Config, parent_pid: int | None = None) -> int:
                 idle_timeout=cfg.idle_timeout,
                 receive_buffer=cfg.receive_buffer,
             ),
+            worker=worker,
         )
     except (ConfigError, ValueError) as exc:
         print(f"parley relay: {exc}", file=sys.stderr)
@@ -209,9 +229,10 @@ def cmd_relay(config: Config, parent_pid: int | None = None) -> int:
             nursery.start_soon(relay.run)
             await _stop_on(nursery.cancel_scope.cancel, parent_pid)
 
-    log.info("relay starting", extra={"relay": relay_id, "etcd": config.cluster.etcd})
+    name = relay_id if worker is None else worker_id(relay_id, worker)
+    log.info("relay starting", extra={"relay": name, "etcd": config.cluster.etcd})
     trio.run(main)
-    log.info("relay stopped", extra={"relay": relay_id})
+    log.info("relay stopped", extra={"relay": name})
     return 0
 
 
@@ -246,7 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "node":
         return cmd_node(config, args.parent_pid)
     if args.command == "relay":
-        return cmd_relay(config, args.parent_pid)
+        return cmd_relay(
+            config, args.parent_pid, args.worker, sys.argv[1:] if argv is None else argv
+        )
     if args.command == "certs":
         from ops.certs import run_certs
 

@@ -42,6 +42,7 @@ Example ``parley.toml``::
     client_rate = 1000.0      # datagrams/s forwarded for one client address
     max_clients = 100000
     receive_buffer = 16777216 # bytes queued on the public port while the relay is busy
+    workers = 1               # processes sharing the public port (SO_REUSEPORT)
 
     [up]
     nodes = 3
@@ -75,6 +76,7 @@ from relay.edge import Limits
 AGENTS = ("turn-echo", "echo", "bridge")
 #: how client media reaches a node
 MEDIA_PATHS = ("direct", "relay")
+MAX_RELAY_WORKERS = 64
 #: in ``cluster.certs``: the secret that authenticates the relays' routing hints, hex, one per
 #: line, current first (more than one while rotating)
 HINT_SECRET_FILE = "hint.secret"
@@ -144,6 +146,9 @@ class RelayConfig:
     client_rate: float = _LIMITS.client_rate
     max_clients: int = _LIMITS.max_clients
     receive_buffer: int = _LIMITS.receive_buffer
+    #: processes serving the public port together (SO_REUSEPORT), each a registration of its
+    #: own (``<id>.w0``, ``<id>.w1``...) with its own tunnel endpoint
+    workers: int = 1
 
     def relay_id(self) -> str:
         return self.id or f"relay-{socket.gethostname().split('.')[0]}-{os.getpid()}"
@@ -341,6 +346,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("relay.idle_timeout, new_source_rate and client_rate must be > 0")
     if relay.max_clients < 1:
         raise ConfigError("relay.max_clients must be at least 1")
+    if not 1 <= relay.workers <= MAX_RELAY_WORKERS:
+        raise ConfigError(f"relay.workers must be between 1 and {MAX_RELAY_WORKERS}")
     if relay.receive_buffer < 0:
         raise ConfigError("relay.receive_buffer must be bytes >= 0 (0: the kernel's default)")
     if config.up.nodes < 1 or config.up.relays < 0:

@@ -35,12 +35,22 @@ from storage.lease import LeaseKeeper
 from storage.members import Members, RelayInfo
 from storage.ownership import Owners
 
-__all__ = ["STATS_INTERVAL", "Relay"]
+__all__ = ["STATS_INTERVAL", "Relay", "worker_id"]
 
 log = logging.getLogger("parley.relay")
 
 #: how often the relay's record (with its packet rates) is refreshed in etcd
 STATS_INTERVAL: Final = 2.0
+
+
+def worker_id(relay_id: str, worker: int) -> str:
+    """The registration of worker ``worker`` of relay ``relay_id`` (``relay-1.w0``).
+
+    Workers share the relay's public port (SO_REUSEPORT) and its certificate, but each keeps
+    its own client cache, route table and tunnel endpoint: nodes tunnel to each worker, and
+    answer a client through the worker that heard it, the one the kernel hashes it to.
+    """
+    return f"{relay_id}.w{worker}"
 
 
 @final
@@ -60,12 +70,18 @@ class Relay:
         tunnel_port: int = 0,
         lease_ttl: int = 5,
         limits: Limits | None = None,
+        worker: int | None = None,
     ) -> None:
-        self.id = check_name("relay", relay_id)
-        if credentials.identity.role != "relay" or credentials.identity.ident != self.id:
+        check_name("relay", relay_id)
+        if credentials.identity.role != "relay" or credentials.identity.ident != relay_id:
             raise ValueError(
-                f"the certificate is for {credentials.identity}, not relay {self.id!r}"
+                f"the certificate is for {credentials.identity}, not relay {relay_id!r}"
             )
+        #: the relay's name, as its certificate gives it
+        self.identity = relay_id
+        #: the registration's: one per worker when several share the public port
+        self.id = relay_id if worker is None else worker_id(relay_id, worker)
+        self.worker = worker
         self.etcd_endpoint = etcd_endpoint
         self.keys = Keyspace(prefix)
         self.credentials = credentials
@@ -74,7 +90,9 @@ class Relay:
         self.tunnel_port = tunnel_port
         self.lease_ttl = lease_ttl
         self.routes = RouteTable()
-        self.edge = RelayEdge(self.id, secrets, self.routes, limits=limits)
+        self.edge = RelayEdge(
+            self.id, secrets, self.routes, limits=limits, reuse_port=worker is not None
+        )
         self.endpoint: TunnelEndpoint | None = None
         self.started_at = time.time()
         self._last: tuple[float, int, int] = (0.0, 0, 0)
@@ -135,6 +153,7 @@ class Relay:
         counters = self.edge.counters
         return RelayInfo(
             id=self.id,
+            identity=self.identity,
             public=tuple(self.edge.addresses),
             tunnel=self.endpoint.address,
             tunnels=tuple(sorted(self.edge.tunnels)),

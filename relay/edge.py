@@ -160,6 +160,7 @@ class RelayEdge:
         limits: Limits | None = None,
         clock: Callable[[], float] = trio.current_time,
         flush: Callable[[], None] = lambda: None,
+        reuse_port: bool = False,
     ) -> None:
         if not secrets:
             raise ValueError("a relay needs the cluster secret to read routing hints")
@@ -169,6 +170,8 @@ class RelayEdge:
         self.limits = limits or Limits()
         self.clock = clock
         self.flush = flush
+        #: bind the public port shared with the relay's other workers (SO_REUSEPORT)
+        self.reuse_port = reuse_port
         self.tunnels: dict[str, DatagramSink] = {}
         self.clients: dict[Address, Client] = {}
         self._sources: dict[str, TokenBucket] = {}
@@ -341,7 +344,11 @@ class RelayEdge:
     ) -> None:
         # Room for a burst while the loop serves the tunnels.
         async with bound_udp(
-            host, port, v6only=True, receive_buffer=self.limits.receive_buffer
+            host,
+            port,
+            v6only=True,
+            receive_buffer=self.limits.receive_buffer,
+            reuse_port=self.reuse_port,
         ) as raw:
             self._socks[family] = raw
             try:

@@ -84,7 +84,10 @@ class RelayedMedia:
         self.tunnel_host = tunnel_host
         self.endpoint: TunnelEndpoint | None = None
         self.relays: dict[str, RelayInfo] = {}
+        #: open tunnels by relay registration (a relay's workers register one each)
         self.tunnels: dict[str, Tunnel] = {}
+        self._names: dict[Tunnel, str] = {}
+        self._dialing: dict[Address, str] = {}  # tunnel address -> registration, while dialing
         self._ports: dict[str, SessionPort] = {}
         self._connecting: set[str] = set()
         self._backoff: dict[str, tuple[float, float]] = {}  # relay -> (retry at, backoff)
@@ -167,7 +170,8 @@ class RelayedMedia:
         if port is None:
             self.counters["unknown_session"] += 1
             return
-        addr = (f"{frame.client[0]}@{tunnel.peer.ident}", frame.client[1])
+        name = self._names.get(tunnel, tunnel.peer.ident)
+        addr = (f"{frame.client[0]}@{name}", frame.client[1])
         port.addresses.add(addr)
         try:
             port.inbox_send.send_nowait((frame.payload, addr))
@@ -181,16 +185,20 @@ class RelayedMedia:
         if tunnel.peer.role != "relay":
             tunnel.close("a node only tunnels to relays")
             return
-        self.tunnels[tunnel.peer.ident] = tunnel
-        log.info("tunnel open", extra={"relay": tunnel.peer.ident, "remote": tunnel.remote})
+        # Named by the registration we dialed: the workers of one relay share its certificate.
+        name = self._dialing.get(tunnel.remote, tunnel.peer.ident)
+        self._names[tunnel] = name
+        self.tunnels[name] = tunnel
+        log.info("tunnel open", extra={"relay": name, "remote": tunnel.remote})
 
     def control_received(self, tunnel: Tunnel, message: dict[str, Any]) -> None:
         log.debug("control from %s: %s", tunnel.peer.ident, message)
 
     def tunnel_closed(self, tunnel: Tunnel, reason: str) -> None:
-        if self.tunnels.get(tunnel.peer.ident) is tunnel:
-            del self.tunnels[tunnel.peer.ident]
-            log.warning("tunnel closed", extra={"relay": tunnel.peer.ident, "reason": reason})
+        name = self._names.pop(tunnel, tunnel.peer.ident)
+        if self.tunnels.get(name) is tunnel:
+            del self.tunnels[name]
+            log.warning("tunnel closed", extra={"relay": name, "reason": reason})
 
     # -- finding relays --------------------------------------------------------------------------
 
@@ -241,9 +249,10 @@ class RelayedMedia:
 
     async def _dial(self, info: RelayInfo) -> None:
         assert self.endpoint is not None
+        self._dialing[info.tunnel] = info.id
         try:
             await self.endpoint.connect(
-                *info.tunnel, expect=Identity("relay", info.id), timeout=3.0
+                *info.tunnel, expect=Identity("relay", info.certified_as), timeout=3.0
             )
         except TunnelError as exc:
             _, backoff = self._backoff.get(info.id, (0.0, 0.25))
@@ -257,6 +266,7 @@ class RelayedMedia:
             self._backoff.pop(info.id, None)
         finally:
             self._connecting.discard(info.id)
+            self._dialing.pop(info.tunnel, None)
 
     def all_counters(self) -> dict[str, int]:
         """This path's counters and, as ``tunnel_*``, its tunnel endpoint's."""

@@ -88,6 +88,8 @@ class RelayInfo:
     """
 
     id: str
+    #: the name in the relay's certificate; differs from ``id`` for a worker (``relay-1.w0``)
+    identity: str = ""
     public: tuple[tuple[str, int], ...] = ()
     tunnel: tuple[str, int] = ("", 0)
     #: node ids with an open tunnel
@@ -101,6 +103,11 @@ class RelayInfo:
     pid: int = 0
     host: str = ""
     started_at: float = 0.0
+
+    @property
+    def certified_as(self) -> str:
+        """The identity a node must find in this relay's tunnel certificate."""
+        return self.identity or self.id
 
     def encode(self) -> bytes:
         return _encode(self)
@@ -118,6 +125,7 @@ class RelayInfo:
                 raise TypeError("counters must be an object")
             return cls(
                 id=str(raw["id"]),
+                identity=str(raw.get("identity", "")),
                 public=public,
                 tunnel=_address(raw["tunnel"]),
                 tunnels=tuple(str(n) for n in raw.get("tunnels", ())),

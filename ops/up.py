@@ -185,7 +185,9 @@ class LocalCluster:
                     except EtcdError:
                         status = {"nodes": [], "relays": []}
                     members = status["nodes"] + status["relays"]
-                    if wanted <= {m.get("id") for m in members}:
+                    # A relay with workers (relay.workers) registers as relay-1.w0, relay-1.w1...
+                    registered = {m.get("identity") or m.get("id") for m in members}
+                    if wanted <= registered:
                         return
                     await trio.sleep(0.2)
         self.say("warning: not every relay and node registered within 30 s; see the logs above")

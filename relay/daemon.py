@@ -81,7 +81,6 @@ class Relay:
         self.identity = relay_id
         #: the registration's: one per worker when several share the public port
         self.id = relay_id if worker is None else worker_id(relay_id, worker)
-        self.worker = worker
         self.etcd_endpoint = etcd_endpoint
         self.keys = Keyspace(prefix)
         self.credentials = credentials

@@ -304,7 +304,7 @@ class RelayEdge:
 
     def kernel_drops(self) -> int:
         """Datagrams the kernel dropped at the public port(s) because the relay fell behind."""
-        return sum(kernel_drops(sock) or 0 for sock in list(self._socks.values()))
+        return kernel_drops(*self._socks.values())
 
     def sessions(self) -> int:
         """Distinct sessions with at least one cached client address."""

@@ -434,8 +434,7 @@ class TunnelEndpoint:
 
     def kernel_drops(self) -> int:
         """Datagrams the kernel dropped at this endpoint's socket (its buffer was full)."""
-        sock = self._sock
-        return (kernel_drops(sock) or 0) if sock is not None else 0
+        return kernel_drops(self._sock)
 
     def flush(self) -> None:
         """Transmit what is queued on every connection, now. Call it once after queuing a batch

@@ -105,25 +105,31 @@ def set_receive_buffer(sock: socket.socket, size: int) -> int:
     return granted
 
 
-def kernel_drops(sock: socket.socket) -> int | None:
-    """Datagrams the kernel dropped for ``sock`` because its receive buffer was full (Linux:
-    the ``drops`` column of /proc/net/udp and udp6, matched by the socket's inode), or None
-    where the kernel does not say."""
-    try:
-        inode = str(os.fstat(sock.fileno()).st_ino)
-    except OSError:
-        return None
+def kernel_drops(*socks: socket.socket | None) -> int:
+    """Datagrams the kernel dropped for ``socks`` because their receive buffers were full, all
+    together (Linux: the ``drops`` column of /proc/net/udp and udp6, matched by each socket's
+    inode; one pass over each table). 0 for a socket that is None or the kernel does not list.
+    """
+    inodes: set[str] = set()
+    for sock in socks:
+        if sock is not None:
+            with contextlib.suppress(OSError):
+                inodes.add(str(os.fstat(sock.fileno()).st_ino))
+    total = 0
     for table in ("/proc/net/udp", "/proc/net/udp6"):
+        if not inodes:
+            break
         try:
             with open(table, encoding="ascii") as rows:
                 next(rows, None)  # the header
                 for row in rows:
                     fields = row.split()
-                    if len(fields) >= 13 and fields[9] == inode:
-                        return int(fields[-1])
+                    if len(fields) >= 13 and fields[9] in inodes:
+                        inodes.discard(fields[9])
+                        total += int(fields[-1])
         except (OSError, ValueError):
             continue
-    return None
+    return total
 
 
 class PacketPath(Protocol):
@@ -191,8 +197,7 @@ class MediaPort:
 
     def all_counters(self) -> dict[str, int]:
         """The counters, and what the kernel dropped at the port (its buffer was full)."""
-        drops = kernel_drops(self._sock) if self._sock is not None else None
-        return {**self.counters, "kernel_drops": drops or 0}
+        return {**self.counters, "kernel_drops": kernel_drops(self._sock)}
 
     def register(self, session_id: str, ufrag: str) -> SessionPort:
         """Route packets for ``ufrag`` to a new inbox for ``session_id``."""

@@ -94,6 +94,12 @@ MAX_HALF_OPEN: Final = 64
 MAX_QUEUED_DATAGRAMS: Final = 1024
 MAX_CONTROL_LINE: Final = 65536
 RECV_BATCH: Final = 1024
+#: how long a tunnel waits before acknowledging what it received. aioquic acknowledges after
+#: 1 ms (its timer granularity), which at media rates means one ACK-only packet, one timer and
+#: one wake-up on each side for every datagram. The tunnels carry DATAGRAM frames, which nobody
+#: retransmits: RFC 9221 §5.2 asks receivers to delay those ACKs within max_ack_delay (25 ms,
+#: aioquic's default, RFC 9000 §18.2). An ACK due by then rides on the next packet either way.
+ACK_DELAY: Final = 0.020
 RECV_BUFFER: Final = 65536
 # A 1-RTT packet's worst-case overhead (RFC 9000 §17.3.1): first byte, a destination connection
 # ID of up to 20 bytes, a packet number of up to 4, then the AEAD tag (16 for every QUIC v1
@@ -110,6 +116,8 @@ _APP_CLOSED: Final = 0
 _APP_PROTOCOL_ERROR: Final = 1
 
 _ENDPOINT_COUNTERS: Final = (
+    "packets_in",  # UDP datagrams: QUIC packets, coalesced or not, ACK-only ones included
+    "packets_out",
     "handshakes",
     "auth_failures",
     "handshake_failures",
@@ -166,7 +174,12 @@ class TunnelHandler(Protocol):
 
 
 class _QuicConnection(QuicConnection):
-    """aioquic's connection, with the two internals this module relies on in one place."""
+    """aioquic's connection, with the internals this module relies on in one place."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        # aioquic internal: its ACK delay is fixed at 1 ms (see ACK_DELAY).
+        self._ack_delay = ACK_DELAY
 
     def _initialize(self, peer_cid: bytes) -> None:
         super()._initialize(peer_cid)
@@ -331,6 +344,7 @@ class Tunnel:
             endpoint.counters["dropped_backlog"] += 1
             return False
         conn.send_datagram_frame(data)
+        endpoint._pending[self._link] = None
         self.counters["datagrams_out"] += 1
         endpoint.counters["datagrams_out"] += 1
         return True
@@ -408,6 +422,8 @@ class TunnelEndpoint:
         self._by_cid: dict[bytes, _Link] = {}
         self._links: dict[_Link, None] = {}  # insertion-ordered set
         self._touched: dict[_Link, None] = {}
+        self._pending: dict[_Link, None] = {}  # queued on since the last flush
+        self._flush_wanted = trio.Event()
         self._wake = trio.Event()
         self._armed_at = math.inf
         self._ping_uid = 0
@@ -437,11 +453,24 @@ class TunnelEndpoint:
         return kernel_drops(self._sock)
 
     def flush(self) -> None:
-        """Transmit what is queued on every connection, now. Call it once after queuing a batch
-        of datagrams from outside the endpoint's own callbacks."""
-        now = trio.current_time()
-        for link in list(self._links):
-            self._transmit(link, now)
+        """Send what was queued on the tunnels from outside the endpoint's own callbacks.
+
+        It leaves once the tasks that are ready now have run (Trio's next batch), not at once:
+        the sessions a node ticks together each queue a frame and call this, and their frames
+        share QUIC packets instead of taking one packet, one encryption and one ``sendto``
+        each. Call it after queuing a batch.
+        """
+        if self._pending:
+            self._flush_wanted.set()
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await self._flush_wanted.wait()
+            self._flush_wanted = trio.Event()
+            now = trio.current_time()
+            pending, self._pending = self._pending, {}
+            for link in pending:
+                self._transmit(link, now)
 
     async def run(
         self, *, task_status: trio.TaskStatus[TunnelEndpoint] = trio.TASK_STATUS_IGNORED
@@ -463,6 +492,7 @@ class TunnelEndpoint:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._timer_loop)
+                    nursery.start_soon(self._flush_loop)
                     task_status.started(self)
                     await self._receive_loop(raw)
             finally:
@@ -578,6 +608,7 @@ class TunnelEndpoint:
                     if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
                         continue  # ICMP from an earlier send; QUIC's timers deal with it
                     raise
+                self.counters["packets_in"] += 1
                 self._on_datagram(data, (addr[0], addr[1]), now)
             # One transmit per touched connection per batch: ACKs, answers, and whatever the
             # handler queued from its callbacks.
@@ -810,6 +841,7 @@ class TunnelEndpoint:
             self._unregister(link, cid)
         self._links.pop(link, None)
         self._touched.pop(link, None)
+        self._pending.pop(link, None)
 
     def _abandon(self, link: _Link, reason: str) -> None:
         """Give up on a connection we dialed (timeout, failure, cancellation)."""
@@ -844,6 +876,7 @@ class TunnelEndpoint:
         for data, addr in link.conn.datagrams_to_send(now):
             try:
                 sock.sendto(data, addr)
+                self.counters["packets_out"] += 1
             except (BlockingIOError, InterruptedError):
                 self.counters["send_failed"] += 1  # a full buffer is loss; QUIC recovers
             except OSError as exc:
@@ -873,7 +906,8 @@ class TunnelEndpoint:
             self._armed_at = -math.inf  # nobody needs to wake us while we work
             now = trio.current_time()
             for link in list(self._links):
-                self._on_timer(link, now)
+                if self._deadline(link) <= now:
+                    self._on_timer(link, now)
 
     def _on_timer(self, link: _Link, now: float) -> None:
         conn = link.conn

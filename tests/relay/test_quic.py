@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 import relay.quic
 from relay.certs import Credentials, Identity, issue, make_ca
-from relay.quic import ALPN, Tunnel, TunnelEndpoint, TunnelError
+from relay.quic import ACK_DELAY, ALPN, Tunnel, TunnelEndpoint, TunnelError
 
 CA = make_ca()
 OTHER_CA = make_ca("Another cluster's CA")
@@ -182,6 +182,54 @@ async def test_datagrams_both_ways_in_batches_arrive_intact() -> None:
             assert all(t is back for t, _ in relay_side.datagrams)
             assert tunnel.counters["datagrams_out"] == back.counters["datagrams_in"] == 400
             assert relay.counters["datagrams_in"] == node.counters["datagrams_out"] == 400
+            nursery.cancel_scope.cancel()
+
+
+async def test_frames_queued_by_several_senders_in_one_batch_share_a_packet() -> None:
+    """Ten sessions that tick together each queue a frame and flush: one QUIC packet leaves."""
+    relay_side, node_side = Recorder(), Recorder()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            relay = await nursery.start(server(relay_side).run)
+            node = await nursery.start(client(node_side).run)
+            tunnel = await node.connect("127.0.0.1", relay.port)
+            await until(lambda: len(relay_side.opened) == 1)
+            await trio.sleep(0.1)  # the handshake's last ACKs
+            before = relay.counters["packets_in"]
+
+            async def session(index: int) -> None:
+                assert tunnel.send_datagram(b"frame %d " % index + bytes(150))
+                node.flush()
+
+            async with trio.open_nursery() as sessions:
+                for index in range(10):
+                    sessions.start_soon(session, index)
+            await until(lambda: len(relay_side.datagrams) == 10)
+            # one packet (another may carry an ACK of the handshake's last packets), not ten
+            assert relay.counters["packets_in"] - before <= 2
+            nursery.cancel_scope.cancel()
+
+
+async def test_datagram_only_packets_are_acknowledged_together() -> None:
+    """RFC 9221 §5.2: ACKs for DATAGRAM-only packets wait (up to ACK_DELAY) and cover many."""
+    relay_side, node_side = Recorder(), Recorder()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            relay = await nursery.start(server(relay_side).run)
+            node = await nursery.start(client(node_side).run)
+            tunnel = await node.connect("127.0.0.1", relay.port)
+            await until(lambda: len(relay_side.opened) == 1)
+            await trio.sleep(0.1)
+            acks_before = relay.counters["packets_out"]
+            # 20 packets 2 ms apart: with aioquic's own 1 ms delay, each gets an ACK of its own.
+            for index in range(20):
+                assert tunnel.send_datagram(b"frame %d" % index)
+                node.flush()
+                await trio.sleep(0.002)
+            await until(lambda: len(relay_side.datagrams) == 20)
+            await trio.sleep(ACK_DELAY * 2)
+            acks = relay.counters["packets_out"] - acks_before
+            assert 1 <= acks <= 8, acks
             nursery.cancel_scope.cancel()
 
 

@@ -6,12 +6,14 @@ import array
 import asyncio
 import contextlib
 import fractions
+import functools
 import time
 
 import aioice.ice
 import aiortc
 import av
 import pytest
+from aiortc.codecs.opus import OpusEncoder
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from sessions.agents import FRAME_BYTES
@@ -21,31 +23,54 @@ FRAME = 0.020
 
 
 class SpeechTrack(MediaStreamTrack):
-    """Plays PCM (looped, with a pause between repeats) as 20 ms s16 mono 48 kHz frames, paced
-    in real time like a microphone."""
+    """Plays PCM (looped, with a pause between repeats) as 20 ms Opus packets, paced in real time
+    like a microphone.
+
+    The speech is encoded once, with aiortc's own Opus encoder, and the track hands aiortc the
+    packets: aiortc sends pre-encoded media as it is (its ``MediaPlayer(decode=False)`` path). Every
+    peer says the same words, so twenty peers on two cores would otherwise spend most of their CPU
+    encoding the same frames again, through a thread hop each.
+    """
 
     kind = "audio"
 
     def __init__(self, pcm: bytes, *, pause: float = 0.5) -> None:
         super().__init__()
-        self._frames = speech.frames(pcm) + [bytes(FRAME_BYTES)] * round(pause / FRAME)
+        self._packets = _encoded(pcm, round(pause / FRAME))
         self._index = 0
         self._start: float | None = None
 
-    async def recv(self) -> av.AudioFrame:
+    async def recv(self) -> av.Packet:
         if self.readyState != "live":
             raise MediaStreamError
         if self._start is None:
             self._start = time.monotonic()
         else:
             await asyncio.sleep(max(0.0, self._start + self._index * FRAME - time.monotonic()))
-        frame = av.AudioFrame(format="s16", layout="mono", samples=960)
-        frame.planes[0].update(self._frames[self._index % len(self._frames)])
-        frame.sample_rate = 48_000
-        frame.pts = self._index * 960
-        frame.time_base = fractions.Fraction(1, 48_000)
+        packet = av.Packet(self._packets[self._index % len(self._packets)])
+        packet.pts = self._index * 960
+        packet.time_base = _TIME_BASE
         self._index += 1
-        return frame
+        return packet
+
+
+_TIME_BASE = fractions.Fraction(1, 48_000)
+
+
+@functools.cache
+def _encoded(pcm: bytes, pause_frames: int) -> tuple[bytes, ...]:
+    """One Opus packet per 20 ms frame of ``pcm`` followed by ``pause_frames`` of silence."""
+    encoder = OpusEncoder()
+    packets: list[bytes] = []
+    for index, chunk in enumerate(speech.frames(pcm) + [bytes(FRAME_BYTES)] * pause_frames):
+        frame = av.AudioFrame(format="s16", layout="mono", samples=960)
+        frame.planes[0].update(chunk)
+        frame.sample_rate = 48_000
+        frame.pts = index * 960
+        frame.time_base = _TIME_BASE
+        payloads, _ = encoder.encode(frame)
+        packets += payloads
+    return tuple(packets)
 
 
 @pytest.fixture

@@ -83,8 +83,10 @@ def whip(url: str, offer: str) -> tuple[int, str, str]:
 
 
 def status() -> dict[str, Any]:
+    # This observer shares two saturated cores with everything it watches: give its reads the
+    # time a daemon's would get (the daemons' own etcd traffic is what the test is about).
     async def read() -> dict[str, Any]:
-        async with open_etcd(f"127.0.0.1:{ETCD_PORT}") as etcd:
+        async with open_etcd(f"127.0.0.1:{ETCD_PORT}", rpc_timeout=10.0) as etcd:
             return await gather_status(etcd, Keyspace(PREFIX))
 
     return trio.run(read)
@@ -225,10 +227,28 @@ def best_chunk(sent: bytes, heard: bytes) -> float:
     return round(max(scores, default=0.0), 3)
 
 
-def flood(seconds: float) -> None:
+def own_session() -> None:
+    """Run this process in a session of its own, as ``parley up`` runs each daemon.
+
+    With the kernel's autogroup scheduling (``/proc/sys/kernel/sched_autogroup_enabled``, on in
+    many distributions' kernels) CPU is shared fairly between sessions first, then between the
+    processes of a session. ``parley up`` starts every relay, node and etcd in its own session,
+    so if the peers shared the scenario's one, twenty peers would get the share of one daemon
+    and fall seconds behind the audio they hear."""
+    with contextlib.suppress(OSError):
+        os.setsid()
+
+
+def flood(go: Any, seconds: float) -> None:
     """Random UDP and forged connectivity checks at both relays, FLOOD_RATE each, from many
-    source ports. Half the datagrams are random bytes; half are well-formed STUN Binding
-    requests whose ufrag looks like a hint but carries a MAC under the wrong secret."""
+    source ports, for ``seconds`` once ``go`` (a multiprocessing Event) is set. Half the
+    datagrams are random bytes; half are well-formed STUN Binding requests whose ufrag looks
+    like a hint but carries a MAC under the wrong secret.
+
+    The process is started well before: a spawned Python takes seconds to import on a loaded
+    machine, and a flood that started late would still be running when relay-1 is killed.
+    """
+    own_session()  # a flood that is starved of CPU would not be the flood it says it is
     import random
     import socket
 
@@ -254,6 +274,7 @@ def flood(seconds: float) -> None:
         sock.setblocking(False)
     batch = 100
     interval = batch / FLOOD_RATE
+    go.wait()
     end = time.monotonic() + seconds
     next_at = time.monotonic()
     sent = 0
@@ -272,6 +293,7 @@ def flood(seconds: float) -> None:
 
 def peer_process(args: tuple[list[str], int, int, dict[str, float]]) -> dict[str, Any]:
     """One process of peers (one asyncio loop per process: 20 peers in one would starve)."""
+    own_session()
     aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]  # type: ignore[assignment]
     whips, offset, count, plan = args
     try:
@@ -361,14 +383,18 @@ def main(outfile: Path, clients: int) -> None:
         try:
             with context.Pool(len(jobs)) as pool:
                 pending = pool.map_async(peer_process, jobs)
+                go = context.Event()
+                # daemon: if anything fails before ``go``, the flooder must not hold the exit
+                flooder = context.Process(target=flood, args=(go, FLOOD_SECONDS), daemon=True)
+                flooder.start()
                 time.sleep(max(0.0, plan["flood"] - 0.3 - time.time()))
                 result["status_before"] = status()
                 result["kernel_before"] = kernel_udp()
                 result["cpu_before"] = cpu_seconds()
-                flooder = context.Process(target=flood, args=(FLOOD_SECONDS,))
                 time.sleep(max(0.0, plan["flood"] - time.time()))
-                flooder.start()
+                go.set()
                 flooder.join(FLOOD_SECONDS + 10)
+                result["flood_late_s"] = round(time.time() - plan["flood"] - FLOOD_SECONDS, 2)
                 # Nodes publish session stats every 2 s: wait for a publication after the flood.
                 time.sleep(max(0.0, plan["kill"] - 0.3 - time.time()))
                 result["status_flooded"] = status()

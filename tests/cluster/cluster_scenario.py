@@ -44,7 +44,7 @@ import trio
 
 from ops.status import gather_status
 from sessions.audio import speech
-from storage.etcd import open_etcd
+from storage.etcd import EtcdUnavailable, open_etcd
 from storage.keys import Keyspace
 from tests.interop.chromium_scenario import (
     browser_page,
@@ -83,11 +83,22 @@ def whip(url: str, offer: str) -> tuple[int, str, str]:
 
 
 def status() -> dict[str, Any]:
-    # This observer shares two saturated cores with everything it watches: give its reads the
-    # time a daemon's would get (the daemons' own etcd traffic is what the test is about).
+    """What ``parley status --json`` shows, read from etcd.
+
+    This observer shares two saturated cores with everything it watches, and opens a fresh
+    gRPC channel each time: its reads get a long timeout and a few tries when the channel's
+    handshake times out (the daemons' own etcd traffic is what the test judges)."""
+
     async def read() -> dict[str, Any]:
-        async with open_etcd(f"127.0.0.1:{ETCD_PORT}", rpc_timeout=10.0) as etcd:
-            return await gather_status(etcd, Keyspace(PREFIX))
+        for attempt in range(4):
+            try:
+                async with open_etcd(f"127.0.0.1:{ETCD_PORT}", rpc_timeout=10.0) as etcd:
+                    return await gather_status(etcd, Keyspace(PREFIX))
+            except EtcdUnavailable:
+                if attempt == 3:
+                    raise
+                await trio.sleep(0.2)
+        raise AssertionError("unreachable")
 
     return trio.run(read)
 
@@ -405,7 +416,8 @@ def main(outfile: Path, clients: int) -> None:
                 result["killed_relay_pid"] = relay["pid"]
                 result["killed_at"] = time.monotonic()
                 os.kill(int(relay["pid"]), signal.SIGKILL)
-                time.sleep(max(0.0, plan["end"] - 0.3 - time.time()))
+                # Well before the peers hang up at "end": a slow read must not see them gone.
+                time.sleep(max(0.0, plan["end"] - 1.5 - time.time()))
                 result["status_after"] = status()
                 outcomes = pending.get(timeout=SETUP + 60)
         finally:

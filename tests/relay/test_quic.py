@@ -13,7 +13,7 @@ import math
 import os
 import socket
 import struct
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
@@ -60,6 +60,24 @@ class Recorder:
         assert tunnel in self.opened and tunnel.closed
         assert all(t is not tunnel for t, _ in self.closed), "tunnel_closed called twice"
         self.closed.append((tunnel, reason))
+
+
+@contextlib.asynccontextmanager
+async def connected(
+    *, within: float = 5.0
+) -> AsyncIterator[tuple[TunnelEndpoint, TunnelEndpoint, Tunnel, Recorder, Recorder]]:
+    """A relay endpoint and a node endpoint, the node's tunnel to the relay open at both ends:
+    ``(relay, node, tunnel, relay_side, node_side)``. Everything stops on the way out, and the
+    whole block must finish ``within`` seconds."""
+    relay_side, node_side = Recorder(), Recorder()
+    with trio.fail_after(within):
+        async with trio.open_nursery() as nursery:
+            relay = await nursery.start(server(relay_side).run)
+            node = await nursery.start(client(node_side).run)
+            tunnel = await node.connect("127.0.0.1", relay.port)
+            await until(lambda: len(relay_side.opened) == 1)
+            yield relay, node, tunnel, relay_side, node_side
+            nursery.cancel_scope.cancel()
 
 
 async def until(condition: Callable[[], bool], *, within: float = 3.0) -> None:
@@ -155,106 +173,76 @@ async def test_node_dials_relay_and_both_know_who_is_who() -> None:
 
 
 async def test_datagrams_both_ways_in_batches_arrive_intact() -> None:
-    relay_side, node_side = Recorder(), Recorder()
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            relay = await nursery.start(server(relay_side).run)
-            node = await nursery.start(client(node_side).run)
-            tunnel = await node.connect("127.0.0.1", relay.port)
-            await until(lambda: len(relay_side.opened) == 1)
-            back = relay_side.opened[0]
+    async with connected() as (relay, node, tunnel, relay_side, node_side):
+        back = relay_side.opened[0]
 
-            # Far more than one congestion window: what does not fit waits in aioquic's queue
-            # and leaves as ACKs come back, without another flush from us.
-            sent = [os.urandom(1 + i * 7 % tunnel.max_datagram) for i in range(400)]
-            assert all(tunnel.send_datagram(d) for d in sent)
-            node.flush()
-            replies = [b"reply %d " % i + bytes(i % 300) for i in range(300)]
-            assert all(back.send_datagram(d) for d in replies)
-            relay.flush()
+        # Far more than one congestion window: what does not fit waits in aioquic's queue
+        # and leaves as ACKs come back, without another flush from us.
+        sent = [os.urandom(1 + i * 7 % tunnel.max_datagram) for i in range(400)]
+        assert all(tunnel.send_datagram(d) for d in sent)
+        node.flush()
+        replies = [b"reply %d " % i + bytes(i % 300) for i in range(300)]
+        assert all(back.send_datagram(d) for d in replies)
+        relay.flush()
 
-            await until(
-                lambda: len(relay_side.datagrams) == 400 and len(node_side.datagrams) == 300
-            )
-            # Loopback neither loses nor reorders these; the tunnel must not either.
-            assert [d for _, d in relay_side.datagrams] == sent
-            assert [d for _, d in node_side.datagrams] == replies
-            assert all(t is back for t, _ in relay_side.datagrams)
-            assert tunnel.counters["datagrams_out"] == back.counters["datagrams_in"] == 400
-            assert relay.counters["datagrams_in"] == node.counters["datagrams_out"] == 400
-            nursery.cancel_scope.cancel()
+        await until(lambda: len(relay_side.datagrams) == 400 and len(node_side.datagrams) == 300)
+        # Loopback neither loses nor reorders these; the tunnel must not either.
+        assert [d for _, d in relay_side.datagrams] == sent
+        assert [d for _, d in node_side.datagrams] == replies
+        assert all(t is back for t, _ in relay_side.datagrams)
+        assert tunnel.counters["datagrams_out"] == back.counters["datagrams_in"] == 400
+        assert relay.counters["datagrams_in"] == node.counters["datagrams_out"] == 400
 
 
 async def test_frames_queued_by_several_senders_in_one_batch_share_a_packet() -> None:
     """Ten sessions that tick together each queue a frame and flush: one QUIC packet leaves."""
-    relay_side, node_side = Recorder(), Recorder()
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            relay = await nursery.start(server(relay_side).run)
-            node = await nursery.start(client(node_side).run)
-            tunnel = await node.connect("127.0.0.1", relay.port)
-            await until(lambda: len(relay_side.opened) == 1)
-            await trio.sleep(0.1)  # the handshake's last ACKs
-            before = relay.counters["packets_in"]
+    async with connected() as (relay, node, tunnel, relay_side, _):
+        await trio.sleep(0.1)  # the handshake's last ACKs
+        before = relay.counters["packets_in"]
 
-            async def session(index: int) -> None:
-                assert tunnel.send_datagram(b"frame %d " % index + bytes(150))
-                node.flush()
+        async def session(index: int) -> None:
+            assert tunnel.send_datagram(b"frame %d " % index + bytes(150))
+            node.flush()
 
-            async with trio.open_nursery() as sessions:
-                for index in range(10):
-                    sessions.start_soon(session, index)
-            await until(lambda: len(relay_side.datagrams) == 10)
-            # one packet (another may carry an ACK of the handshake's last packets), not ten
-            assert relay.counters["packets_in"] - before <= 2
-            nursery.cancel_scope.cancel()
+        async with trio.open_nursery() as sessions:
+            for index in range(10):
+                sessions.start_soon(session, index)
+        await until(lambda: len(relay_side.datagrams) == 10)
+        # one packet (another may carry an ACK of the handshake's last packets), not ten
+        assert relay.counters["packets_in"] - before <= 2
 
 
 async def test_datagram_only_packets_are_acknowledged_together() -> None:
     """RFC 9221 §5.2: ACKs for DATAGRAM-only packets wait (up to ACK_DELAY) and cover many."""
-    relay_side, node_side = Recorder(), Recorder()
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            relay = await nursery.start(server(relay_side).run)
-            node = await nursery.start(client(node_side).run)
-            tunnel = await node.connect("127.0.0.1", relay.port)
-            await until(lambda: len(relay_side.opened) == 1)
-            await trio.sleep(0.1)
-            acks_before = relay.counters["packets_out"]
-            # 20 packets 2 ms apart: with aioquic's own 1 ms delay, each gets an ACK of its own.
-            for index in range(20):
-                assert tunnel.send_datagram(b"frame %d" % index)
-                node.flush()
-                await trio.sleep(0.002)
-            await until(lambda: len(relay_side.datagrams) == 20)
-            await trio.sleep(ACK_DELAY * 2)
-            acks = relay.counters["packets_out"] - acks_before
-            assert 1 <= acks <= 8, acks
-            nursery.cancel_scope.cancel()
+    async with connected() as (relay, node, tunnel, relay_side, _):
+        await trio.sleep(0.1)
+        acks_before = relay.counters["packets_out"]
+        # 20 packets 2 ms apart: with aioquic's own 1 ms delay, each gets an ACK of its own.
+        for index in range(20):
+            assert tunnel.send_datagram(b"frame %d" % index)
+            node.flush()
+            await trio.sleep(0.002)
+        await until(lambda: len(relay_side.datagrams) == 20)
+        await trio.sleep(ACK_DELAY * 2)
+        acks = relay.counters["packets_out"] - acks_before
+        assert 1 <= acks <= 8, acks
 
 
 async def test_control_messages_both_ways() -> None:
-    relay_side, node_side = Recorder(), Recorder()
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            relay = await nursery.start(server(relay_side).run)
-            node = await nursery.start(client(node_side).run)
-            tunnel = await node.connect("127.0.0.1", relay.port)
-            await until(lambda: len(relay_side.opened) == 1)
-            back = relay_side.opened[0]
-            messages = [{"op": "epoch", "session": f"s{i}", "epoch": i} for i in range(50)]
-            messages.append({"text": "line\nbreaks and ünïcode stay inside one line"})
-            for message in messages:
-                tunnel.send_control(message)
-            back.send_control({"op": "drain", "nested": {"list": [1, 2.5, None, True]}})
-            await until(lambda: len(relay_side.controls) == 51 and len(node_side.controls) == 1)
-            assert [m for _, m in relay_side.controls] == messages
-            assert node_side.controls == [
-                (tunnel, {"op": "drain", "nested": {"list": [1, 2.5, None, True]}})
-            ]
-            # The hello and welcome lines are the tunnel's own, never the handler's.
-            assert relay.counters["control_in"] == 51 and node.counters["control_in"] == 1
-            nursery.cancel_scope.cancel()
+    async with connected() as (relay, node, tunnel, relay_side, node_side):
+        back = relay_side.opened[0]
+        messages = [{"op": "epoch", "session": f"s{i}", "epoch": i} for i in range(50)]
+        messages.append({"text": "line\nbreaks and ünïcode stay inside one line"})
+        for message in messages:
+            tunnel.send_control(message)
+        back.send_control({"op": "drain", "nested": {"list": [1, 2.5, None, True]}})
+        await until(lambda: len(relay_side.controls) == 51 and len(node_side.controls) == 1)
+        assert [m for _, m in relay_side.controls] == messages
+        assert node_side.controls == [
+            (tunnel, {"op": "drain", "nested": {"list": [1, 2.5, None, True]}})
+        ]
+        # The hello and welcome lines are the tunnel's own, never the handler's.
+        assert relay.counters["control_in"] == 51 and node.counters["control_in"] == 1
 
 
 async def test_several_nodes_on_one_relay_and_one_node_on_two_relays() -> None:
@@ -546,27 +534,20 @@ async def test_bad_control_lines_are_counted_and_dropped() -> None:
 
 
 async def test_closing_one_side_closes_the_other_once() -> None:
-    relay_side, node_side = Recorder(), Recorder()
-    with trio.fail_after(5):
-        async with trio.open_nursery() as nursery:
-            relay = await nursery.start(server(relay_side).run)
-            node = await nursery.start(client(node_side).run)
-            tunnel = await node.connect("127.0.0.1", relay.port)
-            await until(lambda: len(relay_side.opened) == 1)
-            tunnel.close("node draining")
-            assert tunnel.closed and node_side.closed == [(tunnel, "node draining")]
-            assert not tunnel.send_datagram(b"late")
-            tunnel.send_control({"late": True})
-            tunnel.close("again")  # no second callback
-            await until(lambda: len(relay_side.closed) == 1)
-            assert relay_side.closed[0][1] == "node draining"
-            assert relay.tunnels == [] and node.tunnels == []
-            assert tunnel.counters["dropped_closed"] == 2
-            # aioquic's closing and draining periods end, and nothing is left behind.
-            await until(lambda: not relay._links and not node._links)
-            assert not relay._by_cid and not node._by_cid
-            assert len(node_side.closed) == 1 and len(relay_side.closed) == 1
-            nursery.cancel_scope.cancel()
+    async with connected() as (relay, node, tunnel, relay_side, node_side):
+        tunnel.close("node draining")
+        assert tunnel.closed and node_side.closed == [(tunnel, "node draining")]
+        assert not tunnel.send_datagram(b"late")
+        tunnel.send_control({"late": True})
+        tunnel.close("again")  # no second callback
+        await until(lambda: len(relay_side.closed) == 1)
+        assert relay_side.closed[0][1] == "node draining"
+        assert relay.tunnels == [] and node.tunnels == []
+        assert tunnel.counters["dropped_closed"] == 2
+        # aioquic's closing and draining periods end, and nothing is left behind.
+        await until(lambda: not relay._links and not node._links)
+        assert not relay._by_cid and not node._by_cid
+        assert len(node_side.closed) == 1 and len(relay_side.closed) == 1
 
 
 async def test_stopping_an_endpoint_closes_its_tunnels_on_both_sides() -> None:

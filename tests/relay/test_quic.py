@@ -80,6 +80,13 @@ async def connected(
             nursery.cancel_scope.cancel()
 
 
+async def greet(raw: RawClient, relay_side: Recorder) -> None:
+    """Once the raw peer's handshake is done, say the node's hello: the relay opens a tunnel."""
+    await until(lambda: raw.handshake_done)
+    raw.conn.send_stream_data(0, b'{"type":"parley-hello","version":1}\n')
+    await until(lambda: len(relay_side.opened) == 1)
+
+
 async def until(condition: Callable[[], bool], *, within: float = 3.0) -> None:
     """Wait for state that arrives over the loopback, which no event of ours announces."""
     with trio.fail_after(within):
@@ -506,9 +513,7 @@ async def test_bad_control_lines_are_counted_and_dropped() -> None:
         async with trio.open_nursery() as nursery:
             relay = await nursery.start(server(relay_side).run)
             await nursery.start(raw.run, relay.port)
-            await until(lambda: raw.handshake_done)
-            raw.conn.send_stream_data(0, b'{"type":"parley-hello","version":1}\n')
-            await until(lambda: len(relay_side.opened) == 1)
+            await greet(raw, relay_side)
             assert json.loads(raw.received) == {"type": "parley-welcome", "version": 1}
             raw.conn.send_stream_data(
                 0,
@@ -600,9 +605,7 @@ async def test_a_silent_peer_is_closed_after_the_idle_timeout() -> None:
             with trio.CancelScope() as raw_scope:
                 async with trio.open_nursery() as raw_nursery:
                     await raw_nursery.start(raw.run, relay.port)
-                    await until(lambda: raw.handshake_done)
-                    raw.conn.send_stream_data(0, b'{"type":"parley-hello","version":1}\n')
-                    await until(lambda: len(relay_side.opened) == 1)
+                    await greet(raw, relay_side)
                     raw_scope.cancel()  # the peer dies: it sends nothing more, not even a close
             opened_at = trio.current_time()
             await until(lambda: len(relay_side.closed) == 1)
@@ -619,9 +622,7 @@ async def test_a_peer_ending_the_control_stream_loses_its_tunnel() -> None:
         async with trio.open_nursery() as nursery:
             relay = await nursery.start(server(relay_side).run)
             await nursery.start(raw.run, relay.port)
-            await until(lambda: raw.handshake_done)
-            raw.conn.send_stream_data(0, b'{"type":"parley-hello","version":1}\n')
-            await until(lambda: len(relay_side.opened) == 1)
+            await greet(raw, relay_side)
             raw.conn.send_stream_data(0, b'{"last": "words"}\n', end_stream=True)
             await until(lambda: len(relay_side.closed) == 1)
             assert relay_side.controls[0][1] == {"last": "words"}

@@ -1,4 +1,5 @@
-"""What the benchmarks share: percentiles and giving the measured server a core of its own."""
+"""What the benchmarks share: percentiles, a process's CPU time, and giving the measured server a
+core of its own."""
 
 from __future__ import annotations
 
@@ -6,8 +7,12 @@ import contextlib
 import math
 import os
 from collections.abc import Iterator, Sequence
+from typing import Final
 
-__all__ = ["percentile", "split_cores"]
+__all__ = ["CLK_TCK", "percentile", "process_cpu", "split_cores"]
+
+#: clock ticks per second, the unit of /proc's CPU times
+CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -16,6 +21,13 @@ def percentile(values: Sequence[float], q: float) -> float:
         return math.nan
     ordered = sorted(values)
     return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
+
+
+def process_cpu(pid: int) -> float:
+    """utime + stime of a process (all its threads), seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
 
 @contextlib.contextmanager

@@ -95,7 +95,7 @@ from typing import IO, Any, Final, final
 import attrs
 import trio
 
-from ops.bench.common import percentile, split_cores
+from ops.bench.common import CLK_TCK, percentile, process_cpu, split_cores
 from relay import frames
 from relay.certs import Credentials, Identity, make_ca
 from relay.edge import Limits, RelayEdge
@@ -867,22 +867,12 @@ def _start(relay_cpus: set[int], other_cpus: set[int], stack: contextlib.ExitSta
     return servers
 
 
-_TICK: Final = os.sysconf("SC_CLK_TCK")
-
-
-def _pid_cpu(pid: int) -> float:
-    """utime + stime of a process, seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
-
-
 def _machine_cpu() -> float:
     """CPU seconds every process has used, over all CPUs (steal included: a VM's neighbours)."""
     with open("/proc/stat") as f:
         fields = [int(v) for v in f.readline().split()[1:9]]
     user, nice, system, _idle, _iowait, irq, softirq, steal = fields
-    return (user + nice + system + irq + softirq + steal) / _TICK
+    return (user + nice + system + irq + softirq + steal) / CLK_TCK
 
 
 @final
@@ -898,7 +888,7 @@ class _Mark:
     def take(cls, relay: _Child, node: _Child) -> _Mark:
         stats = relay.stats()
         times = os.times()
-        ours = _pid_cpu(relay.proc.pid) + _pid_cpu(node.proc.pid) + times.user + times.system
+        ours = process_cpu(relay.proc.pid) + process_cpu(node.proc.pid) + times.user + times.system
         return cls(time.perf_counter(), stats, _machine_cpu() - ours)
 
     def cpu_since(self, start: _Mark) -> float:

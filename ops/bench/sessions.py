@@ -93,7 +93,7 @@ from typing import IO, Any, Final, final
 
 import attrs
 
-from ops.bench.common import percentile, split_cores
+from ops.bench.common import percentile, process_cpu, split_cores
 from ops.etcdserver import EtcdServer, free_port
 
 __all__ = ["BenchResult", "ServerFigures", "StepFigures", "main", "measure", "render"]
@@ -269,15 +269,6 @@ def _no_nan(value: Any) -> Any:
 
 
 # --- CPU and machine ---------------------------------------------------------------------------
-
-_TICK: Final = os.sysconf("SC_CLK_TCK")
-
-
-def process_cpu(pid: int) -> float:
-    """utime + stime of a process (all its threads), seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / _TICK
 
 
 def own_cpu() -> float:

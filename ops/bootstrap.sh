@@ -21,7 +21,7 @@ sudo_cmd=()
 if [ "$(id -u)" != 0 ]; then sudo_cmd=(sudo); fi
 
 debian_packages=(etcd-server libopus0)
-if [ "$mode" != up ]; then debian_packages+=(espeak-ng chromium); fi
+if [ "$mode" != up ]; then debian_packages+=(etcd-client espeak-ng chromium); fi
 missing=()
 for pkg in "${debian_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

@@ -1,7 +1,7 @@
 """``parley certs``: the cluster's trust material, in one directory (``cluster.certs``).
 
 * ``parley certs init --dir DIR`` makes the cluster CA (``ca.pem``, ``ca.key``) and the secret
-  that authenticates the relays' routing hints (``hint.secret``, relay/hint.py).
+  that authenticates the relays' routing hints (``hint.secret``, relay/tunnel/hint.py).
 * ``parley certs issue --dir DIR node|relay ID`` signs a tunnel certificate for one member
   (``node-ID.pem`` / ``.key``); relays and nodes refuse tunnel peers without one.
 
@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from ops.config import HINT_SECRET_FILE
-from relay.certs import init_ca, issue_files
+from relay.tunnel.certs import init_ca, issue_files
 
 __all__ = ["init_cluster", "run_certs", "write_hint_secret"]
 

@@ -165,8 +165,8 @@ async def _stop_on(stop: Callable[[], None], parent_pid: int | None) -> None:
 
 
 def cmd_node(config: Config, parent_pid: int | None = None) -> int:
-    from sessions.host import run_frontend
-    from sessions.node import Node
+    from sessions.node.daemon import Node
+    from sessions.node.host import run_frontend
 
     node = Node(config, frontend=run_frontend)
 

@@ -69,8 +69,8 @@ from typing import Any, Literal, final
 
 import attrs
 
-from relay.certs import Credentials
 from relay.edge import Limits
+from relay.tunnel.certs import Credentials
 
 #: the built-in agents a node can give its sessions
 AGENTS = ("turn-echo", "echo", "bridge")

@@ -27,7 +27,7 @@ from ops.certs import init_cluster
 from ops.config import Config
 from ops.etcdserver import EtcdServer, EtcdServerError
 from ops.status import format_status, gather_status
-from relay.certs import issue_files
+from relay.tunnel.certs import issue_files
 from storage.etcd import EtcdError, open_etcd
 from storage.keys import Keyspace
 

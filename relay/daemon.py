@@ -3,7 +3,7 @@
 The tree of one relay process::
 
     relay ─┬─ route table    (etcd: list + watch of session owners; relay/routes.py)
-           ├─ tunnel endpoint (QUIC server; nodes dial in with cluster certificates; relay/quic.py)
+           ├─ tunnel endpoint (QUIC server; nodes dial in with cluster certificates; relay/tunnel/)
            ├─ public port     (UDP, IPv4 and/or IPv6; relay/edge.py)
            └─ registration    (etcd key under the relay's own lease, refreshed with stats)
 
@@ -25,10 +25,10 @@ from typing import Any, Final, final
 import trio
 
 from actors.lag import LoopLag
-from relay.certs import Credentials
 from relay.edge import Limits, RelayEdge
-from relay.quic import Tunnel, TunnelEndpoint
 from relay.routes import RouteTable
+from relay.tunnel.certs import Credentials
+from relay.tunnel.quic import Tunnel, TunnelEndpoint
 from storage.etcd import Etcd, EtcdError, open_etcd
 from storage.keys import Keyspace, check_name
 from storage.lease import LeaseKeeper

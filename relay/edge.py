@@ -8,11 +8,11 @@ For each datagram from a client the relay reads as little as it can:
    client that reuses its socket for a new session is re-routed.
 2. **A new address**: only a STUN Binding request may introduce one (RFC 7983 demultiplexing:
    first byte 0 to 3). Its USERNAME is ``"<server ufrag>:<client ufrag>"`` (RFC 8445 §7.2.2); the
-   server ufrag carries a routing hint the node minted (relay/hint.py), whose MAC is checked
+   server ufrag carries a routing hint the node minted (relay/tunnel/hint.py), whose MAC is checked
    before anything is looked up. A forged or mutated hint is dropped. The address is cached.
 3. Anything else is counted and dropped.
 
-Datagrams from nodes (tunnel frames, relay/frames.py) go out to their client from the public
+Datagrams from nodes (tunnel frames, relay/tunnel/frames.py) go out to their client from the public
 socket of the client's address family — but only if the node's epoch is current for the session
 (fencing, :meth:`RouteTable.admit_from_node`) and the client address is one that proved, with
 an authenticated hint, that it belongs to that session: a node cannot make the relay send to an
@@ -26,8 +26,8 @@ The caches are bounded; idle clients expire after ``idle_timeout`` (clients send
 checks every ~5 s, RFC 7675).
 
 The receive loop waits for readability once and then drains the socket without blocking, as
-sessions/media.py does; tunnels are flushed once per drained batch (one ``datagrams_to_send`` per
-connection, not per packet).
+sessions/node/media.py does; tunnels are flushed once per drained batch (one
+``datagrams_to_send`` per connection, not per packet).
 """
 
 from __future__ import annotations
@@ -41,10 +41,10 @@ from typing import Final, Protocol, final
 import attrs
 import trio
 
-from relay import frames
-from relay.hint import read_hint
 from relay.routes import RouteTable
-from sessions.media import bound_udp, kernel_drops
+from relay.tunnel import frames
+from relay.tunnel.hint import read_hint
+from sessions.node.media import bound_udp, kernel_drops
 from sessions.webrtc import stun
 from sessions.webrtc.errors import StunError
 
@@ -138,7 +138,7 @@ class Client:
 
 
 class DatagramSink(Protocol):
-    """What the edge needs of a tunnel (relay/quic.py ``Tunnel``)."""
+    """What the edge needs of a tunnel (relay/tunnel/quic.py ``Tunnel``)."""
 
     def send_datagram(self, data: bytes) -> bool: ...
 

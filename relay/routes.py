@@ -11,7 +11,7 @@ The table answers three questions for the relay's packet path:
 * :meth:`~RouteTable.admit_from_node` — fencing: may this node, stamping this epoch, still speak
   for the session? A packet from a former owner (an older epoch) is dropped;
 * :meth:`~RouteTable.hint_route` — for a session the table does not know yet: the answer, with
-  its ufrag routing hint (relay/hint.py), can reach the client before the watch event reaches
+  its ufrag routing hint (relay/tunnel/hint.py), can reach the client before the watch event reaches
   the relay, so the hinted node gets a **provisional** route (epoch 0) until the watch delivers
   the real one. Provisional routes expire if the watch never confirms them.
 
@@ -31,7 +31,7 @@ from typing import Final, final
 import attrs
 import trio
 
-from relay.hint import Hint
+from relay.tunnel.hint import Hint
 from storage.etcd import Compacted, EtcdUnavailable
 from storage.ownership import Owners, Ownership, OwnershipChange
 
@@ -239,7 +239,7 @@ class RouteTable:
         return False
 
     def hint_route(self, hint: Hint) -> Route:
-        """The route for an authenticated ufrag hint (relay/hint.py ``read_hint``).
+        """The route for an authenticated ufrag hint (relay/tunnel/hint.py ``read_hint``).
 
         The known route if there is one; otherwise a provisional route to the hinted node, which
         the watch replaces with the real one, or which expires after ``provisional_ttl``.

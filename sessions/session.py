@@ -22,7 +22,7 @@ import trio
 
 from actors import Actor
 from sessions.agents import Agent, EchoAgent
-from sessions.media import SessionPort
+from sessions.node.media import SessionPort
 from sessions.transceiver import (
     CheckpointDue,
     ClientEvent,

@@ -377,7 +377,7 @@ class Transceiver:
         code) for an offer we cannot answer, and :class:`ValueError` for bad local arguments
         (``candidates`` empty or not IP literals). ``candidates`` are our UDP host candidates,
         most preferred first. ``ufrag`` is our ICE ufrag if the caller minted it (in a cluster it
-        carries the relays' routing hint, relay/hint.py); otherwise a random one.
+        carries the relays' routing hint, relay/tunnel/hint.py); otherwise a random one.
         """
         offer = sdp.parse_offer(offer_sdp)
         minted, pwd = mint_credentials()

@@ -10,13 +10,14 @@ UDP socket each, so each session is its own source address):
 * **parley**: the real relay packet path. A :class:`~relay.edge.RelayEdge` on a public UDP port
   on 127.0.0.1, whose route table says node ``bench-node`` owns every session
   (``RouteTable.apply(OwnershipChange(...))``, as the etcd watch would), and a real QUIC tunnel
-  (relay/quic.py, mutual TLS with a cluster CA made for the run): the relay's server
-  :class:`~relay.quic.TunnelEndpoint`, whose handler hands datagrams to ``edge.from_node`` as
+  (relay/tunnel/quic.py, mutual TLS with a cluster CA made for the run): the relay's server
+  :class:`~relay.tunnel.quic.TunnelEndpoint`, whose handler hands datagrams to ``edge.from_node`` as
   relay/daemon.py does. The far side is an *echo node*: a client endpoint in another process
   that answers every ``FromClient`` frame with a ``ToClient`` frame (the session's epoch, the
   same payload). Each session opens with a STUN binding request whose server ufrag carries a
-  hint minted for ``bench-node`` (relay/hint.py), so the relay admits its address exactly as in
-  production; the flood limits (``Limits``) are raised so that they do not shape the load.
+  hint minted for ``bench-node`` (relay/tunnel/hint.py), so the relay admits its address
+  exactly as in production; the flood limits (``Limits``) are raised so that they do not shape
+  the load.
 * **baseline**: a bare Trio UDP forwarder (waits for readability once, then drains the socket
   without blocking, like the edge) that prepends the client's address (6 bytes) to each datagram
   it sends to the echo node over one plain UDP socket, and strips it from the echo to know where
@@ -96,12 +97,12 @@ import attrs
 import trio
 
 from ops.bench.common import CLK_TCK, percentile, process_cpu, split_cores
-from relay import frames
-from relay.certs import Credentials, Identity, make_ca
 from relay.edge import Limits, RelayEdge
-from relay.hint import mint_ufrag
-from relay.quic import Tunnel, TunnelEndpoint
 from relay.routes import RouteTable
+from relay.tunnel import frames
+from relay.tunnel.certs import Credentials, Identity, make_ca
+from relay.tunnel.hint import mint_ufrag
+from relay.tunnel.quic import Tunnel, TunnelEndpoint
 from sessions.webrtc import stun
 from storage.ownership import OwnershipChange
 

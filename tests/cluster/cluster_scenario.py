@@ -263,7 +263,7 @@ def flood(go: Any, seconds: float) -> None:
     import random
     import socket
 
-    from relay.hint import mint_ufrag
+    from relay.tunnel.hint import mint_ufrag
     from sessions.webrtc import stun
 
     rng = random.Random(7)

@@ -8,8 +8,9 @@ starts outlives it)::
 
 Inside it brings ``lo`` up (and refuses to go on if any other interface is up), writes a speech
 WAV with espeak-ng (Chromium's fake microphone plays it in a loop), starts a local etcd and a node
-(in-process, on this Trio loop), and opens the node's own page (``sessions/pages/echo.html``) at
-the signaling address the node published in etcd. Over the DevTools protocol it calls
+(in-process, on this Trio loop), and opens the node's own page
+(``sessions/node/pages/echo.html``) at the signaling address the node published in etcd. Over the
+DevTools protocol it calls
 ``parleyStart()``, then:
 
 * ``echo`` (the default): the node runs the immediate echo agent; it polls ``window.parleyStats``
@@ -53,8 +54,8 @@ import trio_websocket
 from ops.config import ClusterConfig, Config, NodeConfig
 from ops.etcdserver import EtcdServer
 from ops.status import gather_status
-from sessions.host import run_frontend
-from sessions.node import Node
+from sessions.node.daemon import Node
+from sessions.node.host import run_frontend
 from storage.etcd import open_etcd
 from storage.keys import Keyspace
 

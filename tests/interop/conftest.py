@@ -15,8 +15,8 @@ import trio_websocket
 
 from ops.config import ClusterConfig, Config, NodeConfig
 from ops.etcdserver import EtcdServer
-from sessions.host import run_frontend
-from sessions.node import Node
+from sessions.node.daemon import Node
+from sessions.node.host import run_frontend
 
 
 @attrs.define

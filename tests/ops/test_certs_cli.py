@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ops.config import ConfigError, load_config, load_credentials, load_secrets
-from relay.certs import Identity
+from relay.tunnel.certs import Identity
 from storage.members import RelayInfo
 from tests.helpers import PARLEY
 

@@ -16,7 +16,7 @@ import pytest
 
 from ops.config import load_config, load_secrets
 from ops.etcdserver import EtcdServer, free_port
-from relay.hint import mint_ufrag
+from relay.tunnel.hint import mint_ufrag
 from sessions.webrtc import stun
 from tests.helpers import PARLEY, run_status
 from tests.ops.test_processes import wait_for

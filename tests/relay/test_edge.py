@@ -9,11 +9,11 @@ from pathlib import Path
 import pytest
 import trio
 
-from relay import frames
 from relay.edge import Limits, RelayEdge, TokenBucket
-from relay.hint import mint_ufrag
 from relay.routes import RouteTable
-from sessions.media import set_receive_buffer
+from relay.tunnel import frames
+from relay.tunnel.hint import mint_ufrag
+from sessions.node.media import set_receive_buffer
 from sessions.webrtc import stun
 from storage.ownership import OwnershipChange
 

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from relay import frames
-from relay.frames import FrameError, FromClient, ToClient
+from relay.tunnel import frames
+from relay.tunnel.frames import FrameError, FromClient, ToClient
 
 SESSION = "abcdefghijklmnopqrst"
 

@@ -11,9 +11,9 @@ from aioice.ice import validate_username
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from relay import hint as hint_module
-from relay.hint import MAX_UFRAG_LENGTH, Hint, mint_ufrag, read_hint
-from sessions.host import new_session_id
+from relay.tunnel import hint as hint_module
+from relay.tunnel.hint import MAX_UFRAG_LENGTH, Hint, mint_ufrag, read_hint
+from sessions.node.host import new_session_id
 from sessions.webrtc import stun
 
 SECRET = b"cluster secret, 32 bytes long..."

@@ -25,9 +25,9 @@ from aioquic.quic.packet import QuicErrorCode
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-import relay.quic
-from relay.certs import Credentials, Identity, issue, make_ca
-from relay.quic import ACK_DELAY, ALPN, Tunnel, TunnelEndpoint, TunnelError
+import relay.tunnel.quic
+from relay.tunnel.certs import Credentials, Identity, issue, make_ca
+from relay.tunnel.quic import ACK_DELAY, ALPN, Tunnel, TunnelEndpoint, TunnelError
 
 CA = make_ca()
 OTHER_CA = make_ca("Another cluster's CA")
@@ -488,7 +488,7 @@ async def test_garbage_is_counted_and_dropped_and_the_relay_keeps_serving() -> N
 
 
 async def test_half_open_connections_are_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(relay.quic, "MAX_HALF_OPEN", 2)
+    monkeypatch.setattr(relay.tunnel.quic, "MAX_HALF_OPEN", 2)
     relay_side = Recorder()
     with trio.fail_after(5):
         async with trio.open_nursery() as nursery:

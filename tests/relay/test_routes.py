@@ -10,8 +10,8 @@ import pytest
 import trio
 
 from ops.etcdserver import EtcdServer
-from relay.hint import Hint, mint_ufrag, read_hint
 from relay.routes import Route, RouteTable
+from relay.tunnel.hint import Hint, mint_ufrag, read_hint
 from storage.etcd import Etcd, EtcdUnavailable
 from storage.keys import Keyspace
 from storage.ownership import Owners, Ownership, OwnershipChange

@@ -11,7 +11,7 @@ import trio
 from actors import Actor
 from ops.config import ClusterConfig, Config, NodeConfig
 from ops.etcdserver import EtcdServer
-from sessions.node import Node, NodeRefused
+from sessions.node.daemon import Node, NodeRefused
 from storage.etcd import Etcd
 from storage.keys import Keyspace
 from storage.members import Members

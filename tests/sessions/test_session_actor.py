@@ -9,7 +9,7 @@ import trio
 import trio.testing
 
 from actors import ChildSpec, Restart, Supervisor
-from sessions.media import MediaPort
+from sessions.node.media import MediaPort
 from sessions.session import SessionActor
 from sessions.webrtc.certs import generate_certificate
 

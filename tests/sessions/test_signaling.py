@@ -16,7 +16,7 @@ import trio_websocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sessions.signaling import (
+from sessions.node.signaling import (
     ClientMessageError,
     SessionHandle,
     SignalingLimits,

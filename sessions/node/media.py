@@ -134,7 +134,7 @@ def kernel_drops(*socks: socket.socket | None) -> int:
 
 class PacketPath(Protocol):
     """What the node's session backend needs of a packet path: this port, or the relays'
-    tunnels in a cluster (sessions/relayed.py)."""
+    tunnels in a cluster (sessions/node/relayed.py)."""
 
     def candidates(self, session_id: str) -> list[Address]: ...
     def mint_ufrag(self, session_id: str) -> str | None: ...

@@ -16,7 +16,7 @@ What crosses a tunnel:
   hello line; the server answers with a welcome line once it has authenticated the client. Only
   then does either side report the tunnel open, and only later lines reach the handler.
 
-Authentication is TLS 1.3 with certificates from the cluster CA (relay/certs.py), in both
+Authentication is TLS 1.3 with certificates from the cluster CA (relay/tunnel/certs.py), in both
 directions, and the identity is the certificate's ``parley://`` URI, not a host name. aioquic
 cannot do the server half on its own (this module relies on two aioquic internals for it, both
 named in :class:`_QuicConnection`):
@@ -27,8 +27,9 @@ named in :class:`_QuicConnection`):
 * the server then checks the client's CertificateVerify signature (proof that the client holds
   the key) but neither verifies the client's chain nor refuses an empty Certificate message. So
   after ``HandshakeCompleted`` we read the peer's certificates from ``tls._peer_certificate`` and
-  ``tls._peer_certificate_chain`` and run :func:`relay.certs.verify_peer`; a peer that fails is
-  closed with a TLS alert code, counted in ``auth_failures``, and never reaches the handler.
+  ``tls._peer_certificate_chain`` and run :func:`relay.tunnel.certs.verify_peer`; a peer that
+  fails is closed with a TLS alert code, counted in ``auth_failures``, and never reaches the
+  handler.
 
 Clients also run ``verify_peer`` on the server's certificate (aioquic has already verified its
 chain against the CA, without host name checks) to learn and pin its identity.
@@ -59,8 +60,8 @@ from aioquic.quic.packet import QuicErrorCode, QuicPacketType, pull_quic_header
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
-from relay.certs import Credentials, Identity, TunnelAuthError, verify_peer
-from sessions.media import bound_udp, kernel_drops
+from relay.tunnel.certs import Credentials, Identity, TunnelAuthError, verify_peer
+from sessions.node.media import bound_udp, kernel_drops
 
 __all__ = [
     "ALPN",

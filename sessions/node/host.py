@@ -23,12 +23,12 @@ from actors.lag import LoopLag
 from ops.config import Config, load_credentials, load_secrets
 from sessions.agents import Agent, EchoAgent, TurnEchoAgent
 from sessions.agents.bridge import BridgeAgent
-from sessions.media import MediaPort, PacketPath
-from sessions.node import Node, NodeRefused
-from sessions.pages import HTML, echo_page
-from sessions.relayed import RelayedMedia
+from sessions.node.daemon import Node, NodeRefused
+from sessions.node.media import MediaPort, PacketPath
+from sessions.node.pages import HTML, echo_page
+from sessions.node.relayed import RelayedMedia
+from sessions.node.signaling import SessionHandle, SignalingRefused, SignalingServer
 from sessions.session import SessionActor
-from sessions.signaling import SessionHandle, SignalingRefused, SignalingServer
 from sessions.transceiver import SessionSnapshot, Transceiver
 from sessions.turns import TurnConfig
 from sessions.webrtc.certs import Certificate, generate_certificate
@@ -212,7 +212,7 @@ async def run_frontend(
     With ``node.media = "direct"`` the node's own UDP port receives client media
     (``node.media_host``/``media_port``); with ``"relay"`` (a cluster) the node opens no
     client-facing port at all and media comes through QUIC tunnels from the cluster's relays
-    (sessions/relayed.py), without any change to sessions.
+    (sessions/node/relayed.py), without any change to sessions.
     """
     cfg = node.config.node
     async with trio.open_nursery() as nursery:

@@ -1,13 +1,13 @@
 """A node's media path in a cluster: QUIC tunnels to the relays, no client-facing UDP port.
 
 The node finds the cluster's relays in etcd (storage/members.py ``RelayInfo``) and keeps one QUIC
-tunnel open to each (relay/quic.py; the node dials, the relay listens, both authenticate with
+tunnel open to each (relay/tunnel/quic.py; the node dials, the relay listens, both authenticate with
 certificates of the cluster CA). Clients reach sessions only through relays:
 
 * every answer lists the relays' public addresses as its candidates, rotated per session so
   that sessions spread over the relays; ICE picks among them, and a client can fall back to
   another relay's candidate if one dies;
-* the server ufrag is minted with a routing hint (relay/hint.py), so a relay can route a new
+* the server ufrag is minted with a routing hint (relay/tunnel/hint.py), so a relay can route a new
   client's first STUN packet to this node before etcd's watch tells it the session is here;
 * a datagram arriving through relay ``r`` from client ``ip:port`` is given to its session as
   coming from ``("ip@r", port)`` — the relay is the local candidate of that pair, so the session's
@@ -17,7 +17,7 @@ certificates of the cluster CA). Clients reach sessions only through relays:
   checks (fencing, relay/routes.py): once the session belongs to another node, what this node
   still sends is dropped.
 
-This class offers sessions the same surface as the node's own UDP port (sessions/media.py), so
+This class offers sessions the same surface as the node's own UDP port (sessions/node/media.py), so
 session code does not know which one it runs on.
 """
 
@@ -30,11 +30,11 @@ from typing import Any, Final, final
 
 import trio
 
-from relay import frames
-from relay.certs import Credentials, Identity
-from relay.hint import mint_ufrag
-from relay.quic import Tunnel, TunnelEndpoint, TunnelError
-from sessions.media import INBOX_SIZE, Address, Datagram, SessionPort
+from relay.tunnel import frames
+from relay.tunnel.certs import Credentials, Identity
+from relay.tunnel.hint import mint_ufrag
+from relay.tunnel.quic import Tunnel, TunnelEndpoint, TunnelError
+from sessions.node.media import INBOX_SIZE, Address, Datagram, SessionPort
 from storage.etcd import EtcdError
 from storage.members import Members, RelayInfo
 

@@ -21,7 +21,7 @@ Layout (every character an ``ice-char``, RFC 8839 §5.4: ALPHA / DIGIT / "+" / "
   before it (version, ids, nonce), truncated to 96 bits (RFC 2104 §5: at least 80 bits and half
   the hash length), in base64.
 
-A 20-character session id (sessions/host.py ``new_session_id``) and a node id of up to 17 plain
+A 20-character session id (sessions/node/host.py ``new_session_id``) and a node id of up to 17 plain
 characters give a ufrag of at most 64 characters; ids whose encoded form would exceed RFC 8839's
 256 are refused by :func:`mint_ufrag`.
 

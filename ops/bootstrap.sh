@@ -4,6 +4,7 @@
 #   bash ops/bootstrap.sh up [ARGS]     install what `parley up` needs, then run it
 #   bash ops/bootstrap.sh test [ARGS]   install what the tests need, then run pytest
 #   bash ops/bootstrap.sh install       install only (the test extras included)
+#   bash ops/bootstrap.sh packages up|test   print the Debian packages a mode installs
 #
 # Installs Debian packages with apt-get (as root, or through sudo) when they are missing, creates
 # ./.venv and installs this checkout into it (editable). Re-running skips what is already there.
@@ -13,15 +14,33 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 mode="${1:-}"
 [ $# -gt 0 ] && shift
 case "$mode" in
-  up|test|install) ;;
+  up|test|install|packages) ;;
   *) echo "usage: bash ops/bootstrap.sh up|test|install [ARGS]" >&2; exit 2 ;;
 esac
+
+# What each mode needs from Debian. The tests check that every program they start comes from
+# one of these (or from Debian's required base): tests/programs.py.
+#   etcd-server  etcd, the cluster's store (parley up, and a fresh one per test)
+#   libopus0     Opus for opuslib
+#   etcd-client  etcdctl: tests compact etcd's history under a live watch
+#   espeak-ng    real speech for the audio and interop tests
+#   chromium     the browser interop tests
+up_packages=(etcd-server libopus0)
+test_packages=("${up_packages[@]}" etcd-client espeak-ng chromium)
+if [ "$mode" = packages ]; then
+  case "${1:-}" in
+    up) printf '%s\n' "${up_packages[@]}" ;;
+    test|install) printf '%s\n' "${test_packages[@]}" ;;
+    *) echo "usage: bash ops/bootstrap.sh packages up|test" >&2; exit 2 ;;
+  esac
+  exit 0
+fi
 
 sudo_cmd=()
 if [ "$(id -u)" != 0 ]; then sudo_cmd=(sudo); fi
 
-debian_packages=(etcd-server libopus0)
-if [ "$mode" != up ]; then debian_packages+=(etcd-client espeak-ng chromium); fi
+debian_packages=("${test_packages[@]}")
+if [ "$mode" = up ]; then debian_packages=("${up_packages[@]}"); fi
 missing=()
 for pkg in "${debian_packages[@]}"; do
   dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")

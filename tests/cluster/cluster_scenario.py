@@ -449,4 +449,7 @@ def main(outfile: Path, clients: int) -> None:
 
 
 if __name__ == "__main__":
+    from tests.programs import record_from_env
+
+    record_from_env()  # the programs this scenario starts count for tests/programs.py too
     main(Path(sys.argv[1]), int(sys.argv[2]) if len(sys.argv) > 2 else 20)

@@ -540,4 +540,8 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    from tests.programs import record_from_env
+
+    record_from_env()  # the programs this scenario starts count for tests/programs.py too
     sys.exit(main(sys.argv))

@@ -311,6 +311,9 @@ async def test_node_side_end_sends_session_ended_and_closes(
         ended = await receive(ws)
         assert ended["type"] == "event"
         assert ended["event"] == "session_ended"
+        # issue #11: the node sent no session_ended of its own, the client still learns why
+        assert ended["code"] == "ended"
+        assert isinstance(ended["reason"], str) and ended["reason"]
         assert await closed_code(ws) == 1000
     await trio.sleep(0.05)
     assert backend.closed == []  # the node ended it: nothing to close
@@ -328,6 +331,72 @@ async def test_session_ended_from_the_backend_is_not_repeated(
         assert ended["event"] == "session_ended"
         assert ended["reason"] == "ice timeout"
         assert await closed_code(ws) == 1000
+
+
+@pytest.mark.parametrize("close_code", [1001, 1012, 4000])
+async def test_session_ended_close_code_closes_the_socket_with_it(
+    server: SignalingServer, backend: FakeBackend, close_code: int
+) -> None:
+    async with ws_open(server) as ws:
+        session = await offer(ws)
+        sender = backend.senders.pop(session)
+        ending = {"event": "session_ended", "code": "node_stopping", "reason": "node stopping"}
+        await sender.send({**ending, "close_code": close_code})
+        sender.close()
+        ended = await receive(ws)  # the reason first, then the close
+        assert ended["event"] == "session_ended"
+        assert ended["code"] == "node_stopping"
+        assert ended["reason"] == "node stopping"
+        assert "close_code" not in ended  # for the server's close frame only
+        assert await closed_code(ws) == close_code
+    await trio.sleep(0.05)
+    assert backend.closed == []
+
+
+@pytest.mark.parametrize("close_code", [1005, 1006, 1015, 999, 5000, True, "1001", 1001.0])
+async def test_a_close_code_we_may_not_send_closes_with_1000(
+    server: SignalingServer, backend: FakeBackend, close_code: object
+) -> None:
+    async with ws_open(server) as ws:
+        session = await offer(ws)
+        sender = backend.senders.pop(session)
+        await sender.send({"event": "session_ended", "code": "x", "close_code": close_code})
+        sender.close()
+        ended = await receive(ws)
+        assert ended["code"] == "x"
+        assert "close_code" not in ended
+        assert await closed_code(ws) == 1000
+
+
+async def test_close_code_only_counts_on_session_ended(
+    server: SignalingServer, backend: FakeBackend
+) -> None:
+    async with ws_open(server) as ws:
+        session = await offer(ws)
+        sender = backend.senders.pop(session)
+        await sender.send({"event": "moved", "close_code": 4001})
+        sender.close()
+        assert (await receive(ws))["close_code"] == 4001  # any other event is forwarded whole
+        assert (await receive(ws))["code"] == "ended"
+        assert await closed_code(ws) == 1000
+
+
+async def test_close_code_holds_when_the_server_stops_first(backend: FakeBackend) -> None:
+    async with trio.open_nursery() as outer:
+        server_scope = trio.CancelScope()
+
+        async def serve(task_status: trio.TaskStatus[SignalingServer]) -> None:
+            with server_scope:
+                await SignalingServer(backend, limits=FAST).run(task_status=task_status)
+
+        server: SignalingServer = await outer.start(serve)
+        async with ws_open(server) as ws:
+            session = await offer(ws)
+            ending = {"event": "session_ended", "code": "node_stopping", "close_code": 1001}
+            await backend.senders[session].send(ending)
+            assert (await receive(ws))["code"] == "node_stopping"
+            server_scope.cancel()  # before the backend closes the session's events
+            assert await closed_code(ws) == 1001
 
 
 async def test_unserializable_event_is_dropped(

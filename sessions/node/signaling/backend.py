@@ -1,0 +1,90 @@
+"""The backend as both transports call it: opening and closing sessions, bounded, counted, logged.
+
+WHIP routes and WebSocket sessions share one :class:`BackendCalls` (and through it the server's
+counters), so a session is opened and closed the same way whichever transport carried its offer.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Literal, final
+
+import attrs
+import trio
+
+from sessions.node.signaling.messages import (
+    CLIENT_CODES,
+    Refusal,
+    SessionBackend,
+    SessionHandle,
+    SignalingLimits,
+    SignalingRefused,
+)
+from sessions.webrtc.errors import SdpError
+
+__all__ = ["BackendCalls"]
+
+log = logging.getLogger("parley.signaling")
+
+
+@final
+@attrs.define
+class BackendCalls:
+    """``backend`` behind ``limits``, counting into ``counters`` (the server's, shared)."""
+
+    backend: SessionBackend
+    limits: SignalingLimits
+    counters: dict[str, int]
+
+    def count(self, name: str) -> None:
+        """One more ``name``; error codes count under their own name."""
+        self.counters[name] = self.counters.get(name, 0) + 1
+
+    async def open_session(
+        self, offer: str, transport: Literal["websocket", "http"], remote: str
+    ) -> SessionHandle | Refusal:
+        """Ask the backend; a refusal comes back as the error to send (status for HTTP)."""
+        log.debug("offer received", extra={"remote": remote, "transport": transport, "sdp": offer})
+        try:
+            handle = await self.backend.open_session(offer, transport=transport)
+        except SdpError as exc:
+            self.count("refused")
+            log.info("offer refused", extra={"remote": remote, "code": exc.code})
+            log.debug("offer refused: %s", exc, extra={"remote": remote, "code": exc.code})
+            return Refusal(400, exc.code, str(exc))
+        except SignalingRefused as exc:
+            self.count("refused")
+            log.info("offer refused", extra={"remote": remote, "code": exc.code})
+            status = 400 if exc.code in CLIENT_CODES else 503
+            return Refusal(status, exc.code, exc.message)
+        except Exception:
+            log.exception("backend failed to open a session", extra={"remote": remote})
+            return Refusal(500, "internal", "internal error")
+        self.count("sessions_opened")
+        log.info(
+            "session opened",
+            extra={"session": handle.session_id, "transport": transport, "remote": remote},
+        )
+        log.debug("answer sent", extra={"session": handle.session_id, "sdp": handle.answer_sdp})
+        return handle
+
+    async def close_session(self, session_id: str, reason: str) -> bool:
+        """``backend.close_session``, shielded and bounded: it runs during teardown too."""
+        closed = False
+        with trio.CancelScope(shield=True):
+            with trio.move_on_after(self.limits.close_session_timeout) as scope:
+                try:
+                    closed = await self.backend.close_session(session_id, reason)
+                except Exception:
+                    self.count("internal")
+                    log.exception(
+                        "backend failed to close a session", extra={"session": session_id}
+                    )
+                    return False
+            if scope.cancelled_caught:
+                log.warning("backend close_session timed out", extra={"session": session_id})
+                return False
+        if closed:
+            self.count("sessions_closed")
+        log.info("session closed", extra={"session": session_id, "reason": reason, "known": closed})
+        return closed

@@ -1,0 +1,224 @@
+"""The signaling server: one TCP port, each connection read with h11 and routed by its request.
+
+A WebSocket upgrade on ``GET /v1/session`` goes to :class:`WebSocketSessions` with the bytes
+already read; anything else to :class:`HttpRoutes`, keep-alive included. Each connection is one
+task of the server's nursery; a connection task's failure is logged and counted, never the
+server's. Connections beyond ``max_connections`` are answered 503 and closed.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Mapping
+from typing import Literal, final
+
+import h11
+import trio
+
+from sessions.node.signaling.backend import BackendCalls
+from sessions.node.signaling.http import (
+    HttpConnection,
+    HttpError,
+    is_websocket_upgrade,
+    linger_close,
+    peer,
+    refuse_connection,
+)
+from sessions.node.signaling.messages import (
+    SESSION_PATH,
+    Gone,
+    SessionBackend,
+    SignalingLimits,
+)
+from sessions.node.signaling.websocket import WebSocketSessions
+from sessions.node.signaling.whip import HttpRoutes
+
+__all__ = ["SignalingServer"]
+
+log = logging.getLogger("parley.signaling")
+
+_COUNTERS = (
+    "connections",
+    "connections_refused",
+    "ws_connections",
+    "http_requests",
+    "http_errors",
+    "malformed_http",
+    "timeouts",
+    "stalled",
+    "sessions_opened",
+    "sessions_closed",
+    "bad_json",
+    "bad_message",
+    "refused",
+    "internal",
+    "events_forwarded",
+    "events_dropped",
+)
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
+@final
+class SignalingServer:
+    """Serves WebSocket and WHIP signaling for ``backend`` on one TCP port.
+
+    Start ``run`` with ``nursery.start``: it binds, reports the server itself once listening, and
+    serves until cancelled. ``port`` is the bound port from then on.
+    """
+
+    def __init__(
+        self,
+        backend: SessionBackend,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        pages: Mapping[str, tuple[str, bytes]] | None = None,
+        limits: SignalingLimits | None = None,
+        advertise_host: str | None = None,
+    ) -> None:
+        self.backend = backend
+        self.host = host
+        self.port = port
+        #: the host put in ``urls()`` (e.g. a routable address when binding 0.0.0.0)
+        self.advertise_host = advertise_host
+        self.limits = limits or SignalingLimits()
+        #: what happened, by name (error codes sent count under their code)
+        self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        #: connections being served right now
+        self.active_connections = 0
+        self._calls = BackendCalls(backend, self.limits, self.counters)
+        self._routes = HttpRoutes(self._calls, pages or {})
+        self._websockets = WebSocketSessions(self._calls, self.limits)
+        self._nursery: trio.Nursery | None = None
+
+    def urls(self) -> dict[str, str]:
+        """Where clients reach this server: the WebSocket and the WHIP endpoint."""
+        host = _url_host(self.advertise_host or self.host)
+        return {
+            "signaling": f"ws://{host}:{self.port}{SESSION_PATH}",
+            "whip": f"http://{host}:{self.port}{SESSION_PATH}",
+        }
+
+    async def wind_down(self) -> None:
+        """Wait until every WebSocket client whose session ended has had its last events and its
+        close frame (a stopping node calls this, bounded, before it stops serving)."""
+        await self._websockets.wind_down()
+
+    async def run(
+        self, *, task_status: trio.TaskStatus[SignalingServer] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Bind, report this server once listening, serve until cancelled."""
+        if self._nursery is not None:
+            raise RuntimeError("this signaling server is already running")
+        listener = await self._bind()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(trio.serve_listeners, self._handle_connection, [listener])
+                log.info("signaling listening", extra=dict(self.urls()))
+                task_status.started(self)
+        finally:
+            self._nursery = None
+
+    async def _bind(self) -> trio.SocketListener:
+        infos = await trio.socket.getaddrinfo(
+            self.host or None, self.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+        if not infos:
+            raise OSError(f"cannot resolve {self.host!r}")
+        family, kind, proto, _, address = infos[0]
+        sock = trio.socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            await sock.bind(address)
+            sock.listen(128)
+        except BaseException:
+            sock.close()
+            raise
+        self.port = sock.getsockname()[1]
+        return trio.SocketListener(sock)
+
+    # -- connections ----------------------------------------------------------------------------
+
+    async def _handle_connection(self, stream: trio.SocketStream) -> None:
+        self._calls.count("connections")
+        remote = peer(stream)
+        if self.active_connections >= self.limits.max_connections:
+            self._calls.count("connections_refused")
+            log.warning("signaling connection refused: too many", extra={"remote": remote})
+            await refuse_connection(stream, self.limits)
+            return
+        self.active_connections += 1
+        try:
+            await self._serve(stream, remote)
+        except Exception:
+            self._calls.count("internal")
+            log.exception("signaling connection failed", extra={"remote": remote})
+        finally:
+            self.active_connections -= 1
+            await trio.aclose_forcefully(stream)
+
+    async def _serve(self, stream: trio.SocketStream, remote: str) -> None:
+        """HTTP request cycles until the connection closes or turns into a WebSocket."""
+        connection = HttpConnection(stream, self.limits)
+        try:
+            while True:
+                outcome = await self._serve_request(connection, remote)
+                if outcome == "websocket":
+                    return
+                if outcome == "close" or not connection.next_cycle():
+                    break
+        except (Gone, trio.BrokenResourceError, trio.ClosedResourceError):
+            return
+        await linger_close(stream, self.limits)
+
+    async def _serve_request(
+        self, connection: HttpConnection, remote: str
+    ) -> Literal["next", "close", "websocket"]:
+        deadline = trio.current_time() + self.limits.request_timeout
+        request: h11.Request | None = None
+        body = b""
+        try:
+            with trio.move_on_at(deadline) as scope:
+                request = await connection.read_request()
+                if request is None:
+                    return "close"
+                self._calls.count("http_requests")
+                if not is_websocket_upgrade(request):
+                    body = await connection.read_body(request)
+            if scope.cancelled_caught:
+                if request is None and not connection.raw:
+                    return "close"  # an idle keep-alive connection: just close it
+                self._calls.count("timeouts")
+                log.info("signaling request timed out", extra={"remote": remote})
+                raise HttpError(408, "timeout", "request not received in time", close=True)
+            assert request is not None
+            if is_websocket_upgrade(request):
+                self._websockets.check_upgrade(request)
+                await self._websockets.serve(connection.stream, bytes(connection.raw), remote)
+                return "websocket"
+            nursery = self._nursery
+            assert nursery is not None  # connections are only served while run() runs
+            await self._routes.route(connection, request, body, remote, nursery)
+            return "next"
+        except h11.RemoteProtocolError as exc:
+            self._calls.count("malformed_http")
+            status = exc.error_status_hint if 400 <= exc.error_status_hint < 500 else 400
+            log.info("malformed HTTP request", extra={"remote": remote, "status": status})
+            # h11's message may quote request bytes (headers, tokens): debug only
+            log.debug("malformed HTTP request: %s", exc, extra={"remote": remote})
+            error = HttpError(status, "bad_request", "malformed HTTP request", close=True)
+            await self._send_http_error(connection, error)
+            return "close"
+        except HttpError as exc:
+            await self._send_http_error(connection, exc)
+            return "close" if exc.close else "next"
+
+    async def _send_http_error(self, connection: HttpConnection, error: HttpError) -> None:
+        self._calls.count("http_errors")
+        self._calls.count(error.code)
+        await connection.respond_error(error)

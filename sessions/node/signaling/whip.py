@@ -1,0 +1,165 @@
+"""The plain-HTTP routes of the signaling port: WHIP sessions, health, static pages.
+
+WHIP-style (RFC 9725 shape): ``POST /v1/session`` with an ``application/sdp`` offer answers
+``201 Created`` with the SDP answer and ``Location: /v1/session/<id>``; ``DELETE
+/v1/session/<id>`` ends that session. ``GET /healthz`` answers ``{"ok": true}``; pages are served
+as given. Errors raise :class:`HttpError`, which the server turns into the JSON error response.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import final
+
+import h11
+import trio
+
+from sessions.node.signaling.backend import BackendCalls
+from sessions.node.signaling.http import HttpConnection, HttpError, header
+from sessions.node.signaling.messages import SESSION_PATH, Refusal, SessionHandle
+
+__all__ = ["HEALTH_PATH", "HttpRoutes"]
+
+_SESSION_PREFIX = SESSION_PATH + "/"
+HEALTH_PATH = "/healthz"
+
+
+@final
+class HttpRoutes:
+    """Answers one HTTP request that is not a WebSocket upgrade.
+
+    Remembers the sessions opened over HTTP while they live: only those can be DELETEd (a
+    WebSocket session's id is not a handle on it).
+    """
+
+    def __init__(self, calls: BackendCalls, pages: Mapping[str, tuple[str, bytes]]) -> None:
+        self.calls = calls
+        #: path → (content type, content)
+        self.pages = dict(pages)
+        for path in self.pages:
+            if not path.startswith("/") or path in (SESSION_PATH, HEALTH_PATH):
+                raise ValueError(f"page path {path!r} is not a free absolute path")
+            if path.startswith(_SESSION_PREFIX):
+                raise ValueError(f"page path {path!r} is under {SESSION_PATH}")
+        #: sessions opened over HTTP that have not ended: only these can be DELETEd
+        self.http_sessions: set[str] = set()
+
+    async def route(
+        self,
+        connection: HttpConnection,
+        request: h11.Request,
+        body: bytes,
+        remote: str,
+        watchers: trio.Nursery,
+    ) -> None:
+        """Answer ``request``; ``watchers`` runs a task per WHIP session until it ends."""
+        method = request.method.decode("ascii", "replace")
+        path = request.target.decode("ascii", "replace").split("?", 1)[0]
+        head_only = method == "HEAD"
+        if path == SESSION_PATH:
+            allow = [("Allow", "GET, POST, OPTIONS")]
+            if method == "POST":
+                await self._whip_post(connection, request, body, remote, watchers)
+            elif method == "OPTIONS":
+                await connection.respond(204, headers=[*allow, ("Accept-Post", "application/sdp")])
+            elif method in ("GET", "HEAD"):
+                raise HttpError(
+                    426,
+                    "upgrade_required",
+                    f"GET {SESSION_PATH} is the WebSocket endpoint",
+                    [("Upgrade", "websocket")],
+                )
+            else:
+                raise HttpError(405, "method_not_allowed", f"{method} not allowed here", allow)
+        elif path.startswith(_SESSION_PREFIX):
+            session_id = path[len(_SESSION_PREFIX) :]
+            allow = [("Allow", "DELETE, OPTIONS")]
+            if not session_id or "/" in session_id:
+                raise HttpError(404, "not_found", "no such resource")
+            if method == "DELETE":
+                await self._whip_delete(connection, session_id)
+            elif method == "OPTIONS":
+                await connection.respond(204, headers=allow)
+            else:
+                # PATCH included: an ICE-lite node takes no trickled candidates (RFC 9725 §4.3)
+                raise HttpError(405, "method_not_allowed", f"{method} not allowed here", allow)
+        elif path == HEALTH_PATH or path in self.pages:
+            if method not in ("GET", "HEAD"):
+                raise HttpError(
+                    405,
+                    "method_not_allowed",
+                    f"{method} not allowed here",
+                    [("Allow", "GET, HEAD")],
+                )
+            if path == HEALTH_PATH:
+                content_type, content = "application/json", b'{"ok": true}'
+            else:
+                content_type, content = self.pages[path]
+            await connection.respond(
+                200,
+                body=content,
+                headers=[("Content-Type", content_type), ("Cache-Control", "no-store")],
+                head_only=head_only,
+            )
+        else:
+            raise HttpError(404, "not_found", "no such resource")
+
+    async def _whip_post(
+        self,
+        connection: HttpConnection,
+        request: h11.Request,
+        body: bytes,
+        remote: str,
+        watchers: trio.Nursery,
+    ) -> None:
+        content_type = header(request, b"content-type") or b""
+        media_type = content_type.split(b";", 1)[0].strip().lower()
+        if media_type != b"application/sdp":
+            raise HttpError(
+                415,
+                "unsupported_media_type",
+                "the offer must be sent as application/sdp",
+                [("Accept-Post", "application/sdp")],
+            )
+        try:
+            offer = body.decode("utf-8")
+        except UnicodeDecodeError:
+            raise HttpError(400, "bad_sdp", "the offer is not UTF-8") from None
+        if not offer.strip():
+            raise HttpError(400, "bad_sdp", "the offer is empty")
+        handle = await self.calls.open_session(offer, "http", remote)
+        if isinstance(handle, Refusal):
+            raise HttpError(handle.status, handle.code, handle.message)
+        session_id = handle.session_id
+        self.http_sessions.add(session_id)
+        watchers.start_soon(self._watch_http_session, handle)
+        try:
+            await connection.respond(
+                201,
+                body=handle.answer_sdp.encode(),
+                headers=[
+                    ("Content-Type", "application/sdp"),
+                    ("Location", f"{_SESSION_PREFIX}{session_id}"),
+                    ("Cache-Control", "no-store"),
+                ],
+            )
+        except BaseException:
+            # nobody can reach a session whose answer never left: end it now
+            self.http_sessions.discard(session_id)
+            await self.calls.close_session(session_id, "answer not delivered")
+            raise
+
+    async def _whip_delete(self, connection: HttpConnection, session_id: str) -> None:
+        if session_id not in self.http_sessions:
+            raise HttpError(404, "unknown_session", "no such session")
+        self.http_sessions.discard(session_id)
+        if not await self.calls.close_session(session_id, "whip delete"):
+            raise HttpError(404, "unknown_session", "no such session")
+        await connection.respond(200)
+
+    async def _watch_http_session(self, handle: SessionHandle) -> None:
+        """HTTP sessions have no event channel: drop their events, forget them when they end."""
+        async with handle.events:
+            async for _ in handle.events:
+                pass
+        self.http_sessions.discard(handle.session_id)

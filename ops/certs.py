@@ -17,7 +17,7 @@ import secrets
 import sys
 from pathlib import Path
 
-from ops.config import HINT_SECRET_FILE
+from relay.settings import HINT_SECRET_FILE
 from relay.tunnel.certs import init_ca, issue_files
 
 __all__ = ["init_cluster", "run_certs", "write_hint_secret"]

@@ -5,15 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
-import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import attrs
 import trio
 
+from ops.children import stop_on
 from ops.config import Config, ConfigError, load_config
 from ops.log import setup_logging
 
@@ -45,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--media", choices=["direct", "relay"], help="how client media arrives (node.media)"
     )
     node.add_argument("--certs", help="cluster certificate directory (cluster.certs)")
+    node.add_argument(
+        "--signaling-port", type=int, help="signaling and demo page TCP port (node.signaling_port)"
+    )
     node.add_argument(
         "--parent-pid", type=int, help="stop gracefully when this process is gone (parley up)"
     )
@@ -89,6 +91,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--data-dir", help="where etcd data and logs go (up.data_dir)")
     up.add_argument("--etcd-port", type=int, help="local etcd client port (up.etcd_client_port)")
     up.add_argument(
+        "--signaling-port",
+        type=int,
+        help="node-1's signaling port, node-2 the next... (up.signaling_port; 0: any free)",
+    )
+    up.add_argument(
         "--lease-ttl", type=int, help="lease TTL of the nodes, seconds (node.lease_ttl)"
     )
 
@@ -110,6 +117,7 @@ def config_from(args: argparse.Namespace) -> Config:
             "lease_ttl": get("lease_ttl"),
             "capacity": get("capacity"),
             "media": get("media"),
+            "signaling_port": get("signaling_port") if command == "node" else None,
         },
         "relay": {
             "id": get("id") if command == "relay" else None,
@@ -123,6 +131,7 @@ def config_from(args: argparse.Namespace) -> Config:
             "relays": get("relays"),
             "data_dir": get("data_dir"),
             "etcd_client_port": get("etcd_port"),
+            "signaling_port": get("signaling_port") if command == "up" else None,
         },
         "log": {"json": get("log_json"), "level": get("log_level")},
     }
@@ -136,34 +145,6 @@ def config_from(args: argparse.Namespace) -> Config:
     return config
 
 
-async def _stop_on(stop: Callable[[], None], parent_pid: int | None) -> None:
-    """Call ``stop`` on SIGTERM or SIGINT, or once process ``parent_pid`` is gone."""
-
-    async def on_signal() -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("stopping on signal", extra={"signal": signal.Signals(signum).name})
-                stop()
-
-    async def watch_parent(pid: int) -> None:
-        try:
-            fd = os.pidfd_open(pid)
-        except OSError:  # already gone
-            pass
-        else:
-            try:
-                await trio.lowlevel.wait_readable(fd)  # readable once the process exits
-            finally:
-                os.close(fd)
-        log.warning("parent process is gone; stopping", extra={"parent": pid})
-        stop()
-
-    async with trio.open_nursery() as nursery:
-        nursery.start_soon(on_signal)
-        if parent_pid is not None:
-            nursery.start_soon(watch_parent, parent_pid)
-
-
 def cmd_node(config: Config, parent_pid: int | None = None) -> int:
     from sessions.node.daemon import Node
     from sessions.node.host import run_frontend
@@ -172,7 +153,7 @@ def cmd_node(config: Config, parent_pid: int | None = None) -> int:
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(_stop_on, node.request_stop, parent_pid)
+            nursery.start_soon(stop_on, node.request_stop, parent_pid)
             await node.run()
             nursery.cancel_scope.cancel()
 
@@ -187,9 +168,7 @@ def cmd_relay(
     worker: int | None = None,
     argv: Sequence[str] = (),
 ) -> int:
-    from ops.config import load_credentials, load_secrets
     from relay.daemon import Relay, worker_id
-    from relay.edge import Limits
 
     cfg = config.relay
     relay_id = cfg.relay_id()
@@ -205,19 +184,13 @@ def cmd_relay(
             relay_id,
             etcd_endpoint=config.cluster.etcd,
             prefix=config.cluster.prefix,
-            credentials=load_credentials(config, "relay", relay_id),
-            secrets=load_secrets(config),
+            credentials=config.cluster.credentials("relay", relay_id),
+            secrets=config.cluster.hint_secrets(),
             listen=cfg.listen_addresses(),
             tunnel_host=cfg.tunnel_host,
             tunnel_port=tunnel_port,
             lease_ttl=cfg.lease_ttl,
-            limits=Limits(
-                new_source_rate=cfg.new_source_rate,
-                client_rate=cfg.client_rate,
-                max_clients=cfg.max_clients,
-                idle_timeout=cfg.idle_timeout,
-                receive_buffer=cfg.receive_buffer,
-            ),
+            limits=cfg.limits(),
             worker=worker,
         )
     except (ConfigError, ValueError) as exc:
@@ -227,7 +200,7 @@ def cmd_relay(
     async def main() -> None:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(relay.run)
-            await _stop_on(nursery.cancel_scope.cancel, parent_pid)
+            await stop_on(nursery.cancel_scope.cancel, parent_pid)
 
     name = relay_id if worker is None else worker_id(relay_id, worker)
     log.info("relay starting", extra={"relay": name, "etcd": config.cluster.etcd})

@@ -48,6 +48,7 @@ Example ``parley.toml``::
     nodes = 3
     relays = 2
     relay_port = 3478         # relays listen on 127.0.0.1:relay_port, relay_port + 1, ...
+    signaling_port = 8780     # node-1's signaling and demo page, node-2 on the next... (0: any)
     data_dir = ".parley"
     etcd_client_port = 23790
     etcd_peer_port = 23800
@@ -59,9 +60,7 @@ Example ``parley.toml``::
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import socket
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -69,110 +68,34 @@ from typing import Any, Literal, final
 
 import attrs
 
-from relay.edge import Limits
+from relay.settings import HINT_SECRET_FILE, ClusterSettings, RelaySettings, SettingsError
 from relay.tunnel.certs import Credentials
+from sessions.node.settings import AGENTS, MEDIA_PATHS, NodeSettings, TurnsSettings
 
-#: the built-in agents a node can give its sessions
-AGENTS = ("turn-echo", "echo", "bridge")
-#: how client media reaches a node
-MEDIA_PATHS = ("direct", "relay")
+__all__ = [
+    "HINT_SECRET_FILE",
+    "ClusterConfig",
+    "Config",
+    "ConfigError",
+    "NodeConfig",
+    "RelayConfig",
+    "TurnsConfig",
+    "load_config",
+    "load_credentials",
+    "load_secrets",
+]
+
 MAX_RELAY_WORKERS = 64
-#: in ``cluster.certs``: the secret that authenticates the relays' routing hints, hex, one per
-#: line, current first (more than one while rotating)
-HINT_SECRET_FILE = "hint.secret"
-_LIMITS = Limits()
 
+#: The configuration is invalid; the message names the setting and where it came from. The
+#: packages' own settings raise the same error (relay.settings.SettingsError).
+ConfigError = SettingsError
 
-class ConfigError(ValueError):
-    """The configuration is invalid; the message names the setting and where it came from."""
-
-
-@final
-@attrs.frozen
-class ClusterConfig:
-    etcd: str = "127.0.0.1:23790"
-    prefix: str = "/parley"
-    #: directory of the cluster CA (ca.pem), member certificates and the hint secret
-    certs: str = ""
-
-
-@final
-@attrs.frozen
-class NodeConfig:
-    id: str = ""
-    lease_ttl: int = 5
-    lease_margin: float = 0.0  # 0: derived from the TTL (storage.lease.default_margin)
-    capacity: int = 1000
-    signaling_host: str = "127.0.0.1"
-    signaling_port: int = 0
-    #: "direct": the node's own client-facing UDP port (media_host:media_port) takes media;
-    #: "relay": media only comes through the cluster's relays, and no client port is opened
-    media: str = "direct"
-    media_host: str = "127.0.0.1"
-    media_port: int = 0
-    #: local address of the node's QUIC tunnels to the relays
-    tunnel_host: str = "127.0.0.1"
-    #: who the user talks to: "turn-echo" (plays each finished turn back), "echo" (at once) or
-    #: "bridge" (an external agent over WebSocket at agent_url; docs/agent-protocol.md)
-    agent: str = "turn-echo"
-    agent_url: str = ""
-
-    def node_id(self) -> str:
-        return self.id or f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
-
-
-@final
-@attrs.frozen
-class TurnsConfig:
-    """Turn detection thresholds (see sessions.turns.TurnConfig)."""
-
-    min_speech_ms: int = 200
-    end_silence_ms: int = 600
-    padding_ms: int = 200
-
-
-@final
-@attrs.frozen
-class RelayConfig:
-    id: str = ""
-    #: public UDP addresses, comma-separated: at most one IPv4 and one IPv6 (``[::]:3478``)
-    listen: str = "0.0.0.0:3478,[::]:3478"
-    tunnel_host: str = "127.0.0.1"
-    tunnel_port: int = 0
-    lease_ttl: int = 5
-    # The edge's own defaults (relay/edge.py Limits), so that the two cannot drift apart.
-    idle_timeout: float = _LIMITS.idle_timeout
-    new_source_rate: float = _LIMITS.new_source_rate
-    client_rate: float = _LIMITS.client_rate
-    max_clients: int = _LIMITS.max_clients
-    receive_buffer: int = _LIMITS.receive_buffer
-    #: processes serving the public port together (SO_REUSEPORT), each a registration of its
-    #: own (``<id>.w0``, ``<id>.w1``...) with its own tunnel endpoint
-    workers: int = 1
-
-    def relay_id(self) -> str:
-        return self.id or f"relay-{socket.gethostname().split('.')[0]}-{os.getpid()}"
-
-    def listen_addresses(self) -> list[tuple[str, int]]:
-        """``listen`` parsed; raises ConfigError."""
-        out: list[tuple[str, int]] = []
-        for item in (part.strip() for part in self.listen.split(",")):
-            host, _, port = item.rpartition(":")
-            host = host.removeprefix("[").removesuffix("]")
-            try:
-                ipaddress.ip_address(host)
-                number = int(port)
-            except ValueError:
-                raise ConfigError(
-                    f"relay.listen: {item!r} is not IP:PORT (IPv6 as [ADDR]:PORT)"
-                ) from None
-            if not 0 <= number <= 0xFFFF:
-                raise ConfigError(f"relay.listen: port out of range in {item!r}")
-            out.append((host, number))
-        families = [":" in host for host, _ in out]
-        if not out or len(set(families)) != len(families):
-            raise ConfigError("relay.listen: one IPv4 and/or one IPv6 address")
-        return out
+# Each package owns its settings; a configuration is one of each, named by its TOML section.
+ClusterConfig = ClusterSettings
+NodeConfig = NodeSettings
+TurnsConfig = TurnsSettings
+RelayConfig = RelaySettings
 
 
 @final
@@ -181,6 +104,9 @@ class UpConfig:
     nodes: int = 3
     relays: int = 2
     relay_port: int = 3478
+    #: node-1 serves signaling and its demo page on this port, node-2 on the next...; the same
+    #: port after a restart. 0: ports chosen once when `parley up` starts
+    signaling_port: int = 8780
     data_dir: str = ".parley"
     etcd_client_port: int = 23790
     etcd_peer_port: int = 23800
@@ -196,10 +122,10 @@ class LogConfig:
 @final
 @attrs.frozen
 class Config:
-    cluster: ClusterConfig = ClusterConfig()
-    node: NodeConfig = NodeConfig()
-    turns: TurnsConfig = TurnsConfig()
-    relay: RelayConfig = RelayConfig()
+    cluster: ClusterConfig = attrs.field(factory=ClusterConfig)
+    node: NodeConfig = attrs.field(factory=NodeConfig)
+    turns: TurnsConfig = attrs.field(factory=TurnsConfig)
+    relay: RelayConfig = attrs.field(factory=RelayConfig)
     up: UpConfig = UpConfig()
     log: LogConfig = LogConfig()
     #: where the file layer came from, for messages
@@ -350,44 +276,19 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"relay.workers must be between 1 and {MAX_RELAY_WORKERS}")
     if relay.receive_buffer < 0:
         raise ConfigError("relay.receive_buffer must be bytes >= 0 (0: the kernel's default)")
+    if not 0 <= config.up.signaling_port <= 0xFFFF - config.up.nodes:
+        raise ConfigError("up.signaling_port must leave room for a port per node (0: any free)")
     if config.up.nodes < 1 or config.up.relays < 0:
         raise ConfigError("up.nodes must be at least 1 and up.relays at least 0")
     if config.log.level.lower() not in {"debug", "info", "warning", "error"}:
         raise ConfigError("log.level must be debug, info, warning or error")
 
 
-def _certs_dir(config: Config) -> Path:
-    if not config.cluster.certs:
-        raise ConfigError(
-            "cluster.certs is not set: make a cluster CA with `parley certs init --dir DIR` "
-            "and set cluster.certs = DIR"
-        )
-    return Path(config.cluster.certs)
-
-
 def load_credentials(config: Config, role: Literal["node", "relay"], ident: str) -> Credentials:
     """This member's tunnel certificate, key and the cluster CA, from ``cluster.certs``."""
-    directory = _certs_dir(config)
-    try:
-        return Credentials.load(directory, role, ident)
-    except OSError as exc:
-        raise ConfigError(
-            f"{exc} (`parley certs issue --dir {directory} {role} {ident}` makes one)"
-        ) from None
+    return config.cluster.credentials(role, ident)
 
 
 def load_secrets(config: Config) -> list[bytes]:
     """The cluster's hint secrets, current first, from ``cluster.certs``/hint.secret."""
-    path = _certs_dir(config) / HINT_SECRET_FILE
-    try:
-        lines = path.read_text().split()
-        found = [bytes.fromhex(line) for line in lines]
-    except OSError as exc:
-        raise ConfigError(
-            f"cannot read the hint secret {path}: {exc.strerror} (`parley certs init` makes it)"
-        ) from None
-    except ValueError:
-        raise ConfigError(f"{path}: each line must be one secret in hex") from None
-    if not found or any(len(secret) < 16 for secret in found):
-        raise ConfigError(f"{path}: needs at least one secret of 16 bytes or more")
-    return found
+    return config.cluster.hint_secrets()

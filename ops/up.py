@@ -2,8 +2,13 @@
 
 Starts a local etcd (data under ``<data_dir>/etcd``), ``up.relays`` relays (the cluster's public
 UDP ports, 127.0.0.1:``up.relay_port`` and up) and ``up.nodes`` node daemons as child processes,
-restarts any that dies, prints what runs where, and on Ctrl-C or SIGTERM stops the nodes (SIGTERM,
-so they release what they own), the relays, then etcd.
+restarts any that dies (etcd included, on the same data), prints what runs where, and on Ctrl-C or
+SIGTERM stops the nodes (SIGTERM, so they release what they own), then the relays, then etcd.
+
+One ``parley up`` per data directory: it holds an exclusive lock on ``<data_dir>/up.lock`` (which
+names its pid) for as long as it runs, and a second one refuses to start. Every child dies with it,
+even when it is SIGKILLed (ops/children.py). Each node keeps its signaling port across restarts
+(``up.signaling_port`` and up, or ports chosen once at start), so the printed demo URLs stay true.
 
 With relays, the nodes take media only through them (``node.media = "relay"``). The cluster CA,
 the hint secret and every member's certificate are made under ``<data_dir>/certs`` on first use
@@ -12,20 +17,25 @@ the hint secret and every member's certificate are made under ``<data_dir>/certs
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, final
+from typing import IO, Any, final
 
 import attrs
 import trio
 
+from ops import children
 from ops.certs import init_cluster
 from ops.config import Config
-from ops.etcdserver import EtcdServer, EtcdServerError
+from ops.etcdserver import EtcdServer, EtcdServerError, free_port
 from ops.status import format_status, gather_status
 from relay.tunnel.certs import issue_files
 from storage.etcd import EtcdError, open_etcd
@@ -42,12 +52,49 @@ class Child:
     name: str
     argv: list[str]
     log_path: Path
-    process: trio.Process | None = None
+    process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
 
     @property
     def pid(self) -> int | None:
         return self.process.pid if self.process is not None else None
+
+
+def free_port_check(port: int, host: str = "127.0.0.1") -> None:
+    """Raise OSError if nobody may listen on ``host:port`` now."""
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the node's listener
+        probe.bind((host, port))
+
+
+class AlreadyRunning(Exception):
+    """Another ``parley up`` holds the data directory."""
+
+
+@contextlib.contextmanager
+def data_dir_lock(data_dir: Path) -> Iterator[IO[str]]:
+    """Hold ``<data_dir>/up.lock`` exclusively (it names our pid) while the block runs.
+
+    The kernel drops the lock when the process ends, however it ends, so a stale file never
+    blocks the next run. Raises :class:`AlreadyRunning` naming the holder's pid.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / "up.lock"
+    with open(path, "a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise AlreadyRunning(
+                f"another `parley up` (pid {holder}) is running with data directory {data_dir}; "
+                "stop it first, or use another --data-dir"
+            ) from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield lock
 
 
 @final
@@ -62,10 +109,14 @@ class LocalCluster:
             client_port=config.up.etcd_client_port,
             peer_port=config.up.etcd_peer_port,
             log_file=self.data_dir / "logs" / "etcd.log",
+            die_with_us=True,
         )
         self.endpoint = self.etcd.endpoint
+        self.etcd_restarts = 0
         self.certs = Path(config.cluster.certs or self.data_dir / "certs").resolve()
         self.relays = [self._relay_child(i + 1) for i in range(config.up.relays)]
+        base = config.up.signaling_port
+        self.signaling_ports = [base + i if base else free_port() for i in range(config.up.nodes)]
         self.nodes = [self._node_child(i + 1) for i in range(config.up.nodes)]
         self.children = self.relays + self.nodes
         self.out = stdout or sys.stdout
@@ -100,7 +151,14 @@ class LocalCluster:
 
     def _node_child(self, index: int) -> Child:
         name = f"node-{index}"
-        argv = [*self._argv("node", name), "--lease-ttl", str(self.config.node.lease_ttl)]
+        argv = [
+            *self._argv("node", name),
+            "--lease-ttl",
+            str(self.config.node.lease_ttl),
+            # the same port after a restart: the demo URL printed at start stays true
+            "--signaling-port",
+            str(self.signaling_ports[index - 1]),
+        ]
         if self.relays:
             argv += ["--media", "relay", "--certs", str(self.certs)]
         return Child(name, argv, self.data_dir / "logs" / f"{name}.log")
@@ -121,16 +179,38 @@ class LocalCluster:
     async def run(
         self, *, task_status: trio.TaskStatus[LocalCluster] = trio.TASK_STATUS_IGNORED
     ) -> None:
+        with contextlib.ExitStack() as held:
+            try:
+                held.enter_context(data_dir_lock(self.data_dir))
+            except AlreadyRunning as exc:
+                raise SystemExit(f"parley up: {exc}") from None
+            self._check_ports()
+            await self._run(task_status)
+
+    def _check_ports(self) -> None:
+        """Refuse at once, not with nodes that restart forever, when a signaling port is taken."""
+        for port in self.signaling_ports:
+            try:
+                free_port_check(port)
+            except OSError as exc:
+                raise SystemExit(
+                    f"parley up: signaling port 127.0.0.1:{port} is busy ({exc.strerror}); "
+                    "set up.signaling_port (--signaling-port; 0: any free ports)"
+                ) from None
+
+    async def _run(self, task_status: trio.TaskStatus[LocalCluster]) -> None:
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
         if self.relays:
             await trio.to_thread.run_sync(self._make_certs)
         try:
-            await trio.to_thread.run_sync(self.etcd.start)
+            await self._start_etcd()
         except EtcdServerError as exc:
+            await trio.to_thread.run_sync(self.etcd.stop)
             raise SystemExit(f"parley up: {exc}") from None
         self.say(f"etcd     {self.endpoint}  pid {self.etcd.pid}  data {self.etcd.data_dir}")
         try:
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._supervise_etcd)
                 for child in self.children:
                     await nursery.start(self._supervise, child)
                     self.say(f"{child.name:<8} pid {child.pid}  log {child.log_path}")
@@ -142,29 +222,53 @@ class LocalCluster:
                 self.say("\nparley is up. `parley status` shows the cluster; Ctrl-C stops it.")
         finally:
             with trio.CancelScope(shield=True):
-                await self._stop_children()
-                await trio.to_thread.run_sync(self.etcd.stop)
+                await self._stop_in_order()
             self.say("parley stopped.")
+
+    async def _start_etcd(self) -> None:
+        # Forked from this (the loop's) thread, so that etcd dies with us (ops/children.py).
+        self.etcd.spawn()
+        await trio.to_thread.run_sync(self.etcd.wait_healthy, 20.0)
+
+    async def _supervise_etcd(self) -> None:
+        """Restart etcd on the same data and ports when it exits; the nodes' and relays' leases
+        and watches survive an etcd restart (storage/etcd.py, storage/lease.py)."""
+        backoff = 0.5
+        while True:
+            process = self.etcd.process
+            if process is None:
+                return
+            code = await children.wait(process)
+            if self._stopping:
+                return
+            self.etcd_restarts += 1
+            self.say(
+                f"etcd exited with {code}; restarting it on the same data in {backoff:.1f}s "
+                f"({self.etcd.log_file})"
+            )
+            await trio.sleep(backoff)
+            try:
+                await self._start_etcd()
+            except EtcdServerError as exc:
+                self.say(f"etcd did not come back: {exc}")
+                backoff = min(backoff * 2, 10.0)
+                continue
+            backoff = 0.5
+            self.say(f"etcd     {self.endpoint}  pid {self.etcd.pid}  restarted")
 
     async def _supervise(self, child: Child, *, task_status: trio.TaskStatus[None]) -> None:
         backoff = 0.5
         first = True
         while True:
-            log_file = await trio.to_thread.run_sync(lambda: open(child.log_path, "ab"))  # noqa: SIM115
-            try:
-                child.process = await trio.lowlevel.open_process(
-                    child.argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_file,
-                    stderr=log_file,
-                    start_new_session=True,
-                )
-            finally:
-                log_file.close()
+            # Forked from this (the loop's) thread: the child gets SIGTERM from the kernel if
+            # `parley up` dies, even by SIGKILL (ops/children.py). Opening a local log file
+            # here blocks no longer than the fork itself does.
+            with open(child.log_path, "ab") as log_file:  # noqa: ASYNC230
+                child.process = children.spawn(child.argv, stdout=log_file, stderr=log_file)
             if first:
                 task_status.started()
                 first = False
-            code = await child.process.wait()
+            code = await children.wait(child.process)
             if self._stopping:
                 return
             child.restarts += 1
@@ -173,6 +277,10 @@ class LocalCluster:
             )
             await trio.sleep(backoff)
             backoff = min(backoff * 2, 10.0)
+            if child in self.nodes:
+                index = self.nodes.index(child)
+                url = f"http://127.0.0.1:{self.signaling_ports[index]}/"
+                self.say(f"{child.name} restarted; its demo page is still {url}")
 
     async def _wait_registered(self) -> None:
         wanted = {c.name for c in self.children}
@@ -206,28 +314,37 @@ class LocalCluster:
     async def _stop_on_signal(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
             async for signum in signals:
-                self.say(f"\n{signal.Signals(signum).name}: stopping nodes, then etcd ...")
+                self.say(f"\n{signal.Signals(signum).name}: stopping")
                 scope.cancel()
                 return
 
-    async def _stop_children(self, grace: float = 15.0) -> None:
+    async def _stop_in_order(self) -> None:
+        """Nodes first (each releases its sessions and deregisters, which needs etcd and lets
+        the relays see the sessions go), then the relays, then etcd."""
         self._stopping = True
-        running = [
-            c for c in self.children if c.process is not None and c.process.returncode is None
-        ]
-        for child in reversed(running):
+        for kind, group in (("nodes", self.nodes), ("relays", self.relays)):
+            running = [c for c in group if c.process is not None and c.process.poll() is None]
+            if running:
+                self.say(f"stopping {kind}: {', '.join(c.name for c in running)}")
+                await self._stop_children(running)
+        if self.etcd.process is not None:
+            self.say(f"stopping etcd (pid {self.etcd.process.pid})")
+        await trio.to_thread.run_sync(self.etcd.stop)
+
+    async def _stop_children(self, running: list[Child], grace: float = 15.0) -> None:
+        for child in running:
             assert child.process is not None
             child.process.send_signal(signal.SIGTERM)
         with trio.move_on_after(grace):
-            for child in reversed(running):
+            for child in running:
                 assert child.process is not None
-                await child.process.wait()
+                await children.wait(child.process)
         for child in running:
             assert child.process is not None
-            if child.process.returncode is None:
+            if child.process.poll() is None:
                 self.say(f"{child.name} did not stop within {grace:.0f}s; killing it")
                 child.process.kill()
-                await child.process.wait()
+                await children.wait(child.process)
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -23,6 +23,9 @@ from collections.abc import Sequence
 
 import trio
 
+from ops import children
+from ops.children import stop_on
+
 log = logging.getLogger("parley.relay")
 
 #: how long stopping workers get before they are killed
@@ -35,14 +38,13 @@ def run_relay_workers(
 ) -> int:
     """Supervise ``workers`` processes of ``parley relay`` (``argv`` is this one's command line)
     until a signal, or until ``parent_pid`` is gone. Returns the exit status."""
-    from ops.cli import _stop_on
 
     async def main() -> None:
-        processes: dict[int, trio.Process] = {}
+        processes: dict[int, subprocess.Popen[bytes]] = {}
         async with trio.open_nursery() as nursery:
             for worker in range(workers):
                 nursery.start_soon(_keep, relay_id, worker, argv, processes)
-            await _stop_on(nursery.cancel_scope.cancel, parent_pid)
+            await stop_on(nursery.cancel_scope.cancel, parent_pid)
         with trio.CancelScope(shield=True):
             await _stop(processes)
 
@@ -53,7 +55,7 @@ def run_relay_workers(
 
 
 async def _keep(
-    relay_id: str, worker: int, argv: Sequence[str], processes: dict[int, trio.Process]
+    relay_id: str, worker: int, argv: Sequence[str], processes: dict[int, subprocess.Popen[bytes]]
 ) -> None:
     command = [
         sys.executable, "-m", "ops.cli", *argv,
@@ -62,9 +64,11 @@ async def _keep(
     backoff = 0.5
     while True:
         started = trio.current_time()
-        process = await trio.lowlevel.open_process(command, stdin=subprocess.DEVNULL)
+        # Forked from the loop's thread: a worker gets SIGTERM if this process dies, even by
+        # SIGKILL (ops/children.py); it also watches our pid (--parent-pid).
+        process = children.spawn(command, new_session=False)
         processes[worker] = process
-        code = await process.wait()
+        code = await children.wait(process)
         if trio.current_time() - started > 30.0:
             backoff = 0.5  # it ran for a while: a fresh failure, not a crash loop
         log.warning(
@@ -75,14 +79,14 @@ async def _keep(
         backoff = min(backoff * 2, _MAX_BACKOFF)
 
 
-async def _stop(processes: dict[int, trio.Process]) -> None:
-    running = [p for p in processes.values() if p.returncode is None]
+async def _stop(processes: dict[int, subprocess.Popen[bytes]]) -> None:
+    running = [p for p in processes.values() if p.poll() is None]
     for process in running:
         process.send_signal(signal.SIGTERM)
     with trio.move_on_after(STOP_GRACE):
         for process in running:
-            await process.wait()
+            await children.wait(process)
     for process in running:
-        if process.returncode is None:
+        if process.poll() is None:
             process.kill()
-            await process.wait()
+            await children.wait(process)

@@ -21,13 +21,13 @@ import os
 import socket
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, final
+from typing import Any, Protocol, final
 
 import attrs
 import trio
 
 from actors import Actor, ChildSpec, Intensity, Registry, Restart, Strategy, Supervisor
-from ops.config import Config
+from sessions.node.settings import NodeSetup
 from storage.etcd import Etcd, EtcdError, open_etcd
 from storage.keys import Keyspace, check_name
 from storage.lease import Lease, LeaseKeeper
@@ -39,8 +39,23 @@ log = logging.getLogger("parley.node")
 STATS_INTERVAL = 2.0
 
 
-#: serves a node's clients (signaling, media); started once per node with ``nursery.start``
+#: serves a node's clients (signaling, media); started once per node with ``nursery.start``,
+#: it reports a :class:`SessionFrontend` (or None)
 Frontend = Callable[..., Awaitable[None]]
+
+
+class SessionFrontend(Protocol):
+    """What the node asks of whoever serves its clients, when the node itself ends sessions."""
+
+    async def stop_session(self, session: str, code: str, reason: str) -> None:
+        """Tell the client why (``session_ended`` with ``code``), close the session's media,
+        then :meth:`Node.end_session`."""
+
+    def sessions_lost(self, sessions: list[str], code: str, reason: str) -> None:
+        """The sessions' actors are already gone (the lease was lost): tell their clients."""
+
+    async def wind_down(self) -> None:
+        """Give clients a bounded moment to receive their last events before the node exits."""
 
 
 class NodeRefused(Exception):
@@ -65,7 +80,7 @@ class Node:
     """One transceiver node. Start ``run`` with ``nursery.start``; it reports the node itself."""
 
     def __init__(
-        self, config: Config, *, node_id: str | None = None, frontend: Frontend | None = None
+        self, config: NodeSetup, *, node_id: str | None = None, frontend: Frontend | None = None
     ) -> None:
         self.config = config
         self.id = check_name("node", node_id or config.node.node_id())
@@ -78,6 +93,7 @@ class Node:
         self.started_at = time.time()
         self.lease_generations = 0
         self._frontend = frontend
+        self._clients: SessionFrontend | None = None
         #: per-session stats, published for `parley status` (set by the frontend)
         self.stats_source: Callable[[], Awaitable[dict[str, dict[str, Any]]]] | None = None
         #: the media path's counters, published with the node's record
@@ -184,7 +200,7 @@ class Node:
             async with trio.open_nursery() as nursery:
                 if self._frontend is not None:
                     # Signaling and media outlive lease generations: their addresses stay put.
-                    await nursery.start(self._frontend, self)
+                    self._clients = await nursery.start(self._frontend, self)
                 await nursery.start(keeper.run)
                 while True:
                     lease = await self._next_lease(keeper)
@@ -198,7 +214,16 @@ class Node:
                             "lease lost: stopped every session before it could expire",
                             extra={"lease": hex(lease.id), "sessions": len(self.sessions)},
                         )
+                        lost = list(self.sessions)
                         self.sessions.clear()
+                        if self._clients is not None and lost:
+                            self._clients.sessions_lost(
+                                lost,
+                                "lease_lost",
+                                f"node {self.id} lost its etcd lease and stopped its sessions",
+                            )
+                if self._clients is not None:
+                    await self._clients.wind_down()
                 nursery.cancel_scope.cancel()
             await self._revoke()
         log.info("node stopped", extra={"node": self.id})
@@ -304,9 +329,15 @@ class Node:
             await self._members.register_node(self.info(), lease.id)
         except EtcdError as exc:
             log.warning("could not publish draining state", extra={"error": str(exc)})
-        # Stop in reverse order of arrival, like a supervisor stops its children.
+        # Stop in reverse order of arrival, like a supervisor stops its children; each client
+        # hears why before its session goes.
         for session in reversed(list(self.sessions)):
-            await self.end_session(session)
+            if self._clients is not None:
+                await self._clients.stop_session(
+                    session, "node_stopping", f"node {self.id} is stopping"
+                )
+            else:
+                await self.end_session(session)
         try:
             await self._members.deregister_node(self.id)
         except EtcdError as exc:

@@ -134,6 +134,7 @@ def test_parley_up_runs_etcd_relays_and_nodes_restarts_a_killed_node_and_stops_c
         PARLEY_UP_ETCD_PEER_PORT=str(free_port()),
         PARLEY_UP_RELAY_PORT=str(free_port()),
         PARLEY_UP_NODES="2",
+        PARLEY_UP_SIGNALING_PORT="0",
     )
     up = subprocess.Popen(
         [*PARLEY, "up", "--data-dir", str(data), "--etcd-port", str(port), "--lease-ttl", "2"],

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import time
+from collections.abc import Awaitable, Callable
 
 import attrs
 import pytest
@@ -40,6 +42,31 @@ class Recorder(Actor):
 def _fresh_log() -> None:
     Recorder.log = []
     Recorder.stopped = trio.Event()
+
+
+@attrs.define
+class Clients:
+    """Stands in for the node's signaling: records what the node tells its clients."""
+
+    told: list[tuple[str, str]] = attrs.Factory(list)
+    node: Node | None = None
+    wound_down: bool = False
+
+    async def stop_session(self, session: str, code: str, reason: str) -> None:
+        self.told.append((session, code))
+        assert self.node is not None
+        await self.node.end_session(session)
+
+    def sessions_lost(self, sessions: list[str], code: str, reason: str) -> None:
+        self.told.extend((session, code) for session in sessions)
+
+    async def wind_down(self) -> None:
+        self.wound_down = True
+
+    async def serve(self, node: Node, *, task_status: trio.TaskStatus[Clients]) -> None:
+        self.node = node
+        task_status.started(self)
+        await trio.sleep_forever()
 
 
 def make_config(server: EtcdServer, **node: object) -> Config:
@@ -94,7 +121,8 @@ async def test_node_stops_its_sessions_before_a_frozen_etcd_could_expire_its_lea
     etcd_server: EtcdServer, etcd: Etcd, keys: Keyspace
 ) -> None:
     ttl = 3
-    node = Node(make_config(etcd_server, lease_ttl=ttl), node_id="n1")
+    clients = Clients()
+    node = Node(make_config(etcd_server, lease_ttl=ttl), node_id="n1", frontend=clients.serve)
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)
         await node.host_session("s1", lambda: Recorder("s1"))
@@ -104,6 +132,8 @@ async def test_node_stops_its_sessions_before_a_frozen_etcd_could_expire_its_lea
         try:
             with trio.fail_after(ttl + 2):
                 await Recorder.stopped.wait()
+            # The client is told, not left with silence.
+            await eventually(_value(clients.told), lambda told: told == [("s1", "lease_lost")])
             offset = time.monotonic() - trio.current_time()
             stops = [t for entry, t in Recorder.log if entry == "stop s1"]
             assert stops[0] < lease.confirmed_at + offset + ttl
@@ -125,3 +155,24 @@ async def test_node_stops_its_sessions_before_a_frozen_etcd_could_expire_its_lea
                     await trio.sleep(0.05)
         assert time.monotonic() > stops[0]
         node.request_stop()
+
+
+def _value(items: list[tuple[str, str]]) -> Callable[[], Awaitable[list[tuple[str, str]]]]:
+    async def probe() -> list[tuple[str, str]]:
+        return items
+
+    return probe
+
+
+async def test_a_stopping_node_tells_each_client_why_in_reverse_order(
+    etcd_server: EtcdServer,
+) -> None:
+    clients = Clients()
+    node = Node(make_config(etcd_server), node_id="n1", frontend=clients.serve)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        for name in ("s1", "s2"):
+            await node.host_session(name, functools.partial(Recorder, name))
+        node.request_stop()
+    assert clients.told == [("s2", "node_stopping"), ("s1", "node_stopping")]
+    assert clients.wound_down and node.sessions == {}

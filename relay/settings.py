@@ -1,0 +1,128 @@
+"""Settings the relay package owns: the cluster's (shared with the nodes above) and a relay's.
+
+Plain attrs values with working defaults. ``ops/config.py`` maps TOML, environment variables and
+command-line flags onto them; nothing here reads a file of settings or the environment.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from pathlib import Path
+from typing import final
+
+import attrs
+
+from relay.edge import Limits
+from relay.tunnel.certs import Credentials, Role
+
+__all__ = ["HINT_SECRET_FILE", "ClusterSettings", "RelaySettings", "SettingsError"]
+
+#: in ``cluster.certs``: the secret that authenticates the relays' routing hints, hex, one per
+#: line, current first (more than one while rotating)
+HINT_SECRET_FILE = "hint.secret"
+_LIMITS = Limits()
+
+
+class SettingsError(ValueError):
+    """A setting is invalid or what it names is unusable; the message names the setting."""
+
+
+@final
+@attrs.frozen
+class ClusterSettings:
+    """Where the cluster's shared state and trust material are."""
+
+    etcd: str = "127.0.0.1:23790"
+    prefix: str = "/parley"
+    #: directory of the cluster CA (ca.pem), member certificates and the hint secret
+    certs: str = ""
+
+    def certs_dir(self) -> Path:
+        if not self.certs:
+            raise SettingsError(
+                "cluster.certs is not set: make a cluster CA with `parley certs init --dir DIR` "
+                "and set cluster.certs = DIR"
+            )
+        return Path(self.certs)
+
+    def credentials(self, role: Role, ident: str) -> Credentials:
+        """This member's tunnel certificate, key and the cluster CA, from ``certs``."""
+        directory = self.certs_dir()
+        try:
+            return Credentials.load(directory, role, ident)
+        except OSError as exc:
+            raise SettingsError(
+                f"{exc} (`parley certs issue --dir {directory} {role} {ident}` makes one)"
+            ) from None
+
+    def hint_secrets(self) -> list[bytes]:
+        """The cluster's hint secrets, current first, from ``certs``/hint.secret."""
+        path = self.certs_dir() / HINT_SECRET_FILE
+        try:
+            found = [bytes.fromhex(line) for line in path.read_text().split()]
+        except OSError as exc:
+            raise SettingsError(
+                f"cannot read the hint secret {path}: {exc.strerror} (`parley certs init` makes it)"
+            ) from None
+        except ValueError:
+            raise SettingsError(f"{path}: each line must be one secret in hex") from None
+        if not found or any(len(secret) < 16 for secret in found):
+            raise SettingsError(f"{path}: needs at least one secret of 16 bytes or more")
+        return found
+
+
+@final
+@attrs.frozen
+class RelaySettings:
+    """One relay: its public port(s), its tunnel endpoint, and the edge's limits."""
+
+    id: str = ""
+    #: public UDP addresses, comma-separated: at most one IPv4 and one IPv6 (``[::]:3478``)
+    listen: str = "0.0.0.0:3478,[::]:3478"
+    tunnel_host: str = "127.0.0.1"
+    tunnel_port: int = 0
+    lease_ttl: int = 5
+    # The edge's own defaults (relay/edge.py Limits), so that the two cannot drift apart.
+    idle_timeout: float = _LIMITS.idle_timeout
+    new_source_rate: float = _LIMITS.new_source_rate
+    client_rate: float = _LIMITS.client_rate
+    max_clients: int = _LIMITS.max_clients
+    receive_buffer: int = _LIMITS.receive_buffer
+    #: processes serving the public port together (SO_REUSEPORT), each a registration of its
+    #: own (``<id>.w0``, ``<id>.w1``...) with its own tunnel endpoint
+    workers: int = 1
+
+    def relay_id(self) -> str:
+        return self.id or f"relay-{socket.gethostname().split('.')[0]}-{os.getpid()}"
+
+    def limits(self) -> Limits:
+        return Limits(
+            new_source_rate=self.new_source_rate,
+            client_rate=self.client_rate,
+            max_clients=self.max_clients,
+            idle_timeout=self.idle_timeout,
+            receive_buffer=self.receive_buffer,
+        )
+
+    def listen_addresses(self) -> list[tuple[str, int]]:
+        """``listen`` parsed; raises SettingsError."""
+        out: list[tuple[str, int]] = []
+        for item in (part.strip() for part in self.listen.split(",")):
+            host, _, port = item.rpartition(":")
+            host = host.removeprefix("[").removesuffix("]")
+            try:
+                ipaddress.ip_address(host)
+                number = int(port)
+            except ValueError:
+                raise SettingsError(
+                    f"relay.listen: {item!r} is not IP:PORT (IPv6 as [ADDR]:PORT)"
+                ) from None
+            if not 0 <= number <= 0xFFFF:
+                raise SettingsError(f"relay.listen: port out of range in {item!r}")
+            out.append((host, number))
+        families = [":" in host for host, _ in out]
+        if not out or len(set(families)) != len(families):
+            raise SettingsError("relay.listen: one IPv4 and/or one IPv6 address")
+        return out

@@ -1,0 +1,71 @@
+"""Settings the node daemon owns: the node's own and its sessions' turn detection.
+
+Plain attrs values with working defaults. ``ops/config.py`` maps TOML, environment variables and
+command-line flags onto them; nothing here reads a file of settings or the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Protocol, final
+
+import attrs
+
+from relay.settings import ClusterSettings
+
+__all__ = ["AGENTS", "MEDIA_PATHS", "NodeSettings", "NodeSetup", "TurnsSettings"]
+
+#: the built-in agents a node can give its sessions
+AGENTS = ("turn-echo", "echo", "bridge")
+#: how client media reaches a node
+MEDIA_PATHS = ("direct", "relay")
+
+
+@final
+@attrs.frozen
+class NodeSettings:
+    id: str = ""
+    lease_ttl: int = 5
+    lease_margin: float = 0.0  # 0: derived from the TTL (storage.lease.default_margin)
+    capacity: int = 1000
+    signaling_host: str = "127.0.0.1"
+    signaling_port: int = 0
+    #: "direct": the node's own client-facing UDP port (media_host:media_port) takes media;
+    #: "relay": media only comes through the cluster's relays, and no client port is opened
+    media: str = "direct"
+    media_host: str = "127.0.0.1"
+    media_port: int = 0
+    #: local address of the node's QUIC tunnels to the relays
+    tunnel_host: str = "127.0.0.1"
+    #: who the user talks to: "turn-echo" (plays each finished turn back), "echo" (at once) or
+    #: "bridge" (an external agent over WebSocket at agent_url; docs/agent-protocol.md)
+    agent: str = "turn-echo"
+    agent_url: str = ""
+
+    def node_id(self) -> str:
+        return self.id or f"{socket.gethostname().split('.')[0]}-{os.getpid()}"
+
+
+@final
+@attrs.frozen
+class TurnsSettings:
+    """Turn detection thresholds (see sessions.turns.TurnConfig)."""
+
+    min_speech_ms: int = 200
+    end_silence_ms: int = 600
+    padding_ms: int = 200
+
+
+class NodeSetup(Protocol):
+    """Everything a node reads: the cluster's settings, its own, and its sessions' turns.
+    ``ops.config.Config`` is one; tests may pass any value of this shape."""
+
+    @property
+    def cluster(self) -> ClusterSettings: ...
+
+    @property
+    def node(self) -> NodeSettings: ...
+
+    @property
+    def turns(self) -> TurnsSettings: ...

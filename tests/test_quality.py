@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -36,3 +37,47 @@ def test_ruff_format() -> None:
 def test_mypy_strict() -> None:
     result = run(tool("mypy"))
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+PACKAGES = ("actors", "storage", "relay", "sessions", "ops")
+
+
+def lint_imports(root: Path) -> subprocess.CompletedProcess[str]:
+    """`lint-imports` with this repository's contracts, on the packages under ``root``."""
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    return subprocess.run(
+        [tool("lint-imports"), "--config", str(ROOT / "pyproject.toml"), "--no-cache"],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
+def test_import_contracts() -> None:
+    """Packages import only downward (docs/architecture.md); see [tool.importlinter]."""
+    result = lint_imports(ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+@pytest.mark.parametrize(
+    ("module", "line", "contract"),
+    [
+        ("relay/edge.py", "import sessions.webrtc.stun", "packages import only downward"),
+        ("storage/keys.py", "import actors.actor", "packages import only downward"),
+        ("sessions/turns.py", "import sessions.node.host", "never imports the node daemon"),
+        ("relay/tunnel/frames.py", "import relay.daemon", "never imports the relay daemon"),
+        ("sessions/webrtc/rtp.py", "import trio", "sans-I/O"),
+    ],
+)
+def test_import_contracts_catch_a_forbidden_import(
+    tmp_path: Path, module: str, line: str, contract: str
+) -> None:
+    for package in PACKAGES:
+        shutil.copytree(ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("*.pyc"))
+    target = tmp_path / module
+    target.write_text(target.read_text() + f"\n{line}  # noqa\n")
+    result = lint_imports(tmp_path)
+    assert result.returncode != 0, result.stdout
+    assert f"{contract}" in result.stdout and "BROKEN" in result.stdout, result.stdout

@@ -47,6 +47,16 @@ class Keyspace:
     def checkpoints_prefix(self) -> str:
         return f"{self.prefix}/checkpoints/"
 
+    @property
+    def moves_prefix(self) -> str:
+        return f"{self.prefix}/moves/"
+
+    def move(self, session: str) -> str:
+        return self.moves_prefix + check_name("session", session)
+
+    def session_of_move_key(self, key: bytes) -> str | None:
+        return self._tail(self.moves_prefix, key)
+
     def stats(self, node_id: str) -> str:
         return self.stats_prefix + check_name("node", node_id)
 

@@ -1,0 +1,310 @@
+"""Planned moves of live sessions between nodes, coordinated through etcd alone.
+
+A move is one key, ``{prefix}/moves/{session}``, attached to the *source* owner's lease (if the
+source dies, the move dies with it and crash failover takes over). Every step is a
+compare-and-swap transaction; the rules, in the order a move goes::
+
+    state       written by   when                                      compares
+    requested   operator     the session has an owner at epoch E       owner mod == E, no move
+    ready       source       it quiesced the session at a frame        owner mod == E,
+                             boundary and sealed its exact snapshot    move mod == requested
+                             (checkpoint key, same transaction)
+    done        target       it restored the snapshot, ready to run;   owner mod == E,
+                             ownership moves to it in the same         move mod == ready
+                             transaction (the new epoch)
+    failed      source or    the target did not take it in time, or    move mod == the revision
+                target       refused (the source resumes: it still     the writer last saw
+                             owns epoch E)
+
+``done`` and ``failed`` are final; whoever wrote them, or the source once it has seen them,
+deletes the key. Because ``done`` and ``failed`` both compare the move key's revision, exactly
+one of "the target takes over" and "the source resumes" can happen: never both, never neither.
+Concurrent requests for one session resolve by the create-if-absent compare: the loser gets
+:class:`MoveInProgress` naming the move that won.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any, Final, Literal, final
+
+import attrs
+import trio
+
+from storage.etcd import (
+    Etcd,
+    KeyValue,
+    cmp_create_revision,
+    cmp_mod_revision,
+    op_delete,
+    op_get,
+    op_put,
+)
+from storage.keys import Keyspace, check_name
+from storage.ownership import BadOwnershipValue, Ownership, decode_ownership
+
+log = logging.getLogger("parley.moves")
+
+MoveState = Literal["requested", "ready", "done", "failed"]
+
+#: the allowed transitions; anything else is a programming error (h11 style: rules first)
+TRANSITIONS: Final[dict[MoveState, frozenset[MoveState]]] = {
+    "requested": frozenset({"ready", "failed"}),
+    "ready": frozenset({"done", "failed"}),
+    "done": frozenset(),
+    "failed": frozenset(),
+}
+
+
+class MoveError(Exception):
+    """A move could not be requested or advanced; the message says why, for the operator."""
+
+
+@final
+class MoveInProgress(MoveError):
+    def __init__(self, current: Move) -> None:
+        super().__init__(
+            f"session {current.session} is already moving to {current.target} "
+            f"({current.state}, requested {time.time() - current.requested_at:.1f} s ago)"
+        )
+        self.current = current
+
+
+@final
+class NotOwned(MoveError):
+    """The session has no owner (ended, or between owners)."""
+
+
+@final
+class StaleMove(MoveError):
+    """The move or the ownership changed under the caller: someone else acted first."""
+
+
+class BadMoveValue(ValueError):
+    """A move key held a value we cannot read (counted and skipped)."""
+
+
+@final
+@attrs.frozen
+class Move:
+    """One planned move, as stored; ``revision`` is the key's mod revision (for the next CAS)."""
+
+    session: str
+    source: str
+    target: str
+    #: the source's ownership epoch when the move was requested (every step compares it)
+    epoch: int
+    state: MoveState
+    id: str
+    requested_at: float
+    revision: int = 0
+    lease: int = 0
+    reason: str = ""
+    #: the target's epoch once ``done``
+    new_epoch: int = 0
+    #: wall-clock time the source quiesced the session (``ready``): blackout starts there
+    quiesced_at: float = 0.0
+
+    def advance(self, state: MoveState, **changes: Any) -> Move:
+        """This move in ``state``; raises ValueError for a transition the table forbids."""
+        if state not in TRANSITIONS[self.state]:
+            raise ValueError(f"move of {self.session}: {self.state} -> {state} is not allowed")
+        return attrs.evolve(self, state=state, **changes)
+
+    def encode(self) -> bytes:
+        fields = attrs.asdict(self)
+        del fields["session"], fields["revision"], fields["lease"]
+        return json.dumps(fields, separators=(",", ":")).encode()
+
+    @classmethod
+    def decode(cls, session: str, kv: KeyValue) -> Move:
+        try:
+            value: Any = json.loads(kv.value)
+            move = cls(
+                session=session,
+                source=check_name("node", value["source"]),
+                target=check_name("node", value["target"]),
+                epoch=int(value["epoch"]),
+                state=value["state"],
+                id=str(value["id"]),
+                requested_at=float(value["requested_at"]),
+                revision=kv.mod_revision,
+                lease=kv.lease,
+                reason=str(value.get("reason", "")),
+                new_epoch=int(value.get("new_epoch", 0)),
+                quiesced_at=float(value.get("quiesced_at", 0.0)),
+            )
+        except (ValueError, TypeError, KeyError) as exc:
+            raise BadMoveValue(f"bad move value for {session!r}: {exc}") from None
+        if move.state not in TRANSITIONS:
+            raise BadMoveValue(f"bad move state for {session!r}: {move.state!r}")
+        if move.state == "done" and not move.new_epoch:
+            # written in the same transaction as the owner key: its revision is the new epoch
+            move = attrs.evolve(move, new_epoch=kv.mod_revision)
+        return move
+
+
+def _owner_value(node: str, lease: int) -> bytes:
+    # The same encoding as storage.ownership: the owner key is one format whoever writes it.
+    return json.dumps({"node": node, "lease": lease}, separators=(",", ":")).encode()
+
+
+@final
+class Moves:
+    """Move operations for one cluster keyspace."""
+
+    def __init__(self, etcd: Etcd, keys: Keyspace) -> None:
+        self.etcd = etcd
+        self.keys = keys
+        #: values under the moves prefix that could not be decoded (never crash on them)
+        self.bad_values = 0
+
+    # -- reading ------------------------------------------------------------------------------
+
+    def _decode(self, kv: KeyValue) -> Move | None:
+        session = self.keys.session_of_move_key(kv.key)
+        if session is None:
+            self.bad_values += 1
+            return None
+        try:
+            return Move.decode(session, kv)
+        except BadMoveValue as exc:
+            self.bad_values += 1
+            log.warning("%s", exc)
+            return None
+
+    async def get(self, session: str) -> Move | None:
+        kv = await self.etcd.get(self.keys.move(session))
+        return self._decode(kv) if kv else None
+
+    async def list(self) -> tuple[list[Move], int]:
+        kvs, revision = await self.etcd.get_prefix(self.keys.moves_prefix)
+        return [m for m in (self._decode(kv) for kv in kvs) if m is not None], revision
+
+    @asynccontextmanager
+    async def watch(
+        self, *, start_revision: int = 0
+    ) -> AsyncIterator[trio.MemoryReceiveChannel[Move | str]]:
+        """Every change of a move, in order: the Move, or the session id when its key is gone."""
+        send, receive = trio.open_memory_channel[Move | str](1024)
+
+        async def pump(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with send:
+                async with self.etcd.watch_prefix(
+                    self.keys.moves_prefix, start_revision=start_revision
+                ) as batches:
+                    task_status.started()
+                    async for batch in batches:
+                        for event in batch:
+                            if event.kind == "delete":
+                                session = self.keys.session_of_move_key(event.kv.key)
+                                if session is not None:
+                                    await send.send(session)
+                                continue
+                            move = self._decode(event.kv)
+                            if move is not None:
+                                await send.send(move)
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pump)
+            try:
+                yield receive
+            finally:
+                nursery.cancel_scope.cancel()
+
+    # -- the steps ----------------------------------------------------------------------------
+
+    async def request(self, session: str, target: str) -> Move:
+        """Ask the session's owner to move it to ``target``. Raises NotOwned, MoveInProgress,
+        or MoveError (already there)."""
+        check_name("node", target)
+        owner_key, move_key = self.keys.owner(session), self.keys.move(session)
+        kv = await self.etcd.get(owner_key)
+        if kv is None:
+            raise NotOwned(f"session {session} has no owner (it ended, or is between owners)")
+        try:
+            owner: Ownership = decode_ownership(session, kv)
+        except BadOwnershipValue as exc:
+            raise NotOwned(str(exc)) from None
+        if owner.node == target:
+            raise MoveError(f"session {session} is already on {target}")
+        move = Move(
+            session=session,
+            source=owner.node,
+            target=target,
+            epoch=owner.epoch,
+            state="requested",
+            id=uuid.uuid4().hex[:12],
+            requested_at=time.time(),
+        )
+        # On the source's lease: if the source dies the request goes with it (crash failover
+        # then decides where the session goes).
+        result = await self.etcd.txn(
+            [cmp_mod_revision(owner_key, owner.epoch), cmp_create_revision(move_key, 0)],
+            [op_put(move_key, move.encode(), lease=owner.lease)],
+            [op_get(move_key)],
+        )
+        if result.succeeded:
+            return attrs.evolve(move, revision=result.revision, lease=owner.lease)
+        current = result.ranges[0][0] if result.ranges and result.ranges[0] else None
+        found = self._decode(current) if current else None
+        if found is not None:
+            raise MoveInProgress(found)
+        raise StaleMove(f"session {session} changed owner while the move was requested; retry")
+
+    async def ready(self, move: Move, checkpoint: bytes, *, quiesced_at: float) -> Move:
+        """Source: the session is quiesced and ``checkpoint`` (sealed) is its exact state."""
+        ready = move.advance("ready", quiesced_at=quiesced_at)
+        owner_key, move_key = self.keys.owner(move.session), self.keys.move(move.session)
+        result = await self.etcd.txn(
+            [cmp_mod_revision(owner_key, move.epoch), cmp_mod_revision(move_key, move.revision)],
+            [
+                op_put(self.keys.checkpoint(move.session), checkpoint),
+                op_put(move_key, ready.encode(), lease=move.lease),
+            ],
+        )
+        if not result.succeeded:
+            raise StaleMove(f"move of {move.session} changed under its source")
+        return attrs.evolve(ready, revision=result.revision)
+
+    async def take(self, move: Move, lease: int) -> Move:
+        """Target: take ownership (new epoch) and mark the move done, in one transaction."""
+        owner_key, move_key = self.keys.owner(move.session), self.keys.move(move.session)
+        pending = move.advance("done")
+        result = await self.etcd.txn(
+            [cmp_mod_revision(owner_key, move.epoch), cmp_mod_revision(move_key, move.revision)],
+            [
+                op_put(owner_key, _owner_value(move.target, lease), lease=lease),
+                # The move key follows the target's lease now: the source may be gone soon.
+                op_put(move_key, pending.encode(), lease=lease),
+            ],
+        )
+        if not result.succeeded:
+            raise StaleMove(f"move of {move.session} was abandoned or overtaken")
+        # Puts in one transaction share its revision: the owner key's new mod revision.
+        return attrs.evolve(pending, revision=result.revision, new_epoch=result.revision)
+
+    async def fail(self, move: Move, reason: str) -> Move:
+        """Abandon the move (source or target); raises StaleMove if it already went on."""
+        failed = move.advance("failed", reason=reason[:200])
+        move_key = self.keys.move(move.session)
+        result = await self.etcd.txn(
+            [cmp_mod_revision(move_key, move.revision)],
+            [op_put(move_key, failed.encode(), lease=move.lease)],
+        )
+        if not result.succeeded:
+            raise StaleMove(f"move of {move.session} already went on")
+        return attrs.evolve(failed, revision=result.revision)
+
+    async def clear(self, move: Move) -> bool:
+        """Delete a finished move's key if it is still the one we saw."""
+        result = await self.etcd.txn(
+            [cmp_mod_revision(self.keys.move(move.session), move.revision)],
+            [op_delete(self.keys.move(move.session))],
+        )
+        return result.succeeded

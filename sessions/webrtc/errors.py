@@ -27,3 +27,11 @@ class SdpError(RemoteInputError):
         super().__init__(message)
         #: machine-readable reason, reused as the signaling error code
         self.code = code
+
+
+class StateTransitionError(RuntimeError):
+    """A protocol state machine was asked for a transition its table does not allow.
+
+    Never the peer's doing: each machine checks what a peer sent before it changes state, so
+    this is a bug in this process and is allowed to crash the actor that hit it.
+    """

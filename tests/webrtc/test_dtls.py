@@ -33,7 +33,10 @@ from sessions.webrtc.dtls import (
     SrtpKeys,
     SrtpProfile,
 )
-from sessions.webrtc.errors import RemoteInputError
+from sessions.webrtc.dtls import server as dtls_server
+from sessions.webrtc.dtls.server import TRANSITIONS
+from sessions.webrtc.errors import RemoteInputError, StateTransitionError
+from tests.webrtc import transitions
 
 BOTH_PROFILES = b"SRTP_AEAD_AES_128_GCM:SRTP_AES128_CM_SHA1_80"
 LABEL = b"EXTRACTOR-dtls_srtp"
@@ -451,6 +454,22 @@ def test_local_close() -> None:
     assert server.next_event() is None
 
 
+def test_local_close_during_the_handshake() -> None:
+    server = new_server()
+    client = Client(CLIENT_CERT)
+    client.step()
+    for datagram in client.datagrams():
+        server.receive(datagram, 0.0)
+    assert server.datagrams_to_send()  # our first flight
+    server.close()
+    assert drain(server) == [Closed("local")]
+    assert server.state is DtlsState.CLOSED
+    assert server.get_timer() is None  # no retransmission of a flight nobody waits for
+    assert server.datagrams_to_send() == []  # nothing was keyed, so no close_notify
+    server.receive(b"\x16\xfe\xfd" + bytes(10), 1.0)
+    assert server.next_event() is None and server.datagrams_ignored == 1
+
+
 def test_application_data_is_counted_and_dropped() -> None:
     server, client, _ = handshake()
     client.conn.send(b"an SCTP packet")
@@ -461,6 +480,46 @@ def test_application_data_is_counted_and_dropped() -> None:
     assert server.datagrams_to_send() == []
     assert server.application_records_ignored == 2
     assert server.state is DtlsState.CONNECTED
+
+
+# -- the transition table --------------------------------------------------------------------
+
+
+def test_the_table_rejects_an_illegal_transition() -> None:
+    server, _, _ = handshake()
+    with pytest.raises(StateTransitionError, match="CONNECTED to FAILED") as caught:
+        server._set_state(DtlsState.FAILED)  # a keyed association closes, it never fails
+    # a bug of ours, not the peer's input: callers must not count and drop it
+    assert not isinstance(caught.value, RemoteInputError)
+    assert server.state is DtlsState.CONNECTED
+
+
+@pytest.mark.parametrize(("old", "new"), transitions.forbidden(TRANSITIONS))
+def test_every_transition_outside_the_table_is_refused(old: DtlsState, new: DtlsState) -> None:
+    server = new_server()
+    server._state = old  # put there directly: this tests the table, not a path to ``old``
+    with pytest.raises(StateTransitionError):
+        server._set_state(new)
+    assert server.state is old
+
+
+def test_the_state_changes_only_in_set_state() -> None:
+    assert transitions.state_writers(dtls_server) == {"__init__", "_set_state"}
+
+
+def test_every_transition_the_tests_drive_is_in_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    with transitions.recording(monkeypatch, DtlsServer, lambda s: s.state) as driven:
+        handshake()
+        test_wrong_fingerprint_fails_without_keys()
+        test_client_without_certificate_fails()
+        test_no_common_srtp_profile_fails(None)
+        test_handshake_timeout()
+        test_peer_close_notify()
+        test_local_close()
+        test_local_close_during_the_handshake()
+    allowed = transitions.edges(TRANSITIONS)
+    assert driven <= allowed
+    assert driven == allowed, f"no test drives {allowed - driven}"
 
 
 # -- framing and fuzzing ----------------------------------------------------------------------

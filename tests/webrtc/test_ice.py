@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 
 from sessions.webrtc import stun
 from sessions.webrtc.demux import PacketKind, classify
-from sessions.webrtc.errors import StunError
+from sessions.webrtc.errors import RemoteInputError, StateTransitionError, StunError
 from sessions.webrtc.ice import (
     CONSENT_TIMEOUT,
     MAX_PAIRS,
@@ -34,7 +34,10 @@ from sessions.webrtc.ice import (
     ResponderState,
     mint_credentials,
 )
+from sessions.webrtc.ice import responder as ice_responder
+from sessions.webrtc.ice.responder import TRANSITIONS
 from sessions.webrtc.stun import AttrType, StunClass, StunMessage
+from tests.webrtc import transitions
 
 LOCAL_UFRAG = "PaRl"
 LOCAL_PWD = "parley+local/password0123"
@@ -607,6 +610,49 @@ def test_ice_state_rejects_inconsistent_values() -> None:
     port_as_text: Any = ("192.0.2.1", "80")
     with pytest.raises(TypeError, match="address"):
         _state(pairs=((port_as_text, 1.0),))
+
+
+# --- the transition table ---------------------------------------------------------------------
+
+
+def test_the_table_rejects_an_illegal_transition() -> None:
+    responder = _responder()
+    with pytest.raises(StateTransitionError, match="NEW to CONNECTED") as caught:
+        responder._set_state(ResponderState.CONNECTED)  # nominated before any valid check
+    # a bug of ours, not the peer's input: callers must not count and drop it
+    assert not isinstance(caught.value, RemoteInputError)
+    assert responder.state is ResponderState.NEW
+
+
+@pytest.mark.parametrize(("old", "new"), transitions.forbidden(TRANSITIONS))
+def test_every_transition_outside_the_table_is_refused(
+    old: ResponderState, new: ResponderState
+) -> None:
+    responder = _responder()
+    responder._state = old  # put there directly: this tests the table, not a path to ``old``
+    with pytest.raises(StateTransitionError):
+        responder._set_state(new)
+    assert responder.state is old
+
+
+def test_the_state_changes_only_in_set_state() -> None:
+    assert transitions.state_writers(ice_responder) == {"__init__", "_set_state"}
+
+
+def test_every_transition_the_tests_drive_is_in_the_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    with transitions.recording(monkeypatch, IceLiteResponder, lambda r: r.state) as driven:
+        test_aioice_check_gets_authenticated_success(CLIENT)
+        test_regular_nomination()
+        test_aggressive_nomination_on_the_first_check()
+        test_latest_nomination_wins()
+        test_consent_expires_exactly_at_the_deadline()
+        test_snapshot_and_restore_continue_the_session()
+        test_restore_keeps_counting_towards_expiry()
+        for step in ("new", "checking", "expired"):
+            test_restore_each_state(step)
+    allowed = transitions.edges(TRANSITIONS)
+    assert driven <= allowed
+    assert driven == allowed, f"no test drives {allowed - driven}"
 
 
 # --- credentials ------------------------------------------------------------------------------

@@ -13,9 +13,19 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sessions.webrtc import srtp
 from sessions.webrtc.errors import RemoteInputError
-from sessions.webrtc.srtp import SrtpError, SrtpIndexError, SrtpProfile, SrtpSession, SrtpState
+from sessions.webrtc.srtp import (
+    RTP_RESERVE,
+    SrtpError,
+    SrtpIndexError,
+    SrtpProfile,
+    SrtpSession,
+    SrtpState,
+    binding,
+    srtcp,
+)
+from sessions.webrtc.srtp.index import guess_index
+from sessions.webrtc.srtp.state import MAX_RTCP_SOURCES
 
 PROFILES = list(SrtpProfile)
 OUR_SSRC = 0x11223344
@@ -72,7 +82,7 @@ class Client:
     def receive_index(self, packet: bytes, seq: int) -> int:
         """Decrypt our packet; return its index as libsrtp saw it (packets come in order)."""
         assert self.rx.unprotect(packet) == rtp(seq, OUR_SSRC, b"ours %d" % seq)
-        roc = srtp._stream_roc(self.rx, OUR_SSRC)
+        roc = binding.stream_roc(self.rx, OUR_SSRC)
         assert roc is not None
         return roc << 16 | seq
 
@@ -111,9 +121,9 @@ def test_profiles() -> None:
 
 def test_key_derivation_matches_rfc3711_appendix_b3() -> None:
     master = bytes.fromhex("E1F97A0D3E018BE0D64FA32C06DE41390EC675AD498AFEEBB6960B3AABE6")
-    assert srtp._derive(master, 16, 0x00, 16).hex() == "c61e7a93744f39ee10734afe3ff7a087"
-    assert srtp._derive(master, 16, 0x02, 14).hex() == "30cbbc08863d8c85d49db34a9ae1"
-    assert srtp._derive(master, 16, 0x01, 20).hex() == "cebe321f6ff7716b6fd4ab49af256a156d38baa4"
+    assert srtcp.derive(master, 16, 0x00, 16).hex() == "c61e7a93744f39ee10734afe3ff7a087"
+    assert srtcp.derive(master, 16, 0x02, 14).hex() == "30cbbc08863d8c85d49db34a9ae1"
+    assert srtcp.derive(master, 16, 0x01, 20).hex() == "cebe321f6ff7716b6fd4ab49af256a156d38baa4"
 
 
 @pytest.mark.parametrize("profile", PROFILES)
@@ -128,7 +138,7 @@ def test_our_srtcp_is_bit_exact_with_libsrtp(profile: SrtpProfile) -> None:
             srtp_profile=profile.protection_profile_id,
         )
     )
-    mine = srtp._SrtcpProtector(profile, ours)
+    mine = srtcp.SrtcpProtector(profile, ours)
     for index in range(1, 40):
         packet = rtcp(0xDEADBEEF, bytes(range(index % 7, 20 + index)))
         assert mine.protect(packet, index) == reference.protect_rtcp(packet)
@@ -137,13 +147,13 @@ def test_our_srtcp_is_bit_exact_with_libsrtp(profile: SrtpProfile) -> None:
 @pytest.mark.parametrize("profile", PROFILES)
 def test_libsrtp_decrypts_our_srtcp_at_any_index(profile: SrtpProfile) -> None:
     client = Client(profile)
-    mine = srtp._SrtcpProtector(profile, keys(profile)[0])
+    mine = srtcp.SrtcpProtector(profile, keys(profile)[0])
     for index in (0, 1, 65_536, 2**31 - 1):
         assert client.rx.unprotect_rtcp(mine.protect(rtcp(), index)) == rtcp()
 
 
 def test_index_guess_mirrors_libsrtp() -> None:
-    guess = srtp._guess_index
+    guess = guess_index
     assert guess(None, 65_500) == 65_500
     assert guess(100, 65_500) == 65_500  # libsrtp: ROC 0 while the highest is <= 2**15
     assert guess(65_535, 0) == 1 << 16
@@ -207,18 +217,18 @@ def test_snapshot_restore_across_a_sequence_wrap(profile: SrtpProfile) -> None:
     assert (first.out_roc, first.out_seq, first.in_roc, first.in_seq) == (0, 65_529, 0, 65_529)
     # The restored libsrtp receiver sits where the old one did: same ROC, and the peer's wrap
     # six packets later is guessed right (the trap of setting only the ROC).
-    assert srtp._stream_roc(session._in, PEER_SSRC) == 0
+    assert binding.stream_roc(session._in, PEER_SSRC) == 0
     assert session.next_rtp_seq is not None
     out_seq = session.next_rtp_seq  # the reservation gap carries our stream past its wrap
     exchange(100)
     second, session = move(session)
     assert (second.out_roc, second.in_roc) == (1, 1)
-    assert srtp._stream_roc(session._in, PEER_SSRC) == 1
+    assert binding.stream_roc(session._in, PEER_SSRC) == 1
     assert session.next_rtp_seq is not None
     out_seq = session.next_rtp_seq
     exchange(50)
-    assert srtp._stream_roc(client.rx, OUR_SSRC) == 1
-    assert srtp._stream_roc(session._out, OUR_SSRC) == 1
+    assert binding.stream_roc(client.rx, OUR_SSRC) == 1
+    assert binding.stream_roc(session._out, OUR_SSRC) == 1
     final = session.snapshot()
     assert (final.out_roc, final.in_roc) == (1, 1)
     assert final.in_seq == in_seq - 1
@@ -245,7 +255,7 @@ def test_restore_at_a_high_rollover_counter(profile: SrtpProfile) -> None:
     session = SrtpSession.restore(state)
     session.confirm(session.snapshot())
     client = Client(profile)
-    srtp._set_roc(client.tx, PEER_SSRC, 7)
+    binding.set_roc(client.tx, PEER_SSRC, 7)
     client.tx.protect(rtp(65_534, PEER_SSRC))  # the client's own sender passes that index
     for seq in (65_535, 0, 1, 2):  # wraps to ROC 8
         session.unprotect_rtp(client.send(seq))
@@ -258,11 +268,11 @@ def test_restore_at_a_high_rollover_counter(profile: SrtpProfile) -> None:
             srtp_profile=profile.protection_profile_id,
         )
     )
-    srtp._set_roc(receiver, OUR_SSRC, 7)
+    binding.set_roc(receiver, OUR_SSRC, 7)
     assert session.next_rtp_seq == 60_101
     for seq in range(60_101, 60_110):
         assert receiver.unprotect(session.protect_rtp(rtp(seq))) == rtp(seq)
-    assert srtp._stream_roc(receiver, OUR_SSRC) == 7
+    assert binding.stream_roc(receiver, OUR_SSRC) == 7
     assert session.snapshot().in_roc == 8
     srtcp = session.protect_rtcp(rtcp())
     assert srtcp_index(profile, srtcp) == 4101
@@ -373,7 +383,7 @@ def test_outbound_limits_and_confirmation() -> None:
     assert session.snapshot(rtp_reserve=1).rtp_reserved == later.rtp_reserved
     # a snapshot taken before anything was sent covers first sequence numbers below 2**15
     fresh = new_session(profile).snapshot()
-    assert fresh.rtp_index is None and fresh.rtp_reserved == 2**15 - 1 + srtp.RTP_RESERVE
+    assert fresh.rtp_index is None and fresh.rtp_reserved == 2**15 - 1 + RTP_RESERVE
 
 
 def test_confirm_refuses_foreign_or_invented_states() -> None:
@@ -516,7 +526,7 @@ def test_the_peer_ssrc_is_learned_from_its_first_authentic_packet() -> None:
 def test_srtcp_sources_are_bounded() -> None:
     profile = SrtpProfile.AES128_CM_HMAC_SHA1_80
     session = new_session(profile)
-    for n in range(srtp._MAX_RTCP_SOURCES):
+    for n in range(MAX_RTCP_SOURCES):
         peer = Client(profile, ssrc=1000 + n)
         session.unprotect_rtcp(bytes(peer.tx.protect_rtcp(rtcp(1000 + n))))
     late = Client(profile, ssrc=5000)

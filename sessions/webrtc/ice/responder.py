@@ -1,19 +1,9 @@
-"""Sans-I/O ICE-lite responder (RFC 8445 §2.5) with consent freshness (RFC 7675).
+"""The ICE-lite responder as a state machine (RFC 8445 §2.5, RFC 7675; see
+:mod:`sessions.webrtc.ice`).
 
-Parley's media port is a public server address, so it runs ICE in lite mode: it gathers no
-candidates, sends no checks and nominates nothing. The client (a browser, aiortc) is a full
-agent in the controlling role (RFC 8445 §6.1.1); it sends the connectivity checks, and this
-module answers them (RFC 8445 §7.3), learns which source addresses are valid, and follows the
-client's nomination (RFC 8445 §7.3.1.5, §7.3.2). Afterwards the client keeps checking the
-selected pair every 5 s or so for its own consent freshness (RFC 7675 §5.1); we use those same
-checks as our evidence that the client is still there and still wants our media, and declare
-consent expired 30 s after the last one.
-
-Nothing here does I/O or reads a clock: datagrams come in through :meth:`IceLiteResponder.
-receive_stun` with their source address and the current time, replies come back as a list of
-``(datagram, address)`` to send, and the owner drives the one timer with :meth:`~IceLiteResponder.
-get_timer` / :meth:`~IceLiteResponder.handle_timer`. Every byte string a peer can send is
-handled without raising: it is answered, or counted and dropped.
+Its state changes in one place, :meth:`IceLiteResponder._set_state`, and only along the edges
+of :data:`TRANSITIONS` below; anything else is a bug here and raises
+:class:`~sessions.webrtc.errors.StateTransitionError`.
 """
 
 from __future__ import annotations
@@ -21,85 +11,26 @@ from __future__ import annotations
 import collections
 import enum
 import ipaddress
-import math
-import random
-import re
-import secrets
-import string
-from collections.abc import Iterable, Sequence
+from collections.abc import Mapping
 from typing import Final, final
 
 import attrs
 
 from sessions.webrtc import stun
-from sessions.webrtc.errors import StunError
+from sessions.webrtc.errors import StateTransitionError, StunError
+from sessions.webrtc.ice.state import MAX_PAIRS, PWD_RE, UFRAG_RE, Address, IceState
 from sessions.webrtc.stun import StunClass, StunMessage
 
 __all__ = [
     "CONSENT_TIMEOUT",
-    "MAX_PAIRS",
-    "Address",
+    "TRANSITIONS",
     "ConsentExpired",
     "IceEvent",
     "IceLiteResponder",
-    "IceState",
     "PairNominated",
     "PairValidated",
     "ResponderState",
-    "mint_credentials",
 ]
-
-#: A UDP transport address as ``(host, port)``, the host a literal IPv4 or IPv6 address — or,
-#: for a client reached through a relay, ``"<ip>@<relay id>"``: the relay is our local candidate,
-#: so one client address seen through two relays is two candidate pairs (RFC 8445 §6.1.2.2).
-Address = tuple[str, int]
-
-#: RFC 7675 §5.1: consent expires 30 s after the last proof of it.
-CONSENT_TIMEOUT: Final = 30.0
-#: Most validated pairs kept; RFC 8445 §6.1.2.5 bounds a full agent's check list at 100 too.
-MAX_PAIRS: Final = 100
-#: Transaction ids remembered to recognize retransmitted and replayed checks (about 20 minutes
-#: of consent checks at one per 5 s).
-_RECENT_TRANSACTIONS: Final = 256
-
-# RFC 8839 §5.4: ice-char = ALPHA / DIGIT / "+" / "/"; ufrag 4..256, password 22..256 chars.
-_ICE_CHARS: Final = string.ascii_letters + string.digits + "+/"
-_UFRAG_RE: Final = re.compile(r"[A-Za-z0-9+/]{4,256}", re.ASCII)
-_PWD_RE: Final = re.compile(r"[A-Za-z0-9+/]{22,256}", re.ASCII)
-
-
-def mint_credentials(
-    rng: random.Random | None = None, *, ufrag_length: int = 16, pwd_length: int = 32
-) -> tuple[str, str]:
-    """A fresh ``(ufrag, pwd)`` pair of ice-chars for our side of an ICE session.
-
-    RFC 8445 §5.3 asks for at least 24 random bits in the ufrag and 128 in the password; each
-    ice-char carries 6, so the RFC 8839 §5.4 minimum lengths (4 and 22) just meet that. The
-    defaults are longer: 96 bits of ufrag keep the relay's ufrag-to-session routing free of
-    collisions, and 192 bits of password leave a wide margin. Characters come from
-    :mod:`secrets` unless ``rng`` is given, which is for reproducible tests only.
-    """
-    if not 4 <= ufrag_length <= 256:
-        raise ValueError("an ICE ufrag is 4 to 256 ice-chars (RFC 8839 §5.4)")
-    if not 22 <= pwd_length <= 256:
-        raise ValueError("an ICE password is 22 to 256 ice-chars (RFC 8839 §5.4)")
-    choice = secrets.choice if rng is None else rng.choice
-    ufrag = "".join(choice(_ICE_CHARS) for _ in range(ufrag_length))
-    pwd = "".join(choice(_ICE_CHARS) for _ in range(pwd_length))
-    return ufrag, pwd
-
-
-def _check_ufrag(_: object, attribute: attrs.Attribute[str], value: str) -> None:
-    if not _UFRAG_RE.fullmatch(value):
-        raise ValueError(f"{attribute.name} must be 4-256 ice-chars (RFC 8839 §5.4)")
-
-
-def _check_pwd(_: object, attribute: attrs.Attribute[str], value: str) -> None:
-    if not _PWD_RE.fullmatch(value):
-        raise ValueError(f"{attribute.name} must be 22-256 ice-chars (RFC 8839 §5.4)")
-
-
-# --- events and state -------------------------------------------------------------------------
 
 
 class ResponderState(enum.Enum):
@@ -113,6 +44,34 @@ class ResponderState(enum.Enum):
     CONNECTED = "connected"
     #: consent on the selected pair expired (RFC 7675 §5.1); terminal, nothing is answered
     EXPIRED = "expired"
+
+
+# The transition table (h11-style): from each state, the states it may move to, and why.
+#
+#   NEW       -> CHECKING   a first check was answered with success: a pair is valid
+#                           (RFC 8445 §7.3)
+#   CHECKING  -> CONNECTED  a check carried USE-CANDIDATE: the client nominated its pair
+#                           (RFC 8445 §7.3.1.5, §7.3.2)
+#   CONNECTED -> CONNECTED  a check on another pair carried USE-CANDIDATE: the latest
+#                           nomination wins (see IceLiteResponder._learn)
+#   CONNECTED -> EXPIRED    no valid check on the selected pair for CONSENT_TIMEOUT
+#                           (RFC 7675 §5.1)
+#   EXPIRED                 final: only an ICE restart, a new responder, goes on (RFC 8445 §9)
+#
+# A restore walks the same edges from NEW to the state it carries on from.
+#: Allowed state changes of an :class:`IceLiteResponder`.
+TRANSITIONS: Final[Mapping[ResponderState, frozenset[ResponderState]]] = {
+    ResponderState.NEW: frozenset({ResponderState.CHECKING}),
+    ResponderState.CHECKING: frozenset({ResponderState.CONNECTED}),
+    ResponderState.CONNECTED: frozenset({ResponderState.CONNECTED, ResponderState.EXPIRED}),
+    ResponderState.EXPIRED: frozenset(),
+}
+
+#: RFC 7675 §5.1: consent expires 30 s after the last proof of it.
+CONSENT_TIMEOUT: Final = 30.0
+#: Transaction ids remembered to recognize retransmitted and replayed checks (about 20 minutes
+#: of consent checks at one per 5 s).
+_RECENT_TRANSACTIONS: Final = 256
 
 
 @final
@@ -149,81 +108,6 @@ class ConsentExpired:
 
 
 IceEvent = PairValidated | PairNominated | ConsentExpired
-
-
-def _to_pairs(value: Iterable[tuple[Sequence[object], float]]) -> tuple[tuple[Address, float], ...]:
-    # Accepts what a round trip through JSON or msgpack makes of the tuples (lists).
-    return tuple((_to_address(addr), float(age)) for addr, age in value)
-
-
-def _to_address(value: Sequence[object]) -> Address:
-    host, port = value
-    if not isinstance(host, str) or not isinstance(port, int):
-        raise TypeError(f"an address is (host: str, port: int), not {value!r}")
-    return host, port
-
-
-def _to_optional_address(value: Sequence[object] | None) -> Address | None:
-    return None if value is None else _to_address(value)
-
-
-def _check_pairs(
-    instance: IceState,
-    _: attrs.Attribute[tuple[tuple[Address, float], ...]],
-    value: tuple[tuple[Address, float], ...],
-) -> None:
-    addresses = [addr for addr, _ in value]
-    if len(set(addresses)) != len(addresses):
-        raise ValueError("a pair appears twice")
-    if len(value) > MAX_PAIRS:
-        raise ValueError(f"more than {MAX_PAIRS} pairs")
-    for _addr, age in value:
-        if not (math.isfinite(age) and age >= 0):
-            raise ValueError("a pair's age is a finite number of seconds >= 0")
-
-
-def _check_selected(instance: IceState, _: attrs.Attribute[Address | None], value: object) -> None:
-    if value is not None and value not in [addr for addr, _ in instance.pairs]:
-        raise ValueError("the selected address must be one of the pairs")
-    if instance.expired and value is None:
-        raise ValueError("only a session with a selected pair can have expired consent")
-
-
-@final
-@attrs.frozen
-class IceState:
-    """Everything a responder needs to carry on elsewhere (see :meth:`IceLiteResponder.restore`).
-
-    Times are ages, in seconds before the ``now`` given to :meth:`IceLiteResponder.snapshot`,
-    so the state means the same thing under another node's monotonic clock. The passwords are
-    key material: they are kept out of ``repr``.
-    """
-
-    local_ufrag: str = attrs.field(validator=_check_ufrag)
-    local_pwd: str = attrs.field(validator=_check_pwd, repr=False)
-    remote_ufrag: str = attrs.field(validator=_check_ufrag)
-    remote_pwd: str = attrs.field(validator=_check_pwd, repr=False)
-    #: ``(address, seconds since its last valid check)`` of each valid pair, oldest check first
-    pairs: tuple[tuple[Address, float], ...] = attrs.field(
-        default=(), converter=_to_pairs, validator=_check_pairs
-    )
-    #: the nominated pair (the latest nomination), if any
-    selected: Address | None = attrs.field(
-        default=None, converter=_to_optional_address, validator=_check_selected
-    )
-    #: whether consent on the selected pair has already expired
-    expired: bool = False
-
-    @property
-    def consent_age(self) -> float | None:
-        """Seconds since the last valid check on the selected pair; ``None`` without one."""
-        for addr, age in self.pairs:
-            if addr == self.selected:
-                return age
-        return None
-
-
-# --- the responder ----------------------------------------------------------------------------
 
 
 def _mapped_host(host: str) -> str:
@@ -282,10 +166,10 @@ class IceLiteResponder:
         self, local_ufrag: str, local_pwd: str, remote_ufrag: str, remote_pwd: str
     ) -> None:
         for name, value, pattern, rule in (
-            ("local_ufrag", local_ufrag, _UFRAG_RE, "4-256"),
-            ("local_pwd", local_pwd, _PWD_RE, "22-256"),
-            ("remote_ufrag", remote_ufrag, _UFRAG_RE, "4-256"),
-            ("remote_pwd", remote_pwd, _PWD_RE, "22-256"),
+            ("local_ufrag", local_ufrag, UFRAG_RE, "4-256"),
+            ("local_pwd", local_pwd, PWD_RE, "22-256"),
+            ("remote_ufrag", remote_ufrag, UFRAG_RE, "4-256"),
+            ("remote_pwd", remote_pwd, PWD_RE, "22-256"),
         ):
             if not pattern.fullmatch(value):
                 raise ValueError(f"{name} must be {rule} ice-chars (RFC 8839 §5.4)")
@@ -330,6 +214,14 @@ class IceLiteResponder:
             f"remote_ufrag={self.remote_ufrag!r}, state={self._state.value}, "
             f"selected={self._selected!r})"
         )
+
+    def _set_state(self, new: ResponderState) -> None:
+        """The one place the state changes, along an edge of :data:`TRANSITIONS` only."""
+        if new not in TRANSITIONS[self._state]:
+            raise StateTransitionError(
+                f"ICE responder cannot go from {self._state.name} to {new.name}"
+            )
+        self._state = new
 
     # --- observation --------------------------------------------------------------------------
 
@@ -393,7 +285,7 @@ class IceLiteResponder:
             return
         assert self._selected is not None  # get_timer() returned a deadline
         # RFC 7675 §5.1: no proof of consent for 30 s, so stop sending on this pair.
-        self._state = ResponderState.EXPIRED
+        self._set_state(ResponderState.EXPIRED)
         self._events.append(ConsentExpired(self._selected))
 
     # --- checks (RFC 8445 §7.3) ---------------------------------------------------------------
@@ -510,7 +402,7 @@ class IceLiteResponder:
             self._evict()
             self._events.append(PairValidated(addr))
             if self._state is ResponderState.NEW:
-                self._state = ResponderState.CHECKING
+                self._set_state(ResponderState.CHECKING)
 
         # RFC 8445 §7.3.1.5 and §7.3.2: USE-CANDIDATE nominates the pair the check came on;
         # with aggressive nomination it is on the very first check (validated just above).
@@ -520,7 +412,7 @@ class IceLiteResponder:
         # changes; a lite agent has no view of its own on paths, so the latest nomination wins.
         if msg.use_candidate and self._selected != addr:
             self._selected = addr
-            self._state = ResponderState.CONNECTED
+            self._set_state(ResponderState.CONNECTED)
             self._events.append(PairNominated(addr))
 
     def _evict(self) -> None:
@@ -578,10 +470,12 @@ class IceLiteResponder:
         for addr, age in sorted(state.pairs, key=lambda pair: -pair[1]):
             responder._pairs[addr] = now - age
         responder._selected = state.selected
+        # The way a live responder got there: IceState guarantees that an expired session has
+        # a selected pair and that the selected pair is one of the pairs.
+        if state.pairs:
+            responder._set_state(ResponderState.CHECKING)
+        if state.selected is not None:
+            responder._set_state(ResponderState.CONNECTED)
         if state.expired:
-            responder._state = ResponderState.EXPIRED
-        elif state.selected is not None:
-            responder._state = ResponderState.CONNECTED
-        elif state.pairs:
-            responder._state = ResponderState.CHECKING
+            responder._set_state(ResponderState.EXPIRED)
         return responder

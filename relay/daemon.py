@@ -29,6 +29,7 @@ from relay.edge import Limits, RelayEdge
 from relay.routes import RouteTable
 from relay.tunnel.certs import Credentials
 from relay.tunnel.quic import Tunnel, TunnelEndpoint
+from relay.udp import Address
 from storage.etcd import Etcd, EtcdError, open_etcd
 from storage.keys import Keyspace, check_name
 from storage.lease import LeaseKeeper
@@ -65,7 +66,7 @@ class Relay:
         prefix: str,
         credentials: Credentials,
         secrets: Sequence[bytes],
-        listen: Sequence[tuple[str, int]],
+        listen: Sequence[Address],
         tunnel_host: str = "127.0.0.1",
         tunnel_port: int = 0,
         lease_ttl: int = 5,
@@ -109,7 +110,7 @@ class Relay:
         self.edge.tunnels[tunnel.peer.ident] = tunnel  # a reconnecting node replaces its tunnel
         if isinstance(old, Tunnel) and old is not tunnel:
             old.close("replaced by a new tunnel from the same node")
-        log.info("tunnel open", extra={"node": tunnel.peer.ident, "remote": tunnel.remote})
+        # The endpoint logs every tunnel's opening and closing, once.
 
     def datagram_received(self, tunnel: Tunnel, data: bytes) -> None:
         self.edge.from_node(tunnel.peer.ident, data)
@@ -120,7 +121,6 @@ class Relay:
     def tunnel_closed(self, tunnel: Tunnel, reason: str) -> None:
         if self.edge.tunnels.get(tunnel.peer.ident) is tunnel:
             del self.edge.tunnels[tunnel.peer.ident]
-            log.warning("tunnel closed", extra={"node": tunnel.peer.ident, "reason": reason})
 
     # -- lifetime --------------------------------------------------------------------------------
 

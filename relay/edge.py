@@ -25,14 +25,14 @@ byte comparison or a dict lookup per packet and cannot crowd out real sessions' 
 The caches are bounded; idle clients expire after ``idle_timeout`` (clients send consent
 checks every ~5 s, RFC 7675).
 
-The receive loop waits for readability once and then drains the socket without blocking, as
-sessions/node/media.py does; tunnels are flushed once per drained batch (one
-``datagrams_to_send`` per connection, not per packet).
+The receive loop is relay/udp.py's: it waits for readability once and then drains the socket
+without blocking; tunnels are flushed once per drained batch (one ``datagrams_to_send`` per
+connection, not per packet). STUN is read by relay/stun_username.py, which reads the USERNAME and
+nothing else.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import socket
 from collections.abc import Callable, Sequence
@@ -42,19 +42,17 @@ import attrs
 import trio
 
 from relay.routes import RouteTable
+from relay.stun_username import MalformedStun, read_username
 from relay.tunnel import frames
 from relay.tunnel.hint import read_hint
-from sessions.node.media import bound_udp, kernel_drops
-from sessions.webrtc import stun
-from sessions.webrtc.errors import StunError
+from relay.udp import Address, bound_udp, drain_forever, kernel_drops, send_nowait
 
 __all__ = ["Client", "DatagramSink", "Limits", "RelayEdge", "TokenBucket"]
 
 log = logging.getLogger("parley.relay")
 
-Address = tuple[str, int]
-MAX_DATAGRAM: Final = 2048
-#: datagrams read per wakeup before yielding to other tasks
+#: datagrams read per wakeup before yielding to other tasks (half relay/udp.py's default: the
+#: tunnels and the route table's watch share this process)
 BATCH: Final = 512
 
 _COUNTERS: Final = (
@@ -220,8 +218,8 @@ class RelayEdge:
                 return
         if stun_like:
             try:
-                username = stun.username_of(data)
-            except StunError:
+                username = read_username(data)
+            except MalformedStun:
                 counters["malformed_stun"] += 1
                 return
             if username is not None:
@@ -284,12 +282,10 @@ class RelayEdge:
         if sock is None:
             self.counters["send_failed"] += 1
             return
-        try:
-            sock.sendto(data, addr)
-        except OSError:  # a full buffer or an unreachable client: like the network, drop
-            self.counters["send_failed"] += 1
-        else:
+        if send_nowait(sock, data, addr):  # a full buffer or an unreachable client: dropped
             self.counters["client_out"] += 1
+        else:
+            self.counters["send_failed"] += 1
 
     # -- housekeeping ----------------------------------------------------------------------------
 
@@ -334,6 +330,10 @@ class RelayEdge:
             task_status.started(bound)
             nursery.start_soon(self._expire_loop)
 
+    def _batch_done(self, count: int) -> None:
+        self.counters["client_in"] += count
+        self.flush()  # read at each batch: the relay daemon sets it once its endpoint runs
+
     async def _expire_loop(self) -> None:
         while True:
             await trio.sleep(max(self.limits.idle_timeout / 4, 0.25))
@@ -354,24 +354,6 @@ class RelayEdge:
             try:
                 name = raw.getsockname()
                 task_status.started((name[0], name[1]))
-                receive = raw.recvfrom
-                deliver = self.from_client
-                while True:
-                    await trio.lowlevel.wait_readable(raw)
-                    count = 0
-                    for _ in range(BATCH):  # bounded, so a flood cannot starve other tasks
-                        try:
-                            data, addr = receive(MAX_DATAGRAM)
-                        except (BlockingIOError, InterruptedError):
-                            break
-                        except OSError as exc:
-                            if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH):
-                                continue  # ICMP about an earlier send
-                            raise
-                        count += 1
-                        deliver(data, (addr[0], addr[1]))
-                    self.counters["client_in"] += count
-                    self.flush()
-                    await trio.lowlevel.checkpoint()
+                await drain_forever(raw, self.from_client, self._batch_done, batch=BATCH)
             finally:
                 self._socks.pop(family, None)

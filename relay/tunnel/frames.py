@@ -31,6 +31,8 @@ from typing import Final, final
 
 import attrs
 
+from relay.udp import Address
+
 __all__ = [
     "FROM_CLIENT",
     "TO_CLIENT",
@@ -60,7 +62,7 @@ class FromClient:
     """A client's datagram, as the relay forwards it to the session's node."""
 
     session: str
-    client: tuple[str, int]
+    client: Address
     payload: bytes
 
 
@@ -71,7 +73,7 @@ class ToClient:
 
     session: str
     epoch: int
-    client: tuple[str, int]
+    client: Address
     payload: bytes
 
 
@@ -89,13 +91,13 @@ def _session(session: str) -> bytes:
     return bytes((len(raw),)) + raw
 
 
-def encode_from_client(session: str, client: tuple[str, int], payload: bytes) -> bytes:
+def encode_from_client(session: str, client: Address, payload: bytes) -> bytes:
     """Frame a client's datagram for the tunnel (relay side)."""
     flags, address = _address(*client)
     return b"".join((bytes((FROM_CLIENT, flags)), address, _session(session), payload))
 
 
-def encode_to_client(session: str, epoch: int, client: tuple[str, int], payload: bytes) -> bytes:
+def encode_to_client(session: str, epoch: int, client: Address, payload: bytes) -> bytes:
     """Frame a datagram for a client (node side), stamped with ``epoch``."""
     flags, address = _address(*client)
     return b"".join(

@@ -1,120 +1,72 @@
-"""Mutually authenticated QUIC tunnels between relays and nodes, driven by Trio.
+"""Mutually authenticated QUIC tunnels between relays and nodes: the Trio glue.
 
-The protocol core is aioquic's sans-I/O :class:`~aioquic.quic.connection.QuicConnection`; this
-module is only the glue: one UDP socket per :class:`TunnelEndpoint`, every connection of the
-endpoint demultiplexed on it by connection ID, one task for receiving and one for timers. Relays
-run server endpoints; nodes dial them from a client endpoint (one per node, however many relays).
+One UDP socket per :class:`TunnelEndpoint`, every connection of the endpoint demultiplexed on it
+by connection ID, one task for receiving (relay/udp.py's drain loop), one for timers and one for
+flushing. Relays run server endpoints; nodes dial them from a client endpoint (one per node,
+however many relays). Each connection's protocol — handshake phases, authentication, greeting,
+control lines — is a sans-I/O :class:`~relay.tunnel.link.Link`; this module only feeds links
+with datagrams and time and acts on their events.
 
 What crosses a tunnel:
 
 * media, as QUIC DATAGRAM frames (RFC 9221): unreliable and unordered like the UDP they carry.
   :meth:`Tunnel.send_datagram` only queues; :meth:`TunnelEndpoint.flush` transmits, so a caller
   forwarding a burst pays for packet building once per batch (aioquic sends queued datagrams only
-  when ``datagrams_to_send`` is called, and never checks them against the peer's limit — we do).
-* control, as JSON objects, one per line, on the bidirectional stream 0 (RFC 9000 §2.1: the
-  client's first bidirectional stream). The client opens it right after the TLS handshake with a
-  hello line; the server answers with a welcome line once it has authenticated the client. Only
-  then does either side report the tunnel open, and only later lines reach the handler.
-
-Authentication is TLS 1.3 with certificates from the cluster CA (relay/tunnel/certs.py), in both
-directions, and the identity is the certificate's ``parley://`` URI, not a host name. aioquic
-cannot do the server half on its own (this module relies on two aioquic internals for it, both
-named in :class:`_QuicConnection`):
-
-* an aioquic server only sends a CertificateRequest when the private
-  ``tls.Context._request_client_certificate`` is set ("for test purposes only"); we set it in
-  ``_initialize``, right after aioquic creates the TLS context;
-* the server then checks the client's CertificateVerify signature (proof that the client holds
-  the key) but neither verifies the client's chain nor refuses an empty Certificate message. So
-  after ``HandshakeCompleted`` we read the peer's certificates from ``tls._peer_certificate`` and
-  ``tls._peer_certificate_chain`` and run :func:`relay.tunnel.certs.verify_peer`; a peer that
-  fails is closed with a TLS alert code, counted in ``auth_failures``, and never reaches the
-  handler.
-
-Clients also run ``verify_peer`` on the server's certificate (aioquic has already verified its
-chain against the CA, without host name checks) to learn and pin its identity.
+  when ``datagrams_to_send`` is called, and never checks them against the peer's limit — the
+  link does).
+* control, as JSON objects, one per line, on the control stream, once both sides have
+  authenticated and greeted each other (relay/tunnel/link.py).
 
 Everything that arrives from the network is remote input: malformed datagrams, unknown
-connection IDs and bad control lines are counted and dropped, and never raise.
+connection IDs and bad control lines are counted and dropped, and never raise. Each tunnel's
+opening and closing is logged once, here: a close without error (either side stopping) at info,
+a lost or broken tunnel at warning.
 """
 
 from __future__ import annotations
 
-import datetime
-import errno
 import ipaddress
-import json
 import logging
 import math
 import socket
-import ssl
-from typing import Any, Final, Literal, Protocol, final
+from typing import Any, Final, Protocol, final
 
 import trio
 from aioquic._buffer import Buffer  # aioquic.buffer re-exports it without telling mypy
-from aioquic.buffer import size_uint_var
-from aioquic.quic import events
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
-from aioquic.quic.packet import QuicErrorCode, QuicPacketType, pull_quic_header
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from aioquic.quic.packet import QuicPacketType, pull_quic_header
 
-from relay.tunnel.certs import Credentials, Identity, TunnelAuthError, verify_peer
-from sessions.node.media import bound_udp, kernel_drops
+from relay.tunnel.certs import Credentials, Identity
+from relay.tunnel.connection import CID_LENGTH, LinkConfig
+from relay.tunnel.link import (
+    APP_CLOSED,
+    Closing,
+    ConnectionIdIssued,
+    ConnectionIdRetired,
+    ControlReceived,
+    DatagramReceived,
+    Link,
+    Opened,
+    Terminated,
+)
+from relay.udp import Address, bound_udp, drain_forever, kernel_drops, send_nowait
 
-__all__ = [
-    "ALPN",
-    "Tunnel",
-    "TunnelEndpoint",
-    "TunnelError",
-    "TunnelHandler",
-]
+__all__ = ["Tunnel", "TunnelEndpoint", "TunnelError", "TunnelHandler"]
 
 log = logging.getLogger("parley.tunnel")
 
-Address = tuple[str, int]
-
-ALPN: Final = "parley-tunnel/1"
-#: the control stream: the client's first bidirectional stream (RFC 9000 §2.1)
-CONTROL_STREAM: Final = 0
-#: the first control line each way; later lines belong to the handler
-HELLO: Final = {"type": "parley-hello", "version": 1}
-WELCOME: Final = {"type": "parley-welcome", "version": 1}
-
-CID_LENGTH: Final = 8
-#: what we accept (RFC 9221 §3: it bounds the whole frame); media never comes close
-MAX_DATAGRAM_FRAME_SIZE: Final = 65536
 #: RFC 9000 §14.1: a server drops client Initials in datagrams smaller than this
 MIN_INITIAL_DATAGRAM: Final = 1200
 #: connections that have not (yet) become tunnels, on a server: bounds what an unauthenticated
 #: peer can make us hold; aioquic's idle timeout reaps them
 MAX_HALF_OPEN: Final = 64
-#: DATAGRAM frames queued on one connection and not yet sent (congestion-limited): real-time
-#: media is better dropped than delivered late
-MAX_QUEUED_DATAGRAMS: Final = 1024
-MAX_CONTROL_LINE: Final = 65536
 RECV_BATCH: Final = 1024
-#: how long a tunnel waits before acknowledging what it received. aioquic acknowledges after
-#: 1 ms (its timer granularity), which at media rates means one ACK-only packet, one timer and
-#: one wake-up on each side for every datagram. The tunnels carry DATAGRAM frames, which nobody
-#: retransmits: RFC 9221 §5.2 asks receivers to delay those ACKs within max_ack_delay (25 ms,
-#: aioquic's default, RFC 9000 §18.2). An ACK due by then rides on the next packet either way.
-ACK_DELAY: Final = 0.020
+#: the largest UDP datagram read: any QUIC packet (the path's limit is the sender's business)
 RECV_BUFFER: Final = 65536
-# A 1-RTT packet's worst-case overhead (RFC 9000 §17.3.1): first byte, a destination connection
-# ID of up to 20 bytes, a packet number of up to 4, then the AEAD tag (16 for every QUIC v1
-# cipher suite). A DATAGRAM frame must fit in one packet (RFC 9221 §5), or aioquic would keep it
-# at the head of its queue forever and block every datagram behind it.
-_SHORT_PACKET_OVERHEAD: Final = 1 + 20 + 4 + 16
-
-# RFC 9001 §4.8: a TLS alert travels as CRYPTO_ERROR + the alert's code (RFC 8446 §6.2).
-_ALERT_BAD_CERTIFICATE: Final = QuicErrorCode.CRYPTO_ERROR + 42
-_ALERT_CERTIFICATE_REQUIRED: Final = QuicErrorCode.CRYPTO_ERROR + 116
-_ALERT_NO_APPLICATION_PROTOCOL: Final = QuicErrorCode.CRYPTO_ERROR + 120
-# Application error codes, in APPLICATION_CLOSE frames (RFC 9000 §20.2).
-_APP_CLOSED: Final = 0
-_APP_PROTOCOL_ERROR: Final = 1
+#: bytes the kernel may queue on a tunnel socket while this process is busy elsewhere (the
+#: kernel's default holds ~150 full packets; a tunnel carries every session between a relay and
+#: a node, and the kernel may cap this)
+RECEIVE_BUFFER: Final = 4 << 20
 
 _ENDPOINT_COUNTERS: Final = (
     "packets_in",  # UDP datagrams: QUIC packets, coalesced or not, ACK-only ones included
@@ -138,16 +90,6 @@ _ENDPOINT_COUNTERS: Final = (
     "internal_errors",
     "closed",
 )
-_TUNNEL_COUNTERS: Final = (
-    "datagrams_in",
-    "datagrams_out",
-    "dropped_too_big",
-    "dropped_closed",
-    "dropped_backlog",
-    "control_in",
-    "control_out",
-    "malformed",
-)
 
 
 class TunnelError(Exception):
@@ -162,7 +104,8 @@ class TunnelHandler(Protocol):
     tunnel from a callback is fine (the endpoint flushes after each batch). An exception from a
     callback is a local bug: it stops the endpoint (and so reaches its supervisor).
     ``tunnel_closed`` comes exactly once for every tunnel ``tunnel_opened`` announced, whoever
-    closed it, including from :meth:`Tunnel.close` itself and when the endpoint stops.
+    closed it, including from :meth:`Tunnel.close` itself and when the endpoint stops. The
+    endpoint logs both; a handler need not.
     """
 
     def tunnel_opened(self, tunnel: Tunnel) -> None: ...
@@ -174,154 +117,32 @@ class TunnelHandler(Protocol):
     def tunnel_closed(self, tunnel: Tunnel, reason: str) -> None: ...
 
 
-class _QuicConnection(QuicConnection):
-    """aioquic's connection, with the internals this module relies on in one place."""
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        # aioquic internal: its ACK delay is fixed at 1 ms (see ACK_DELAY).
-        self._ack_delay = ACK_DELAY
-
-    def _initialize(self, peer_cid: bytes) -> None:
-        super()._initialize(peer_cid)
-        if not self._is_client:
-            # aioquic internal: only this private flag makes its server send a
-            # CertificateRequest (RFC 8446 §4.3.2). aioquic creates ``self.tls`` in
-            # ``_initialize`` (on the first Initial), so this is the earliest point to set it.
-            self.tls._request_client_certificate = True
-
-    def peer_certificates(self) -> list[x509.Certificate]:
-        """The peer's certificate chain, leaf first; empty if it sent none (aioquic internal)."""
-        leaf = self.tls._peer_certificate
-        return [] if leaf is None else [leaf, *self.tls._peer_certificate_chain]
-
-    @property
-    def peer_max_datagram_frame_size(self) -> int | None:
-        """The peer's max_datagram_frame_size transport parameter (RFC 9221 §3); None if it
-        does not accept DATAGRAM frames at all."""
-        return self._remote_max_datagram_frame_size
-
-    @property
-    def queued_datagrams(self) -> int:
-        return len(self._datagrams_pending)
-
-    @property
-    def close_event(self) -> events.ConnectionTerminated | None:
-        """Why the connection is closing, as soon as it starts to (aioquic reports
-        ConnectionTerminated only after the closing or draining period, RFC 9000 §10.2)."""
-        return self._close_event
-
-
-def _largest_payload(frame_budget: int) -> int:
-    """The largest DATAGRAM payload whose frame (type, length, payload) fits ``frame_budget``."""
-    n = frame_budget - 2
-    while n > 0 and 1 + size_uint_var(n) + n > frame_budget:
-        n -= 1
-    return max(n, 0)
-
-
-def _line(message: dict[str, Any]) -> bytes:
-    # json.dumps escapes control characters inside strings, so a line never holds a raw "\n".
-    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
-
-
-def _describe(event: events.ConnectionTerminated) -> str:
-    if event.reason_phrase:
-        return event.reason_phrase
-    return f"closed with error 0x{event.error_code:x}" if event.error_code else "closed"
-
-
-Phase = Literal["handshake", "greeting", "open", "closing", "done"]
-
-
-@final
-class _Link:
-    """One QUIC connection of an endpoint, from its first packet until aioquic terminates it.
-
-    ``handshake`` → (TLS done, peer verified) ``greeting`` → (hello/welcome) ``open`` → ``closing``
-    → ``done``; a rejected or failed connection goes to ``closing`` from anywhere.
-    """
-
-    __slots__ = (
-        "cids",
-        "client",
-        "conn",
-        "control",
-        "error",
-        "expect",
-        "last_ping",
-        "last_rx",
-        "peer",
-        "phase",
-        "remote",
-        "skipping",
-        "tunnel",
-        "waiter",
-    )
-
-    def __init__(self, conn: _QuicConnection, remote: Address, now: float, client: bool) -> None:
-        self.conn = conn
-        self.remote = remote
-        self.client = client
-        self.cids: set[bytes] = set()
-        self.phase: Phase = "handshake"
-        self.peer: Identity | None = None
-        self.expect: Identity | None = None
-        self.tunnel: Tunnel | None = None
-        self.waiter: trio.Event | None = None
-        self.error: str | None = None
-        self.control = bytearray()
-        self.skipping = False
-        self.last_rx = now
-        self.last_ping = now
-
-    def lines(self, data: bytes) -> tuple[list[bytes], int]:
-        """Complete control lines in ``data`` (after what came before) and how many over-long
-        lines were dropped. A line longer than MAX_CONTROL_LINE is discarded up to its end, so
-        the stream stays in step without holding unbounded bytes."""
-        buf = self.control
-        buf += data
-        out: list[bytes] = []
-        dropped = 0
-        start = 0
-        while (end := buf.find(b"\n", start)) >= 0:
-            if self.skipping:
-                self.skipping = False
-            else:
-                out.append(bytes(buf[start:end]))
-            start = end + 1
-        del buf[:start]
-        if len(buf) > MAX_CONTROL_LINE:
-            if not self.skipping:
-                dropped += 1
-            self.skipping = True
-            buf.clear()
-        return out, dropped
-
-
 @final
 class Tunnel:
     """One established and authenticated connection, seen from either side.
 
     ``peer`` is the identity the peer's certificate proved; ``closed`` turns True once either
-    side closed it (and the handler's ``tunnel_closed`` has been called, exactly once).
+    side closed it (and the handler's ``tunnel_closed`` is called then, exactly once).
     """
 
-    def __init__(self, endpoint: TunnelEndpoint, link: _Link, peer: Identity) -> None:
-        self.peer = peer
+    def __init__(self, endpoint: TunnelEndpoint, link: Link) -> None:
+        assert link.peer is not None, "a link opens only once its peer is authenticated"
+        self.peer: Identity = link.peer
         self.remote: Address = link.remote
-        self.closed = False
-        self.counters: dict[str, int] = dict.fromkeys(_TUNNEL_COUNTERS, 0)
+        #: this tunnel's counters (its endpoint's count the same, and more)
+        self.counters: dict[str, int] = link.counters
+        #: the largest payload :meth:`send_datagram` accepts on this tunnel
+        self.max_datagram = link.max_datagram
         self._endpoint = endpoint
         self._link = link
-        by_peer = _largest_payload(link.conn.peer_max_datagram_frame_size or 0)
-        by_packet = _largest_payload(endpoint.max_datagram_size - _SHORT_PACKET_OVERHEAD)
-        #: the largest payload :meth:`send_datagram` accepts on this tunnel
-        self.max_datagram = min(by_peer, by_packet)
 
     def __repr__(self) -> str:
         state = "closed" if self.closed else "open"
         return f"<Tunnel {self.peer} at {self.remote[0]}:{self.remote[1]} {state}>"
+
+    @property
+    def closed(self) -> bool:
+        return self._link.phase != "open"
 
     def send_datagram(self, data: bytes) -> bool:
         """Queue ``data`` as one DATAGRAM frame; it leaves at the endpoint's next flush.
@@ -330,52 +151,29 @@ class Tunnel:
         :attr:`max_datagram`, or too many datagrams already wait (congestion). Never raises
         for size: a too-big datagram is the sender's loss, like on UDP.
         """
-        endpoint = self._endpoint
-        if self.closed:
-            self.counters["dropped_closed"] += 1
-            endpoint.counters["dropped_closed"] += 1
+        if not self._link.send_datagram(data):
             return False
-        if len(data) > self.max_datagram:
-            self.counters["dropped_too_big"] += 1
-            endpoint.counters["dropped_too_big"] += 1
-            return False
-        conn = self._link.conn
-        if conn.queued_datagrams >= MAX_QUEUED_DATAGRAMS:
-            self.counters["dropped_backlog"] += 1
-            endpoint.counters["dropped_backlog"] += 1
-            return False
-        conn.send_datagram_frame(data)
-        endpoint._pending[self._link] = None
-        self.counters["datagrams_out"] += 1
-        endpoint.counters["datagrams_out"] += 1
+        self._endpoint._pending[self._link] = None
         return True
 
     def send_control(self, message: dict[str, Any]) -> None:
         """Send one JSON object on the control stream (reliable, ordered), now.
 
         Dropped (counted) if the tunnel is closed. ``message`` must be JSON-serializable
-        (TypeError otherwise: a local error).
+        (TypeError or ValueError otherwise: a local error). If the peer had ended the control
+        stream, the tunnel is broken: it closes, and the handler hears of it before this returns.
         """
-        if self.closed:
-            self.counters["dropped_closed"] += 1
-            self._endpoint.counters["dropped_closed"] += 1
+        outcome = self._link.send_control(message)
+        if outcome is False:
             return
-        data = _line(message)
-        try:
-            self._link.conn.send_stream_data(CONTROL_STREAM, data)
-        except ValueError:
-            # aioquic refuses once the stream is finished, which only the peer can cause
-            # (a reset; RFC 9000 §3.1). Without the control stream the tunnel is broken.
-            self._endpoint._fail(self._link, "control stream closed by peer")
-            return
-        self.counters["control_out"] += 1
-        self._endpoint.counters["control_out"] += 1
         self._endpoint._transmit(self._link)
+        if isinstance(outcome, Closing):
+            self._endpoint._closed(self._link, outcome)
 
     def close(self, reason: str = "") -> None:
         """Close the tunnel (a CONNECTION_CLOSE goes out now). Calls the handler's
         ``tunnel_closed`` before returning, unless the tunnel was already closed."""
-        self._endpoint._close_tunnel(self._link, reason or "closed", code=_APP_CLOSED)
+        self._endpoint._close_tunnel(self._link, reason or "closed")
 
 
 @final
@@ -413,21 +211,23 @@ class TunnelEndpoint:
         #: who we are, from our own certificate
         self.identity = credentials.identity
         self.counters: dict[str, int] = dict.fromkeys(_ENDPOINT_COUNTERS, 0)
-        self._ca = x509.load_pem_x509_certificate(credentials.ca_pem)
-        self._cert = x509.load_pem_x509_certificate(credentials.cert_pem)
-        self._key = load_pem_private_key(credentials.key_pem, password=None)
+        self._config = LinkConfig(
+            credentials, idle_timeout=idle_timeout, max_datagram_size=max_datagram_size
+        )
         self._supported_versions = QuicConfiguration().supported_versions
         self._port = 0
         self._sock: socket.socket | None = None
         self._stopping = False
-        self._by_cid: dict[bytes, _Link] = {}
-        self._links: dict[_Link, None] = {}  # insertion-ordered set
-        self._touched: dict[_Link, None] = {}
-        self._pending: dict[_Link, None] = {}  # queued on since the last flush
+        self._by_cid: dict[bytes, Link] = {}
+        #: every live link (insertion-ordered) and its tunnel once it has one
+        self._links: dict[Link, Tunnel | None] = {}
+        self._waiters: dict[Link, trio.Event] = {}  # connect() calls waiting on their link
+        self._touched: dict[Link, None] = {}  # received on in this batch
+        self._pending: dict[Link, None] = {}  # queued on since the last flush
+        self._batch_now: float | None = None
         self._flush_wanted = trio.Event()
         self._wake = trio.Event()
         self._armed_at = math.inf
-        self._ping_uid = 0
 
     # -- public ----------------------------------------------------------------------------------
 
@@ -443,11 +243,7 @@ class TunnelEndpoint:
     @property
     def tunnels(self) -> list[Tunnel]:
         """The open tunnels, oldest first."""
-        return [
-            link.tunnel
-            for link in self._links
-            if link.tunnel is not None and not link.tunnel.closed
-        ]
+        return [t for t in self._links.values() if t is not None and not t.closed]
 
     def kernel_drops(self) -> int:
         """Datagrams the kernel dropped at this endpoint's socket (its buffer was full)."""
@@ -484,10 +280,8 @@ class TunnelEndpoint:
         """
         if self._sock is not None or self._stopping:
             raise RuntimeError("a TunnelEndpoint runs once")
-        # Sends never wait (a full buffer drops, and QUIC recovers). A tunnel carries every
-        # session between a relay and a node: room for a burst while this process is busy
-        # elsewhere (the kernel's default holds ~150 full packets; the kernel may cap this).
-        async with bound_udp(self.host, self.requested_port, receive_buffer=4 << 20) as raw:
+        # Sends never wait (a full buffer drops, and QUIC recovers).
+        async with bound_udp(self.host, self.requested_port, receive_buffer=RECEIVE_BUFFER) as raw:
             self._port = raw.getsockname()[1]
             self._sock = raw
             try:
@@ -495,7 +289,9 @@ class TunnelEndpoint:
                     nursery.start_soon(self._timer_loop)
                     nursery.start_soon(self._flush_loop)
                     task_status.started(self)
-                    await self._receive_loop(raw)
+                    await drain_forever(
+                        raw, self._on_datagram, self._batch_done, batch=RECV_BATCH, size=RECV_BUFFER
+                    )
             finally:
                 self._shutdown()
                 self._sock = None
@@ -522,51 +318,30 @@ class TunnelEndpoint:
         remote = await self._resolve(host, port)
         if self._sock is None or self._stopping:
             raise TunnelError("the endpoint stopped")
-        conn = _QuicConnection(configuration=self._configuration(is_client=True))
         now = trio.current_time()
-        link = _Link(conn, remote, now, client=True)
-        link.expect = expect
-        waiter = link.waiter = trio.Event()
-        conn.connect(remote, now)
+        link = Link.dial(self._config, remote, now, totals=self.counters, expect=expect)
+        waiter = self._waiters[link] = trio.Event()
         self._links[link] = None
-        self._register(link, conn.host_cid)
+        self._register(link, link.conn.host_cid)
         self._transmit(link, now)
         tunnel: Tunnel | None = None
         try:
             with trio.move_on_after(timeout):
                 await waiter.wait()
-            if link.phase == "open" and link.tunnel is not None and not link.tunnel.closed:
-                tunnel = link.tunnel
+            if link.phase == "open":
+                tunnel = self._links[link]
+                assert tunnel is not None
                 return tunnel
             if link.error is None:
                 self.counters["handshake_failures"] += 1
                 raise TunnelError(f"no tunnel to {host}:{port} within {timeout} s")
-            if link.tunnel is None and link.peer is None:
+            if not link.opened and link.peer is None:
                 self.counters["handshake_failures"] += 1
             raise TunnelError(f"tunnel to {host}:{port} failed: {link.error}")
         finally:
+            self._waiters.pop(link, None)
             if tunnel is None:
                 self._abandon(link, "connect abandoned")
-
-    # -- configuration ---------------------------------------------------------------------------
-
-    def _configuration(self, *, is_client: bool) -> QuicConfiguration:
-        return QuicConfiguration(
-            is_client=is_client,
-            alpn_protocols=[ALPN],
-            idle_timeout=self.idle_timeout,
-            max_datagram_size=self.max_datagram_size,
-            max_datagram_frame_size=MAX_DATAGRAM_FRAME_SIZE,
-            connection_id_length=CID_LENGTH,
-            certificate=self._cert,
-            private_key=self._key,
-            cadata=self.credentials.ca_pem,
-            # aioquic clients verify the server's chain against ``cadata``; without a
-            # server_name they skip host names, which mean nothing here (we check the URI
-            # identity ourselves). aioquic servers verify nothing: see _on_handshake.
-            server_name=None,
-            verify_mode=ssl.CERT_REQUIRED if is_client else ssl.CERT_NONE,
-        )
 
     async def _resolve(self, host: str, port: int) -> Address:
         try:
@@ -585,40 +360,36 @@ class TunnelEndpoint:
 
     # -- connection IDs --------------------------------------------------------------------------
 
-    def _register(self, link: _Link, cid: bytes) -> None:
+    def _register(self, link: Link, cid: bytes) -> None:
         self._by_cid[cid] = link
         link.cids.add(cid)
 
-    def _unregister(self, link: _Link, cid: bytes) -> None:
+    def _unregister(self, link: Link, cid: bytes) -> None:
         link.cids.discard(cid)
         if self._by_cid.get(cid) is link:
             del self._by_cid[cid]
 
     # -- receiving -------------------------------------------------------------------------------
 
-    async def _receive_loop(self, sock: socket.socket) -> None:
-        while True:
-            await trio.lowlevel.wait_readable(sock)
-            now = trio.current_time()
-            for _ in range(RECV_BATCH):  # bounded, so one flood cannot starve other tasks
-                try:
-                    data, addr = sock.recvfrom(RECV_BUFFER)
-                except (BlockingIOError, InterruptedError):
-                    break
-                except OSError as exc:
-                    if exc.errno in (errno.ECONNREFUSED, errno.EHOSTUNREACH, errno.ENETUNREACH):
-                        continue  # ICMP from an earlier send; QUIC's timers deal with it
-                    raise
-                self.counters["packets_in"] += 1
-                self._on_datagram(data, (addr[0], addr[1]), now)
-            # One transmit per touched connection per batch: ACKs, answers, and whatever the
-            # handler queued from its callbacks.
-            touched, self._touched = self._touched, {}
-            for link in touched:
-                self._transmit(link, now)
-            await trio.lowlevel.checkpoint()
+    def _now(self) -> float:
+        # One clock reading per received batch, as the packets of a batch arrived together.
+        now = self._batch_now
+        if now is None:
+            now = self._batch_now = trio.current_time()
+        return now
 
-    def _on_datagram(self, data: bytes, addr: Address, now: float) -> None:
+    def _batch_done(self, count: int) -> None:
+        self.counters["packets_in"] += count
+        # One transmit per touched connection per batch: ACKs, answers, and whatever the
+        # handler queued from its callbacks.
+        now = self._now()
+        self._batch_now = None
+        touched, self._touched = self._touched, {}
+        for link in touched:
+            self._transmit(link, now)
+
+    def _on_datagram(self, data: bytes, addr: Address) -> None:
+        now = self._now()
         try:
             header = pull_quic_header(Buffer(data=data), host_cid_length=CID_LENGTH)
         except ValueError:
@@ -631,15 +402,14 @@ class TunnelEndpoint:
             )
             if link is None:
                 return
-        link.last_rx = now
         try:
-            link.conn.receive_datagram(data, addr, now)
+            link.receive(data, addr, now)
         except Exception:
             # aioquic turns protocol errors into CONNECTION_CLOSE itself; anything escaping is a
             # bug reached by remote input. It must cost this connection only, not the endpoint.
             log.exception("tunnel %s: aioquic failed on a datagram; dropping the connection", addr)
             self.counters["internal_errors"] += 1
-            self._finish(link, "internal error")
+            self._finish(link, Closing("internal error", graceful=False))
             return
         self._process(link)
         self._touched[link] = None
@@ -652,7 +422,7 @@ class TunnelEndpoint:
         data: bytes,
         addr: Address,
         now: float,
-    ) -> _Link | None:
+    ) -> Link | None:
         """A new server-side connection for a client's first Initial, or None (counted)."""
         if not self.server or self._stopping or packet_type != QuicPacketType.INITIAL:
             self.counters["unknown_connection"] += 1
@@ -664,267 +434,154 @@ class TunnelEndpoint:
         ):
             self.counters["malformed"] += 1
             return None
-        if sum(1 for link in self._links if link.tunnel is None) >= MAX_HALF_OPEN:
+        if sum(1 for tunnel in self._links.values() if tunnel is None) >= MAX_HALF_OPEN:
             self.counters["half_open_full"] += 1
             return None
-        conn = _QuicConnection(
-            configuration=self._configuration(is_client=False),
-            original_destination_connection_id=dcid,
-        )
-        link = _Link(conn, addr, now, client=False)
+        link = Link.accept(self._config, addr, now, dcid, totals=self.counters)
         self._links[link] = None
         # The client's Initials (and retransmissions) use the DCID it chose; everything after
         # them uses ours (RFC 9000 §7.2), and later ones arrive as ConnectionIdIssued.
         self._register(link, dcid)
-        self._register(link, conn.host_cid)
+        self._register(link, link.conn.host_cid)
         return link
 
-    def _process(self, link: _Link) -> None:
-        """Handle every event the connection has, in order."""
-        conn = link.conn
-        while (event := conn.next_event()) is not None:
-            if isinstance(event, events.DatagramFrameReceived):
-                tunnel = link.tunnel
-                if tunnel is None or tunnel.closed:
-                    self.counters["early_dropped"] += 1
-                    continue
-                tunnel.counters["datagrams_in"] += 1
-                self.counters["datagrams_in"] += 1
-                self.handler.datagram_received(tunnel, event.data)
-            elif isinstance(event, events.StreamDataReceived):
-                self._on_stream(link, event)
-            elif isinstance(event, events.HandshakeCompleted):
-                self._on_handshake(link, event)
-            elif isinstance(event, events.StreamReset | events.StopSendingReceived):
-                if event.stream_id == CONTROL_STREAM:
-                    self._fail(link, "control stream reset by peer")
-            elif isinstance(event, events.ConnectionIdIssued):
-                self._register(link, event.connection_id)
-            elif isinstance(event, events.ConnectionIdRetired):
-                self._unregister(link, event.connection_id)
-            elif isinstance(event, events.ConnectionTerminated):
-                self._finish(link, _describe(event))
+    def _process(self, link: Link) -> None:
+        """Act on every event the link has, in order."""
+        while (event := link.next_event()) is not None:
+            if isinstance(event, DatagramReceived):
+                self.handler.datagram_received(self._tunnel(link), event.data)
+            elif isinstance(event, ControlReceived):
+                self.handler.control_received(self._tunnel(link), event.message)
+            elif isinstance(event, Opened):
+                self._opened(link)
+            elif isinstance(event, Closing):
+                self._closed(link, event)
+            elif isinstance(event, ConnectionIdIssued):
+                self._register(link, event.cid)
+            elif isinstance(event, ConnectionIdRetired):
+                self._unregister(link, event.cid)
+            elif isinstance(event, Terminated):
+                self._finish(link, Closing(event.reason, event.graceful))
                 return
-        close = conn.close_event
-        if close is not None and link.phase != "done":
-            self._closing(link, _describe(close))
 
-    def _on_handshake(self, link: _Link, event: events.HandshakeCompleted) -> None:
-        if link.phase != "handshake":
-            return
-        if event.alpn_protocol != ALPN:
-            self._reject(
-                link, f"ALPN {event.alpn_protocol!r} is not {ALPN}", _ALERT_NO_APPLICATION_PROTOCOL
-            )
-            return
-        chain = link.conn.peer_certificates()
-        try:
-            # The wall clock, not Trio's: certificates expire in calendar time.
-            peer = verify_peer(chain, self._ca, now=datetime.datetime.now(datetime.UTC))
-        except TunnelAuthError as exc:
-            code = _ALERT_BAD_CERTIFICATE if chain else _ALERT_CERTIFICATE_REQUIRED
-            self._reject(link, str(exc), code)
-            return
-        if link.expect is not None and peer != link.expect:
-            self._reject(link, f"peer is {peer}, expected {link.expect}", _ALERT_BAD_CERTIFICATE)
-            return
-        link.peer = peer
-        link.phase = "greeting"
-        if link.client:
-            link.conn.send_stream_data(CONTROL_STREAM, _line(HELLO))
+    def _tunnel(self, link: Link) -> Tunnel:
+        tunnel = self._links.get(link)
+        assert tunnel is not None, "an open link has a tunnel"
+        return tunnel
 
-    def _on_stream(self, link: _Link, event: events.StreamDataReceived) -> None:
-        if event.stream_id != CONTROL_STREAM:
-            self.counters["malformed"] += 1
-            return
-        if link.phase not in ("greeting", "open"):
-            self.counters["early_dropped"] += 1
-            return
-        lines, dropped = link.lines(event.data)
-        self._count_malformed(link, dropped)
-        for line in lines:
-            if link.phase not in ("greeting", "open"):
-                return
-            try:
-                message = json.loads(line)
-            except (ValueError, RecursionError):  # RecursionError: deeply nested arrays
-                message = None
-            if not isinstance(message, dict):
-                self._count_malformed(link, 1)
-                continue
-            if link.phase == "greeting":
-                self._on_greeting(link, message)
-                continue
-            tunnel = link.tunnel
-            assert tunnel is not None
-            if tunnel.closed:
-                return
-            tunnel.counters["control_in"] += 1
-            self.counters["control_in"] += 1
-            self.handler.control_received(tunnel, message)
-        if event.end_stream:
-            # The control stream lives as long as the tunnel; a peer that ends it is broken.
-            self._fail(link, "control stream finished by peer")
-
-    def _on_greeting(self, link: _Link, message: dict[str, Any]) -> None:
-        expected = WELCOME if link.client else HELLO
-        if message.get("type") != expected["type"]:
-            self._fail(link, f"expected a {expected['type']} line, got {message.get('type')!r}")
-            return
-        if not link.client:
-            link.conn.send_stream_data(CONTROL_STREAM, _line(WELCOME))
-        assert link.peer is not None
-        tunnel = Tunnel(self, link, link.peer)
-        link.tunnel = tunnel
-        link.phase = "open"
-        self.counters["handshakes"] += 1
-        log.info("tunnel open: %s at %s:%d", link.peer, *link.remote)
-        if link.waiter is not None:
-            link.waiter.set()
+    def _opened(self, link: Link) -> None:
+        tunnel = self._links[link] = Tunnel(self, link)
+        log.info("tunnel open", extra={"peer": str(tunnel.peer), "remote": _show(link.remote)})
+        waiter = self._waiters.get(link)
+        if waiter is not None:
+            waiter.set()
         self.handler.tunnel_opened(tunnel)
-
-    def _count_malformed(self, link: _Link, n: int) -> None:
-        if n:
-            self.counters["malformed"] += n
-            if link.tunnel is not None:
-                link.tunnel.counters["malformed"] += n
 
     # -- closing ---------------------------------------------------------------------------------
 
-    def _reject(self, link: _Link, reason: str, code: int) -> None:
-        """Refuse a peer that did not authenticate: close with a TLS alert (RFC 9001 §4.8)."""
-        self.counters["auth_failures"] += 1
-        log.warning("tunnel peer at %s:%d rejected: %s", *link.remote, reason)
-        link.error = f"peer rejected: {reason}"
-        link.conn.close(error_code=code, frame_type=0, reason_phrase=reason[:200])
-        self._closing(link, link.error)
-        self._touched[link] = None
-
-    def _fail(self, link: _Link, reason: str) -> None:
-        """Close a connection whose peer broke the control protocol."""
-        if link.phase in ("closing", "done"):
-            return
-        log.warning("tunnel %s:%d: %s", *link.remote, reason)
-        self.counters["malformed"] += 1
-        link.conn.close(error_code=_APP_PROTOCOL_ERROR, reason_phrase=reason[:200])
-        self._transmit(link)
-        self._closing(link, reason)
-
-    def _close_tunnel(self, link: _Link, reason: str, *, code: int) -> None:
-        tunnel = link.tunnel
-        if tunnel is None or tunnel.closed:
-            return
-        link.conn.close(error_code=code, reason_phrase=reason[:200])
-        self._transmit(link)
-        self._closing(link, reason)
-
-    def _closing(self, link: _Link, reason: str) -> None:
-        """The connection is going away (either side, any cause): tell whoever waits, once."""
-        if link.phase in ("closing", "done"):
-            return
-        link.phase = "closing"
-        if link.error is None:
-            link.error = reason
-        if link.waiter is not None:
-            link.waiter.set()
-        tunnel = link.tunnel
-        if tunnel is not None and not tunnel.closed:
-            tunnel.closed = True
+    def _closed(self, link: Link, closing: Closing) -> None:
+        """The link started closing (either side, any cause): tell whoever waits, once."""
+        waiter = self._waiters.get(link)
+        if waiter is not None:
+            waiter.set()
+        tunnel = self._links.get(link)
+        if tunnel is not None:
             self.counters["closed"] += 1
-            log.info("tunnel closed: %s at %s:%d: %s", tunnel.peer, *link.remote, reason)
-            self.handler.tunnel_closed(tunnel, reason)
+            log.log(
+                logging.INFO if closing.graceful else logging.WARNING,
+                "tunnel closed",
+                extra={
+                    "peer": str(tunnel.peer),
+                    "remote": _show(link.remote),
+                    "reason": closing.reason,
+                },
+            )
+            self.handler.tunnel_closed(tunnel, closing.reason)
 
-    def _finish(self, link: _Link, reason: str) -> None:
-        """aioquic is done with the connection: forget it."""
-        self._closing(link, reason)
-        link.phase = "done"
+    def _close_tunnel(self, link: Link, reason: str) -> None:
+        """Close an open tunnel from our side, without error."""
+        if link.phase != "open":
+            return
+        link.close(APP_CLOSED, reason)
+        self._transmit(link)
+        self._closed(link, Closing(reason, graceful=True))
+
+    def _finish(self, link: Link, closing: Closing) -> None:
+        """aioquic is done with the connection (or we are): forget it."""
+        if link.phase == "done":
+            return
+        if link.finish(closing.reason):
+            self._closed(link, closing)
         for cid in list(link.cids):
             self._unregister(link, cid)
         self._links.pop(link, None)
         self._touched.pop(link, None)
         self._pending.pop(link, None)
 
-    def _abandon(self, link: _Link, reason: str) -> None:
+    def _abandon(self, link: Link, reason: str) -> None:
         """Give up on a connection we dialed (timeout, failure, cancellation)."""
         if link.phase == "done":
             return
-        if link.tunnel is not None and not link.tunnel.closed:
-            self._close_tunnel(link, reason, code=_APP_CLOSED)
+        if link.phase == "open":
+            self._close_tunnel(link, reason)
             return
-        link.conn.close(error_code=_APP_CLOSED, reason_phrase=reason)
+        started = link.close(APP_CLOSED, reason)
         self._transmit(link)
-        self._closing(link, reason)
+        if started:
+            self._closed(link, Closing(reason, graceful=True))
 
     def _shutdown(self) -> None:
         self._stopping = True
         now = trio.current_time()
+        stopped = Closing("endpoint stopped", graceful=True)
         for link in list(self._links):
-            if link.tunnel is not None and not link.tunnel.closed:
-                self._close_tunnel(link, "endpoint stopped", code=_APP_CLOSED)
+            if link.phase == "open":
+                self._close_tunnel(link, stopped.reason)
             else:
-                link.conn.close(error_code=_APP_CLOSED, reason_phrase="endpoint stopped")
+                link.conn.close(error_code=APP_CLOSED, reason_phrase=stopped.reason)
                 self._transmit(link, now)
-            self._finish(link, "endpoint stopped")
+            self._finish(link, stopped)
 
     # -- sending and timers ----------------------------------------------------------------------
 
-    def _transmit(self, link: _Link, now: float | None = None) -> None:
+    def _transmit(self, link: Link, now: float | None = None) -> None:
         sock = self._sock
         if sock is None or link.phase == "done":
             return
         if now is None:
             now = trio.current_time()
+        counters = self.counters
         for data, addr in link.conn.datagrams_to_send(now):
-            try:
-                sock.sendto(data, addr)
-                self.counters["packets_out"] += 1
-            except (BlockingIOError, InterruptedError):
-                self.counters["send_failed"] += 1  # a full buffer is loss; QUIC recovers
-            except OSError as exc:
-                self.counters["send_failed"] += 1
-                log.debug("sendto %s failed: %s", addr, exc)
-        if self._deadline(link) < self._armed_at:
+            if send_nowait(sock, data, addr):
+                counters["packets_out"] += 1
+            else:
+                counters["send_failed"] += 1  # a full buffer is loss; QUIC recovers
+        if link.deadline() < self._armed_at:
             self._wake.set()
-
-    def _deadline(self, link: _Link) -> float:
-        timer = link.conn.get_timer()
-        deadline = math.inf if timer is None else timer
-        if link.phase == "open":
-            deadline = min(deadline, self._keepalive_at(link))
-        return deadline
-
-    def _keepalive_at(self, link: _Link) -> float:
-        # RFC 9000 §10.1.2: an ack-eliciting packet before a third of the idle timeout keeps
-        # the peer's idle timer from firing even if one PING (or its ACK) is lost.
-        return max(link.last_rx, link.last_ping) + self.idle_timeout / 3
 
     async def _timer_loop(self) -> None:
         while True:
             self._wake = trio.Event()
-            self._armed_at = min((self._deadline(link) for link in self._links), default=math.inf)
+            self._armed_at = min((link.deadline() for link in self._links), default=math.inf)
             with trio.move_on_at(self._armed_at):
                 await self._wake.wait()
             self._armed_at = -math.inf  # nobody needs to wake us while we work
             now = trio.current_time()
             for link in list(self._links):
-                if self._deadline(link) <= now:
+                if link.deadline() <= now:
                     self._on_timer(link, now)
 
-    def _on_timer(self, link: _Link, now: float) -> None:
-        conn = link.conn
-        timer = conn.get_timer()
+    def _on_timer(self, link: Link, now: float) -> None:
         try:
-            if timer is not None and timer <= now:
-                conn.handle_timer(now)
-            if link.phase == "open" and now >= self._keepalive_at(link):
-                self._ping_uid += 1
-                conn.send_ping(self._ping_uid)
-                link.last_ping = now
-                self.counters["keepalives"] += 1
+            link.handle_timer(now)
         except Exception:
             log.exception("tunnel %s:%d: aioquic failed on a timer; dropping it", *link.remote)
             self.counters["internal_errors"] += 1
-            self._finish(link, "internal error")
+            self._finish(link, Closing("internal error", graceful=False))
             return
         self._process(link)
         self._transmit(link, now)
+
+
+def _show(addr: Address) -> str:
+    return f"{addr[0]}:{addr[1]}"

@@ -20,14 +20,15 @@ from typing import Any, Literal, final
 import trio
 
 from actors.lag import LoopLag
-from ops.config import Config, load_credentials, load_secrets
 from sessions.agents import Agent, EchoAgent, TurnEchoAgent
 from sessions.agents.bridge import BridgeAgent
 from sessions.node.daemon import Node, NodeRefused
-from sessions.node.media import MediaPort, PacketPath
+from sessions.node.media import MediaPort
 from sessions.node.pages import HTML, echo_page
 from sessions.node.relayed import RelayedMedia
+from sessions.node.settings import NodeSetup
 from sessions.node.signaling import SessionHandle, SignalingRefused, SignalingServer
+from sessions.ports import PacketPath
 from sessions.session import SessionActor
 from sessions.transceiver import SessionSnapshot, Transceiver
 from sessions.turns import TurnConfig
@@ -38,9 +39,13 @@ log = logging.getLogger("parley.host")
 
 _ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"
 EVENT_BUFFER = 64
+#: WebSocket close code for a session the node ends because it is going away (RFC 6455 §7.4.1)
+GOING_AWAY = 1001
+#: how long a stopping node waits for signaling to deliver its sessions' last events
+WIND_DOWN = 2.0
 
 
-def make_agent(config: Config, session_id: str) -> Agent:
+def make_agent(config: NodeSetup, session_id: str) -> Agent:
     """A fresh agent for a session, as ``node.agent`` says."""
     name = config.node.agent
     if name == "echo":
@@ -54,7 +59,7 @@ def make_agent(config: Config, session_id: str) -> Agent:
     raise ValueError(f"unknown agent {name!r}")
 
 
-def turn_config(config: Config) -> TurnConfig:
+def turn_config(config: NodeSetup) -> TurnConfig:
     turns = config.turns
     return TurnConfig(
         min_speech_ms=turns.min_speech_ms,
@@ -84,6 +89,8 @@ class NodeSessions:
         self._events: dict[str, trio.MemorySendChannel[dict[str, Any]]] = {}
         self._ending_send, self._ending = trio.open_memory_channel[tuple[str, str]](1024)
         self.events_dropped = 0
+        #: the signaling server serving these sessions (set by run_frontend)
+        self.server: SignalingServer | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """End sessions that end themselves (their actor calls back synchronously)."""
@@ -147,6 +154,35 @@ class NodeSessions:
             raise
         log.info("session opened", extra={"session": session_id, "transport": transport})
         return SessionHandle(session_id=session_id, answer_sdp=answer, events=events)
+
+    async def stop_session(self, session_id: str, code: str, reason: str) -> None:
+        """The node ends this session (it is stopping): the client hears why first, and its
+        socket closes with 1001 (going away) instead of 1000."""
+        self._last_word(session_id, code, reason)
+        await self.close_session(session_id, code)
+
+    def sessions_lost(self, sessions: list[str], code: str, reason: str) -> None:
+        """The node lost its lease and its session actors are gone: tell every client."""
+        for session_id in sessions:
+            self._last_word(session_id, code, reason)
+            self._forget(session_id)
+
+    async def wind_down(self) -> None:
+        """A bounded moment for signaling to deliver the last events and close the sockets."""
+        if self.server is not None:
+            with trio.move_on_after(WIND_DOWN):
+                await self.server.wind_down()
+
+    def _last_word(self, session_id: str, code: str, reason: str) -> None:
+        """Send ``session_ended`` and close the event stream, so that nothing the actor says
+        while it stops (a ``closed`` of its own) follows it."""
+        self._emit(
+            session_id,
+            {"event": "session_ended", "code": code, "reason": reason, "close_code": GOING_AWAY},
+        )
+        channel = self._events.pop(session_id, None)
+        if channel is not None:
+            channel.close()
 
     async def close_session(self, session_id: str, reason: str) -> bool:
         if session_id not in self.node.sessions:
@@ -221,8 +257,8 @@ async def run_frontend(
         if cfg.media == "relay":
             relayed = RelayedMedia(
                 node.id,
-                load_credentials(node.config, "node", node.id),
-                load_secrets(node.config)[0],
+                node.config.cluster.credentials("node", node.id),
+                node.config.cluster.hint_secrets()[0],
                 lambda: node.members,
                 node.epoch_of,
                 tunnel_host=cfg.tunnel_host,
@@ -251,6 +287,7 @@ async def run_frontend(
             pages={"/": (HTML, echo_page())},  # a browser client: open the node's http://HOST:PORT/
         )
         await nursery.start(server.run)
+        backend.server = server
         node.addresses.update(server.urls())
         log.info("serving clients", extra=dict(node.addresses))
         node.stats_source = backend.stats

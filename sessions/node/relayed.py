@@ -11,14 +11,14 @@ certificates of the cluster CA). Clients reach sessions only through relays:
   client's first STUN packet to this node before etcd's watch tells it the session is here;
 * a datagram arriving through relay ``r`` from client ``ip:port`` is given to its session as
   coming from ``("ip@r", port)`` — the relay is the local candidate of that pair, so the session's
-  ICE core keeps one pair per relay (sessions/webrtc/ice.py) and answers each path through the
+  ICE core keeps one pair per relay (sessions/webrtc/ice/) and answers each path through the
   relay it came by;
 * every datagram to a client is stamped with the session's ownership epoch, which the relay
   checks (fencing, relay/routes.py): once the session belongs to another node, what this node
   still sends is dropped.
 
-This class offers sessions the same surface as the node's own UDP port (sessions/node/media.py), so
-session code does not know which one it runs on.
+This class offers sessions the same surface as the node's own UDP port (sessions/node/media.py),
+sessions/ports.py's ``PacketPath``, so session code does not know which one it runs on.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from relay.tunnel import frames
 from relay.tunnel.certs import Credentials, Identity
 from relay.tunnel.hint import mint_ufrag
 from relay.tunnel.quic import Tunnel, TunnelEndpoint, TunnelError
-from sessions.node.media import INBOX_SIZE, Address, Datagram, SessionPort
+from relay.udp import Address
+from sessions.ports import INBOX_SIZE, Datagram, SessionPort
 from storage.etcd import EtcdError
 from storage.members import Members, RelayInfo
 
@@ -188,8 +189,7 @@ class RelayedMedia:
         # Named by the registration we dialed: the workers of one relay share its certificate.
         name = self._dialing.get(tunnel.remote, tunnel.peer.ident)
         self._names[tunnel] = name
-        self.tunnels[name] = tunnel
-        log.info("tunnel open", extra={"relay": name, "remote": tunnel.remote})
+        self.tunnels[name] = tunnel  # the endpoint logs the opening (and the closing)
 
     def control_received(self, tunnel: Tunnel, message: dict[str, Any]) -> None:
         log.debug("control from %s: %s", tunnel.peer.ident, message)
@@ -198,7 +198,6 @@ class RelayedMedia:
         name = self._names.pop(tunnel, tunnel.peer.ident)
         if self.tunnels.get(name) is tunnel:
             del self.tunnels[name]
-            log.warning("tunnel closed", extra={"relay": name, "reason": reason})
 
     # -- finding relays --------------------------------------------------------------------------
 

@@ -13,7 +13,7 @@ from relay.edge import Limits, RelayEdge, TokenBucket
 from relay.routes import RouteTable
 from relay.tunnel import frames
 from relay.tunnel.hint import mint_ufrag
-from sessions.node.media import set_receive_buffer
+from relay.udp import set_receive_buffer
 from sessions.webrtc import stun
 from storage.ownership import OwnershipChange
 
@@ -180,7 +180,7 @@ def test_a_known_client_over_its_rate_loses_only_its_own_packets() -> None:
         edge.from_client(b"\x80" + bytes(20), CLIENT)
     edge.from_client(b"\x80" + bytes(20), quiet)
     assert edge.counters["rate_limited"] >= 1000 - 100
-    assert frames.decode(sink.sent[-1]).client == quiet  # type: ignore[union-attr]
+    assert frames.decode(sink.sent[-1]).client == quiet
 
 
 def test_idle_clients_expire_and_the_cache_is_bounded() -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import socket
@@ -27,7 +28,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 import relay.tunnel.quic
 from relay.tunnel.certs import Credentials, Identity, issue, make_ca
-from relay.tunnel.quic import ACK_DELAY, ALPN, Tunnel, TunnelEndpoint, TunnelError
+from relay.tunnel.connection import ACK_DELAY, ALPN
+from relay.tunnel.quic import Tunnel, TunnelEndpoint, TunnelError
 
 CA = make_ca()
 OTHER_CA = make_ca("Another cluster's CA")
@@ -654,3 +656,72 @@ async def test_a_handler_may_close_a_tunnel_as_it_opens() -> None:
             await until(lambda: intruder.tunnels == [] and not intruder._links)
             assert len(intruder_side.closed) == len(intruder_side.opened)
             nursery.cancel_scope.cancel()
+
+
+# -- logging -------------------------------------------------------------------------------------
+
+
+def tunnel_logs(caplog: pytest.LogCaptureFixture, message: str) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "parley.tunnel" and r.getMessage() == message]
+
+
+def field(record: logging.LogRecord, name: str) -> Any:
+    """A structured field the record got through ``extra``."""
+    return vars(record)[name]
+
+
+async def test_each_tunnel_event_is_logged_once_and_a_clean_close_at_info(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="parley.tunnel")
+    async with connected() as (_, _, tunnel, relay_side, _):
+        opened = tunnel_logs(caplog, "tunnel open")
+        assert sorted(field(r, "peer") for r in opened) == ["node:n1", "relay:r1"]
+        assert {r.levelno for r in opened} == {logging.INFO}
+        tunnel.close("node draining")
+        await until(lambda: len(relay_side.closed) == 1)
+        closed = tunnel_logs(caplog, "tunnel closed")
+        # Both ends: the node closed it, the relay heard a close without error.
+        assert len(closed) == 2 and {r.levelno for r in closed} == {logging.INFO}
+        assert {field(r, "reason") for r in closed} == {"node draining"}
+    assert len(tunnel_logs(caplog, "tunnel open")) == 2
+    assert len(tunnel_logs(caplog, "tunnel closed")) == 2
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+
+
+async def test_stopping_an_endpoint_is_logged_at_info_on_both_sides(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="parley.tunnel")
+    node_side = Recorder()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            node = await nursery.start(client(node_side).run)
+            async with trio.open_nursery() as relay_nursery:
+                relay = await relay_nursery.start(server(Recorder()).run)
+                await node.connect("127.0.0.1", relay.port)
+                relay_nursery.cancel_scope.cancel()
+            await until(lambda: len(node_side.closed) == 1)
+            nursery.cancel_scope.cancel()
+    closed = tunnel_logs(caplog, "tunnel closed")
+    assert len(closed) == 2 and {r.levelno for r in closed} == {logging.INFO}
+    assert {field(r, "reason") for r in closed} == {"endpoint stopped"}
+
+
+async def test_a_lost_tunnel_is_logged_as_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="parley.tunnel")
+    relay_side = Recorder()
+    raw = RawClient(Credentials.issued(*CA, "node", "raw"))
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            relay = await nursery.start(server(relay_side, idle_timeout=0.5).run)
+            with trio.CancelScope() as raw_scope:
+                async with trio.open_nursery() as raw_nursery:
+                    await raw_nursery.start(raw.run, relay.port)
+                    await greet(raw, relay_side)
+                    raw_scope.cancel()  # the peer dies without a word
+            await until(lambda: len(relay_side.closed) == 1)
+            nursery.cancel_scope.cancel()
+    closed = tunnel_logs(caplog, "tunnel closed")
+    # (The endpoint stopping later finds it already closed: nothing more.)
+    assert [(r.levelno, field(r, "reason")) for r in closed] == [(logging.WARNING, "Idle timeout")]

@@ -1,0 +1,54 @@
+"""What a session sends and receives through: its port on a packet path.
+
+A session actor (sessions/session.py) never sees a socket: datagrams reach it through a bounded
+inbox and leave through a callable. What stands behind the port is the node daemon's business —
+its own UDP port (sessions/node/media.py ``MediaPort``) or the cluster's relays through QUIC
+tunnels (sessions/node/relayed.py ``RelayedMedia``) — and both offer the same
+:class:`PacketPath`, so session code runs unchanged on either.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final, Protocol, final
+
+import attrs
+import trio
+
+from relay.udp import Address
+
+__all__ = ["INBOX_SIZE", "Datagram", "PacketPath", "SendFn", "SessionPort"]
+
+#: a datagram as a session receives it: (payload, the client address it came from)
+Datagram = tuple[bytes, Address]
+#: how a session sends: (payload, client address)
+SendFn = Callable[[bytes, Address], None]
+
+#: datagrams a session's inbox holds; past it, that session (and only it) loses what arrives
+INBOX_SIZE: Final = 256
+
+
+class PacketPath(Protocol):
+    """What the node's session backend needs of a packet path: the node's own port, or the
+    relays' tunnels in a cluster."""
+
+    def candidates(self, session_id: str) -> list[Address]: ...
+    def mint_ufrag(self, session_id: str) -> str | None: ...
+    def register(self, session_id: str, ufrag: str) -> SessionPort: ...
+    def unregister(self, session_id: str) -> None: ...
+
+
+@final
+@attrs.define(eq=False)
+class SessionPort:
+    """What a session sees of the packet path: an inbox and a way to send."""
+
+    session_id: str
+    ufrag: str
+    inbox_send: trio.MemorySendChannel[Datagram]
+    inbox: trio.MemoryReceiveChannel[Datagram]
+    send: SendFn
+    addresses: set[Address] = attrs.field(factory=set)
+    dropped_full: int = 0
+    #: called after a batch of sends: a tunnel transmits what the batch queued at once
+    flush: Callable[[], None] = lambda: None

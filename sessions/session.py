@@ -21,8 +21,9 @@ from typing import Any, final
 import trio
 
 from actors import Actor
-from sessions.agents import Agent, EchoAgent
-from sessions.node.media import SessionPort
+from sessions.agents import Agent, EchoAgent, RunningAgent
+from sessions.ports import SessionPort
+from sessions.snapshot import SessionSnapshot
 from sessions.transceiver import (
     CheckpointDue,
     ClientEvent,
@@ -31,7 +32,6 @@ from sessions.transceiver import (
     MediaStarted,
     SessionClosed,
     SessionFailed,
-    SessionSnapshot,
     Transceiver,
 )
 from sessions.turns import TurnConfig
@@ -114,9 +114,8 @@ class SessionActor(Actor):
             )
         self.nursery.start_soon(self._media_loop)
         # Agents with a connection of their own (the WebSocket bridge) run it beside the media.
-        run = getattr(self._agent, "run", None)
-        if run is not None:
-            self.nursery.start_soon(run)
+        if isinstance(self._agent, RunningAgent):
+            await self.nursery.start(self._agent.run)
 
     def _shed_backlog(self, keep: int = 3) -> int:
         """Drop the client audio that queued up while the actor was down, but its newest.

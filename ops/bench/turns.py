@@ -71,7 +71,7 @@ from sessions.audio import speech
 from sessions.audio.opus import OpusEncoder
 from sessions.audio.vad import FRAME_BYTES, SAMPLE_RATE, Vad, level_dbfs
 from sessions.transceiver import CheckpointDue, ClientEvent, Transceiver
-from sessions.turns import SpeechClassifier, TurnConfig, TurnDetector
+from sessions.turns import SpeechClassifier, TurnConfig
 from sessions.webrtc import rtp, stun
 from sessions.webrtc.certs import Certificate, generate_certificate
 from sessions.webrtc.demux import PacketKind, classify, is_rtcp
@@ -521,11 +521,8 @@ class Call:
             now=0.0,
             agent=TurnEchoAgent(),
             turn_config=config,
+            vad=detector.make() if detector.make is not None else None,
         )
-        if detector.make is not None:
-            # No public seam (see the module docstring): the transceiver's own turn detector,
-            # with another classifier, before it heard anything.
-            self.core._turns = TurnDetector(config, vad=detector.make())
         self.client = Client(answer, client_cert)
         self._config = config
         self._material = material

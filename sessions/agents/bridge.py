@@ -8,10 +8,11 @@ events to forward to the client. None of these ever waits: they only move data b
 session and bounded queues.
 
 :meth:`BridgeAgent.run`, started by the session actor in its nursery, is the asynchronous side:
-it connects to the agent's URL, says hello (``parley.agent.v1``, see ``docs/agent-protocol.md``),
-and pumps both directions until the connection ends, then reconnects with exponential backoff
-for as long as the session lives. Nothing the agent does can raise into the session: a dropped
-connection means silence and a reconnect, a malformed message is counted and dropped.
+it connects to the agent's URL, says hello (``parley.agent.v1``, see ``docs/agent-protocol.md``;
+the messages are in :mod:`sessions.agents.wire`), and pumps both directions until the connection
+ends, then reconnects with exponential backoff for as long as the session lives. Nothing the
+agent does can raise into the session: a dropped connection means silence and a reconnect, a
+malformed message is counted and dropped.
 
 Bounds, so that a slow or hostile agent costs a session a fixed amount of memory and never a
 late media tick:
@@ -31,11 +32,9 @@ PCM is never logged, and neither is the agent URL's query string (it may carry a
 from __future__ import annotations
 
 import collections
-import json
 import logging
 import math
 import random
-import re
 import urllib.parse
 from collections.abc import Sequence
 from typing import Any, Final, final
@@ -44,41 +43,19 @@ import attrs
 import trio
 import trio_websocket
 
+from sessions.agents import wire
 from sessions.agents.echo import FRAME_BYTES
+from sessions.agents.wire import FRAME_MS, PROTOCOL
+from sessions.turns import SpeechStopped, TurnEvent
 
 __all__ = ["FRAME_MS", "PROTOCOL", "BridgeAgent", "BridgeLimits"]
 
 log = logging.getLogger("parley.agent")
 
-#: the protocol this bridge speaks, sent in and expected back in ``hello``
-PROTOCOL: Final = "parley.agent.v1"
-#: duration of one frame of user audio (FRAME_BYTES of 48 kHz mono int16)
-FRAME_MS: Final = 20
-_AUDIO_FORMAT: Final = {"encoding": "pcm16le", "sample_rate": 48_000, "channels": 1, "frame_ms": 20}
-
-#: turn event classes (from the voice loop) and their names on the wire
-_TURN_EVENTS: Final = {"SpeechStarted": "speech_started", "SpeechStopped": "speech_stopped"}
-#: event names the bridge emits itself
-_BRIDGE_EVENTS: Final = frozenset({"agent_connected", "agent_disconnected", "agent_error"})
-#: event names an agent may not use: ours, and the session's own (so none can be spoofed)
-_RESERVED_EVENTS: Final = _BRIDGE_EVENTS | {
-    "agent_interrupted",
-    "speech_started",
-    "speech_stopped",
-    "ice_connected",
-    "dtls_connected",
-    "media_started",
-    "session_ended",
-}
-_EVENT_NAME: Final = re.compile(r"[a-z][a-z0-9_.\-]{0,63}")
 #: a connection that lived this long resets the reconnect backoff
 _STABLE_SECONDS: Final = 1.0
 #: room in the outgoing queue for control messages, on top of the audio backlog
 _CONTROL_ROOM: Final = 64
-#: close codes (RFC 6455 §7.4.1)
-_CLOSE_NORMAL: Final = 1000
-_CLOSE_GOING_AWAY: Final = 1001
-_CLOSE_PROTOCOL_ERROR: Final = 1002
 
 _positive_int = attrs.validators.gt(0)
 _positive_float = attrs.validators.gt(0.0)
@@ -113,14 +90,6 @@ class BridgeLimits:
     max_text_chars: int = attrs.field(default=64 * 1024, validator=_positive_int)
     #: events waiting for :meth:`BridgeAgent.poll_events`; more are dropped and counted
     max_events: int = attrs.field(default=256, validator=_positive_int)
-
-
-class _HandshakeFailed(Exception):
-    """The agent answered our hello with something other than a matching hello."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
 
 
 @final
@@ -253,38 +222,26 @@ class BridgeAgent:
         link.audio_backlog += 1
         link.audio_frames += 1
 
-    def on_turn(self, event: object, now: float) -> None:
-        """A turn event from the voice loop (``SpeechStarted`` or ``SpeechStopped``, read by
-        duck typing: ``.at``, ``.turn`` and, when stopped, ``.duration_ms``)."""
-        name = _TURN_EVENTS.get(type(event).__name__)
-        if name is None:
+    def on_turn(self, event: TurnEvent, now: float) -> None:
+        """A turn event from the voice loop (``SpeechStarted`` or ``SpeechStopped``); anything
+        else is counted as ignored."""
+        if type(event) not in wire.TURN_EVENTS:
             self._counts["turn_events_ignored"] += 1
             return
-        turn = int(getattr(event, "turn"))  # noqa: B009 - duck typing on purpose
-        at = float(getattr(event, "at"))  # noqa: B009
-        self._turn = max(self._turn, turn)
+        self._turn = max(self._turn, event.turn)
         link = self._live()
         if link is None:
             self._counts["turn_events_unsent"] += 1
             return
         # Where the event falls in the audio this connection carried: what was queued before
         # this message, less how long ago the event happened.
-        lag_ms = max(0.0, (now - at) * 1000)
-        message: dict[str, Any] = {
-            "type": "turn",
-            "event": name,
-            "turn": turn,
-            "at": round(at, 3),
-            "audio_ms": max(0, round(link.audio_frames * FRAME_MS - lag_ms)),
-        }
-        if name == "speech_stopped":
-            message["duration_ms"] = max(0, int(getattr(event, "duration_ms")))  # noqa: B009
-            if getattr(event, "cut", False):
-                message["cut"] = True  # the turn hit its length limit: the user may go on
+        lag_ms = max(0.0, (now - event.at) * 1000)
+        audio_ms = max(0, round(link.audio_frames * FRAME_MS - lag_ms))
+        if isinstance(event, SpeechStopped):
             # A compliant agent answered the interruption with a clear long ago; one that did
             # not gets its new reply played anyway.
             link.discarding = False
-        self._send_control(link, message)
+        self._send_control(link, wire.turn(event, audio_ms=audio_ms))
 
     def on_interrupted(self, played_ms: int, now: float) -> None:
         """The user barged in: the core dropped the agent audio it held; so do we, and we tell
@@ -294,8 +251,7 @@ class BridgeAgent:
         if link is None:
             return
         link.discarding = True
-        message = {"type": "interrupted", "played_ms": max(0, int(played_ms)), "turn": self._turn}
-        self._send_control(link, message)
+        self._send_control(link, wire.interrupted(played_ms, turn=self._turn))
 
     def pull(self, now: float) -> bytes | None:
         """The next 20 ms frame of the agent's voice, or ``None`` (silence) if there is none."""
@@ -354,7 +310,7 @@ class BridgeAgent:
 
     def _send_control(self, link: _Link, message: dict[str, Any]) -> None:
         try:
-            link.outgoing.send_nowait(json.dumps(message, separators=(",", ":")))
+            link.outgoing.send_nowait(wire.encode(message))
         except trio.WouldBlock:
             # Dozens of control messages the socket did not take: the link is stuck. Drop it;
             # the agent hears the turn counter again in the resuming hello.
@@ -384,18 +340,20 @@ class BridgeAgent:
 
     # --- async side ---------------------------------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Connect, serve, and reconnect for as long as the session lives (cancel to stop).
 
-        Never raises but :class:`trio.Cancelled`: connection failures, agents that misbehave
-        and even bugs in this module end one connection, not the session.
+        Started at once (``task_status``): the session does not wait for the agent, whose
+        absence is silence. Never raises but :class:`trio.Cancelled`: connection failures,
+        agents that misbehave and even bugs in this module end one connection, not the session.
         """
+        task_status.started()
         backoff = self.limits.backoff_initial
         while True:
             self._up_at = None
             try:
                 await self._connect_and_serve()
-            except _HandshakeFailed as exc:
+            except wire.HandshakeFailed as exc:
                 self._handshake_failures[exc.reason] += 1
                 self._log_failure("agent refused the handshake", exc)
             except (
@@ -474,44 +432,22 @@ class BridgeAgent:
                     trio.move_on_after(0.1 if ending else limits.close_timeout),
                 ):
                     if ending:
-                        await ws.aclose(_CLOSE_NORMAL, "session ended")
+                        await ws.aclose(wire.CLOSE_NORMAL, "session ended")
                     else:
-                        await ws.aclose(_CLOSE_GOING_AWAY, reason)
+                        await ws.aclose(wire.CLOSE_GOING_AWAY, reason)
 
     async def _hello(self, ws: trio_websocket.WebSocketConnection) -> None:
-        hello = {
-            "type": "hello",
-            "protocol": PROTOCOL,
-            "session": self.session_id,
-            "audio": _AUDIO_FORMAT,
-            "resume": self._resume,
-            "turn": self._turn,
-        }
-        await ws.send_message(json.dumps(hello, separators=(",", ":")))
+        await ws.send_message(wire.hello(self.session_id, resume=self._resume, turn=self._turn))
         with trio.fail_after(self.limits.hello_timeout):
             reply = await ws.get_message()
-        message = _json_object(reply) if isinstance(reply, str) else "binary"
-        if isinstance(message, str):
-            raise _HandshakeFailed("bad_hello", "the agent's first message is not a JSON object")
-        kind = message.get("type")
-        if kind == "error":
-            code = message.get("code")
-            raise _HandshakeFailed(
-                "agent_error", f"agent said {code!r}" if isinstance(code, str) else "agent error"
-            )
-        if kind != "hello":
-            raise _HandshakeFailed("bad_hello", f"expected hello, got {str(kind)[:40]!r}")
-        protocol = message.get("protocol")
-        if protocol != PROTOCOL:
-            error = {
-                "type": "error",
-                "code": "unsupported_protocol",
-                "message": f"this node speaks {PROTOCOL}",
-            }
-            with trio.move_on_after(self.limits.close_timeout):
-                await ws.send_message(json.dumps(error))
-                await ws.aclose(_CLOSE_PROTOCOL_ERROR, "unsupported protocol")
-            raise _HandshakeFailed("unsupported_protocol", f"agent speaks {str(protocol)[:40]!r}")
+        try:
+            wire.check_hello(reply)
+        except wire.HandshakeFailed as exc:
+            if exc.reason == "unsupported_protocol":
+                with trio.move_on_after(self.limits.close_timeout):
+                    await ws.send_message(wire.unsupported_protocol())
+                    await ws.aclose(wire.CLOSE_PROTOCOL_ERROR, "unsupported protocol")
+            raise
 
     def _up(self, link: _Link) -> None:
         resumed = self._resume
@@ -618,49 +554,22 @@ class BridgeAgent:
         self._counts["agent_frames_received"] += len(frames)
 
     def _on_agent_text(self, link: _Link, text: str) -> None:
-        if len(text) > self.limits.max_text_chars:
-            self._malformed_message("too_large")
-            return
-        message = self._parse_text(text)
-        if message is None:
-            return
-        kind = message.get("type")
-        if kind == "event":
-            name = message.get("event")
-            if not isinstance(name, str) or not _EVENT_NAME.fullmatch(name):
-                self._malformed_message("bad_event")
-            elif name in _RESERVED_EVENTS:
-                self._malformed_message("reserved_event")
-            else:
+        match wire.parse(text, max_chars=self.limits.max_text_chars):
+            case wire.AgentEvent(name=name, fields=fields):
                 self._counts["agent_events"] += 1
-                fields = {k: v for k, v in message.items() if k not in ("type", "event")}
                 self._emit({"event": name, **fields})
-        elif kind == "clear":
-            self._drop_playout("cleared")
-            link.discarding = False
-        elif kind == "error":
-            code = message.get("code")
-            code = code[:64] if isinstance(code, str) else "unknown"
-            self._counts["agent_errors"] += 1
-            log.warning(
-                "agent reported an error",
-                extra={"session": self.session_id, "agent": self.display_url, "code": code},
-            )
-            self._emit({"event": "agent_error", "code": code})
-        elif kind == "hello":
-            self._malformed_message("unexpected_hello")
-        elif isinstance(kind, str):
-            self._malformed_message("unknown_type")
-        else:
-            self._malformed_message("no_type")
-
-    def _parse_text(self, text: str) -> dict[str, Any] | None:
-        """A JSON object, or None (counted as malformed)."""
-        message = _json_object(text)
-        if isinstance(message, str):
-            self._malformed_message(message)
-            return None
-        return message
+            case wire.Clear():
+                self._drop_playout("cleared")
+                link.discarding = False
+            case wire.AgentError(code=code):
+                self._counts["agent_errors"] += 1
+                log.warning(
+                    "agent reported an error",
+                    extra={"session": self.session_id, "agent": self.display_url, "code": code},
+                )
+                self._emit({"event": "agent_error", "code": code})
+            case wire.Malformed(reason=reason):
+                self._malformed_message(reason)
 
     def _malformed_message(self, reason: str) -> None:
         self._malformed[reason] += 1
@@ -671,21 +580,6 @@ class BridgeAgent:
             "malformed message from agent dropped",
             extra={"session": self.session_id, "agent": self.display_url, "reason": reason},
         )
-
-
-def _json_object(text: str) -> dict[str, Any] | str:
-    """The JSON object in ``text``, or why there is none. NaN and Infinity are not JSON."""
-    try:
-        value = json.loads(text, parse_constant=_reject_constant)
-    except (ValueError, RecursionError):
-        return "bad_json"
-    if not isinstance(value, dict):
-        return "not_an_object"
-    return value
-
-
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not JSON")
 
 
 def _redact(parts: urllib.parse.SplitResult) -> str:

@@ -12,6 +12,7 @@ import collections
 from typing import Any, Final, final
 
 from sessions.audio.pacer import FRAME_TIMESTAMP
+from sessions.turns import TurnEvent
 
 __all__ = ["FRAME_BYTES", "EchoAgent"]
 
@@ -58,7 +59,7 @@ class EchoAgent:
         """The next 20 ms frame to play, or ``None`` if nothing is waiting."""
         return self._queue.popleft() if self._queue else None
 
-    def on_turn(self, event: object, now: float) -> None:
+    def on_turn(self, event: TurnEvent, now: float) -> None:
         """Turns do not matter to an immediate echo."""
 
     def on_interrupted(self, played_ms: int, now: float) -> None:

@@ -16,6 +16,7 @@ import collections
 from typing import Any, Final, final
 
 from sessions.agents.echo import FRAME_BYTES
+from sessions.turns import SpeechStarted, TurnEvent
 
 __all__ = ["TurnEchoAgent"]
 
@@ -51,13 +52,12 @@ class TurnEchoAgent:
             raise ValueError(f"a frame is {FRAME_BYTES} bytes of PCM, got {len(pcm)}")
         self._recent.append((now, pcm))
 
-    def on_turn(self, event: Any, now: float) -> None:
-        name = type(event).__name__
-        if name == "SpeechStarted":
-            self._turn_start = float(event.at)
-        elif name == "SpeechStopped" and self._turn_start is not None:
+    def on_turn(self, event: TurnEvent, now: float) -> None:
+        if isinstance(event, SpeechStarted):
+            self._turn_start = event.at
+        elif self._turn_start is not None:
             start = self._turn_start - PRE_ROLL_SECONDS
-            end = float(event.at) + TAIL_SECONDS
+            end = event.at + TAIL_SECONDS
             frames = [pcm for at, pcm in self._recent if start - 0.001 <= at <= end]
             self._turn_start = None
             if frames:
@@ -65,7 +65,7 @@ class TurnEchoAgent:
                 self._speaking = True
                 self.turns_played += 1
                 self._events.append(
-                    {"event": "agent_started", "turn": int(event.turn), "ms": 20 * len(frames)}
+                    {"event": "agent_started", "turn": event.turn, "ms": 20 * len(frames)}
                 )
 
     def on_interrupted(self, played_ms: int, now: float) -> None:

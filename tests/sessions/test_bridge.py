@@ -15,16 +15,16 @@ from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
-import attrs
 import pytest
 import trio
 import trio_websocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sessions.agents import FRAME_BYTES, Agent
+from sessions.agents import FRAME_BYTES, Agent, RunningAgent, wire
 from sessions.agents.bridge import PROTOCOL, BridgeAgent, BridgeLimits
 from sessions.audio.speech import correlation, frames, speak
+from sessions.turns import SpeechStarted, SpeechStopped
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "agent_echo.py"
 SILENCE = bytes(FRAME_BYTES)
@@ -41,21 +41,6 @@ def _load_example_serve() -> Callable[..., Awaitable[None]]:
 
 
 serve_example = _load_example_serve()
-
-
-# Turn events as the voice loop makes them: the bridge reads them by class name and attributes.
-@attrs.frozen
-class SpeechStarted:
-    at: float
-    turn: int
-
-
-@attrs.frozen
-class SpeechStopped:
-    at: float
-    turn: int
-    duration_ms: int
-    cut: bool = False
 
 
 @pytest.fixture(scope="module")
@@ -372,7 +357,8 @@ async def test_turns_and_interruptions_reach_the_agent(nursery: trio.Nursery) ->
     class SomethingElse:
         at, turn = 0.0, 1
 
-    bridge.on_turn(SomethingElse(), caller.now)  # not a turn event this protocol knows
+    # not a turn event this protocol knows
+    bridge.on_turn(SomethingElse(), caller.now)  # type: ignore[arg-type]
     await wait_for(lambda: len(fake.control()) == 3)
     assert fake.hellos == [
         {
@@ -509,6 +495,9 @@ async def test_no_agent_listening_means_silence_and_retries(
 def test_the_bridge_is_an_agent() -> None:
     agent: Agent = BridgeAgent("ws://127.0.0.1:9/agent", "s")  # mypy checks the protocol
     assert agent.interruptible and agent.poll_events() == [] and agent.pull(0) is None
+    # one with a task of its own, which the session actor starts beside the media
+    running: RunningAgent = BridgeAgent("ws://127.0.0.1:9/agent", "s")
+    assert isinstance(agent, RunningAgent) and isinstance(running, RunningAgent)
     assert not BridgeAgent("ws://127.0.0.1:9/agent", "s", interruptible=False).interruptible
 
 
@@ -637,3 +626,67 @@ async def test_malformed_agent_messages_are_counted_and_dropped(
         checked.set()
         await wait_for(lambda: not bridge.connected)
         nursery.cancel_scope.cancel()
+
+
+def test_wire_messages_without_a_socket() -> None:
+    """The wire protocol is plain values: what the bridge sends and how it reads replies."""
+    assert json.loads(wire.hello("s", resume=True, turn=4)) == {
+        "type": "hello",
+        "protocol": PROTOCOL,
+        "session": "s",
+        "audio": {"encoding": "pcm16le", "sample_rate": 48_000, "channels": 1, "frame_ms": 20},
+        "resume": True,
+        "turn": 4,
+    }
+    stopped = SpeechStopped(at=1.23456, turn=2, duration_ms=480, cut=True)
+    assert wire.turn(stopped, audio_ms=700) == {
+        "type": "turn",
+        "event": "speech_stopped",
+        "turn": 2,
+        "at": 1.235,
+        "audio_ms": 700,
+        "duration_ms": 480,
+        "cut": True,
+    }
+    assert "duration_ms" not in wire.turn(SpeechStarted(at=1.0, turn=3), audio_ms=0)
+    assert wire.interrupted(-5, turn=3) == {"type": "interrupted", "played_ms": 0, "turn": 3}
+    wire.check_hello(json.dumps({"type": "hello", "protocol": PROTOCOL}))
+    for reply, reason in (
+        (b"\0", "bad_hello"),
+        ("[]", "bad_hello"),
+        ('{"type": "error", "code": "busy"}', "agent_error"),
+        ('{"type": "turn"}', "bad_hello"),
+        ('{"type": "hello", "protocol": "parley.agent.v0"}', "unsupported_protocol"),
+    ):
+        with pytest.raises(wire.HandshakeFailed) as failed:
+            wire.check_hello(reply)
+        assert failed.value.reason == reason
+    parsed = [
+        wire.parse(text, max_chars=64)
+        for text in (
+            '{"type": "event", "event": "mood", "level": 3}',
+            '{"type": "clear"}',
+            '{"type": "error", "code": 7}',
+            '{"type": "event", "event": "speech_started"}',
+            '{"type": "event", "event": "Bad Name"}',
+            '{"type": "hello"}',
+            '{"type": "nope"}',
+            "{}",
+            "NaN",
+            "[1]",
+            " " * 65,
+        )
+    ]
+    assert parsed == [
+        wire.AgentEvent("mood", {"level": 3}),
+        wire.Clear(),
+        wire.AgentError("unknown"),
+        wire.Malformed("reserved_event"),
+        wire.Malformed("bad_event"),
+        wire.Malformed("unexpected_hello"),
+        wire.Malformed("unknown_type"),
+        wire.Malformed("no_type"),
+        wire.Malformed("bad_json"),
+        wire.Malformed("not_an_object"),
+        wire.Malformed("too_large"),
+    ]

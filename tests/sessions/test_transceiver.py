@@ -39,13 +39,15 @@ from sessions.transceiver import (
     SessionState,
     Transceiver,
 )
+from sessions.transceiver.checkpoints import CheckpointPolicy
+from sessions.transceiver.connection import TRANSITIONS, Connection
 from sessions.webrtc import rtcp, rtp, stun
 from sessions.webrtc.certs import Certificate, generate_certificate
 from sessions.webrtc.demux import PacketKind, classify, is_rtcp
 from sessions.webrtc.dtls import SrtpKeys
 from sessions.webrtc.dtls import SrtpProfile as DtlsProfile
 from sessions.webrtc.errors import SdpError
-from sessions.webrtc.ice import Address
+from sessions.webrtc.ice import Address, IceLiteResponder, mint_credentials
 from sessions.webrtc.rtp import SequenceTracker
 from tests.peers import AiortcCall, loopback_ice  # noqa: F401 - loopback_ice is a fixture
 
@@ -901,6 +903,109 @@ def test_wrong_client_certificate_fails_dtls() -> None:
     assert failed.code == "dtls_failed"
     assert "fingerprint" in failed.reason
     assert sim.core.state is SessionState.FAILED
+
+
+# --- the session's state machine and the checkpoint policy -------------------------------------
+
+
+def test_session_state_changes_exactly_as_the_transition_table_says(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every change the code makes is in TRANSITIONS (or _set_state would raise), and every
+    change TRANSITIONS allows is one the code makes: the table is what the code does."""
+    seen: set[tuple[SessionState, SessionState]] = set()
+    set_state = Connection._set_state
+
+    def recording(self: Connection, state: SessionState) -> None:
+        seen.add((self.state, state))
+        set_state(self, state)
+
+    monkeypatch.setattr(Connection, "_set_state", recording)
+
+    sim = connected_sim()  # NEW -> CONNECTING -> CONNECTED
+    sim.core.close(sim.now)  # CONNECTED -> CLOSED
+    assert sim.core.state is SessionState.CLOSED
+
+    sim = connected_sim()
+    sim.run(40.0)  # CONNECTED -> FAILED: consent expired
+    assert sim.core.state is SessionState.FAILED
+    # NEW -> CONNECTED -> FAILED: a restore, of a session whose consent had expired
+    restored = Transceiver.restore(sim.core.snapshot(sim.now), certificate=SERVER_CERT, now=0.0)
+    assert restored.state is SessionState.FAILED
+
+    sim = Sim()
+    sim.run(CONNECT_TIMEOUT + 1)  # NEW -> FAILED: connect timeout
+    assert sim.core.state is SessionState.FAILED
+
+    sim = Sim()
+    sim.core.close(0.0)  # NEW -> CLOSED
+    assert sim.core.state is SessionState.CLOSED
+
+    sim = Sim()
+    sim.core.receive(sim.client.check(), CLIENT_ADDR, 0.0)
+    assert sim.core.stats()["state"] == "connecting"
+    sim.core.close(0.0)  # CONNECTING -> CLOSED
+    assert sim.core.state is SessionState.CLOSED
+
+    sim = Sim(client_certificate=generate_certificate(common_name="impostor"))
+    sim.to_core(sim.client.check())
+    sim.run(1.0)  # CONNECTING -> FAILED: a certificate that does not match the offer
+    assert sim.core.state is SessionState.FAILED
+
+    allowed = {(old, new) for old, news in TRANSITIONS.items() for new in news}
+    assert seen == allowed
+
+
+def test_an_illegal_state_change_raises() -> None:
+    assert set(TRANSITIONS) == set(SessionState)
+    assert TRANSITIONS[SessionState.FAILED] == TRANSITIONS[SessionState.CLOSED] == frozenset()
+    ufrag, pwd = mint_credentials()
+    connection = Connection(
+        ice=IceLiteResponder(ufrag, pwd, CLIENT_UFRAG, CLIENT_PWD),
+        remote_fingerprint=("sha-256", CLIENT_CERT.fingerprint_sha256),
+        local_ssrc=1,
+        now=0.0,
+    )
+    with pytest.raises(RuntimeError, match="illegal session state change NEW -> NEW"):
+        connection._set_state(SessionState.NEW)
+    connection.close()
+    assert connection.state is SessionState.CLOSED
+    for state in SessionState:
+        with pytest.raises(RuntimeError, match="illegal"):
+            connection._set_state(state)
+    assert connection.state is SessionState.CLOSED
+    assert connection.next_event() == SessionClosed("closed locally")
+
+
+@attrs.define
+class _Headroom:
+    rtp_headroom: int | None = None
+    srtcp_headroom: int | None = None
+
+
+def test_checkpoint_policy_on_its_own() -> None:
+    policy = CheckpointPolicy()
+    assert policy.get_timer() is None  # idle until SRTP is keyed
+    reservation = _Headroom()
+    policy.start(reservation, 1.0)
+    assert policy.next_event() == CheckpointDue() and policy.next_event() is None
+    assert policy.get_timer() == 1.0 + CHECKPOINT_RETRY  # unanswered: asked again
+    policy.handle_timer(2.0)  # early: nothing
+    assert policy.next_event() is None
+    policy.handle_timer(1.0 + CHECKPOINT_RETRY)
+    assert policy.next_event() == CheckpointDue()
+    policy.snapshot_taken(3.5)
+    policy.snapshot_confirmed()
+    assert policy.get_timer() == 3.5 + CHECKPOINT_INTERVAL
+    reservation.rtp_headroom = 100  # the reservation runs low: sooner
+    assert policy.get_timer() == 3.5 + CHECKPOINT_RETRY
+    reservation.rtp_headroom, reservation.srtcp_headroom = 5000, 10
+    assert policy.get_timer() == 3.5 + CHECKPOINT_RETRY
+    assert policy.stats() == {"requested": 2, "snapshots": 1, "confirmed": 1}
+    policy.stop()
+    assert policy.get_timer() is None
+    policy.handle_timer(100.0)
+    assert policy.next_event() is None
 
 
 # --- hostile input -----------------------------------------------------------------------------

@@ -1,0 +1,129 @@
+"""When a session's snapshot is due: the checkpoint policy, sans-I/O.
+
+The SRTP state reserves outbound indexes in each snapshot and refuses to protect beyond what a
+*confirmed* snapshot reserved (see :mod:`sessions.webrtc.srtp`). So a session asks for
+checkpoints with :class:`~sessions.transceiver.events.CheckpointDue`: right after DTLS keys
+SRTP (or a restore), then every :data:`CHECKPOINT_INTERVAL`, sooner when the reservation runs
+low, and again every :data:`CHECKPOINT_RETRY` while a request goes unanswered.
+
+:class:`CheckpointPolicy` only decides when; it reads the reservation's headroom and is told
+when a snapshot was taken and confirmed. Its deadline is :meth:`CheckpointPolicy.get_timer`.
+"""
+
+from __future__ import annotations
+
+import collections
+from typing import Final, Protocol, final
+
+from sessions.transceiver.events import CheckpointDue
+
+__all__ = ["CHECKPOINT_INTERVAL", "CHECKPOINT_RETRY", "CheckpointPolicy", "Reservation"]
+
+#: Seconds between checkpoints once connected.
+CHECKPOINT_INTERVAL: Final = 10.0
+#: Seconds after which an unanswered :class:`CheckpointDue` is repeated, and the least time
+#: between two requests made because the SRTP reservation runs low.
+CHECKPOINT_RETRY: Final = 2.0
+
+# Ask for a checkpoint early once fewer outbound indexes than these are left in the confirmed
+# reservation: 1024 RTP packets are 20 s of audio, 64 SRTCP packets a couple of minutes.
+_LOW_RTP_HEADROOM: Final = 1024
+_LOW_SRTCP_HEADROOM: Final = 64
+
+
+class Reservation(Protocol):
+    """What the policy reads of the SRTP state (:class:`~sessions.webrtc.srtp.SrtpSession`)."""
+
+    @property
+    def rtp_headroom(self) -> int | None:
+        """RTP packets the confirmed reservation still allows; ``None`` before the first."""
+        ...
+
+    @property
+    def srtcp_headroom(self) -> int | None:
+        """SRTCP packets the confirmed reservation still allows; ``None`` before the first."""
+        ...
+
+
+@final
+class CheckpointPolicy:
+    """Asks for a checkpoint when one is due (see the module docstring).
+
+    Idle until :meth:`start` (SRTP is keyed), inert after :meth:`stop` (the session ended).
+    """
+
+    def __init__(self) -> None:
+        self._reservation: Reservation | None = None
+        self._started_at: float | None = None
+        self._stopped = False
+        self._requested_at: float | None = None
+        self._snapshot_at: float | None = None
+        self._events: collections.deque[CheckpointDue] = collections.deque()
+        self.requested = 0
+        self.snapshots = 0
+        self.confirmed = 0
+
+    def start(self, reservation: Reservation, now: float) -> None:
+        """SRTP is keyed (or restored): ask for the first checkpoint at once, before anything
+        is sent, so that its reservation covers the stream from its start."""
+        self._reservation = reservation
+        self._started_at = now
+        self._request(now)
+
+    def stop(self) -> None:
+        """The session ended: nothing more is asked."""
+        self._stopped = True
+
+    def snapshot_taken(self, now: float) -> None:
+        """A snapshot was taken at ``now``: the request (if any) is answered."""
+        self._snapshot_at = now
+        self.snapshots += 1
+
+    def snapshot_confirmed(self) -> None:
+        """A snapshot was durably stored and confirmed to the SRTP state."""
+        self.confirmed += 1
+
+    def next_event(self) -> CheckpointDue | None:
+        """The oldest request not yet taken, or ``None``."""
+        return self._events.popleft() if self._events else None
+
+    def get_timer(self) -> float | None:
+        """When the next checkpoint is due; ``None`` before :meth:`start` or after :meth:`stop`."""
+        if self._reservation is None or self._stopped or self._started_at is None:
+            return None
+        requested, snapshot = self._requested_at, self._snapshot_at
+        if requested is not None and (snapshot is None or requested > snapshot):
+            return requested + CHECKPOINT_RETRY  # unanswered: ask again
+        base = self._started_at if snapshot is None else snapshot
+        deadline = base + CHECKPOINT_INTERVAL
+        if self._headroom_low():
+            deadline = min(deadline, base + CHECKPOINT_RETRY)
+        return deadline
+
+    def handle_timer(self, now: float) -> None:
+        """Ask for a checkpoint if one is due at ``now``."""
+        deadline = self.get_timer()
+        if deadline is not None and now >= deadline:
+            self._request(now)
+
+    def stats(self) -> dict[str, int]:
+        """Requests, snapshots and confirmations so far."""
+        return {
+            "requested": self.requested,
+            "snapshots": self.snapshots,
+            "confirmed": self.confirmed,
+        }
+
+    def _headroom_low(self) -> bool:
+        reservation = self._reservation
+        if reservation is None:
+            return False
+        rtp_left, srtcp_left = reservation.rtp_headroom, reservation.srtcp_headroom
+        return (rtp_left is not None and rtp_left < _LOW_RTP_HEADROOM) or (
+            srtcp_left is not None and srtcp_left < _LOW_SRTCP_HEADROOM
+        )
+
+    def _request(self, now: float) -> None:
+        self._requested_at = now
+        self.requested += 1
+        self._events.append(CheckpointDue())

@@ -1,0 +1,380 @@
+"""The :class:`Transceiver`: one voice session, composed of its three sans-I/O parts.
+
+The transport (:mod:`~sessions.transceiver.transport`) turns datagrams into the client's Opus
+payloads and connection events, the voice loop (:mod:`~sessions.transceiver.voice`) turns
+those payloads into the agent's reply, and the checkpoint policy
+(:mod:`~sessions.transceiver.checkpoints`) says when the session must be snapshotted. The
+transceiver hands each part's output to the next and merges their events, in the order they
+happened, into one queue; its deadline is the earliest of the parts'.
+"""
+
+from __future__ import annotations
+
+import collections
+import secrets
+from collections.abc import Sequence
+from typing import Final, final
+
+from sessions.agents import Agent, EchoAgent
+from sessions.audio.pacer import FRAME_TIMESTAMP
+from sessions.snapshot import SessionSnapshot
+from sessions.transceiver.checkpoints import CheckpointPolicy
+from sessions.transceiver.connection import SessionState
+from sessions.transceiver.events import DtlsConnected, SessionEvent
+from sessions.transceiver.transport import Transport
+from sessions.transceiver.voice import VoiceLoop
+from sessions.turns import SpeechClassifier, TurnConfig
+from sessions.webrtc.certs import Certificate
+from sessions.webrtc.ice import Address
+from sessions.webrtc.srtp import RTP_RESERVE
+
+__all__ = ["Transceiver"]
+
+# A restore moves the RTP timestamp forward with the sequence number, by at most this many
+# frames: all the previous owner can have sent beyond a snapshot is one reservation.
+_MAX_JUMP_FRAMES: Final = RTP_RESERVE
+_TS_MOD: Final = 1 << 32
+
+
+@final
+class Transceiver:
+    """One voice session, without I/O (see :mod:`sessions.transceiver`).
+
+    Build it with :meth:`accept` (a new call) or :meth:`restore` (a call moved from another
+    node). Not thread-safe: one task owns it.
+    """
+
+    def __init__(
+        self, *, session_id: str, transport: Transport, voice: VoiceLoop, created: float
+    ) -> None:
+        """Use :meth:`accept` or :meth:`restore`."""
+        if not isinstance(session_id, str) or not session_id:
+            raise ValueError("session_id must be a non-empty string")
+        #: the session's id, as the signaling layer knows it
+        self.session_id: Final = session_id
+        #: our ICE ufrag: the relay routes the client's first STUN packet by it
+        self.local_ufrag: Final = transport.local_ufrag
+        self._transport = transport
+        self._voice = voice
+        self._checkpoints = CheckpointPolicy()
+        self._created = created
+        self._events: collections.deque[SessionEvent] = collections.deque()
+
+    def __repr__(self) -> str:
+        return (
+            f"Transceiver(session_id={self.session_id!r}, state={self.state.value}, "
+            f"selected={self.selected_address!r})"
+        )
+
+    # --- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def accept(
+        cls,
+        offer_sdp: str,
+        *,
+        session_id: str,
+        certificate: Certificate,
+        candidates: Sequence[tuple[str, int]],
+        now: float,
+        agent: Agent | None = None,
+        turn_config: TurnConfig | None = None,
+        ufrag: str | None = None,
+        vad: SpeechClassifier | None = None,
+    ) -> tuple[Transceiver, str]:
+        """Answer a client's offer: a new session and the SDP answer to send back.
+
+        Raises :class:`~sessions.webrtc.errors.SdpError` (its ``code`` is the signaling error
+        code) for an offer we cannot answer, and :class:`ValueError` for bad local arguments
+        (``candidates`` empty or not IP literals). ``candidates`` are our UDP host candidates,
+        most preferred first. ``ufrag`` is our ICE ufrag if the caller minted it (in a cluster it
+        carries the relays' routing hint, relay/tunnel/hint.py); otherwise a random one.
+        ``vad`` replaces the turn detector's voice activity detector (for measurements).
+        """
+        transport, answer = Transport.accept(
+            offer_sdp, certificate=certificate, candidates=candidates, now=now, ufrag=ufrag
+        )
+        voice = VoiceLoop(
+            agent=EchoAgent() if agent is None else agent,
+            may_send=transport.may_send,
+            # RFC 3550 §5.1: a random initial timestamp.
+            timestamp=secrets.randbits(32),
+            turn_config=turn_config,
+            vad=vad,
+        )
+        return cls(session_id=session_id, transport=transport, voice=voice, created=now), answer
+
+    @classmethod
+    def restore(
+        cls,
+        snapshot: SessionSnapshot,
+        *,
+        certificate: Certificate,
+        now: float,
+        agent: Agent | None = None,
+        turn_config: TurnConfig | None = None,
+        vad: SpeechClassifier | None = None,
+    ) -> Transceiver:
+        """Continue a session from ``snapshot`` (the newest stored one), taken ``now``.
+
+        The result is already connected: it answers the client's consent checks with the same
+        credentials, decrypts its SRTP and continues our outbound stream, without a DTLS
+        handshake (the keys are in the snapshot; the DTLS association itself does not move, so
+        DTLS records from the client are counted and dropped from now on). It sends no media
+        until a snapshot of its own is confirmed: its first event is
+        :class:`~sessions.transceiver.events.CheckpointDue`.
+
+        Our RTP continues at the sequence number after the SRTP reservation, and the timestamp
+        jumps by as many 20 ms frames as the sequence number does (at most one reservation's
+        worth, about 41 s), so the client sees a consistent gap (a loss burst, marker bit set)
+        ahead of what the previous owner sent. ``certificate`` is this node's; it is kept for
+        completeness, as no handshake runs again.
+        """
+        transport = Transport.restore(snapshot, now)
+        jump = min((transport.next_seq - snapshot.next_seq) & 0xFFFF, _MAX_JUMP_FRAMES)
+        voice = VoiceLoop(
+            agent=EchoAgent() if agent is None else agent,
+            may_send=transport.may_send,
+            timestamp=(snapshot.next_timestamp + jump * FRAME_TIMESTAMP) % _TS_MOD,
+            turn_config=turn_config,
+            vad=vad,
+        )
+        core = cls(
+            session_id=snapshot.session_id,
+            transport=transport,
+            voice=voice,
+            created=now - snapshot.age,
+        )
+        keys = transport.keys
+        if not transport.ended and keys is not None:
+            core._checkpoints.start(keys, now)
+            core._take_checkpoint_events()
+        core._pump(now)
+        return core
+
+    # --- observation --------------------------------------------------------------------------
+
+    @property
+    def state(self) -> SessionState:
+        """Where the session is."""
+        return self._transport.state
+
+    @property
+    def selected_address(self) -> Address | None:
+        """The client's nominated address, where media goes; ``None`` before nomination."""
+        return self._transport.selected_address
+
+    @property
+    def local_ssrc(self) -> int:
+        """The SSRC of our outbound RTP stream."""
+        return self._transport.local_ssrc
+
+    @property
+    def barge_ins(self) -> list[tuple[float, float]]:
+        """Barge-in reactions: (first voiced frame of the interrupting turn, last agent frame)."""
+        return self._voice.barge_ins
+
+    @property
+    def turn_latencies(self) -> list[tuple[float, float]]:
+        """End-of-turn latencies: (last voiced frame, first agent frame of the reply)."""
+        return self._voice.turn_latencies
+
+    def next_event(self) -> SessionEvent | None:
+        """The oldest event not yet taken, or ``None``."""
+        return self._events.popleft() if self._events else None
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        """Datagrams to send, in order, each with its destination."""
+        return self._transport.datagrams_to_send()
+
+    # --- input and timers ---------------------------------------------------------------------
+
+    def receive(self, data: bytes, addr: Address, now: float) -> None:
+        """Handle one UDP datagram from ``addr`` received at ``now``; never raises for it.
+
+        The first byte says what it is (RFC 7983 §7): STUN goes to the ICE responder, DTLS to
+        the DTLS server (only from an address with a successful check), SRTP and SRTCP are
+        accepted only from the selected address. Everything else is counted and dropped.
+        """
+        self._transport.receive(data, addr, now)
+        self._pump(now)
+
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` is next due, or ``None`` (an ended session has none): the
+        earliest of the transport's, the voice loop's and the checkpoint policy's deadlines."""
+        if self._transport.ended:
+            return None
+        deadlines = (
+            self._transport.get_timer(),
+            self._voice.get_timer(),
+            self._checkpoints.get_timer(),
+        )
+        present = [d for d in deadlines if d is not None]
+        return min(present) if present else None
+
+    def handle_timer(self, now: float) -> None:
+        """Run whatever is due at ``now``: consent expiry, DTLS retransmission, the connect
+        timeout and RTCP (the transport), the media tick (playout, agent, pacing) unless the
+        session just ended, then checkpoint requests (after the tick, whose packets may have
+        used up the reservation).
+
+        Harmless to call early or repeatedly.
+        """
+        transport = self._transport
+        if transport.ended:
+            return
+        transport.handle_timer(now)
+        self._pump(now)
+        if transport.ended:
+            return
+        voice = self._voice
+        voice.handle_timer(now)
+        for frame in voice.frames_to_send():
+            transport.send_media(
+                frame.payload,
+                timestamp=frame.timestamp,
+                marker=frame.marker,
+                deadline=frame.deadline,
+            )
+        while (event := voice.next_event()) is not None:
+            self._events.append(event)
+        self._checkpoints.handle_timer(now)
+        self._take_checkpoint_events()
+
+    # --- checkpoints --------------------------------------------------------------------------
+
+    def snapshot(self, now: float) -> SessionSnapshot:
+        """The session as a value, to store and then :meth:`confirm`.
+
+        Reserves outbound SRTP indexes for whoever restores it (see
+        :mod:`sessions.webrtc.srtp`). Raises :class:`RuntimeError` before DTLS has keyed
+        SRTP: there is nothing a restore could continue.
+        """
+        if self._transport.keys is None:
+            raise RuntimeError("no checkpoint before the DTLS handshake has keyed SRTP")
+        self._checkpoints.snapshot_taken(now)
+        part = self._transport.snapshot(now)
+        return SessionSnapshot(
+            session_id=self.session_id,
+            age=max(0.0, now - self._created),
+            ice=part.ice,
+            remote_fingerprint=part.remote_fingerprint,
+            srtp=part.srtp,
+            next_seq=part.next_seq,
+            next_timestamp=self._voice.media_timestamp(now, part.last_sent),
+            opus_pt=part.opus_pt,
+            cname=part.cname,
+            direction=part.direction,
+            packets_sent=part.packets_sent,
+            octets_sent=part.octets_sent,
+        )
+
+    def confirm(self, snapshot: SessionSnapshot) -> None:
+        """``snapshot`` (one of ours) is durably stored as the session's newest state: the
+        session may now send up to what it reserved. Raises :class:`ValueError` for a snapshot
+        of another session."""
+        if self._transport.keys is None:
+            raise RuntimeError("no snapshot can be confirmed before SRTP is keyed")
+        if snapshot.session_id != self.session_id:
+            raise ValueError("not a snapshot of this session")
+        self._transport.confirm(snapshot.srtp)
+        self._checkpoints.snapshot_confirmed()
+
+    # --- ending -------------------------------------------------------------------------------
+
+    def close(self, now: float) -> None:
+        """End the session from our side: RTCP BYE (RFC 3550 §6.6), DTLS close_notify (RFC
+        5246 §7.2.1), then :class:`~sessions.transceiver.events.SessionClosed`. Nothing is sent
+        or timed afterwards."""
+        self._transport.close(now)
+        self._pump(now)
+
+    # --- plumbing -----------------------------------------------------------------------------
+
+    def _pump(self, now: float) -> None:
+        """Pass on what the transport produced: the client's audio to the voice loop, its
+        events to our queue (a keyed SRTP starts the checkpoint policy, whose first request
+        follows ``DtlsConnected`` at once); then start or stop the other parts."""
+        transport = self._transport
+        for packet in transport.received_media():
+            self._voice.receive(packet.sequence_number, packet.timestamp, packet.payload, packet.at)
+        while (event := transport.next_event()) is not None:
+            self._events.append(event)
+            keys = transport.keys
+            if isinstance(event, DtlsConnected) and keys is not None:
+                # Before anything is sent, so the first reservation covers the whole stream.
+                self._checkpoints.start(keys, now)
+                self._take_checkpoint_events()
+        if transport.ended:
+            self._voice.stop()
+            self._checkpoints.stop()
+        elif transport.media_ready:
+            self._voice.start(now)
+
+    def _take_checkpoint_events(self) -> None:
+        while (event := self._checkpoints.next_event()) is not None:
+            self._events.append(event)
+
+    # --- statistics ---------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, object]:
+        """Counters and measurements for metrics and logs (plain values, JSON-friendly).
+
+        ``packets_in``/``bytes_in`` count authentic RTP from the client, ``packets_out``/
+        ``bytes_out`` the RTP we sent; ``loss_fraction`` (0..1, over the last RTCP interval),
+        ``loss_cumulative`` and ``jitter_ms`` describe the client's stream as we receive it
+        (RFC 3550 §6.4.1, §A.3, §A.8); ``remote_*`` the same about our stream, as the client
+        reports it; ``rtt_ms`` comes from the client's reports about our SRs; ``late_frames``
+        counts pacing ticks handled more than 5 ms late; ``dropped`` counts input dropped by
+        reason, ``ice`` the responder's own counters.
+        """
+        keys = self._transport.keys
+        t = self._transport.stats()
+        v = self._voice.stats()
+        dropped = t["dropped"]
+        voice_dropped = v["dropped"]
+        assert isinstance(dropped, dict) and isinstance(voice_dropped, dict)
+        return {
+            "session_id": self.session_id,
+            **{key: t[key] for key in _TRANSPORT_STATS},
+            "late_frames": v["late_frames"],
+            "send_blocked": t["send_blocked"],
+            "rtcp_blocked": t["rtcp_blocked"],
+            "frames_resized": v["frames_resized"],
+            "pacer": v["pacer"],
+            "jitter_buffer": v["jitter_buffer"],
+            "checkpoints": {
+                **self._checkpoints.stats(),
+                "rtp_headroom": None if keys is None else keys.rtp_headroom,
+                "srtcp_headroom": None if keys is None else keys.srtcp_headroom,
+            },
+            "dropped": {**dropped, **voice_dropped},
+            "ice": t["ice"],
+        }
+
+
+# The transport's statistics in the order Transceiver.stats lists them first.
+_TRANSPORT_STATS: Final = (
+    "state",
+    "selected",
+    "profile",
+    "packets_in",
+    "bytes_in",
+    "packets_out",
+    "bytes_out",
+    "datagrams_in",
+    "datagrams_out",
+    "udp_bytes_in",
+    "udp_bytes_out",
+    "dtls_in",
+    "rtcp_in",
+    "rtcp_out",
+    "bye_in",
+    "loss_fraction",
+    "loss_cumulative",
+    "jitter_ms",
+    "rtt_ms",
+    "remote_loss_fraction",
+    "remote_loss_cumulative",
+    "remote_jitter_ms",
+)

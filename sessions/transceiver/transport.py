@@ -1,0 +1,526 @@
+"""The WebRTC transport of one voice session, sans-I/O: ICE-lite, DTLS-SRTP, RTP and RTCP.
+
+Datagrams go in (:meth:`Transport.receive`, with the time they arrived); out come datagrams
+(:meth:`Transport.datagrams_to_send`), the session's connection events
+(:meth:`Transport.next_event`), the Opus payloads of the client's RTP
+(:meth:`Transport.received_media`) and a deadline (:meth:`Transport.get_timer`, then
+:meth:`Transport.handle_timer`). It packetizes, protects and sends the encoded payloads it is
+given (:meth:`Transport.send_media`) and sends RTCP reports on its own schedule.
+
+:meth:`Transport.accept` parses the client's offer, mints our ICE credentials and SSRC and
+writes the answer (ICE-lite, DTLS passive, Opus only). The first byte of each datagram says
+what it is (RFC 7983 §7): STUN and DTLS go to the :class:`~sessions.transceiver.connection.
+Connection` (ICE-lite, the handshake that keys SRTP, the session's state); SRTP and SRTCP from
+the selected address are unprotected here. RTCP SR/RR with SDES goes out every ~2 s (RFC 3550
+§6.3) and the client's reports give the round-trip time (:mod:`sessions.transceiver.reports`).
+:meth:`Transport.close` ends the session from our side with RTCP BYE and DTLS close_notify.
+
+Input from the network never raises: every datagram is handled, or counted and dropped.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import secrets
+from collections.abc import Sequence
+from typing import Final, final
+
+import attrs
+
+from sessions.snapshot import SessionSnapshot
+from sessions.transceiver.connection import Connection, SessionState
+from sessions.transceiver.events import MediaStarted, SessionEvent
+from sessions.transceiver.reports import RtcpReports
+from sessions.webrtc import rtcp, rtp, sdp
+from sessions.webrtc.certs import Certificate
+from sessions.webrtc.demux import PacketKind, classify, is_rtcp
+from sessions.webrtc.dtls import DtlsServer
+from sessions.webrtc.errors import RtpError
+from sessions.webrtc.ice import Address, IceLiteResponder, IceState, mint_credentials
+from sessions.webrtc.srtp import RTP_RESERVE, SrtpError, SrtpIndexError, SrtpSession, SrtpState
+
+__all__ = ["MediaPacket", "Transport", "TransportSnapshot"]
+
+# The first sequence number is drawn from [_FIRST_SEQ, 2**15). Below 2**15 as
+# sessions.webrtc.srtp asks: a snapshot taken before the first packet (the one at connect)
+# then reserves every index the stream could have used, up to 2**15 + RTP_RESERVE - 1, and a
+# restore from it continues at 2**15 + RTP_RESERVE. Not below _FIRST_SEQ, so that this jump
+# stays under 2**15 from wherever the stream was: a larger one would look like a step back
+# to an RTP receiver's serial-number arithmetic (RFC 3550 §A.1) and to an RFC 3711 §3.3.1
+# index estimate (libsrtp special-cases ROC 0 and accepts it, others need not).
+_FIRST_SEQ: Final = 2 * RTP_RESERVE
+
+
+@final
+@attrs.frozen
+class MediaPacket:
+    """The Opus payload of one authentic RTP packet of the client's, and when it arrived."""
+
+    sequence_number: int
+    timestamp: int
+    payload: bytes
+    at: float
+
+
+@final
+@attrs.frozen
+class TransportSnapshot:
+    """The transport's part of a :class:`~sessions.snapshot.SessionSnapshot` (same fields)."""
+
+    ice: IceState
+    remote_fingerprint: tuple[str, str]
+    srtp: SrtpState
+    next_seq: int
+    opus_pt: int
+    cname: str
+    direction: str
+    packets_sent: int
+    octets_sent: int
+    #: (RTP timestamp, tick deadline) of our last packet, for the media clock's position
+    last_sent: tuple[int, float] | None
+
+
+@final
+class Transport:
+    """ICE, DTLS, SRTP and RTCP of one session (see the module docstring).
+
+    Build it with :meth:`accept` or :meth:`restore`. Not thread-safe: one task owns it.
+    """
+
+    def __init__(
+        self,
+        *,
+        connection: Connection,
+        opus_pt: int,
+        cname: str,
+        direction: str,
+        ssrc: int,
+        seq: int,
+        now: float,
+        packets_sent: int = 0,
+        octets_sent: int = 0,
+        remote_ssrc: int | None = None,
+        media_started: bool = False,
+    ) -> None:
+        """Use :meth:`accept` or :meth:`restore`."""
+        self._connection = connection
+        self._opus_pt = opus_pt
+        self._cname = cname
+        self._direction = direction
+        self._ssrc = ssrc
+        self._seq = seq
+        self._resume_marker = False  # a frame was held back: mark the next packet sent
+        self._events: collections.deque[SessionEvent] = collections.deque()
+        self._out: list[tuple[bytes, Address]] = []
+        self._media: list[MediaPacket] = []
+        self._media_started = media_started
+        self._reports = RtcpReports(
+            ssrc=ssrc,
+            cname=cname,
+            rng=random.Random(secrets.randbits(64)),
+            packets_sent=packets_sent,
+            octets_sent=octets_sent,
+            remote_ssrc=remote_ssrc,
+        )
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._dropped: collections.Counter[str] = collections.Counter()
+        self._sync(now)
+
+    # --- construction -------------------------------------------------------------------------
+
+    @classmethod
+    def accept(
+        cls,
+        offer_sdp: str,
+        *,
+        certificate: Certificate,
+        candidates: Sequence[tuple[str, int]],
+        now: float,
+        ufrag: str | None = None,
+    ) -> tuple[Transport, str]:
+        """Answer a client's offer: a new transport and the SDP answer to send back.
+
+        Raises :class:`~sessions.webrtc.errors.SdpError` for an offer we cannot answer and
+        :class:`ValueError` for bad ``candidates`` (see ``Transceiver.accept``).
+        """
+        offer = sdp.parse_offer(offer_sdp)
+        minted, pwd = mint_credentials()
+        ufrag = ufrag or minted
+        ice = IceLiteResponder(ufrag, pwd, offer.ice_ufrag, offer.ice_pwd)
+        # RFC 3550 §8.1: a random SSRC; avoid the one the client announced.
+        ssrc = secrets.randbits(32)
+        while ssrc == offer.ssrc:
+            ssrc = secrets.randbits(32)
+        cname = secrets.token_urlsafe(12)  # RFC 7022 §4.1: a random, short-term CNAME
+        answer = sdp.write_answer(
+            offer,
+            sdp.AnswerParams(
+                ice_ufrag=ufrag,
+                ice_pwd=pwd,
+                fingerprint_sha256=certificate.fingerprint_sha256,
+                candidates=tuple(candidates),
+                ssrc=ssrc,
+                cname=cname,
+                session_id=secrets.randbelow(1 << 62),
+            ),
+        )
+        connection = Connection(
+            ice=ice,
+            remote_fingerprint=offer.fingerprint,
+            local_ssrc=ssrc,
+            now=now,
+            dtls=DtlsServer(certificate, offer.fingerprint),
+        )
+        transport = cls(
+            connection=connection,
+            opus_pt=offer.opus_pt,
+            cname=cname,
+            direction=offer.direction,
+            ssrc=ssrc,
+            # RFC 3550 §5.1: a random initial sequence number. See _FIRST_SEQ.
+            seq=_FIRST_SEQ + secrets.randbelow((1 << 15) - _FIRST_SEQ),
+            now=now,
+        )
+        return transport, answer
+
+    @classmethod
+    def restore(cls, snapshot: SessionSnapshot, now: float) -> Transport:
+        """Continue the transport of ``snapshot``: already keyed, without a DTLS association
+        (its keys are in the snapshot), our RTP continuing at the sequence number after the
+        SRTP reservation. A snapshot whose consent had expired gives a failed transport."""
+        srtp = SrtpSession.restore(snapshot.srtp)
+        seq = srtp.next_rtp_seq
+        if seq is None:  # cannot happen: a restored session always has a reservation
+            raise ValueError("the snapshot reserves no outbound SRTP indexes")
+        connection = Connection.restored(
+            ice=IceLiteResponder.restore(snapshot.ice, now),
+            remote_fingerprint=snapshot.remote_fingerprint,
+            srtp=srtp,
+            now=now,
+        )
+        return cls(
+            connection=connection,
+            opus_pt=snapshot.opus_pt,
+            cname=snapshot.cname,
+            direction=snapshot.direction,
+            ssrc=snapshot.local_ssrc,
+            seq=seq,
+            now=now,
+            packets_sent=snapshot.packets_sent,
+            octets_sent=snapshot.octets_sent,
+            remote_ssrc=snapshot.remote_ssrc,
+            media_started=snapshot.srtp.rtp_received is not None,
+        )
+
+    # --- observation --------------------------------------------------------------------------
+
+    @property
+    def state(self) -> SessionState:
+        """Where the session is."""
+        return self._connection.state
+
+    @property
+    def ended(self) -> bool:
+        """Whether the session is over (failed or closed): inert from then on."""
+        return self._connection.ended
+
+    @property
+    def local_ufrag(self) -> str:
+        """Our ICE ufrag."""
+        return self._connection.ice.local_ufrag
+
+    @property
+    def selected_address(self) -> Address | None:
+        """The client's nominated address, where media goes; ``None`` before nomination."""
+        return self._connection.selected_address
+
+    @property
+    def local_ssrc(self) -> int:
+        """The SSRC of our outbound RTP stream."""
+        return self._ssrc
+
+    @property
+    def next_seq(self) -> int:
+        """The sequence number our next RTP packet will carry."""
+        return self._seq
+
+    @property
+    def may_send(self) -> bool:
+        """Whether we send media: RFC 3264 §6.1, unless the offer said the client will not
+        receive."""
+        return self._direction in ("sendrecv", "recvonly")
+
+    @property
+    def keys(self) -> SrtpSession | None:
+        """The SRTP state once DTLS keyed it (or a restore brought it), else ``None``."""
+        return self._connection.keys
+
+    @property
+    def media_ready(self) -> bool:
+        """SRTP is keyed and the client nominated a pair: media flows both ways."""
+        return self._connection.ready
+
+    def next_event(self) -> SessionEvent | None:
+        """The oldest event not yet taken, or ``None``."""
+        return self._events.popleft() if self._events else None
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        """Datagrams to send, in order, each with its destination."""
+        out, self._out = self._out, []
+        return out
+
+    def received_media(self) -> list[MediaPacket]:
+        """The client's Opus payloads received since the last call, in arrival order."""
+        media, self._media = self._media, []
+        return media
+
+    # --- input --------------------------------------------------------------------------------
+
+    def receive(self, data: bytes, addr: Address, now: float) -> None:
+        """Handle one UDP datagram from ``addr`` received at ``now``; never raises for it.
+
+        The first byte says what it is (RFC 7983 §7): STUN goes to the ICE responder, DTLS to
+        the DTLS server (only from an address with a successful check), SRTP and SRTCP are
+        accepted only from the selected address. Everything else is counted and dropped.
+        """
+        self._counts["datagrams_in"] += 1
+        self._counts["udp_bytes_in"] += len(data)
+        if self.ended:
+            self._dropped["after_end"] += 1
+            return
+        data = bytes(data)
+        kind = classify(data)
+        if kind is PacketKind.STUN:
+            self._connection.receive_stun(data, addr, now)
+        elif kind is PacketKind.DTLS:
+            self._connection.receive_dtls(data, addr, now)
+        elif kind is PacketKind.RTP_RTCP:
+            self._receive_srtp(data, addr, now)
+        else:
+            # ZRTP, TURN ChannelData (we are no TURN server), QUIC, empty: not ours.
+            self._dropped["unknown_kind"] += 1
+        self._sync(now)
+
+    def _receive_srtp(self, data: bytes, addr: Address, now: float) -> None:
+        srtp = self._connection.keys
+        if srtp is None:
+            self._dropped["srtp_before_keys"] += 1
+            return
+        if not self._connection.accepts_media_from(addr):
+            self._dropped["srtp_wrong_address"] += 1
+            return
+        # RFC 5761 §4: RTCP packet types 192..223 in the second byte.
+        if is_rtcp(data):
+            self._receive_rtcp(srtp, data, now)
+        else:
+            self._receive_rtp(srtp, data, now)
+
+    def _receive_rtp(self, srtp: SrtpSession, data: bytes, now: float) -> None:
+        try:
+            packet = rtp.parse(srtp.unprotect_rtp(data))
+        except SrtpError:
+            self._dropped["srtp_rejected"] += 1
+            return
+        except RtpError:
+            self._dropped["rtp_malformed"] += 1
+            return
+        self._counts["packets_in"] += 1
+        self._counts["bytes_in"] += len(data)
+        self._reports.on_rtp(packet.ssrc, packet.sequence_number, packet.timestamp, now)
+        if not self._media_started:
+            self._media_started = True
+            self._events.append(MediaStarted())
+        if packet.payload_type != self._opus_pt:
+            self._dropped["rtp_other_payload_type"] += 1
+            return
+        self._media.append(
+            MediaPacket(packet.sequence_number, packet.timestamp, packet.payload, now)
+        )
+
+    def _receive_rtcp(self, srtp: SrtpSession, data: bytes, now: float) -> None:
+        try:
+            packets = rtcp.parse(srtp.unprotect_rtcp(data))
+        except SrtpError:
+            self._dropped["srtcp_rejected"] += 1
+            return
+        except RtpError:
+            self._dropped["rtcp_malformed"] += 1
+            return
+        self._counts["rtcp_in"] += 1
+        self._reports.on_rtcp(packets, now)
+
+    # --- output -------------------------------------------------------------------------------
+
+    def send_media(self, payload: bytes, *, timestamp: int, marker: bool, deadline: float) -> None:
+        """Packetize (RFC 7587), protect and send one encoded Opus frame, due at ``deadline``,
+        to the selected address. Only while :attr:`media_ready`.
+
+        Beyond the confirmed SRTP reservation the frame is lost (counted ``send_blocked``) and
+        its sequence number is not used, so the client sees a timestamp gap only.
+        """
+        srtp, addr = self._connection.keys, self._connection.selected_address
+        assert srtp is not None and addr is not None, "send_media before media_ready"
+        packet = rtp.serialize(
+            rtp.RtpPacket(
+                payload_type=self._opus_pt,
+                sequence_number=self._seq,
+                timestamp=timestamp,
+                ssrc=self._ssrc,
+                payload=payload,
+                # RFC 3551 §4.1: the first packet after a silence, ours or a held-back frame.
+                marker=marker or self._resume_marker,
+            )
+        )
+        try:
+            protected = srtp.protect_rtp(packet)
+        except SrtpIndexError:
+            # The checkpoint is late.
+            self._counts["send_blocked"] += 1
+            self._resume_marker = True
+            return
+        self._seq = (self._seq + 1) & 0xFFFF
+        self._resume_marker = False
+        self._reports.on_sent(len(payload), timestamp, deadline)
+        self._counts["bytes_out"] += len(protected)
+        self._send(protected, addr)
+
+    def _send_rtcp(self, now: float, extra: Sequence[rtcp.RtcpPacket] = ()) -> None:
+        srtp, addr = self._connection.keys, self._connection.selected_address
+        assert srtp is not None and addr is not None
+        compound, lsr = self._reports.compound(now, extra)
+        try:
+            protected = srtp.protect_rtcp(compound)
+        except SrtpIndexError:
+            self._counts["rtcp_blocked"] += 1
+            return
+        if lsr is not None:
+            self._reports.sent(lsr)
+        self._counts["rtcp_out"] += 1
+        self._send(protected, addr)
+
+    def _send(self, data: bytes, addr: Address) -> None:
+        self._counts["datagrams_out"] += 1
+        self._counts["udp_bytes_out"] += len(data)
+        self._out.append((data, addr))
+
+    def _sync(self, now: float) -> None:
+        """After the connection was called: take its datagrams and events, and start or stop
+        RTCP as media becomes possible or the session ends."""
+        connection = self._connection
+        for data, addr in connection.datagrams_to_send():
+            self._send(data, addr)
+        while (event := connection.next_event()) is not None:
+            self._events.append(event)
+        if connection.ended:
+            self._reports.stop()
+        elif connection.ready:
+            self._reports.start(now)
+
+    # --- timers -------------------------------------------------------------------------------
+
+    def get_timer(self) -> float | None:
+        """When :meth:`handle_timer` is next due, or ``None`` (an ended session has none)."""
+        deadline = self._connection.get_timer()
+        if self.ended or not self.media_ready:
+            return deadline
+        reports = self._reports.get_timer()
+        if deadline is None or reports is None:
+            return reports if deadline is None else deadline
+        return min(deadline, reports)
+
+    def handle_timer(self, now: float) -> None:
+        """Run whatever is due at ``now``: consent expiry, DTLS retransmission, the connect
+        timeout, RTCP. Harmless to call early or repeatedly."""
+        if self.ended:
+            return
+        self._connection.handle_timer(now)
+        self._sync(now)
+        if not self.ended and self.media_ready and self._reports.due(now):
+            self._send_rtcp(now)
+            self._reports.reschedule(now)
+
+    # --- snapshots ----------------------------------------------------------------------------
+
+    def snapshot(self, now: float) -> TransportSnapshot:
+        """The transport as a value; reserves outbound SRTP indexes for whoever restores it
+        (see :mod:`sessions.webrtc.srtp`). Raises :class:`RuntimeError` before SRTP is keyed."""
+        srtp = self._connection.keys
+        if srtp is None:
+            raise RuntimeError("no checkpoint before the DTLS handshake has keyed SRTP")
+        reports = self._reports
+        return TransportSnapshot(
+            ice=self._connection.ice_snapshot(now),
+            remote_fingerprint=self._connection.remote_fingerprint,
+            srtp=srtp.snapshot(),
+            next_seq=self._seq,
+            opus_pt=self._opus_pt,
+            cname=self._cname,
+            direction=self._direction,
+            packets_sent=reports.packets_sent,
+            octets_sent=reports.octets_sent,
+            last_sent=reports.last_sent,
+        )
+
+    def confirm(self, srtp: SrtpState) -> None:
+        """``srtp`` (from one of our snapshots) is durably stored: send up to what it reserved."""
+        keys = self._connection.keys
+        if keys is None:
+            raise RuntimeError("no snapshot can be confirmed before SRTP is keyed")
+        keys.confirm(srtp)
+
+    # --- ending -------------------------------------------------------------------------------
+
+    def close(self, now: float) -> None:
+        """End the session from our side: RTCP BYE (RFC 3550 §6.6), DTLS close_notify (RFC
+        5246 §7.2.1), then :class:`~sessions.transceiver.events.SessionClosed`. Nothing is sent
+        or timed afterwards."""
+        if self.ended:
+            return
+        if self.media_ready and not self._connection.consent_expired(now):
+            self._send_rtcp(now, (rtcp.Bye((self._ssrc,)),))
+        self._connection.close()
+        self._sync(now)
+
+    # --- statistics ---------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, object]:
+        """The transport's counters (see ``Transceiver.stats``)."""
+        c = self._counts
+        connection = self._connection
+        srtp = connection.keys
+        ice = connection.ice
+        return {
+            "state": connection.state.value,
+            "selected": ice.selected,
+            "profile": None if srtp is None else srtp.profile.value,
+            "packets_in": c["packets_in"],
+            "bytes_in": c["bytes_in"],
+            "packets_out": self._reports.packets_sent,
+            "bytes_out": c["bytes_out"],
+            "datagrams_in": c["datagrams_in"],
+            "datagrams_out": c["datagrams_out"],
+            "udp_bytes_in": c["udp_bytes_in"],
+            "udp_bytes_out": c["udp_bytes_out"],
+            "dtls_in": connection.dtls_in,
+            "rtcp_in": c["rtcp_in"],
+            "rtcp_out": c["rtcp_out"],
+            "bye_in": self._reports.bye_in,
+            **self._reports.stats(),
+            "send_blocked": c["send_blocked"],
+            "rtcp_blocked": c["rtcp_blocked"],
+            "dropped": {**self._dropped, **connection.dropped},
+            "ice": {
+                "state": ice.state.value,
+                "malformed": ice.malformed,
+                "bad_fingerprint": ice.bad_fingerprint,
+                "bad_integrity": ice.bad_integrity,
+                "wrong_username": ice.wrong_username,
+                "bad_requests": ice.bad_requests,
+                "unknown_attributes": ice.unknown_attributes,
+                "role_conflicts": ice.role_conflicts,
+                "retransmissions": ice.retransmissions,
+                "ignored": ice.ignored,
+                "responses_sent": ice.responses_sent,
+            },
+        }

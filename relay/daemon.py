@@ -25,11 +25,11 @@ from typing import Any, Final, final
 import trio
 
 from actors.lag import LoopLag
+from relay.addresses import Address
 from relay.edge import Limits, RelayEdge
 from relay.routes import RouteTable
 from relay.tunnel.certs import Credentials
 from relay.tunnel.quic import Tunnel, TunnelEndpoint
-from relay.udp import Address
 from storage.etcd import Etcd, EtcdError, open_etcd
 from storage.keys import Keyspace, check_name
 from storage.lease import LeaseKeeper

@@ -24,6 +24,8 @@ from typing import Final, NoReturn
 
 import trio
 
+from relay.addresses import Address
+
 __all__ = [
     "BATCH",
     "MAX_DATAGRAM",
@@ -38,7 +40,6 @@ __all__ = [
 log = logging.getLogger("parley.udp")
 
 #: a UDP peer: (host, port); IPv6 scope and flow information are dropped on receipt
-Address = tuple[str, int]
 
 #: the largest client datagram read (media and STUN stay far below a 1500-byte path MTU)
 MAX_DATAGRAM: Final = 2048

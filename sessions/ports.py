@@ -15,7 +15,7 @@ from typing import Final, Protocol, final
 import attrs
 import trio
 
-from relay.udp import Address
+from relay.addresses import Address
 
 __all__ = ["INBOX_SIZE", "Datagram", "PacketPath", "SendFn", "SessionPort"]
 

@@ -31,7 +31,7 @@ from typing import Final, final
 
 import attrs
 
-from relay.udp import Address
+from relay.addresses import Address
 
 __all__ = [
     "FROM_CLIENT",

@@ -47,9 +47,9 @@ from aioquic.buffer import size_uint_var
 from aioquic.quic import events
 from aioquic.quic.packet import QuicErrorCode
 
+from relay.addresses import Address
 from relay.tunnel.certs import Identity, TunnelAuthError, verify_peer
 from relay.tunnel.connection import ALPN, LinkConfig, TunnelConnection
-from relay.udp import Address
 
 __all__ = [
     "TRANSITIONS",

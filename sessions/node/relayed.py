@@ -30,11 +30,11 @@ from typing import Any, Final, final
 
 import trio
 
+from relay.addresses import Address
 from relay.tunnel import frames
 from relay.tunnel.certs import Credentials, Identity
 from relay.tunnel.hint import mint_ufrag
 from relay.tunnel.quic import Tunnel, TunnelEndpoint, TunnelError
-from relay.udp import Address
 from sessions.ports import INBOX_SIZE, Datagram, SessionPort
 from storage.etcd import EtcdError
 from storage.members import Members, RelayInfo

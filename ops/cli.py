@@ -99,6 +99,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--lease-ttl", type=int, help="lease TTL of the nodes, seconds (node.lease_ttl)"
     )
 
+    migrate = commands.add_parser(
+        "migrate", help="move one live session to another node (no renegotiation)"
+    )
+    _common(migrate)
+    migrate.add_argument("session", help="the session id (parley status lists them)")
+    migrate.add_argument("--to", required=True, metavar="NODE", help="the node to move it to")
+    migrate.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (30)")
+    migrate.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    drain = commands.add_parser(
+        "drain", help="move every session of a node to the other active nodes"
+    )
+    _common(drain)
+    drain.add_argument("node", help="the node id to empty")
+    drain.add_argument("--timeout", type=float, default=120.0, help="seconds to wait (120)")
+    drain.add_argument("--json", action="store_true", help="print JSON for scripts")
+
     status = commands.add_parser("status", help="nodes, relays and sessions of a cluster")
     _common(status)
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
@@ -253,6 +270,21 @@ def main(argv: list[str] | None = None) -> int:
         return run_up(config)
     if args.command == "status":
         return cmd_status(config, args.json)
+    if args.command in ("migrate", "drain"):
+        from ops import moving
+
+        endpoint, prefix = config.cluster.etcd, config.cluster.prefix
+        if args.command == "migrate":
+            return trio.run(
+                lambda: moving.migrate(
+                    endpoint, prefix, args.session, args.to, within=args.timeout, as_json=args.json
+                )
+            )
+        return trio.run(
+            lambda: moving.drain(
+                endpoint, prefix, args.node, within=args.timeout, as_json=args.json
+            )
+        )
     raise AssertionError(args.command)
 
 

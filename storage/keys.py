@@ -57,6 +57,13 @@ class Keyspace:
     def session_of_move_key(self, key: bytes) -> str | None:
         return self._tail(self.moves_prefix, key)
 
+    @property
+    def drains_prefix(self) -> str:
+        return f"{self.prefix}/drains/"
+
+    def drain(self, node_id: str) -> str:
+        return self.drains_prefix + check_name("node", node_id)
+
     def stats(self, node_id: str) -> str:
         return self.stats_prefix + check_name("node", node_id)
 

@@ -308,3 +308,40 @@ class Moves:
             [op_delete(self.keys.move(move.session))],
         )
         return result.succeeded
+
+    # -- draining a node ------------------------------------------------------------------------
+
+    async def request_drain(self, node: str, lease: int, *, by: str = "") -> bool:
+        """Ask ``node`` (registered under ``lease``) to move all its sessions elsewhere. On the
+        node's lease, so it vanishes with the node. False if already requested."""
+        key = self.keys.drain(node)
+        value = json.dumps({"requested_at": time.time(), "by": by}).encode()
+        result = await self.etcd.txn(
+            [cmp_create_revision(key, 0)], [op_put(key, value, lease=lease)]
+        )
+        return result.succeeded
+
+    async def drain_requested(self, node: str) -> bool:
+        return await self.etcd.get(self.keys.drain(node)) is not None
+
+    @asynccontextmanager
+    async def watch_drain(self, node: str) -> AsyncIterator[trio.Event]:
+        """An event set once a drain of ``node`` is requested (also if it already was)."""
+        requested = trio.Event()
+
+        async def pump(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            key = self.keys.drain(node)
+            async with self.etcd.watch_prefix(key) as batches:
+                task_status.started()
+                if await self.etcd.get(key) is not None:
+                    requested.set()
+                async for batch in batches:
+                    if any(event.kind == "put" for event in batch):
+                        requested.set()
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pump)
+            try:
+                yield requested
+            finally:
+                nursery.cancel_scope.cancel()

@@ -74,6 +74,7 @@ _COUNTERS: Final = (
     "fenced",  # frames from a node whose epoch is stale for the session
     "unknown_client",  # frames for an address not admitted for that session
     "send_failed",  # sendto to a client failed (buffer full, unreachable)
+    "handed_on",  # client datagrams an old owner handed on to a session's new owner
     "expired",  # idle clients forgotten
     "evicted",  # clients forgotten early because the cache was full
 )
@@ -265,6 +266,9 @@ class RelayEdge:
         except frames.FrameError:
             counters["malformed_frame"] += 1
             return
+        if isinstance(decoded, frames.HandOn):
+            self._hand_on(node, decoded)
+            return
         if not isinstance(decoded, frames.ToClient):
             counters["malformed_frame"] += 1
             return
@@ -276,6 +280,33 @@ class RelayEdge:
             counters["unknown_client"] += 1
             return
         self.send_to_client(decoded.payload, decoded.client)
+
+    def _hand_on(self, node: str, frame: frames.HandOn) -> None:
+        """A session's old owner passes on a client datagram that reached it after the move.
+
+        Only for a client admitted for that session, only to another node, and only forward
+        in ownership: the frame names the new owner's epoch, which (if newer than what the
+        route table knows) becomes the route now, as a newer epoch from a node does.
+        """
+        counters = self.counters
+        client = self.clients.get(frame.client)
+        if client is None or client.session != frame.session:
+            counters["unknown_client"] += 1
+            return
+        if frame.to == node or not self.routes.admit_from_node(
+            frame.session, frame.to, frame.epoch
+        ):
+            counters["fenced"] += 1
+            return
+        tunnel = self.tunnels.get(frame.to)
+        if tunnel is None:
+            counters["no_tunnel"] += 1
+            return
+        data = frames.encode_from_client(frame.session, frame.client, frame.payload)
+        if tunnel.send_datagram(data):
+            counters["handed_on"] += 1
+        else:
+            counters["tunnel_full"] += 1
 
     def send_to_client(self, data: bytes, addr: Address) -> None:
         sock = self._socks.get(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET)

@@ -19,6 +19,17 @@ unreliable like the UDP it carries, with a compact header in front of the client
 * ``epoch`` is the sender's ownership epoch of the session (storage/ownership.py): the relay
   drops a frame whose epoch is stale — fencing a node that lost the session (relay/routes.py).
 
+A third kind goes node → relay when a session has just moved to another node (a planned move,
+storage/moves.py) and a client's datagram still reached the old owner::
+
+    +------+-------+----------------+--------+-------------------+
+    | 0x03 | flags | epoch (u64 BE) | to len | to node id (ASCII) |   HAND_ON
+    +------+-------+----------------+--------+-------------------+
+    | client address (4 or 16) | port | id len | session id | the client's payload |
+
+The relay hands the client's bytes on to node ``to``, whose ownership ``epoch`` they carry
+(the new owner's), as if they had just arrived: nothing a client sent during a move is lost.
+
 With a 20-character session id the header costs 30 bytes over IPv4, 42 over IPv6. Decoding never
 raises anything but :class:`FrameError` for remote input.
 """
@@ -35,17 +46,21 @@ from relay.addresses import Address
 
 __all__ = [
     "FROM_CLIENT",
+    "HAND_ON",
     "TO_CLIENT",
     "FrameError",
     "FromClient",
+    "HandOn",
     "ToClient",
     "decode",
     "encode_from_client",
+    "encode_hand_on",
     "encode_to_client",
 ]
 
 FROM_CLIENT: Final = 0x01
 TO_CLIENT: Final = 0x02
+HAND_ON: Final = 0x03
 _IPV6: Final = 0x01
 _EPOCH = struct.Struct("!Q")
 _PORT = struct.Struct("!H")
@@ -73,6 +88,18 @@ class ToClient:
 
     session: str
     epoch: int
+    client: Address
+    payload: bytes
+
+
+@final
+@attrs.frozen
+class HandOn:
+    """A client's datagram that reached a session's previous owner: for node ``to``."""
+
+    session: str
+    epoch: int
+    to: str
     client: Address
     payload: bytes
 
@@ -105,7 +132,22 @@ def encode_to_client(session: str, epoch: int, client: Address, payload: bytes) 
     )
 
 
-def decode(frame: bytes) -> FromClient | ToClient:
+def encode_hand_on(session: str, epoch: int, to: str, client: Address, payload: bytes) -> bytes:
+    """Frame a client's datagram that reached us after ``session`` moved to node ``to``."""
+    flags, address = _address(*client)
+    return b"".join(
+        (
+            bytes((HAND_ON, flags)),
+            _EPOCH.pack(epoch),
+            _session(to),  # a node id: the same length-prefixed ASCII as a session id
+            address,
+            _session(session),
+            payload,
+        )
+    )
+
+
+def decode(frame: bytes) -> FromClient | ToClient | HandOn:
     """Decode one frame; raises :class:`FrameError` for anything malformed."""
     if len(frame) < 2:
         raise FrameError("frame shorter than its type and flags")
@@ -114,11 +156,20 @@ def decode(frame: bytes) -> FromClient | ToClient:
         raise FrameError(f"unknown flags {flags:#x}")
     at = 2
     epoch = 0
-    if kind == TO_CLIENT:
+    to = ""
+    if kind in (TO_CLIENT, HAND_ON):
         if len(frame) < at + 8:
             raise FrameError("frame too short for its epoch")
         (epoch,) = _EPOCH.unpack_from(frame, at)
         at += 8
+        if kind == HAND_ON:
+            if len(frame) < at + 1 or frame[at] == 0 or len(frame) < at + 1 + frame[at]:
+                raise FrameError("frame too short for its node id")
+            try:
+                to = frame[at + 1 : at + 1 + frame[at]].decode("ascii")
+            except UnicodeDecodeError:
+                raise FrameError("node id is not ASCII") from None
+            at += 1 + frame[at]
     elif kind != FROM_CLIENT:
         raise FrameError(f"unknown frame type {kind:#x}")
     size = 16 if flags & _IPV6 else 4
@@ -140,4 +191,6 @@ def decode(frame: bytes) -> FromClient | ToClient:
     payload = frame[at + length :]
     if kind == TO_CLIENT:
         return ToClient(session, epoch, (host, port), payload)
+    if kind == HAND_ON:
+        return HandOn(session, epoch, to, (host, port), payload)
     return FromClient(session, (host, port), payload)

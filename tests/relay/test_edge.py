@@ -288,3 +288,37 @@ def test_the_public_buffer_goes_past_rmem_max_when_allowed_and_warns_when_not(
         assert "rmem_max" not in caplog.text
     else:
         assert granted // 2 <= rmem_max and "raise net.core.rmem_max" in caplog.text
+
+
+def test_an_old_owner_hands_a_late_datagram_on_to_the_new_owner() -> None:
+    edge, routes, _ = make_edge()
+    node_a = edge.tunnels["node-a"] = Sink()
+    node_b = edge.tunnels["node-b"] = Sink()
+    own(routes, SESSION, "node-a", 5)
+    edge.from_client(check(mint_ufrag(SESSION, "node-a", SECRET)), CLIENT)
+    # The session moved to node-b at epoch 9; the watch has not told this relay yet, so a
+    # client packet still reached node-a, which hands it on.
+    late = b"\x80" + bytes(40)
+    edge.from_node("node-a", frames.encode_hand_on(SESSION, 9, "node-b", CLIENT, late))
+    assert [frames.decode(f) for f in node_b.sent] == [frames.FromClient(SESSION, CLIENT, late)]
+    assert edge.counters["handed_on"] == 1
+    # The hand-on advanced the route: the client's next packet goes straight to node-b.
+    edge.from_client(b"\x80" + bytes(41), CLIENT)
+    assert frames.decode(node_b.sent[-1]) == frames.FromClient(SESSION, CLIENT, b"\x80" + bytes(41))
+    assert len(node_a.sent) == 1  # only the first check
+
+
+def test_hand_ons_that_go_backwards_or_elsewhere_are_refused() -> None:
+    edge, routes, _ = make_edge()
+    node_b = edge.tunnels["node-b"] = Sink()
+    edge.tunnels["node-a"] = Sink()
+    own(routes, SESSION, "node-b", 9)
+    edge.from_client(check(mint_ufrag(SESSION, "node-b", SECRET)), CLIENT)
+    sent = len(node_b.sent)
+    # A stale epoch cannot move the session back to node-a ...
+    edge.from_node("node-b", frames.encode_hand_on(SESSION, 5, "node-a", CLIENT, b"x"))
+    # ... a node cannot hand on to itself, nor for an address that did not join the session.
+    edge.from_node("node-b", frames.encode_hand_on(SESSION, 12, "node-b", CLIENT, b"x"))
+    edge.from_node("node-a", frames.encode_hand_on(SESSION, 12, "node-b", ("192.0.2.1", 9), b"x"))
+    assert len(node_b.sent) == sent and edge.counters["handed_on"] == 0
+    assert edge.counters["fenced"] == 2 and edge.counters["unknown_client"] == 1

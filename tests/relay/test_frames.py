@@ -21,6 +21,8 @@ def test_round_trips(client: tuple[str, int]) -> None:
     assert up == FromClient(SESSION, client, payload)
     down = frames.decode(frames.encode_to_client(SESSION, 2**40 + 3, client, payload))
     assert down == ToClient(SESSION, 2**40 + 3, client, payload)
+    on = frames.decode(frames.encode_hand_on(SESSION, 77, "node-b", client, payload))
+    assert on == frames.HandOn(SESSION, 77, "node-b", client, payload)
 
 
 def test_header_is_compact() -> None:

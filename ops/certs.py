@@ -1,7 +1,9 @@
 """``parley certs``: the cluster's trust material, in one directory (``cluster.certs``).
 
-* ``parley certs init --dir DIR`` makes the cluster CA (``ca.pem``, ``ca.key``) and the secret
-  that authenticates the relays' routing hints (``hint.secret``, relay/tunnel/hint.py).
+* ``parley certs init --dir DIR`` makes the cluster CA (``ca.pem``, ``ca.key``), the secret
+  that authenticates the relays' routing hints (``hint.secret``, relay/tunnel/hint.py) and the
+  key that seals session snapshots when sessions move (``cluster.key``,
+  storage/checkpoints.py).
 * ``parley certs issue --dir DIR node|relay ID`` signs a tunnel certificate for one member
   (``node-ID.pem`` / ``.key``); relays and nodes refuse tunnel peers without one.
 
@@ -17,8 +19,9 @@ import secrets
 import sys
 from pathlib import Path
 
-from relay.settings import HINT_SECRET_FILE
+from relay.settings import CLUSTER_KEY_FILE, HINT_SECRET_FILE
 from relay.tunnel.certs import init_ca, issue_files
+from storage.checkpoints import ClusterKey
 
 __all__ = ["init_cluster", "run_certs", "write_hint_secret"]
 
@@ -43,10 +46,21 @@ def write_hint_secret(directory: Path, *, force: bool = False) -> Path:
     return path
 
 
+def write_cluster_key(directory: Path, *, force: bool = False) -> Path:
+    """A new cluster key (seals session snapshots) in ``directory``, mode 0600."""
+    path = Path(directory) / CLUSTER_KEY_FILE
+    ClusterKey.generate().save(path, overwrite=force)
+    return path
+
+
 def init_cluster(directory: Path, *, force: bool = False) -> list[Path]:
-    """The CA and the hint secret; returns the files written."""
+    """The CA, the hint secret and the cluster key; returns the files written."""
     ca = init_ca(Path(directory), force=force)
-    return [ca, write_hint_secret(directory, force=force)]
+    return [
+        ca,
+        write_hint_secret(directory, force=force),
+        write_cluster_key(directory, force=force),
+    ]
 
 
 def run_certs(args: argparse.Namespace) -> int:

@@ -33,10 +33,11 @@ import attrs
 import trio
 
 from ops import children
-from ops.certs import init_cluster
+from ops.certs import init_cluster, write_cluster_key
 from ops.config import Config
 from ops.etcdserver import EtcdServer, EtcdServerError, free_port
 from ops.status import format_status, gather_status
+from relay.settings import CLUSTER_KEY_FILE
 from relay.tunnel.certs import issue_files
 from storage.etcd import EtcdError, open_etcd
 from storage.keys import Keyspace
@@ -167,7 +168,9 @@ class LocalCluster:
         """The CA and hint secret if missing, and a certificate for every member."""
         if not (self.certs / "ca.pem").exists():
             init_cluster(self.certs)
-            self.say(f"certs    made a cluster CA and hint secret in {self.certs}")
+            self.say(f"certs    made a cluster CA, hint secret and cluster key in {self.certs}")
+        if not (self.certs / CLUSTER_KEY_FILE).exists():  # a data dir from before moves
+            write_cluster_key(self.certs)
         for child in self.children:
             role, _, _ = child.name.rpartition("-")
             if not (self.certs / f"{child.name}.pem").exists():

@@ -16,12 +16,22 @@ import attrs
 
 from relay.edge import Limits
 from relay.tunnel.certs import Credentials, Role
+from storage.checkpoints import ClusterKey, ClusterKeyError, Sealer
 
-__all__ = ["HINT_SECRET_FILE", "ClusterSettings", "RelaySettings", "SettingsError"]
+__all__ = [
+    "CLUSTER_KEY_FILE",
+    "HINT_SECRET_FILE",
+    "ClusterSettings",
+    "RelaySettings",
+    "SettingsError",
+]
 
 #: in ``cluster.certs``: the secret that authenticates the relays' routing hints, hex, one per
 #: line, current first (more than one while rotating)
 HINT_SECRET_FILE = "hint.secret"
+#: in ``cluster.certs``: the AES-256-GCM key that seals session checkpoints and move snapshots
+#: (storage/checkpoints.py); ``cluster.key.old`` may hold the previous one while rotating
+CLUSTER_KEY_FILE = "cluster.key"
 _LIMITS = Limits()
 
 
@@ -56,6 +66,20 @@ class ClusterSettings:
             raise SettingsError(
                 f"{exc} (`parley certs issue --dir {directory} {role} {ident}` makes one)"
             ) from None
+
+    def sealer(self) -> Sealer:
+        """Seals and opens session snapshots with the cluster key(s) in ``certs``."""
+        directory = self.certs_dir()
+        keys = []
+        for name in (CLUSTER_KEY_FILE, CLUSTER_KEY_FILE + ".old"):
+            path = directory / name
+            if name != CLUSTER_KEY_FILE and not path.exists():
+                continue
+            try:
+                keys.append(ClusterKey.load(path))
+            except ClusterKeyError as exc:
+                raise SettingsError(f"{exc} (`parley certs init` makes one)") from None
+        return Sealer(keys)
 
     def hint_secrets(self) -> list[bytes]:
         """The cluster's hint secrets, current first, from ``certs``/hint.secret."""

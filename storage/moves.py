@@ -46,7 +46,7 @@ from storage.etcd import (
     op_put,
 )
 from storage.keys import Keyspace, check_name
-from storage.ownership import BadOwnershipValue, Ownership, decode_ownership
+from storage.ownership import BadOwnershipValue, Ownership, decode_ownership, encode_ownership
 
 log = logging.getLogger("parley.moves")
 
@@ -109,6 +109,8 @@ class Move:
     new_epoch: int = 0
     #: wall-clock time the source quiesced the session (``ready``): blackout starts there
     quiesced_at: float = 0.0
+    #: the owner record's control hash, carried to the new owner record
+    control: str = ""
 
     def advance(self, state: MoveState, **changes: Any) -> Move:
         """This move in ``state``; raises ValueError for a transition the table forbids."""
@@ -138,6 +140,7 @@ class Move:
                 reason=str(value.get("reason", "")),
                 new_epoch=int(value.get("new_epoch", 0)),
                 quiesced_at=float(value.get("quiesced_at", 0.0)),
+                control=str(value.get("control", "")),
             )
         except (ValueError, TypeError, KeyError) as exc:
             raise BadMoveValue(f"bad move value for {session!r}: {exc}") from None
@@ -147,11 +150,6 @@ class Move:
             # written in the same transaction as the owner key: its revision is the new epoch
             move = attrs.evolve(move, new_epoch=kv.mod_revision)
         return move
-
-
-def _owner_value(node: str, lease: int) -> bytes:
-    # The same encoding as storage.ownership: the owner key is one format whoever writes it.
-    return json.dumps({"node": node, "lease": lease}, separators=(",", ":")).encode()
 
 
 @final
@@ -241,6 +239,7 @@ class Moves:
             state="requested",
             id=uuid.uuid4().hex[:12],
             requested_at=time.time(),
+            control=owner.control,
         )
         # On the source's lease: if the source dies the request goes with it (crash failover
         # then decides where the session goes).
@@ -279,7 +278,7 @@ class Moves:
         result = await self.etcd.txn(
             [cmp_mod_revision(owner_key, move.epoch), cmp_mod_revision(move_key, move.revision)],
             [
-                op_put(owner_key, _owner_value(move.target, lease), lease=lease),
+                op_put(owner_key, encode_ownership(move.target, lease, move.control), lease=lease),
                 # The move key follows the target's lease now: the source may be gone soon.
                 op_put(move_key, pending.encode(), lease=lease),
             ],

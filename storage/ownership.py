@@ -74,6 +74,9 @@ class Ownership:
     node: str
     epoch: int
     lease: int
+    #: SHA-256 (hex) of the session's control secret: who knows the secret may attach to the
+    #: session or end it from any node. Only the hash is stored; the secret is the client's.
+    control: str = ""
 
 
 @final
@@ -87,19 +90,28 @@ class OwnershipChange:
     revision: int
 
 
-def _encode(node: str, lease: int) -> bytes:
-    return json.dumps({"node": node, "lease": lease}, separators=(",", ":")).encode()
+def encode_ownership(node: str, lease: int, control: str = "") -> bytes:
+    """An owner key's value (every writer of owner keys uses this one encoding)."""
+    value: dict[str, Any] = {"node": node, "lease": lease}
+    if control:
+        value["control"] = control
+    return json.dumps(value, separators=(",", ":")).encode()
 
 
 def decode_ownership(session: str, kv: KeyValue) -> Ownership:
     try:
         value: Any = json.loads(kv.value)
         node = value["node"]
+        control = value.get("control", "")
         if not isinstance(node, str) or not node:
             raise TypeError("node must be a non-empty string")
-    except (ValueError, TypeError, KeyError) as exc:
+        if not isinstance(control, str):
+            raise TypeError("control must be a string")
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise BadOwnershipValue(f"bad ownership value for {session!r}: {exc}") from None
-    return Ownership(session=session, node=node, epoch=kv.mod_revision, lease=kv.lease)
+    return Ownership(
+        session=session, node=node, epoch=kv.mod_revision, lease=kv.lease, control=control
+    )
 
 
 @final
@@ -124,12 +136,14 @@ class Owners:
             log.warning("%s", exc)
             return None
 
-    async def claim(self, session: str, node: str, lease: int) -> int:
-        """Become the owner of an unowned session; returns the epoch. Raises AlreadyOwned."""
+    async def claim(self, session: str, node: str, lease: int, *, control: str = "") -> int:
+        """Become the owner of an unowned session; returns the epoch. Raises AlreadyOwned.
+
+        ``control``: the hash of the session's control secret, kept with the owner record."""
         key = self.keys.owner(session)
         result = await self.etcd.txn(
             [cmp_create_revision(key, 0)],
-            [op_put(key, _encode(node, lease), lease=lease)],
+            [op_put(key, encode_ownership(node, lease, control), lease=lease)],
             [op_get(key)],
         )
         if result.succeeded:
@@ -138,12 +152,14 @@ class Owners:
         current = result.ranges[0][0] if result.ranges and result.ranges[0] else None
         raise AlreadyOwned(self._decode(current) if current else None)
 
-    async def transfer(self, session: str, epoch: int, to_node: str, to_lease: int) -> int:
+    async def transfer(
+        self, session: str, epoch: int, to_node: str, to_lease: int, *, control: str = ""
+    ) -> int:
         """Move ownership to ``to_node`` if ``epoch`` is still current; returns the new epoch."""
         key = self.keys.owner(session)
         result = await self.etcd.txn(
             [cmp_mod_revision(key, epoch)],
-            [op_put(key, _encode(to_node, to_lease), lease=to_lease)],
+            [op_put(key, encode_ownership(to_node, to_lease, control), lease=to_lease)],
             [op_get(key)],
         )
         if result.succeeded:

@@ -23,7 +23,7 @@ async def owned(etcd: Etcd, keys: Keyspace, session: str = "s1") -> tuple[int, i
     """``session`` owned by node a; returns (epoch, a's lease, b's lease)."""
     lease_a, _ = await etcd.lease_grant(30)
     lease_b, _ = await etcd.lease_grant(30)
-    epoch = await Owners(etcd, keys).claim(session, "a", lease_a)
+    epoch = await Owners(etcd, keys).claim(session, "a", lease_a, control="c0ffee")
     return epoch, lease_a, lease_b
 
 
@@ -42,6 +42,7 @@ async def test_a_move_goes_requested_ready_done_and_ownership_follows(
     done = await moves.take(ready, lease_b)
     owner = await owners.owner_of("s1")
     assert owner is not None and owner.node == "b" and owner.lease == lease_b
+    assert owner.control == "c0ffee"  # the session's control secret still opens it
     assert done.new_epoch == owner.epoch > epoch
     # A reader (the source, watching) learns the new epoch from the stored move too.
     stored = await moves.get("s1")

@@ -111,6 +111,8 @@ class Move:
     quiesced_at: float = 0.0
     #: the owner record's control hash, carried to the new owner record
     control: str = ""
+    #: how many times the session has moved, this move included (written by the source)
+    moves: int = 0
 
     def advance(self, state: MoveState, **changes: Any) -> Move:
         """This move in ``state``; raises ValueError for a transition the table forbids."""
@@ -141,6 +143,7 @@ class Move:
                 new_epoch=int(value.get("new_epoch", 0)),
                 quiesced_at=float(value.get("quiesced_at", 0.0)),
                 control=str(value.get("control", "")),
+                moves=int(value.get("moves", 0)),
             )
         except (ValueError, TypeError, KeyError) as exc:
             raise BadMoveValue(f"bad move value for {session!r}: {exc}") from None
@@ -256,9 +259,12 @@ class Moves:
             raise MoveInProgress(found)
         raise StaleMove(f"session {session} changed owner while the move was requested; retry")
 
-    async def ready(self, move: Move, checkpoint: bytes, *, quiesced_at: float) -> Move:
-        """Source: the session is quiesced and ``checkpoint`` (sealed) is its exact state."""
-        ready = move.advance("ready", quiesced_at=quiesced_at)
+    async def ready(
+        self, move: Move, checkpoint: bytes, *, quiesced_at: float, moves: int = 0
+    ) -> Move:
+        """Source: the session is quiesced and ``checkpoint`` (sealed) is its exact state;
+        ``moves``: how many times the session will have moved."""
+        ready = move.advance("ready", quiesced_at=quiesced_at, moves=moves)
         owner_key, move_key = self.keys.owner(move.session), self.keys.move(move.session)
         result = await self.etcd.txn(
             [cmp_mod_revision(owner_key, move.epoch), cmp_mod_revision(move_key, move.revision)],

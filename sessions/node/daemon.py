@@ -32,7 +32,7 @@ from storage.etcd import Etcd, EtcdError, open_etcd
 from storage.keys import Keyspace, check_name
 from storage.lease import Lease, LeaseKeeper
 from storage.members import Members, NodeInfo, NodeState
-from storage.ownership import Owners
+from storage.ownership import Owners, Ownership
 
 log = logging.getLogger("parley.node")
 
@@ -73,6 +73,27 @@ class HostedSession:
     epoch: int
     lease: int
     started_at: float
+    #: the hash of the session's control secret (also in its owner record)
+    control: str = ""
+    #: times this session moved between nodes, and the last move's blackout
+    moves: int = 0
+    last_blackout_ms: float | None = None
+
+
+class Mover(Protocol):
+    """Moves sessions between nodes (sessions/node/moves.py); one per lease generation."""
+
+    async def run(self, lease: Lease, *, task_status: trio.TaskStatus[None]) -> None:
+        """Give and take moves for as long as ``lease`` lives."""
+
+    async def drain(self, within: float) -> int:
+        """Move every session elsewhere (bounded); returns how many did not move."""
+
+
+#: makes the node's :class:`Mover` for a lease generation (None: this node does not move sessions)
+MoverFactory = Callable[["Node", Lease], "Mover | None"]
+#: how long a stopping node tries to move its sessions to other nodes before ending the rest
+DRAIN_WITHIN = 10.0
 
 
 @final
@@ -94,12 +115,17 @@ class Node:
         self.lease_generations = 0
         self._frontend = frontend
         self._clients: SessionFrontend | None = None
+        #: set by the frontend when this node can move sessions (relay mode, a cluster key)
+        self.make_mover: MoverFactory | None = None
+        self._mover: Mover | None = None
         #: per-session stats, published for `parley status` (set by the frontend)
         self.stats_source: Callable[[], Awaitable[dict[str, dict[str, Any]]]] | None = None
         #: the media path's counters, published with the node's record
         self.counters_source: Callable[[], dict[str, int]] | None = None
         self._stop_requested = trio.Event()
         self._load_changed = trio.Event()
+        #: woken whenever a session arrives or leaves (see :meth:`_changed`)
+        self.sessions_changed = trio.lowlevel.ParkingLot()
         self._lease: Lease | None = None
         self._supervisor: Supervisor | None = None
         self._reported = False
@@ -127,7 +153,60 @@ class Node:
         hosted = self.sessions.get(session)
         return None if hosted is None else hosted.epoch
 
-    async def host_session(self, session: str, factory: Callable[[], Actor]) -> int:
+    def _changed(self) -> None:
+        self._load_changed.set()
+        self.sessions_changed.unpark_all()
+
+    def begin_drain(self) -> None:
+        """Take no new sessions (``parley drain``); the registration says ``draining``."""
+        self.state = "draining"
+        self._changed()
+
+    async def owner_of(self, session: str) -> Ownership | None:
+        """Who owns ``session`` now, as etcd says."""
+        if self._owners is None:
+            return None
+        return await self._owners.owner_of(session)
+
+    def active(self) -> bool:
+        """Taking new sessions (not draining or stopping)."""
+        return self.state == "active" and not self._stop_requested.is_set()
+
+    def has_room(self) -> bool:
+        return len(self.sessions) < self.config.node.capacity
+
+    async def adopt_session(
+        self,
+        session: str,
+        epoch: int,
+        factory: Callable[[], Actor],
+        *,
+        control: str = "",
+        moves: int = 0,
+        blackout_ms: float | None = None,
+    ) -> None:
+        """Start the actor of a session this node already owns at ``epoch`` (it moved here:
+        ownership was taken by the move's compare-and-swap, not by a claim)."""
+        lease, supervisor = self._lease, self._supervisor
+        if lease is None or supervisor is None or lease.lost.is_set():
+            raise NodeRefused("no_lease", f"node {self.id} holds no live lease")
+        await supervisor.start_child(ChildSpec(session, factory, restart=Restart.TRANSIENT))
+        self.sessions[session] = HostedSession(
+            session, epoch, lease.id, time.time(), control, moves, blackout_ms
+        )
+        self._changed()
+
+    async def give_up_session(self, session: str) -> None:
+        """Stop a session's actor that now lives on another node: no release (not ours)."""
+        hosted = self.sessions.pop(session, None)
+        supervisor = self._supervisor
+        if hosted is not None and supervisor is not None and session in supervisor.child_names():
+            await supervisor.stop_child(session)
+        self._changed()
+
+    async def host_session(
+        self, session: str, factory: Callable[[], Actor], *, control: str = ""
+    ) -> int:
         """Claim ``session`` for this node and start its actor; returns the epoch.
 
         Raises :class:`NodeRefused` (``node_draining``, ``node_over_capacity``, ``no_lease``) or
@@ -141,15 +220,15 @@ class Node:
         lease, supervisor, owners = self._lease, self._supervisor, self._owners
         if lease is None or supervisor is None or owners is None or lease.lost.is_set():
             raise NodeRefused("no_lease", f"node {self.id} holds no live lease")
-        epoch = await owners.claim(session, self.id, lease.id)
+        epoch = await owners.claim(session, self.id, lease.id, control=control)
         try:
             await supervisor.start_child(ChildSpec(session, factory, restart=Restart.TRANSIENT))
         except BaseException:
             with trio.CancelScope(shield=True), trio.move_on_after(self._rpc_timeout()):
                 await owners.release(session, epoch)
             raise
-        self.sessions[session] = HostedSession(session, epoch, lease.id, time.time())
-        self._load_changed.set()
+        self.sessions[session] = HostedSession(session, epoch, lease.id, time.time(), control)
+        self._changed()
         log.info("session hosted", extra={"session": session, "epoch": epoch})
         return epoch
 
@@ -168,7 +247,7 @@ class Node:
             else:
                 if not released:
                     log.warning("session was no longer ours", extra={"session": session})
-        self._load_changed.set()
+        self._changed()
         log.info("session ended", extra={"session": session})
 
     def info(self) -> NodeInfo:
@@ -272,10 +351,14 @@ class Node:
                 task_status.started(self)
             nursery.start_soon(self._report_load, lease)
             nursery.start_soon(self._publish_stats, lease)
+            self._mover = self.make_mover(self, lease) if self.make_mover is not None else None
+            if self._mover is not None:
+                await nursery.start(self._mover.run, lease)
             await self._stop_requested.wait()
             await self._drain(lease)
             nursery.cancel_scope.cancel()
         self._supervisor = None
+        self._mover = None
 
     async def _register(self, lease: Lease) -> None:
         """Publish this node under ``lease``, retrying while etcd is unreachable.
@@ -329,6 +412,11 @@ class Node:
             await self._members.register_node(self.info(), lease.id)
         except EtcdError as exc:
             log.warning("could not publish draining state", extra={"error": str(exc)})
+        # Sessions move to other nodes when there are any (SIGTERM from an orchestrator, a
+        # redeploy: calls go on); whatever could not move stops below.
+        if self._mover is not None and self.sessions:
+            left = await self._mover.drain(DRAIN_WITHIN)
+            log.info("node drained", extra={"node": self.id, "not_moved": left})
         # Stop in reverse order of arrival, like a supervisor stops its children; each client
         # hears why before its session goes.
         for session in reversed(list(self.sessions)):

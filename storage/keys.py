@@ -58,6 +58,16 @@ class Keyspace:
         return self._tail(self.moves_prefix, key)
 
     @property
+    def ends_prefix(self) -> str:
+        return f"{self.prefix}/ends/"
+
+    def end(self, session: str) -> str:
+        return self.ends_prefix + check_name("session", session)
+
+    def session_of_end_key(self, key: bytes) -> str | None:
+        return self._tail(self.ends_prefix, key)
+
+    @property
     def drains_prefix(self) -> str:
         return f"{self.prefix}/drains/"
 

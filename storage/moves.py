@@ -350,3 +350,53 @@ class Moves:
                 yield requested
             finally:
                 nursery.cancel_scope.cancel()
+
+    # -- ending a session from another node -------------------------------------------------------
+
+    async def request_end(self, session: str) -> Ownership | None:
+        """Ask the session's owner to end it (a client's DELETE reached another node). On the
+        owner's lease; returns the owner asked, or None if the session has no owner."""
+        owner_key, key = self.keys.owner(session), self.keys.end(session)
+        kv = await self.etcd.get(owner_key)
+        if kv is None:
+            return None
+        try:
+            owner = decode_ownership(session, kv)
+        except BadOwnershipValue:
+            return None
+        value = json.dumps({"requested_at": time.time()}).encode()
+        result = await self.etcd.txn(
+            [cmp_mod_revision(owner_key, owner.epoch)], [op_put(key, value, lease=owner.lease)]
+        )
+        return owner if result.succeeded else None
+
+    async def clear_end(self, session: str) -> None:
+        await self.etcd.delete(self.keys.end(session))
+
+    @asynccontextmanager
+    async def watch_ends(self) -> AsyncIterator[trio.MemoryReceiveChannel[str]]:
+        """Sessions whose end was requested, from now on (and those already requested)."""
+        send, receive = trio.open_memory_channel[str](1024)
+
+        async def pump(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            with send:
+                kvs, revision = await self.etcd.get_prefix(self.keys.ends_prefix)
+                async with self.etcd.watch_prefix(
+                    self.keys.ends_prefix, start_revision=revision + 1
+                ) as batches:
+                    task_status.started()
+                    for kv in kvs:
+                        if (session := self.keys.session_of_end_key(kv.key)) is not None:
+                            await send.send(session)
+                    async for batch in batches:
+                        for event in batch:
+                            session = self.keys.session_of_end_key(event.kv.key)
+                            if event.kind == "put" and session is not None:
+                                await send.send(session)
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pump)
+            try:
+                yield receive
+            finally:
+                nursery.cancel_scope.cancel()

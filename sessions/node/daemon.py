@@ -144,6 +144,11 @@ class Node:
         return self._lease
 
     @property
+    def etcd(self) -> Etcd | None:
+        """The node's etcd client, once connected."""
+        return self._etcd
+
+    @property
     def members(self) -> Members | None:
         """The cluster registry, once the node is connected to etcd."""
         return self._members

@@ -12,6 +12,9 @@ snapshot instead of from zero.
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import hmac
 import logging
 import secrets
 from collections.abc import Callable
@@ -27,13 +30,15 @@ from sessions.node.media import MediaPort
 from sessions.node.pages import HTML, echo_page
 from sessions.node.relayed import RelayedMedia
 from sessions.node.settings import NodeSetup
-from sessions.node.signaling import SessionHandle, SignalingRefused, SignalingServer
+from sessions.node.signaling import Redirect, SessionHandle, SignalingRefused, SignalingServer
 from sessions.ports import PacketPath
 from sessions.session import SessionActor
 from sessions.transceiver import SessionSnapshot, Transceiver
 from sessions.turns import TurnConfig
 from sessions.webrtc.certs import Certificate, generate_certificate
-from storage.ownership import AlreadyOwned
+from storage.etcd import EtcdError
+from storage.moves import Moves
+from storage.ownership import AlreadyOwned, Ownership
 
 log = logging.getLogger("parley.host")
 
@@ -43,6 +48,8 @@ EVENT_BUFFER = 64
 GOING_AWAY = 1001
 #: how long a stopping node waits for signaling to deliver its sessions' last events
 WIND_DOWN = 2.0
+#: how long a DELETE that reached another node waits for the owner to end the session
+REMOTE_END_WITHIN = 3.0
 
 
 def make_agent(config: NodeSetup, session_id: str) -> Agent:
@@ -66,6 +73,18 @@ def turn_config(config: NodeSetup) -> TurnConfig:
         end_silence_ms=turns.end_silence_ms,
         padding_ms=turns.padding_ms,
     )
+
+
+def control_hash(secret: str) -> str:
+    """What the owner record keeps of a session's control secret (SHA-256, hex): enough for any
+    node to check a client's secret, useless to whoever reads etcd."""
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+def check_secret(secret: str, control: str) -> None:
+    """Raise ``forbidden`` unless ``secret`` is the session's (constant-time comparison)."""
+    if not control or not hmac.compare_digest(control_hash(secret), control):
+        raise SignalingRefused("forbidden", "not this session's secret")
 
 
 def new_session_id() -> str:
@@ -141,8 +160,9 @@ class NodeSessions:
                 turn_config=turn_config(self.node.config),
             )
 
+        secret = secrets.token_urlsafe(32)
         try:
-            await self.node.host_session(session_id, factory)
+            await self.node.host_session(session_id, factory, control=control_hash(secret))
         except NodeRefused as exc:
             self._forget(session_id)
             raise SignalingRefused(exc.code, str(exc)) from None
@@ -153,7 +173,78 @@ class NodeSessions:
             self._forget(session_id)
             raise
         log.info("session opened", extra={"session": session_id, "transport": transport})
-        return SessionHandle(session_id=session_id, answer_sdp=answer, events=events)
+        return SessionHandle(session_id=session_id, answer_sdp=answer, events=events, secret=secret)
+
+    # -- session control from any node (the client's secret) ---------------------------------
+
+    async def attach_session(self, session_id: str, secret: str) -> SessionHandle | Redirect:
+        """A new signaling socket for a live session: its events from now on if it runs here, a
+        redirect to the node that runs it otherwise."""
+        hosted = self.node.sessions.get(session_id)
+        if hosted is not None:
+            check_secret(secret, hosted.control)
+            previous = self._events.pop(session_id, None)
+            if previous is not None:  # one socket per session: the newest wins
+                with contextlib.suppress(trio.WouldBlock, trio.ClosedResourceError):
+                    previous.send_nowait({"event": "session_attached_elsewhere"})
+                previous.close()
+            send_events, events = trio.open_memory_channel[dict[str, Any]](EVENT_BUFFER)
+            self._events[session_id] = send_events
+            log.info("session attached", extra={"session": session_id})
+            return SessionHandle(session_id=session_id, answer_sdp="", events=events, secret=secret)
+        owner = await self._owner(session_id)
+        check_secret(secret, owner.control)
+        url = await self._signaling_url(owner.node)
+        if url is None:
+            raise SignalingRefused("internal", f"node {owner.node} publishes no signaling URL")
+        return Redirect(node=owner.node, url=url)
+
+    async def end_session_by_secret(self, session_id: str, secret: str) -> bool:
+        """WHIP DELETE on any node: end the session wherever it runs (True once it is gone)."""
+        hosted = self.node.sessions.get(session_id)
+        if hosted is not None:
+            check_secret(secret, hosted.control)
+            return await self.close_session(session_id, "deleted")
+        owner = await self._owner(session_id)
+        check_secret(secret, owner.control)
+        etcd = self.node.etcd
+        if etcd is None:
+            raise SignalingRefused("no_lease", f"node {self.node.id} is not connected to etcd")
+        moves = Moves(etcd, self.node.keys)
+        try:
+            if await moves.request_end(session_id) is None:
+                return False
+            # The owner watches end requests; its release removes the owner key.
+            for _ in range(int(REMOTE_END_WITHIN / 0.05)):
+                if await self.node.owner_of(session_id) is None:
+                    return True
+                await trio.sleep(0.05)
+        except EtcdError as exc:
+            raise SignalingRefused("internal", f"etcd did not answer: {exc}") from None
+        raise SignalingRefused("timeout", f"node {owner.node} did not end the session in time")
+
+    async def end_requested(self, session_id: str) -> None:
+        """A client's DELETE reached another node: end the session here."""
+        await self.close_session(session_id, "deleted")
+
+    async def _owner(self, session_id: str) -> Ownership:
+        try:
+            owner = await self.node.owner_of(session_id)
+        except EtcdError as exc:
+            raise SignalingRefused("internal", f"etcd did not answer: {exc}") from None
+        if owner is None:
+            raise SignalingRefused("unknown_session", f"no live session {session_id}")
+        return owner
+
+    async def _signaling_url(self, node_id: str) -> str | None:
+        members = self.node.members
+        if members is None:
+            return None
+        try:
+            member = await members.node(node_id)
+        except EtcdError:
+            return None
+        return None if member is None else member.info.addresses.get("signaling")
 
     async def stop_session(self, session_id: str, code: str, reason: str) -> None:
         """The node ends this session (it is stopping): the client hears why first, and its

@@ -86,6 +86,9 @@ class MoveHost(Protocol):
     def discard(self, session: str) -> None:
         """Undo :meth:`restore` (the move did not happen)."""
 
+    async def end_requested(self, session: str) -> None:
+        """A client asked another node to end this session (WHIP DELETE with its secret)."""
+
 
 @final
 class NodeMover:
@@ -134,6 +137,7 @@ class NodeMover:
             for move in pending:
                 self._dispatch(move)
             nursery.start_soon(self._drain_on_request)
+            nursery.start_soon(self._end_on_request)
             task_status.started()
             async for change in changes:
                 self._dispatch(change)
@@ -339,6 +343,14 @@ class NodeMover:
             },
         )
         await self.moves.clear(done)
+
+    async def _end_on_request(self) -> None:
+        """End the sessions here whose end a client asked another node for."""
+        async with self.moves.watch_ends() as ends:
+            async for session in ends:
+                if session in self.node.sessions:
+                    await self.host.end_requested(session)
+                    await self.moves.clear_end(session)
 
     # -- draining ------------------------------------------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import secrets
 from collections.abc import AsyncIterator, Mapping, Sequence
 from typing import Any, Literal
 
@@ -18,13 +19,16 @@ from hypothesis import strategies as st
 
 from sessions.node.signaling import (
     ClientMessageError,
+    Redirect,
     SessionHandle,
     SignalingLimits,
     SignalingRefused,
     SignalingServer,
     parse_client_message,
 )
-from sessions.webrtc.errors import SdpError
+from sessions.node.signaling.messages import is_control_token
+from sessions.node.signaling.websocket import TRANSITIONS, SocketPhase, _SessionState
+from sessions.webrtc.errors import SdpError, StateTransitionError
 from tests.helpers import eventually
 
 FAST = SignalingLimits(request_timeout=2.0, close_timeout=1.0, send_timeout=2.0)
@@ -37,17 +41,25 @@ KNOWN_CODES = {
     "node_over_capacity",
     "internal",
     "timeout",
+    "forbidden",
+    "unknown_session",
 }
 
 
 class FakeBackend:
     """Answers offers by their text: ``sdp-error CODE``, ``refuse CODE`` and ``boom`` fail;
-    ``early`` queues an event before the answer; anything else opens session ``s<n>``."""
+    ``early`` queues an event before the answer; anything else opens session ``s<n>``.
+
+    A live session is one in ``senders``; its secret is in ``secrets``. Sessions in
+    ``elsewhere`` are owned by another node (attaching to them is redirected)."""
 
     def __init__(self) -> None:
         self.opened: list[tuple[str, str]] = []
         self.closed: list[tuple[str, str]] = []
         self.senders: dict[str, trio.MemorySendChannel[dict[str, object]]] = {}
+        self.secrets: dict[str, str] = {}
+        self.elsewhere: dict[str, Redirect] = {}
+        self.attached: list[str] = []
         self._count = 0
         self._closed_changed = trio.Event()
 
@@ -67,9 +79,51 @@ class FakeBackend:
         session_id = f"s{self._count}"
         send, receive = trio.open_memory_channel[dict[str, object]](16)
         self.senders[session_id] = send
+        self.secrets[session_id] = secrets.token_urlsafe(32)
         if word == "early":
             send.send_nowait({"event": "early"})
-        return SessionHandle(session_id, f"answer to {offer_sdp}", receive)
+        answer = f"answer to {offer_sdp}"
+        return SessionHandle(session_id, answer, receive, self.secrets[session_id])
+
+    def _check(self, session_id: str, secret: str) -> None:
+        if session_id not in self.senders and session_id not in self.elsewhere:
+            raise SignalingRefused("unknown_session", "no such session")
+        if secret != self.secrets.get(session_id):
+            raise SignalingRefused("forbidden", "wrong secret")
+
+    async def attach_session(self, session_id: str, secret: str) -> SessionHandle | Redirect:
+        await trio.lowlevel.checkpoint()
+        self._check(session_id, secret)
+        if session_id in self.elsewhere:
+            return self.elsewhere[session_id]
+        old = self.senders[session_id]
+        with contextlib.suppress(
+            trio.BrokenResourceError, trio.ClosedResourceError, trio.WouldBlock
+        ):
+            old.send_nowait({"event": "session_attached_elsewhere"})
+        old.close()
+        send, receive = trio.open_memory_channel[dict[str, object]](16)
+        self.senders[session_id] = send
+        self.attached.append(session_id)
+        return SessionHandle(session_id, "", receive, secret)
+
+    async def end_session_by_secret(self, session_id: str, secret: str) -> bool:
+        await trio.lowlevel.checkpoint()
+        self._check(session_id, secret)
+        return await self.close_session(session_id, "whip delete")
+
+    def move(self, session_id: str, close_code: int | None = 4001) -> None:
+        """The session moves to node B: its socket hears where, then its channel closes."""
+        sender = self.senders[session_id]
+        moved: dict[str, object] = {
+            "event": "session_moved",
+            "node": "B",
+            "url": "ws://b.example:7000/v1/session",
+        }
+        if close_code is not None:
+            moved["close_code"] = close_code
+        sender.send_nowait(moved)
+        sender.close()
 
     async def close_session(self, session_id: str, reason: str) -> bool:
         await trio.lowlevel.checkpoint()
@@ -148,10 +202,24 @@ async def request(ws: trio_websocket.WebSocketConnection, message: Any) -> dict[
 
 async def offer(ws: trio_websocket.WebSocketConnection, sdp: str = "v=0 ok") -> str:
     answer = await request(ws, {"type": "offer", "sdp": sdp})
-    assert answer == {"type": "answer", "sdp": f"answer to {sdp}", "session": answer["session"]}
+    assert answer == {
+        "type": "answer",
+        "sdp": f"answer to {sdp}",
+        "session": answer["session"],
+        "secret": answer["secret"],
+    }
     session = answer["session"]
     assert isinstance(session, str)
+    # issue #15: the secret is long, URL-safe, and never in the SDP
+    assert is_control_token(answer["secret"]) and len(answer["secret"]) >= 32
+    assert answer["secret"] not in answer["sdp"]
     return session
+
+
+async def attach(
+    ws: trio_websocket.WebSocketConnection, session: str, secret: str
+) -> dict[str, Any]:
+    return await request(ws, {"type": "attach", "session": session, "secret": secret})
 
 
 async def closed_code(ws: trio_websocket.WebSocketConnection) -> int:
@@ -444,6 +512,15 @@ CLIENT_ERRORS: list[tuple[str | bytes, str]] = [
     ('{"type": "offer", "sdp": ""}', "bad_message"),
     ('{"type": "offer", "sdp": 7}', "bad_message"),
     (json.dumps({"type": "offer", "sdp": "v=0 " + "a" * 100_000}), "bad_message"),
+    ('{"type": "attach"}', "bad_message"),
+    ('{"type": "attach", "session": "s1"}', "bad_message"),
+    ('{"type": "attach", "secret": "x"}', "bad_message"),
+    ('{"type": "attach", "session": "s1", "secret": 7}', "bad_message"),
+    ('{"type": "attach", "session": ["s1"], "secret": "x"}', "bad_message"),
+    ('{"type": "attach", "session": "", "secret": "x"}', "bad_message"),
+    ('{"type": "attach", "session": "s1", "secret": "a/b"}', "bad_message"),
+    ('{"type": "attach", "session": "s 1", "secret": "x"}', "bad_message"),
+    (json.dumps({"type": "attach", "session": "s1", "secret": "x" * 129}), "bad_message"),
 ]
 
 
@@ -500,6 +577,243 @@ async def test_second_offer_is_refused(server: SignalingServer, backend: FakeBac
         await backend.senders[session].send({"event": "still_alive"})
         assert (await receive(ws))["event"] == "still_alive"
     assert len(backend.opened) == 1
+
+
+# -- attach, moves -------------------------------------------------------------------------------
+
+
+async def test_attach_takes_the_session_over(server: SignalingServer, backend: FakeBackend) -> None:
+    async with ws_open(server) as old:
+        session = await offer(old)
+        async with ws_open(server) as new:
+            reply = await attach(new, session, backend.secrets[session])
+            assert reply == {"type": "attached", "session": session}
+            # the old socket hears why, and closes with 4003 (not a re-attach code)
+            told = await receive(old)
+            assert told["event"] == "session_attached_elsewhere"
+            assert "close_code" not in told
+            assert await closed_code(old) == 4003
+            await trio.sleep(0.05)
+            assert backend.closed == []  # the old socket's close did not end the session
+            await backend.senders[session].send({"event": "later", "n": 1})
+            assert (await receive(new))["event"] == "later"
+            assert await request(new, {"type": "ping"}) == {"type": "pong"}
+        # the attached socket is the session's life line, as the first one was
+        assert await backend.wait_closed(session) == "signaling closed"
+    assert server.counters["attached"] == 1
+    assert server.counters["sessions_handed_over"] == 1
+
+
+async def test_bye_on_an_attached_socket_ends_the_session(
+    server: SignalingServer, backend: FakeBackend
+) -> None:
+    async with ws_open(server) as old:
+        session = await offer(old)
+        async with ws_open(server) as new:
+            await attach(new, session, backend.secrets[session])
+            await send(new, {"type": "bye"})
+            assert await closed_code(new) == 1000
+    assert await backend.wait_closed(session) == "bye"
+    assert len(backend.closed) == 1
+
+
+async def test_an_old_socket_closing_at_once_leaves_the_session(
+    server: SignalingServer, backend: FakeBackend
+) -> None:
+    async with ws_open(server) as new:
+        async with ws_open(server) as old:
+            session = await offer(old)
+            assert (await attach(new, session, backend.secrets[session]))["type"] == "attached"
+        # the old socket is gone before it could read session_attached_elsewhere
+        await trio.sleep(0.1)
+        assert backend.closed == []
+        await backend.senders[session].send({"event": "still_here"})
+        assert (await receive(new))["event"] == "still_here"
+
+
+async def test_a_stuck_old_socket_leaves_the_session_to_the_new_one(
+    nursery: trio.Nursery, backend: FakeBackend
+) -> None:
+    server = await start(nursery, backend, attrs.evolve(FAST, send_timeout=30))
+    async with ws_open(server) as new:
+        async with trio.open_nursery() as client:  # its reader task dies with it
+            url = server.urls()["signaling"]
+            old = await trio_websocket.connect_websocket_url(client, url)
+            session = await offer(old)
+            sender = backend.senders[session]
+            # the old client stops reading: its forwarder blocks in a send, the channel fills
+            with trio.move_on_after(1):
+                while True:
+                    await sender.send({"event": "flood", "pad": "x" * 60_000})
+            assert (await attach(new, session, backend.secrets[session]))["type"] == "attached"
+            await old._stream.aclose()  # then its network goes, before it heard of the attach
+            await trio.sleep(0.2)
+            client.cancel_scope.cancel()
+        # the backend had let go of the old socket: its loss does not end the session
+        assert backend.closed == []
+        await backend.senders[session].send({"event": "still_here"})
+        assert (await receive(new))["event"] == "still_here"
+
+
+async def test_attach_to_another_nodes_session_is_redirected(
+    server: SignalingServer, backend: FakeBackend
+) -> None:
+    backend.secrets["far"] = secret = secrets.token_urlsafe(32)
+    backend.elsewhere["far"] = Redirect("B", "ws://b.example:7000/v1/session")
+    async with ws_open(server) as ws:
+        reply = await attach(ws, "far", secret)
+        assert reply == {"type": "redirect", "node": "B", "url": "ws://b.example:7000/v1/session"}
+        assert await closed_code(ws) == 1000
+    assert server.counters["redirects"] == 1
+    assert backend.closed == []
+
+
+@pytest.mark.parametrize(
+    ("session", "secret", "code"),
+    [
+        ("s1", "wrong", "forbidden"),
+        ("s1", None, "forbidden"),  # another session's secret
+        ("s9", None, "unknown_session"),
+    ],
+)
+async def test_attach_refusals(
+    server: SignalingServer,
+    backend: FakeBackend,
+    session: str,
+    secret: str | None,
+    code: str,
+) -> None:
+    async with ws_open(server) as first, ws_open(server) as second, ws_open(server) as thief:
+        await offer(first)
+        await offer(second)
+        error = await attach(thief, session, secret or backend.secrets["s2"])
+        assert error["type"] == "error"
+        assert error["code"] == code
+        assert await request(thief, {"type": "ping"}) == {"type": "pong"}  # the socket lives on
+        await backend.senders["s1"].send({"event": "untouched"})
+        assert (await receive(first))["event"] == "untouched"  # and so does the session
+        await offer(thief)  # a refused attach leaves room for a session
+    assert server.counters[code] == 1
+    assert server.counters["attached"] == 0
+
+
+async def test_attach_when_the_socket_has_a_session_is_refused(
+    server: SignalingServer, backend: FakeBackend
+) -> None:
+    async with ws_open(server) as ws:
+        session = await offer(ws)
+        error = await attach(ws, session, backend.secrets[session])
+        assert (error["code"], error["message"]) == ("bad_message", "one session per connection")
+        assert backend.attached == []
+
+
+async def test_a_backend_attaching_the_wrong_session_fails_closed(
+    server: SignalingServer, backend: FakeBackend
+) -> None:
+    async def wrong(session_id: str, secret: str) -> SessionHandle:
+        await trio.lowlevel.checkpoint()
+        _, receive = trio.open_memory_channel[dict[str, object]](1)
+        return SessionHandle("other", "", receive, secrets.token_urlsafe(32))
+
+    backend.attach_session = wrong  # type: ignore[method-assign]
+    async with ws_open(server) as ws:
+        error = await attach(ws, "s1", "x" * 43)
+        assert (error["code"], error["message"]) == ("internal", "internal error")
+
+
+@pytest.mark.parametrize(("asked", "expected"), [(4001, 4001), (4000, 4000), (None, 4001)])
+async def test_session_moved_closes_for_a_reattach(
+    server: SignalingServer, backend: FakeBackend, asked: int | None, expected: int
+) -> None:
+    async with ws_open(server) as ws:
+        session = await offer(ws)
+        await backend.senders[session].send({"event": "before"})
+        backend.move(session, asked)
+        assert (await receive(ws))["event"] == "before"
+        moved = await receive(ws)
+        assert moved["event"] == "session_moved"
+        assert (moved["node"], moved["url"]) == ("B", "ws://b.example:7000/v1/session")
+        assert "close_code" not in moved
+        assert await closed_code(ws) == expected  # no session_ended before it
+    await trio.sleep(0.05)
+    assert backend.closed == []  # the session lives on at B
+    assert server.counters["sessions_handed_over"] == 1
+
+
+async def test_reattach_after_a_move_receives_later_events(
+    server: SignalingServer, backend: FakeBackend
+) -> None:
+    async with ws_open(server) as ws:
+        session = await offer(ws)
+        secret = backend.secrets[session]
+        backend.senders[session].send_nowait({"event": "spare"})  # keep the channel open
+        backend.move(session)
+        assert (await receive(ws))["event"] == "spare"
+        assert (await receive(ws))["event"] == "session_moved"
+        assert await closed_code(ws) == 4001
+    # the fake is also node B: the client attaches there with its secret
+    async with ws_open(server) as ws:
+        assert await attach(ws, session, secret) == {"type": "attached", "session": session}
+        for n in range(3):
+            await backend.senders[session].send({"event": "after", "n": n})
+        assert [(await receive(ws))["n"] for _ in range(3)] == [0, 1, 2]
+        sender = backend.senders.pop(session)
+        await sender.send({"event": "session_ended", "code": "hung_up", "close_code": 1000})
+        sender.close()
+        assert (await receive(ws))["code"] == "hung_up"
+        assert await closed_code(ws) == 1000
+    assert backend.closed == []
+
+
+async def test_the_secret_is_never_logged(
+    server: SignalingServer, backend: FakeBackend, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="parley.signaling")
+    async with ws_open(server) as ws:
+        session = await offer(ws)
+        async with ws_open(server) as again, ws_open(server) as thief:
+            await attach(again, session, backend.secrets[session])
+            assert (await attach(thief, session, "wrong"))["code"] == "forbidden"
+    location = (await whip(server, "v=0")).headers["location"]
+    assert (await http(server, "DELETE", location)).status == 200
+    assert (await http(server, "DELETE", location)).status == 404
+    await backend.wait_closed("s1")
+    logged = " ".join(
+        str(vars(r)) + r.getMessage() for r in caplog.records if r.name == "parley.signaling"
+    )
+    assert "socket attached" in logged
+    for secret in backend.secrets.values():
+        assert secret not in logged
+
+
+def test_session_handles_refuse_weak_or_leaked_secrets() -> None:
+    _, events = trio.open_memory_channel[dict[str, object]](1)
+    good = secrets.token_urlsafe(32)
+    assert SessionHandle("s1", "v=0", events, good).secret == good
+    for bad in ["", "short", "x" * 31, "y" * 129, "z" * 40 + "/", "é" * 40]:
+        with pytest.raises(ValueError, match="URL-safe"):
+            SessionHandle("s1", "v=0", events, bad)
+    with pytest.raises(ValueError, match="must not appear"):
+        SessionHandle("s1", f"a=ice-ufrag:{good}", events, good)
+    with pytest.raises(ValueError, match="must not appear"):
+        SessionHandle(f"x{good}", "v=0", events, good)
+    for bad_id in ["", "a/b", "s 1", "x" * 129]:
+        with pytest.raises(ValueError, match="session id"):
+            SessionHandle(bad_id, "v=0", events, good)
+
+
+def test_socket_phases_change_only_along_the_table() -> None:
+    state = _SessionState("test")
+    assert state.phase is SocketPhase.WAITING
+    with pytest.raises(StateTransitionError):
+        state.set_phase(SocketPhase.ENDED)  # no session yet: nothing to end
+    state.set_phase(SocketPhase.LIVE)
+    state.set_phase(SocketPhase.HANDED_OVER)
+    for phase in SocketPhase:
+        with pytest.raises(StateTransitionError):
+            state.set_phase(phase)  # final
+    assert set(TRANSITIONS) == set(SocketPhase)
+    assert all(not TRANSITIONS[final] for final in (SocketPhase.ENDED, SocketPhase.HANDED_OVER))
 
 
 async def test_bye_ends_the_session_and_closes(
@@ -598,13 +912,16 @@ async def test_whip_post_then_delete(server: SignalingServer, backend: FakeBacke
     reply = await whip(server, "v=0 whip")
     assert reply.status == 201
     assert reply.headers["content-type"] == "application/sdp"
-    assert reply.headers["location"] == "/v1/session/s1"
+    # RFC 9725 §4.2: the session URL, here carrying the session's secret
+    location = reply.headers["location"]
+    assert location == f"/v1/session/s1/{backend.secrets['s1']}"
     assert reply.body == b"answer to v=0 whip"
+    assert backend.secrets["s1"] not in reply.body.decode()
     assert backend.opened == [("v=0 whip", "http")]
-    reply = await http(server, "DELETE", "/v1/session/s1")
+    reply = await http(server, "DELETE", location)
     assert reply.status == 200
     assert await backend.wait_closed("s1") == "whip delete"
-    reply = await http(server, "DELETE", "/v1/session/s1")
+    reply = await http(server, "DELETE", location)
     assert reply.status == 404
     assert reply.json()["code"] == "unknown_session"
 
@@ -612,23 +929,55 @@ async def test_whip_post_then_delete(server: SignalingServer, backend: FakeBacke
 async def test_whip_session_ended_by_the_node_is_gone(
     server: SignalingServer, backend: FakeBackend
 ) -> None:
-    assert (await whip(server, "v=0")).status == 201
+    location = (await whip(server, "v=0")).headers["location"]
     await backend.senders["s1"].send({"event": "ignored"})  # HTTP sessions have no event channel
     backend.senders.pop("s1").close()
 
     async def delete_status() -> int:
-        return (await http(server, "DELETE", "/v1/session/s1")).status
+        return (await http(server, "DELETE", location)).status
 
     await eventually(delete_status, lambda status: status == 404, within=5)
     assert backend.closed == []
 
 
-async def test_only_whip_sessions_can_be_deleted(
+@pytest.mark.parametrize("suffix", ["", "/", "/wrong-secret-" + "x" * 30, "/bad%20chars", "/a.b"])
+async def test_a_whip_session_is_not_deleted_without_its_secret(
+    server: SignalingServer, backend: FakeBackend, suffix: str
+) -> None:
+    assert (await whip(server, "v=0")).status == 201
+    # issue #15: the id is in every STUN check; it alone (or with a wrong secret) ends nothing
+    reply = await http(server, "DELETE", f"/v1/session/s1{suffix}")
+    assert reply.status == 403
+    assert reply.json()["code"] == "forbidden"
+    assert backend.closed == []
+    assert "s1" in backend.senders  # the session lives on
+    assert server.counters["forbidden"] == 1
+
+
+async def test_whip_delete_of_an_unknown_session(server: SignalingServer) -> None:
+    reply = await http(server, "DELETE", "/v1/session/nosuch/" + "x" * 43)
+    assert (reply.status, reply.json()["code"]) == (404, "unknown_session")
+    assert server.counters["unknown_session"] == 1
+
+
+async def test_whip_delete_with_the_secret_ends_any_session(
+    server: SignalingServer, backend: FakeBackend
+) -> None:
+    # the backend ends it wherever it lives, whichever transport opened it
+    async with ws_open(server) as ws:
+        await offer(ws)
+        reply = await http(server, "DELETE", f"/v1/session/s1/{backend.secrets['s1']}")
+        assert reply.status == 200
+        assert await backend.wait_closed("s1") == "whip delete"
+        assert (await receive(ws))["event"] == "session_ended"
+
+
+async def test_a_session_id_alone_deletes_nothing(
     server: SignalingServer, backend: FakeBackend
 ) -> None:
     async with ws_open(server) as ws:
         session = await offer(ws)
-        assert (await http(server, "DELETE", f"/v1/session/{session}")).status == 404
+        assert (await http(server, "DELETE", f"/v1/session/{session}")).status == 403
         assert await request(ws, {"type": "ping"}) == {"type": "pong"}
         assert backend.closed == []
 
@@ -673,7 +1022,8 @@ async def test_content_type_parameters_are_accepted(server: SignalingServer) -> 
     [
         ("GET", "/nowhere", 404, None),
         ("GET", "/v1/session/", 404, None),
-        ("GET", "/v1/session/a/b", 404, None),
+        ("GET", "/v1/session/a/b/c", 404, None),
+        ("GET", "/v1/session/a/b", 405, "DELETE, OPTIONS"),
         ("PUT", "/v1/session", 405, "GET, POST, OPTIONS"),
         ("DELETE", "/v1/session", 405, "GET, POST, OPTIONS"),
         ("GET", "/v1/session", 426, None),
@@ -730,7 +1080,8 @@ async def test_keep_alive_serves_several_requests(
         await stream.send_all(http_send(client, "GET", "/nowhere", [], b"", server.port))
         assert (await read_reply(stream, client)).status == 404
         client.start_next_cycle()
-        await stream.send_all(http_send(client, "DELETE", "/v1/session/s1", [], b"", server.port))
+        location = f"/v1/session/s1/{backend.secrets['s1']}"
+        await stream.send_all(http_send(client, "DELETE", location, [], b"", server.port))
         assert (await read_reply(stream, client)).status == 200
 
 
@@ -829,9 +1180,17 @@ json_values = st.recursive(
     ),
     max_leaves=8,
 )
+control_tokens = st.one_of(
+    st.from_regex(r"[A-Za-z0-9_-]{1,50}", fullmatch=True), st.text(max_size=30), json_values
+)
 typed_messages = st.fixed_dictionaries(
-    {"type": st.sampled_from(["offer", "ping", "bye", "answer", "", "OFFER", "event"])},
-    optional={"sdp": st.one_of(st.text(max_size=30), json_values), "extra": json_values},
+    {"type": st.sampled_from(["offer", "ping", "bye", "attach", "answer", "", "OFFER", "event"])},
+    optional={
+        "sdp": st.one_of(st.text(max_size=30), json_values),
+        "session": control_tokens,
+        "secret": control_tokens,
+        "extra": json_values,
+    },
 )
 client_messages = st.one_of(
     st.text(max_size=100),
@@ -849,10 +1208,12 @@ def test_parse_client_message_accepts_or_refuses(message: str | bytes) -> None:
     except ClientMessageError as exc:
         assert exc.code in ("bad_json", "bad_message")
         return
-    assert parsed["type"] in ("offer", "ping", "bye")
+    assert parsed["type"] in ("offer", "ping", "bye", "attach")
     if parsed["type"] == "offer":
         sdp = parsed["sdp"]
         assert isinstance(sdp, str) and sdp.strip()
+    if parsed["type"] == "attach":
+        assert is_control_token(parsed["session"]) and is_control_token(parsed["secret"])
 
 
 def is_bye(message: str | bytes) -> bool:

@@ -9,16 +9,31 @@ malicious client costs one connection task for a bounded time and never the serv
 Modules by layer, each importing only those above it in this list:
 
 - :mod:`.messages`: client messages, error objects, the backend seam, limits (no I/O);
-- :mod:`.backend`: opening and closing sessions through the backend, bounded and counted;
+- :mod:`.backend`: opening, attaching to and ending sessions through the backend, bounded and
+  counted;
 - :mod:`.http`: HTTP/1.1 framing with h11, the replay stream, bounded closes;
 - :mod:`.whip`: the WHIP routes (RFC 9725 shape), health and static pages;
 - :mod:`.websocket`: WebSocket sessions and their event forwarding (the message protocol);
 - :mod:`.server`: :class:`SignalingServer`, the accept loop routing each connection.
+
+Sessions survive their socket and their node (issue #13): the answer gives the client a
+per-session secret (32 random bytes, URL-safe; never in the SDP, the ufrag or a log). With it a
+new socket to any node takes the session over (``{"type": "attach", "session", "secret"}``,
+answered ``attached``, or ``redirect`` to the owner), and a WHIP session URL
+(``/v1/session/<id>/<secret>``) ends it with ``DELETE`` on any node. The session id alone, public
+in every STUN check, controls nothing (issue #15). Close codes: 4001 the session moved, 4000 the
+node is going away (both: re-attach), 4003 another socket attached (do not). The message protocol
+is in :mod:`.websocket`, the HTTP routes in :mod:`.whip`, the backend's side of it in
+:class:`SessionBackend` and :class:`SessionHandle`.
 """
 
 from sessions.node.signaling.messages import (
+    ATTACHED_ELSEWHERE,
+    REATTACH,
+    REATTACH_GOING_AWAY,
     SESSION_PATH,
     ClientMessageError,
+    Redirect,
     SessionBackend,
     SessionHandle,
     SignalingLimits,
@@ -28,8 +43,12 @@ from sessions.node.signaling.messages import (
 from sessions.node.signaling.server import SignalingServer
 
 __all__ = [
+    "ATTACHED_ELSEWHERE",
+    "REATTACH",
+    "REATTACH_GOING_AWAY",
     "SESSION_PATH",
     "ClientMessageError",
+    "Redirect",
     "SessionBackend",
     "SessionHandle",
     "SignalingLimits",

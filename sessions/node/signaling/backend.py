@@ -1,11 +1,14 @@
-"""The backend as both transports call it: opening and closing sessions, bounded, counted, logged.
+"""The backend as both transports call it: opening, attaching to and closing sessions, bounded,
+counted, logged.
 
 WHIP routes and WebSocket sessions share one :class:`BackendCalls` (and through it the server's
 counters), so a session is opened and closed the same way whichever transport carried its offer.
+Session secrets pass through here and are never logged.
 """
 
 from __future__ import annotations
 
+import hmac
 import logging
 from typing import Literal, final
 
@@ -14,6 +17,7 @@ import trio
 
 from sessions.node.signaling.messages import (
     CLIENT_CODES,
+    Redirect,
     Refusal,
     SessionBackend,
     SessionHandle,
@@ -25,6 +29,10 @@ from sessions.webrtc.errors import SdpError
 __all__ = ["BackendCalls"]
 
 log = logging.getLogger("parley.signaling")
+
+#: HTTP statuses of the refusals to control a session (RFC 9110 §15.5.4, §15.5.5); any other
+#: refusal code is a 503
+_CONTROL_STATUS = {"forbidden": 403, "unknown_session": 404}
 
 
 @final
@@ -88,3 +96,63 @@ class BackendCalls:
             self.count("sessions_closed")
         log.info("session closed", extra={"session": session_id, "reason": reason, "known": closed})
         return closed
+
+    async def attach_session(
+        self, session_id: str, secret: str, remote: str
+    ) -> SessionHandle | Redirect | Refusal:
+        """Ask the backend for the session's events on a new socket; a refusal comes back as
+        the error to send. Wrong secrets and unknown sessions are counted (as refusals are)."""
+        try:
+            outcome = await self.backend.attach_session(session_id, secret)
+        except SignalingRefused as exc:
+            log.info(
+                "attach refused", extra={"session": session_id, "remote": remote, "code": exc.code}
+            )
+            return Refusal(_CONTROL_STATUS.get(exc.code, 503), exc.code, exc.message)
+        except Exception:
+            log.exception("backend failed to attach a socket", extra={"session": session_id})
+            return Refusal(500, "internal", "internal error")
+        if isinstance(outcome, SessionHandle) and not (
+            outcome.session_id == session_id and hmac.compare_digest(outcome.secret, secret)
+        ):
+            # a backend bug that would hand a session to whoever asked: refuse, fail closed
+            outcome.events.close()
+            log.error("backend attached a socket to another session or secret")
+            return Refusal(500, "internal", "internal error")
+        if isinstance(outcome, Redirect):
+            self.count("redirects")
+            log.info(
+                "attach redirected",
+                extra={"session": session_id, "remote": remote, "node": outcome.node},
+            )
+        else:
+            self.count("attached")
+            log.info("socket attached", extra={"session": session_id, "remote": remote})
+        return outcome
+
+    async def end_session_by_secret(
+        self, session_id: str, secret: str, remote: str
+    ) -> Refusal | None:
+        """Ask the backend to end the session wherever it lives, within ``close_session_timeout``;
+        None once it is ended, else the refusal to answer with."""
+        ended = False
+        with trio.move_on_after(self.limits.close_session_timeout) as scope:
+            try:
+                ended = await self.backend.end_session_by_secret(session_id, secret)
+            except SignalingRefused as exc:
+                log.info(
+                    "session end refused",
+                    extra={"session": session_id, "remote": remote, "code": exc.code},
+                )
+                return Refusal(_CONTROL_STATUS.get(exc.code, 503), exc.code, exc.message)
+            except Exception:
+                log.exception("backend failed to end a session", extra={"session": session_id})
+                return Refusal(500, "internal", "internal error")
+        if scope.cancelled_caught:
+            log.warning("backend end_session_by_secret timed out", extra={"session": session_id})
+            return Refusal(503, "timeout", "the session did not end in time")
+        if not ended:
+            return Refusal(404, "unknown_session", "no such session")
+        self.count("sessions_closed")
+        log.info("session ended by its secret", extra={"session": session_id, "remote": remote})
+        return None

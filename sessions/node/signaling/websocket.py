@@ -3,27 +3,43 @@
 ``ws://HOST:PORT/v1/session``, JSON text messages::
 
     client → {"type": "offer", "sdp": "..."}
-    node   → {"type": "answer", "sdp": "...", "session": "<id>"}
+    node   → {"type": "answer", "sdp": "...", "session": "<id>", "secret": "<secret>"}
+    client → {"type": "attach", "session": "<id>", "secret": "<secret>"}
+    node   → {"type": "attached", "session": "<id>"}
+    node   → {"type": "redirect", "node": "<name>", "url": "ws://.../v1/session"}
     client → {"type": "ping"}                 node → {"type": "pong"}
     client → {"type": "bye"}                  node ends the session, closes the socket (1000)
     node   → {"type": "event", "event": "<name>", "ts": <unix seconds>, ...fields}
     node   → {"type": "error", "code": "<machine-readable>", "message": "<human>"}
 
-The socket lives as long as its session: closing it (or losing it) ends the session. Every way the
-node ends a session sends a final ``session_ended`` event with a ``code`` and a ``reason`` before
-the socket closes: the backend's own, or ``{"code": "ended"}`` if it sent none. The close frame
-carries 1000, or the ``close_code`` the backend's ``session_ended`` asked for (1001 for a node
-going away, ...). A bad message gets an error reply and the connection carries on.
+A socket's first session comes from an offer, or from an attach: a new socket (to any node) takes
+over a live session with the secret the answer carried. The secret travels only in the answer, on
+the client's own socket: never in the SDP, never in the ufrag, never in a log. An attach is
+answered ``attached`` (then the session's events flow), ``redirect`` (another node owns the
+session: attach there; the socket closes with 1000), or an error: ``forbidden`` for a wrong secret,
+``unknown_session`` when no such session is live, ``bad_message`` for a malformed attach. A
+session has at most one socket: attaching again hands it to the new socket, and the old one gets
+``session_attached_elsewhere`` and closes with 4003.
+
+The socket is the session's life line: closing it (or losing it) ends the session, whether it
+offered or attached. Every way the node ends a session sends a final ``session_ended`` event with
+a ``code`` and a ``reason`` before the socket closes: the backend's own, or ``{"code": "ended"}``
+if it sent none. The close frame carries 1000, or the ``close_code`` the backend's
+``session_ended`` asked for (1001 for a node going away, ...). A session that moves to another
+node does not end: its socket gets ``session_moved`` (with the ``node`` and the ``url`` to attach
+to) and closes with 4001 (or 4000, the node going away), which both mean "re-attach". A bad
+message gets an error reply and the connection carries on.
 """
 
 from __future__ import annotations
 
+import enum
 import json
 import logging
 import math
 import time
 from collections.abc import Mapping
-from typing import final
+from typing import Final, final
 
 import attrs
 import h11
@@ -33,17 +49,21 @@ import trio_websocket
 from sessions.node.signaling.backend import BackendCalls
 from sessions.node.signaling.http import HttpError, ReplayStream, header
 from sessions.node.signaling.messages import (
+    ATTACHED_ELSEWHERE,
+    REATTACH,
     SESSION_PATH,
     ClientMessageError,
     Gone,
+    Redirect,
     Refusal,
     SessionHandle,
     SignalingLimits,
     error_object,
     parse_client_message,
 )
+from sessions.webrtc.errors import StateTransitionError
 
-__all__ = ["ENDED_CODE", "ENDED_REASON", "WebSocketSessions"]
+__all__ = ["ENDED_CODE", "ENDED_REASON", "TRANSITIONS", "SocketPhase", "WebSocketSessions"]
 
 log = logging.getLogger("parley.signaling")
 
@@ -64,15 +84,51 @@ def _may_send(code: int) -> bool:
     return code in _BACKEND_CLOSE_CODES or 3000 <= code <= 4999
 
 
-def _close_code(value: object, session_id: str) -> int:
-    """The close code a ``session_ended`` event asks for; 1000 if none, or none we may send."""
+def _close_code(value: object, session_id: str, default: int = _NORMAL_CLOSURE) -> int:
+    """The close code an event asks for; ``default`` if none, or none we may send."""
     if value is None:
-        return _NORMAL_CLOSURE
+        return default
     # bool is an int to Python, not a close code to anyone
     if isinstance(value, int) and not isinstance(value, bool) and _may_send(value):
         return value
     log.error("backend asked for a close code we cannot send", extra={"session": session_id})
-    return _NORMAL_CLOSURE
+    return default
+
+
+#: backend events after which the session lives on, but no longer through this socket
+_HANDOVER_EVENTS = frozenset({"session_moved", "session_attached_elsewhere"})
+
+
+class SocketPhase(enum.Enum):
+    """What a WebSocket connection is to its session."""
+
+    #: no session yet: an offer or an attach may come
+    WAITING = "waiting"
+    #: the session's socket: its events flow here, and closing the socket ends the session
+    LIVE = "live"
+    #: the session is over: the client said bye or left (and we closed it), or the node ended it
+    ENDED = "ended"
+    #: the session lives on elsewhere (moved, or another socket attached): the socket lets go of
+    #: it without ending it
+    HANDED_OVER = "handed_over"
+
+
+# The transition table (h11-style): from each phase, the phases it may move to, and why.
+#
+#   WAITING -> LIVE         an answer to an offer, or ``attached``, was the reply
+#   LIVE    -> ENDED        the client said bye or its socket closed (we call close_session,
+#                           unless the backend had already let go of this socket), or the
+#                           backend closed the session's events (it ended on the node)
+#   LIVE    -> HANDED_OVER  the backend sent session_moved or session_attached_elsewhere
+#   ENDED, HANDED_OVER      final: the connection closes
+#
+# A socket that closes while WAITING (no session, a redirect) changes no phase.
+TRANSITIONS: Final[Mapping[SocketPhase, frozenset[SocketPhase]]] = {
+    SocketPhase.WAITING: frozenset({SocketPhase.LIVE}),
+    SocketPhase.LIVE: frozenset({SocketPhase.ENDED, SocketPhase.HANDED_OVER}),
+    SocketPhase.ENDED: frozenset(),
+    SocketPhase.HANDED_OVER: frozenset(),
+}
 
 
 @attrs.define(eq=False)  # identity: the server keeps the live ones in a set
@@ -81,13 +137,19 @@ class _SessionState:
 
     remote: str
     handle: SessionHandle | None = None
-    #: the session is over (ended by the node, or closed by us); no close_session needed
-    ended: bool = False
-    #: the client said bye: no final session_ended event
-    bye: bool = False
+    phase: SocketPhase = SocketPhase.WAITING
+    #: the backend's own session_ended was forwarded: no final one of ours
     ended_sent: bool = False
     #: the code of the close frame we send (a backend's session_ended may change it)
     close_code: int = _NORMAL_CLOSURE
+
+    def set_phase(self, new: SocketPhase) -> None:
+        """The one place the phase changes, along an edge of :data:`TRANSITIONS` only."""
+        if new not in TRANSITIONS[self.phase]:
+            raise StateTransitionError(
+                f"signaling socket cannot go from {self.phase.name} to {new.name}"
+            )
+        self.phase = new
 
 
 @final
@@ -101,7 +163,7 @@ class WebSocketSessions:
         self._gone = trio.Event()
 
     async def wind_down(self) -> None:
-        """Return once no connection that opened a session is still being served (its last
+        """Return once no connection that had a session is still being served (its last
         events sent and its socket closed). Callers bound the wait."""
         while any(state.handle is not None for state in self._live):
             await self._gone.wait()
@@ -166,11 +228,16 @@ class WebSocketSessions:
                 await self._receive(ws, state, tasks)
                 tasks.cancel_scope.cancel()
         finally:
-            if state.handle is not None:
-                state.handle.events.close()
-                if not state.ended:
-                    state.ended = True
-                    await self.calls.close_session(state.handle.session_id, "signaling closed")
+            handle = state.handle
+            if handle is not None:
+                # the backend closes a socket's events when it lets go of it (the session ended,
+                # moved, or another socket attached): then the session is no longer ours to end
+                let_go = handle.events.statistics().open_send_channels == 0
+                handle.events.close()
+                if state.phase is SocketPhase.LIVE:
+                    state.set_phase(SocketPhase.ENDED)
+                    if not let_go:
+                        await self.calls.close_session(handle.session_id, "signaling closed")
 
     async def _receive(
         self, ws: trio_websocket.WebSocketConnection, state: _SessionState, tasks: trio.Nursery
@@ -179,7 +246,8 @@ class WebSocketSessions:
         try:
             while True:
                 message: str | bytes | None = None
-                with trio.move_on_at(offer_deadline if state.handle is None else math.inf):
+                waiting = state.phase is SocketPhase.WAITING
+                with trio.move_on_at(offer_deadline if waiting else math.inf):
                     try:
                         message = await ws.get_message()
                     except trio_websocket.ConnectionClosed:
@@ -212,26 +280,66 @@ class WebSocketSessions:
             await self._send(ws, {"type": "pong"})
             return True
         if kind == "bye":
-            state.bye = True
-            if state.handle is not None and not state.ended:
-                state.ended = True
+            if state.phase is SocketPhase.LIVE:
+                assert state.handle is not None
+                state.set_phase(SocketPhase.ENDED)  # before the await: no session_ended of ours
                 await self.calls.close_session(state.handle.session_id, "bye")
             return False
-        # an offer (parse_client_message admits nothing else)
-        if state.handle is not None:
+        # an offer or an attach (parse_client_message admits nothing else)
+        if state.phase is not SocketPhase.WAITING:
             await self._error(ws, "bad_message", "one session per connection")
             return True
+        if kind == "attach":
+            return await self._attach(ws, state, tasks, parsed)
         sdp = parsed["sdp"]
         assert isinstance(sdp, str)
         outcome = await self.calls.open_session(sdp, "websocket", state.remote)
         if isinstance(outcome, Refusal):
             await self._error(ws, outcome.code, outcome.message)
             return True
-        state.handle = outcome
-        answer = {"type": "answer", "sdp": outcome.answer_sdp, "session": outcome.session_id}
-        await self._send(ws, answer)
-        tasks.start_soon(self._forward_events, ws, state, outcome, tasks.cancel_scope)
+        answer = {
+            "type": "answer",
+            "sdp": outcome.answer_sdp,
+            "session": outcome.session_id,
+            # the one message that carries the secret: on the client's own socket
+            "secret": outcome.secret,
+        }
+        await self._begin(ws, state, tasks, outcome, answer)
         return True
+
+    async def _attach(
+        self,
+        ws: trio_websocket.WebSocketConnection,
+        state: _SessionState,
+        tasks: trio.Nursery,
+        attach: Mapping[str, object],
+    ) -> bool:
+        """Take over a live session with its secret; False when the connection is to close."""
+        session_id, secret = attach["session"], attach["secret"]
+        assert isinstance(session_id, str) and isinstance(secret, str)
+        outcome = await self.calls.attach_session(session_id, secret, state.remote)
+        if isinstance(outcome, Refusal):
+            await self._error(ws, outcome.code, outcome.message)
+            return True
+        if isinstance(outcome, Redirect):
+            await self._send(ws, {"type": "redirect", "node": outcome.node, "url": outcome.url})
+            return False  # closes with 1000: the client goes to the owner
+        await self._begin(ws, state, tasks, outcome, {"type": "attached", "session": session_id})
+        return True
+
+    async def _begin(
+        self,
+        ws: trio_websocket.WebSocketConnection,
+        state: _SessionState,
+        tasks: trio.Nursery,
+        handle: SessionHandle,
+        reply: Mapping[str, object],
+    ) -> None:
+        """Make ``handle`` this socket's session, send ``reply``, then forward its events."""
+        state.handle = handle
+        state.set_phase(SocketPhase.LIVE)
+        await self._send(ws, reply)
+        tasks.start_soon(self._forward_events, ws, state, handle, tasks.cancel_scope)
 
     async def _forward_events(
         self,
@@ -240,22 +348,35 @@ class WebSocketSessions:
         handle: SessionHandle,
         connection_scope: trio.CancelScope,
     ) -> None:
-        """Forward the session's events until it ends; then end the connection too."""
+        """Forward the session's events until it ends or is handed over; then end the
+        connection too."""
         try:
             async with handle.events:
                 async for item in handle.events:
                     text = self._event_text(item, handle.session_id)
                     if text is None:
                         continue
-                    if item.get("event") == "session_ended":
+                    name = item.get("event")
+                    if name == "session_ended":
                         state.ended_sent = True
                         state.close_code = _close_code(item.get("close_code"), handle.session_id)
+                    elif name in _HANDOVER_EVENTS and state.phase is SocketPhase.LIVE:
+                        # before the send: a client closing meanwhile must not end the session
+                        state.set_phase(SocketPhase.HANDED_OVER)
+                        state.close_code = (
+                            _close_code(item.get("close_code"), handle.session_id, REATTACH)
+                            if name == "session_moved"
+                            else ATTACHED_ELSEWHERE
+                        )
                     await self._send_text(ws, text)
                     self.calls.count("events_forwarded")
+                    if state.phase is SocketPhase.HANDED_OVER:
+                        await self._hand_over(ws, state, handle.session_id, str(name))
+                        return
             # the backend closed the channel: the session is over on the node's side
-            if state.bye:
-                return
-            state.ended = True
+            if state.phase is not SocketPhase.LIVE:
+                return  # the client said bye: it needs no session_ended
+            state.set_phase(SocketPhase.ENDED)
             log.info("session ended by the node", extra={"session": handle.session_id})
             if not state.ended_sent:
                 # issue #11: a session never ends without a reason the client can read
@@ -276,6 +397,22 @@ class WebSocketSessions:
             # the session ended, or the client cannot be written to: either way, we are done
             connection_scope.cancel()
 
+    async def _hand_over(
+        self,
+        ws: trio_websocket.WebSocketConnection,
+        state: _SessionState,
+        session_id: str,
+        event: str,
+    ) -> None:
+        """The session lives on elsewhere: close this socket, leaving the session alone."""
+        self.calls.count("sessions_handed_over")
+        log.info(
+            "session handed over",
+            extra={"session": session_id, "event": event, "close_code": state.close_code},
+        )
+        with trio.move_on_after(self.limits.close_timeout):
+            await ws.aclose(state.close_code, event)
+
     def _event_text(self, item: Mapping[str, object], session_id: str) -> str | None:
         name = item.get("event") if isinstance(item, Mapping) else None
         if not isinstance(name, str):
@@ -283,7 +420,8 @@ class WebSocketSessions:
             log.error("backend event without a name dropped", extra={"session": session_id})
             return None
         # close_code is for the server's close frame, not for the client
-        hidden = ("type", "event", "close_code") if name == "session_ended" else ("type", "event")
+        closing = name == "session_ended" or name in _HANDOVER_EVENTS
+        hidden = ("type", "event", "close_code") if closing else ("type", "event")
         message: dict[str, object] = {"type": "event", "event": name, "ts": time.time()}
         message.update((key, value) for key, value in item.items() if key not in hidden)
         try:

@@ -1,9 +1,12 @@
 """The plain-HTTP routes of the signaling port: WHIP sessions, health, static pages.
 
 WHIP-style (RFC 9725 shape): ``POST /v1/session`` with an ``application/sdp`` offer answers
-``201 Created`` with the SDP answer and ``Location: /v1/session/<id>``; ``DELETE
-/v1/session/<id>`` ends that session. ``GET /healthz`` answers ``{"ok": true}``; pages are served
-as given. Errors raise :class:`HttpError`, which the server turns into the JSON error response.
+``201 Created`` with the SDP answer and ``Location: /v1/session/<id>/<secret>``, the session URL
+(RFC 9725 §4.2). ``DELETE`` on that URL ends the session, on any node, wherever the session lives
+now: 200, or 403 ``forbidden`` for a wrong secret, 404 ``unknown_session``. The id alone is
+public (it is in the ufrag of every STUN check): ``DELETE /v1/session/<id>`` is always 403.
+``GET /healthz`` answers ``{"ok": true}``; pages are served as given. Errors raise
+:class:`HttpError`, which the server turns into the JSON error response.
 """
 
 from __future__ import annotations
@@ -16,7 +19,12 @@ import trio
 
 from sessions.node.signaling.backend import BackendCalls
 from sessions.node.signaling.http import HttpConnection, HttpError, header
-from sessions.node.signaling.messages import SESSION_PATH, Refusal, SessionHandle
+from sessions.node.signaling.messages import (
+    SESSION_PATH,
+    Refusal,
+    SessionHandle,
+    is_control_token,
+)
 
 __all__ = ["HEALTH_PATH", "HttpRoutes"]
 
@@ -26,11 +34,7 @@ HEALTH_PATH = "/healthz"
 
 @final
 class HttpRoutes:
-    """Answers one HTTP request that is not a WebSocket upgrade.
-
-    Remembers the sessions opened over HTTP while they live: only those can be DELETEd (a
-    WebSocket session's id is not a handle on it).
-    """
+    """Answers one HTTP request that is not a WebSocket upgrade."""
 
     def __init__(self, calls: BackendCalls, pages: Mapping[str, tuple[str, bytes]]) -> None:
         self.calls = calls
@@ -41,8 +45,6 @@ class HttpRoutes:
                 raise ValueError(f"page path {path!r} is not a free absolute path")
             if path.startswith(_SESSION_PREFIX):
                 raise ValueError(f"page path {path!r} is under {SESSION_PATH}")
-        #: sessions opened over HTTP that have not ended: only these can be DELETEd
-        self.http_sessions: set[str] = set()
 
     async def route(
         self,
@@ -72,12 +74,13 @@ class HttpRoutes:
             else:
                 raise HttpError(405, "method_not_allowed", f"{method} not allowed here", allow)
         elif path.startswith(_SESSION_PREFIX):
-            session_id = path[len(_SESSION_PREFIX) :]
+            # /v1/session/<id>/<secret>, or /v1/session/<id> (which no one may delete)
+            session_id, _, secret = path[len(_SESSION_PREFIX) :].partition("/")
             allow = [("Allow", "DELETE, OPTIONS")]
-            if not session_id or "/" in session_id:
+            if not session_id or "/" in secret:
                 raise HttpError(404, "not_found", "no such resource")
             if method == "DELETE":
-                await self._whip_delete(connection, session_id)
+                await self._whip_delete(connection, session_id, secret, remote)
             elif method == "OPTIONS":
                 await connection.respond(204, headers=allow)
             else:
@@ -131,7 +134,6 @@ class HttpRoutes:
         if isinstance(handle, Refusal):
             raise HttpError(handle.status, handle.code, handle.message)
         session_id = handle.session_id
-        self.http_sessions.add(session_id)
         watchers.start_soon(self._watch_http_session, handle)
         try:
             await connection.respond(
@@ -139,27 +141,33 @@ class HttpRoutes:
                 body=handle.answer_sdp.encode(),
                 headers=[
                     ("Content-Type", "application/sdp"),
-                    ("Location", f"{_SESSION_PREFIX}{session_id}"),
+                    # the session URL carries the secret: whoever holds it controls the session
+                    ("Location", f"{_SESSION_PREFIX}{session_id}/{handle.secret}"),
                     ("Cache-Control", "no-store"),
                 ],
             )
         except BaseException:
             # nobody can reach a session whose answer never left: end it now
-            self.http_sessions.discard(session_id)
             await self.calls.close_session(session_id, "answer not delivered")
             raise
 
-    async def _whip_delete(self, connection: HttpConnection, session_id: str) -> None:
-        if session_id not in self.http_sessions:
+    async def _whip_delete(
+        self, connection: HttpConnection, session_id: str, secret: str, remote: str
+    ) -> None:
+        # issue #15: the id is public, only the secret is a handle on the session. Asked
+        # without it, the answer does not tell whether the session exists.
+        if not secret or not is_control_token(secret):
+            raise HttpError(403, "forbidden", "ending a session takes its session URL")
+        if not is_control_token(session_id):
             raise HttpError(404, "unknown_session", "no such session")
-        self.http_sessions.discard(session_id)
-        if not await self.calls.close_session(session_id, "whip delete"):
-            raise HttpError(404, "unknown_session", "no such session")
+        refusal = await self.calls.end_session_by_secret(session_id, secret, remote)
+        if refusal is not None:
+            raise HttpError(refusal.status, refusal.code, refusal.message)
         await connection.respond(200)
 
     async def _watch_http_session(self, handle: SessionHandle) -> None:
-        """HTTP sessions have no event channel: drop their events, forget them when they end."""
+        """HTTP sessions have no event channel: drop their events until the backend closes it
+        (the session ended, or moved to another node)."""
         async with handle.events:
             async for _ in handle.events:
                 pass
-        self.http_sessions.discard(handle.session_id)

@@ -4,7 +4,9 @@ A session actor (sessions/session.py) never sees a socket: datagrams reach it th
 inbox and leave through a callable. What stands behind the port is the node daemon's business —
 its own UDP port (sessions/node/media.py ``MediaPort``) or the cluster's relays through QUIC
 tunnels (sessions/node/relayed.py ``RelayedMedia``) — and both offer the same
-:class:`PacketPath`, so session code runs unchanged on either.
+:class:`PacketPath`, so session code runs unchanged on either. A client's address, either way,
+is a :class:`~sessions.webrtc.ice.PeerAddress`: its transport address and the relay (if any) its
+datagrams come through; the path sends to ``addr.socket_address`` through ``addr.relay``.
 """
 
 from __future__ import annotations
@@ -16,13 +18,14 @@ import attrs
 import trio
 
 from relay.addresses import Address
+from sessions.webrtc.ice import PeerAddress
 
-__all__ = ["INBOX_SIZE", "Datagram", "PacketPath", "SendFn", "SessionPort"]
+__all__ = ["INBOX_SIZE", "Datagram", "PacketPath", "PeerAddress", "SendFn", "SessionPort"]
 
 #: a datagram as a session receives it: (payload, the client address it came from)
-Datagram = tuple[bytes, Address]
+Datagram = tuple[bytes, PeerAddress]
 #: how a session sends: (payload, client address)
-SendFn = Callable[[bytes, Address], None]
+SendFn = Callable[[bytes, PeerAddress], None]
 
 #: datagrams a session's inbox holds; past it, that session (and only it) loses what arrives
 INBOX_SIZE: Final = 256
@@ -48,7 +51,8 @@ class SessionPort:
     inbox_send: trio.MemorySendChannel[Datagram]
     inbox: trio.MemoryReceiveChannel[Datagram]
     send: SendFn
-    addresses: set[Address] = attrs.field(factory=set)
+    #: client addresses the path has delivered from (for routing, and to forget them at the end)
+    addresses: set[PeerAddress] = attrs.field(factory=set)
     dropped_full: int = 0
     #: called after a batch of sends: a tunnel transmits what the batch queued at once
     flush: Callable[[], None] = lambda: None

@@ -8,6 +8,27 @@ Checkpoints: when the core asks (``CheckpointDue``), the actor takes a snapshot,
 node's checkpoint store, and only then confirms it to the core (SRTP refuses to send past an
 unconfirmed reservation, so an index is never used twice). If the actor crashes, its supervisor
 restarts it from the last stored snapshot, not from zero: the client notices nothing but a gap.
+
+Planned moves, as the node daemon drives them (messages, each answered):
+
+* ``("quiesce",)``: the core stops at a frame boundary (:meth:`Transceiver.quiesce`); the reply
+  is :class:`Quiesced` (the exact snapshot's bytes and the wall-clock time of the quiesce), or
+  a :class:`~sessions.transceiver.MoveRefused` (returned, not raised). From then on the media
+  loop neither touches the core nor sends anything: it keeps what arrives, raw and in order, up
+  to ``max_buffered`` datagrams (more are counted in :attr:`SessionActor.buffer_overflow` and
+  lost). No checkpoint is taken. Asking again returns the same reply.
+* ``("resume",)``: the move was abandoned; what was kept is fed to the core in order and the
+  session goes on (:meth:`Transceiver.resume`). Replies ``True``.
+* ``("hand_off",)``: the move succeeded; the reply is the kept datagrams (a list of
+  ``(bytes, PeerAddress)``, oldest first, including what is still in the inbox) for the new
+  owner, and the actor finishes *without* ``session_ended`` and without ``on_end``: the session
+  lives on elsewhere, and the node tells the client.
+* ``("moved", from_node, to_node, epoch)``: on the new node, once the move is final; passed to a
+  :class:`~sessions.agents.MoveAwareAgent` (the bridge tells the external agent).
+
+The new node builds its actor with ``arrival=Arrival(snapshot, quiesced_at)``: it continues the
+exact snapshot (:meth:`Transceiver.restore`) when it starts, with the wall time elapsed since
+the quiesce as the blackout.
 """
 
 from __future__ import annotations
@@ -16,20 +37,23 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from typing import Any, final
+from typing import Any, Final, final
 
+import attrs
 import trio
 
 from actors import Actor
-from sessions.agents import Agent, EchoAgent, RunningAgent
-from sessions.ports import SessionPort
+from sessions.agents import Agent, EchoAgent, MoveAwareAgent, RunningAgent
+from sessions.ports import Datagram, PeerAddress, SessionPort
 from sessions.snapshot import SessionSnapshot
 from sessions.transceiver import (
+    CODE_NOT_QUIESCED,
     CheckpointDue,
     ClientEvent,
     DtlsConnected,
     IceConnected,
     MediaStarted,
+    MoveRefused,
     SessionClosed,
     SessionFailed,
     Transceiver,
@@ -37,10 +61,36 @@ from sessions.transceiver import (
 from sessions.turns import TurnConfig
 from sessions.webrtc.certs import Certificate
 
+__all__ = ["MAX_BUFFERED", "Arrival", "EventSink", "Quiesced", "SessionActor"]
+
 log = logging.getLogger("parley.session")
 
 #: events are plain JSON-ready dicts; the signaling layer forwards them to the client
 EventSink = Callable[[dict[str, Any]], None]
+
+#: datagrams a quiesced session keeps for its next owner (10 s of one client's audio)
+MAX_BUFFERED: Final = 512
+
+
+@final
+@attrs.frozen
+class Quiesced:
+    """The reply to ``("quiesce",)``: the exact snapshot and when it was taken."""
+
+    #: :meth:`SessionSnapshot.to_bytes` of the exact snapshot: key material, store it sealed
+    snapshot: bytes = attrs.field(repr=False)
+    #: wall-clock time (``time.time()``) of the quiesce: the next owner's blackout starts here
+    at: float
+
+
+@final
+@attrs.frozen
+class Arrival:
+    """A session arriving from another node in a planned move: its exact snapshot and the
+    wall-clock time of the quiesce there (:attr:`Quiesced.at`)."""
+
+    snapshot: SessionSnapshot = attrs.field(repr=False)
+    quiesced_at: float
 
 
 def _is_rtp(data: bytes) -> bool:
@@ -68,6 +118,8 @@ class SessionActor(Actor):
         agent: Agent | None = None,
         make_agent: Callable[[], Agent] = EchoAgent,
         turn_config: TurnConfig | None = None,
+        arrival: Arrival | None = None,
+        max_buffered: int = MAX_BUFFERED,
     ) -> None:
         super().__init__(session_id)
         self.session_id = session_id
@@ -81,16 +133,58 @@ class SessionActor(Actor):
         self._agent = agent
         self._make_agent = make_agent
         self._turn_config = turn_config
+        self._arrival = arrival
         self.restored = False
+        #: seconds from the quiesce on the old node to this actor's restore (a moved session)
+        self.blackout: float | None = None
+        # A planned move: paused (quiesced), with what arrived meanwhile.
+        self._max_buffered = max_buffered
+        self._quiesced: Quiesced | None = None
+        self._buffer: list[Datagram] = []
+        #: datagrams lost while quiesced because ``max_buffered`` were already kept
+        self.buffer_overflow = 0
+        self._wake: trio.CancelScope | None = None
+        self._over = False
+        self._looping = False  # the media loop runs
+        self._handing_off: trio.Event | None = None  # set by the loop once it let go
 
     @property
     def core(self) -> Transceiver:
         assert self._core is not None
         return self._core
 
+    @property
+    def paused(self) -> bool:
+        """Quiesced for a planned move: the core is untouched, datagrams are kept."""
+        return self._quiesced is not None
+
+    @property
+    def buffered(self) -> int:
+        """Datagrams kept since the quiesce."""
+        return len(self._buffer)
+
     async def on_start(self) -> None:
         now = trio.current_time()
-        if self._core is None:
+        if self._core is None and self._arrival is not None:
+            arrival, self._arrival = self._arrival, None
+            self._agent = self._agent if self._agent is not None else self._make_agent()
+            # The wall clocks of two nodes agree closely enough (NTP) for a blackout of
+            # milliseconds; a clock behind ours makes it 0, never negative.
+            self.blackout = max(0.0, time.time() - arrival.quiesced_at)
+            self._core = Transceiver.restore(
+                arrival.snapshot,
+                certificate=self.certificate,
+                now=now,
+                agent=self._agent,
+                turn_config=self._turn_config,
+                elapsed=self.blackout,
+            )
+            self.restored = True
+            log.debug(
+                "session continued from its exact snapshot",
+                extra={"session": self.session_id, "blackout_ms": round(self.blackout * 1000, 1)},
+            )
+        elif self._core is None:
             snapshot = self._restore_from()
             if snapshot is None:
                 # It crashed before its first checkpoint (before DTLS completed): there is no
@@ -100,7 +194,8 @@ class SessionActor(Actor):
                 return
             self._agent = self._make_agent()
             self._core = Transceiver.restore(
-                snapshot,
+                # A crash restore must start above the reservation, whatever was stored.
+                snapshot.as_checkpoint() if snapshot.exact else snapshot,
                 certificate=self.certificate,
                 now=now,
                 agent=self._agent,
@@ -124,7 +219,7 @@ class SessionActor(Actor):
         takes seconds to shed it one packet at a time; playing the gap as a gap is better.
         STUN and RTCP are kept. Returns how many RTP datagrams were dropped.
         """
-        backlog: list[tuple[bytes, tuple[str, int]]] = []
+        backlog: list[Datagram] = []
         while True:
             try:
                 backlog.append(self.port.inbox.receive_nowait())
@@ -141,37 +236,157 @@ class SessionActor(Actor):
         if message == "stats":
             return self.core.stats()
         if message == "close":
-            self.core.close(trio.current_time())
+            self.core.close(trio.current_time())  # silent if quiesced: nothing is sent
+            self._quiesced = None
+            self._buffer.clear()
             self._flush()
+            self._wake_loop()  # the loop reports the end
+            return True
+        if message == ("quiesce",):
+            return self._quiesce()
+        if message == ("resume",):
+            return self._resume()
+        if message == ("hand_off",):
+            return await self._hand_off()
+        if isinstance(message, tuple) and len(message) == 4 and message[0] == "moved":
+            _, from_node, to_node, epoch = message
+            if isinstance(self._agent, MoveAwareAgent):
+                self._agent.moved_in(from_node=from_node, to_node=to_node, epoch=epoch)
             return True
         raise ValueError(f"unknown message {message!r}")
 
-    async def _media_loop(self) -> None:
+    # --- a planned move -----------------------------------------------------------------------
+
+    def _quiesce(self) -> Quiesced | MoveRefused:
+        if self._quiesced is not None:
+            return self._quiesced  # asked again (a retry): the same answer
+        try:
+            snapshot = self.core.quiesce(trio.current_time())
+        except MoveRefused as refused:
+            # What was due went out; an ending it brought is the loop's to report.
+            self._flush()
+            self._wake_loop()
+            return refused
+        self._quiesced = Quiesced(snapshot.to_bytes(), time.time())
+        # The last frame, and the client's last events from here (no checkpoint: quiesced).
+        self._flush()
+        self._handle_events()
+        self._wake_loop()
+        log.info("session quiesced", extra={"session": self.session_id})
+        return self._quiesced
+
+    def _resume(self) -> bool | MoveRefused:
+        if self._quiesced is None:
+            return MoveRefused(CODE_NOT_QUIESCED, "the session is not quiesced")
+        now = trio.current_time()
         core = self.core
-        inbox = self.port.inbox
+        core.resume(now)
+        self._quiesced = None
+        kept, self._buffer = self._buffer, []
+        for data, addr in kept:
+            core.receive(data, addr, now)
+        self._flush()
+        self._handle_events()
+        self._wake_loop()
+        log.info(
+            "session resumed",
+            extra={"session": self.session_id, "fed": len(kept), "lost": self.buffer_overflow},
+        )
+        return True
+
+    async def _hand_off(self) -> list[Datagram] | MoveRefused:
+        if self._quiesced is None:
+            return MoveRefused(CODE_NOT_QUIESCED, "the session is not quiesced")
+        if self._looping:
+            # The media loop lets go itself: a datagram the inbox already handed to it (Trio
+            # passes a value straight to a waiting receiver) is kept before anything is taken.
+            released = self._handing_off = trio.Event()
+            self._wake_loop()
+            await released.wait()
+        self._drain_inbox()
+        kept, self._buffer = self._buffer, []
+        if isinstance(self._agent, MoveAwareAgent):
+            self._agent.moved_out()
+        lost = self.buffer_overflow
+        log.info(
+            "session handed off",
+            extra={"session": self.session_id, "handed_on": len(kept), "lost": lost},
+        )
+        # The session lives on elsewhere: no session_ended, no on_end; the actor just ends.
+        self._over = True
+        self.stop()
+        return kept
+
+    def _drain_inbox(self) -> None:
         while True:
-            timer = core.get_timer()
-            with trio.move_on_at(math.inf if timer is None else timer):
+            try:
+                self._keep(*self.port.inbox.receive_nowait())
+            except (trio.WouldBlock, trio.EndOfChannel):
+                return
+
+    def _keep(self, data: bytes, addr: PeerAddress) -> None:
+        if len(self._buffer) >= self._max_buffered:
+            self.buffer_overflow += 1
+            return
+        self._buffer.append((data, addr))
+
+    def _wake_loop(self) -> None:
+        """Have the media loop look again: at the core's timer, the pause, the end."""
+        if self._wake is not None:
+            self._wake.cancel()
+
+    # --- media --------------------------------------------------------------------------------
+
+    async def _media_loop(self) -> None:
+        self._looping = True
+        try:
+            await self._serve_media()
+        finally:
+            self._looping = False
+            if self._handing_off is not None:
+                self._handing_off.set()
+
+    async def _serve_media(self) -> None:
+        inbox = self.port.inbox
+        closed = False  # the inbox ended while quiesced: wait for a resume or a hand-off
+        while not self._over and self._handing_off is None:
+            timer = None if self.paused else self.core.get_timer()
+            with trio.CancelScope(deadline=math.inf if timer is None else timer) as wake:
+                self._wake = wake
+                if closed and self.paused:
+                    await trio.sleep_forever()
                 try:
                     data, addr = await inbox.receive()
                 except trio.EndOfChannel:
-                    self._end("media path closed", "closed")
-                    return
-                core.receive(data, addr, trio.current_time())
+                    if not self.paused:
+                        self._end("media path closed", "closed")
+                        return
+                    closed = True
+                    continue
+                self._take(data, addr)
                 # Take whatever else is already queued before sending: one flush per batch.
                 for _ in range(64):
                     try:
                         data, addr = inbox.receive_nowait()
                     except (trio.WouldBlock, trio.EndOfChannel):
                         break
-                    core.receive(data, addr, trio.current_time())
+                    self._take(data, addr)
+            self._wake = None
+            if self.paused or self._over or self._handing_off is not None:
+                continue
+            core = self.core
             now = trio.current_time()
             timer = core.get_timer()
             if timer is not None and now >= timer:
                 core.handle_timer(now)
             self._flush()
-            if self._handle_events():
-                return
+            self._handle_events()
+
+    def _take(self, data: bytes, addr: PeerAddress) -> None:
+        if self.paused:
+            self._keep(data, addr)
+        else:
+            self.core.receive(data, addr, trio.current_time())
 
     def _flush(self) -> None:
         send = self.port.send
@@ -181,17 +396,20 @@ class SessionActor(Actor):
         if out:
             self.port.flush()
 
-    def _handle_events(self) -> bool:
-        """Act on the core's events; True once the session is over."""
+    def _handle_events(self) -> None:
+        """Act on the core's events; the session is over once one says so."""
         core = self.core
-        while (event := core.next_event()) is not None:
+        while not self._over and (event := core.next_event()) is not None:
             match event:
                 case CheckpointDue():
+                    if core.quiesced:
+                        continue  # the exact snapshot is this node's last word
                     snapshot = core.snapshot(trio.current_time())
                     self._store(snapshot)
                     core.confirm(snapshot)
                 case IceConnected(addr=addr):
-                    self._emit("ice_connected", address=f"{addr[0]}:{addr[1]}")
+                    via = {"relay": addr.relay} if addr.relay else {}
+                    self._emit("ice_connected", address=f"{addr.host}:{addr.port}", **via)
                 case DtlsConnected(profile=profile):
                     self._emit("dtls_connected", profile=str(profile))
                 case MediaStarted():
@@ -202,16 +420,14 @@ class SessionActor(Actor):
                     self._emit(name, at=round(wall, 3), **fields)
                 case SessionFailed(reason=reason, code=code):
                     self._end(reason, code)
-                    return True
                 case SessionClosed(reason=reason):
                     self._end(reason, "closed")
-                    return True
-        return False
 
     def _emit(self, name: str, **fields: Any) -> None:
         self._events({"type": "event", "event": name, "ts": time.time(), **fields})
 
     def _end(self, reason: str, code: str) -> None:
+        self._over = True
         log.info("session over", extra={"session": self.session_id, "reason": reason, "code": code})
         self._emit("session_ended", reason=reason, code=code)
         self._on_end(self.session_id, reason)

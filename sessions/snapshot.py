@@ -15,6 +15,17 @@ renegotiates), the Opus codec state (libopus resynchronizes within a frame), the
 and the receiver statistics. Times are ages, as in :class:`~sessions.webrtc.ice.IceState`,
 because monotonic clocks of two nodes share no origin.
 
+Two kinds of snapshot. A *checkpoint* is taken while the session goes on: its SRTP state
+reserves indexes beyond what was used, and a restore from it (after a crash) starts above the
+reservation, so the client sees a jump. An *exact* snapshot (:attr:`SessionSnapshot.exact`) is
+taken by :meth:`Transceiver.quiesce <sessions.transceiver.Transceiver.quiesce>` for a planned
+move, once the old owner has stopped for good: its sequence number, timestamp and indexes are
+exactly the next ones (see :mod:`sessions.transceiver.handover`), and it also carries what is
+in flight inside the session — the client's packets not yet played out, our frames not yet
+sent, the agent's own state (:data:`MAX_AGENT_STATE` at most) and the turn count — so the next
+owner continues where this one stopped. Never store an exact snapshot as a checkpoint as it is:
+:meth:`SessionSnapshot.as_checkpoint` makes a checkpoint of it.
+
 The encoding carries the SRTP master keys and the ICE passwords: store it as a secret. The
 ``repr`` of a snapshot shows neither.
 """
@@ -29,22 +40,45 @@ from typing import Any, Final, final
 
 import attrs
 
+from sessions.audio.pacer import FRAME_TIMESTAMP
 from sessions.webrtc.certs import FINGERPRINT_ALGORITHMS
-from sessions.webrtc.ice import Address, IceState
+from sessions.webrtc.ice import IceState, PeerAddress
 from sessions.webrtc.srtp import SrtpState
 
-__all__ = ["SNAPSHOT_VERSION", "SessionSnapshot"]
+__all__ = [
+    "MAX_AGENT_STATE",
+    "MAX_PENDING",
+    "MAX_PLAYOUT",
+    "SNAPSHOT_VERSION",
+    "SessionSnapshot",
+]
 
 #: Version of :meth:`SessionSnapshot.to_bytes`; :meth:`SessionSnapshot.from_bytes` refuses
-#: every other.
-SNAPSHOT_VERSION: Final = 1
+#: every other. Version 2: relayed client addresses name their relay in a field of their own,
+#: and a snapshot may be exact (a planned move) and carry what is in flight.
+SNAPSHOT_VERSION: Final = 2
+
+#: Largest agent state a snapshot carries (the turn-echo agent's queued reply, as Opus, is
+#: about 40 KiB for 10 s of speech; its 30 s maximum stays well below this).
+MAX_AGENT_STATE: Final = 256 * 1024
+#: The client's packets received but not yet played out that a snapshot carries (the jitter
+#: buffer holds at most 200 ms of them).
+MAX_PLAYOUT: Final = 16
+#: Our 20 ms frames queued for sending that a snapshot carries (the voice loop keeps 40 ms).
+MAX_PENDING: Final = 4
 
 _MAGIC: Final = b"PLSS"
-# magic, version (1), header length (4); then the JSON header, SRTP length (2), SRTP state.
+# magic, version (1), header length (4); then the JSON header, SRTP length (2), SRTP state,
+# agent state length (4), agent state, pending frame count (1), pending frames (PCM).
 _PREFIX: Final = struct.Struct("!4sBI")
 _SRTP_LENGTH: Final = struct.Struct("!H")
+_AGENT_LENGTH: Final = struct.Struct("!I")
+_PENDING_COUNT: Final = struct.Struct("!B")
+_FRAME_BYTES: Final = 2 * FRAME_TIMESTAMP  # 20 ms of 48 kHz mono int16
 _MAX_HEADER: Final = 64 * 1024
-_MAX_AGENT_STATE: Final = 32 * 1024
+_MAX_PAYLOAD: Final = 1500  # an RTP payload fits a datagram
+_MAX_PLAYOUT_AGE: Final = 10.0  # seconds; a packet waits for playout 200 ms at most
+_MAX_TURN_AGE: Final = 3600.0  # seconds; a turn is cut at 30 s
 _MAX_SESSION_ID: Final = 256
 _DIRECTIONS: Final = ("sendrecv", "sendonly", "recvonly", "inactive")
 # RFC 8122 §5 fingerprint: upper-case hex pairs joined by ':' (as the SDP parser leaves it).
@@ -64,9 +98,15 @@ _HEADER_KEYS: Final = frozenset(
         "direction",
         "packets_sent",
         "octets_sent",
-        "agent_state",
+        "exact",
+        "turns",
+        "open_turn",
+        "playout",
     }
 )
+_ADDRESS_KEYS: Final = frozenset({"host", "port", "relay"})
+_MAX_HOST: Final = 64  # the longest IPv6 literal with a zone is well below
+_MAX_RELAY: Final = 256
 _ICE_KEYS: Final = frozenset(
     {"local_ufrag", "local_pwd", "remote_ufrag", "remote_pwd", "pairs", "selected", "expired"}
 )
@@ -119,8 +159,43 @@ def _check_cname(_: object, __: attrs.Attribute[str], value: object) -> None:
 
 
 def _check_agent_state(_: object, __: attrs.Attribute[bytes], value: object) -> None:
-    if not isinstance(value, bytes) or len(value) > _MAX_AGENT_STATE:
-        raise ValueError(f"agent_state must be at most {_MAX_AGENT_STATE} bytes")
+    if not isinstance(value, bytes) or len(value) > MAX_AGENT_STATE:
+        raise ValueError(f"agent_state must be at most {MAX_AGENT_STATE} bytes")
+
+
+def _check_playout(
+    _: object, __: attrs.Attribute[tuple[tuple[int, int, bytes, float], ...]], value: object
+) -> None:
+    if not isinstance(value, tuple) or len(value) > MAX_PLAYOUT:
+        raise ValueError(f"playout holds at most {MAX_PLAYOUT} packets")
+    for packet in value:
+        if not (
+            isinstance(packet, tuple)
+            and len(packet) == 4
+            and _is_int(packet[0])
+            and 0 <= packet[0] <= 0xFFFF
+            and _is_int(packet[1])
+            and 0 <= packet[1] <= 0xFFFF_FFFF
+            and isinstance(packet[2], bytes)
+            and 1 <= len(packet[2]) <= _MAX_PAYLOAD
+            and isinstance(packet[3], float)
+            and 0.0 <= packet[3] <= _MAX_PLAYOUT_AGE
+        ):
+            raise ValueError("playout holds (sequence number, timestamp, payload, age) packets")
+
+
+def _check_open_turn(_: object, __: attrs.Attribute[float | None], value: object) -> None:
+    if value is not None and not (
+        isinstance(value, float) and math.isfinite(value) and 0.0 <= value <= _MAX_TURN_AGE
+    ):
+        raise ValueError("open_turn is the age of a turn's start, in seconds")
+
+
+def _check_pending(_: object, __: attrs.Attribute[tuple[bytes, ...]], value: object) -> None:
+    if not isinstance(value, tuple) or len(value) > MAX_PENDING:
+        raise ValueError(f"pending holds at most {MAX_PENDING} frames")
+    if not all(isinstance(frame, bytes) and len(frame) == _FRAME_BYTES for frame in value):
+        raise ValueError(f"a pending frame is {_FRAME_BYTES} bytes of PCM")
 
 
 def _check_instance(kind: type) -> Any:
@@ -164,8 +239,24 @@ class SessionSnapshot:
     #: RTP packets and payload octets sent so far, for the SR sender info (RFC 3550 §6.4.1)
     packets_sent: int = attrs.field(validator=_int_in(0, 2**63))
     octets_sent: int = attrs.field(validator=_int_in(0, 2**63))
-    #: opaque state of the agent (the echo agent keeps none)
+    #: opaque state of the agent (the echo agent keeps none); only an exact snapshot has one
     agent_state: bytes = attrs.field(default=b"", validator=_check_agent_state, repr=False)
+    #: taken by a quiesce for a planned move: its sequence number, timestamp and SRTP indexes
+    #: are exactly the next ones, and a restore continues with no jump (see the module
+    #: docstring); a checkpoint is not exact
+    exact: bool = attrs.field(default=False, validator=attrs.validators.instance_of(bool))
+    #: user turns so far: the next owner's turns are numbered on from here
+    turns: int = attrs.field(default=0, validator=_int_in(0, 2**31))
+    #: seconds since the first voiced frame of the user's turn still open (number ``turns``)
+    #: at the quiesce; the next owner continues that turn
+    open_turn: float | None = attrs.field(default=None, validator=_check_open_turn)
+    #: the client's RTP received but not yet played out: (sequence number, timestamp, Opus
+    #: payload, seconds since it arrived), oldest first
+    playout: tuple[tuple[int, int, bytes, float], ...] = attrs.field(
+        default=(), validator=_check_playout, repr=False
+    )
+    #: our 20 ms PCM frames queued for sending, next first
+    pending: tuple[bytes, ...] = attrs.field(default=(), validator=_check_pending, repr=False)
 
     @property
     def local_ssrc(self) -> int:
@@ -178,9 +269,17 @@ class SessionSnapshot:
         return self.srtp.remote_ssrc
 
     @property
-    def client_addr(self) -> Address | None:
+    def client_addr(self) -> PeerAddress | None:
         """Where the client is: the address of the nominated ICE pair, if any."""
         return self.ice.selected
+
+    def as_checkpoint(self) -> SessionSnapshot:
+        """This snapshot as a checkpoint: not exact, nothing in flight. A restore from it
+        starts above its SRTP reservation, which is what a crash restore must do: whoever
+        continued from the exact snapshot may have sent within it."""
+        return attrs.evolve(
+            self, exact=False, turns=0, open_turn=None, playout=(), pending=(), agent_state=b""
+        )
 
     # --- encoding -----------------------------------------------------------------------------
 
@@ -198,8 +297,8 @@ class SessionSnapshot:
                 "local_pwd": ice.local_pwd,
                 "remote_ufrag": ice.remote_ufrag,
                 "remote_pwd": ice.remote_pwd,
-                "pairs": [[[host, port], age] for (host, port), age in ice.pairs],
-                "selected": None if ice.selected is None else list(ice.selected),
+                "pairs": [[_address_json(addr), age] for addr, age in ice.pairs],
+                "selected": None if ice.selected is None else _address_json(ice.selected),
                 "expired": ice.expired,
             },
             "remote_fingerprint": list(self.remote_fingerprint),
@@ -210,7 +309,10 @@ class SessionSnapshot:
             "direction": self.direction,
             "packets_sent": self.packets_sent,
             "octets_sent": self.octets_sent,
-            "agent_state": self.agent_state.hex(),
+            "exact": self.exact,
+            "turns": self.turns,
+            "open_turn": self.open_turn,
+            "playout": [[seq, ts, payload.hex(), age] for seq, ts, payload, age in self.playout],
         }
         text = json.dumps(header, separators=(",", ":"), sort_keys=True, allow_nan=False)
         encoded = text.encode("utf-8")
@@ -221,6 +323,10 @@ class SessionSnapshot:
                 encoded,
                 _SRTP_LENGTH.pack(len(srtp)),
                 srtp,
+                _AGENT_LENGTH.pack(len(self.agent_state)),
+                self.agent_state,
+                _PENDING_COUNT.pack(len(self.pending)),
+                *self.pending,
             )
         )
 
@@ -246,19 +352,36 @@ class SessionSnapshot:
             raise ValueError("truncated session snapshot")
         (srtp_length,) = _SRTP_LENGTH.unpack_from(raw, offset)
         offset += _SRTP_LENGTH.size
-        if len(raw) != offset + srtp_length:
+        srtp_bytes = raw[offset : offset + srtp_length]
+        offset += srtp_length
+        if len(srtp_bytes) != srtp_length or len(raw) < offset + _AGENT_LENGTH.size:
+            raise ValueError("truncated session snapshot")
+        (agent_length,) = _AGENT_LENGTH.unpack_from(raw, offset)
+        offset += _AGENT_LENGTH.size
+        if agent_length > MAX_AGENT_STATE:
+            raise ValueError("session snapshot agent state too long")
+        agent_state = raw[offset : offset + agent_length]
+        offset += agent_length
+        if len(agent_state) != agent_length or len(raw) < offset + _PENDING_COUNT.size:
+            raise ValueError("truncated session snapshot")
+        (pending_count,) = _PENDING_COUNT.unpack_from(raw, offset)
+        offset += _PENDING_COUNT.size
+        if pending_count > MAX_PENDING or len(raw) != offset + pending_count * _FRAME_BYTES:
             raise ValueError("session snapshot length mismatch")
+        pending = tuple(raw[at : at + _FRAME_BYTES] for at in range(offset, len(raw), _FRAME_BYTES))
         try:
-            srtp = SrtpState.from_bytes(raw[offset:])
+            srtp = SrtpState.from_bytes(srtp_bytes)
             header = json.loads(header_bytes.decode("utf-8"), parse_constant=_no_constant)
-            return cls._from_header(header, srtp)
+            return cls._from_header(header, srtp, agent_state, pending)
         except ValueError:
             raise
         except (TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
             raise ValueError(f"malformed session snapshot: {exc}") from None
 
     @classmethod
-    def _from_header(cls, header: Any, srtp: SrtpState) -> SessionSnapshot:
+    def _from_header(
+        cls, header: Any, srtp: SrtpState, agent_state: bytes, pending: tuple[bytes, ...]
+    ) -> SessionSnapshot:
         if not isinstance(header, dict) or set(header) != _HEADER_KEYS:
             raise ValueError("session snapshot header has the wrong fields")
         ice = header["ice"]
@@ -271,7 +394,7 @@ class SessionSnapshot:
                 raise ValueError("malformed ICE credentials in session snapshot")
         pairs = []
         for pair in ice["pairs"]:
-            if not isinstance(pair, list) or len(pair) != 2 or not isinstance(pair[0], list):
+            if not isinstance(pair, list) or len(pair) != 2:
                 raise ValueError("malformed ICE pair in session snapshot")
             if not isinstance(pair[1], int | float) or isinstance(pair[1], bool):
                 raise ValueError("malformed ICE pair age in session snapshot")
@@ -289,9 +412,13 @@ class SessionSnapshot:
         fingerprint = header["remote_fingerprint"]
         if not isinstance(fingerprint, list) or len(fingerprint) != 2:
             raise ValueError("malformed remote fingerprint in session snapshot")
-        agent_state = header["agent_state"]
-        if not isinstance(agent_state, str):
-            raise ValueError("malformed agent state in session snapshot")
+        if not isinstance(header["exact"], bool):
+            raise ValueError("malformed exact flag in session snapshot")
+        open_turn = header["open_turn"]
+        if open_turn is not None:
+            if not isinstance(open_turn, int | float) or isinstance(open_turn, bool):
+                raise ValueError("malformed open turn in session snapshot")
+            open_turn = float(open_turn)
         return cls(
             session_id=header["session_id"],
             age=header["age"],
@@ -305,20 +432,50 @@ class SessionSnapshot:
             direction=header["direction"],
             packets_sent=header["packets_sent"],
             octets_sent=header["octets_sent"],
-            agent_state=bytes.fromhex(agent_state),
+            agent_state=agent_state,
+            exact=header["exact"],
+            turns=header["turns"],
+            open_turn=open_turn,
+            playout=_playout(header["playout"]),
+            pending=pending,
         )
 
 
-def _address(value: object) -> Address:
+def _playout(value: object) -> tuple[tuple[int, int, bytes, float], ...]:
+    if not isinstance(value, list) or len(value) > MAX_PLAYOUT:
+        raise ValueError("malformed playout in session snapshot")
+    packets = []
+    for packet in value:
+        if (
+            not isinstance(packet, list)
+            or len(packet) != 4
+            or not isinstance(packet[2], str)
+            or not isinstance(packet[3], int | float)
+            or isinstance(packet[3], bool)
+        ):
+            raise ValueError("malformed playout packet in session snapshot")
+        packets.append((packet[0], packet[1], bytes.fromhex(packet[2]), float(packet[3])))
+    return tuple(packets)
+
+
+def _address_json(addr: PeerAddress) -> dict[str, object]:
+    # The relay is a field of its own: "" for a client that reached the node directly.
+    return {"host": addr.host, "port": addr.port, "relay": addr.relay}
+
+
+def _address(value: object) -> PeerAddress:
     if (
-        not isinstance(value, list)
-        or len(value) != 2
-        or not isinstance(value[0], str)
-        or not _is_int(value[1])
-        or not 0 <= value[1] <= 65535
+        not isinstance(value, dict)
+        or set(value) != _ADDRESS_KEYS
+        or not isinstance(value["host"], str)
+        or not 1 <= len(value["host"]) <= _MAX_HOST
+        or not _is_int(value["port"])
+        or not 0 <= value["port"] <= 65535
+        or not isinstance(value["relay"], str)
+        or len(value["relay"]) > _MAX_RELAY
     ):
         raise ValueError("malformed address in session snapshot")
-    return value[0], value[1]
+    return PeerAddress(value["host"], value["port"], value["relay"])
 
 
 def _no_constant(name: str) -> Any:

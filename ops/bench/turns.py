@@ -76,15 +76,15 @@ from sessions.webrtc import rtp, stun
 from sessions.webrtc.certs import Certificate, generate_certificate
 from sessions.webrtc.demux import PacketKind, classify, is_rtcp
 from sessions.webrtc.dtls import SrtpKeys, SrtpProfile
-from sessions.webrtc.ice import Address
+from sessions.webrtc.ice import PeerAddress
 
 __all__ = ["BenchResult", "DetectorFigures", "Percentiles", "main", "measure", "render"]
 
 FRAME: Final = 0.020
 FRAME_MS: Final = 20
 DEFAULT_AGGRESSIVENESS: Final = 2  # Vad()'s, what a node runs
-CLIENT_ADDR: Final[Address] = ("192.0.2.10", 50000)
-SERVER_ADDR: Final[Address] = ("203.0.113.1", 3478)
+CLIENT_ADDR: Final = PeerAddress("192.0.2.10", 50000)
+SERVER_ADDR: Final[tuple[str, int]] = ("203.0.113.1", 3478)
 CLIENT_UFRAG: Final = "bnch"
 CLIENT_PWD: Final = "bench+password/0123456789"
 CLIENT_SSRC: Final = 0x5EED_0001

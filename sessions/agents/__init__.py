@@ -13,6 +13,15 @@ starts its :meth:`RunningAgent.run` in its nursery and cancels it when the sessi
 
 :class:`EchoAgent` plays the user's voice straight back; :class:`TurnEchoAgent` plays each
 finished turn back (the demo's default).
+
+Moves. A session that moves to another node in a planned move (see
+:meth:`Transceiver.quiesce <sessions.transceiver.Transceiver.quiesce>`) takes its agent's state
+along if the agent is a :class:`StatefulAgent`: the old node's agent saves it, a fresh agent of
+the same kind on the new node loads it and goes on (the turn-echo agent keeps playing the reply
+it was playing). An agent with a life elsewhere (the WebSocket bridge) is also a
+:class:`MoveAwareAgent`: the new node's is told where the session came from, the old node's that
+the session lives on elsewhere, so that neither ends the conversation. :class:`EchoAgent` has no
+state worth moving.
 """
 
 from __future__ import annotations
@@ -26,7 +35,15 @@ from sessions.turns import TurnEvent
 if TYPE_CHECKING:
     from trio import TaskStatus
 
-__all__ = ["FRAME_BYTES", "Agent", "EchoAgent", "RunningAgent", "TurnEchoAgent"]
+__all__ = [
+    "FRAME_BYTES",
+    "Agent",
+    "EchoAgent",
+    "MoveAwareAgent",
+    "RunningAgent",
+    "StatefulAgent",
+    "TurnEchoAgent",
+]
 
 
 class Agent(Protocol):
@@ -75,4 +92,40 @@ class RunningAgent(Agent, Protocol):
 
     async def run(self, *, task_status: TaskStatus[None] = ...) -> None:
         """Serve until cancelled (see the class docstring)."""
+        ...
+
+
+@runtime_checkable
+class StatefulAgent(Agent, Protocol):
+    """An :class:`Agent` whose state moves with its session in a planned move.
+
+    Both calls are synchronous and made from the session's media tick: keep them quick and
+    bounded (the state travels in the session's snapshot, at most
+    :data:`~sessions.snapshot.MAX_AGENT_STATE` bytes).
+    """
+
+    def save_state(self, now: float) -> bytes:
+        """The agent's state as bytes, at ``now``, for a fresh agent of the same kind on the
+        session's next node. Times in it are ages: another node's clock has another origin."""
+        ...
+
+    def load_state(self, data: bytes, now: float) -> None:
+        """Take up a state another node's agent saved (:meth:`save_state`), at ``now``; raise
+        :class:`ValueError` for one that is not of this kind or not well-formed (the agent
+        then starts fresh)."""
+        ...
+
+
+@runtime_checkable
+class MoveAwareAgent(Protocol):
+    """An agent that is told about its session's planned moves (the WebSocket bridge)."""
+
+    def moved_in(self, *, from_node: str, to_node: str, epoch: int) -> None:
+        """On the new node, once the move is final: the session came from ``from_node`` and is
+        owned by ``to_node`` from ownership epoch ``epoch`` on."""
+        ...
+
+    def moved_out(self) -> None:
+        """On the old node, when the session is handed off: it lives on elsewhere, so its
+        agent must let go without ending the conversation."""
         ...

@@ -8,7 +8,7 @@ events to forward to the client. None of these ever waits: they only move data b
 session and bounded queues.
 
 :meth:`BridgeAgent.run`, started by the session actor in its nursery, is the asynchronous side:
-it connects to the agent's URL, says hello (``parley.agent.v1``, see ``docs/agent-protocol.md``;
+it connects to the agent's URL, says hello (``parley.agent.v2``, see ``docs/agent-protocol.md``;
 the messages are in :mod:`sessions.agents.wire`), and pumps both directions until the connection
 ends, then reconnects with exponential backoff for as long as the session lives. Nothing the
 agent does can raise into the session: a dropped connection means silence and a reconnect, a
@@ -27,11 +27,19 @@ late media tick:
 * events for the client wait in a queue of :attr:`BridgeLimits.max_events`.
 
 PCM is never logged, and neither is the agent URL's query string (it may carry a token).
+
+Moves. The bridge is a :class:`~sessions.agents.StatefulAgent` and a
+:class:`~sessions.agents.MoveAwareAgent`: in a planned move the old node's bridge saves the turn
+count and how much of the agent's audio on its connection the user heard, and, handed off,
+closes its connection with 1001 ("session moved") instead of 1000; the new node's bridge loads
+that state, says a resuming hello and then ``session_moved``, so that the agent keeps one
+conversation and can send again what the user did not hear.
 """
 
 from __future__ import annotations
 
 import collections
+import json
 import logging
 import math
 import random
@@ -39,12 +47,12 @@ import urllib.parse
 from collections.abc import Sequence
 from typing import Any, Final, final
 
-import attrs
 import trio
 import trio_websocket
 
 from sessions.agents import wire
 from sessions.agents.echo import FRAME_BYTES
+from sessions.agents.links import BridgeLimits, Link, redact_url
 from sessions.agents.wire import FRAME_MS, PROTOCOL
 from sessions.turns import SpeechStopped, TurnEvent
 
@@ -57,85 +65,10 @@ _STABLE_SECONDS: Final = 1.0
 #: room in the outgoing queue for control messages, on top of the audio backlog
 _CONTROL_ROOM: Final = 64
 
-_positive_int = attrs.validators.gt(0)
-_positive_float = attrs.validators.gt(0.0)
-
-
-@final
-@attrs.frozen
-class BridgeLimits:
-    """Queue bounds and timeouts of one bridge (the defaults suit a real deployment)."""
-
-    #: agent audio queued for playout, in ms; beyond it new audio is dropped and counted
-    max_playout_ms: int = attrs.field(default=30_000, validator=_positive_int)
-    #: frames of user audio that may wait for the socket
-    send_backlog_frames: int = attrs.field(default=5, validator=_positive_int)
-    #: a socket write in progress for longer than this makes new user frames drop
-    stall_ms: float = attrs.field(default=40.0, validator=_positive_float)
-    #: first and largest pause between connection attempts, in seconds (doubling, +-20 % jitter)
-    backoff_initial: float = attrs.field(default=0.2, validator=_positive_float)
-    backoff_max: float = attrs.field(default=5.0, validator=_positive_float)
-    #: TCP connect plus WebSocket handshake
-    connect_timeout: float = attrs.field(default=5.0, validator=_positive_float)
-    #: from our hello until the agent's
-    hello_timeout: float = attrs.field(default=5.0, validator=_positive_float)
-    #: our closing handshake
-    close_timeout: float = attrs.field(default=1.0, validator=_positive_float)
-    #: WebSocket pings find a dead agent whose socket never said so (a half-open TCP connection)
-    ping_interval: float = attrs.field(default=5.0, validator=_positive_float)
-    ping_timeout: float = attrs.field(default=10.0, validator=_positive_float)
-    #: any message from the agent; a larger one closes the connection (1009)
-    max_message_bytes: int = attrs.field(default=1 << 20, validator=_positive_int)
-    #: a text message from the agent larger than this is malformed (dropped, the link lives)
-    max_text_chars: int = attrs.field(default=64 * 1024, validator=_positive_int)
-    #: events waiting for :meth:`BridgeAgent.poll_events`; more are dropped and counted
-    max_events: int = attrs.field(default=256, validator=_positive_int)
-
-
-@final
-class _Link:
-    """One established connection: the socket, its outgoing queue, and per-connection state."""
-
-    __slots__ = (
-        "audio_backlog",
-        "audio_frames",
-        "discarding",
-        "outgoing",
-        "reason",
-        "scope",
-        "send_started",
-        "ws",
-    )
-
-    def __init__(
-        self,
-        ws: trio_websocket.WebSocketConnection,
-        outgoing: trio.MemorySendChannel[str | bytes],
-    ) -> None:
-        self.ws = ws
-        self.outgoing = outgoing
-        self.scope = trio.CancelScope()
-        #: user frames queued but not yet taken by the writer
-        self.audio_backlog = 0
-        #: user frames queued on this connection: the agent's audio clock (FRAME_MS each)
-        self.audio_frames = 0
-        #: trio time at which the write in progress began, None when the writer is idle
-        self.send_started: float | None = None
-        #: after an interruption, agent audio is stale until the agent's ``clear``
-        self.discarding = False
-        #: why the link ended (the first reason given wins)
-        self.reason: str | None = None
-
-    def end(self, reason: str) -> None:
-        """Tear the link down (from any task, or from the sync side)."""
-        if self.reason is None:
-            self.reason = reason
-        self.scope.cancel()
-
 
 @final
 class BridgeAgent:
-    """An agent reached over a WebSocket (``parley.agent.v1``), reconnecting as needed.
+    """An agent reached over a WebSocket (``parley.agent.v2``), reconnecting as needed.
 
     ``url`` is the agent's ``ws://`` or ``wss://`` URL; ``headers`` are extra HTTP headers for
     the WebSocket handshake (an ``Authorization`` header, say). A session restored from a
@@ -164,19 +97,23 @@ class BridgeAgent:
         self.session_id: Final = session_id
         self.limits: Final = BridgeLimits() if limits is None else limits
         #: the URL as logs and stats show it: no credentials, no query string
-        self.display_url: Final = _redact(parts)
+        self.display_url: Final = redact_url(parts)
         #: whether the user talking over the agent stops it (barge-in, ``on_interrupted``)
         self.interruptible: Final = interruptible
         self._headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in headers]
         self._rng = random.Random() if rng is None else rng
         self._turn = 0 if resume_turn is None else resume_turn
         self._resume = resume_turn is not None
-        self._link: _Link | None = None
+        self._link: Link | None = None
         # agent audio, re-framed: whole frames, then the bytes of a frame still incomplete
         self._playout: collections.deque[bytes] = collections.deque()
         self._partial = bytearray()
         self._partial_waited = False  # a pull already found only the partial frame
         self._max_frames = max(1, self.limits.max_playout_ms // FRAME_MS)
+        # A planned move: what the new node says after its hello, and how the old one closes.
+        self._move: dict[str, Any] | None = None
+        self._moved_played_ms: int | None = None
+        self._moved_out = False
         self._events: collections.deque[dict[str, Any]] = collections.deque()
         self._failure_streak = 0
         self._up_at: float | None = None  # when the current link said hello
@@ -193,7 +130,7 @@ class BridgeAgent:
         """Whether an agent is connected and has said hello."""
         return self._live() is not None
 
-    def _live(self) -> _Link | None:
+    def _live(self) -> Link | None:
         """The current link, unless it is being torn down."""
         link = self._link
         return link if link is not None and link.reason is None else None
@@ -257,13 +194,18 @@ class BridgeAgent:
         """The next 20 ms frame of the agent's voice, or ``None`` (silence) if there is none."""
         if self._live() is None:
             return None
+        link = self._link
         if self._playout:
             self._counts["agent_frames_played"] += 1
+            if link is not None:
+                link.played_ms += FRAME_MS
             return self._playout.popleft()
         if self._partial:
             # The agent's reply ends on a partial frame, or its stream runs late: give it one
             # tick to complete the frame, then play what there is, padded with silence.
             if self._partial_waited:
+                if link is not None:
+                    link.played_ms += len(self._partial) * FRAME_MS // FRAME_BYTES
                 frame = bytes(self._partial).ljust(FRAME_BYTES, b"\0")
                 self._partial.clear()
                 self._partial_waited = False
@@ -271,6 +213,60 @@ class BridgeAgent:
                 return frame
             self._partial_waited = True
         return None
+
+    # --- moves (StatefulAgent, MoveAwareAgent) -------------------------------------------------
+
+    def save_state(self, now: float) -> bytes:
+        """What the bridge on the session's next node needs: the turn count, and how much of
+        the agent audio on this connection (since its last ``clear``) the user heard."""
+        link = self._live()
+        state = {
+            "kind": _STATE_KIND,
+            "turn": self._turn,
+            "played_ms": None if link is None else link.played_ms,
+        }
+        return json.dumps(state, separators=(",", ":")).encode()
+
+    def load_state(self, data: bytes, now: float) -> None:
+        """Take up the old node's :meth:`save_state`: every hello from here on resumes the
+        session. Raises :class:`ValueError` for another agent's state."""
+        try:
+            state = json.loads(data)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise ValueError("not a bridge agent state") from None
+        if not isinstance(state, dict) or state.get("kind") != _STATE_KIND:
+            raise ValueError("not a bridge agent state")
+        turn, played = state.get("turn"), state.get("played_ms")
+        if not isinstance(turn, int) or not _count(turn) or not (played is None or _count(played)):
+            raise ValueError("malformed bridge agent state")
+        self._turn = max(self._turn, turn)
+        self._resume = True
+        self._moved_played_ms = played
+
+    def moved_in(self, *, from_node: str, to_node: str, epoch: int) -> None:
+        """The move is final: tell the agent (``session_moved``) on the connection that is up,
+        or right after the next hello."""
+        self._move = wire.session_moved(
+            self.session_id,
+            from_node=from_node,
+            to_node=to_node,
+            epoch=epoch,
+            turn=self._turn,
+            played_ms=self._moved_played_ms,
+        )
+        link = self._live()
+        if link is not None:
+            self._announce_move(link)
+
+    def moved_out(self) -> None:
+        """The session was handed off to another node: close with 1001 ("session moved"), not
+        1000, so that the agent keeps the conversation for the new node's connection."""
+        self._moved_out = True
+
+    def _announce_move(self, link: Link) -> None:
+        move, self._move = self._move, None
+        if move is not None:
+            self._send_control(link, move)
 
     def poll_events(self) -> list[dict[str, Any]]:
         """Events for the client since the last call (from the agent, and the bridge's own
@@ -308,7 +304,7 @@ class BridgeAgent:
             "internal_errors": c["internal_errors"],
         }
 
-    def _send_control(self, link: _Link, message: dict[str, Any]) -> None:
+    def _send_control(self, link: Link, message: dict[str, Any]) -> None:
         try:
             link.outgoing.send_nowait(wire.encode(message))
         except trio.WouldBlock:
@@ -409,7 +405,7 @@ class BridgeAgent:
             outgoing, incoming = trio.open_memory_channel[str | bytes](
                 limits.send_backlog_frames + _CONTROL_ROOM
             )
-            link = _Link(ws, outgoing)
+            link = Link(ws, outgoing)
             self._up(link)
             try:
                 with link.scope:
@@ -431,7 +427,9 @@ class BridgeAgent:
                     trio.CancelScope(shield=True),
                     trio.move_on_after(0.1 if ending else limits.close_timeout),
                 ):
-                    if ending:
+                    if ending and self._moved_out:
+                        await ws.aclose(wire.CLOSE_GOING_AWAY, "session moved")
+                    elif ending:
                         await ws.aclose(wire.CLOSE_NORMAL, "session ended")
                     else:
                         await ws.aclose(wire.CLOSE_GOING_AWAY, reason)
@@ -449,7 +447,7 @@ class BridgeAgent:
                     await ws.aclose(wire.CLOSE_PROTOCOL_ERROR, "unsupported protocol")
             raise
 
-    def _up(self, link: _Link) -> None:
+    def _up(self, link: Link) -> None:
         resumed = self._resume
         self._link = link
         self._up_at = trio.current_time()
@@ -459,13 +457,14 @@ class BridgeAgent:
         if self._counts["connects"] > 1:
             self._counts["reconnects"] += 1
         self._partial_waited = False
+        self._announce_move(link)
         log.info(
             "agent connected",
             extra={"session": self.session_id, "agent": self.display_url, "resumed": resumed},
         )
         self._emit({"event": "agent_connected", "resumed": resumed})
 
-    def _down(self, link: _Link, reason: str) -> None:
+    def _down(self, link: Link, reason: str) -> None:
         if self._link is link:
             self._link = None
         self._counts["disconnects"] += 1
@@ -480,7 +479,7 @@ class BridgeAgent:
         )
         self._emit({"event": "agent_disconnected", **fields})
 
-    async def _write(self, link: _Link, incoming: trio.MemoryReceiveChannel[str | bytes]) -> None:
+    async def _write(self, link: Link, incoming: trio.MemoryReceiveChannel[str | bytes]) -> None:
         """The only task that writes to the socket (so cancelling a producer never cuts a
         WebSocket frame in half)."""
         try:
@@ -497,7 +496,7 @@ class BridgeAgent:
             pass
         link.end("closed")
 
-    async def _keepalive(self, link: _Link) -> None:
+    async def _keepalive(self, link: Link) -> None:
         limits = self.limits
         try:
             while True:
@@ -516,7 +515,7 @@ class BridgeAgent:
             pass
         link.end("closed")
 
-    async def _read(self, link: _Link) -> None:
+    async def _read(self, link: Link) -> None:
         while True:
             try:
                 message = await link.ws.get_message()
@@ -530,7 +529,7 @@ class BridgeAgent:
 
     # --- what the agent says ------------------------------------------------------------------
 
-    def _on_agent_audio(self, link: _Link, pcm: bytes) -> None:
+    def _on_agent_audio(self, link: Link, pcm: bytes) -> None:
         if len(pcm) % 2:
             self._malformed_message("odd_length_audio")
             return
@@ -553,7 +552,7 @@ class BridgeAgent:
         self._playout.extend(frames)
         self._counts["agent_frames_received"] += len(frames)
 
-    def _on_agent_text(self, link: _Link, text: str) -> None:
+    def _on_agent_text(self, link: Link, text: str) -> None:
         match wire.parse(text, max_chars=self.limits.max_text_chars):
             case wire.AgentEvent(name=name, fields=fields):
                 self._counts["agent_events"] += 1
@@ -561,6 +560,7 @@ class BridgeAgent:
             case wire.Clear():
                 self._drop_playout("cleared")
                 link.discarding = False
+                link.played_ms = 0
             case wire.AgentError(code=code):
                 self._counts["agent_errors"] += 1
                 log.warning(
@@ -582,9 +582,8 @@ class BridgeAgent:
         )
 
 
-def _redact(parts: urllib.parse.SplitResult) -> str:
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    port = f":{parts.port}" if parts.port is not None else ""
-    return f"{parts.scheme}://{host}{port}{parts.path}"
+_STATE_KIND: Final = "parley.bridge"
+
+
+def _count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0

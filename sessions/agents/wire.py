@@ -1,7 +1,8 @@
-"""The ``parley.agent.v1`` wire protocol (``docs/agent-protocol.md``) as plain values, no I/O.
+"""The ``parley.agent.v2`` wire protocol (``docs/agent-protocol.md``) as plain values, no I/O.
 
 What :class:`~sessions.agents.bridge.BridgeAgent` says to an agent (:func:`hello`,
-:func:`turn`, :func:`interrupted`, :func:`unsupported_protocol`) and what it accepts back
+:func:`turn`, :func:`interrupted`, :func:`session_moved`, :func:`unsupported_protocol`) and what
+it accepts back
 (:func:`check_hello` for the agent's first message, :func:`parse` for the text messages after
 it: an :class:`AgentEvent`, :class:`Clear`, :class:`AgentError`, or :class:`Malformed`). User
 and agent audio travel as binary messages of 48 kHz mono ``pcm16le``, outside these helpers.
@@ -37,12 +38,14 @@ __all__ = [
     "hello",
     "interrupted",
     "parse",
+    "session_moved",
     "turn",
     "unsupported_protocol",
 ]
 
-#: the protocol this bridge speaks, sent in and expected back in ``hello``
-PROTOCOL: Final = "parley.agent.v1"
+#: the protocol this bridge speaks, sent in and expected back in ``hello``; v2 added
+#: ``session_moved`` (a session that moved to another node goes on with the same conversation)
+PROTOCOL: Final = "parley.agent.v2"
 #: duration of one frame of user audio (FRAME_BYTES of 48 kHz mono int16)
 FRAME_MS: Final = 20
 AUDIO_FORMAT: Final = {"encoding": "pcm16le", "sample_rate": 48_000, "channels": 1, "frame_ms": 20}
@@ -63,6 +66,7 @@ RESERVED_EVENTS: Final = BRIDGE_EVENTS | {
     "dtls_connected",
     "media_started",
     "session_ended",
+    "session_moved",
 }
 _EVENT_NAME: Final = re.compile(r"[a-z][a-z0-9_.\-]{0,63}")
 #: close codes (RFC 6455 §7.4.1)
@@ -125,6 +129,31 @@ def turn(event: TurnEvent, *, audio_ms: int) -> dict[str, Any]:
 def interrupted(played_ms: int, *, turn: int) -> dict[str, Any]:
     """Barge-in: the user heard ``played_ms`` of the reply to turn ``turn``."""
     return {"type": "interrupted", "played_ms": max(0, int(played_ms)), "turn": turn}
+
+
+def session_moved(
+    session: str,
+    *,
+    from_node: str,
+    to_node: str,
+    epoch: int,
+    turn: int,
+    played_ms: int | None,
+) -> dict[str, Any]:
+    """The session moved from ``from_node`` to ``to_node`` (ownership epoch ``epoch``): sent by
+    the new node right after its resuming hello. ``played_ms``, when known, is how much of the
+    agent audio sent on the previous connection since its last ``clear`` the user heard."""
+    message: dict[str, Any] = {
+        "type": "session_moved",
+        "session": session,
+        "from_node": from_node,
+        "to_node": to_node,
+        "epoch": epoch,
+        "turn": turn,
+    }
+    if played_ms is not None:
+        message["played_ms"] = max(0, int(played_ms))
+    return message
 
 
 def unsupported_protocol() -> str:

@@ -20,7 +20,7 @@ from typing import final
 import trio
 
 from relay.udp import Address, bound_udp, drain_forever, kernel_drops, send_nowait
-from sessions.ports import INBOX_SIZE, Datagram, SessionPort
+from sessions.ports import INBOX_SIZE, Datagram, PeerAddress, SessionPort
 from sessions.webrtc import stun
 from sessions.webrtc.errors import StunError
 
@@ -86,15 +86,16 @@ class MediaPort:
             return
         self._by_ufrag.pop(port.ufrag, None)
         for addr in port.addresses:
-            self._by_addr.pop(addr, None)
+            self._by_addr.pop(addr.socket_address, None)
         port.inbox_send.close()
 
-    def send(self, data: bytes, addr: Address) -> None:
+    def send(self, data: bytes, addr: PeerAddress) -> None:
         """Send without waiting; a full socket buffer drops the datagram (counted)."""
         if self._sock is None:
             self.counters["send_failed"] += 1
             return
-        if send_nowait(self._sock, data, addr):
+        # Only (host, port) goes to the socket: a direct client has no relay.
+        if send_nowait(self._sock, data, addr.socket_address):
             self.counters["sent"] += 1
         else:
             self.counters["send_failed"] += 1
@@ -123,7 +124,7 @@ class MediaPort:
         # The session's ICE core still checks MESSAGE-INTEGRITY; an address is only cached here
         # for routing, and a forged check cannot make the session answer or send media to it.
         self._by_addr[addr] = port
-        port.addresses.add(addr)
+        port.addresses.add(PeerAddress(*addr))
         return port
 
     def _deliver(self, data: bytes, addr: Address) -> None:
@@ -132,7 +133,7 @@ class MediaPort:
         if port is None:
             return
         try:
-            port.inbox_send.send_nowait((data, addr))
+            port.inbox_send.send_nowait((data, PeerAddress(*addr)))
         except trio.WouldBlock:
             # A session that cannot keep up loses its own packets, not everyone's.
             port.dropped_full += 1

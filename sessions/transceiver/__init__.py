@@ -15,7 +15,8 @@ It is made of three parts, each sans-I/O with its own deadline:
   pacer and the encoder;
 * :mod:`~sessions.transceiver.checkpoints`: when a snapshot is due;
 
-and :mod:`~sessions.transceiver.events` holds what the owner is told.
+and :mod:`~sessions.transceiver.events` holds what the owner is told,
+:mod:`~sessions.transceiver.handover` what a planned move hands over.
 
 Life of a session:
 
@@ -51,6 +52,14 @@ again every :data:`CHECKPOINT_RETRY` while a request goes unanswered. The owner 
 the client notices a gap of a few hundred milliseconds and a jump in sequence numbers, and
 renegotiates nothing.
 
+Planned moves. :meth:`Transceiver.quiesce` stops the session at a frame boundary for good and
+returns its *exact* snapshot; :meth:`Transceiver.restore` of that snapshot on another node
+continues with the very next sequence number, SRTP and SRTCP indexes, the same SSRC, and a
+timestamp advanced by the blackout in whole frames: the client sees a short gap, no jump, and
+no index is ever used twice. If the move is abandoned, :meth:`Transceiver.resume` carries on
+where it stopped. Before DTLS has keyed SRTP, or after the session ended, the quiesce is
+refused (:class:`~sessions.transceiver.handover.MoveRefused`).
+
 Input from the network never raises: every datagram is handled, or counted (see
 :meth:`Transceiver.stats`) and dropped.
 """
@@ -74,6 +83,13 @@ from sessions.transceiver.events import (
     SessionEvent,
     SessionFailed,
 )
+from sessions.transceiver.handover import (
+    CODE_ENDED,
+    CODE_NOT_CONNECTED,
+    CODE_NOT_QUIESCED,
+    MoveRefused,
+    frames_elapsed,
+)
 from sessions.transceiver.reports import RTCP_INTERVAL
 
 __all__ = [
@@ -82,6 +98,9 @@ __all__ = [
     "CODE_CONNECT_TIMEOUT",
     "CODE_CONSENT_EXPIRED",
     "CODE_DTLS_FAILED",
+    "CODE_ENDED",
+    "CODE_NOT_CONNECTED",
+    "CODE_NOT_QUIESCED",
     "CONNECT_TIMEOUT",
     "RTCP_INTERVAL",
     "CheckpointDue",
@@ -89,10 +108,12 @@ __all__ = [
     "DtlsConnected",
     "IceConnected",
     "MediaStarted",
+    "MoveRefused",
     "SessionClosed",
     "SessionEvent",
     "SessionFailed",
     "SessionSnapshot",
     "SessionState",
     "Transceiver",
+    "frames_elapsed",
 ]

@@ -43,11 +43,11 @@ from sessions.webrtc.dtls import (
     HandshakeFailed,
 )
 from sessions.webrtc.ice import (
-    Address,
     ConsentExpired,
     IceLiteResponder,
     IceState,
     PairNominated,
+    PeerAddress,
     ResponderState,
 )
 from sessions.webrtc.srtp import SrtpProfile, SrtpSession
@@ -64,6 +64,9 @@ class SessionState(enum.Enum):
     CONNECTING = "connecting"
     #: SRTP is keyed (media flows once a pair is nominated)
     CONNECTED = "connected"
+    #: frozen for a planned move: nothing is received, sent or timed until it is resumed; its
+    #: exact snapshot continues elsewhere (see :mod:`sessions.transceiver.handover`)
+    QUIESCED = "quiesced"
     FAILED = "failed"
     CLOSED = "closed"
 
@@ -80,11 +83,18 @@ _S = SessionState
 #: * NEW, CONNECTING, CONNECTED -> FAILED: connect timeout (NEW, CONNECTING), DTLS failure
 #:   (CONNECTING, CONNECTED), consent expiry (CONNECTED, RFC 7675 §5.1);
 #: * NEW, CONNECTING, CONNECTED -> CLOSED: :meth:`Connection.close`, or the client's
-#:   close_notify (RFC 5246 §7.2.1).
+#:   close_notify (RFC 5246 §7.2.1);
+#: * CONNECTED -> QUIESCED: :meth:`Connection.quiesce`, a planned move (only once keyed);
+#: * QUIESCED -> CONNECTED: :meth:`Connection.resume`, the move was abandoned;
+#: * QUIESCED -> CLOSED: :meth:`Connection.close` of a quiesced session, which sends nothing
+#:   (the client's DTLS must not hear a close_notify for a session that lives on elsewhere).
+#:
+#: A quiesced session has no timer and takes no input, so nothing else can happen to it.
 TRANSITIONS: Final[Mapping[SessionState, frozenset[SessionState]]] = {
     _S.NEW: frozenset({_S.CONNECTING, _S.CONNECTED, _S.FAILED, _S.CLOSED}),
     _S.CONNECTING: frozenset({_S.CONNECTED, _S.FAILED, _S.CLOSED}),
-    _S.CONNECTED: frozenset({_S.FAILED, _S.CLOSED}),
+    _S.CONNECTED: frozenset({_S.QUIESCED, _S.FAILED, _S.CLOSED}),
+    _S.QUIESCED: frozenset({_S.CONNECTED, _S.CLOSED}),
     _S.FAILED: frozenset(),
     _S.CLOSED: frozenset(),
 }
@@ -117,12 +127,12 @@ class Connection:
         self.remote_fingerprint: Final = remote_fingerprint
         self._local_ssrc = local_ssrc
         self._dtls = dtls
-        self._dtls_addr: Address | None = None
+        self._dtls_addr: PeerAddress | None = None
         self._srtp: SrtpSession | None = None
         self._state = SessionState.NEW
         self._connect_deadline: float | None = now + CONNECT_TIMEOUT
         self._events: collections.deque[SessionEvent] = collections.deque()
-        self._out: list[tuple[bytes, Address]] = []
+        self._out: list[tuple[bytes, PeerAddress]] = []
         #: DTLS records handed to the DTLS server
         self.dtls_in = 0
         self.dropped: collections.Counter[str] = collections.Counter()
@@ -162,12 +172,17 @@ class Connection:
         return self._state in _ENDED
 
     @property
+    def quiesced(self) -> bool:
+        """Whether the session is frozen for a planned move (:meth:`quiesce`)."""
+        return self._state is SessionState.QUIESCED
+
+    @property
     def ice(self) -> IceLiteResponder:
         """The ICE-lite responder (for its credentials and counters)."""
         return self._ice
 
     @property
-    def selected_address(self) -> Address | None:
+    def selected_address(self) -> PeerAddress | None:
         """The client's nominated address, where media goes; ``None`` before nomination."""
         return self._ice.selected
 
@@ -181,7 +196,7 @@ class Connection:
         """SRTP is keyed and the client nominated a pair: media may flow."""
         return self._srtp is not None and self._ice.selected is not None
 
-    def accepts_media_from(self, addr: Address) -> bool:
+    def accepts_media_from(self, addr: PeerAddress) -> bool:
         """Whether SRTP from ``addr`` may be ours.
 
         Media is bound to the nominated pair. Before any nomination, a pair whose check
@@ -204,21 +219,21 @@ class Connection:
         """The oldest event not yet taken, or ``None``."""
         return self._events.popleft() if self._events else None
 
-    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+    def datagrams_to_send(self) -> list[tuple[bytes, PeerAddress]]:
         """STUN answers and DTLS records to send, in order, each with its destination."""
         out, self._out = self._out, []
         return out
 
     # --- input --------------------------------------------------------------------------------
 
-    def receive_stun(self, data: bytes, addr: Address, now: float) -> None:
+    def receive_stun(self, data: bytes, addr: PeerAddress, now: float) -> None:
         """A STUN datagram from ``addr``, for the ICE-lite responder."""
         self._out.extend(self._ice.receive_stun(data, addr, now))
         if self._state is SessionState.NEW and self._ice.state is not ResponderState.NEW:
             self._set_state(SessionState.CONNECTING)
         self._drain_ice()
 
-    def receive_dtls(self, data: bytes, addr: Address, now: float) -> None:
+    def receive_dtls(self, data: bytes, addr: PeerAddress, now: float) -> None:
         """A DTLS datagram from ``addr``, for the DTLS server."""
         dtls = self._dtls
         if dtls is None:
@@ -244,8 +259,9 @@ class Connection:
     # --- timers -------------------------------------------------------------------------------
 
     def get_timer(self) -> float | None:
-        """When :meth:`handle_timer` is next due, or ``None`` (an ended session has none)."""
-        if self.ended:
+        """When :meth:`handle_timer` is next due, or ``None`` (an ended or quiesced session has
+        none)."""
+        if self.ended or self.quiesced:
             return None
         deadlines = [self._ice.get_timer(), self._connect_deadline]
         if self._dtls is not None:
@@ -255,7 +271,7 @@ class Connection:
 
     def handle_timer(self, now: float) -> None:
         """Consent expiry, DTLS retransmission, then the connect timeout, as due at ``now``."""
-        if self.ended:
+        if self.ended or self.quiesced:
             return
         self._ice.handle_timer(now)
         self._drain_ice()
@@ -270,12 +286,28 @@ class Connection:
                 f"not connected within {CONNECT_TIMEOUT:g} s of the offer", CODE_CONNECT_TIMEOUT
             )
 
+    # --- a planned move -----------------------------------------------------------------------
+
+    def quiesce(self) -> None:
+        """Freeze the connected session for a move: no input, no timer, nothing sent, until
+        :meth:`resume` (or a silent :meth:`close`). Only a keyed session can move."""
+        self._set_state(SessionState.QUIESCED)
+
+    def resume(self) -> None:
+        """The move was abandoned: carry on as before."""
+        self._set_state(SessionState.CONNECTED)
+
     # --- ending -------------------------------------------------------------------------------
 
     def close(self) -> None:
         """End the session from our side: DTLS close_notify (RFC 5246 §7.2.1) if there is an
-        association, then :class:`~sessions.transceiver.events.SessionClosed`."""
+        association, then :class:`~sessions.transceiver.events.SessionClosed`. A quiesced
+        session sends nothing: it may live on elsewhere, and a close_notify would end the
+        client's DTLS association there too."""
         if self.ended:
+            return
+        if self.quiesced:
+            self._end(SessionState.CLOSED, SessionClosed("closed while quiesced"))
             return
         dtls = self._dtls
         if dtls is not None and dtls.state in (DtlsState.HANDSHAKING, DtlsState.CONNECTED):

@@ -21,11 +21,18 @@ from sessions.snapshot import SessionSnapshot
 from sessions.transceiver.checkpoints import CheckpointPolicy
 from sessions.transceiver.connection import SessionState
 from sessions.transceiver.events import DtlsConnected, SessionEvent
+from sessions.transceiver.handover import (
+    CODE_ENDED,
+    CODE_NOT_CONNECTED,
+    CODE_NOT_QUIESCED,
+    MoveRefused,
+    frames_elapsed,
+)
 from sessions.transceiver.transport import Transport
 from sessions.transceiver.voice import VoiceLoop
 from sessions.turns import SpeechClassifier, TurnConfig
 from sessions.webrtc.certs import Certificate
-from sessions.webrtc.ice import Address
+from sessions.webrtc.ice import PeerAddress
 from sessions.webrtc.srtp import RTP_RESERVE
 
 __all__ = ["Transceiver"]
@@ -114,8 +121,11 @@ class Transceiver:
         agent: Agent | None = None,
         turn_config: TurnConfig | None = None,
         vad: SpeechClassifier | None = None,
+        elapsed: float = 0.0,
     ) -> Transceiver:
-        """Continue a session from ``snapshot`` (the newest stored one), taken ``now``.
+        """Continue a session from ``snapshot``, taken ``now``: an exact snapshot from
+        :meth:`quiesce` (a planned move, see :meth:`_continue`), or the newest stored
+        checkpoint (after a crash).
 
         The result is already connected: it answers the client's consent checks with the same
         credentials, decrypts its SRTP and continues our outbound stream, without a DTLS
@@ -129,7 +139,14 @@ class Transceiver:
         worth, about 41 s), so the client sees a consistent gap (a loss burst, marker bit set)
         ahead of what the previous owner sent. ``certificate`` is this node's; it is kept for
         completeness, as no handshake runs again.
+
+        An exact snapshot continues with no jump at all, ``elapsed`` seconds (the wall time
+        since the quiesce) after it was taken: see :meth:`quiesce`.
         """
+        if snapshot.exact:
+            return cls._continue(
+                snapshot, now=now, elapsed=elapsed, agent=agent, turn_config=turn_config, vad=vad
+            )
         transport = Transport.restore(snapshot, now)
         jump = min((transport.next_seq - snapshot.next_seq) & 0xFFFF, _MAX_JUMP_FRAMES)
         voice = VoiceLoop(
@@ -152,6 +169,56 @@ class Transceiver:
         core._pump(now)
         return core
 
+    @classmethod
+    def _continue(
+        cls,
+        snapshot: SessionSnapshot,
+        *,
+        now: float,
+        elapsed: float,
+        agent: Agent | None,
+        turn_config: TurnConfig | None,
+        vad: SpeechClassifier | None,
+    ) -> Transceiver:
+        """A planned move's second half: continue an exact snapshot ``elapsed`` seconds after
+        it was taken (see :meth:`quiesce`)."""
+        elapsed = max(0.0, elapsed)
+        transport = Transport.restore(snapshot, now, elapsed=elapsed)
+        # The media clock ran on through the blackout, in whole frames (rounded up: never
+        # behind real time); the sequence number did not.
+        advance = frames_elapsed(elapsed) * FRAME_TIMESTAMP
+        voice = VoiceLoop(
+            agent=EchoAgent() if agent is None else agent,
+            may_send=transport.may_send,
+            timestamp=(snapshot.next_timestamp + advance) % _TS_MOD,
+            turn_config=turn_config,
+            vad=vad,
+            # An open turn goes on here: the new detector's first turn is that one.
+            turn_offset=snapshot.turns - (snapshot.open_turn is not None),
+        )
+        voice.carry_in(
+            playout=snapshot.playout,
+            pending=snapshot.pending,
+            agent_state=snapshot.agent_state,
+            now=now,
+            elapsed=elapsed,
+            open_turn=snapshot.open_turn,
+        )
+        core = cls(
+            session_id=snapshot.session_id,
+            transport=transport,
+            voice=voice,
+            created=now - elapsed - snapshot.age,
+        )
+        keys = transport.keys
+        if not transport.ended and keys is not None:
+            # It may send at once (within the old owner's stored reservation); its own
+            # checkpoint is asked for at once all the same.
+            core._checkpoints.start(keys, now)
+            core._take_checkpoint_events()
+        core._pump(now)
+        return core
+
     # --- observation --------------------------------------------------------------------------
 
     @property
@@ -160,7 +227,12 @@ class Transceiver:
         return self._transport.state
 
     @property
-    def selected_address(self) -> Address | None:
+    def quiesced(self) -> bool:
+        """Whether the session is frozen for a planned move (:meth:`quiesce`)."""
+        return self._transport.quiesced
+
+    @property
+    def selected_address(self) -> PeerAddress | None:
         """The client's nominated address, where media goes; ``None`` before nomination."""
         return self._transport.selected_address
 
@@ -183,26 +255,30 @@ class Transceiver:
         """The oldest event not yet taken, or ``None``."""
         return self._events.popleft() if self._events else None
 
-    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+    def datagrams_to_send(self) -> list[tuple[bytes, PeerAddress]]:
         """Datagrams to send, in order, each with its destination."""
         return self._transport.datagrams_to_send()
 
     # --- input and timers ---------------------------------------------------------------------
 
-    def receive(self, data: bytes, addr: Address, now: float) -> None:
+    def receive(self, data: bytes, addr: PeerAddress, now: float) -> None:
         """Handle one UDP datagram from ``addr`` received at ``now``; never raises for it.
 
         The first byte says what it is (RFC 7983 §7): STUN goes to the ICE responder, DTLS to
         the DTLS server (only from an address with a successful check), SRTP and SRTCP are
         accepted only from the selected address. Everything else is counted and dropped.
+
+        A quiesced session takes nothing: this raises :class:`RuntimeError` (its owner keeps
+        what arrives, to hand it on or feed it in after :meth:`resume`).
         """
         self._transport.receive(data, addr, now)
         self._pump(now)
 
     def get_timer(self) -> float | None:
-        """When :meth:`handle_timer` is next due, or ``None`` (an ended session has none): the
-        earliest of the transport's, the voice loop's and the checkpoint policy's deadlines."""
-        if self._transport.ended:
+        """When :meth:`handle_timer` is next due, or ``None`` (an ended or quiesced session has
+        none): the earliest of the transport's, the voice loop's and the checkpoint policy's
+        deadlines."""
+        if self._transport.ended or self._transport.quiesced:
             return None
         deadlines = (
             self._transport.get_timer(),
@@ -218,10 +294,10 @@ class Transceiver:
         session just ended, then checkpoint requests (after the tick, whose packets may have
         used up the reservation).
 
-        Harmless to call early or repeatedly.
+        Harmless to call early or repeatedly, and while quiesced (it does nothing then).
         """
         transport = self._transport
-        if transport.ended:
+        if transport.ended or transport.quiesced:
             return
         transport.handle_timer(now)
         self._pump(now)
@@ -248,10 +324,13 @@ class Transceiver:
 
         Reserves outbound SRTP indexes for whoever restores it (see
         :mod:`sessions.webrtc.srtp`). Raises :class:`RuntimeError` before DTLS has keyed
-        SRTP: there is nothing a restore could continue.
+        SRTP: there is nothing a restore could continue, and while quiesced: the exact
+        snapshot is the session's last word on this node.
         """
         if self._transport.keys is None:
             raise RuntimeError("no checkpoint before the DTLS handshake has keyed SRTP")
+        if self._transport.quiesced:
+            raise RuntimeError("a quiesced session takes no checkpoints")
         self._checkpoints.snapshot_taken(now)
         part = self._transport.snapshot(now)
         return SessionSnapshot(
@@ -280,12 +359,88 @@ class Transceiver:
         self._transport.confirm(snapshot.srtp)
         self._checkpoints.snapshot_confirmed()
 
+    # --- a planned move -----------------------------------------------------------------------
+
+    def quiesce(self, now: float) -> SessionSnapshot:
+        """Stop at a frame boundary and return the session's exact snapshot, for a planned move.
+
+        What is due at ``now`` is handled first (the frame due goes out: take
+        :meth:`datagrams_to_send` and the events as usual). Then the session is frozen
+        (:attr:`quiesced`): it takes no datagram (:meth:`receive` raises), has no timer, sends
+        nothing, takes no checkpoint, and never protects another SRTP or SRTCP packet — which is
+        what lets its snapshot be exact: our next RTP sequence number, timestamp and SRTP and
+        SRTCP indexes are exactly the next ones (:attr:`SessionSnapshot.exact
+        <sessions.snapshot.SessionSnapshot.exact>`), and a :meth:`restore` of it continues
+        with no jump. The snapshot also carries what is in flight in the session (the client's
+        packets not yet played out, our frames not yet sent, the agent's state, the turn count
+        and the user turn still open, which goes on on the next node). Afterwards, either the
+        move goes ahead (drop this transceiver without :meth:`close`, which would send nothing
+        anyway) or it is abandoned (:meth:`resume`).
+
+        Raises :class:`~sessions.transceiver.handover.MoveRefused`: ``not_connected`` before
+        DTLS has keyed SRTP (nothing could continue it: move it once connected), ``ended``
+        for a session that is over (or ends at ``now``). A second quiesce is a local error
+        (:class:`RuntimeError`).
+        """
+        transport = self._transport
+        if transport.quiesced:
+            raise RuntimeError("the session is already quiesced")
+        if transport.ended:
+            raise MoveRefused(CODE_ENDED, f"the session is {transport.state.value}")
+        if transport.keys is None or transport.state is not SessionState.CONNECTED:
+            raise MoveRefused(CODE_NOT_CONNECTED, "the DTLS handshake has not keyed SRTP yet")
+        # A frame boundary: whatever is due now goes out from here, then nothing more.
+        self.handle_timer(now)
+        if transport.ended:
+            raise MoveRefused(CODE_ENDED, f"the session is {transport.state.value}")
+        voice = self._voice
+        voice.quiesce(now)
+        while (event := voice.next_event()) is not None:
+            self._events.append(event)
+        transport.quiesce()
+        part = transport.exact_snapshot(now)
+        moving = voice.moving_parts(now, part.last_sent)
+        return SessionSnapshot(
+            session_id=self.session_id,
+            age=max(0.0, now - self._created),
+            ice=part.ice,
+            remote_fingerprint=part.remote_fingerprint,
+            srtp=part.srtp,
+            next_seq=part.next_seq,
+            next_timestamp=moving.next_timestamp,
+            opus_pt=part.opus_pt,
+            cname=part.cname,
+            direction=part.direction,
+            packets_sent=part.packets_sent,
+            octets_sent=part.octets_sent,
+            agent_state=moving.agent_state,
+            exact=True,
+            turns=moving.turns,
+            open_turn=moving.open_turn,
+            playout=moving.playout,
+            pending=moving.pending,
+        )
+
+    def resume(self, now: float) -> None:
+        """The planned move was abandoned: carry on as if nothing happened. The sequence
+        number goes on by one; the RTP timestamp keeps pace with the time the session stood
+        still (the pacer catches up, or skips what is too late); RTCP and checkpoints that fell
+        due go out at the next :meth:`handle_timer`. Feed in what arrived meanwhile, in order,
+        with :meth:`receive`. Raises :class:`~sessions.transceiver.handover.MoveRefused`
+        (``not_quiesced``) for a session that is not quiesced."""
+        if not self._transport.quiesced:
+            raise MoveRefused(CODE_NOT_QUIESCED, "the session is not quiesced")
+        self._transport.resume(now)
+        self._voice.resume(now)
+        self._pump(now)
+
     # --- ending -------------------------------------------------------------------------------
 
     def close(self, now: float) -> None:
         """End the session from our side: RTCP BYE (RFC 3550 §6.6), DTLS close_notify (RFC
         5246 §7.2.1), then :class:`~sessions.transceiver.events.SessionClosed`. Nothing is sent
-        or timed afterwards."""
+        or timed afterwards. A quiesced session ends without sending anything (it may live on
+        elsewhere)."""
         self._transport.close(now)
         self._pump(now)
 
@@ -349,6 +504,7 @@ class Transceiver:
                 "srtcp_headroom": None if keys is None else keys.srtcp_headroom,
             },
             "dropped": {**dropped, **voice_dropped},
+            "agent_state_rejected": self._voice.agent_state_rejected,
             "ice": t["ice"],
         }
 

@@ -13,7 +13,7 @@ from typing import Any, Final, TypeAlias, final
 
 import attrs
 
-from sessions.webrtc.ice import Address
+from sessions.webrtc.ice import PeerAddress
 from sessions.webrtc.srtp import SrtpProfile
 
 __all__ = [
@@ -45,7 +45,7 @@ class IceConnected:
     change); the latest nomination wins.
     """
 
-    addr: Address
+    addr: PeerAddress
 
 
 @final

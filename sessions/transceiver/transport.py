@@ -31,13 +31,14 @@ import attrs
 from sessions.snapshot import SessionSnapshot
 from sessions.transceiver.connection import Connection, SessionState
 from sessions.transceiver.events import MediaStarted, SessionEvent
+from sessions.transceiver.handover import continue_srtp, exact_state
 from sessions.transceiver.reports import RtcpReports
 from sessions.webrtc import rtcp, rtp, sdp
 from sessions.webrtc.certs import Certificate
 from sessions.webrtc.demux import PacketKind, classify, is_rtcp
 from sessions.webrtc.dtls import DtlsServer
 from sessions.webrtc.errors import RtpError
-from sessions.webrtc.ice import Address, IceLiteResponder, IceState, mint_credentials
+from sessions.webrtc.ice import IceLiteResponder, IceState, PeerAddress, mint_credentials
 from sessions.webrtc.srtp import RTP_RESERVE, SrtpError, SrtpIndexError, SrtpSession, SrtpState
 
 __all__ = ["MediaPacket", "Transport", "TransportSnapshot"]
@@ -112,7 +113,7 @@ class Transport:
         self._seq = seq
         self._resume_marker = False  # a frame was held back: mark the next packet sent
         self._events: collections.deque[SessionEvent] = collections.deque()
-        self._out: list[tuple[bytes, Address]] = []
+        self._out: list[tuple[bytes, PeerAddress]] = []
         self._media: list[MediaPacket] = []
         self._media_started = media_started
         self._reports = RtcpReports(
@@ -185,16 +186,28 @@ class Transport:
         return transport, answer
 
     @classmethod
-    def restore(cls, snapshot: SessionSnapshot, now: float) -> Transport:
+    def restore(cls, snapshot: SessionSnapshot, now: float, *, elapsed: float = 0.0) -> Transport:
         """Continue the transport of ``snapshot``: already keyed, without a DTLS association
-        (its keys are in the snapshot), our RTP continuing at the sequence number after the
-        SRTP reservation. A snapshot whose consent had expired gives a failed transport."""
-        srtp = SrtpSession.restore(snapshot.srtp)
-        seq = srtp.next_rtp_seq
+        (its keys are in the snapshot). A snapshot whose consent had expired gives a failed
+        transport.
+
+        Our RTP continues at the sequence number after the SRTP reservation; or, for an exact
+        snapshot (a planned move, :mod:`sessions.transceiver.handover`), at the very next one.
+        ``elapsed`` is how long ago the exact snapshot was taken, in seconds: consent keeps
+        counting over it (RFC 7675 §5.1).
+        """
+        if snapshot.exact:
+            srtp = continue_srtp(snapshot.srtp, snapshot.next_seq)
+            seq: int | None = snapshot.next_seq
+            taken = now - max(0.0, elapsed)
+        else:
+            srtp = SrtpSession.restore(snapshot.srtp)
+            seq = srtp.next_rtp_seq
+            taken = now
         if seq is None:  # cannot happen: a restored session always has a reservation
             raise ValueError("the snapshot reserves no outbound SRTP indexes")
         connection = Connection.restored(
-            ice=IceLiteResponder.restore(snapshot.ice, now),
+            ice=IceLiteResponder.restore(snapshot.ice, taken),
             remote_fingerprint=snapshot.remote_fingerprint,
             srtp=srtp,
             now=now,
@@ -226,12 +239,17 @@ class Transport:
         return self._connection.ended
 
     @property
+    def quiesced(self) -> bool:
+        """Whether the session is frozen for a planned move (see :meth:`quiesce`)."""
+        return self._connection.quiesced
+
+    @property
     def local_ufrag(self) -> str:
         """Our ICE ufrag."""
         return self._connection.ice.local_ufrag
 
     @property
-    def selected_address(self) -> Address | None:
+    def selected_address(self) -> PeerAddress | None:
         """The client's nominated address, where media goes; ``None`` before nomination."""
         return self._connection.selected_address
 
@@ -265,7 +283,7 @@ class Transport:
         """The oldest event not yet taken, or ``None``."""
         return self._events.popleft() if self._events else None
 
-    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+    def datagrams_to_send(self) -> list[tuple[bytes, PeerAddress]]:
         """Datagrams to send, in order, each with its destination."""
         out, self._out = self._out, []
         return out
@@ -277,13 +295,20 @@ class Transport:
 
     # --- input --------------------------------------------------------------------------------
 
-    def receive(self, data: bytes, addr: Address, now: float) -> None:
+    def receive(self, data: bytes, addr: PeerAddress, now: float) -> None:
         """Handle one UDP datagram from ``addr`` received at ``now``; never raises for it.
 
         The first byte says what it is (RFC 7983 §7): STUN goes to the ICE responder, DTLS to
         the DTLS server (only from an address with a successful check), SRTP and SRTCP are
         accepted only from the selected address. Everything else is counted and dropped.
+
+        A quiesced transport takes nothing (:class:`RuntimeError`, a local error): its owner
+        keeps the datagrams for whoever continues the session.
         """
+        if self.quiesced:
+            raise RuntimeError(
+                "a quiesced session takes no datagrams: buffer them, then hand them on or resume"
+            )
         self._counts["datagrams_in"] += 1
         self._counts["udp_bytes_in"] += len(data)
         if self.ended:
@@ -302,7 +327,7 @@ class Transport:
             self._dropped["unknown_kind"] += 1
         self._sync(now)
 
-    def _receive_srtp(self, data: bytes, addr: Address, now: float) -> None:
+    def _receive_srtp(self, data: bytes, addr: PeerAddress, now: float) -> None:
         srtp = self._connection.keys
         if srtp is None:
             self._dropped["srtp_before_keys"] += 1
@@ -399,7 +424,7 @@ class Transport:
         self._counts["rtcp_out"] += 1
         self._send(protected, addr)
 
-    def _send(self, data: bytes, addr: Address) -> None:
+    def _send(self, data: bytes, addr: PeerAddress) -> None:
         self._counts["datagrams_out"] += 1
         self._counts["udp_bytes_out"] += len(data)
         self._out.append((data, addr))
@@ -420,8 +445,11 @@ class Transport:
     # --- timers -------------------------------------------------------------------------------
 
     def get_timer(self) -> float | None:
-        """When :meth:`handle_timer` is next due, or ``None`` (an ended session has none)."""
+        """When :meth:`handle_timer` is next due, or ``None`` (an ended or quiesced session has
+        none)."""
         deadline = self._connection.get_timer()
+        if self.quiesced:
+            return None
         if self.ended or not self.media_ready:
             return deadline
         reports = self._reports.get_timer()
@@ -431,8 +459,8 @@ class Transport:
 
     def handle_timer(self, now: float) -> None:
         """Run whatever is due at ``now``: consent expiry, DTLS retransmission, the connect
-        timeout, RTCP. Harmless to call early or repeatedly."""
-        if self.ended:
+        timeout, RTCP. Harmless to call early or repeatedly, and while quiesced."""
+        if self.ended or self.quiesced:
             return
         self._connection.handle_timer(now)
         self._sync(now)
@@ -448,11 +476,22 @@ class Transport:
         srtp = self._connection.keys
         if srtp is None:
             raise RuntimeError("no checkpoint before the DTLS handshake has keyed SRTP")
+        return self._snapshot(now, srtp.snapshot())
+
+    def exact_snapshot(self, now: float) -> TransportSnapshot:
+        """The quiesced transport as a value, its outbound indexes exact and unreserved (see
+        :mod:`sessions.transceiver.handover`): it never protects another packet."""
+        srtp = self._connection.keys
+        if srtp is None or not self.quiesced:
+            raise RuntimeError("only a quiesced, keyed session has an exact snapshot")
+        return self._snapshot(now, exact_state(srtp))
+
+    def _snapshot(self, now: float, srtp: SrtpState) -> TransportSnapshot:
         reports = self._reports
         return TransportSnapshot(
             ice=self._connection.ice_snapshot(now),
             remote_fingerprint=self._connection.remote_fingerprint,
-            srtp=srtp.snapshot(),
+            srtp=srtp,
             next_seq=self._seq,
             opus_pt=self._opus_pt,
             cname=self._cname,
@@ -469,13 +508,30 @@ class Transport:
             raise RuntimeError("no snapshot can be confirmed before SRTP is keyed")
         keys.confirm(srtp)
 
+    # --- a planned move -----------------------------------------------------------------------
+
+    def quiesce(self) -> None:
+        """Freeze for a move: from now on nothing is received, sent or timed (see
+        :meth:`Connection.quiesce <sessions.transceiver.connection.Connection.quiesce>`)."""
+        self._connection.quiesce()
+
+    def resume(self, now: float) -> None:
+        """The move was abandoned: carry on (an RTCP report that fell due is sent at once)."""
+        self._connection.resume()
+        self._sync(now)
+
     # --- ending -------------------------------------------------------------------------------
 
     def close(self, now: float) -> None:
         """End the session from our side: RTCP BYE (RFC 3550 §6.6), DTLS close_notify (RFC
         5246 §7.2.1), then :class:`~sessions.transceiver.events.SessionClosed`. Nothing is sent
-        or timed afterwards."""
+        or timed afterwards. A quiesced session ends without sending anything: its SRTCP
+        indexes and its client's DTLS association belong to whoever continues it."""
         if self.ended:
+            return
+        if self.quiesced:
+            self._connection.close()
+            self._sync(now)
             return
         if self.media_ready and not self._connection.consent_expired(now):
             self._send_rtcp(now, (rtcp.Bye((self._ssrc,)),))

@@ -10,6 +10,13 @@ barge-in and the agent's own events become :class:`~sessions.transceiver.events.
 Barge-in: when the user starts a turn while the agent's audio is on the air and the agent is
 interruptible, what the pacer still holds is dropped before the next frame and the agent is
 told how much of its reply the user heard.
+
+A planned move (:meth:`VoiceLoop.quiesce`, then :meth:`VoiceLoop.moving_parts` on the old node
+and :meth:`VoiceLoop.carry_in` on the new one) carries what is in flight: the client's packets
+not yet played out, our frames not yet sent, the agent's state and the turn count. The turn
+detector's own state does not move; a user turn open at the quiesce goes on, on the new node:
+the turn the new detector starts next is that same turn (its ``SpeechStarted`` was already
+told), unless the user stays silent, and then the turn ends ``end_silence_ms`` after the move.
 """
 
 from __future__ import annotations
@@ -20,14 +27,23 @@ from typing import Final, final
 
 import attrs
 
-from sessions.agents import FRAME_BYTES, Agent
+from sessions.agents import FRAME_BYTES, Agent, StatefulAgent
 from sessions.audio.jitter import Frame, JitterBuffer
 from sessions.audio.opus import CodecError, OpusDecoder, OpusEncoder
 from sessions.audio.pacer import FRAME_MS, FRAME_SECONDS, FRAME_TIMESTAMP, Pacer
+from sessions.snapshot import MAX_PENDING, MAX_PLAYOUT
 from sessions.transceiver.events import ClientEvent
-from sessions.turns import SpeechClassifier, SpeechStarted, TurnConfig, TurnDetector, TurnEvent
+from sessions.transceiver.handover import frames_elapsed
+from sessions.turns import (
+    SpeechClassifier,
+    SpeechStarted,
+    SpeechStopped,
+    TurnConfig,
+    TurnDetector,
+    TurnEvent,
+)
 
-__all__ = ["OutboundFrame", "VoiceLoop"]
+__all__ = ["MovingParts", "OutboundFrame", "VoiceLoop"]
 
 # Frames pulled from the agent ahead of the pacer: enough that a tick never finds the pacer
 # empty while the agent has audio, little enough that barge-in can still take frames back.
@@ -48,12 +64,33 @@ class OutboundFrame:
 
 
 @final
+@attrs.frozen
+class MovingParts:
+    """What a quiesced voice loop hands to the next owner (see :meth:`VoiceLoop.moving_parts`)."""
+
+    #: RTP timestamp of our next frame, as of the quiesce
+    next_timestamp: int
+    #: user turns so far
+    turns: int
+    #: the client's packets not yet played out: (sequence number, timestamp, payload, seconds
+    #: since it arrived)
+    playout: tuple[tuple[int, int, bytes, float], ...]
+    #: our PCM frames queued for sending
+    pending: tuple[bytes, ...]
+    #: the agent's :meth:`~sessions.agents.StatefulAgent.save_state`, or ``b""``
+    agent_state: bytes
+    #: seconds since the first voiced frame of the user turn still open (the last one), if any
+    open_turn: float | None = None
+
+
+@final
 class VoiceLoop:
     """What one session hears and says (see the module docstring).
 
     Idle until :meth:`start` (media flows), inert after :meth:`stop`. ``may_send`` is false
     when the client will not receive (its offer was ``sendonly``): the agent still hears the
     user but is never asked for audio. ``timestamp`` is the RTP timestamp of our first frame.
+    ``turn_offset`` is added to the turn detector's numbers (a moved session's turns go on).
     """
 
     def __init__(
@@ -64,11 +101,32 @@ class VoiceLoop:
         timestamp: int,
         turn_config: TurnConfig | None = None,
         vad: SpeechClassifier | None = None,
+        turn_offset: int = 0,
     ) -> None:
         self._agent = agent
         self._may_send = may_send
-        self._turns = TurnDetector(TurnConfig() if turn_config is None else turn_config, vad=vad)
+        self._turn_config = TurnConfig() if turn_config is None else turn_config
+        self._turns = TurnDetector(self._turn_config, vad=vad)
+        self._turn_offset = turn_offset
         self._pacer = Pacer(initial_timestamp=timestamp)
+        # What a move carries: the pacer's queue (PCM, the pacer keeps it to itself), the
+        # client's latest packets and the last one played out, and where the media clock was
+        # when the pacer has not started yet (its RTP timestamp, and when).
+        self._queued: collections.deque[bytes] = collections.deque()
+        self._heard: collections.deque[tuple[int, int, bytes, float]] = collections.deque(
+            maxlen=MAX_PLAYOUT
+        )
+        self._played_seq: int | None = None
+        self._clock: tuple[int, float] | None = None
+        self._paused = False
+        self._paused_at = 0.0
+        # A user turn that was open on the old node: when its first voiced frame arrived, and
+        # when it ends unless the new detector finds the user still talking; once it does,
+        # only the first voiced frame (for the turn's duration).
+        self._carried_turn: tuple[float, float] | None = None
+        self._carried_first: float | None = None
+        #: agent states a restore could not use (another kind of agent, or malformed)
+        self.agent_state_rejected = 0
         self._jitter = JitterBuffer()
         self._encoder = OpusEncoder()
         self._decoder = OpusDecoder()
@@ -102,6 +160,93 @@ class VoiceLoop:
         self._stopped = True
         self._poll_at = None
 
+    # --- a planned move -----------------------------------------------------------------------
+
+    def quiesce(self, now: float) -> None:
+        """Stop ticking for a move, after the owner handled what was due at ``now``. The
+        agent's pending events are taken now, so that the client hears them from this node."""
+        self._take_agent_events(now)
+        self._paused = True
+        self._paused_at = now
+
+    def resume(self, now: float) -> None:
+        """The move was abandoned: tick again. A talkspurt that was on goes on at once, its RTP
+        timestamp advanced by the pause in whole frames (rounded up, as after a move): the
+        frames it held are sent late rather than the pause's ticks in a burst. The jitter
+        buffer plays out what it missed meanwhile."""
+        self._paused = False
+        if self._pacer.get_timer() is not None:
+            advanced = self._pacer.next_timestamp + frames_elapsed(now - self._paused_at) * (
+                FRAME_TIMESTAMP
+            )
+            self._pacer = Pacer(initial_timestamp=advanced % _TS_MOD)
+            for pcm in self._queued:
+                self._pacer.push(pcm, now)
+
+    def moving_parts(self, now: float, last_sent: tuple[int, float] | None) -> MovingParts:
+        """What the next owner needs of this quiesced loop (``last_sent``: the RTP timestamp
+        and tick deadline of our last packet)."""
+        if not self._paused:
+            raise RuntimeError("only a quiesced voice loop hands its parts on")
+        played = self._played_seq
+        playout: dict[int, tuple[int, int, bytes, float]] = {}
+        for seq, timestamp, payload, at in self._heard:
+            # Serial-number order (RFC 3550 §A.1): only what comes after the last played.
+            if played is None or 0 < (seq - played) & 0xFFFF < 1 << 15:
+                playout.setdefault(seq, (seq, timestamp, payload, max(0.0, now - at)))
+        agent_state = b""
+        if isinstance(self._agent, StatefulAgent):
+            agent_state = self._agent.save_state(now)
+        first = self._open_turn_start()
+        carried = 1 if self._carried_turn is not None else 0
+        return MovingParts(
+            next_timestamp=self.media_timestamp(now, last_sent),
+            turns=self._turn_offset + self._turns.turns + carried,
+            open_turn=None if first is None else max(0.0, now - first),
+            playout=tuple(playout.values()),
+            pending=tuple(self._queued)[:MAX_PENDING],
+            agent_state=agent_state,
+        )
+
+    def carry_in(
+        self,
+        *,
+        playout: tuple[tuple[int, int, bytes, float], ...],
+        pending: tuple[bytes, ...],
+        agent_state: bytes,
+        now: float,
+        elapsed: float = 0.0,
+        open_turn: float | None = None,
+    ) -> None:
+        """Continue what another node's loop had in flight (:meth:`moving_parts`), at ``now``:
+        our queued frames go out first, the client's packets are played out next, and the
+        agent takes up its state (an agent of another kind, or a state it cannot read, starts
+        fresh: counted in :attr:`agent_state_rejected`). ``open_turn`` is the age of the open
+        user turn's first voiced frame (see the module docstring); the loop was built with the
+        turns before it as its ``turn_offset``."""
+        if open_turn is not None:
+            quiesced = now - elapsed
+            end_silence = self._turn_config.end_silence_ms / 1000
+            self._carried_turn = (quiesced - open_turn, quiesced + end_silence)
+        if agent_state:
+            try:
+                if not isinstance(self._agent, StatefulAgent):
+                    raise ValueError("the agent keeps no state")
+                self._agent.load_state(agent_state, now)
+            except ValueError:
+                self.agent_state_rejected += 1
+        # The client's packets, as they arrived: their lateness is what the jitter buffer
+        # measures, and these were not late (``elapsed`` ago was the quiesce).
+        for seq, timestamp, payload, age in playout:
+            self.receive(seq, timestamp, payload, now - elapsed - age)
+        for pcm in pending:
+            self._pacer.push(pcm, now)
+            self._queued.append(pcm)
+        if not pending:
+            # The pacer starts its timestamp wherever its first talkspurt begins; ours must
+            # keep pace with real time from the move on (see _speak).
+            self._clock = (self._pacer.next_timestamp, now)
+
     @property
     def detector(self) -> TurnDetector:
         """The turn detector the loop feeds."""
@@ -118,6 +263,7 @@ class VoiceLoop:
         """One Opus payload of the client's (RTP sequence number and timestamp), arrived at
         ``now``, for the jitter buffer."""
         self._jitter.push(seq, timestamp, payload, now)
+        self._heard.append((seq, timestamp, payload, now))
 
     def frames_to_send(self) -> list[OutboundFrame]:
         """Encoded frames due since the last call, in order."""
@@ -133,11 +279,12 @@ class VoiceLoop:
     def get_timer(self) -> float | None:
         """When the next tick is due: a frame to play out or send, a turn to end, or (when
         nothing else ticks and we may send) the next 20 ms poll of the agent."""
-        if not self._running:
+        if not self._running or self._paused:
             return None
         jitter = self._jitter.get_timer()
         pacer = self._pacer.get_timer()
-        deadlines = [jitter, pacer, self._turns.get_timer()]
+        carried = None if self._carried_turn is None else self._carried_turn[1]
+        deadlines = [jitter, pacer, self._turns.get_timer(), carried]
         if jitter is None and pacer is None and self._may_send:
             deadlines.append(self._poll_at)
         present = [d for d in deadlines if d is not None]
@@ -145,13 +292,15 @@ class VoiceLoop:
 
     def handle_timer(self, now: float) -> None:
         """The media tick: playout, turns, the agent, pacing. Harmless to call early."""
-        if not self._running:
+        if not self._running or self._paused:
             return
         # Playout: every frame the jitter buffer has due, to the turn detector and the agent.
         while (due := self._jitter.get_timer()) is not None and due <= now:
             frame = self._jitter.pop(now)
             if frame is None:
                 break  # the stream paused
+            if frame.seq is not None:
+                self._played_seq = frame.seq & 0xFFFF
             heard = self._render(frame)
             self._agent.on_audio(heard, now)
             for turn in self._turns.push(heard, now):
@@ -159,12 +308,24 @@ class VoiceLoop:
         # A client that stops sending (DTX, an outage) still ends its turn.
         for turn in self._turns.poll(now):
             self._on_turn(turn, now)
-        for event in self._agent.poll_events():
-            name = str(event.get("event", "agent_event"))
-            self._emit(ClientEvent(name, now, {k: v for k, v in event.items() if k != "event"}))
+        carried = self._carried_turn
+        if carried is not None and now >= carried[1] and not self._turns.in_speech:
+            # The turn open at the move: the user did not go on, so it ended at the move.
+            first, ends = carried
+            at = ends - self._turn_config.end_silence_ms / 1000
+            self._carried_turn = None
+            duration = max(0, round((at - first) * 1000)) + FRAME_MS
+            self._on_turn(SpeechStopped(at=at, turn=1, duration_ms=duration), now)
+            self._turn_offset += 1  # the fresh detector's first turn is the next one
+        self._take_agent_events(now)
         if self._may_send:
             self._speak(now)
         self._poll_at = now + FRAME_SECONDS
+
+    def _take_agent_events(self, now: float) -> None:
+        for event in self._agent.poll_events():
+            name = str(event.get("event", "agent_event"))
+            self._emit(ClientEvent(name, now, {k: v for k, v in event.items() if k != "event"}))
 
     def _speak(self, now: float) -> None:
         # The agent's reply, a little ahead of the pacer; PCM is encoded only when sent (the
@@ -175,11 +336,19 @@ class VoiceLoop:
                 break
             if len(pcm) != FRAME_BYTES:
                 raise ValueError(f"the agent returned {len(pcm)} bytes, not {FRAME_BYTES}")
+            if self._clock is not None:
+                # The first frame since a move: the media clock ran on from the move.
+                timestamp, at = self._clock
+                self._clock = None
+                advanced = timestamp + frames_elapsed(now - at) * FRAME_TIMESTAMP
+                self._pacer = Pacer(initial_timestamp=advanced % _TS_MOD)
             self._pacer.push(pcm, now)
+            self._queued.append(pcm)
         sent = False
         while (due := self._pacer.get_timer()) is not None and due <= now:
             paced = self._pacer.pop(now)
             if paced is not None:
+                self._queued.popleft()
                 payload = self._encoder.encode(paced.payload)
                 self._out.append(
                     OutboundFrame(payload, paced.timestamp, paced.marker, paced.deadline)
@@ -194,6 +363,18 @@ class VoiceLoop:
 
     def _on_turn(self, turn: TurnEvent, now: float) -> None:
         """The user's turn started or ended: tell the agent and the client; barge in."""
+        if self._carried_turn is not None and isinstance(turn, SpeechStarted):
+            # The user went on talking over the move: this is the turn that was open there,
+            # whose start everyone already heard of.
+            self._carried_first = self._carried_turn[0]
+            self._carried_turn = None
+            return
+        if self._carried_first is not None and isinstance(turn, SpeechStopped):
+            duration = max(0, round((turn.at - self._carried_first) * 1000)) + FRAME_MS
+            turn = attrs.evolve(turn, duration_ms=duration)
+            self._carried_first = None
+        if self._turn_offset:
+            turn = attrs.evolve(turn, turn=turn.turn + self._turn_offset)
         if isinstance(turn, SpeechStarted):
             self._turn_ended_at = None
             self._emit(ClientEvent("speech_started", turn.at, {"turn": turn.turn}))
@@ -201,11 +382,10 @@ class VoiceLoop:
                 self._barge_in(now)
         else:
             self._turn_ended_at = turn.at
-            self._emit(
-                ClientEvent(
-                    "speech_stopped", turn.at, {"turn": turn.turn, "duration_ms": turn.duration_ms}
-                )
-            )
+            fields: dict[str, object] = {"turn": turn.turn, "duration_ms": turn.duration_ms}
+            if turn.cut:
+                fields["cut"] = True  # the turn hit its length limit: the user may go on
+            self._emit(ClientEvent("speech_stopped", turn.at, fields))
         self._agent.on_turn(turn, now)
 
     def _barge_in(self, now: float) -> None:
@@ -216,6 +396,7 @@ class VoiceLoop:
         """
         played_ms = self._pacer.stats().talkspurt_ms
         dropped_ms = self._pacer.flush()
+        self._queued.clear()
         self._agent.on_interrupted(played_ms, now)
         self._agent_on_air = False
         first_voiced = self._turns.first_voiced_at
@@ -240,6 +421,14 @@ class VoiceLoop:
             pcm = pcm[:FRAME_BYTES].ljust(FRAME_BYTES, b"\0")
         return pcm
 
+    def _open_turn_start(self) -> float | None:
+        """When the open user turn's first voiced frame arrived, if a turn is open."""
+        if self._carried_turn is not None:
+            return self._carried_turn[0]
+        if self._carried_first is not None:
+            return self._carried_first
+        return self._turns.first_voiced_at
+
     def _emit(self, event: ClientEvent) -> None:
         self._events.append(event)
 
@@ -251,6 +440,10 @@ class VoiceLoop:
         ticks since (the pacer does the same on its next talkspurt), so that a restore never
         goes back behind what was sent."""
         pacer_next = self._pacer.next_timestamp
+        if self._clock is not None:
+            # Nothing sent since a move: the clock runs on from it.
+            timestamp, at = self._clock
+            return (timestamp + frames_elapsed(now - at) * FRAME_TIMESTAMP) % _TS_MOD
         if self._pacer.get_timer() is not None or last_sent is None:
             return pacer_next
         timestamp, deadline = last_sent

@@ -203,7 +203,7 @@ async def peers(
             if code != 201:
                 raise ScenarioError(f"WHIP answered {code}")
             out["answer_candidates"].append(candidates_of(answer))
-            out["sessions"].append(location.rsplit("/", 1)[1])
+            out["sessions"].append(location.split("/")[3])
             await call.answer(answer)
         if time.time() > plan["talk"]:
             raise ScenarioError("the calls took too long to set up")

@@ -66,7 +66,7 @@ def test_external_agent_serves_a_session_and_survives_a_restart(
                     whip_post, running_node.whip, offer
                 )
                 assert status == 201
-                session = location.rsplit("/", 1)[1]
+                session = location.split("/")[3]
                 await call.answer(answer)
                 start = loop.time()
                 await asyncio.sleep(2 * (turn_seconds + 1.5) + 1.0)

@@ -37,7 +37,7 @@ def test_aiortc_through_signaling_echo_stats_crash_restart_and_delete(
             offer = await call.offer()
             status, location, answer = await asyncio.to_thread(whip_post, running_node.whip, offer)
             assert status == 201 and location.startswith("/v1/session/")
-            session = location.rsplit("/", 1)[1]
+            session = location.split("/")[3]
             await call.answer(answer)
             start = loop.time()
             await asyncio.sleep(len(sent) / 96_000 + 1.5)

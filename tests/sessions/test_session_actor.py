@@ -1,22 +1,31 @@
-"""The session actor's restart rules, under a real supervisor on Trio's MockClock, and the
-agents it runs beside the media."""
+"""The session actor's restart rules, under a real supervisor on Trio's MockClock, the
+agents it runs beside the media, and its part in a planned move (quiesce, resume, hand-off,
+arrival) against an in-process client."""
 
 from __future__ import annotations
 
+import itertools
+import time
 from typing import Any
 
+import attrs
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
-from actors import ChildSpec, Restart, Supervisor
+from actors import ActorRef, ChildSpec, Restart, Supervisor
 from sessions.agents import EchoAgent, RunningAgent
+from sessions.audio import speech
 from sessions.node.media import MediaPort
-from sessions.session import SessionActor
-from sessions.transceiver import Transceiver
+from sessions.ports import INBOX_SIZE, Datagram, PeerAddress, SessionPort
+from sessions.session import Arrival, Quiesced, SessionActor
+from sessions.snapshot import SessionSnapshot
+from sessions.transceiver import MoveRefused, Transceiver
 from sessions.turns import TurnEvent
+from sessions.webrtc import rtp
 from sessions.webrtc.certs import generate_certificate
-from tests.sessions.test_transceiver import browser_offer
+from tests.sessions.test_transceiver import CLIENT_ADDR, Client, browser_offer, utterance
 
 
 @pytest.fixture
@@ -126,3 +135,285 @@ async def test_an_agent_with_a_task_of_its_own_runs_as_long_as_the_session(
         assert not agent.cancelled
         actor.stop()
     assert agent.cancelled
+
+
+# --- planned moves: quiesce, then resume or hand off --------------------------------------------
+
+
+class Wire:
+    """The client's end of a session port, in process: what the actor sends reaches the
+    in-process client at once, and the client's DTLS answers go straight into the inbox."""
+
+    def __init__(self, client: Client, ufrag: str) -> None:
+        self.client = client
+        self.inbox_send, inbox = trio.open_memory_channel[Datagram](INBOX_SIZE)
+        self.port = SessionPort("s1", ufrag, self.inbox_send, inbox, self.deliver)
+        self.sent: list[bytes] = []
+        self.keyed = trio.Event()  # the client's DTLS handshake is done
+
+    def deliver(self, data: bytes, addr: PeerAddress) -> None:
+        assert addr == CLIENT_ADDR
+        self.sent.append(data)
+        self.client.receive(data, trio.current_time())
+        for datagram in self.client.dtls_datagrams():
+            self.send(datagram)
+        if self.client.tx is not None:
+            self.keyed.set()
+
+    def send(self, data: bytes) -> None:
+        self.inbox_send.send_nowait((data, CLIENT_ADDR))
+
+    def rtp_sent(self) -> int:
+        return sum(1 for d in self.sent if 128 <= d[0] <= 191 and not 192 <= d[1] <= 223)
+
+
+class MovingEcho:
+    """An echo that records what it is told about moves."""
+
+    interruptible = False
+
+    def __init__(self) -> None:
+        self.echo = EchoAgent()
+        self.moves: list[object] = []
+
+    def on_audio(self, pcm: bytes, now: float) -> None:
+        self.echo.on_audio(pcm, now)
+
+    def pull(self, now: float) -> bytes | None:
+        return self.echo.pull(now)
+
+    def on_turn(self, event: TurnEvent, now: float) -> None:
+        self.echo.on_turn(event, now)
+
+    def on_interrupted(self, played_ms: int, now: float) -> None:
+        self.echo.on_interrupted(played_ms, now)
+
+    def poll_events(self) -> list[dict[str, Any]]:
+        return self.echo.poll_events()
+
+    def moved_in(self, *, from_node: str, to_node: str, epoch: int) -> None:
+        self.moves.append(("in", from_node, to_node, epoch))
+
+    def moved_out(self) -> None:
+        self.moves.append("out")
+
+
+@attrs.define
+class Call:
+    """A session actor and its in-process client, and what the actor told its node."""
+
+    actor: SessionActor
+    wire: Wire
+    events: list[dict[str, Any]] = attrs.field(factory=list)
+    ended: list[tuple[str, str]] = attrs.field(factory=list)
+    stored: list[SessionSnapshot] = attrs.field(factory=list)
+    finished: trio.Event = attrs.field(factory=trio.Event)
+
+    async def talk(self, count: int) -> None:
+        """The client sends ``count`` frames of speech, one per 20 ms."""
+        for pcm in speech.frames(utterance())[:count]:
+            self.wire.send(self.wire.client.media(pcm))
+            await trio.sleep(0.02)
+
+    def names(self) -> list[str]:
+        return [str(e["event"]) for e in self.events]
+
+
+CERTIFICATE = generate_certificate()
+
+
+async def _start(nursery: trio.Nursery, call: Call) -> None:
+    async def run(*, task_status: trio.TaskStatus[ActorRef] = trio.TASK_STATUS_IGNORED) -> None:
+        await call.actor.run(task_status=task_status)
+        call.finished.set()
+
+    await nursery.start(run)
+
+
+async def connected_call(nursery: trio.Nursery, **kw: Any) -> Call:
+    core, answer = Transceiver.accept(
+        browser_offer(),
+        session_id="s1",
+        certificate=CERTIFICATE,
+        candidates=[("127.0.0.1", 9)],
+        now=trio.current_time(),
+        agent=kw.get("agent"),
+    )
+    wire = Wire(Client(answer), core.local_ufrag)
+    call = Call(actor=None, wire=wire)  # type: ignore[arg-type]
+    call.actor = SessionActor(
+        "s1",
+        port=wire.port,
+        certificate=CERTIFICATE,
+        core=core,
+        restore_from=lambda: None,
+        store=call.stored.append,
+        events=call.events.append,
+        on_end=lambda session, reason: call.ended.append((session, reason)),
+        **kw,
+    )
+    await _start(nursery, call)
+    wire.send(wire.client.check())
+    with trio.fail_after(5):
+        await wire.keyed.wait()
+    await call.talk(20)
+    return call
+
+
+async def test_quiesce_buffers_then_resume_feeds_it_in_and_goes_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        call = await connected_call(nursery)
+        actor, wire = call.actor, call.wire
+        reply = await actor.ref.ask(("quiesce",), timeout=1)
+        assert isinstance(reply, Quiesced)
+        snapshot = SessionSnapshot.from_bytes(reply.snapshot)
+        assert snapshot.exact and abs(reply.at - time.time()) < 60
+        assert actor.paused and actor.core.quiesced
+        assert await actor.ref.ask(("quiesce",), timeout=1) == reply  # a retry: same answer
+        sent, stored = len(wire.sent), len(call.stored)
+        await call.talk(15)
+        await trio.sleep(12)  # longer than a checkpoint interval
+        assert len(wire.sent) == sent  # nothing goes out while quiesced
+        assert len(call.stored) == stored  # and no checkpoint is taken
+        assert actor.buffered == 15
+
+        assert await actor.ref.ask(("resume",), timeout=1) is True
+        assert not actor.paused and actor.buffered == 0
+        await call.talk(20)
+        await trio.sleep(1)
+        client = wire.client
+        assert client.srtp_errors == 0
+        seqs = [p.sequence_number for p in client.received]
+        assert snapshot.next_seq in seqs
+        assert all(rtp.seq_distance(a, b) == 1 for a, b in itertools.pairwise(seqs))
+        stats = await actor.ref.ask("stats", timeout=1)
+        assert isinstance(stats, dict)
+        assert stats["packets_in"] == 55 and stats["dropped"] == {}
+        assert len(call.stored) > stored  # checkpoints again
+        assert isinstance(await actor.ref.ask(("resume",), timeout=1), MoveRefused)
+        nursery.cancel_scope.cancel()
+    assert call.ended == []
+
+
+async def test_hand_off_returns_what_arrived_and_the_session_goes_on_elsewhere(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        old_agent = MovingEcho()
+        call = await connected_call(nursery, agent=old_agent)
+        actor, client = call.actor, call.wire.client
+        refused = await actor.ref.ask(("hand_off",), timeout=1)
+        assert isinstance(refused, MoveRefused) and refused.code == "not_quiesced"
+        reply = await actor.ref.ask(("quiesce",), timeout=1)
+        assert isinstance(reply, Quiesced)
+        await call.talk(5)
+        # two more still in the inbox when the hand-off comes
+        late = [client.media(pcm) for pcm in speech.frames(utterance())[5:7]]
+        for datagram in late:
+            call.wire.send(datagram)
+        handed = await actor.ref.ask(("hand_off",), timeout=1)
+        assert isinstance(handed, list) and len(handed) == 7
+        assert [d for d, _ in handed[-2:]] == late
+        assert all(addr == CLIENT_ADDR for _, addr in handed)
+        with trio.fail_after(1):
+            await call.finished.wait()  # the actor finished ...
+        assert call.ended == [] and "session_ended" not in call.names()  # ... silently
+        assert old_agent.moves == ["out"]
+
+        # the next node: a new port to the same client, what was handed on first
+        new_agent = MovingEcho()
+        wire = Wire(client, "ufrag2")
+        for datagram, _ in handed:
+            wire.send(datagram)
+        moved = Call(actor=None, wire=wire)  # type: ignore[arg-type]
+        moved.actor = SessionActor(
+            "s1",
+            port=wire.port,
+            certificate=CERTIFICATE,
+            core=None,
+            restore_from=lambda: None,
+            store=moved.stored.append,
+            events=moved.events.append,
+            on_end=lambda session, reason: moved.ended.append((session, reason)),
+            agent=new_agent,
+            arrival=Arrival(SessionSnapshot.from_bytes(reply.snapshot), reply.at),
+        )
+        await _start(nursery, moved)
+        assert moved.actor.restored and moved.actor.blackout is not None
+        assert await moved.actor.ref.ask(("moved", "node-a", "node-b", 7), timeout=1) is True
+        assert new_agent.moves == [("in", "node-a", "node-b", 7)]
+        await moved.talk(20)
+        await trio.sleep(1)
+        assert client.srtp_errors == 0
+        snapshot = SessionSnapshot.from_bytes(reply.snapshot)
+        seqs = [p.sequence_number for p in client.received]
+        assert snapshot.next_seq in seqs
+        assert all(rtp.seq_distance(a, b) == 1 for a, b in itertools.pairwise(seqs))
+        stats = await moved.actor.ref.ask("stats", timeout=1)
+        assert isinstance(stats, dict) and stats["packets_in"] == 27
+        assert moved.stored  # its own checkpoint, at once
+        # no ICE, DTLS or media start again (the turn open at the move ends here, though)
+        assert not {"ice_connected", "dtls_connected", "media_started"} & set(moved.names())
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_quiesced_session_keeps_a_bounded_buffer(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        call = await connected_call(nursery, max_buffered=4)
+        assert isinstance(await call.actor.ref.ask(("quiesce",), timeout=1), Quiesced)
+        await call.talk(10)
+        assert call.actor.buffered == 4 and call.actor.buffer_overflow == 6
+        handed = await call.actor.ref.ask(("hand_off",), timeout=1)
+        assert isinstance(handed, list) and len(handed) == 4
+        nursery.cancel_scope.cancel()
+
+
+async def test_quiesce_before_dtls_is_refused_and_the_session_goes_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    core, answer = Transceiver.accept(
+        browser_offer(),
+        session_id="s1",
+        certificate=CERTIFICATE,
+        candidates=[("127.0.0.1", 9)],
+        now=trio.current_time(),
+    )
+    wire = Wire(Client(answer), core.local_ufrag)
+    actor = SessionActor(
+        "s1",
+        port=wire.port,
+        certificate=CERTIFICATE,
+        core=core,
+        restore_from=lambda: None,
+        store=lambda snapshot: None,
+        events=lambda event: None,
+        on_end=lambda session, reason: None,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        refused = await actor.ref.ask(("quiesce",), timeout=1)
+        assert isinstance(refused, MoveRefused) and refused.code == "not_connected"
+        assert not actor.paused
+        wire.send(wire.client.check())  # it still connects
+        with trio.fail_after(5):
+            await wire.keyed.wait()
+        actor.stop()
+
+
+async def test_closing_a_quiesced_session_sends_nothing(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        call = await connected_call(nursery)
+        assert isinstance(await call.actor.ref.ask(("quiesce",), timeout=1), Quiesced)
+        sent = len(call.wire.sent)
+        assert await call.actor.ref.ask("close", timeout=1) is True
+        await trio.sleep(0.1)
+        assert len(call.wire.sent) == sent  # no BYE, no close_notify
+        assert call.ended == [("s1", "closed while quiesced")]
+        assert call.names()[-1] == "session_ended"
+        nursery.cancel_scope.cancel()

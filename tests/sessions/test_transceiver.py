@@ -47,15 +47,15 @@ from sessions.webrtc.demux import PacketKind, classify, is_rtcp
 from sessions.webrtc.dtls import SrtpKeys
 from sessions.webrtc.dtls import SrtpProfile as DtlsProfile
 from sessions.webrtc.errors import SdpError
-from sessions.webrtc.ice import Address, IceLiteResponder, mint_credentials
+from sessions.webrtc.ice import IceLiteResponder, PeerAddress, mint_credentials
 from sessions.webrtc.rtp import SequenceTracker
 from tests.peers import AiortcCall, loopback_ice  # noqa: F401 - loopback_ice is a fixture
 
 SERVER_CERT = generate_certificate()
 CLIENT_CERT = generate_certificate(common_name="client")
-CLIENT_ADDR: Address = ("192.0.2.10", 50000)
-OTHER_ADDR: Address = ("198.51.100.7", 61000)
-SERVER_ADDR: Address = ("203.0.113.1", 3478)
+CLIENT_ADDR = PeerAddress("192.0.2.10", 50000)
+OTHER_ADDR = PeerAddress("198.51.100.7", 61000)
+SERVER_ADDR: tuple[str, int] = ("203.0.113.1", 3478)
 CLIENT_UFRAG = "cLnt"
 CLIENT_PWD = "client+password/0123456789"
 CLIENT_SSRC = 0x1122_3344
@@ -318,7 +318,7 @@ class Sim:
         self.client = Client(answer, client_certificate)
         self.events: list[tuple[float, SessionEvent]] = []
         self.stored: list[bytes] = []
-        self.sent: list[tuple[float, bytes, Address]] = []
+        self.sent: list[tuple[float, bytes, PeerAddress]] = []
         self._heap: list[tuple[float, int, Callable[[], object]]] = []
         self._order = itertools.count()
 
@@ -333,7 +333,7 @@ class Sim:
 
         self.at(start, lambda: tick(start))
 
-    def to_core(self, data: bytes, addr: Address = CLIENT_ADDR) -> None:
+    def to_core(self, data: bytes, addr: PeerAddress = CLIENT_ADDR) -> None:
         self.at(self.now + self.delay, lambda: self.core.receive(data, addr, self.now))
 
     def _to_client(self, data: bytes) -> None:
@@ -587,7 +587,7 @@ def test_dtls_and_media_only_from_checked_and_selected_addresses() -> None:
 
 def test_renomination_moves_media() -> None:
     sim = connected_sim()
-    moved: Address = ("192.0.2.10", 50002)
+    moved = PeerAddress("192.0.2.10", 50002)
     sim.at(sim.now, lambda: sim.to_core(sim.client.check(), moved))
     sim.run(sim.now + 0.1)
     assert sim.events[-1][1] == IceConnected(moved)
@@ -927,6 +927,13 @@ def test_session_state_changes_exactly_as_the_transition_table_says(
     assert sim.core.state is SessionState.CLOSED
 
     sim = connected_sim()
+    sim.core.quiesce(sim.now)  # CONNECTED -> QUIESCED: a planned move
+    sim.core.resume(sim.now)  # QUIESCED -> CONNECTED: the move was abandoned
+    sim.core.quiesce(sim.now)
+    sim.core.close(sim.now)  # QUIESCED -> CLOSED, silently
+    assert sim.core.state is SessionState.CLOSED
+
+    sim = connected_sim()
     sim.run(40.0)  # CONNECTED -> FAILED: consent expired
     assert sim.core.state is SessionState.FAILED
     # NEW -> CONNECTED -> FAILED: a restore, of a session whose consent had expired
@@ -1043,8 +1050,11 @@ def _hostile_datagrams() -> st.SearchStrategy[bytes]:
 
 _ADDRESSES = st.one_of(
     st.just(CLIENT_ADDR),
-    st.tuples(
-        st.sampled_from(["192.0.2.99", "198.51.100.7", "2001:db8::1"]), st.integers(1, 65535)
+    st.builds(
+        PeerAddress,
+        st.sampled_from(["192.0.2.99", "198.51.100.7", "2001:db8::1"]),
+        st.integers(1, 65535),
+        st.sampled_from(["", "relay-1"]),
     ),
 )
 
@@ -1064,7 +1074,7 @@ def _counted(stats: dict[str, object]) -> int:
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(st.tuples(_hostile_datagrams(), _ADDRESSES), min_size=1, max_size=25))
 def test_hostile_datagrams_are_counted_and_change_nothing(
-    datagrams: list[tuple[bytes, Address]],
+    datagrams: list[tuple[bytes, PeerAddress]],
 ) -> None:
     sim = connected_sim()
     sim.run(sim.talk(speech.frames(utterance())[:10]) + 0.1)
@@ -1123,7 +1133,7 @@ class UdpGlue(asyncio.DatagramProtocol):
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         if self.core is not None:
-            self.core.receive(data, (addr[0], addr[1]), self.loop.time())
+            self.core.receive(data, PeerAddress(addr[0], addr[1]), self.loop.time())
             self.flush()
 
     def install(self, core: Transceiver) -> None:
@@ -1138,7 +1148,7 @@ class UdpGlue(asyncio.DatagramProtocol):
             if classify(data) is PacketKind.RTP_RTCP and not is_rtcp(data):
                 seq = int.from_bytes(data[2:4], "big")
                 self.sent_seqs.setdefault(id(core), []).append(seq)
-            self.transport.sendto(data, addr)
+            self.transport.sendto(data, addr.socket_address)
         while (event := core.next_event()) is not None:
             self.events.append((self.loop.time(), event))
             self.changed.set()

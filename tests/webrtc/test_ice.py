@@ -11,7 +11,7 @@ from typing import Any, cast
 
 import aioice
 import aioice.ice
-import attrs
+import attr
 import pytest
 from aioice import stun as aioice_stun
 from aioice.candidate import Candidate
@@ -24,13 +24,13 @@ from sessions.webrtc.errors import RemoteInputError, StateTransitionError, StunE
 from sessions.webrtc.ice import (
     CONSENT_TIMEOUT,
     MAX_PAIRS,
-    Address,
     ConsentExpired,
     IceEvent,
     IceLiteResponder,
     IceState,
     PairNominated,
     PairValidated,
+    PeerAddress,
     ResponderState,
     mint_credentials,
 )
@@ -44,8 +44,8 @@ LOCAL_PWD = "parley+local/password0123"
 REMOTE_UFRAG = "brWs"
 REMOTE_PWD = "browser+remote/password99"
 USERNAME = f"{LOCAL_UFRAG}:{REMOTE_UFRAG}"
-CLIENT: Address = ("192.0.2.10", 50000)
-OTHER: Address = ("198.51.100.7", 61000)
+CLIENT = PeerAddress("192.0.2.10", 50000)
+OTHER = PeerAddress("198.51.100.7", 61000)
 TIE_BREAKER = 0x0123_4567_89AB_CDEF
 # RFC 8445 §5.1.2.1 priority of a peer-reflexive candidate: type preference 110.
 PRFLX_PRIORITY = (110 << 24) | (65535 << 8) | 255
@@ -100,7 +100,9 @@ def _our_check(*extra: tuple[int, bytes], use_candidate: bool = False) -> bytes:
     return stun.encode(request, integrity_key=LOCAL_PWD.encode(), fingerprint=True)
 
 
-def _reply(replies: list[tuple[bytes, Address]], addr: Address = CLIENT) -> aioice_stun.Message:
+def _reply(
+    replies: list[tuple[bytes, PeerAddress]], addr: PeerAddress = CLIENT
+) -> aioice_stun.Message:
     """The single reply, parsed by aioice (which also checks its FINGERPRINT)."""
     assert len(replies) == 1
     data, to = replies[0]
@@ -119,15 +121,15 @@ def _events(responder: IceLiteResponder) -> list[IceEvent]:
 # --- successful checks ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("addr", [CLIENT, ("2001:db8::7", 40000)])
-def test_aioice_check_gets_authenticated_success(addr: Address) -> None:
+@pytest.mark.parametrize("addr", [CLIENT, PeerAddress("2001:db8::7", 40000)])
+def test_aioice_check_gets_authenticated_success(addr: PeerAddress) -> None:
     responder = _responder()
     request = _check()
     response = _reply(responder.receive_stun(request, addr, 0.0), addr)
     assert response.message_method == aioice_stun.Method.BINDING
     assert response.message_class == aioice_stun.Class.RESPONSE
     assert response.transaction_id == request[8:20]
-    assert response.attributes["XOR-MAPPED-ADDRESS"] == addr
+    assert response.attributes["XOR-MAPPED-ADDRESS"] == addr.socket_address
     assert response.check_message_integrity(LOCAL_PWD.encode())
     assert not response.check_message_integrity(REMOTE_PWD.encode())
     assert responder.responses_sent == 1
@@ -142,9 +144,9 @@ def test_aioice_check_gets_authenticated_success(addr: Address) -> None:
 def test_ipv4_mapped_source_is_reported_as_ipv4() -> None:
     # A dual-stack socket sees an IPv4 client as ::ffff:a.b.c.d; the client wants IPv4 back.
     responder = _responder()
-    addr = ("::ffff:192.0.2.10", 50000)
+    addr = PeerAddress("::ffff:192.0.2.10", 50000)
     response = _reply(responder.receive_stun(_check(), addr, 0.0), addr)
-    assert response.attributes["XOR-MAPPED-ADDRESS"] == CLIENT
+    assert response.attributes["XOR-MAPPED-ADDRESS"] == CLIENT.socket_address
     assert responder.is_valid(addr)
 
 
@@ -153,10 +155,10 @@ def test_relayed_paths_are_separate_pairs_reflecting_the_client_address() -> Non
     # local candidate); each is answered with the client's own address, and nominating one
     # selects that relay's path.
     responder = _responder()
-    via_1, via_2 = (f"{CLIENT[0]}@r1", CLIENT[1]), (f"{CLIENT[0]}@r2", CLIENT[1])
+    via_1, via_2 = CLIENT._replace(relay="r1"), CLIENT._replace(relay="r2")
     for addr in (via_1, via_2):
         response = _reply(responder.receive_stun(_check(), addr, 0.0), addr)
-        assert response.attributes["XOR-MAPPED-ADDRESS"] == CLIENT
+        assert response.attributes["XOR-MAPPED-ADDRESS"] == CLIENT.socket_address
     assert responder.is_valid(via_1) and responder.is_valid(via_2)
     assert not responder.is_valid(CLIENT)
     responder.receive_stun(_check(use_candidate=True), via_2, 1.0)
@@ -398,7 +400,7 @@ def test_replayed_check_cannot_move_media_elsewhere() -> None:
     responder.receive_stun(captured, CLIENT, 0.0)
     _events(responder)
     response = _reply(responder.receive_stun(captured, OTHER, 1.0), OTHER)
-    assert response.attributes["XOR-MAPPED-ADDRESS"] == OTHER
+    assert response.attributes["XOR-MAPPED-ADDRESS"] == OTHER.socket_address
     assert responder.selected == CLIENT
     assert not responder.is_valid(OTHER)
     assert _events(responder) == []
@@ -408,18 +410,18 @@ def test_pairs_are_bounded_and_the_selected_one_is_kept() -> None:
     responder = _responder()
     responder.receive_stun(_check(use_candidate=True), CLIENT, 0.0)
     for i in range(MAX_PAIRS + 20):
-        responder.receive_stun(_check(), ("203.0.113.1", 1000 + i), 1.0 + i / 100)
+        responder.receive_stun(_check(), PeerAddress("203.0.113.1", 1000 + i), 1.0 + i / 100)
     assert len(responder.valid_addresses) == MAX_PAIRS
     assert responder.selected == CLIENT
     assert responder.is_valid(CLIENT)
-    assert not responder.is_valid(("203.0.113.1", 1000))  # least recently checked went first
-    assert responder.is_valid(("203.0.113.1", 1000 + MAX_PAIRS + 19))
+    assert not responder.is_valid(PeerAddress("203.0.113.1", 1000))  # least recent went first
+    assert responder.is_valid(PeerAddress("203.0.113.1", 1000 + MAX_PAIRS + 19))
 
 
 # --- consent freshness ------------------------------------------------------------------------
 
 
-def _connect(responder: IceLiteResponder, now: float = 0.0, addr: Address = CLIENT) -> None:
+def _connect(responder: IceLiteResponder, now: float = 0.0, addr: PeerAddress = CLIENT) -> None:
     _reply(responder.receive_stun(_check(use_candidate=True), addr, now), addr)
     _events(responder)
 
@@ -492,7 +494,7 @@ def test_nat_rebinding_after_nomination() -> None:
     _connect(responder, 0.0)
     responder.receive_stun(_check(use_candidate=True), CLIENT, 5.0)
     response = _reply(responder.receive_stun(_check(), OTHER, 8.0), OTHER)
-    assert response.attributes["XOR-MAPPED-ADDRESS"] == OTHER
+    assert response.attributes["XOR-MAPPED-ADDRESS"] == OTHER.socket_address
     assert _events(responder) == [PairValidated(OTHER)]
     assert responder.selected == CLIENT
     assert responder.get_timer() == 5.0 + CONSENT_TIMEOUT
@@ -532,7 +534,7 @@ def test_snapshot_and_restore_continue_the_session() -> None:
     # The same client, unchanged, is answered with the same credentials.
     response = _reply(new.receive_stun(_check(), CLIENT, 5001.0))
     assert response.check_message_integrity(LOCAL_PWD.encode())
-    assert response.attributes["XOR-MAPPED-ADDRESS"] == CLIENT
+    assert response.attributes["XOR-MAPPED-ADDRESS"] == CLIENT.socket_address
     assert _events(new) == []  # the pair was already valid
     assert new.get_timer() == 5001.0 + CONSENT_TIMEOUT
     new.handle_timer(5001.0 + CONSENT_TIMEOUT)
@@ -566,8 +568,8 @@ def test_restore_each_state(step: str) -> None:
 def _state(
     *,
     local_pwd: str = LOCAL_PWD,
-    pairs: tuple[tuple[Address, float], ...] = (),
-    selected: Address | None = None,
+    pairs: tuple[tuple[PeerAddress, float], ...] = (),
+    selected: PeerAddress | None = None,
     expired: bool = False,
 ) -> IceState:
     return IceState(
@@ -585,9 +587,12 @@ def test_ice_state_survives_a_json_round_trip() -> None:
     old = _responder()
     _connect(old, 0.0)
     old.receive_stun(_check(), OTHER, 2.0)
+    old.receive_stun(_check(), OTHER._replace(relay="relay-2"), 3.0)
     state = old.snapshot(4.0)
-    fields = json.loads(json.dumps(attrs.asdict(state)))  # tuples come back as lists
+    # tuples come back as lists (attrs cannot rebuild the NamedTuple PeerAddress itself)
+    fields = json.loads(json.dumps(attr.asdict(state, retain_collection_types=False)))
     assert IceState(**fields) == state
+    assert OTHER._replace(relay="relay-2") in [addr for addr, _ in IceState(**fields).pairs]
     new = IceLiteResponder.restore(IceState(**fields), 10.0)
     assert new.selected == CLIENT
     assert new.get_timer() == 6.0 + CONSENT_TIMEOUT
@@ -706,7 +711,7 @@ def test_repr_hides_passwords() -> None:
 
 
 def _assert_well_formed_replies(
-    replies: list[tuple[bytes, Address]], request: bytes, addr: Address
+    replies: list[tuple[bytes, PeerAddress]], request: bytes, addr: PeerAddress
 ) -> None:
     assert len(replies) <= 1
     for data, to in replies:
@@ -785,18 +790,18 @@ class _MediaPort(asyncio.DatagramProtocol):
     def __init__(self, responder: IceLiteResponder) -> None:
         self.responder = responder
         self.transport: asyncio.DatagramTransport | None = None
-        self.data: asyncio.Queue[tuple[bytes, Address]] = asyncio.Queue()
+        self.data: asyncio.Queue[tuple[bytes, PeerAddress]] = asyncio.Queue()
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
         assert self.transport is not None
-        source = (str(addr[0]), int(addr[1]))
+        source = PeerAddress(str(addr[0]), int(addr[1]))
         if classify(data) is PacketKind.STUN:
             now = asyncio.get_running_loop().time()
             for reply, to in self.responder.receive_stun(data, source, now):
-                self.transport.sendto(reply, to)
+                self.transport.sendto(reply, to.socket_address)
         else:
             self.data.put_nowait((data, source))
 
@@ -833,7 +838,7 @@ async def _connect_aioice(ice_controlling: bool) -> None:
         await client.add_remote_candidate(None)
         await asyncio.wait_for(client.connect(), 5)
 
-        client_addr = (local.host, local.port)
+        client_addr = PeerAddress(local.host, local.port)
         assert responder.selected == client_addr
         assert responder.state is ResponderState.CONNECTED
         assert _events(responder) == [PairValidated(client_addr), PairNominated(client_addr)]
@@ -843,7 +848,7 @@ async def _connect_aioice(ice_controlling: bool) -> None:
         await client.send(b"\x80media")
         assert await asyncio.wait_for(port.data.get(), 5) == (b"\x80media", client_addr)
         assert port.transport is not None
-        port.transport.sendto(b"\x80back", client_addr)
+        port.transport.sendto(b"\x80back", client_addr.socket_address)
         assert await asyncio.wait_for(client.recv(), 5) == b"\x80back"
 
         # aioice's consent checks (sped up by the test) keep consent fresh on our side.

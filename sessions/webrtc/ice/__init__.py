@@ -17,7 +17,8 @@ handled without raising: it is answered, or counted and dropped.
 
 The package: :mod:`~sessions.webrtc.ice.responder` (the state machine, its transition table
 and its events) and :mod:`~sessions.webrtc.ice.state` (credentials and the
-:class:`IceState` value a session moves with).
+:class:`IceState` value a session moves with, and :class:`PeerAddress`, where a client's
+datagrams come from: its transport address and the relay they came through).
 """
 
 from __future__ import annotations
@@ -31,18 +32,18 @@ from sessions.webrtc.ice.responder import (
     PairValidated,
     ResponderState,
 )
-from sessions.webrtc.ice.state import MAX_PAIRS, Address, IceState, mint_credentials
+from sessions.webrtc.ice.state import MAX_PAIRS, IceState, PeerAddress, mint_credentials
 
 __all__ = [
     "CONSENT_TIMEOUT",
     "MAX_PAIRS",
-    "Address",
     "ConsentExpired",
     "IceEvent",
     "IceLiteResponder",
     "IceState",
     "PairNominated",
     "PairValidated",
+    "PeerAddress",
     "ResponderState",
     "mint_credentials",
 ]

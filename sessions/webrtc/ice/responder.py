@@ -18,7 +18,7 @@ import attrs
 
 from sessions.webrtc import stun
 from sessions.webrtc.errors import StateTransitionError, StunError
-from sessions.webrtc.ice.state import MAX_PAIRS, PWD_RE, UFRAG_RE, Address, IceState
+from sessions.webrtc.ice.state import MAX_PAIRS, PWD_RE, UFRAG_RE, IceState, PeerAddress
 from sessions.webrtc.stun import StunClass, StunMessage
 
 __all__ = [
@@ -83,7 +83,7 @@ class PairValidated:
     belong to the session; media should still be sent only to the selected pair.
     """
 
-    addr: Address
+    addr: PeerAddress
 
 
 @final
@@ -91,7 +91,7 @@ class PairValidated:
 class PairNominated:
     """The client nominated the pair with ``addr`` (RFC 8445 §7.3.1.5); send media there now."""
 
-    addr: Address
+    addr: PeerAddress
 
 
 @final
@@ -104,7 +104,7 @@ class ConsentExpired:
     brings the session back (RFC 8445 §9).
     """
 
-    addr: Address
+    addr: PeerAddress
 
 
 IceEvent = PairValidated | PairNominated | ConsentExpired
@@ -114,14 +114,12 @@ def _mapped_host(host: str) -> str:
     """The host to report in XOR-MAPPED-ADDRESS: IPv4-mapped IPv6 as the IPv4 it stands for.
 
     A dual-stack socket sees an IPv4 client as ``::ffff:a.b.c.d``; that client sent its check
-    over IPv4 and expects an IPv4 reflexive address back. A relayed address names its relay
-    after ``@``; the client's own address is what it sees reflected.
+    over IPv4 and expects an IPv4 reflexive address back.
     """
-    bare = host.partition("@")[0]
-    address = ipaddress.ip_address(bare)
+    address = ipaddress.ip_address(host)
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return str(address.ipv4_mapped)
-    return bare
+    return host
 
 
 @final
@@ -181,8 +179,8 @@ class IceLiteResponder:
         self._expected_username = f"{local_ufrag}:{remote_ufrag}"
         self._local_pwd_key = local_pwd.encode("ascii")
         # Valid pairs by remote address -> time of the last valid check, least recent first.
-        self._pairs: dict[Address, float] = {}
-        self._selected: Address | None = None
+        self._pairs: dict[PeerAddress, float] = {}
+        self._selected: PeerAddress | None = None
         self._state = ResponderState.NEW
         self._events: collections.deque[IceEvent] = collections.deque()
         # Transaction ids of the checks acted on lately, oldest first (a bounded ordered set).
@@ -231,20 +229,20 @@ class IceLiteResponder:
         return self._state
 
     @property
-    def selected(self) -> Address | None:
+    def selected(self) -> PeerAddress | None:
         """The nominated pair's remote address (where media goes), or ``None``."""
         return self._selected
 
     @property
-    def valid_addresses(self) -> tuple[Address, ...]:
+    def valid_addresses(self) -> tuple[PeerAddress, ...]:
         """Remote addresses of the valid pairs, least recently checked first."""
         return tuple(self._pairs)
 
-    def is_valid(self, addr: Address) -> bool:
+    def is_valid(self, addr: PeerAddress) -> bool:
         """Whether a check from ``addr`` has succeeded (and the pair was not since dropped)."""
         return addr in self._pairs
 
-    def last_check(self, addr: Address) -> float | None:
+    def last_check(self, addr: PeerAddress) -> float | None:
         """Time of the last valid check from ``addr``, or ``None`` if it is not a valid pair."""
         return self._pairs.get(addr)
 
@@ -290,7 +288,9 @@ class IceLiteResponder:
 
     # --- checks (RFC 8445 §7.3) ---------------------------------------------------------------
 
-    def receive_stun(self, data: bytes, addr: Address, now: float) -> list[tuple[bytes, Address]]:
+    def receive_stun(
+        self, data: bytes, addr: PeerAddress, now: float
+    ) -> list[tuple[bytes, PeerAddress]]:
         """Handle one datagram of STUN from ``addr`` received at ``now``.
 
         Returns the datagrams to send back (at most one, always to ``addr``). Never raises for
@@ -313,7 +313,7 @@ class IceLiteResponder:
         self.responses_sent += 1
         return [(reply, addr)]
 
-    def _handle(self, data: bytes, addr: Address, now: float) -> bytes | None:
+    def _handle(self, data: bytes, addr: PeerAddress, now: float) -> bytes | None:
         msg = stun.parse(data)
         # RFC 8489 §6.3 and §7: a FINGERPRINT that does not match means this is not STUN after
         # all; discard it silently. ICE checks carry one (RFC 8445 §7), but we do not insist.
@@ -369,13 +369,14 @@ class IceLiteResponder:
             return self._error(msg, 400, "Bad Request")
 
         # RFC 8445 §7.3 / RFC 8489 §6.3.1.1: success, telling the client its address as we see
-        # it (XOR-MAPPED-ADDRESS), signed with our password and fingerprinted.
-        response = stun.binding_success(msg, _mapped_host(addr[0]), addr[1])
+        # it (XOR-MAPPED-ADDRESS), signed with our password and fingerprinted. Only the client's
+        # own transport address is reflected: the relay it came through is our side of the pair.
+        response = stun.binding_success(msg, _mapped_host(addr.host), addr.port)
         reply = stun.encode(response, integrity_key=self._local_pwd_key, fingerprint=True)
         self._learn(msg, addr, now)
         return reply
 
-    def _learn(self, msg: StunMessage, addr: Address, now: float) -> None:
+    def _learn(self, msg: StunMessage, addr: PeerAddress, now: float) -> None:
         """Update the pairs after answering an authenticated check with success."""
         if msg.transaction_id in self._recent:
             # A retransmission (RFC 8489 §6.2.1) whose first copy already did its work, or a

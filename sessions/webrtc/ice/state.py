@@ -1,6 +1,6 @@
-"""What an ICE session is, as values: its credentials (RFC 8445 §5.3, RFC 8839 §5.4) and the
-:class:`IceState` a responder carries to another node (see
-:meth:`~sessions.webrtc.ice.IceLiteResponder.restore`)."""
+"""What an ICE session is, as values: its credentials (RFC 8445 §5.3, RFC 8839 §5.4), the
+:class:`PeerAddress` a client's datagrams come from, and the :class:`IceState` a responder
+carries to another node (see :meth:`~sessions.webrtc.ice.IceLiteResponder.restore`)."""
 
 from __future__ import annotations
 
@@ -10,16 +10,33 @@ import re
 import secrets
 import string
 from collections.abc import Iterable, Sequence
-from typing import Final, final
+from typing import Final, NamedTuple, final
 
 import attrs
 
-__all__ = ["MAX_PAIRS", "PWD_RE", "UFRAG_RE", "Address", "IceState", "mint_credentials"]
+__all__ = ["MAX_PAIRS", "PWD_RE", "UFRAG_RE", "IceState", "PeerAddress", "mint_credentials"]
 
-#: A UDP transport address as ``(host, port)``, the host a literal IPv4 or IPv6 address — or,
-#: for a client reached through a relay, ``"<ip>@<relay id>"``: the relay is our local candidate,
-#: so one client address seen through two relays is two candidate pairs (RFC 8445 §6.1.2.2).
-Address = tuple[str, int]
+
+class PeerAddress(NamedTuple):
+    """Where a client's datagram came from, as a session sees it (and where its answer goes).
+
+    ``host`` and ``port`` are the client's UDP transport address as the datagram's sender (an
+    IPv4 or IPv6 literal and a port). ``relay`` names the relay of the cluster the datagram
+    came through, ``""`` when it reached the node's own port directly. The relay is our local
+    candidate of the pair, so one client address seen through two relays is two candidate pairs
+    (RFC 8445 §6.1.2.2), each answered through the relay it came by. Only
+    :attr:`socket_address` goes to a socket, a tunnel frame or XOR-MAPPED-ADDRESS.
+    """
+
+    host: str
+    port: int
+    relay: str = ""
+
+    @property
+    def socket_address(self) -> tuple[str, int]:
+        """``(host, port)``, as the socket API and the relay's tunnel frames take it."""
+        return self.host, self.port
+
 
 #: Most validated pairs kept; RFC 8445 §6.1.2.5 bounds a full agent's check list at 100 too.
 MAX_PAIRS: Final = 100
@@ -63,26 +80,31 @@ def _check_pwd(_: object, attribute: attrs.Attribute[str], value: str) -> None:
         raise ValueError(f"{attribute.name} must be 22-256 ice-chars (RFC 8839 §5.4)")
 
 
-def _to_pairs(value: Iterable[tuple[Sequence[object], float]]) -> tuple[tuple[Address, float], ...]:
+def _to_pairs(
+    value: Iterable[tuple[Sequence[object], float]],
+) -> tuple[tuple[PeerAddress, float], ...]:
     # Accepts what a round trip through JSON or msgpack makes of the tuples (lists).
     return tuple((_to_address(addr), float(age)) for addr, age in value)
 
 
-def _to_address(value: Sequence[object]) -> Address:
-    host, port = value
-    if not isinstance(host, str) or not isinstance(port, int):
-        raise TypeError(f"an address is (host: str, port: int), not {value!r}")
-    return host, port
+def _to_address(value: Sequence[object]) -> PeerAddress:
+    if len(value) not in (2, 3):
+        raise TypeError(f"an address is (host, port[, relay]), not {value!r}")
+    host, port, *rest = value
+    relay = rest[0] if rest else ""
+    if not isinstance(host, str) or not isinstance(port, int) or not isinstance(relay, str):
+        raise TypeError(f"an address is (host: str, port: int, relay: str), not {value!r}")
+    return PeerAddress(host, port, relay)
 
 
-def _to_optional_address(value: Sequence[object] | None) -> Address | None:
+def _to_optional_address(value: Sequence[object] | None) -> PeerAddress | None:
     return None if value is None else _to_address(value)
 
 
 def _check_pairs(
     instance: IceState,
-    _: attrs.Attribute[tuple[tuple[Address, float], ...]],
-    value: tuple[tuple[Address, float], ...],
+    _: attrs.Attribute[tuple[tuple[PeerAddress, float], ...]],
+    value: tuple[tuple[PeerAddress, float], ...],
 ) -> None:
     addresses = [addr for addr, _ in value]
     if len(set(addresses)) != len(addresses):
@@ -94,7 +116,9 @@ def _check_pairs(
             raise ValueError("a pair's age is a finite number of seconds >= 0")
 
 
-def _check_selected(instance: IceState, _: attrs.Attribute[Address | None], value: object) -> None:
+def _check_selected(
+    instance: IceState, _: attrs.Attribute[PeerAddress | None], value: object
+) -> None:
     if value is not None and value not in [addr for addr, _ in instance.pairs]:
         raise ValueError("the selected address must be one of the pairs")
     if instance.expired and value is None:
@@ -116,11 +140,11 @@ class IceState:
     remote_ufrag: str = attrs.field(validator=_check_ufrag)
     remote_pwd: str = attrs.field(validator=_check_pwd, repr=False)
     #: ``(address, seconds since its last valid check)`` of each valid pair, oldest check first
-    pairs: tuple[tuple[Address, float], ...] = attrs.field(
+    pairs: tuple[tuple[PeerAddress, float], ...] = attrs.field(
         default=(), converter=_to_pairs, validator=_check_pairs
     )
     #: the nominated pair (the latest nomination), if any
-    selected: Address | None = attrs.field(
+    selected: PeerAddress | None = attrs.field(
         default=None, converter=_to_optional_address, validator=_check_selected
     )
     #: whether consent on the selected pair has already expired

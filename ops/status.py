@@ -11,6 +11,7 @@ import trio
 from storage.etcd import Etcd
 from storage.keys import Keyspace
 from storage.members import Members
+from storage.moves import Moves
 from storage.ownership import Owners
 
 
@@ -54,6 +55,17 @@ async def gather_status(etcd: Etcd, keys: Keyspace) -> dict[str, Any]:
             for m in sorted(nodes, key=lambda m: m.info.id)
         ],
         "relays": await members.relays(),
+        "moves": [
+            {
+                "session": m.session,
+                "from": m.source,
+                "to": m.target,
+                "state": m.state,
+                "reason": m.reason,
+                "age": round(max(0.0, now - m.requested_at), 1),
+            }
+            for m in sorted((await Moves(etcd, keys).list())[0], key=lambda m: m.requested_at)
+        ],
         "sessions": [
             {"id": o.session, "owner": o.node, "epoch": o.epoch, "stats": live.get(o.session)}
             for o in sorted(owned, key=lambda o: o.session)
@@ -83,8 +95,14 @@ def _session_columns(session: dict[str, Any]) -> list[str]:
             return "-"
         return f"{count}p/{size // 1024}KiB"
 
+    moves = stats.get("moves")
+    blackout = stats.get("last_move_blackout_ms")
+    moved = "-"
+    if isinstance(moves, int) and moves:
+        moved = f"{moves} ({blackout:.0f}ms)" if isinstance(blackout, int | float) else str(moves)
     return [
         str(stats.get("state", "-")),
+        moved,
         packets("in"),
         packets("out"),
         num("loss_fraction", "%", scale=100),
@@ -137,6 +155,17 @@ def format_status(status: dict[str, Any]) -> str:
         _table(["id", "address", "tunnels", "sessions", "pkt/s in", "pkt/s out"], relays),
         "",
         f"sessions ({len(sessions)})",
-        _table(["id", "owner", "epoch", "state", "in", "out", "loss", "jitter", "rtt"], sessions),
+        _table(
+            ["id", "owner", "epoch", "state", "moves", "in", "out", "loss", "jitter", "rtt"],
+            sessions,
+        ),
     ]
+    moves = status.get("moves") or []
+    if moves:
+        rows = [
+            [m["session"], m["from"], m["to"], m["state"], f"{m['age']}s", m["reason"] or "-"]
+            for m in moves
+        ]
+        parts += ["", f"moves under way ({len(rows)})"]
+        parts.append(_table(["session", "from", "to", "state", "age", "reason"], rows))
     return "\n".join(parts)

@@ -22,21 +22,32 @@ from typing import Any, Literal, final
 
 import trio
 
+from actors import Actor
 from actors.lag import LoopLag
+from relay.settings import SettingsError
 from sessions.agents import Agent, EchoAgent, TurnEchoAgent
 from sessions.agents.bridge import BridgeAgent
 from sessions.node.daemon import Node, NodeRefused
 from sessions.node.media import MediaPort
+from sessions.node.moves import MoveRefused, NodeMover
 from sessions.node.pages import HTML, echo_page
 from sessions.node.relayed import RelayedMedia
 from sessions.node.settings import NodeSetup
-from sessions.node.signaling import Redirect, SessionHandle, SignalingRefused, SignalingServer
+from sessions.node.signaling import (
+    REATTACH,
+    Redirect,
+    SessionHandle,
+    SignalingRefused,
+    SignalingServer,
+)
 from sessions.ports import PacketPath
-from sessions.session import SessionActor
+from sessions.session import Arrival, Quiesced, SessionActor
 from sessions.transceiver import SessionSnapshot, Transceiver
+from sessions.transceiver.handover import MoveRefused as CoreMoveRefused
 from sessions.turns import TurnConfig
 from sessions.webrtc.certs import Certificate, generate_certificate
 from storage.etcd import EtcdError
+from storage.lease import Lease
 from storage.moves import Moves
 from storage.ownership import AlreadyOwned, Ownership
 
@@ -50,6 +61,8 @@ GOING_AWAY = 1001
 WIND_DOWN = 2.0
 #: how long a DELETE that reached another node waits for the owner to end the session
 REMOTE_END_WITHIN = 3.0
+#: how long a session actor has to answer the mover
+ASK_WITHIN = 2.0
 
 
 def make_agent(config: NodeSetup, session_id: str) -> Agent:
@@ -223,6 +236,84 @@ class NodeSessions:
             raise SignalingRefused("internal", f"etcd did not answer: {exc}") from None
         raise SignalingRefused("timeout", f"node {owner.node} did not end the session in time")
 
+    # -- planned moves (sessions/node/moves.py MoveHost) ---------------------------------------
+
+    async def _ask(self, session_id: str, message: object) -> object:
+        try:
+            actor = self.node.registry.lookup(session_id)
+        except LookupError:
+            raise MoveRefused("ended", f"session {session_id} has no running actor") from None
+        return await actor.ask(message, timeout=ASK_WITHIN)
+
+    async def quiesce(self, session_id: str) -> tuple[bytes, float]:
+        reply = await self._ask(session_id, ("quiesce",))
+        if isinstance(reply, CoreMoveRefused):
+            raise MoveRefused(reply.code, reply.reason)
+        if not isinstance(reply, Quiesced):
+            raise MoveRefused("internal", f"unexpected reply to quiesce: {type(reply).__name__}")
+        return reply.snapshot, reply.at
+
+    async def resume(self, session_id: str) -> None:
+        await self._ask(session_id, ("resume",))
+
+    async def hand_over(self, session_id: str, target: str, epoch: int, url: str | None) -> None:
+        """The session runs on ``target`` now: pass on what reached us, tell the client."""
+        kept = await self._ask(session_id, ("hand_off",))
+        if isinstance(kept, list) and isinstance(self.media, RelayedMedia):
+            self.media.hand_on(session_id, kept, target, epoch)
+        moved: dict[str, Any] = {"event": "session_moved", "node": target, "close_code": REATTACH}
+        if url:
+            moved["url"] = url
+        self._emit(session_id, moved)
+        channel = self._events.pop(session_id, None)
+        if channel is not None:
+            channel.close()
+        if isinstance(self.media, RelayedMedia):
+            self.media.moved(session_id, target, epoch)
+        self._forget(session_id)
+
+    async def restore(
+        self, session_id: str, snapshot: bytes, quiesced_at: float
+    ) -> Callable[[], Actor]:
+        """Prepare a session moved here: its media route and the factory of its actor."""
+        if not isinstance(self.media, RelayedMedia):
+            raise MoveRefused("unsupported", "moves need relay mode (node.media = relay)")
+        try:
+            state = SessionSnapshot.from_bytes(snapshot)
+        except ValueError as exc:
+            raise MoveRefused("bad_snapshot", str(exc)) from None
+        if state.session_id != session_id:
+            raise MoveRefused("bad_snapshot", "the snapshot is another session's")
+        port = self.media.register(session_id, state.ice.local_ufrag)
+        arrival = Arrival(state, quiesced_at)
+
+        def factory() -> SessionActor:
+            # The first incarnation continues the exact snapshot (a crash after it restarts
+            # from the newest checkpoint, like any session).
+            return SessionActor(
+                session_id,
+                port=port,
+                certificate=self.certificate,
+                core=None,
+                restore_from=lambda: self.snapshots.get(session_id),
+                store=lambda snapshot: self._store(session_id, snapshot),
+                events=lambda event: self._emit(session_id, event),
+                on_end=self._ended,
+                make_agent=lambda: make_agent(self.node.config, session_id),
+                turn_config=turn_config(self.node.config),
+                arrival=arrival,
+            )
+
+        return factory
+
+    def discard(self, session_id: str) -> None:
+        self._forget(session_id)
+
+    async def moved_in(self, session_id: str, source: str, epoch: int) -> None:
+        """Tell a moved-in session's agent where it came from (the bridge tells its agent)."""
+        with contextlib.suppress(Exception):  # best effort: the session runs either way
+            await self._ask(session_id, ("moved", source, self.node.id, epoch))
+
     async def end_requested(self, session_id: str) -> None:
         """A client's DELETE reached another node: end the session here."""
         await self.close_session(session_id, "deleted")
@@ -327,6 +418,10 @@ class NodeSessions:
             except Exception:  # stats are best effort; a busy or restarting actor is skipped
                 continue
             if isinstance(value, dict):
+                hosted = self.node.sessions.get(session_id)
+                if hosted is not None and hosted.moves:
+                    value["moves"] = hosted.moves
+                    value["last_move_blackout_ms"] = hosted.last_blackout_ms
                 out[session_id] = value
         return out
 
@@ -380,6 +475,20 @@ async def run_frontend(
         await nursery.start(server.run)
         backend.server = server
         node.addresses.update(server.urls())
+        if cfg.media == "relay":
+            try:
+                sealer = node.config.cluster.sealer()
+            except SettingsError as exc:
+                log.warning("sessions will not move: %s", exc)
+            else:
+
+                def make_mover(node: Node, lease: Lease) -> NodeMover | None:
+                    etcd = node.etcd
+                    if etcd is None:
+                        return None
+                    return NodeMover(node, backend, etcd, node.keys, sealer)
+
+                node.make_mover = make_mover
         log.info("serving clients", extra=dict(node.addresses))
         node.stats_source = backend.stats
         task_status.started(backend)

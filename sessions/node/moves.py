@@ -89,6 +89,9 @@ class MoveHost(Protocol):
     async def end_requested(self, session: str) -> None:
         """A client asked another node to end this session (WHIP DELETE with its secret)."""
 
+    async def moved_in(self, session: str, source: str, epoch: int) -> None:
+        """The session now runs here, taken from ``source`` at ``epoch`` (tell its agent)."""
+
 
 @final
 class NodeMover:
@@ -332,6 +335,7 @@ class NodeMover:
             blackout_ms=blackout_ms,
         )
         self.counters["moved_in"] += 1
+        await self.host.moved_in(session, move.source, done.new_epoch)
         log.info(
             "session moved in",
             extra={

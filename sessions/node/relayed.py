@@ -10,9 +10,9 @@ certificates of the cluster CA). Clients reach sessions only through relays:
 * the server ufrag is minted with a routing hint (relay/tunnel/hint.py), so a relay can route a new
   client's first STUN packet to this node before etcd's watch tells it the session is here;
 * a datagram arriving through relay ``r`` from client ``ip:port`` is given to its session as
-  coming from ``("ip@r", port)`` — the relay is the local candidate of that pair, so the session's
-  ICE core keeps one pair per relay (sessions/webrtc/ice/) and answers each path through the
-  relay it came by;
+  coming from ``PeerAddress(ip, port, relay=r)`` — the relay is the local candidate of that
+  pair, so the session's ICE core keeps one pair per relay (sessions/webrtc/ice/) and answers
+  each path through the relay it came by;
 * every datagram to a client is stamped with the session's ownership epoch, which the relay
   checks (fencing, relay/routes.py): once the session belongs to another node, what this node
   still sends is dropped.
@@ -35,7 +35,7 @@ from relay.tunnel import frames
 from relay.tunnel.certs import Credentials, Identity
 from relay.tunnel.hint import mint_ufrag
 from relay.tunnel.quic import Tunnel, TunnelEndpoint, TunnelError
-from sessions.ports import INBOX_SIZE, Datagram, SessionPort
+from sessions.ports import INBOX_SIZE, Datagram, PeerAddress, SessionPort
 from storage.etcd import EtcdError
 from storage.members import Members, RelayInfo
 
@@ -56,7 +56,10 @@ _COUNTERS: Final = (
     "no_tunnel",  # a datagram for a relay we have no open tunnel to
     "not_owned",  # a datagram of a session this node holds no epoch for
     "send_failed",  # the tunnel refused a datagram
+    "handed_on",  # client datagrams passed on to a session's new owner after a move
 )
+#: how long after a session moved away this node still hands its late datagrams on
+MOVED_FORWARD_FOR: Final = 10.0
 
 
 @final
@@ -93,6 +96,8 @@ class RelayedMedia:
         self._connecting: set[str] = set()
         self._backoff: dict[str, tuple[float, float]] = {}  # relay -> (retry at, backoff)
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        #: sessions that moved away: session -> (new owner, its epoch, forward until)
+        self._moved: dict[str, tuple[str, int, float]] = {}
 
     # -- what NodeSessions needs -----------------------------------------------------------------
 
@@ -121,7 +126,7 @@ class RelayedMedia:
             raise ValueError(f"session {session_id!r} already routed")
         send, receive = trio.open_memory_channel[Datagram](INBOX_SIZE)
 
-        def send_to(data: bytes, addr: Address) -> None:
+        def send_to(data: bytes, addr: PeerAddress) -> None:
             self._send(session_id, data, addr)
 
         port = SessionPort(session_id, ufrag, send, receive, send_to, flush=self.flush)
@@ -139,9 +144,8 @@ class RelayedMedia:
 
     # -- sessions -> relays ----------------------------------------------------------------------
 
-    def _send(self, session_id: str, data: bytes, addr: Address) -> None:
-        host, _, relay_id = addr[0].partition("@")
-        tunnel = self.tunnels.get(relay_id)
+    def _send(self, session_id: str, data: bytes, addr: PeerAddress) -> None:
+        tunnel = self.tunnels.get(addr.relay)
         if tunnel is None:
             self.counters["no_tunnel"] += 1
             return
@@ -149,9 +153,48 @@ class RelayedMedia:
         if epoch is None:
             self.counters["not_owned"] += 1
             return
-        frame = frames.encode_to_client(session_id, epoch, (host, addr[1]), data)
+        frame = frames.encode_to_client(session_id, epoch, addr.socket_address, data)
         if tunnel.send_datagram(frame):
             self.counters["sent"] += 1
+        else:
+            self.counters["send_failed"] += 1
+
+    # -- after a planned move ----------------------------------------------------------------
+
+    def moved(self, session_id: str, target: str, epoch: int) -> None:
+        """``session_id`` runs on ``target`` at ``epoch`` now: for a while, hand on whatever of
+        its clients still reaches us (a relay's route follows within a packet or a watch)."""
+        now = trio.current_time()
+        for session, (_, _, until) in list(self._moved.items()):
+            if until <= now:
+                del self._moved[session]
+        self._moved[session_id] = (target, epoch, now + MOVED_FORWARD_FOR)
+
+    def hand_on(
+        self, session_id: str, datagrams: list[tuple[bytes, PeerAddress]], target: str, epoch: int
+    ) -> None:
+        """Pass datagrams a quiesced session kept on to its new owner, through the relay each
+        came by (relay/edge.py handles HAND_ON), oldest first."""
+        for data, addr in datagrams:
+            tunnel = self.tunnels.get(addr.relay)
+            self._hand_on(tunnel, session_id, data, addr.socket_address, target, epoch)
+        self.flush()
+
+    def _hand_on(
+        self,
+        tunnel: Tunnel | None,
+        session_id: str,
+        data: bytes,
+        client: Address,
+        target: str,
+        epoch: int,
+    ) -> None:
+        if tunnel is None:
+            self.counters["no_tunnel"] += 1
+            return
+        frame = frames.encode_hand_on(session_id, epoch, target, client, data)
+        if tunnel.send_datagram(frame):
+            self.counters["handed_on"] += 1
         else:
             self.counters["send_failed"] += 1
 
@@ -169,10 +212,15 @@ class RelayedMedia:
             return
         port = self._ports.get(frame.session)
         if port is None:
+            moved = self._moved.get(frame.session)
+            if moved is not None and moved[2] > trio.current_time():
+                target, epoch, _ = moved
+                self._hand_on(tunnel, frame.session, frame.payload, frame.client, target, epoch)
+                return
             self.counters["unknown_session"] += 1
             return
         name = self._names.get(tunnel, tunnel.peer.ident)
-        addr = (f"{frame.client[0]}@{name}", frame.client[1])
+        addr = PeerAddress(frame.client[0], frame.client[1], name)
         port.addresses.add(addr)
         try:
             port.inbox_send.send_nowait((frame.payload, addr))

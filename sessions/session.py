@@ -36,7 +36,7 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Final, final
 
 import attrs
@@ -120,6 +120,7 @@ class SessionActor(Actor):
         turn_config: TurnConfig | None = None,
         arrival: Arrival | None = None,
         max_buffered: int = MAX_BUFFERED,
+        persist: Callable[[SessionSnapshot], Awaitable[bool]] | None = None,
     ) -> None:
         super().__init__(session_id)
         self.session_id = session_id
@@ -128,6 +129,12 @@ class SessionActor(Actor):
         self._core = core
         self._restore_from = restore_from
         self._store = store
+        #: makes a checkpoint durable beyond this process (etcd, sealed); True once it is. With
+        #: it, a checkpoint is confirmed to the core only when durable (crash failover)
+        self._persist = persist
+        self._persisting = False
+        self.checkpoints_persisted = 0
+        self.checkpoints_failed = 0
         self._events = events
         self._on_end = on_end
         self._agent = agent
@@ -396,6 +403,20 @@ class SessionActor(Actor):
         if out:
             self.port.flush()
 
+    async def _confirm_when_durable(self, core: Transceiver, snapshot: SessionSnapshot) -> None:
+        assert self._persist is not None
+        try:
+            durable = await self._persist(snapshot)
+        finally:
+            self._persisting = False
+        # Not if the session was quiesced, handed off or restarted meanwhile: the core that
+        # asked must be the one that runs.
+        if durable and self._core is core and not core.quiesced and not self._over:
+            core.confirm(snapshot)
+            self.checkpoints_persisted += 1
+        elif not durable:
+            self.checkpoints_failed += 1
+
     def _handle_events(self) -> None:
         """Act on the core's events; the session is over once one says so."""
         core = self.core
@@ -406,7 +427,14 @@ class SessionActor(Actor):
                         continue  # the exact snapshot is this node's last word
                     snapshot = core.snapshot(trio.current_time())
                     self._store(snapshot)
-                    core.confirm(snapshot)
+                    if self._persist is None:
+                        core.confirm(snapshot)
+                    elif not self._persisting:
+                        # Confirmed once it is durable elsewhere (the reservation it makes is
+                        # what a node that adopts the session after a crash starts above);
+                        # the media loop goes on meanwhile, within the confirmed reservation.
+                        self._persisting = True
+                        self.nursery.start_soon(self._confirm_when_durable, core, snapshot)
                 case IceConnected(addr=addr):
                     via = {"relay": addr.relay} if addr.relay else {}
                     self._emit("ice_connected", address=f"{addr.host}:{addr.port}", **via)

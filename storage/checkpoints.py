@@ -165,6 +165,29 @@ def epoch_of(blob: bytes) -> int:
     return int(epoch)
 
 
+_RECORD_VERSION = 1
+
+
+def pack_record(control: str, snapshot: bytes) -> bytes:
+    """What a checkpoint key holds once opened: the session's control hash (so that whoever
+    continues the session keeps the client's secret valid) and the snapshot's bytes."""
+    raw = control.encode("ascii")
+    if len(raw) > 255:
+        raise ValueError("control hash too long")
+    return bytes((_RECORD_VERSION, len(raw))) + raw + snapshot
+
+
+def unpack_record(data: bytes) -> tuple[str, bytes]:
+    """(control hash, snapshot bytes); CheckpointError if it is not a record we wrote."""
+    if len(data) < 2 or data[0] != _RECORD_VERSION or len(data) < 2 + data[1]:
+        raise CheckpointError("not a checkpoint record of this version")
+    try:
+        control = data[2 : 2 + data[1]].decode("ascii")
+    except UnicodeDecodeError:
+        raise CheckpointError("checkpoint record's control hash is not ASCII") from None
+    return control, bytes(data[2 + data[1] :])
+
+
 @final
 class Sealer:
     """Seals with the first key; opens with any key whose id matches (key rotation)."""

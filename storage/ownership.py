@@ -168,9 +168,15 @@ class Owners:
         raise StaleEpoch(epoch, self._decode(current) if current else None)
 
     async def release(self, session: str, epoch: int) -> bool:
-        """Give up ownership if ``epoch`` is still current; False if it was not ours any more."""
+        """Give up ownership if ``epoch`` is still current; False if it was not ours any more.
+
+        The session's checkpoint goes in the same transaction: a session that ended is never
+        adopted (crash failover only restores sessions whose owner vanished without a word)."""
         key = self.keys.owner(session)
-        result = await self.etcd.txn([cmp_mod_revision(key, epoch)], [op_delete(key)])
+        result = await self.etcd.txn(
+            [cmp_mod_revision(key, epoch)],
+            [op_delete(key), op_delete(self.keys.checkpoint(session))],
+        )
         return result.succeeded
 
     async def owner_of(self, session: str) -> Ownership | None:

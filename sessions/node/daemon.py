@@ -92,6 +92,16 @@ class Mover(Protocol):
 
 #: makes the node's :class:`Mover` for a lease generation (None: this node does not move sessions)
 MoverFactory = Callable[["Node", Lease], "Mover | None"]
+
+
+class LeaseService(Protocol):
+    """Runs for as long as one lease generation (started with ``nursery.start``)."""
+
+    async def run(self, lease: Lease, *, task_status: trio.TaskStatus[None]) -> None: ...
+
+
+#: makes the node's orphan adopter (sessions/node/failover.py) for a lease generation
+AdopterFactory = Callable[["Node", Lease], "LeaseService | None"]
 #: how long a stopping node tries to move its sessions to other nodes before ending the rest
 DRAIN_WITHIN = 10.0
 
@@ -117,6 +127,8 @@ class Node:
         self._clients: SessionFrontend | None = None
         #: set by the frontend when this node can move sessions (relay mode, a cluster key)
         self.make_mover: MoverFactory | None = None
+        #: set by the frontend when this node adopts orphaned sessions (crash failover)
+        self.make_adopter: AdopterFactory | None = None
         self._mover: Mover | None = None
         #: per-session stats, published for `parley status` (set by the frontend)
         self.stats_source: Callable[[], Awaitable[dict[str, dict[str, Any]]]] | None = None
@@ -195,10 +207,15 @@ class Node:
         lease, supervisor = self._lease, self._supervisor
         if lease is None or supervisor is None or lease.lost.is_set():
             raise NodeRefused("no_lease", f"node {self.id} holds no live lease")
-        await supervisor.start_child(ChildSpec(session, factory, restart=Restart.TRANSIENT))
+        # Known as ours before the actor runs: its first checkpoint is fenced by this epoch.
         self.sessions[session] = HostedSession(
             session, epoch, lease.id, time.time(), control, moves, blackout_ms
         )
+        try:
+            await supervisor.start_child(ChildSpec(session, factory, restart=Restart.TRANSIENT))
+        except BaseException:
+            self.sessions.pop(session, None)
+            raise
         self._changed()
 
     async def give_up_session(self, session: str) -> None:
@@ -226,13 +243,14 @@ class Node:
         if lease is None or supervisor is None or owners is None or lease.lost.is_set():
             raise NodeRefused("no_lease", f"node {self.id} holds no live lease")
         epoch = await owners.claim(session, self.id, lease.id, control=control)
+        self.sessions[session] = HostedSession(session, epoch, lease.id, time.time(), control)
         try:
             await supervisor.start_child(ChildSpec(session, factory, restart=Restart.TRANSIENT))
         except BaseException:
+            self.sessions.pop(session, None)
             with trio.CancelScope(shield=True), trio.move_on_after(self._rpc_timeout()):
                 await owners.release(session, epoch)
             raise
-        self.sessions[session] = HostedSession(session, epoch, lease.id, time.time(), control)
         self._changed()
         log.info("session hosted", extra={"session": session, "epoch": epoch})
         return epoch
@@ -359,6 +377,9 @@ class Node:
             self._mover = self.make_mover(self, lease) if self.make_mover is not None else None
             if self._mover is not None:
                 await nursery.start(self._mover.run, lease)
+            adopter = self.make_adopter(self, lease) if self.make_adopter is not None else None
+            if adopter is not None:
+                await nursery.start(adopter.run, lease)
             await self._stop_requested.wait()
             await self._drain(lease)
             nursery.cancel_scope.cancel()

@@ -28,6 +28,7 @@ from relay.settings import SettingsError
 from sessions.agents import Agent, EchoAgent, TurnEchoAgent
 from sessions.agents.bridge import BridgeAgent
 from sessions.node.daemon import Node, NodeRefused
+from sessions.node.failover import Adopter
 from sessions.node.media import MediaPort
 from sessions.node.moves import MoveRefused, NodeMover
 from sessions.node.pages import HTML, echo_page
@@ -40,16 +41,17 @@ from sessions.node.signaling import (
     SignalingRefused,
     SignalingServer,
 )
-from sessions.ports import PacketPath
+from sessions.ports import PacketPath, SessionPort
 from sessions.session import Arrival, Quiesced, SessionActor
 from sessions.transceiver import SessionSnapshot, Transceiver
 from sessions.transceiver.handover import MoveRefused as CoreMoveRefused
 from sessions.turns import TurnConfig
 from sessions.webrtc.certs import Certificate, generate_certificate
+from storage.checkpoints import Checkpoints, Sealer, pack_record
 from storage.etcd import EtcdError
 from storage.lease import Lease
 from storage.moves import Moves
-from storage.ownership import AlreadyOwned, Ownership
+from storage.ownership import AlreadyOwned, Ownership, StaleEpoch
 
 log = logging.getLogger("parley.host")
 
@@ -63,6 +65,8 @@ WIND_DOWN = 2.0
 REMOTE_END_WITHIN = 3.0
 #: how long a session actor has to answer the mover
 ASK_WITHIN = 2.0
+#: how long a checkpoint write to etcd may take before the session asks again later
+PERSIST_WITHIN = 2.0
 
 
 def make_agent(config: NodeSetup, session_id: str) -> Agent:
@@ -123,6 +127,8 @@ class NodeSessions:
         self.events_dropped = 0
         #: the signaling server serving these sessions (set by run_frontend)
         self.server: SignalingServer | None = None
+        #: seals checkpoints kept in etcd (None: checkpoints stay in this process)
+        self.sealer: Sealer | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """End sessions that end themselves (their actor calls back synchronously)."""
@@ -159,18 +165,8 @@ class NodeSessions:
             # The first incarnation runs the core that wrote the answer (and its agent); a
             # restart after a crash continues from the last checkpoint with a fresh agent.
             first = first_core.pop() if first_core else None
-            return SessionActor(
-                session_id,
-                port=port,
-                certificate=self.certificate,
-                core=first,
-                restore_from=lambda: self.snapshots.get(session_id),
-                store=lambda snapshot: self._store(session_id, snapshot),
-                events=lambda event: self._emit(session_id, event),
-                on_end=self._ended,
-                agent=agent if first is not None else None,
-                make_agent=lambda: make_agent(self.node.config, session_id),
-                turn_config=turn_config(self.node.config),
+            return self._actor(
+                session_id, port, core=first, agent=agent if first is not None else None
             )
 
         secret = secrets.token_urlsafe(32)
@@ -290,24 +286,78 @@ class NodeSessions:
         def factory() -> SessionActor:
             # The first incarnation continues the exact snapshot (a crash after it restarts
             # from the newest checkpoint, like any session).
-            return SessionActor(
-                session_id,
-                port=port,
-                certificate=self.certificate,
-                core=None,
-                restore_from=lambda: self.snapshots.get(session_id),
-                store=lambda snapshot: self._store(session_id, snapshot),
-                events=lambda event: self._emit(session_id, event),
-                on_end=self._ended,
-                make_agent=lambda: make_agent(self.node.config, session_id),
-                turn_config=turn_config(self.node.config),
-                arrival=arrival,
-            )
+            return self._actor(session_id, port, arrival=arrival)
 
         return factory
 
     def discard(self, session_id: str) -> None:
         self._forget(session_id)
+
+    # -- crash failover (sessions/node/failover.py AdoptionHost) ------------------------------
+
+    def enable_checkpoints(self, sealer: Sealer) -> None:
+        """Keep every session's checkpoints in etcd, sealed (the node can then adopt too)."""
+        self.sealer = sealer
+
+    async def _persist(self, session_id: str, snapshot: SessionSnapshot) -> bool:
+        """Store ``snapshot`` sealed in etcd, fenced by the session's epoch; True once durable."""
+        hosted, etcd = self.node.sessions.get(session_id), self.node.etcd
+        if self.sealer is None or hosted is None or etcd is None:
+            return False
+        record = pack_record(hosted.control, snapshot.to_bytes())
+        checkpoints = Checkpoints(etcd, self.node.keys, self.sealer)
+        with trio.move_on_after(PERSIST_WITHIN):
+            try:
+                await checkpoints.store(session_id, hosted.epoch, record)
+            except (StaleEpoch, EtcdError) as exc:
+                log.warning("checkpoint not stored", extra={"session": session_id, "why": str(exc)})
+                return False
+            return True
+        return False
+
+    async def restore_checkpoint(self, session_id: str, snapshot: bytes) -> Callable[[], Actor]:
+        """Prepare a session adopted after its node died: restored above its reservation."""
+        state = SessionSnapshot.from_bytes(snapshot)  # ValueError: the adopter counts it
+        if state.session_id != session_id:
+            raise ValueError("the checkpoint is another session's")
+        self.snapshots[session_id] = state
+        port = self.media.register(session_id, state.ice.local_ufrag)
+
+        def factory() -> SessionActor:
+            return self._actor(session_id, port)
+
+        return factory
+
+    def _actor(
+        self,
+        session_id: str,
+        port: SessionPort,
+        *,
+        core: Transceiver | None = None,
+        agent: Agent | None = None,
+        arrival: Arrival | None = None,
+    ) -> SessionActor:
+        """A session's actor; with neither ``core`` nor ``arrival`` it continues from the newest
+        checkpoint (a restart after a crash, here or on the node that died)."""
+        return SessionActor(
+            session_id,
+            port=port,
+            certificate=self.certificate,
+            core=core,
+            restore_from=lambda: self.snapshots.get(session_id),
+            store=lambda snapshot: self._store(session_id, snapshot),
+            events=lambda event: self._emit(session_id, event),
+            on_end=self._ended,
+            agent=agent,
+            make_agent=lambda: make_agent(self.node.config, session_id),
+            turn_config=turn_config(self.node.config),
+            arrival=arrival,
+            persist=(
+                (lambda snapshot: self._persist(session_id, snapshot))
+                if self.sealer is not None
+                else None
+            ),
+        )
 
     async def moved_in(self, session_id: str, source: str, epoch: int) -> None:
         """Tell a moved-in session's agent where it came from (the bridge tells its agent)."""
@@ -481,14 +531,21 @@ async def run_frontend(
             except SettingsError as exc:
                 log.warning("sessions will not move: %s", exc)
             else:
+                backend.enable_checkpoints(sealer)
 
                 def make_mover(node: Node, lease: Lease) -> NodeMover | None:
                     etcd = node.etcd
-                    if etcd is None:
+                    return (
+                        None if etcd is None else NodeMover(node, backend, etcd, node.keys, sealer)
+                    )
+
+                def make_adopter(node: Node, lease: Lease) -> Adopter | None:
+                    if node.etcd is None:
                         return None
-                    return NodeMover(node, backend, etcd, node.keys, sealer)
+                    return Adopter(node, backend, node.etcd, node.keys, sealer)
 
                 node.make_mover = make_mover
+                node.make_adopter = make_adopter
         log.info("serving clients", extra=dict(node.addresses))
         node.stats_source = backend.stats
         task_status.started(backend)

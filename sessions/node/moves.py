@@ -36,7 +36,7 @@ import trio
 
 from actors import Actor
 from sessions.node.daemon import Node
-from storage.checkpoints import CheckpointError, Sealer
+from storage.checkpoints import CheckpointError, Sealer, pack_record, unpack_record
 from storage.etcd import Etcd, EtcdError
 from storage.keys import Keyspace
 from storage.lease import Lease
@@ -198,7 +198,9 @@ class NodeMover:
         if snapshot is None:
             return
         state, quiesced_at = snapshot
-        blob = self.sealer.seal(state, session=session, epoch=move.epoch)
+        blob = self.sealer.seal(
+            pack_record(hosted.control, state), session=session, epoch=move.epoch
+        )
         waiting = trio.open_nursery()  # the outcome may come before ready() returns
         async with waiting as nursery:
             result: list[Move | None] = []
@@ -312,7 +314,7 @@ class NodeMover:
         try:
             if kv is None:
                 raise CheckpointError("no snapshot was stored")
-            state = self.sealer.open(kv.value, session=session, epoch=move.epoch)
+            _, state = unpack_record(self.sealer.open(kv.value, session=session, epoch=move.epoch))
             factory = await self.host.restore(session, state, move.quiesced_at)
         except (CheckpointError, MoveRefused) as exc:
             await self._fail(move, f"{self.node.id} cannot restore it: {exc}")

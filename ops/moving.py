@@ -28,23 +28,16 @@ def _print(out: TextIO, text: str) -> None:
     print(text, file=out, flush=True)
 
 
-async def _follow(moves: Moves, session: str, move_id: str) -> Move | None:
-    """The move's final state (done or failed), or None if its key vanished first."""
-    async with moves.watch() as changes:
-        current = await moves.get(session)
-        if current is None or current.id != move_id:
+async def _follow(
+    changes: trio.MemoryReceiveChannel[Move | str], session: str, move_id: str
+) -> Move | None:
+    """The move's final state (done or failed), or None if its key vanished first (the
+    target may have cleared a done move before this watch delivered it: the caller checks)."""
+    async for change in changes:
+        if change == session:
             return None
-        if current.state in ("done", "failed"):
-            return current
-        async for change in changes:
-            if change == session:
-                return None
-            if (
-                isinstance(change, Move)
-                and change.id == move_id
-                and change.state in ("done", "failed")
-            ):
-                return change
+        if isinstance(change, Move) and change.id == move_id and change.state in ("done", "failed"):
+            return change
     return None
 
 
@@ -69,15 +62,21 @@ async def migrate(
                 why = "not registered" if node is None else f"{node.info.state}"
                 return _refused(out, as_json, session, target, f"node {target} is {why}")
             moves = Moves(etcd, keys)
-            try:
-                move = await moves.request(session, target)
-            except MoveError as exc:
-                return _refused(out, as_json, session, target, str(exc))
-            if not as_json:
-                _print(out, f"moving {session}: {move.source} -> {target} (epoch {move.epoch})")
-            with trio.move_on_after(within):
-                final = await _follow(moves, session, move.id)
-                return _report(out, as_json, move, final, started)
+            # Watch first: a move can be over (and its key gone) before a later watch started.
+            async with moves.watch() as changes:
+                try:
+                    move = await moves.request(session, target)
+                except MoveError as exc:
+                    return _refused(out, as_json, session, target, str(exc))
+                if not as_json:
+                    _print(out, f"moving {session}: {move.source} -> {target} (epoch {move.epoch})")
+                with trio.move_on_after(within):
+                    final = await _follow(changes, session, move.id)
+                    if final is None:
+                        owner = await Owners(etcd, keys).owner_of(session)
+                        if owner is not None and owner.node == target:
+                            final = move.advance("ready").advance("done", new_epoch=owner.epoch)
+                    return _report(out, as_json, move, final, started)
             return _refused(
                 out, as_json, session, target, f"no outcome within {within:g} s (still running)"
             )

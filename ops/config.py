@@ -43,6 +43,7 @@ Example ``parley.toml``::
     max_clients = 100000
     receive_buffer = 16777216 # bytes queued on the public port while the relay is busy
     workers = 1               # processes sharing the public port (SO_REUSEPORT)
+    audit = false             # tests: count SRTP/SRTCP indexes seen twice (relay/audit.py)
 
     [up]
     nodes = 3

@@ -41,6 +41,7 @@ from typing import Final, Protocol, final
 import attrs
 import trio
 
+from relay.audit import IndexAuditor
 from relay.routes import RouteTable
 from relay.stun_username import MalformedStun, read_username
 from relay.tunnel import frames
@@ -100,6 +101,9 @@ class Limits:
     #: holds about 2 s of a 10k/s flood of mixed sizes. Past net.core.rmem_max it needs
     #: CAP_NET_ADMIN; without it the relay warns and runs with what it got.
     receive_buffer: int = 16 << 20
+    #: count SRTP/SRTCP indexes seen twice per session and direction (relay/audit.py); for
+    #: tests and diagnostics, it costs some work per packet
+    audit_indexes: bool = False
 
 
 @final
@@ -178,6 +182,8 @@ class RelayEdge:
         #: the public addresses the relay listens on, once bound
         self.addresses: list[Address] = []
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
+        #: the optional index audit; it adds its own counters to ``counters``
+        self.auditor = IndexAuditor(self.counters) if self.limits.audit_indexes else None
 
     # -- clients -> nodes ------------------------------------------------------------------------
 
@@ -252,6 +258,8 @@ class RelayEdge:
             return
         if tunnel.send_datagram(frames.encode_from_client(client.session, addr, data)):
             counters["forwarded"] += 1
+            if self.auditor is not None and not stun_like:
+                self.auditor.observe(client.session, "in", data)
         else:
             counters["tunnel_full"] += 1
 
@@ -279,6 +287,8 @@ class RelayEdge:
         if client is None or client.session != decoded.session:
             counters["unknown_client"] += 1
             return
+        if self.auditor is not None:
+            self.auditor.observe(decoded.session, "out", decoded.payload)
         self.send_to_client(decoded.payload, decoded.client)
 
     def _hand_on(self, node: str, frame: frames.HandOn) -> None:

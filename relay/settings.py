@@ -117,6 +117,9 @@ class RelaySettings:
     #: processes serving the public port together (SO_REUSEPORT), each a registration of its
     #: own (``<id>.w0``, ``<id>.w1``...) with its own tunnel endpoint
     workers: int = 1
+    #: count SRTP/SRTCP indexes seen twice per session and direction (relay/audit.py): for
+    #: tests and diagnostics (``PARLEY_RELAY_AUDIT=1``); off in production, it costs CPU
+    audit: bool = False
 
     def relay_id(self) -> str:
         return self.id or f"relay-{socket.gethostname().split('.')[0]}-{os.getpid()}"
@@ -128,6 +131,7 @@ class RelaySettings:
             max_clients=self.max_clients,
             idle_timeout=self.idle_timeout,
             receive_buffer=self.receive_buffer,
+            audit_indexes=self.audit,
         )
 
     def listen_addresses(self) -> list[tuple[str, int]]:

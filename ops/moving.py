@@ -164,6 +164,11 @@ async def drain(
                 with trio.move_on_after(within):
                     await _watch_drain(etcd, keys, moves, changes, node_id, summary, out, as_json)
                     summary["remaining"] = []
+                    # The watch may not have delivered every move's end before the node was
+                    # empty: count what etcd says now went elsewhere.
+                    owned_now, _ = await Owners(etcd, keys).list()
+                    elsewhere = {o.session for o in owned_now if o.node != node_id}
+                    summary["moved"] = max(summary["moved"], len(owned & elsewhere))
                     return _drain_result(out, as_json, summary, started, 0)
             summary["remaining"] = sorted(await _owned_by(etcd, keys, node_id))
             summary["error"] = f"not drained within {within:g} s"

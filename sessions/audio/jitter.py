@@ -42,6 +42,12 @@ received packet is eventually played, ``dropped`` (to shorten the delay, or by a
 still ``buffered``. ``lost`` counts sequence numbers whose turn came without their packet,
 each of which was played as ``FEC`` (``fec_recovered``) or ``CONCEAL``; ``concealed`` counts
 every ``CONCEAL`` frame, including the silences and the inserted frames.
+
+With ``backfill`` (a session that just moved here), a packet older than the first of a
+stream, arriving before anything of the stream has played, starts the stream instead of being
+late (``backfilled``; it is also ``received``): after a session moved to another node, what
+reached the old owner during the move is handed on and arrives a moment after the client's next
+packets, which came the short way.
 """
 
 from __future__ import annotations
@@ -78,6 +84,9 @@ _SEQ_MOD: Final = 1 << 16
 _TS_MOD: Final = 1 << 32
 _TS_HALF: Final = 1 << 31
 _PLAYED_MEMORY: Final = 256  # how far back a replayed packet is still told from a late one
+#: how much older than the first packet of a stream another may be, and still start it before
+#: anything has played (frames: 500 ms)
+MAX_BACKFILL: Final = 25
 _FROZEN: Final = attrs.setters.frozen  # settings are read once; changing them later would lie
 _ge = attrs.validators.ge
 
@@ -144,6 +153,7 @@ class JitterStats:
     played: int
     resets: int
     buffered: int
+    backfilled: int
     delay: float
     """Current playout delay over the best-case transit, seconds."""
     target: float
@@ -189,6 +199,9 @@ class JitterBuffer:
     shrink_interval: float = attrs.field(default=0.25, validator=_ge(0.0), on_setattr=_FROZEN)
     max_misorder: int = attrs.field(default=100, validator=_ge(1), on_setattr=_FROZEN)
     max_dropout: int = attrs.field(default=3000, validator=_ge(1), on_setattr=_FROZEN)
+    #: let packets older than a stream's first one start it, until something plays (see the
+    #: module docstring): for a session that just moved here; off otherwise
+    backfill: bool = False
     jump_threshold: float = attrs.field(
         default=1.0, validator=attrs.validators.gt(0.0), on_setattr=_FROZEN
     )
@@ -207,6 +220,8 @@ class JitterBuffer:
     _dry: int = attrs.field(init=False, default=0)  # consecutive ticks with an empty buffer
     _last_shrink: float = attrs.field(init=False, default=-math.inf)
     _played_seqs: set[int] = attrs.field(init=False, factory=set)
+    #: the stream started and nothing has been played yet (older packets may still fit)
+    _fresh: bool = attrs.field(init=False, default=False)
     _played_order: collections.deque[int] = attrs.field(init=False, factory=collections.deque)
     _candidate: tuple[int, int, bytes, float] | None = attrs.field(init=False, default=None)
     _delay: float = attrs.field(init=False, default=0.0)
@@ -250,6 +265,17 @@ class JitterBuffer:
             self._tracker.commit(ext)
             self._top_seq, self._top_ts = ext, ts
         if ext < self._next_seq:
+            if self.backfill and self._fresh and self._next_seq - ext <= MAX_BACKFILL:
+                # Older than the packet that started the stream, but nothing has played yet:
+                # it came by a longer path (a session's old owner handing on what reached it
+                # during a move). Start from it instead of calling it late.
+                self._counts["backfilled"] += 1
+                self._counts["received"] += 1
+                packet = _Packet(ext, ts, timestamp, payload)
+                self._buffer[ext] = packet
+                self._next_seq = ext
+                self._anchor(packet, now)
+                return
             self._counts["late"] += 1
             return
         packet = _Packet(ext, ts, timestamp, payload)
@@ -278,6 +304,7 @@ class JitterBuffer:
         self._played_order.clear()
         self._next_seq = ext
         self._counts["received"] += 1
+        self._fresh = True
         self._anchor(packet, now)
 
     def _anchor(self, packet: _Packet, now: float) -> None:
@@ -350,6 +377,7 @@ class JitterBuffer:
         deadline = self._deadline
         if deadline is None or now < deadline:
             return None
+        self._fresh = False  # a slot is being played: older packets are late from now on
         media = self._media
         delay = deadline - media / CLOCK_RATE - self._min_transit
         packet = self._buffer.get(self._next_seq)
@@ -444,6 +472,7 @@ class JitterBuffer:
             played=c["played"],
             resets=c["resets"],
             buffered=len(self._buffer),
+            backfilled=c["backfilled"],
             delay=self._delay,
             target=self._target,
         )

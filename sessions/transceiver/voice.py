@@ -235,6 +235,9 @@ class VoiceLoop:
                 self._agent.load_state(agent_state, now)
             except ValueError:
                 self.agent_state_rejected += 1
+        # What reached the old owner during the move is handed on and arrives just after the
+        # client's next packets, which came straight here: let it still start the stream.
+        self._jitter.backfill = True
         # The client's packets, as they arrived: their lateness is what the jitter buffer
         # measures, and these were not late (``elapsed`` ago was the quiesce).
         for seq, timestamp, payload, age in playout:

@@ -420,3 +420,31 @@ def test_speech_survives_pacer_network_and_jitter_buffer() -> None:
     assert best > 0.85
     # The codec's look-ahead, plus any frames the buffer concealed before the speech began.
     assert 0 <= lag < 0.150 * 48_000
+
+
+def test_older_packets_before_anything_played_start_the_stream_not_late() -> None:
+    """After a move, what reached the old owner is handed on and arrives just after the
+    client's next packets, which came the short way: it must still be played, in order."""
+    jb = JitterBuffer(backfill=True)
+    ts = 960 * 100
+    jb.push(12, ts + 2 * 960, b"c", 1.000)  # the client's next packet, straight to us
+    jb.push(10, ts, b"a", 1.004)  # handed on by the old owner
+    jb.push(11, ts + 960, b"b", 1.005)
+    played = []
+    now = 1.0
+    while len(played) < 3 and now < 2.0:
+        frame = jb.pop(now)
+        if frame is not None and frame.kind is FrameKind.AUDIO:
+            played.append(frame.payload)
+        now += 0.005
+    assert played == [b"a", b"b", b"c"]
+    stats = jb.stats()
+    assert stats.late == 0 and stats.backfilled == 1 and stats.received == 3
+    # Without backfill (every other stream) the same arrivals are late, as they always were.
+    plain = JitterBuffer()
+    plain.push(12, ts + 2 * 960, b"c", 1.000)
+    plain.push(10, ts, b"a", 1.004)
+    assert plain.stats().late == 1
+    # Once something has played, an older packet is late again, as before.
+    jb.push(9, ts - 960, b"z", now)
+    assert jb.stats().late == 1

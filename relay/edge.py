@@ -303,8 +303,17 @@ class RelayEdge:
         if client is None or client.session != frame.session:
             counters["unknown_client"] += 1
             return
-        if frame.to == node or not self.routes.admit_from_node(
-            frame.session, frame.to, frame.epoch
+        route = self.routes.lookup(frame.session)
+        # Before the switch the owner forwards at its own epoch (the target queues it until it
+        # runs the session): the route stays. Once the target owns the session, what is still
+        # being forwarded goes to it as well (it is the owner); a newer epoch than the route's
+        # moves the route, as a newer epoch from a node does.
+        ahead_of_switch = route is not None and route.node == node and route.epoch == frame.epoch
+        to_the_owner = route is not None and not route.provisional and route.node == frame.to
+        if frame.to == node or not (
+            ahead_of_switch
+            or to_the_owner
+            or self.routes.admit_from_node(frame.session, frame.to, frame.epoch)
         ):
             counters["fenced"] += 1
             return

@@ -23,6 +23,7 @@ Planned moves, as the node daemon drives them (messages, each answered):
   ``(bytes, PeerAddress)``, oldest first, including what is still in the inbox) for the new
   owner, and the actor finishes *without* ``session_ended`` and without ``on_end``: the session
   lives on elsewhere, and the node tells the client.
+* ``("kept",)``: a copy of what a quiesced session kept so far (nothing changes).
 * ``("moved", from_node, to_node, epoch)``: on the new node, once the move is final; passed to a
   :class:`~sessions.agents.MoveAwareAgent` (the bridge tells the external agent).
 
@@ -255,6 +256,13 @@ class SessionActor(Actor):
             return self._resume()
         if message == ("hand_off",):
             return await self._hand_off()
+        if message == ("kept",):
+            # A copy of what a quiesced session kept so far (the node forwards it to the next
+            # owner ahead of the switch; resume would still feed it here).
+            if self._quiesced is None:
+                return MoveRefused(CODE_NOT_QUIESCED, "the session is not quiesced")
+            self._drain_inbox()
+            return list(self._buffer)
         if isinstance(message, tuple) and len(message) == 4 and message[0] == "moved":
             _, from_node, to_node, epoch = message
             if isinstance(self._agent, MoveAwareAgent):

@@ -249,7 +249,18 @@ class NodeSessions:
             raise MoveRefused("internal", f"unexpected reply to quiesce: {type(reply).__name__}")
         return reply.snapshot, reply.at
 
+    async def forward(self, session_id: str, target: str, epoch: int) -> None:
+        """The move's snapshot is ready: send what the session kept, and what comes, to
+        ``target`` ahead of the switch, so that it arrives there in order."""
+        if not isinstance(self.media, RelayedMedia):
+            return
+        kept = await self._ask(session_id, ("kept",))
+        if isinstance(kept, list):
+            self.media.tee(session_id, kept, target, epoch)
+
     async def resume(self, session_id: str) -> None:
+        if isinstance(self.media, RelayedMedia):
+            self.media.stop_tee(session_id)
         await self._ask(session_id, ("resume",))
 
     async def hand_over(self, session_id: str, target: str, epoch: int, url: str | None) -> None:

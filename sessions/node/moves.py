@@ -70,6 +70,10 @@ class MoveHost(Protocol):
         """Stop the session at a frame boundary: its exact snapshot, and the wall-clock time.
         Raises :class:`MoveRefused`."""
 
+    async def forward(self, session: str, target: str, epoch: int) -> None:
+        """The snapshot is ready: forward what the session kept and what comes to ``target``
+        (ahead of the switch, keeping the order), while still keeping it here."""
+
     async def resume(self, session: str) -> None:
         """The move was abandoned: go on as if nothing happened."""
 
@@ -219,6 +223,9 @@ class NodeMover:
                 log.warning("move abandoned before it was ready", extra={"session": session})
                 await self._resume(session, str(exc))
                 return
+            # From here what reaches us for the session also goes to the target at once, so
+            # that it runs it in order; if the move is abandoned we still have our copy.
+            await self.host.forward(session, move.target, move.epoch)
         outcome = result[0] if result else None
         if outcome is None or outcome.state != "done":
             outcome = await self._abandon(ready, outcome)

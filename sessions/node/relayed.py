@@ -98,6 +98,10 @@ class RelayedMedia:
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         #: sessions that moved away: session -> (new owner, its epoch, forward until)
         self._moved: dict[str, tuple[str, int, float]] = {}
+        #: quiesced sessions whose snapshot is ready for a move: session -> (target, our epoch,
+        #: what was forwarded). What arrives is kept here *and* forwarded at once, so that the
+        #: target has it in its inbox, in order, before the client's packets reach it directly
+        self._teeing: dict[str, tuple[str, int, set[bytes]]] = {}
 
     # -- what NodeSessions needs -----------------------------------------------------------------
 
@@ -170,12 +174,36 @@ class RelayedMedia:
                 del self._moved[session]
         self._moved[session_id] = (target, epoch, now + MOVED_FORWARD_FOR)
 
+    def tee(
+        self, session_id: str, datagrams: list[tuple[bytes, PeerAddress]], target: str, epoch: int
+    ) -> None:
+        """The move's snapshot is ready: forward what the quiesced session kept, and from now
+        on whatever arrives for it, to ``target`` at once (at our ``epoch``: the relay passes
+        it on without moving its route). The target queues it until it runs the session; if the
+        move is abandoned, the target drops it unread and we resume with our own copy."""
+        forwarded: set[bytes] = set()
+        self._teeing[session_id] = (target, epoch, forwarded)
+        for data, addr in datagrams:
+            tunnel = self.tunnels.get(addr.relay)
+            self._hand_on(tunnel, session_id, data, addr.socket_address, target, epoch)
+            forwarded.add(data)
+        self.flush()
+
+    def stop_tee(self, session_id: str) -> set[bytes]:
+        """What :meth:`tee` forwarded for ``session_id`` (and stop forwarding)."""
+        teeing = self._teeing.pop(session_id, None)
+        return set() if teeing is None else teeing[2]
+
     def hand_on(
         self, session_id: str, datagrams: list[tuple[bytes, PeerAddress]], target: str, epoch: int
     ) -> None:
         """Pass datagrams a quiesced session kept on to its new owner, through the relay each
-        came by (relay/edge.py handles HAND_ON), oldest first."""
+        came by (relay/edge.py handles HAND_ON), oldest first; what :meth:`tee` already
+        forwarded is not sent twice."""
+        forwarded = self.stop_tee(session_id)
         for data, addr in datagrams:
+            if data in forwarded:
+                continue
             tunnel = self.tunnels.get(addr.relay)
             self._hand_on(tunnel, session_id, data, addr.socket_address, target, epoch)
         self.flush()
@@ -219,6 +247,11 @@ class RelayedMedia:
                 return
             self.counters["unknown_session"] += 1
             return
+        teeing = self._teeing.get(frame.session)
+        if teeing is not None:
+            target, epoch, forwarded = teeing
+            self._hand_on(tunnel, frame.session, frame.payload, frame.client, target, epoch)
+            forwarded.add(frame.payload)
         name = self._names.get(tunnel, tunnel.peer.ident)
         addr = PeerAddress(frame.client[0], frame.client[1], name)
         port.addresses.add(addr)

@@ -207,12 +207,11 @@ def test_new_owners_decrypt_each_client_packet_once(outcome: dict[str, Any]) -> 
 
 
 @pytest.mark.xfail(
-    reason="known issue (closing note): the old owner hands on what reached it after it sees "
-    "the move's 'done' through etcd, a few to hundreds of ms after the new owner already "
-    "received the client's next packets directly; the new owner's receiver stats start at its "
-    "first packet and count the older ones as negative loss, and its jitter buffer plays them "
-    "only if playout has not started yet (backfill). The fix: forward to the target from the "
-    "moment the snapshot is ready, so that order is kept.",
+    reason="known issue (closing note): the old owner forwards what reaches it to the target "
+    "from the moment the snapshot is ready, so the target runs it in order; but packets in "
+    "flight to the old owner when the relay switches arrive at the target a round trip after "
+    "newer direct ones. The target's receiver statistics start at its first packet (RFC 3550 "
+    "A.3 base) and count those as negative loss; carrying the base in the exact snapshot fixes it.",
     strict=False,
 )
 def test_handed_on_packets_reach_the_new_owner_in_time(outcome: dict[str, Any]) -> None:

@@ -322,3 +322,33 @@ def test_hand_ons_that_go_backwards_or_elsewhere_are_refused() -> None:
     edge.from_node("node-a", frames.encode_hand_on(SESSION, 12, "node-b", ("192.0.2.1", 9), b"x"))
     assert len(node_b.sent) == sent and edge.counters["handed_on"] == 0
     assert edge.counters["fenced"] == 2 and edge.counters["unknown_client"] == 1
+
+
+def test_an_owner_forwards_ahead_of_the_switch_without_moving_the_route() -> None:
+    edge, routes, _ = make_edge()
+    node_a = edge.tunnels["node-a"] = Sink()
+    node_b = edge.tunnels["node-b"] = Sink()
+    own(routes, SESSION, "node-a", 5)
+    edge.from_client(check(mint_ufrag(SESSION, "node-a", SECRET)), CLIENT)
+    # node-a's snapshot is ready: it forwards what reaches it to node-b at its own epoch.
+    early = b"\x80" + bytes(40)
+    edge.from_node("node-a", frames.encode_hand_on(SESSION, 5, "node-b", CLIENT, early))
+    assert [frames.decode(f) for f in node_b.sent] == [frames.FromClient(SESSION, CLIENT, early)]
+    # The route did not move: until node-b owns the session, the client still goes to node-a.
+    edge.from_client(b"\x80" + bytes(41), CLIENT)
+    assert frames.decode(node_a.sent[-1]) == frames.FromClient(SESSION, CLIENT, b"\x80" + bytes(41))
+    # Nobody else may forward at node-a's epoch.
+    edge.from_node("node-c", frames.encode_hand_on(SESSION, 5, "node-b", CLIENT, b"x"))
+    assert len(node_b.sent) == 1 and edge.counters["fenced"] == 1
+
+
+def test_forwarding_that_crosses_the_switch_still_reaches_the_new_owner() -> None:
+    edge, routes, _ = make_edge()
+    edge.tunnels["node-a"] = Sink()
+    node_b = edge.tunnels["node-b"] = Sink()
+    own(routes, SESSION, "node-a", 5)
+    edge.from_client(check(mint_ufrag(SESSION, "node-a", SECRET)), CLIENT)
+    own(routes, SESSION, "node-b", 9)  # node-b took the session; node-a does not know yet
+    edge.from_node("node-a", frames.encode_hand_on(SESSION, 5, "node-b", CLIENT, b"\x80" * 12))
+    assert [frames.decode(f).payload for f in node_b.sent] == [b"\x80" * 12]  # type: ignore[union-attr]
+    assert edge.counters["fenced"] == 0

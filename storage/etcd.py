@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import threading
 import warnings
@@ -375,7 +376,17 @@ class _WatchStream:
         deliver: Callable[[list[WatchEvent], int], Awaitable[None]],
     ) -> None:
         """Pump responses into ``deliver`` until the stream fails (raises) or is cancelled."""
-        send, receive = trio.open_memory_channel[tuple[list[WatchEvent], int] | BaseException](0)
+        # Unbounded, and handed over with run_sync_soon: the thread never waits for the Trio
+        # loop, so a busy loop takes every response that came meanwhile in one turn (a
+        # round trip per response made a loaded node's watch fall seconds behind). FIFO, so
+        # order holds; watch responses are small.
+        send, receive = trio.open_memory_channel[tuple[list[WatchEvent], int] | BaseException](
+            math.inf
+        )
+
+        def put(item: tuple[list[WatchEvent], int] | BaseException) -> None:
+            with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
+                send.send_nowait(item)
 
         def pump() -> None:
             error: BaseException
@@ -392,9 +403,7 @@ class _WatchStream:
                         WatchEvent("delete" if ev.type == 1 else "put", KeyValue.from_pb(ev.kv))
                         for ev in response.events
                     ]
-                    trio.from_thread.run(
-                        send.send, (batch, int(response.header.revision)), trio_token=token
-                    )
+                    token.run_sync_soon(put, (batch, int(response.header.revision)))
                 error = EtcdUnavailable("watch stream ended")
             except grpc.RpcError as exc:
                 error = _translate(exc)
@@ -402,7 +411,7 @@ class _WatchStream:
                 error = exc
             # A closed channel or a finished run means nobody listens any more.
             with contextlib.suppress(Exception):
-                trio.from_thread.run(send.send, error, trio_token=token)
+                token.run_sync_soon(put, error)
 
         async def pump_in_thread() -> None:
             await trio.to_thread.run_sync(pump, abandon_on_cancel=True, limiter=limiter)

@@ -221,10 +221,10 @@ class Node:
     async def give_up_session(self, session: str) -> None:
         """Stop a session's actor that now lives on another node: no release (not ours)."""
         hosted = self.sessions.pop(session, None)
+        self._changed()
         supervisor = self._supervisor
         if hosted is not None and supervisor is not None and session in supervisor.child_names():
             await supervisor.stop_child(session)
-        self._changed()
 
     async def host_session(
         self, session: str, factory: Callable[[], Actor], *, control: str = ""

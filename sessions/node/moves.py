@@ -170,16 +170,24 @@ class NodeMover:
             box.append(outcome)
             event.set()
 
-    async def _outcome(self, session: str, within: float) -> Move | None:
-        """The final state (done or failed) of the session's current move as the watch
-        delivers it; None if its key vanished without one, or nothing came in time."""
-        event, box = trio.Event(), list[Move | None]()
-        self._outcomes.setdefault(session, []).append((event, box))
+    def _expect(self, session: str) -> tuple[trio.Event, list[Move | None]]:
+        """Register for the outcome of the session's move *before* acting on it: under load the
+        whole move can be over before the action that started it returns."""
+        waiter: tuple[trio.Event, list[Move | None]] = (trio.Event(), [])
+        self._outcomes.setdefault(session, []).append(waiter)
+        return waiter
+
+    async def _outcome(
+        self, session: str, waiter: tuple[trio.Event, list[Move | None]], within: float
+    ) -> Move | None:
+        """The final state (done or failed) of the session's move as the watch delivers it;
+        None if its key vanished without one, or nothing came in time."""
+        event, box = waiter
         with trio.move_on_after(within):
             await event.wait()
         waiting = self._outcomes.get(session, [])
-        if (event, box) in waiting:
-            waiting.remove((event, box))
+        if waiter in waiting:
+            waiting.remove(waiter)
         return box[0] if box else None
 
     # -- giving --------------------------------------------------------------------------------
@@ -205,28 +213,20 @@ class NodeMover:
         blob = self.sealer.seal(
             pack_record(hosted.control, state), session=session, epoch=move.epoch
         )
-        waiting = trio.open_nursery()  # the outcome may come before ready() returns
-        async with waiting as nursery:
-            result: list[Move | None] = []
-
-            async def wait_outcome() -> None:
-                result.append(await self._outcome(session, self.take_within + 1.0))
-
-            nursery.start_soon(wait_outcome)
-            await trio.lowlevel.checkpoint()  # registered before the write below
-            try:
-                ready = await self.moves.ready(
-                    move, blob, quiesced_at=quiesced_at, moves=hosted.moves + 1
-                )
-            except (StaleMove, EtcdError) as exc:
-                nursery.cancel_scope.cancel()
-                log.warning("move abandoned before it was ready", extra={"session": session})
-                await self._resume(session, str(exc))
-                return
-            # From here what reaches us for the session also goes to the target at once, so
-            # that it runs it in order; if the move is abandoned we still have our copy.
-            await self.host.forward(session, move.target, move.epoch)
-        outcome = result[0] if result else None
+        waiter = self._expect(session)  # the outcome may come before ready() returns
+        try:
+            ready = await self.moves.ready(
+                move, blob, quiesced_at=quiesced_at, moves=hosted.moves + 1
+            )
+        except (StaleMove, EtcdError) as exc:
+            await self._outcome(session, waiter, 0)
+            log.warning("move abandoned before it was ready", extra={"session": session})
+            await self._resume(session, str(exc))
+            return
+        # From here what reaches us for the session also goes to the target at once, so that
+        # it runs it in order; if the move is abandoned we still have our copy.
+        await self.host.forward(session, move.target, move.epoch)
+        outcome = await self._outcome(session, waiter, self.take_within + 1.0)
         if outcome is None or outcome.state != "done":
             outcome = await self._abandon(ready, outcome)
         if outcome is None or outcome.state != "done":
@@ -235,7 +235,10 @@ class NodeMover:
         member = await self.members.node(move.target)
         url = member.info.addresses.get("signaling") if member is not None else None
         await self.host.hand_over(session, move.target, outcome.new_epoch, url)
-        await self.node.give_up_session(session)
+        # The actor has already let go (hand_off); its supervisor's bookkeeping is serialized
+        # across sessions and need not hold up the next move.
+        assert self._nursery is not None
+        self._nursery.start_soon(self.node.give_up_session, session)
         self.counters["moved_out"] += 1
         log.info(
             "session moved out",
@@ -416,10 +419,12 @@ class NodeMover:
 
     async def _request(self, session: str, target: str, limiter: trio.CapacityLimiter) -> None:
         async with limiter:
+            waiter = self._expect(session)
             try:
                 await self.moves.request(session, target)
             except (MoveError, EtcdError) as exc:
+                await self._outcome(session, waiter, 0)
                 log.warning("could not request a move", extra={"session": session, "why": str(exc)})
                 return
             # Hold a place in the limiter until this move is over, so that few are in flight.
-            await self._outcome(session, self.connect_within + self.take_within + 2.0)
+            await self._outcome(session, waiter, self.connect_within + self.take_within + 2.0)

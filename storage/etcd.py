@@ -307,6 +307,42 @@ class Etcd:
             finally:
                 nursery.cancel_scope.cancel()
 
+    @asynccontextmanager
+    async def watch_each(
+        self,
+        prefix: str | bytes,
+        translate: Callable[[WatchEvent], T | None],
+        *,
+        start_revision: int = 0,
+        first: Sequence[T] = (),
+        buffer: int = 1024,
+    ) -> AsyncIterator[trio.MemoryReceiveChannel[T]]:
+        """:meth:`watch_prefix` one value at a time: ``first``, then each event through
+        ``translate`` (None skips it), in order. Errors of the watch (``Compacted``) reach the
+        consumer as they are."""
+        send, receive = trio.open_memory_channel[T](buffer)
+
+        async def pump(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+            # `with send` closes without a checkpoint, so a Compacted error is never replaced
+            # by the cancellation that follows the consumer leaving.
+            with send:
+                async with self.watch_prefix(prefix, start_revision=start_revision) as batches:
+                    task_status.started()
+                    for value in first:
+                        await send.send(value)
+                    async for batch in batches:
+                        for event in batch:
+                            translated = translate(event)
+                            if translated is not None:
+                                await send.send(translated)
+
+        async with trio.open_nursery() as nursery:
+            await nursery.start(pump)
+            try:
+                yield receive
+            finally:
+                nursery.cancel_scope.cancel()
+
     async def _watch_loop(
         self,
         key: bytes,

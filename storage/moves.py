@@ -39,6 +39,7 @@ import trio
 from storage.etcd import (
     Etcd,
     KeyValue,
+    WatchEvent,
     cmp_create_revision,
     cmp_mod_revision,
     op_delete,
@@ -192,31 +193,18 @@ class Moves:
         self, *, start_revision: int = 0
     ) -> AsyncIterator[trio.MemoryReceiveChannel[Move | str]]:
         """Every change of a move, in order: the Move, or the session id when its key is gone."""
-        send, receive = trio.open_memory_channel[Move | str](1024)
+        async with self.etcd.watch_each(
+            self.keys.moves_prefix,
+            self._change_of,
+            start_revision=start_revision,
+            first=list[Move | str](),  # names the item type (mypy joins Move | str otherwise)
+        ) as changes:
+            yield changes
 
-        async def pump(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            with send:
-                async with self.etcd.watch_prefix(
-                    self.keys.moves_prefix, start_revision=start_revision
-                ) as batches:
-                    task_status.started()
-                    async for batch in batches:
-                        for event in batch:
-                            if event.kind == "delete":
-                                session = self.keys.session_of_move_key(event.kv.key)
-                                if session is not None:
-                                    await send.send(session)
-                                continue
-                            move = self._decode(event.kv)
-                            if move is not None:
-                                await send.send(move)
-
-        async with trio.open_nursery() as nursery:
-            await nursery.start(pump)
-            try:
-                yield receive
-            finally:
-                nursery.cancel_scope.cancel()
+    def _change_of(self, event: WatchEvent) -> Move | str | None:
+        if event.kind == "delete":
+            return self.keys.session_of_move_key(event.kv.key)
+        return self._decode(event.kv)
 
     # -- the steps ----------------------------------------------------------------------------
 
@@ -376,27 +364,13 @@ class Moves:
     @asynccontextmanager
     async def watch_ends(self) -> AsyncIterator[trio.MemoryReceiveChannel[str]]:
         """Sessions whose end was requested, from now on (and those already requested)."""
-        send, receive = trio.open_memory_channel[str](1024)
+        kvs, revision = await self.etcd.get_prefix(self.keys.ends_prefix)
+        pending = [s for kv in kvs if (s := self.keys.session_of_end_key(kv.key)) is not None]
 
-        async def pump(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            with send:
-                kvs, revision = await self.etcd.get_prefix(self.keys.ends_prefix)
-                async with self.etcd.watch_prefix(
-                    self.keys.ends_prefix, start_revision=revision + 1
-                ) as batches:
-                    task_status.started()
-                    for kv in kvs:
-                        if (session := self.keys.session_of_end_key(kv.key)) is not None:
-                            await send.send(session)
-                    async for batch in batches:
-                        for event in batch:
-                            session = self.keys.session_of_end_key(event.kv.key)
-                            if event.kind == "put" and session is not None:
-                                await send.send(session)
+        def requested(event: WatchEvent) -> str | None:
+            return self.keys.session_of_end_key(event.kv.key) if event.kind == "put" else None
 
-        async with trio.open_nursery() as nursery:
-            await nursery.start(pump)
-            try:
-                yield receive
-            finally:
-                nursery.cancel_scope.cancel()
+        async with self.etcd.watch_each(
+            self.keys.ends_prefix, requested, start_revision=revision + 1, first=pending
+        ) as ends:
+            yield ends

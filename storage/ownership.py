@@ -198,28 +198,12 @@ class Owners:
         Survives etcd restarts without losing or repeating a change. Undecodable values are
         counted in ``bad_values`` and skipped.
         """
-        send, receive = trio.open_memory_channel[OwnershipChange](1024)
-
-        async def translate(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            # `with send` closes without a checkpoint, so a Compacted error is never replaced
-            # by the cancellation that follows the consumer leaving.
-            with send:
-                async with self.etcd.watch_prefix(
-                    self.keys.owners_prefix, start_revision=start_revision
-                ) as batches:
-                    task_status.started()
-                    async for batch in batches:
-                        for event in batch:
-                            change = self._change_of(event.kind, event.kv)
-                            if change is not None:
-                                await send.send(change)
-
-        async with trio.open_nursery() as nursery:
-            await nursery.start(translate)
-            try:
-                yield receive
-            finally:
-                nursery.cancel_scope.cancel()
+        async with self.etcd.watch_each(
+            self.keys.owners_prefix,
+            lambda event: self._change_of(event.kind, event.kv),
+            start_revision=start_revision,
+        ) as changes:
+            yield changes
 
     def _change_of(self, kind: str, kv: KeyValue) -> OwnershipChange | None:
         if kind == "delete":

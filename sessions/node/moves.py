@@ -185,10 +185,13 @@ class NodeMover:
         event, box = waiter
         with trio.move_on_after(within):
             await event.wait()
+        self._unexpect(session, waiter)
+        return box[0] if box else None
+
+    def _unexpect(self, session: str, waiter: tuple[trio.Event, list[Move | None]]) -> None:
         waiting = self._outcomes.get(session, [])
         if waiter in waiting:
             waiting.remove(waiter)
-        return box[0] if box else None
 
     # -- giving --------------------------------------------------------------------------------
 
@@ -219,7 +222,7 @@ class NodeMover:
                 move, blob, quiesced_at=quiesced_at, moves=hosted.moves + 1
             )
         except (StaleMove, EtcdError) as exc:
-            await self._outcome(session, waiter, 0)
+            self._unexpect(session, waiter)
             log.warning("move abandoned before it was ready", extra={"session": session})
             await self._resume(session, str(exc))
             return
@@ -423,7 +426,7 @@ class NodeMover:
             try:
                 await self.moves.request(session, target)
             except (MoveError, EtcdError) as exc:
-                await self._outcome(session, waiter, 0)
+                self._unexpect(session, waiter)
                 log.warning("could not request a move", extra={"session": session, "why": str(exc)})
                 return
             # Hold a place in the limiter until this move is over, so that few are in flight.

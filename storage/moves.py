@@ -317,27 +317,18 @@ class Moves:
     async def drain_requested(self, node: str) -> bool:
         return await self.etcd.get(self.keys.drain(node)) is not None
 
-    @asynccontextmanager
-    async def watch_drain(self, node: str) -> AsyncIterator[trio.Event]:
-        """An event set once a drain of ``node`` is requested (also if it already was)."""
-        requested = trio.Event()
+    async def wait_for_drain(self, node: str) -> None:
+        """Return once a drain of ``node`` is requested (at once if it already was)."""
+        key = self.keys.drain(node)
+        kvs, revision = await self.etcd.get_prefix(key)
+        if kvs:
+            return
 
-        async def pump(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-            key = self.keys.drain(node)
-            async with self.etcd.watch_prefix(key) as batches:
-                task_status.started()
-                if await self.etcd.get(key) is not None:
-                    requested.set()
-                async for batch in batches:
-                    if any(event.kind == "put" for event in batch):
-                        requested.set()
+        def put(event: WatchEvent) -> bool | None:
+            return True if event.kind == "put" else None
 
-        async with trio.open_nursery() as nursery:
-            await nursery.start(pump)
-            try:
-                yield requested
-            finally:
-                nursery.cancel_scope.cancel()
+        async with self.etcd.watch_each(key, put, start_revision=revision + 1) as puts:
+            await puts.receive()
 
     # -- ending a session from another node -------------------------------------------------------
 

@@ -375,8 +375,7 @@ class NodeMover:
 
     async def _drain_on_request(self) -> None:
         """``parley drain``: stop taking sessions, move them all away, stay up."""
-        async with self.moves.watch_drain(self.node.id) as requested:
-            await requested.wait()
+        await self.moves.wait_for_drain(self.node.id)
         log.info("drain requested", extra={"node": self.node.id})
         self.node.begin_drain()
         while self.node.sessions:

@@ -162,12 +162,7 @@ class Transceiver:
             voice=voice,
             created=now - snapshot.age,
         )
-        keys = transport.keys
-        if not transport.ended and keys is not None:
-            core._checkpoints.start(keys, now)
-            core._take_checkpoint_events()
-        core._pump(now)
-        return core
+        return core._begin(now)
 
     @classmethod
     def _continue(
@@ -210,14 +205,18 @@ class Transceiver:
             voice=voice,
             created=now - elapsed - snapshot.age,
         )
-        keys = transport.keys
-        if not transport.ended and keys is not None:
-            # It may send at once (within the old owner's stored reservation); its own
-            # checkpoint is asked for at once all the same.
-            core._checkpoints.start(keys, now)
-            core._take_checkpoint_events()
-        core._pump(now)
-        return core
+        # It may send at once (within the old owner's stored reservation); its own
+        # checkpoint is asked for at once all the same.
+        return core._begin(now)
+
+    def _begin(self, now: float) -> Transceiver:
+        """A restored core's first step: checkpoints from its keys, then what is due."""
+        keys = self._transport.keys
+        if not self._transport.ended and keys is not None:
+            self._checkpoints.start(keys, now)
+            self._take_checkpoint_events()
+        self._pump(now)
+        return self
 
     # --- observation --------------------------------------------------------------------------
 

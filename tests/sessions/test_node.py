@@ -176,3 +176,21 @@ async def test_a_stopping_node_tells_each_client_why_in_reverse_order(
         node.request_stop()
     assert clients.told == [("s2", "node_stopping"), ("s1", "node_stopping")]
     assert clients.wound_down and node.sessions == {}
+
+
+def test_rendezvous_rank_is_the_same_everywhere_and_spreads_orphans() -> None:
+    from collections import Counter
+
+    from sessions.node.failover import rank
+
+    nodes = ["n1", "n2", "n3"]
+    assert rank("s1", nodes) == rank("s1", list(reversed(nodes)))  # every node agrees
+    firsts = Counter(rank(f"session{i}", nodes)[0] for i in range(600))
+    assert set(firsts) == set(nodes) and min(firsts.values()) > 150  # about a third each
+    # A node leaving moves only its own first choices.
+    moved = sum(
+        rank(f"session{i}", nodes)[0] != rank(f"session{i}", ["n1", "n2"])[0]
+        for i in range(600)
+        if rank(f"session{i}", nodes)[0] != "n3"
+    )
+    assert moved == 0

@@ -417,3 +417,48 @@ async def test_closing_a_quiesced_session_sends_nothing(
         assert call.ended == [("s1", "closed while quiesced")]
         assert call.names()[-1] == "session_ended"
         nursery.cancel_scope.cancel()
+
+
+# --- checkpoints kept elsewhere (crash failover) -------------------------------------------------
+
+
+async def test_a_checkpoint_is_confirmed_only_once_it_is_durable(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """With ``persist`` (etcd, sealed), a checkpoint is confirmed to the core only once it is
+    durable; one that could not be stored is not, and the session asks again later."""
+    calls = 0
+
+    async def refused(snapshot: SessionSnapshot) -> bool:
+        nonlocal calls
+        calls += 1
+        return False
+
+    async with trio.open_nursery() as nursery:
+        call = await connected_call(nursery, persist=refused)
+        await trio.sleep(30)
+        assert calls >= 2  # asked again after a failure
+        assert call.actor.checkpoints_failed == calls and call.actor.checkpoints_persisted == 0
+        assert len(call.stored) >= calls  # each kept in memory too (a restart on this node)
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_durable_checkpoint_lets_media_flow_and_the_media_loop_never_waits_for_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    started = trio.Event()
+
+    async def slow(snapshot: SessionSnapshot) -> bool:
+        started.set()
+        await trio.sleep(0.5)  # an etcd write that takes its time
+        return True
+
+    async with trio.open_nursery() as nursery:
+        call = await connected_call(nursery, persist=slow)
+        assert started.is_set()
+        await call.talk(20)
+        await trio.sleep(1)
+        assert call.actor.checkpoints_persisted >= 1
+        assert call.wire.client.received  # the echo flows once the checkpoint is durable
+        assert call.wire.client.srtp_errors == 0
+        nursery.cancel_scope.cancel()

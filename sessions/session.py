@@ -27,6 +27,16 @@ Planned moves, as the node daemon drives them (messages, each answered):
 * ``("moved", from_node, to_node, epoch)``: on the new node, once the move is final; passed to a
   :class:`~sessions.agents.MoveAwareAgent` (the bridge tells the external agent).
 
+Stalls of the node's etcd lease (storage/lease.py), as the node drives them:
+
+* ``("stall",)``: the node may no longer act for the session (its lease's safety deadline
+  passed) but the lease may well be alive. The core is quiesced as for a move (a session not
+  connected yet is just held), what arrives is kept, nothing is processed or sent, and the state
+  stays. Replies ``True``. A move cannot start while stalled (``stalled``).
+* ``("unstall",)``: the lease turned out alive; the session goes on exactly as after an
+  abandoned move (same epoch, the kept datagrams fed in order). A move's own quiesce, if one
+  is pending, still holds it. Replies ``True``.
+
 The new node builds its actor with ``arrival=Arrival(snapshot, quiesced_at)``: it continues the
 exact snapshot (:meth:`Transceiver.restore`) when it starts, with the wall time elapsed since
 the quiesce as the blackout.
@@ -49,6 +59,7 @@ from sessions.ports import Datagram, PeerAddress, SessionPort
 from sessions.snapshot import SessionSnapshot
 from sessions.transceiver import (
     CODE_NOT_QUIESCED,
+    CODE_STALLED,
     CheckpointDue,
     ClientEvent,
     DtlsConnected,
@@ -148,6 +159,10 @@ class SessionActor(Actor):
         # A planned move: paused (quiesced), with what arrived meanwhile.
         self._max_buffered = max_buffered
         self._quiesced: Quiesced | None = None
+        #: paused because the node's lease stalled (see the module docstring)
+        self._stalled = False
+        #: the core is quiesced and nothing but a stall or a move's quiesce holds it
+        self._held = False
         self._buffer: list[Datagram] = []
         #: datagrams lost while quiesced because ``max_buffered`` were already kept
         self.buffer_overflow = 0
@@ -163,8 +178,9 @@ class SessionActor(Actor):
 
     @property
     def paused(self) -> bool:
-        """Quiesced for a planned move: the core is untouched, datagrams are kept."""
-        return self._quiesced is not None
+        """Quiesced for a planned move, or held through a lease stall: the core is untouched,
+        datagrams are kept."""
+        return self._quiesced is not None or self._stalled
 
     @property
     def buffered(self) -> int:
@@ -246,6 +262,7 @@ class SessionActor(Actor):
         if message == "close":
             self.core.close(trio.current_time())  # silent if quiesced: nothing is sent
             self._quiesced = None
+            self._stalled = self._held = False
             self._buffer.clear()
             self._flush()
             self._wake_loop()  # the loop reports the end
@@ -254,6 +271,10 @@ class SessionActor(Actor):
             return self._quiesce()
         if message == ("resume",):
             return self._resume()
+        if message == ("stall",):
+            return self._stall()
+        if message == ("unstall",):
+            return self._unstall()
         if message == ("hand_off",):
             return await self._hand_off()
         if message == ("kept",):
@@ -275,6 +296,8 @@ class SessionActor(Actor):
     def _quiesce(self) -> Quiesced | MoveRefused:
         if self._quiesced is not None:
             return self._quiesced  # asked again (a retry): the same answer
+        if self._stalled:
+            return MoveRefused(CODE_STALLED, "the node's lease is stalled")
         try:
             snapshot = self.core.quiesce(trio.current_time())
         except MoveRefused as refused:
@@ -293,10 +316,45 @@ class SessionActor(Actor):
     def _resume(self) -> bool | MoveRefused:
         if self._quiesced is None:
             return MoveRefused(CODE_NOT_QUIESCED, "the session is not quiesced")
+        self._quiesced = None
+        self._held = True
+        if not self._stalled:  # a stall still holds it otherwise; its end resumes it
+            self._release()
+        return True
+
+    def _stall(self) -> bool:
+        if self._stalled:
+            return True
+        self._stalled = True
+        if self._quiesced is None:
+            try:
+                self.core.quiesce(trio.current_time())
+                self._held = True
+            except MoveRefused:
+                pass  # not connected yet (or ending): only held, nothing to freeze
+            # What fell due at the quiesce goes to the packet path, which refuses it while
+            # the lease is past its deadline; the events still reach the client.
+            self._flush()
+            self._handle_events()
+        self._wake_loop()
+        log.warning("session held: the node's lease stalled", extra={"session": self.session_id})
+        return True
+
+    def _unstall(self) -> bool:
+        if not self._stalled:
+            return True
+        self._stalled = False
+        if self._quiesced is None:
+            self._release()
+        return True
+
+    def _release(self) -> None:
+        """Go on after a pause: resume the core if the pause froze it, feed what was kept."""
         now = trio.current_time()
         core = self.core
-        core.resume(now)
-        self._quiesced = None
+        if self._held:
+            core.resume(now)
+            self._held = False
         kept, self._buffer = self._buffer, []
         for data, addr in kept:
             core.receive(data, addr, now)
@@ -307,7 +365,6 @@ class SessionActor(Actor):
             "session resumed",
             extra={"session": self.session_id, "fed": len(kept), "lost": self.buffer_overflow},
         )
-        return True
 
     async def _hand_off(self) -> list[Datagram] | MoveRefused:
         if self._quiesced is None:

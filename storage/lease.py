@@ -9,6 +9,19 @@ is cancelled *before* etcd can expire the lease and let another node claim what 
 
 The margin absorbs clock-rate differences between hosts and the time Trio needs to deliver the
 cancellation; keep it well above one scheduler tick (default: 20% of the TTL, at least 0.5 s).
+
+**Stalls.** Losing sight of etcd is not the same as losing the lease: etcd may be frozen, electing
+a leader, or slow, and the lease may still be alive when it answers. With ``hold > 0`` the keeper
+does not cancel the scope at the safety deadline; the lease *stalls* instead (:attr:`Lease.stalled`
+is set, :meth:`Lease.usable` turns false at the deadline on its own, with no task needed to notice),
+and whoever holds work under it pauses that work without throwing its state away. The keeper goes
+on sending keepalives: an acknowledged one proves the lease alive past a new deadline and the lease
+*recovers* (same id, same epochs); etcd saying the lease is gone, or ``hold`` seconds past the
+deadline without an answer, loses it (the scope is cancelled, as without ``hold``)::
+
+    live --deadline passes--> stalled --keepalive acknowledged--> live
+                                      --etcd: expired, or hold passed--> lost
+    live --etcd: expired--> lost
 """
 
 from __future__ import annotations
@@ -47,6 +60,12 @@ class Lease:
     confirmed_at: float
     margin: float
     lost: trio.Event = attrs.field(factory=trio.Event)
+    #: set while no keepalive has been acknowledged since the deadline passed (``hold > 0``)
+    stalled: trio.Event = attrs.field(factory=trio.Event)
+    #: set (and replaced) each time a stall ends with the lease alive
+    recovered: trio.Event = attrs.field(factory=trio.Event)
+    #: how many stalls this lease has come back from
+    stalls: int = 0
 
     @property
     def deadline(self) -> float:
@@ -56,10 +75,31 @@ class Lease:
     def time_left(self) -> float:
         return max(0.0, self.deadline - trio.current_time())
 
-    def confirm(self, sent_at: float, ttl: int) -> None:
+    def usable(self) -> bool:
+        """Whether work under this lease may act now: it is not lost and its safety deadline is
+        still ahead. Exact at every call (a media path checks it per packet), not only once the
+        keeper has noticed the deadline."""
+        return not self.lost.is_set() and trio.current_time() < self.deadline
+
+    def confirm(self, sent_at: float, ttl: int, *, hold: float = 0.0) -> bool:
+        """A keepalive sent at ``sent_at`` was acknowledged with ``ttl``; True if that ended a
+        stall."""
         self.confirmed_at = max(self.confirmed_at, sent_at)
         self.ttl = ttl
-        self.scope.deadline = self.deadline
+        self.scope.deadline = self.deadline + hold
+        if self.stalled.is_set() and trio.current_time() < self.deadline:
+            self.stalled = trio.Event()
+            self.stalls += 1
+            log.warning("lease %x recovered after a stall", self.id)
+            recovered, self.recovered = self.recovered, trio.Event()
+            recovered.set()
+            return True
+        return False
+
+    def stall(self) -> None:
+        if not self.stalled.is_set():
+            log.warning("lease %x stalled: no keepalive acknowledged in time", self.id)
+            self.stalled.set()
 
     def lose(self, reason: str) -> None:
         if not self.lost.is_set():
@@ -76,12 +116,18 @@ class LeaseKeeper:
     must stop with the lease runs inside ``with lease.scope:``.
     """
 
-    def __init__(self, etcd: Etcd, *, ttl: int = 5, margin: float | None = None) -> None:
+    def __init__(
+        self, etcd: Etcd, *, ttl: int = 5, margin: float | None = None, hold: float = 0.0
+    ) -> None:
         if ttl < 2:
             raise ValueError("lease TTL must be at least 2 seconds")
+        if hold < 0:
+            raise ValueError("lease hold must not be negative")
         self.etcd = etcd
         self.ttl = ttl
         self.margin = default_margin(ttl) if margin is None else margin
+        #: how long past the safety deadline a stalled lease is held before it counts as lost
+        self.hold = hold
         if self.margin >= ttl:
             raise ValueError("lease safety margin must be shorter than the TTL")
         self._lease: Lease | None = None
@@ -140,7 +186,7 @@ class LeaseKeeper:
             confirmed_at=sent_at,
             margin=self.margin,
         )
-        lease.scope.deadline = lease.deadline
+        lease.scope.deadline = lease.deadline + self.hold
         self._lease = lease
         self._changed.set()
         self._changed = trio.Event()
@@ -152,12 +198,19 @@ class LeaseKeeper:
         interval = lease.ttl / 3
         while True:
             now = trio.current_time()
-            if now >= lease.deadline:
-                lease.lose("no keepalive acknowledged in time")
+            if now >= lease.deadline + self.hold:
+                lease.lose(
+                    "no keepalive acknowledged in time"
+                    if not self.hold
+                    else f"etcd did not answer within {self.hold:g} s of the safety deadline"
+                )
                 break
+            if now >= lease.deadline:
+                lease.stall()
             # Retry faster than the nominal interval once a keepalive has failed, and never let a
-            # single call outlive the safety deadline.
-            rpc_deadline = max(0.05, min(self.etcd.timeout, lease.deadline - now))
+            # single call outlive the safety deadline (or, stalled, the hold).
+            limit = lease.deadline if now < lease.deadline else lease.deadline + self.hold
+            rpc_deadline = max(0.05, min(self.etcd.timeout, limit - now))
             sent_at = now
             self.keepalives_sent += 1
             try:
@@ -168,12 +221,20 @@ class LeaseKeeper:
             except EtcdError as exc:
                 self.keepalives_failed += 1
                 log.info("keepalive for lease %x failed: %s", lease.id, exc)
-                await trio.sleep_until(min(lease.deadline, trio.current_time() + interval / 4))
+                now = trio.current_time()
+                if self.hold and now >= lease.deadline and not lease.stalled.is_set():
+                    continue  # the deadline came during the call: stall at once
+                wake = now + interval / 4
+                if now < lease.deadline:
+                    wake = min(wake, lease.deadline)  # stall on time
+                await trio.sleep_until(min(wake, lease.deadline + self.hold))
                 continue
             if ttl <= 0:
                 lease.lose("etcd reports the lease expired")
                 break
-            lease.confirm(sent_at, ttl)
+            if lease.confirm(sent_at, ttl, hold=self.hold):
+                self._changed.set()  # current() waits for a usable lease
+                self._changed = trio.Event()
             await trio.sleep_until(sent_at + interval)
         self._changed.set()
         self._changed = trio.Event()

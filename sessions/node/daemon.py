@@ -8,10 +8,18 @@ Life of a node::
                  registration (nodes/<id>, attached to the lease, with state and load)
                  session supervisor (one-for-one) ── one actor per session
 
-If the lease's safety deadline passes, the scope is cancelled: every session actor stops before
-etcd could expire the lease and let another node claim its sessions. The node then waits for a new
-lease and registers again, owning nothing. On SIGTERM the node turns ``draining``, stops and
-releases its sessions, deregisters and revokes its lease, so nothing waits for a TTL.
+If the lease's safety deadline passes, the node stops acting for its sessions before etcd could
+expire the lease and let another node claim them: no datagram leaves for a session from that
+instant (:meth:`Node.epoch_of`, checked per packet), and every session actor is *held* (quiesced,
+its state kept, what arrives kept). Losing sight of etcd is not losing the lease: if a keepalive
+is acknowledged again (etcd was frozen, slow, electing), the sessions go on here at the same epoch;
+if etcd says the lease expired, or it stays silent for ``node.lease_hold`` seconds, the lease's
+scope is cancelled, the actors go, and their sessions are adopted from their checkpoints like a
+crashed node's (sessions/node/failover.py) — by any node, this one included once it has a new
+lease. Their clients' signaling is told where each went, or why it ended.
+
+On SIGTERM the node turns ``draining``, moves its sessions to other nodes (or stops and releases
+them), deregisters and revokes its lease, so nothing waits for a TTL.
 """
 
 from __future__ import annotations
@@ -51,8 +59,16 @@ class SessionFrontend(Protocol):
         """Tell the client why (``session_ended`` with ``code``), close the session's media,
         then :meth:`Node.end_session`."""
 
-    def sessions_lost(self, sessions: list[str], code: str, reason: str) -> None:
-        """The sessions' actors are already gone (the lease was lost): tell their clients."""
+    async def hold_sessions(self, sessions: list[str], reason: str) -> None:
+        """The lease stalled: pause the sessions' actors, keeping their state (``("stall",)``),
+        and tell their clients."""
+
+    async def release_sessions(self, sessions: list[str]) -> None:
+        """The lease recovered: the held sessions go on (``("unstall",)``)."""
+
+    async def sessions_lost(self, sessions: list[str], code: str, reason: str) -> None:
+        """The sessions' actors are gone (the lease was lost): follow each to the node that
+        adopts it and tell its client; ``session_ended`` (``code``) for those nobody adopts."""
 
     async def wind_down(self) -> None:
         """Give clients a bounded moment to receive their last events before the node exits."""
@@ -166,9 +182,20 @@ class Node:
         return self._members
 
     def epoch_of(self, session: str) -> int | None:
-        """The ownership epoch of a session hosted here, or None."""
-        hosted = self.sessions.get(session)
-        return None if hosted is None else hosted.epoch
+        """The ownership epoch of a session hosted here, if this node may act for it *now*:
+        None for a session not hosted here, and for every session once the lease's safety
+        deadline has passed (the media path asks per datagram, so nothing leaves after it)."""
+        hosted, lease = self.sessions.get(session), self._lease
+        if hosted is None or lease is None or not lease.usable():
+            return None
+        return hosted.epoch
+
+    async def owners(self) -> list[Ownership]:
+        """Every owned session of the cluster, as etcd says."""
+        if self._owners is None:
+            return []
+        owned, _ = await self._owners.list()
+        return owned
 
     def _changed(self) -> None:
         self._load_changed.set()
@@ -205,7 +232,7 @@ class Node:
         """Start the actor of a session this node already owns at ``epoch`` (it moved here:
         ownership was taken by the move's compare-and-swap, not by a claim)."""
         lease, supervisor = self._lease, self._supervisor
-        if lease is None or supervisor is None or lease.lost.is_set():
+        if lease is None or supervisor is None or not lease.usable():
             raise NodeRefused("no_lease", f"node {self.id} holds no live lease")
         # Known as ours before the actor runs: its first checkpoint is fenced by this epoch.
         self.sessions[session] = HostedSession(
@@ -240,7 +267,7 @@ class Node:
         if len(self.sessions) >= self.config.node.capacity:
             raise NodeRefused("node_over_capacity", f"node {self.id} is at capacity")
         lease, supervisor, owners = self._lease, self._supervisor, self._owners
-        if lease is None or supervisor is None or owners is None or lease.lost.is_set():
+        if lease is None or supervisor is None or owners is None or not lease.usable():
             raise NodeRefused("no_lease", f"node {self.id} holds no live lease")
         epoch = await owners.claim(session, self.id, lease.id, control=control)
         self.sessions[session] = HostedSession(session, epoch, lease.id, time.time(), control)
@@ -298,7 +325,9 @@ class Node:
             self._etcd = etcd
             self._owners = Owners(etcd, self.keys)
             self._members = Members(etcd, self.keys)
-            keeper = LeaseKeeper(etcd, ttl=node_cfg.lease_ttl, margin=margin)
+            keeper = LeaseKeeper(
+                etcd, ttl=node_cfg.lease_ttl, margin=margin, hold=node_cfg.lease_hold
+            )
             async with trio.open_nursery() as nursery:
                 if self._frontend is not None:
                     # Signaling and media outlive lease generations: their addresses stay put.
@@ -318,8 +347,10 @@ class Node:
                         )
                         lost = list(self.sessions)
                         self.sessions.clear()
+                        self._changed()
                         if self._clients is not None and lost:
-                            self._clients.sessions_lost(
+                            nursery.start_soon(
+                                self._clients.sessions_lost,
                                 lost,
                                 "lease_lost",
                                 f"node {self.id} lost its etcd lease and stopped its sessions",
@@ -374,6 +405,7 @@ class Node:
                 task_status.started(self)
             nursery.start_soon(self._report_load, lease)
             nursery.start_soon(self._publish_stats, lease)
+            nursery.start_soon(self._ride_stalls, lease)
             self._mover = self.make_mover(self, lease) if self.make_mover is not None else None
             if self._mover is not None:
                 await nursery.start(self._mover.run, lease)
@@ -385,6 +417,29 @@ class Node:
             nursery.cancel_scope.cancel()
         self._supervisor = None
         self._mover = None
+
+    async def _ride_stalls(self, lease: Lease) -> None:
+        """Hold every session while the lease is stalled; let them go on if it recovers. (If it
+        is lost instead, its scope ends this task and the sessions with it.)"""
+        while True:
+            recovered = lease.recovered  # before the stall: a quick recovery is not missed
+            await lease.stalled.wait()
+            held = list(self.sessions)
+            log.warning(
+                "lease stalled: holding every session until etcd answers",
+                extra={"lease": hex(lease.id), "sessions": len(held)},
+            )
+            if self._clients is not None:
+                await self._clients.hold_sessions(
+                    held, f"node {self.id} cannot reach etcd; the session is held"
+                )
+            await recovered.wait()
+            log.warning(
+                "lease recovered: sessions go on",
+                extra={"lease": hex(lease.id), "sessions": len(self.sessions)},
+            )
+            if self._clients is not None:
+                await self._clients.release_sessions(list(self.sessions))
 
     async def _register(self, lease: Lease) -> None:
         """Publish this node under ``lease``, retrying while etcd is unreachable.

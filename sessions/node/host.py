@@ -67,6 +67,11 @@ REMOTE_END_WITHIN = 3.0
 ASK_WITHIN = 2.0
 #: how long a checkpoint write to etcd may take before the session asks again later
 PERSIST_WITHIN = 2.0
+#: how long a node that lost its lease follows its sessions to whoever adopts them (an expired
+#: lease's sessions are adopted about a stagger after etcd answers again)
+FOLLOW_LOST_WITHIN = 30.0
+#: how often it looks (one read of every owner)
+FOLLOW_POLL = 0.5
 
 
 def make_agent(config: NodeSetup, session_id: str) -> Agent:
@@ -404,11 +409,64 @@ class NodeSessions:
         self._last_word(session_id, code, reason)
         await self.close_session(session_id, code)
 
-    def sessions_lost(self, sessions: list[str], code: str, reason: str) -> None:
-        """The node lost its lease and its session actors are gone: tell every client."""
+    async def hold_sessions(self, sessions: list[str], reason: str) -> None:
+        """The node's lease stalled: hold each session (state kept, nothing processed)."""
         for session_id in sessions:
-            self._last_word(session_id, code, reason)
-            self._forget(session_id)
+            with contextlib.suppress(Exception):  # an actor gone meanwhile has nothing to hold
+                await self._ask(session_id, ("stall",))
+            self._emit(
+                session_id, {"event": "session_paused", "code": "lease_stalled", "reason": reason}
+            )
+
+    async def release_sessions(self, sessions: list[str]) -> None:
+        """The lease recovered: the held sessions go on at the same epoch."""
+        for session_id in sessions:
+            with contextlib.suppress(Exception):
+                await self._ask(session_id, ("unstall",))
+            self._emit(session_id, {"event": "session_resumed", "node": self.node.id})
+
+    async def sessions_lost(self, sessions: list[str], code: str, reason: str) -> None:
+        """The node lost its lease and the sessions' actors are gone. Each is adopted from its
+        checkpoint by whichever node wins it (this one too, once it has a new lease): follow
+        them, for up to :data:`FOLLOW_LOST_WITHIN` seconds, and tell each client where its session
+        went (``session_moved``, re-attach) or that it goes on here (``session_resumed``); the
+        rest hear ``session_ended`` with ``code``."""
+        for session_id in sessions:
+            # The event channel stays: if this node adopts the session, its events flow on.
+            self.media.unregister(session_id)
+            self.snapshots.pop(session_id, None)
+            self._emit(session_id, {"event": "session_paused", "code": code, "reason": reason})
+        pending = set(sessions)
+        with trio.move_on_after(FOLLOW_LOST_WITHIN):
+            while pending:
+                try:
+                    owners = await self.node.owners()
+                except EtcdError:
+                    owners = []
+                for owner in owners:
+                    if owner.session not in pending:
+                        continue
+                    pending.discard(owner.session)
+                    if owner.node == self.node.id:
+                        self._emit(owner.session, {"event": "session_resumed", "node": owner.node})
+                        continue
+                    url = await self._signaling_url(owner.node)
+                    moved: dict[str, Any] = {
+                        "event": "session_moved",
+                        "node": owner.node,
+                        "close_code": REATTACH,
+                    }
+                    if url:
+                        moved["url"] = url
+                    self._emit(owner.session, moved)
+                    channel = self._events.pop(owner.session, None)
+                    if channel is not None:
+                        channel.close()
+                await trio.sleep(FOLLOW_POLL)
+        for session_id in pending:
+            if session_id not in self.node.sessions:
+                self._last_word(session_id, code, reason)
+                self._forget(session_id)
 
     async def wind_down(self) -> None:
         """A bounded moment for signaling to deliver the last events and close the sockets."""

@@ -28,6 +28,9 @@ class NodeSettings:
     id: str = ""
     lease_ttl: int = 5
     lease_margin: float = 0.0  # 0: derived from the TTL (storage.lease.default_margin)
+    #: seconds past the lease's safety deadline that sessions are held (not processed, state
+    #: kept) while etcd does not answer; if the lease is confirmed alive meanwhile they go on
+    lease_hold: float = 60.0
     capacity: int = 1000
     signaling_host: str = "127.0.0.1"
     signaling_port: int = 0

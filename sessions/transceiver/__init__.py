@@ -87,6 +87,7 @@ from sessions.transceiver.handover import (
     CODE_ENDED,
     CODE_NOT_CONNECTED,
     CODE_NOT_QUIESCED,
+    CODE_STALLED,
     MoveRefused,
     frames_elapsed,
 )
@@ -101,6 +102,7 @@ __all__ = [
     "CODE_ENDED",
     "CODE_NOT_CONNECTED",
     "CODE_NOT_QUIESCED",
+    "CODE_STALLED",
     "CONNECT_TIMEOUT",
     "RTCP_INTERVAL",
     "CheckpointDue",

@@ -47,6 +47,7 @@ __all__ = [
     "CODE_ENDED",
     "CODE_NOT_CONNECTED",
     "CODE_NOT_QUIESCED",
+    "CODE_STALLED",
     "MoveRefused",
     "continue_srtp",
     "exact_state",
@@ -60,6 +61,8 @@ CODE_NOT_CONNECTED: Final = "not_connected"
 CODE_ENDED: Final = "ended"
 #: a hand-off or a resume asked of a session that is not quiesced
 CODE_NOT_QUIESCED: Final = "not_quiesced"
+#: the node's lease is stalled (sessions/session.py holds the session until it recovers)
+CODE_STALLED: Final = "stalled"
 
 # An exact state's fence may be far above the last index (the reservation made at connect
 # covers the whole range a stream can start in); the next owner takes at most one ordinary

@@ -74,7 +74,9 @@ def alive(pid: int) -> bool:
 class Up:
     """A `parley up` child whose console we read line by line from a thread."""
 
-    def __init__(self, data: Path, *, port: int, nodes: int = 2, relays: int = 1) -> None:
+    def __init__(
+        self, data: Path, *, port: int, nodes: int = 2, relays: int = 1, lease_ttl: int = 2
+    ) -> None:
         self.endpoint = f"127.0.0.1:{port}"
         env = dict(
             os.environ,
@@ -83,7 +85,7 @@ class Up:
             PARLEY_UP_SIGNALING_PORT="0",
         )
         argv = [*PARLEY, "up", "--data-dir", str(data), "--etcd-port", str(port)]
-        argv += ["--nodes", str(nodes), "--relays", str(relays), "--lease-ttl", "2"]
+        argv += ["--nodes", str(nodes), "--relays", str(relays), "--lease-ttl", str(lease_ttl)]
         self.process = subprocess.Popen(
             argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
         )

@@ -31,6 +31,7 @@ class Recorder(Actor):
         Recorder.log.append((f"start {self.name}", time.monotonic()))
 
     async def receive(self, message: object) -> object:
+        Recorder.log.append((f"{message} {self.name}", time.monotonic()))
         return message
 
     async def on_stop(self) -> None:
@@ -57,7 +58,19 @@ class Clients:
         assert self.node is not None
         await self.node.end_session(session)
 
-    def sessions_lost(self, sessions: list[str], code: str, reason: str) -> None:
+    async def hold_sessions(self, sessions: list[str], reason: str) -> None:
+        assert self.node is not None
+        for session in sessions:
+            await self.node.registry.lookup(session).ask(("stall",), timeout=1)
+        self.told.extend((session, "held") for session in sessions)
+
+    async def release_sessions(self, sessions: list[str]) -> None:
+        assert self.node is not None
+        for session in sessions:
+            await self.node.registry.lookup(session).ask(("unstall",), timeout=1)
+        self.told.extend((session, "released") for session in sessions)
+
+    async def sessions_lost(self, sessions: list[str], code: str, reason: str) -> None:
         self.told.extend((session, code) for session in sessions)
 
     async def wind_down(self) -> None:
@@ -117,7 +130,7 @@ async def test_draining_node_refuses_new_sessions(etcd_server: EtcdServer) -> No
         node.request_stop()
 
 
-async def test_node_stops_its_sessions_before_a_frozen_etcd_could_expire_its_lease(
+async def test_a_frozen_etcd_holds_the_sessions_before_the_lease_could_expire_then_they_go(
     etcd_server: EtcdServer, etcd: Etcd, keys: Keyspace
 ) -> None:
     ttl = 3
@@ -125,35 +138,72 @@ async def test_node_stops_its_sessions_before_a_frozen_etcd_could_expire_its_lea
     node = Node(make_config(etcd_server, lease_ttl=ttl), node_id="n1", frontend=clients.serve)
     async with trio.open_nursery() as nursery:
         await nursery.start(node.run)
-        await node.host_session("s1", lambda: Recorder("s1"))
+        epoch = await node.host_session("s1", lambda: Recorder("s1"))
         lease = node.lease
-        assert lease is not None
+        assert lease is not None and node.epoch_of("s1") == epoch
         etcd_server.freeze()
+        offset = time.monotonic() - trio.current_time()
         try:
-            with trio.fail_after(ttl + 2):
-                await Recorder.stopped.wait()
-            # The client is told, not left with silence.
-            await eventually(_value(clients.told), lambda told: told == [("s1", "lease_lost")])
-            offset = time.monotonic() - trio.current_time()
-            stops = [t for entry, t in Recorder.log if entry == "stop s1"]
-            assert stops[0] < lease.confirmed_at + offset + ttl
-            assert lease.lost.is_set()
-            await trio.sleep(1.0)
+            with trio.fail_after(ttl):
+                await lease.stalled.wait()
+            # From the safety deadline on, nothing may be sent for the session (the media path
+            # asks epoch_of per datagram), and its actor is held, not stopped.
+            assert node.epoch_of("s1") is None
+            await eventually(_value(clients.told), lambda told: told == [("s1", "held")])
+            held = [t for entry, t in Recorder.log if entry == "('stall',) s1"]
+            assert held and held[0] < lease.confirmed_at + offset + ttl
+            assert not Recorder.stopped.is_set()
+            await trio.sleep(ttl + 0.5)  # etcd's clock runs on: the lease expires in there
         finally:
             etcd_server.thaw()
+        # etcd answers: the lease is gone, so the sessions go (to be adopted elsewhere).
+        with trio.fail_after(5):
+            await Recorder.stopped.wait()
+        await eventually(
+            _value(clients.told), lambda told: told == [("s1", "held"), ("s1", "lease_lost")]
+        )
+        assert lease.lost.is_set()
         # The node comes back with a new lease, registered and owning nothing.
         owners, members = Owners(etcd, keys), Members(etcd, keys)
         await eventually(lambda: members.node("n1"), lambda m: m.lease != lease.id)
         assert node.sessions == {}
         other, _ = await etcd.lease_grant(10)
-        with trio.fail_after(ttl + 5):
-            while True:
-                try:
-                    await owners.claim("s1", "n2", other)
-                    break
-                except AlreadyOwned:
-                    await trio.sleep(0.05)
-        assert time.monotonic() > stops[0]
+        await owners.claim("s1", "n2", other)  # etcd deleted the owner key with the lease
+        node.request_stop()
+
+
+async def test_a_short_etcd_freeze_holds_the_sessions_and_they_go_on_at_the_same_epoch(
+    etcd_server: EtcdServer, etcd: Etcd, keys: Keyspace
+) -> None:
+    # Safety deadline 1.5 s after the last acknowledged keepalive, etcd's expiry 3 s after it.
+    clients = Clients()
+    config = make_config(etcd_server, lease_ttl=3, lease_margin=1.5)
+    node = Node(config, node_id="n1", frontend=clients.serve)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        epoch = await node.host_session("s1", lambda: Recorder("s1"))
+        lease = node.lease
+        assert lease is not None
+        recovered = lease.recovered
+        await trio.sleep_until(lease.confirmed_at + 0.05)  # just after a keepalive
+        etcd_server.freeze()
+        try:
+            with trio.fail_after(3):
+                await lease.stalled.wait()
+            assert node.epoch_of("s1") is None
+            await trio.sleep(max(0.0, lease.confirmed_at + 2.6 - trio.current_time()))
+        finally:
+            etcd_server.thaw()
+        with trio.fail_after(3):
+            await recovered.wait()
+        await eventually(
+            _value(clients.told), lambda told: told == [("s1", "held"), ("s1", "released")]
+        )
+        assert node.lease is lease and not lease.lost.is_set()
+        assert node.epoch_of("s1") == epoch  # the same owner, the same epoch
+        owner = await Owners(etcd, keys).owner_of("s1")
+        assert owner is not None and (owner.node, owner.epoch) == ("n1", epoch)
+        assert not Recorder.stopped.is_set()
         node.request_stop()
 
 

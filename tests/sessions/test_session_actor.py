@@ -419,6 +419,101 @@ async def test_closing_a_quiesced_session_sends_nothing(
         nursery.cancel_scope.cancel()
 
 
+# --- lease stalls: hold the session, keep its state, go on if the lease lives --------------------
+
+
+async def test_a_stall_holds_the_session_and_unstall_goes_on_at_the_next_packet(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        call = await connected_call(nursery)
+        actor, wire = call.actor, call.wire
+        assert await actor.ref.ask(("stall",), timeout=1) is True
+        assert actor.paused and actor.core.quiesced
+        assert await actor.ref.ask(("stall",), timeout=1) is True  # asked twice: no change
+        sent, stored = len(wire.sent), len(call.stored)
+        last_seq = wire.client.received[-1].sequence_number
+        await call.talk(15)
+        await trio.sleep(12)  # a long stall, longer than a checkpoint interval
+        assert len(wire.sent) == sent  # nothing processed, nothing sent
+        assert len(call.stored) == stored
+        assert actor.buffered == 15
+
+        assert await actor.ref.ask(("unstall",), timeout=1) is True
+        assert not actor.paused and actor.buffered == 0
+        await call.talk(20)
+        await trio.sleep(1)
+        client = wire.client
+        assert client.srtp_errors == 0
+        after = [p for p in client.received if rtp.seq_distance(last_seq, p.sequence_number) > 0]
+        assert after and after[0].sequence_number == (last_seq + 1) % 65536  # no gap, no jump
+        stats = await actor.ref.ask("stats", timeout=1)
+        assert isinstance(stats, dict) and stats["packets_in"] == 55
+        nursery.cancel_scope.cancel()
+    assert call.ended == []
+
+
+async def test_no_move_starts_while_stalled_and_an_abandoned_move_stays_held_until_unstall(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    async with trio.open_nursery() as nursery:
+        call = await connected_call(nursery)
+        actor, wire = call.actor, call.wire
+        assert await actor.ref.ask(("stall",), timeout=1) is True
+        refused = await actor.ref.ask(("quiesce",), timeout=1)
+        assert isinstance(refused, MoveRefused) and refused.code == "stalled"
+        assert await actor.ref.ask(("unstall",), timeout=1) is True
+
+        # A move quiesced it, then the lease stalled, then the move was abandoned: the stall
+        # still holds the session; only its end lets it go on.
+        assert isinstance(await actor.ref.ask(("quiesce",), timeout=1), Quiesced)
+        assert await actor.ref.ask(("stall",), timeout=1) is True
+        assert await actor.ref.ask(("resume",), timeout=1) is True
+        sent = len(wire.sent)
+        await call.talk(5)
+        assert actor.paused and len(wire.sent) == sent and actor.buffered == 5
+        assert await actor.ref.ask(("unstall",), timeout=1) is True
+        await call.talk(5)
+        await trio.sleep(0.5)
+        assert not actor.paused and len(wire.sent) > sent
+        assert wire.client.srtp_errors == 0
+        nursery.cancel_scope.cancel()
+    assert call.ended == []
+
+
+async def test_a_stall_before_dtls_holds_the_handshake_and_it_finishes_afterwards(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    core, answer = Transceiver.accept(
+        browser_offer(),
+        session_id="s1",
+        certificate=CERTIFICATE,
+        candidates=[("127.0.0.1", 9)],
+        now=trio.current_time(),
+    )
+    wire = Wire(Client(answer), core.local_ufrag)
+    actor = SessionActor(
+        "s1",
+        port=wire.port,
+        certificate=CERTIFICATE,
+        core=core,
+        restore_from=lambda: None,
+        store=lambda snapshot: None,
+        events=lambda event: None,
+        on_end=lambda session, reason: None,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(actor.run)
+        assert await actor.ref.ask(("stall",), timeout=1) is True
+        wire.send(wire.client.check())
+        await trio.sleep(1)
+        assert wire.sent == [] and actor.buffered == 1  # the check is kept, not answered
+        assert await actor.ref.ask(("unstall",), timeout=1) is True
+        with trio.fail_after(5):
+            await wire.keyed.wait()
+        actor.stop()
+
+
 # --- checkpoints kept elsewhere (crash failover) -------------------------------------------------
 
 

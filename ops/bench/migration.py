@@ -55,7 +55,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Final, final
 
@@ -344,8 +344,10 @@ def echo_gap(arrivals: Sequence[tuple[float, int, int]], start: float, end: floa
 class Cluster:
     """``parley up`` with 3 nodes and one relay on free local ports, in a scratch directory."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, settings: Mapping[str, str] | None = None) -> None:
         self.workdir = workdir
+        #: extra ``PARLEY_*`` settings for ``parley up`` and its children (ops/bench/failover.py)
+        self.settings = dict(settings or {})
         self.etcd_port = free_port()
         self.endpoint = f"127.0.0.1:{self.etcd_port}"
         self.process: subprocess.Popen[bytes] | None = None
@@ -367,6 +369,7 @@ class Cluster:
             PARLEY_UP_ETCD_PEER_PORT=str(free_port()),
             PARLEY_UP_SIGNALING_PORT="0",
         )
+        env.update(self.settings)
         self._log = open(self.workdir / "up.log", "ab")  # noqa: SIM115 - lives with the process
         self.process = subprocess.Popen(
             [

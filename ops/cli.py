@@ -164,7 +164,7 @@ def config_from(args: argparse.Namespace) -> Config:
 
 def cmd_node(config: Config, parent_pid: int | None = None) -> int:
     from sessions.node.daemon import Node
-    from sessions.node.host import run_frontend
+    from sessions.node.frontend import run_frontend
 
     node = Node(config, frontend=run_frontend)
 

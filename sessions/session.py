@@ -133,8 +133,11 @@ class SessionActor(Actor):
         arrival: Arrival | None = None,
         max_buffered: int = MAX_BUFFERED,
         persist: Callable[[SessionSnapshot], Awaitable[bool]] | None = None,
+        on_core: Callable[[Transceiver], None] | None = None,
     ) -> None:
         super().__init__(session_id)
+        #: told each core this actor runs (the node publishes its media ledger)
+        self._on_core = on_core
         self.session_id = session_id
         self.port = port
         self.certificate = certificate
@@ -231,6 +234,8 @@ class SessionActor(Actor):
                 "session restored from snapshot",
                 extra={"session": self.session_id, "stale_rtp_dropped": stale},
             )
+        if self._on_core is not None:
+            self._on_core(self.core)
         self.nursery.start_soon(self._media_loop)
         # Agents with a connection of their own (the WebSocket bridge) run it beside the media.
         if isinstance(self._agent, RunningAgent):

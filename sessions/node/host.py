@@ -23,15 +23,11 @@ from typing import Any, Literal, final
 import trio
 
 from actors import Actor
-from actors.lag import LoopLag
-from relay.settings import SettingsError
 from sessions.agents import Agent, EchoAgent, TurnEchoAgent
 from sessions.agents.bridge import BridgeAgent
 from sessions.node.daemon import Node, NodeRefused
-from sessions.node.failover import Adopter
-from sessions.node.media import MediaPort
-from sessions.node.moves import MoveRefused, NodeMover
-from sessions.node.pages import HTML, echo_page
+from sessions.node.ledger import LedgerWriter
+from sessions.node.moves import MoveRefused
 from sessions.node.relayed import RelayedMedia
 from sessions.node.settings import NodeSetup
 from sessions.node.signaling import (
@@ -49,7 +45,6 @@ from sessions.turns import TurnConfig
 from sessions.webrtc.certs import Certificate, generate_certificate
 from storage.checkpoints import Checkpoints, Sealer, pack_record
 from storage.etcd import EtcdError
-from storage.lease import Lease
 from storage.moves import Moves
 from storage.ownership import AlreadyOwned, Ownership, StaleEpoch
 
@@ -134,6 +129,8 @@ class NodeSessions:
         self.server: SignalingServer | None = None
         #: seals checkpoints kept in etcd (None: checkpoints stay in this process)
         self.sealer: Sealer | None = None
+        #: publishes what each session's cores processed (node.ledger_dir; None: off)
+        self.ledger: LedgerWriter | None = None
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """End sessions that end themselves (their actor calls back synchronously)."""
@@ -373,7 +370,13 @@ class NodeSessions:
                 if self.sealer is not None
                 else None
             ),
+            on_core=lambda core: self._track(session_id, core),
         )
+
+    def _track(self, session_id: str, core: Transceiver) -> None:
+        hosted = self.node.sessions.get(session_id)
+        if self.ledger is not None and hosted is not None:
+            self.ledger.track(session_id, hosted.epoch, core.ledger)
 
     async def moved_in(self, session_id: str, source: str, epoch: int) -> None:
         """Tell a moved-in session's agent where it came from (the bridge tells its agent)."""
@@ -433,6 +436,8 @@ class NodeSessions:
         rest hear ``session_ended`` with ``code``."""
         for session_id in sessions:
             # The event channel stays: if this node adopts the session, its events flow on.
+            if self.ledger is not None:
+                self.ledger.close(session_id)
             self.media.unregister(session_id)
             self.snapshots.pop(session_id, None)
             self._emit(session_id, {"event": "session_paused", "code": code, "reason": reason})
@@ -521,6 +526,8 @@ class NodeSessions:
             log.error("session end queue full", extra={"session": session_id})
 
     def _forget(self, session_id: str) -> None:
+        if self.ledger is not None:
+            self.ledger.close(session_id)
         self.media.unregister(session_id)
         self.snapshots.pop(session_id, None)
         channel = self._events.pop(session_id, None)
@@ -543,78 +550,3 @@ class NodeSessions:
                     value["last_move_blackout_ms"] = hosted.last_blackout_ms
                 out[session_id] = value
         return out
-
-
-async def run_frontend(
-    node: Node, *, task_status: trio.TaskStatus[NodeSessions] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """Serve ``node``'s clients: its media port, the session backend and signaling.
-
-    With ``node.media = "direct"`` the node's own UDP port receives client media
-    (``node.media_host``/``media_port``); with ``"relay"`` (a cluster) the node opens no
-    client-facing port at all and media comes through QUIC tunnels from the cluster's relays
-    (sessions/node/relayed.py), without any change to sessions.
-    """
-    cfg = node.config.node
-    async with trio.open_nursery() as nursery:
-        media: PacketPath
-        counters: Callable[[], dict[str, int]]
-        if cfg.media == "relay":
-            relayed = RelayedMedia(
-                node.id,
-                node.config.cluster.credentials("node", node.id),
-                node.config.cluster.hint_secrets()[0],
-                lambda: node.members,
-                node.epoch_of,
-                tunnel_host=cfg.tunnel_host,
-            )
-            await nursery.start(relayed.run)
-            media = relayed
-            node.addresses["media"] = "relays"
-            counters = relayed.all_counters
-        else:
-            direct = MediaPort(cfg.media_host, cfg.media_port)
-            await nursery.start(direct.run)
-            media = direct
-            node.addresses["media"] = f"udp://{direct.host}:{direct.port}"
-            counters = direct.all_counters
-        lag = LoopLag()
-        nursery.start_soon(lag.run)
-        # What the media path counted, and how late the node's loop ran (a stall loses packets
-        # in the kernel, where no counter of ours sees it).
-        node.counters_source = lambda: {**counters(), **lag.counters()}
-        backend = NodeSessions(node, media)
-        await nursery.start(backend.run)
-        server = SignalingServer(
-            backend,
-            host=cfg.signaling_host,
-            port=cfg.signaling_port,
-            pages={"/": (HTML, echo_page())},  # a browser client: open the node's http://HOST:PORT/
-        )
-        await nursery.start(server.run)
-        backend.server = server
-        node.addresses.update(server.urls())
-        if cfg.media == "relay":
-            try:
-                sealer = node.config.cluster.sealer()
-            except SettingsError as exc:
-                log.warning("sessions will not move: %s", exc)
-            else:
-                backend.enable_checkpoints(sealer)
-
-                def make_mover(node: Node, lease: Lease) -> NodeMover | None:
-                    etcd = node.etcd
-                    return (
-                        None if etcd is None else NodeMover(node, backend, etcd, node.keys, sealer)
-                    )
-
-                def make_adopter(node: Node, lease: Lease) -> Adopter | None:
-                    if node.etcd is None:
-                        return None
-                    return Adopter(node, backend, node.etcd, node.keys, sealer)
-
-                node.make_mover = make_mover
-                node.make_adopter = make_adopter
-        log.info("serving clients", extra=dict(node.addresses))
-        node.stats_source = backend.stats
-        task_status.started(backend)

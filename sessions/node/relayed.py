@@ -57,9 +57,19 @@ _COUNTERS: Final = (
     "not_owned",  # a datagram of a session this node holds no epoch for
     "send_failed",  # the tunnel refused a datagram
     "handed_on",  # client datagrams passed on to a session's new owner after a move
+    "early",  # datagrams kept for a session not registered yet (a move's target, see below)
+    "early_dropped",  # ... beyond the bounds, or never claimed in time
 )
 #: how long after a session moved away this node still hands its late datagrams on
 MOVED_FORWARD_FOR: Final = 10.0
+#: A move's source forwards what reaches the quiesced session to the target as soon as the
+#: snapshot is ready, which can be before the target has even seen the move and registered the
+#: session. Those datagrams are kept (they came through a mutually authenticated relay tunnel)
+#: for a session not registered yet, within these bounds, and go first into its inbox when it
+#: is registered: each client packet is then decrypted by exactly one node, none by neither.
+EARLY_FOR: Final = 5.0
+EARLY_PER_SESSION: Final = 128
+EARLY_SESSIONS: Final = 64
 
 
 @final
@@ -102,6 +112,8 @@ class RelayedMedia:
         #: what was forwarded). What arrives is kept here *and* forwarded at once, so that the
         #: target has it in its inbox, in order, before the client's packets reach it directly
         self._teeing: dict[str, tuple[str, int, set[bytes]]] = {}
+        #: datagrams for sessions not registered (yet): session -> (first kept at, datagrams)
+        self._early: dict[str, tuple[float, list[Datagram]]] = {}
 
     # -- what NodeSessions needs -----------------------------------------------------------------
 
@@ -135,6 +147,12 @@ class RelayedMedia:
 
         port = SessionPort(session_id, ufrag, send, receive, send_to, flush=self.flush)
         self._ports[session_id] = port
+        _, early = self._early.pop(session_id, (0.0, []))
+        for datagram in early:  # oldest first, ahead of anything newer
+            try:
+                send.send_nowait(datagram)
+            except trio.WouldBlock:
+                self.counters["early_dropped"] += 1
         return port
 
     def unregister(self, session_id: str) -> None:
@@ -245,7 +263,8 @@ class RelayedMedia:
                 target, epoch, _ = moved
                 self._hand_on(tunnel, frame.session, frame.payload, frame.client, target, epoch)
                 return
-            self.counters["unknown_session"] += 1
+            name = self._names.get(tunnel, tunnel.peer.ident)
+            self._keep_early(frame.session, (frame.payload, PeerAddress(*frame.client, name)))
             return
         teeing = self._teeing.get(frame.session)
         if teeing is not None:
@@ -262,6 +281,24 @@ class RelayedMedia:
             self.counters["inbox_full"] += 1
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             pass
+
+    def _keep_early(self, session_id: str, datagram: Datagram) -> None:
+        now = trio.current_time()
+        for session, (since, kept) in list(self._early.items()):
+            if since + EARLY_FOR <= now:
+                del self._early[session]
+                self.counters["early_dropped"] += len(kept)
+        entry = self._early.get(session_id)
+        if entry is None:
+            if len(self._early) >= EARLY_SESSIONS:
+                self.counters["unknown_session"] += 1
+                return
+            entry = self._early[session_id] = (now, [])
+        if len(entry[1]) >= EARLY_PER_SESSION:
+            self.counters["early_dropped"] += 1
+            return
+        entry[1].append(datagram)
+        self.counters["early"] += 1
 
     def tunnel_opened(self, tunnel: Tunnel) -> None:
         if tunnel.peer.role != "relay":

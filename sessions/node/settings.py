@@ -31,6 +31,9 @@ class NodeSettings:
     #: seconds past the lease's safety deadline that sessions are held (not processed, state
     #: kept) while etcd does not answer; if the lease is confirmed alive meanwhile they go on
     lease_hold: float = 60.0
+    #: a directory for the node's media ledger (``<id>.jsonl``: what it processed for each
+    #: session and epoch, for checking single ownership from outside; sessions/node/ledger.py)
+    ledger_dir: str = ""
     capacity: int = 1000
     signaling_host: str = "127.0.0.1"
     signaling_port: int = 0

@@ -28,6 +28,7 @@ from sessions.transceiver.handover import (
     MoveRefused,
     frames_elapsed,
 )
+from sessions.transceiver.ledger import MediaLedger
 from sessions.transceiver.transport import Transport
 from sessions.transceiver.voice import VoiceLoop
 from sessions.turns import SpeechClassifier, TurnConfig
@@ -231,6 +232,11 @@ class Transceiver:
         return self._transport.quiesced
 
     @property
+    def ledger(self) -> MediaLedger:
+        """What this transceiver decrypted and protected, and when (transceiver/ledger.py)."""
+        return self._transport.ledger
+
+    @property
     def selected_address(self) -> PeerAddress | None:
         """The client's nominated address, where media goes; ``None`` before nomination."""
         return self._transport.selected_address
@@ -310,6 +316,7 @@ class Transceiver:
                 timestamp=frame.timestamp,
                 marker=frame.marker,
                 deadline=frame.deadline,
+                now=now,
             )
         while (event := voice.next_event()) is not None:
             self._events.append(event)

@@ -32,6 +32,7 @@ from sessions.snapshot import SessionSnapshot
 from sessions.transceiver.connection import Connection, SessionState
 from sessions.transceiver.events import MediaStarted, SessionEvent
 from sessions.transceiver.handover import continue_srtp, exact_state
+from sessions.transceiver.ledger import MediaLedger
 from sessions.transceiver.reports import RtcpReports
 from sessions.webrtc import rtcp, rtp, sdp
 from sessions.webrtc.certs import Certificate
@@ -125,6 +126,9 @@ class Transport:
             remote_ssrc=remote_ssrc,
         )
         self._counts: collections.Counter[str] = collections.Counter()
+        #: the indexes this transport decrypted and protected, and when (a moved or adopted
+        #: session starts a new one on its new node)
+        self.ledger = MediaLedger()
         self._dropped: collections.Counter[str] = collections.Counter()
         self._sync(now)
 
@@ -350,6 +354,7 @@ class Transport:
         except RtpError:
             self._dropped["rtp_malformed"] += 1
             return
+        self.ledger.decrypted_rtp(srtp.last_rtp_in, now)
         self._counts["packets_in"] += 1
         self._counts["bytes_in"] += len(data)
         self._reports.on_rtp(packet.ssrc, packet.sequence_number, packet.timestamp, now)
@@ -377,7 +382,15 @@ class Transport:
 
     # --- output -------------------------------------------------------------------------------
 
-    def send_media(self, payload: bytes, *, timestamp: int, marker: bool, deadline: float) -> None:
+    def send_media(
+        self,
+        payload: bytes,
+        *,
+        timestamp: int,
+        marker: bool,
+        deadline: float,
+        now: float | None = None,
+    ) -> None:
         """Packetize (RFC 7587), protect and send one encoded Opus frame, due at ``deadline``,
         to the selected address. Only while :attr:`media_ready`.
 
@@ -404,6 +417,7 @@ class Transport:
             self._counts["send_blocked"] += 1
             self._resume_marker = True
             return
+        self.ledger.protected_rtp(srtp.last_rtp_out, deadline if now is None else now)
         self._seq = (self._seq + 1) & 0xFFFF
         self._resume_marker = False
         self._reports.on_sent(len(payload), timestamp, deadline)
@@ -419,6 +433,7 @@ class Transport:
         except SrtpIndexError:
             self._counts["rtcp_blocked"] += 1
             return
+        self.ledger.protected_rtcp(srtp.last_srtcp_out, now)
         if lsr is not None:
             self._reports.sent(lsr)
         self._counts["rtcp_out"] += 1

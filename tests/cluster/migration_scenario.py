@@ -49,6 +49,7 @@ import aioice.ice
 import trio
 
 from sessions.audio import speech
+from sessions.node.ledger import check_ledgers, read_ledgers
 from tests.cluster.cluster_scenario import (
     ETCD_PORT,
     SPEECH,
@@ -457,6 +458,8 @@ def main(outfile: Path, clients: int, migrations: int) -> None:
             "PARLEY_NODE_AGENT": "echo",
             "PARLEY_CONFIG": "/dev/null",
             "PARLEY_RELAY_AUDIT": "1",  # relay/audit.py: count SRTP/SRTCP indexes seen twice
+            # sessions/node/ledger.py: what each node decrypted and protected, per epoch
+            "PARLEY_NODE_LEDGER_DIR": str(work / "up" / "ledger"),
         }
         env.pop("PARLEY_CLUSTER_CERTS", None)
         up_log = work / "up.log"
@@ -491,6 +494,7 @@ def main(outfile: Path, clients: int, migrations: int) -> None:
                 os.killpg(up.pid, signal.SIGKILL)
         result["up_exit"] = up.returncode if up is not None else None
         result["total_s"] = round(time.monotonic() - started, 2)
+        result["ledger"] = judge_ledgers(work / "up" / "ledger")
         logs = work / "up" / "logs"
         if logs.is_dir():
             result["log_tails"] = {
@@ -499,6 +503,35 @@ def main(outfile: Path, clients: int, migrations: int) -> None:
             result["moves_logged"] = moves_logged(logs)
         outfile.write_text(json.dumps(result, indent=2, default=str))
         shutil.rmtree(work, ignore_errors=True)  # what the test needs of it is in the outcome
+
+
+def judge_ledgers(directory: Path) -> dict[str, Any]:
+    """The nodes' media ledgers, read after every node stopped: breaches of single ownership,
+    and per session, how many epochs processed it and which client SRTP indexes inside the span
+    they decrypted together no node decrypted (a hole: lost, or refused)."""
+    if not directory.is_dir():
+        return {"error": f"no ledger in {directory}"}
+    segments = read_ledgers(directory)
+    holes: dict[str, int] = {}
+    epochs: dict[str, int] = {}
+    detail: dict[str, list[list[Any]]] = {}
+    for session in {s.session for s in segments}:
+        mine = [s for s in segments if s.session == session]
+        epochs[session] = len({s.epoch for s in mine})
+        ranges = sorted((lo, hi, s.epoch) for s in mine for lo, hi in s.rtp_in)
+        holes[session] = sum(max(0, b[0] - a[1] - 1) for a, b in itertools.pairwise(ranges))
+        for a, b in itertools.pairwise(ranges):
+            if b[0] - a[1] - 1 > 0:
+                where = "within an epoch" if a[2] == b[2] else "between epochs"
+                detail.setdefault(where, []).append([session[:6], a[1] + 1, b[0] - 1])
+    return {
+        "segments": len(segments),
+        "violations": check_ledgers(segments),
+        "epochs": epochs,
+        "holes": holes,
+        "hole_detail": {k: v[:40] for k, v in detail.items()},
+        "not_final": sum(1 for s in segments if not s.final),
+    }
 
 
 def moves_logged(logs: Path) -> list[dict[str, Any]]:

@@ -55,7 +55,7 @@ from ops.config import ClusterConfig, Config, NodeConfig
 from ops.etcdserver import EtcdServer
 from ops.status import gather_status
 from sessions.node.daemon import Node
-from sessions.node.host import run_frontend
+from sessions.node.frontend import run_frontend
 from storage.etcd import open_etcd
 from storage.keys import Keyspace
 

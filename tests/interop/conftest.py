@@ -16,7 +16,7 @@ import trio_websocket
 from ops.config import ClusterConfig, Config, NodeConfig
 from ops.etcdserver import EtcdServer
 from sessions.node.daemon import Node
-from sessions.node.host import run_frontend
+from sessions.node.frontend import run_frontend
 
 
 @attrs.define

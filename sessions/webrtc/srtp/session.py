@@ -71,6 +71,9 @@ class SrtpSession:
         "_srtcp_reserved_max",
         "_srtcp_sent",
         "_state_keys",
+        "last_rtp_in",
+        "last_rtp_out",
+        "last_srtcp_out",
     )
 
     def __init__(self, state: SrtpState) -> None:
@@ -78,6 +81,11 @@ class SrtpSession:
         profile = state.profile
         self._profile = profile
         self._state_keys = (state.local_key, state.remote_key)
+        #: the index of the last packet decrypted, and of the last ones protected (a ledger of
+        #: what this session did reads them after each call: sessions/transceiver/ledger.py)
+        self.last_rtp_in = -1
+        self.last_rtp_out = -1
+        self.last_srtcp_out = -1
         self._local_ssrc = state.local_ssrc
         # Outbound: everything at or below the reservation may have been used by an earlier
         # owner, and the reservation is also our fence until a snapshot of ours is confirmed.
@@ -202,6 +210,7 @@ class SrtpSession:
             raise ValueError(f"libsrtp refused the RTP packet: {exc}") from None
         self._out_synced = True
         self._rtp_sent = newer(self._rtp_sent, index)
+        self.last_rtp_out = index
         return protected
 
     def protect_rtcp(self, packet: bytes) -> bytes:
@@ -223,6 +232,7 @@ class SrtpSession:
             )
         protected = self._srtcp.protect(packet, index)
         self._srtcp_sent = index
+        self.last_srtcp_out = index
         return protected
 
     def _next_srtcp_index(self) -> int:
@@ -254,6 +264,7 @@ class SrtpSession:
         self._rtp_received, self._rtp_window = replay_add(
             self._rtp_received, self._rtp_window, index
         )
+        self.last_rtp_in = index
         return plain
 
     def unprotect_rtcp(self, packet: bytes) -> bytes:

@@ -227,6 +227,7 @@ class SessionActor(Actor):
                 now=now,
                 agent=self._agent,
                 turn_config=self._turn_config,
+                elapsed=max(0.0, time.time() - snapshot.taken_at) if snapshot.taken_at else None,
             )
             self.restored = True
             stale = self._shed_backlog()
@@ -310,7 +311,8 @@ class SessionActor(Actor):
             self._flush()
             self._wake_loop()
             return refused
-        self._quiesced = Quiesced(snapshot.to_bytes(), time.time())
+        at = time.time()
+        self._quiesced = Quiesced(attrs.evolve(snapshot, taken_at=at).to_bytes(), at)
         # The last frame, and the client's last events from here (no checkpoint: quiesced).
         self._flush()
         self._handle_events()
@@ -495,7 +497,11 @@ class SessionActor(Actor):
                 case CheckpointDue():
                     if core.quiesced:
                         continue  # the exact snapshot is this node's last word
-                    snapshot = core.snapshot(trio.current_time())
+                    # Stamped with the wall clock (the core has none): a crash restore from it
+                    # keeps the stream's timestamp in pace with real time.
+                    snapshot = attrs.evolve(
+                        core.snapshot(trio.current_time()), taken_at=time.time()
+                    )
                     self._store(snapshot)
                     if self._persist is None:
                         core.confirm(snapshot)

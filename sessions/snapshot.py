@@ -56,7 +56,9 @@ __all__ = [
 #: Version of :meth:`SessionSnapshot.to_bytes`; :meth:`SessionSnapshot.from_bytes` refuses
 #: every other. Version 2: relayed client addresses name their relay in a field of their own,
 #: and a snapshot may be exact (a planned move) and carry what is in flight.
-SNAPSHOT_VERSION: Final = 2
+SNAPSHOT_VERSION: Final = 3
+#: versions we still read (2: without ``taken_at``)
+_READABLE: Final = (2, 3)
 
 #: Largest agent state a snapshot carries (the turn-echo agent's queued reply, as Opus, is
 #: about 40 KiB for 10 s of speech; its 30 s maximum stays well below this).
@@ -191,6 +193,16 @@ def _check_open_turn(_: object, __: attrs.Attribute[float | None], value: object
         raise ValueError("open_turn is the age of a turn's start, in seconds")
 
 
+def _check_taken_at(_: object, __: attrs.Attribute[float], value: object) -> None:
+    if (
+        not isinstance(value, int | float)
+        or isinstance(value, bool)
+        or not math.isfinite(value)
+        or value < 0
+    ):
+        raise ValueError(f"bad snapshot time {value!r}")
+
+
 def _check_pending(_: object, __: attrs.Attribute[tuple[bytes, ...]], value: object) -> None:
     if not isinstance(value, tuple) or len(value) > MAX_PENDING:
         raise ValueError(f"pending holds at most {MAX_PENDING} frames")
@@ -257,6 +269,10 @@ class SessionSnapshot:
     )
     #: our 20 ms PCM frames queued for sending, next first
     pending: tuple[bytes, ...] = attrs.field(default=(), validator=_check_pending, repr=False)
+    #: wall-clock time (``time.time()``) the snapshot was taken, stamped by whoever runs the
+    #: session (the core has no wall clock); 0: unknown. A crash restore moves the RTP
+    #: timestamp on by the time since, so that the stream keeps pace with real time
+    taken_at: float = attrs.field(default=0.0, validator=_check_taken_at)
 
     @property
     def local_ssrc(self) -> int:
@@ -292,6 +308,7 @@ class SessionSnapshot:
         header = {
             "session_id": self.session_id,
             "age": self.age,
+            "taken_at": self.taken_at,
             "ice": {
                 "local_ufrag": ice.local_ufrag,
                 "local_pwd": ice.local_pwd,
@@ -341,7 +358,7 @@ class SessionSnapshot:
         magic, version, header_length = _PREFIX.unpack_from(raw)
         if magic != _MAGIC:
             raise ValueError("not a session snapshot (bad magic)")
-        if version != SNAPSHOT_VERSION:
+        if version not in _READABLE:
             raise ValueError(f"unsupported session snapshot version {version}")
         if header_length > _MAX_HEADER:
             raise ValueError("session snapshot header too long")
@@ -372,7 +389,7 @@ class SessionSnapshot:
         try:
             srtp = SrtpState.from_bytes(srtp_bytes)
             header = json.loads(header_bytes.decode("utf-8"), parse_constant=_no_constant)
-            return cls._from_header(header, srtp, agent_state, pending)
+            return cls._from_header(header, srtp, agent_state, pending, version)
         except ValueError:
             raise
         except (TypeError, KeyError, AttributeError, UnicodeDecodeError) as exc:
@@ -380,9 +397,15 @@ class SessionSnapshot:
 
     @classmethod
     def _from_header(
-        cls, header: Any, srtp: SrtpState, agent_state: bytes, pending: tuple[bytes, ...]
+        cls,
+        header: Any,
+        srtp: SrtpState,
+        agent_state: bytes,
+        pending: tuple[bytes, ...],
+        version: int,
     ) -> SessionSnapshot:
-        if not isinstance(header, dict) or set(header) != _HEADER_KEYS:
+        expected = _HEADER_KEYS | {"taken_at"} if version >= 3 else _HEADER_KEYS
+        if not isinstance(header, dict) or set(header) != expected:
             raise ValueError("session snapshot header has the wrong fields")
         ice = header["ice"]
         if not isinstance(ice, dict) or set(ice) != _ICE_KEYS:
@@ -438,6 +461,7 @@ class SessionSnapshot:
             open_turn=open_turn,
             playout=_playout(header["playout"]),
             pending=pending,
+            taken_at=header.get("taken_at", 0.0),
         )
 
 

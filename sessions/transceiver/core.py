@@ -41,6 +41,9 @@ __all__ = ["Transceiver"]
 # A restore moves the RTP timestamp forward with the sequence number, by at most this many
 # frames: all the previous owner can have sent beyond a snapshot is one reservation.
 _MAX_JUMP_FRAMES: Final = RTP_RESERVE
+#: frames a crash restore's timestamp moves on beyond the time since its checkpoint: the
+#: previous owner's pacer may have sent a frame or two early, and two hosts' clocks differ
+_CRASH_SLACK_FRAMES: Final = 5
 _TS_MOD: Final = 1 << 32
 
 
@@ -122,7 +125,7 @@ class Transceiver:
         agent: Agent | None = None,
         turn_config: TurnConfig | None = None,
         vad: SpeechClassifier | None = None,
-        elapsed: float = 0.0,
+        elapsed: float | None = None,
     ) -> Transceiver:
         """Continue a session from ``snapshot``, taken ``now``: an exact snapshot from
         :meth:`quiesce` (a planned move, see :meth:`_continue`), or the newest stored
@@ -135,21 +138,33 @@ class Transceiver:
         until a snapshot of its own is confirmed: its first event is
         :class:`~sessions.transceiver.events.CheckpointDue`.
 
-        Our RTP continues at the sequence number after the SRTP reservation, and the timestamp
-        jumps by as many 20 ms frames as the sequence number does (at most one reservation's
-        worth, about 41 s), so the client sees a consistent gap (a loss burst, marker bit set)
-        ahead of what the previous owner sent. ``certificate`` is this node's; it is kept for
-        completeness, as no handshake runs again.
+        Our RTP continues at the sequence number after the SRTP reservation. With ``elapsed``
+        (the wall time since the checkpoint was taken, :attr:`SessionSnapshot.taken_at`) the
+        timestamp keeps pace with real time: it moves on by the frames that cover ``elapsed``
+        and a few more (:data:`_CRASH_SLACK_FRAMES`, for the pacer and the clocks of two
+        hosts), which is past anything the previous owner can have sent, since it sent in real
+        time; the client's jitter buffer sees a gap as long as the outage, not a stream tens of
+        seconds ahead. Without it the timestamp jumps by as many frames as the sequence number
+        (at most one reservation's worth, about 41 s). ``certificate`` is this node's; it is
+        kept for completeness, as no handshake runs again.
 
         An exact snapshot continues with no jump at all, ``elapsed`` seconds (the wall time
         since the quiesce) after it was taken: see :meth:`quiesce`.
         """
         if snapshot.exact:
             return cls._continue(
-                snapshot, now=now, elapsed=elapsed, agent=agent, turn_config=turn_config, vad=vad
+                snapshot,
+                now=now,
+                elapsed=elapsed or 0.0,
+                agent=agent,
+                turn_config=turn_config,
+                vad=vad,
             )
         transport = Transport.restore(snapshot, now)
-        jump = min((transport.next_seq - snapshot.next_seq) & 0xFFFF, _MAX_JUMP_FRAMES)
+        if elapsed is None:
+            jump = min((transport.next_seq - snapshot.next_seq) & 0xFFFF, _MAX_JUMP_FRAMES)
+        else:
+            jump = frames_elapsed(elapsed) + _CRASH_SLACK_FRAMES
         voice = VoiceLoop(
             agent=EchoAgent() if agent is None else agent,
             may_send=transport.may_send,

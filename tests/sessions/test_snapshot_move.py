@@ -297,6 +297,34 @@ def test_a_crash_restore_of_an_exact_snapshot_stored_as_checkpoint_still_jumps()
     del target
 
 
+def test_a_crash_restore_keeps_the_timestamp_in_pace_with_the_time_since_the_checkpoint() -> None:
+    sim, _ = moving_call()
+    sim.run(sim.now + 1.0)
+    checkpoint = attrs.evolve(sim.core.snapshot(sim.now), taken_at=1_000.0)
+    data = checkpoint.to_bytes()
+    assert SessionSnapshot.from_bytes(data).taken_at == 1_000.0
+    paced = Transceiver.restore(checkpoint, certificate=SERVER_CERT, now=sim.now, elapsed=2.0)
+    frames = (paced._voice._pacer.next_timestamp - checkpoint.next_timestamp) % 2**32 // 960
+    assert frames == 100 + 5  # 2 s of 20 ms frames, and the slack for pacer and clocks
+    # Without the time, it jumps as far as the sequence number does (a reservation's worth).
+    blind = Transceiver.restore(checkpoint, certificate=SERVER_CERT, now=sim.now)
+    frames = (blind._voice._pacer.next_timestamp - checkpoint.next_timestamp) % 2**32 // 960
+    assert frames > 1000
+
+
+def test_a_version_2_snapshot_still_reads_without_its_time() -> None:
+    sim, _ = moving_call()
+    sim.run(sim.now + 1.0)
+    data = bytearray(sim.core.snapshot(sim.now).to_bytes())
+    length = int.from_bytes(data[5:9], "big")
+    header = json.loads(data[9 : 9 + length])
+    del header["taken_at"]
+    encoded = json.dumps(header).encode()
+    old = bytes(data[:4]) + b"\x02" + len(encoded).to_bytes(4, "big") + encoded
+    old += bytes(data[9 + length :])
+    assert SessionSnapshot.from_bytes(old).taken_at == 0.0
+
+
 # --- resume ---------------------------------------------------------------------------------------
 
 
@@ -397,7 +425,7 @@ def test_exact_snapshot_round_trip() -> None:
     sim.run(sim.now + 1.0)
     snapshot = SessionSnapshot.from_bytes(sim.quiesce())
     data = snapshot.to_bytes()
-    assert data[:4] == b"PLSS" and data[4] == SNAPSHOT_VERSION == 2
+    assert data[:4] == b"PLSS" and data[4] == SNAPSHOT_VERSION == 3
     assert SessionSnapshot.from_bytes(data) == snapshot
     assert snapshot.exact and snapshot.turns == 1
     assert snapshot.playout and snapshot.agent_state

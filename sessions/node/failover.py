@@ -12,8 +12,9 @@ them; for each session whose owner vanished and whose checkpoint is still there,
 themselves by rendezvous hashing (highest hash of node id and session id first) and the one
 ranked *r* tries after *r* times :data:`STAGGER` seconds: usually the first one wins at once, and
 if it is full, draining or dead itself the next one follows. The claim's compare-and-swap is the
-only arbiter. The winner restores the session above its reservation (RTP sequence numbers jump by
-at most one reservation, far below the 2^15 that would break the client's rollover estimate), its
+only arbiter. The winner restores the session above its reservation (RTP sequence numbers jump
+past all the dead owner may have sent, below the 2^15 that would break the client's rollover
+estimate; the timestamp moves on by the wall time since the checkpoint), its
 first datagram's epoch moves the relays' route, and the client renegotiates nothing: its ICE
 5-tuple is with the relay, consent checks are answered with the same credentials, SRTP goes on
 with the same keys.

@@ -30,9 +30,11 @@ Planned moves, as the node daemon drives them (messages, each answered):
 Stalls of the node's etcd lease (storage/lease.py), as the node drives them:
 
 * ``("stall",)``: the node may no longer act for the session (its lease's safety deadline
-  passed) but the lease may well be alive. The core is quiesced as for a move (a session not
-  connected yet is just held), what arrives is kept, nothing is processed or sent, and the state
-  stays. Replies ``True``. A move cannot start while stalled (``stalled``).
+  passed) but the lease may well be alive. The core is frozen at once, without handling what
+  fell due (:meth:`Transceiver.hold`; a session not connected yet is just held), what arrives
+  is kept, nothing is processed or sent, and the state stays. Replies ``True``. A move cannot
+  start while stalled (``stalled``). An actor given ``may_act`` does this by itself the moment
+  it finds it false, before it touches another datagram or timer.
 * ``("unstall",)``: the lease turned out alive; the session goes on exactly as after an
   abandoned move (same epoch, the kept datagrams fed in order). A move's own quiesce, if one
   is pending, still holds it. Replies ``True``.
@@ -134,8 +136,13 @@ class SessionActor(Actor):
         max_buffered: int = MAX_BUFFERED,
         persist: Callable[[SessionSnapshot], Awaitable[bool]] | None = None,
         on_core: Callable[[Transceiver], None] | None = None,
+        may_act: Callable[[], bool] | None = None,
     ) -> None:
         super().__init__(session_id)
+        #: asked before every step of the media loop: False once the node may no longer act
+        #: for the session (its lease's safety deadline passed); the actor then holds itself
+        #: at once, as ``("stall",)`` would, without waiting for the node to say so
+        self._may_act = may_act
         #: told each core this actor runs (the node publishes its media ledger)
         self._on_core = on_core
         self.session_id = session_id
@@ -335,13 +342,11 @@ class SessionActor(Actor):
         self._stalled = True
         if self._quiesced is None:
             try:
-                self.core.quiesce(trio.current_time())
+                # At once: what fell due after the deadline is not for this node to handle.
+                self.core.hold(trio.current_time())
                 self._held = True
             except MoveRefused:
                 pass  # not connected yet (or ending): only held, nothing to freeze
-            # What fell due at the quiesce goes to the packet path, which refuses it while
-            # the lease is past its deadline; the events still reach the client.
-            self._flush()
             self._handle_events()
         self._wake_loop()
         log.warning("session held: the node's lease stalled", extra={"session": self.session_id})
@@ -442,6 +447,7 @@ class SessionActor(Actor):
                         return
                     closed = True
                     continue
+                self._guard()
                 self._take(data, addr)
                 # Take whatever else is already queued before sending: one flush per batch.
                 for _ in range(64):
@@ -451,6 +457,7 @@ class SessionActor(Actor):
                         break
                     self._take(data, addr)
             self._wake = None
+            self._guard()
             if self.paused or self._over or self._handing_off is not None:
                 continue
             core = self.core
@@ -460,6 +467,11 @@ class SessionActor(Actor):
                 core.handle_timer(now)
             self._flush()
             self._handle_events()
+
+    def _guard(self) -> None:
+        """Hold the session at once if the node may no longer act for it."""
+        if not self._stalled and self._may_act is not None and not self._may_act():
+            self._stall()
 
     def _take(self, data: bytes, addr: PeerAddress) -> None:
         if self.paused:

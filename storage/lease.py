@@ -84,6 +84,10 @@ class Lease:
     def confirm(self, sent_at: float, ttl: int, *, hold: float = 0.0) -> bool:
         """A keepalive sent at ``sent_at`` was acknowledged with ``ttl``; True if that ended a
         stall."""
+        if not self.stalled.is_set() and trio.current_time() >= self.deadline:
+            # The deadline passed before this acknowledgement was taken in: work under the
+            # lease may already have held itself (Lease.usable turned false). A stall it was.
+            self.stalled.set()
         self.confirmed_at = max(self.confirmed_at, sent_at)
         self.ttl = ttl
         self.scope.deadline = self.deadline + hold

@@ -190,6 +190,13 @@ class Node:
             return None
         return hosted.epoch
 
+    def may_act(self) -> bool:
+        """Whether this node may act for its sessions now (its lease is usable): asked by every
+        session actor before each step, so that none processes a datagram after the lease's
+        safety deadline, even before the node has noticed the stall."""
+        lease = self._lease
+        return lease is not None and lease.usable()
+
     async def owners(self) -> list[Ownership]:
         """Every owned session of the cluster, as etcd says."""
         if self._owners is None:

@@ -371,6 +371,7 @@ class NodeSessions:
                 else None
             ),
             on_core=lambda core: self._track(session_id, core),
+            may_act=self.node.may_act,
         )
 
     def _track(self, session_id: str, core: Transceiver) -> None:

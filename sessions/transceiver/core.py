@@ -442,6 +442,26 @@ class Transceiver:
             pending=moving.pending,
         )
 
+    def hold(self, now: float) -> None:
+        """Freeze at once, *without* handling what fell due: whoever runs the session may no
+        longer act for it (its lease's safety deadline passed; the lease may still be alive).
+        Nothing is received, sent, timed or protected from here; :meth:`resume` goes on as
+        after an abandoned move. Holding a held session does nothing. Raises
+        :class:`~sessions.transceiver.handover.MoveRefused` like :meth:`quiesce` for a session
+        that is not connected or has ended."""
+        transport = self._transport
+        if transport.quiesced:
+            return
+        if transport.ended:
+            raise MoveRefused(CODE_ENDED, f"the session is {transport.state.value}")
+        if transport.keys is None or transport.state is not SessionState.CONNECTED:
+            raise MoveRefused(CODE_NOT_CONNECTED, "the DTLS handshake has not keyed SRTP yet")
+        voice = self._voice
+        voice.quiesce(now)
+        while (event := voice.next_event()) is not None:
+            self._events.append(event)
+        transport.quiesce()
+
     def resume(self, now: float) -> None:
         """The planned move was abandoned: carry on as if nothing happened. The sequence
         number goes on by one; the RTP timestamp keeps pace with the time the session stood

@@ -51,6 +51,7 @@ class RtcpReports:
         packets_sent: int = 0,
         octets_sent: int = 0,
         remote_ssrc: int | None = None,
+        received_up_to: int | None = None,
     ) -> None:
         self._ssrc = ssrc
         self._cname = cname
@@ -62,7 +63,8 @@ class RtcpReports:
         self.last_sent: tuple[int, float] | None = None
         self._receiver: rtcp.ReceiverStatistics | None = None
         if remote_ssrc is not None:
-            self._receiver = rtcp.ReceiverStatistics(remote_ssrc, CLOCK_RATE)
+            # After a planned move, the previous owner received up to ``received_up_to``.
+            self._receiver = rtcp.ReceiverStatistics(remote_ssrc, CLOCK_RATE, after=received_up_to)
         self._at: float | None = None
         self._sr_sent: collections.deque[int] = collections.deque(maxlen=_SR_MEMORY)
         # packets sent as of the last two reports: RFC 3550 §6.4 sends an SR only if we sent

@@ -104,6 +104,7 @@ class Transport:
         octets_sent: int = 0,
         remote_ssrc: int | None = None,
         media_started: bool = False,
+        received_up_to: int | None = None,
     ) -> None:
         """Use :meth:`accept` or :meth:`restore`."""
         self._connection = connection
@@ -124,10 +125,10 @@ class Transport:
             packets_sent=packets_sent,
             octets_sent=octets_sent,
             remote_ssrc=remote_ssrc,
+            received_up_to=received_up_to,
         )
         self._counts: collections.Counter[str] = collections.Counter()
-        #: the indexes this transport decrypted and protected, and when (a moved or adopted
-        #: session starts a new one on its new node)
+        #: what this transport decrypted and protected, and when (transceiver/ledger.py)
         self.ledger = MediaLedger()
         self._dropped: collections.Counter[str] = collections.Counter()
         self._sync(now)
@@ -228,6 +229,8 @@ class Transport:
             octets_sent=snapshot.octets_sent,
             remote_ssrc=snapshot.remote_ssrc,
             media_started=snapshot.srtp.rtp_received is not None,
+            # A planned move: the old owner received exactly up to there (not a crash restore)
+            received_up_to=snapshot.srtp.rtp_received if snapshot.exact else None,
         )
 
     # --- observation --------------------------------------------------------------------------

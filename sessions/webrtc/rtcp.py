@@ -444,14 +444,18 @@ class ReceiverStatistics:
         "ssrc",
     )
 
-    def __init__(self, ssrc: int, clock_rate: int) -> None:
+    def __init__(self, ssrc: int, clock_rate: int, *, after: int | None = None) -> None:
+        """``after``: the highest packet index of this source that someone else (the
+        session's previous owner, before a planned move) already received: reception counts
+        from the next one, so that packets of the source's that arrive here late, but after
+        that one, are neither before the base (negative loss, RFC 3550 §A.3) nor a wrap."""
         if clock_rate <= 0:
             raise ValueError("clock rate must be positive")
         #: the source these statistics are about
         self.ssrc = ssrc
         self._clock_rate = clock_rate
-        self._sequence = SequenceTracker()
-        self._base: int | None = None
+        self._sequence = SequenceTracker(after)
+        self._base: int | None = None if after is None else after + 1
         self._received = 0
         self._expected_prior = 0
         self._received_prior = 0

@@ -309,6 +309,22 @@ def test_reordering_is_not_loss() -> None:
     assert (block.cumulative_lost, block.fraction_lost, block.highest_sequence) == (0, 0, 15)
 
 
+def test_reception_after_a_move_counts_from_where_the_old_owner_stopped() -> None:
+    """The new owner of a moved session: the old one received up to index 99. Packets it
+    kept and handed on (100, 101) arrive here after newer direct ones (102, 103): no
+    negative loss, and the highest stays the highest."""
+    stats = ReceiverStatistics(ssrc=1, clock_rate=CLOCK, after=99)
+    for seq in [102, 103, 100, 101, 104]:
+        stats.record_packet(seq, seq * 960, seq * PTIME)
+    block = stats.report_block(5.0)
+    assert block is not None
+    assert (block.cumulative_lost, block.highest_sequence) == (0, 104)
+    fresh = ReceiverStatistics(ssrc=1, clock_rate=CLOCK)  # what it did before: base 102
+    for seq in [102, 103, 100, 101, 104]:
+        fresh.record_packet(seq, seq * 960, seq * PTIME)
+    assert fresh.lost == -2
+
+
 def test_jitter_converges_to_the_transit_swing() -> None:
     # Transit alternates between 0 and 5 ms: |D| is 5 ms = 240 timestamp units every packet,
     # and J += (|D| - J) / 16 converges to 240 (RFC 3550 §A.8).

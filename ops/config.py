@@ -7,7 +7,8 @@ Precedence, lowest first: built-in defaults (which work with ``parley up``), the
 Example ``parley.toml``::
 
     [cluster]
-    etcd = "127.0.0.1:23790"   # host:port of etcd's client URL
+    etcd = "127.0.0.1:23790"   # host:port of etcd's client URL; a cluster's members as
+                               # "h1:p1,h2:p2,h3:p3" (the client moves on when one fails)
     prefix = "/parley"        # every key of this cluster lives under it
     certs = ".parley/certs"   # cluster CA, member certificates, hint secret (`parley certs`)
 
@@ -51,8 +52,9 @@ Example ``parley.toml``::
     relay_port = 3478         # relays listen on 127.0.0.1:relay_port, relay_port + 1, ...
     signaling_port = 8780     # node-1's signaling and demo page, node-2 on the next... (0: any)
     data_dir = ".parley"
-    etcd_client_port = 23790
+    etcd_client_port = 23790  # member i of several on etcd_client_port + i - 1
     etcd_peer_port = 23800
+    etcd_members = 1          # 1, 3 or 5 local etcd members (3: one may die or freeze)
 
     [log]
     json = false
@@ -69,9 +71,11 @@ from typing import Any, Literal, final
 
 import attrs
 
+from ops.etcdserver import MEMBER_COUNTS
 from relay.settings import HINT_SECRET_FILE, ClusterSettings, RelaySettings, SettingsError
 from relay.tunnel.certs import Credentials
 from sessions.node.settings import AGENTS, MEDIA_PATHS, NodeSettings, TurnsSettings
+from storage.etcd import parse_endpoints
 
 __all__ = [
     "HINT_SECRET_FILE",
@@ -111,6 +115,8 @@ class UpConfig:
     data_dir: str = ".parley"
     etcd_client_port: int = 23790
     etcd_peer_port: int = 23800
+    #: local etcd members; several form one cluster that outlives a member's loss
+    etcd_members: int = 1
 
 
 @final
@@ -243,9 +249,15 @@ def load_config(
 
 
 def _validate(config: Config) -> None:
-    host, _, port = config.cluster.etcd.rpartition(":")
-    if not host or not port.isdigit():
-        raise ConfigError(f"cluster.etcd must be host:port, not {config.cluster.etcd!r}")
+    try:
+        parse_endpoints(config.cluster.etcd)
+    except ValueError as exc:
+        raise ConfigError(
+            f"cluster.etcd must be host:port or a comma-separated list of them ({exc})"
+        ) from None
+    if config.up.etcd_members not in MEMBER_COUNTS:
+        choices = ", ".join(str(n) for n in MEMBER_COUNTS)
+        raise ConfigError(f"up.etcd_members must be one of {choices}, not {config.up.etcd_members}")
     if not config.cluster.prefix.startswith("/") or config.cluster.prefix.endswith("/"):
         raise ConfigError("cluster.prefix must start with '/' and not end with one")
     if config.node.lease_ttl < 2:

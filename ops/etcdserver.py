@@ -1,11 +1,16 @@
-"""Run a local single-member etcd: the embedded default of ``parley up`` and the test fixture.
+"""Run a local etcd: one member (the embedded default of ``parley up`` and the test fixture) or a
+cluster of several members on loopback.
 
-It is Debian's ``etcd`` binary (package ``etcd-server``) on loopback ports, with its data in a
-directory we own, so it can be stopped, frozen (SIGSTOP) and restarted on the same ports and data.
+It is Debian's ``etcd`` binary (package ``etcd-server``) on loopback ports, with its data in
+directories we own, so each member can be stopped, killed, frozen (SIGSTOP) and restarted on the
+same ports and data. :class:`EtcdServer` is one member; :class:`EtcdCluster` is N of them that know
+each other (``--initial-cluster``). A single-member cluster is exactly one :class:`EtcdServer`
+with today's name, data directory and ports.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import signal
@@ -14,10 +19,32 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, final
+from typing import IO, TYPE_CHECKING, final
 
 from ops.children import spawn
+
+if TYPE_CHECKING:  # storage.etcd loads etcd3 and gRPC: only where a status is asked for
+    from storage.etcd import MemberStatus
+
+#: Raft timing of a cluster of several local members, in milliseconds. Loopback has no network
+#: delay to absorb; what delays a heartbeat here is a member not being scheduled (a busy two-core
+#: machine running nodes, relays and browsers) and the WAL's fsync. A 100 ms heartbeat leaves room
+#: for such stalls, and an election timeout of ten heartbeats (etcd's guidance) keeps those stalls
+#: from starting needless elections, while a dead or frozen leader is replaced in about 1-2 s
+#: (the election timeout, randomised up to twice that by raft, plus one vote round). It also sets
+#: etcd's shortest lease TTL (1.5 election timeouts: 2 s), which our 2 s minimum TTL respects.
+HEARTBEAT_MS = 100
+ELECTION_MS = 1000
+
+#: The member counts ``parley up`` offers: odd, so that a majority survives a member's loss.
+MEMBER_COUNTS = (1, 3, 5)
+
+#: etcd's space quota (``--quota-backend-bytes``): 1 GiB. A session costs a few kilobytes of
+#: live keys; what grows is history, which auto-compaction keeps to five minutes.
+QUOTA_BYTES = 1 << 30
 
 
 class EtcdServerError(RuntimeError):
@@ -45,7 +72,12 @@ def find_etcd_binary() -> str:
 
 @final
 class EtcdServer:
-    """A local etcd process on ``host:client_port`` with its data under ``data_dir``."""
+    """A local etcd process on ``host:client_port`` with its data under ``data_dir``.
+
+    Alone (the default) it is a single-member cluster named ``parley``. As a member of an
+    :class:`EtcdCluster` it gets its own ``name``, the cluster's ``initial_cluster`` list (only
+    read when the data directory is new), a cluster token and the cluster's raft timing.
+    """
 
     def __init__(
         self,
@@ -56,6 +88,9 @@ class EtcdServer:
         peer_port: int | None = None,
         log_file: Path | None = None,
         die_with_us: bool = False,
+        name: str = "parley",
+        initial_cluster: str | None = None,
+        cluster_flags: Sequence[str] = (),
     ) -> None:
         #: SIGTERM to etcd when this process dies, even by SIGKILL (ops/children.py); then only
         #: start it from a thread that lives as long as etcd should (Trio's loop thread, not
@@ -63,8 +98,11 @@ class EtcdServer:
         self.die_with_us = die_with_us
         self.data_dir = Path(data_dir)
         self.host = host
+        self.name = name
         self.client_port = client_port or free_port(host)
         self.peer_port = peer_port or free_port(host)
+        self.initial_cluster = initial_cluster or f"{name}={self.peer_url}"
+        self.cluster_flags = list(cluster_flags)
         self.log_file = log_file or self.data_dir.parent / f"{self.data_dir.name}.log"
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
@@ -74,18 +112,25 @@ class EtcdServer:
         return f"{self.host}:{self.client_port}"
 
     @property
+    def peer_url(self) -> str:
+        return f"http://{self.host}:{self.peer_port}"
+
+    @property
     def pid(self) -> int:
         if self.process is None:
             raise EtcdServerError("etcd is not running")
         return self.process.pid
 
+    @property
+    def running(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
     def command(self) -> list[str]:
         client_url = f"http://{self.host}:{self.client_port}"
-        peer_url = f"http://{self.host}:{self.peer_port}"
         return [
             find_etcd_binary(),
             "--name",
-            "parley",
+            self.name,
             "--data-dir",
             str(self.data_dir),
             "--listen-client-urls",
@@ -93,19 +138,24 @@ class EtcdServer:
             "--advertise-client-urls",
             client_url,
             "--listen-peer-urls",
-            peer_url,
+            self.peer_url,
             "--initial-advertise-peer-urls",
-            peer_url,
+            self.peer_url,
             "--initial-cluster",
-            f"parley={peer_url}",
+            self.initial_cluster,
             "--initial-cluster-state",
             "new",
+            *self.cluster_flags,
             # Session churn grows etcd's history without bound unless it is compacted (29 -> 160 MB
             # over 2,700 short sessions, measured): keep five minutes of it.
             "--auto-compaction-mode",
             "periodic",
             "--auto-compaction-retention",
             "5m",
+            # ... and a space quota well below the disk: past it etcd refuses writes (an alarm)
+            # instead of filling the disk; compaction and defragmentation bring it back.
+            "--quota-backend-bytes",
+            str(QUOTA_BYTES),
             "--logger",
             "zap",
             "--log-outputs",
@@ -140,6 +190,7 @@ class EtcdServer:
         return self.process
 
     def healthy(self) -> bool:
+        """etcd answers /health with true: it runs and its cluster has a leader."""
         url = f"http://{self.host}:{self.client_port}/health"
         try:
             with urllib.request.urlopen(url, timeout=0.5) as response:
@@ -159,12 +210,25 @@ class EtcdServer:
             time.sleep(0.05)
         raise EtcdServerError(f"etcd did not become healthy in {wait}s; see {self.log_file}")
 
+    def status(self, timeout: float = 1.0) -> MemberStatus:
+        """This member's raft view (its id, the leader it follows, term, revision) over gRPC.
+
+        Raises ``storage.etcd.EtcdError`` when the member does not answer within ``timeout``."""
+        from storage.etcd import read_member_status
+
+        return read_member_status(self.endpoint, timeout=timeout)
+
+    def terminate(self) -> None:
+        """SIGTERM without waiting (:meth:`stop` waits)."""
+        if self.process is not None and self.process.poll() is None:
+            os.kill(self.process.pid, signal.SIGCONT)  # a frozen etcd cannot act on SIGTERM
+            self.process.terminate()
+
     def stop(self, *, grace: float = 5.0) -> None:
         """SIGTERM, then SIGKILL after ``grace`` seconds."""
+        self.terminate()
         process, self.process = self.process, None
         if process is not None and process.poll() is None:
-            os.kill(process.pid, signal.SIGCONT)  # a frozen etcd cannot act on SIGTERM
-            process.terminate()
             try:
                 process.wait(grace)
             except subprocess.TimeoutExpired:
@@ -181,17 +245,198 @@ class EtcdServer:
             self.process.wait()
         self.stop()
 
-    def restart(self) -> None:
+    def restart(self, *, wait: float = 20.0) -> None:
+        """Stop, then start again on the same data and ports."""
         self.stop()
-        self.start()
+        self.start(wait=wait)
 
     def freeze(self) -> None:
+        """SIGSTOP: the process keeps its sockets (connections succeed) but answers nothing."""
         os.kill(self.pid, signal.SIGSTOP)
 
     def thaw(self) -> None:
         os.kill(self.pid, signal.SIGCONT)
 
     def __enter__(self) -> EtcdServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@final
+class EtcdCluster:
+    """``size`` local etcd members under ``base_dir`` that form one cluster.
+
+    One member keeps the single-server layout (data in ``<base_dir>/etcd``, client port
+    ``client_port``). Several live in ``<base_dir>/etcd-1``, ``etcd-2``, ..., member *i* on
+    ``client_port + i - 1`` and ``peer_port + i - 1`` (free ports when those are 0 or None, chosen
+    once, so a member restarts on its own ports). The member count is recorded beside the data
+    (``<base_dir>/etcd-members``): a later start with another count would join members that were
+    made for different clusters, so it is refused.
+    """
+
+    def __init__(
+        self,
+        base_dir: Path,
+        size: int = 1,
+        *,
+        host: str = "127.0.0.1",
+        client_port: int | None = None,
+        peer_port: int | None = None,
+        log_dir: Path | None = None,
+        die_with_us: bool = False,
+    ) -> None:
+        if size < 1:
+            raise ValueError("an etcd cluster needs at least one member")
+        self.base_dir = Path(base_dir)
+        self.size = size
+        #: member ids by member index, learned from their statuses (stable for a data directory),
+        #: so a leader that stopped answering can still be named
+        self._ids: dict[int, int] = {}
+        self.members: list[EtcdServer]
+        if size == 1:
+            log_file = log_dir / "etcd.log" if log_dir is not None else None
+            self.members = [
+                EtcdServer(
+                    self.base_dir / "etcd",
+                    host=host,
+                    client_port=client_port,
+                    peer_port=peer_port,
+                    log_file=log_file,
+                    die_with_us=die_with_us,
+                )
+            ]
+            return
+
+        def port(base: int | None, index: int) -> int:
+            return base + index if base else free_port(host)
+
+        names = [f"parley-{i + 1}" for i in range(size)]
+        peers = [port(peer_port, i) for i in range(size)]
+        initial = ",".join(f"{n}=http://{host}:{p}" for n, p in zip(names, peers, strict=True))
+        # A token of its own per data directory: members of two local clusters never join up.
+        token = hashlib.sha256(str(self.base_dir.resolve()).encode()).hexdigest()[:16]
+        flags = [
+            "--initial-cluster-token",
+            f"parley-{token}",
+            "--heartbeat-interval",
+            str(HEARTBEAT_MS),
+            "--election-timeout",
+            str(ELECTION_MS),
+            # A member that comes back (restarted, thawed) asks before it campaigns, so it
+            # cannot depose a healthy leader with a higher term.
+            "--pre-vote",
+        ]
+        self.members = [
+            EtcdServer(
+                self.base_dir / f"etcd-{i + 1}",
+                host=host,
+                client_port=port(client_port, i),
+                peer_port=peers[i],
+                log_file=(log_dir or self.base_dir) / f"etcd-{i + 1}.log",
+                die_with_us=die_with_us,
+                name=names[i],
+                initial_cluster=initial,
+                cluster_flags=flags,
+            )
+            for i in range(size)
+        ]
+
+    @property
+    def endpoints(self) -> list[str]:
+        """Every member's client endpoint, in member order."""
+        return [m.endpoint for m in self.members]
+
+    @property
+    def endpoint(self) -> str:
+        """The client endpoints as ``cluster.etcd`` takes them: ``host:port,host:port,...``."""
+        return ",".join(self.endpoints)
+
+    def _check_layout(self) -> None:
+        if self.size == 1:
+            return
+        record = self.base_dir / "etcd-members"
+        if record.exists():
+            recorded = record.read_text().strip()
+            if recorded != str(self.size):
+                raise EtcdServerError(
+                    f"{self.base_dir} holds a {recorded}-member etcd, not {self.size}: use "
+                    f"--etcd-members {recorded}, or remove {self.base_dir}/etcd-* for a new one"
+                )
+            return
+        self.base_dir.mkdir(parents=True, exist_ok=True)
+        record.write_text(f"{self.size}\n")
+
+    def spawn(self) -> None:
+        """Start every member that is not running, without waiting."""
+        self._check_layout()
+        for member in self.members:
+            member.spawn()
+
+    def wait_healthy(self, wait: float) -> None:
+        """Wait until every member answers /health (a new cluster needs a majority to form)."""
+        deadline = time.monotonic() + wait
+        for member in self.members:
+            member.wait_healthy(max(0.0, deadline - time.monotonic()))
+
+    def start(self, *, wait: float = 30.0) -> None:
+        self.spawn()
+        try:
+            self.wait_healthy(wait)
+        except EtcdServerError:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        """Stop every member, one after the other: a leader that is stopped hands its leadership
+        to a live member first, which waits out a timeout if that member is stopping too."""
+        for member in self.members:
+            member.stop()
+
+    def statuses(self, timeout: float = 1.0) -> list[MemberStatus | None]:
+        """Each member's status, or None for one that is down or did not answer in time."""
+        from storage.etcd import EtcdError
+
+        found: list[MemberStatus | None] = []
+        for index, member in enumerate(self.members):
+            try:
+                status = member.status(timeout) if member.running else None
+            except EtcdError:
+                status = None
+            if status is not None:
+                self._ids[index] = status.member_id
+            found.append(status)
+        return found
+
+    def leader(self, timeout: float = 1.0) -> EtcdServer | None:
+        """The member that a majority of the cluster names as its leader (it may itself be frozen
+        and not know it is deposed yet); None during an election or when too few answer."""
+        votes = Counter(
+            s.leader_id for s in self.statuses(timeout) if s is not None and s.leader_id
+        )
+        if not votes:
+            return None
+        leader_id, count = votes.most_common(1)[0]
+        if count <= self.size // 2:
+            return None
+        for index, member_id in self._ids.items():
+            if member_id == leader_id:
+                return self.members[index]
+        return None
+
+    def wait_leader(self, within: float = 10.0) -> EtcdServer:
+        """Wait until the cluster has a leader and return it."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            leader = self.leader()
+            if leader is not None:
+                return leader
+            time.sleep(0.05)
+        raise EtcdServerError(f"no etcd leader within {within}s")
+
+    def __enter__(self) -> EtcdCluster:
         self.start()
         return self
 

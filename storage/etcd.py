@@ -6,199 +6,242 @@ a frozen etcd cannot hang a caller beyond ``timeout``. Watches are our own: one 
 stream pumped by a thread, restarted after any failure from the revision after the last one seen,
 so an etcd restart loses no event.
 
-Only the generated protobuf messages and stubs of etcd3 are used; its helpers hide the response
-header, and the header revision is what we use as a fencing epoch.
+Given several endpoints (the members of one cluster), the client talks to one at a time and moves
+on to the next when it fails as unavailable: dead (refused at once), frozen (accepts TCP, never
+answers: only a deadline shows it, so one attempt gets half the call's time) or without a leader
+(refused at once: multi-endpoint requests carry etcd's "require leader" mark). A member that did
+not answer is passed over for a while. Reads and lease calls then retry on the next member within
+the call's own deadline, and lease keepalives do not even wait for a silent member's attempt to
+end (hedged); a write is retried only when it surely never reached a member, since one that a
+silent member received may still be applied. Reads stay linearizable (etcd's default), so a
+cut-off member cannot answer with stale data. Watches ask for progress to notice a silent member,
+and resume on the next member after the last revision they delivered.
+
+The messages, errors and helpers live in :mod:`storage.etcdwire`; import them from here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
-import os
-import threading
-import warnings
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, Literal, TypeVar, final
+from typing import Any, TypeVar, final
 
-import attrs
 import trio
 
-# etcd3's generated protobuf modules predate protobuf 4 and only import with the pure-Python
-# implementation. Choose it before anything imports google.protobuf; if someone imported protobuf
-# first with another backend, the import below fails and we say why instead of a protobuf trace.
-os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
+from storage.etcdwire import (
+    Compacted,
+    EtcdError,
+    EtcdUnavailable,
+    KeyValue,
+    MemberStatus,
+    TxnResult,
+    WatchEvent,
+    WatchStream,
+    cmp_create_revision,
+    cmp_mod_revision,
+    etcdrpc,
+    grpc,
+    grpc_client,
+    key_bytes,
+    op_delete,
+    op_get,
+    op_put,
+    parse_endpoints,
+    prefix_range_end,
+    read_member_status,
+    translate_rpc_error,
+)
 
-try:
-    # The generated code uses descriptor APIs protobuf has deprecated; that is etcd3's to fix.
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        import etcd3
-        import grpc
-        from etcd3 import etcdrpc
-except TypeError as exc:  # pragma: no cover - depends on import order in the host program
-    raise ImportError(
-        "storage.etcd must be imported before google.protobuf is loaded with a native backend "
-        "(etcd3's generated code needs PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python)"
-    ) from exc
+__all__ = [
+    "Compacted",
+    "Etcd",
+    "EtcdError",
+    "EtcdUnavailable",
+    "KeyValue",
+    "MemberStatus",
+    "TxnResult",
+    "WatchEvent",
+    "cmp_create_revision",
+    "cmp_mod_revision",
+    "op_delete",
+    "op_get",
+    "op_put",
+    "open_etcd",
+    "parse_endpoints",
+    "prefix_range_end",
+    "read_member_status",
+]
 
 log = logging.getLogger("parley.etcd")
 
 T = TypeVar("T")
 
-
-class EtcdError(Exception):
-    """An etcd call failed."""
-
-
-class EtcdUnavailable(EtcdError):
-    """etcd did not answer in time or could not be reached; the call may be retried."""
-
-
-class Compacted(EtcdError):
-    """A watch asked for revisions etcd has already compacted away; events were lost."""
-
-
-@final
-@attrs.frozen
-class KeyValue:
-    """One key as etcd returns it."""
-
-    key: bytes
-    value: bytes
-    create_revision: int
-    mod_revision: int
-    version: int
-    lease: int
-
-    @classmethod
-    def from_pb(cls, kv: Any) -> KeyValue:
-        return cls(
-            key=bytes(kv.key),
-            value=bytes(kv.value),
-            create_revision=int(kv.create_revision),
-            mod_revision=int(kv.mod_revision),
-            version=int(kv.version),
-            lease=int(kv.lease),
-        )
-
-
-@final
-@attrs.frozen
-class WatchEvent:
-    """A put or a delete seen by a watch; ``kv.mod_revision`` is the event's revision."""
-
-    kind: Literal["put", "delete"]
-    kv: KeyValue
-
-    @property
-    def revision(self) -> int:
-        return self.kv.mod_revision
-
-
-@final
-@attrs.frozen
-class TxnResult:
-    """Outcome of a transaction: which branch ran, at which revision, and any range results."""
-
-    succeeded: bool
-    revision: int
-    ranges: tuple[tuple[KeyValue, ...], ...]
-
-
-# -- transaction building blocks (thin, typed wrappers over the protobuf messages) ---------------
-
-
-def prefix_range_end(prefix: bytes) -> bytes:
-    """The smallest key greater than every key that starts with ``prefix`` (etcd range end)."""
-    trimmed = prefix.rstrip(b"\xff")
-    if not trimmed:
-        return b"\x00"  # etcd: every key
-    return trimmed[:-1] + bytes([trimmed[-1] + 1])
-
-
-def _b(key: str | bytes) -> bytes:
-    return key.encode() if isinstance(key, str) else key
-
-
-def cmp_create_revision(key: str | bytes, revision: int) -> Any:
-    """Compare: the key's create revision equals ``revision`` (0 = the key does not exist)."""
-    return etcdrpc.Compare(
-        result=etcdrpc.Compare.EQUAL,
-        target=etcdrpc.Compare.CREATE,
-        key=_b(key),
-        create_revision=revision,
-    )
-
-
-def cmp_mod_revision(key: str | bytes, revision: int) -> Any:
-    """Compare: the key was last modified at ``revision``."""
-    return etcdrpc.Compare(
-        result=etcdrpc.Compare.EQUAL,
-        target=etcdrpc.Compare.MOD,
-        key=_b(key),
-        mod_revision=revision,
-    )
-
-
-def op_put(key: str | bytes, value: bytes, *, lease: int = 0) -> Any:
-    return etcdrpc.RequestOp(request_put=etcdrpc.PutRequest(key=_b(key), value=value, lease=lease))
-
-
-def op_delete(key: str | bytes) -> Any:
-    return etcdrpc.RequestOp(request_delete_range=etcdrpc.DeleteRangeRequest(key=_b(key)))
-
-
-def op_get(key: str | bytes) -> Any:
-    return etcdrpc.RequestOp(request_range=etcdrpc.RangeRequest(key=_b(key)))
-
-
-_RETRYABLE = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "CANCELLED", "UNKNOWN", "INTERNAL"}
-
-
-def _translate(exc: grpc.RpcError) -> EtcdError:
-    code = exc.code() if hasattr(exc, "code") else None
-    name = getattr(code, "name", str(code))
-    detail = exc.details() if hasattr(exc, "details") else ""
-    if name in _RETRYABLE:
-        return EtcdUnavailable(f"etcd {name}: {detail}")
-    return EtcdError(f"etcd {name}: {detail}")
+#: etcd's "require leader" mark: a member that has lost its leader refuses the call at once (and
+#: ends such a watch) instead of waiting or serving a stream that no longer moves.
+_REQUIRE_LEADER = (("hasleader", "true"),)
+#: The shortest attempt worth starting on another member, seconds.
+_MIN_ATTEMPT = 0.05
+#: Seconds a member that did not answer (dead, frozen, unreachable) is passed over when the
+#: client moves on, unless every other one is suspect too: without it, a failure elsewhere (a
+#: refusal during the election that a frozen leader caused) sends calls back to the silent member
+#: for another attempt timeout.
+_SUSPECT_FOR = 5.0
+#: Seconds a hedged call (lease keepalives) waits for an answer before it also asks another member.
+_HEDGE_AFTER = 0.25
 
 
 @final
 class Etcd:
-    """A Trio client for one etcd endpoint (``host:port``).
+    """A Trio client for one etcd cluster, given one endpoint (``host:port``) or several
+    (``"h1:p1,h2:p2"`` or a list: the members of that cluster).
 
     Open it with :func:`open_etcd`. Every method raises :class:`EtcdUnavailable` when etcd does
-    not answer within ``rpc_timeout`` seconds and :class:`EtcdError` for other failures.
+    not answer within ``rpc_timeout`` seconds and :class:`EtcdError` for other failures. With
+    several endpoints one attempt gets at most ``attempt_timeout`` (default: half the call's
+    time) before the call moves on to the next member (see the module docstring).
     """
 
-    def __init__(self, endpoint: str, *, rpc_timeout: float = 2.0, max_threads: int = 32) -> None:
-        host, _, port = endpoint.rpartition(":")
-        if not host or not port.isdigit():
-            raise ValueError(f"etcd endpoint must be host:port, not {endpoint!r}")
-        self.endpoint = endpoint
+    def __init__(
+        self,
+        endpoints: str | Sequence[str],
+        *,
+        rpc_timeout: float = 2.0,
+        max_threads: int = 32,
+        attempt_timeout: float | None = None,
+    ) -> None:
+        self.endpoints = parse_endpoints(endpoints)
+        #: ``host:port`` for one member, ``host:port,host:port,...`` for several
+        self.endpoint = ",".join(self.endpoints)
         self.timeout = rpc_timeout
-        # Reconnect quickly after an etcd restart: gRPC's default backoff grows to two minutes.
-        options = [
-            ("grpc.initial_reconnect_backoff_ms", 100),
-            ("grpc.min_reconnect_backoff_ms", 100),
-            ("grpc.max_reconnect_backoff_ms", 1000),
-            ("grpc.enable_retries", 0),
-        ]
-        self._client = etcd3.client(host=host.strip("[]"), port=int(port), grpc_options=options)
+        multi = len(self.endpoints) > 1
+        self.attempt_timeout = attempt_timeout or (rpc_timeout / 2 if multi else rpc_timeout)
+        self._metadata = _REQUIRE_LEADER if multi else None
+        self._clients = [grpc_client(endpoint) for endpoint in self.endpoints]
+        self._current = 0
+        #: per member: until when (time.monotonic) it is skipped when moving on
+        self._suspect_until = [0.0] * len(self.endpoints)
+        #: how often a call or watch moved on to the next member
+        self.failovers = 0
         self._limiter = trio.CapacityLimiter(max_threads)
 
-    def close(self) -> None:
-        self._client.close()
+    @property
+    def current_endpoint(self) -> str:
+        """The member calls and new watches go to now."""
+        return self.endpoints[self._current]
 
-    async def _call(self, fn: Callable[[], T]) -> T:
+    def close(self) -> None:
+        for client in self._clients:
+            client.close()
+
+    def _move_on(self, index: int, reason: EtcdUnavailable) -> None:
+        """Leave the member at ``index`` for the next one that is not suspect, unless a
+        concurrent failure already moved on (many calls fail together when a member dies: they
+        must not skip healthy ones). A member that is gone or silent becomes suspect for a while;
+        one that answered with a refusal (no leader yet, leader changed) does not."""
+        count = len(self._clients)
+        if count == 1:
+            return
+        if not reason.answered:
+            self._suspect_until[index] = time.monotonic() + _SUSPECT_FOR
+        if self._current != index:
+            return
+        self._current = self._next(index)
+        self.failovers += 1
+        log.info(
+            "etcd %s failed (%s); moving on to %s",
+            self.endpoints[index],
+            reason,
+            self.current_endpoint,
+        )
+
+    def _next(self, index: int) -> int:
+        """The member after ``index`` in the ring that is not suspect (if all are: the next)."""
+        now, count = time.monotonic(), len(self._clients)
+        later = [(index + step) % count for step in range(1, count + 1)]
+        return next((i for i in later if self._suspect_until[i] <= now), later[0])
+
+    async def _call(
+        self,
+        fn: Callable[[Any, float], T],
+        *,
+        idempotent: bool,
+        budget: float | None = None,
+    ) -> T:
+        """``fn(client, attempt_timeout)`` in a worker thread, on the current member and then on
+        the next ones as the failure allows, within ``budget`` seconds (default: the timeout)."""
+        budget = self.timeout if budget is None else budget
+        if len(self._clients) == 1:
+            return await self._attempt(0, fn, budget)
+        give_up = time.monotonic() + budget
+        failed = 0
+        while True:
+            index = self._current
+            attempt = min(give_up - time.monotonic(), self.attempt_timeout)
+            try:
+                return await self._attempt(index, fn, max(attempt, _MIN_ATTEMPT))
+            except EtcdUnavailable as exc:
+                self._move_on(index, exc)
+                if not (idempotent or exc.never_sent):
+                    raise
+                failed += 1
+                if failed % len(self._clients) == 0:
+                    # A whole round failed: likely an election; do not spin through it.
+                    await trio.sleep(min(0.1, max(0.0, give_up - time.monotonic())))
+                if give_up - time.monotonic() < _MIN_ATTEMPT:
+                    raise
+
+    async def _hedged(self, fn: Callable[[Any, float], T], budget: float | None = None) -> T:
+        """Like :meth:`_call` for a call that is safe to repeat, but without waiting out a silent
+        member: each ``_HEDGE_AFTER`` seconds without an answer (or at once after a failure)
+        one more attempt starts on the next member, and the first answer wins. A follower that
+        forwards to a frozen leader stays stuck in that attempt even after a new leader is
+        elected, so a later attempt, even on the same member, is what gets through."""
+        budget = self.timeout if budget is None else budget
+        if len(self._clients) == 1:
+            return await self._attempt(0, fn, budget)
+        give_up = time.monotonic() + budget
+        won: list[T] = []
+        failures: list[EtcdUnavailable] = []
+        refused: list[EtcdError] = []
+        finished_send, finished = trio.open_memory_channel[None](math.inf)
+
+        async def attempt(index: int, seconds: float) -> None:
+            try:
+                won.append(await self._attempt(index, fn, seconds))
+            except EtcdUnavailable as exc:
+                failures.append(exc)
+                self._move_on(index, exc)
+                finished_send.send_nowait(None)
+                return
+            except EtcdError as exc:  # an answer too, and no other member would differ
+                refused.append(exc)
+            nursery.cancel_scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            index = self._current
+            while (left := give_up - time.monotonic()) >= _MIN_ATTEMPT:
+                nursery.start_soon(attempt, index, min(left, self.attempt_timeout))
+                with trio.move_on_after(_HEDGE_AFTER):
+                    await finished.receive()
+                await trio.sleep(_MIN_ATTEMPT)  # members refusing at once: no busy loop
+                index = self._next(index)
+        if won:
+            return won[0]
+        if refused:
+            raise refused[0]
+        raise failures[-1] if failures else EtcdUnavailable(f"etcd: no answer in {budget:g}s")
+
+    async def _attempt(self, index: int, fn: Callable[[Any, float], T], seconds: float) -> T:
+        client = self._clients[index]
+
         def guarded() -> T:
             try:
-                return fn()
+                return fn(client, seconds)
             except grpc.RpcError as exc:
-                raise _translate(exc) from None
+                raise translate_rpc_error(exc) from None
 
         # abandon_on_cancel: a cancelled caller must not wait for a frozen etcd; the gRPC
         # deadline still bounds the abandoned thread.
@@ -207,28 +250,37 @@ class Etcd:
     # -- KV -------------------------------------------------------------------------------------
 
     async def get(self, key: str | bytes) -> KeyValue | None:
-        kvs, _ = await self.get_range(_b(key))
+        kvs, _ = await self.get_range(key_bytes(key))
         return kvs[0] if kvs else None
 
     async def get_prefix(self, prefix: str | bytes) -> tuple[list[KeyValue], int]:
         """All keys under ``prefix`` and the store revision they were read at."""
-        p = _b(prefix)
+        p = key_bytes(prefix)
         return await self.get_range(p, prefix_range_end(p))
 
     async def get_range(self, key: bytes, range_end: bytes = b"") -> tuple[list[KeyValue], int]:
+        # Linearizable (not serializable): a member cut off from its leader must not answer
+        # from its own, possibly stale, store.
         request = etcdrpc.RangeRequest(key=key, range_end=range_end)
-        response = await self._call(lambda: self._client.kvstub.Range(request, self.timeout))
+        response = await self._call(
+            lambda c, t: c.kvstub.Range(request, t, metadata=self._metadata), idempotent=True
+        )
         return [KeyValue.from_pb(kv) for kv in response.kvs], int(response.header.revision)
 
     async def put(self, key: str | bytes, value: bytes, *, lease: int = 0) -> int:
         """Store ``value``; returns the revision of the write."""
-        request = etcdrpc.PutRequest(key=_b(key), value=value, lease=lease)
-        response = await self._call(lambda: self._client.kvstub.Put(request, self.timeout))
+        request = etcdrpc.PutRequest(key=key_bytes(key), value=value, lease=lease)
+        response = await self._call(
+            lambda c, t: c.kvstub.Put(request, t, metadata=self._metadata), idempotent=False
+        )
         return int(response.header.revision)
 
     async def delete(self, key: str | bytes) -> bool:
-        request = etcdrpc.DeleteRangeRequest(key=_b(key))
-        response = await self._call(lambda: self._client.kvstub.DeleteRange(request, self.timeout))
+        request = etcdrpc.DeleteRangeRequest(key=key_bytes(key))
+        response = await self._call(
+            lambda c, t: c.kvstub.DeleteRange(request, t, metadata=self._metadata),
+            idempotent=False,
+        )
         return int(response.deleted) > 0
 
     async def txn(
@@ -236,7 +288,9 @@ class Etcd:
     ) -> TxnResult:
         """One atomic transaction; ``revision`` is the store revision after it ran."""
         request = etcdrpc.TxnRequest(compare=compare, success=success, failure=failure)
-        response = await self._call(lambda: self._client.kvstub.Txn(request, self.timeout))
+        response = await self._call(
+            lambda c, t: c.kvstub.Txn(request, t, metadata=self._metadata), idempotent=False
+        )
         ranges = tuple(
             tuple(KeyValue.from_pb(kv) for kv in r.response_range.kvs)
             for r in response.responses
@@ -244,34 +298,44 @@ class Etcd:
         )
         return TxnResult(bool(response.succeeded), int(response.header.revision), ranges)
 
-    # -- leases ---------------------------------------------------------------------------------
+    # -- leases (cluster-wide: any member serves them) -----------------------------------------
 
     async def lease_grant(self, ttl: int) -> tuple[int, int]:
         """A new lease; returns (lease id, granted TTL in seconds)."""
         request = etcdrpc.LeaseGrantRequest(TTL=ttl, ID=0)
+        # Retried freely: a grant whose answer was lost leaves an unused lease that expires.
         response = await self._call(
-            lambda: self._client.leasestub.LeaseGrant(request, self.timeout)
+            lambda c, t: c.leasestub.LeaseGrant(request, t, metadata=self._metadata),
+            idempotent=True,
         )
         if response.error:
             raise EtcdError(f"lease grant refused: {response.error}")
         return int(response.ID), int(response.TTL)
 
     async def lease_keepalive(self, lease_id: int, *, deadline: float | None = None) -> int:
-        """Send one keepalive; returns the TTL etcd granted (0: the lease no longer exists)."""
-        rpc_deadline = self.timeout if deadline is None else deadline
+        """Send one keepalive; returns the TTL etcd granted (0: the lease no longer exists).
 
-        def once() -> int:
+        ``deadline``: seconds the whole call may take, every member tried included."""
+
+        def once(client: Any, timeout: float) -> int:
             request = etcdrpc.LeaseKeepAliveRequest(ID=lease_id)
-            for response in self._client.leasestub.LeaseKeepAlive(iter([request]), rpc_deadline):
+            responses = client.leasestub.LeaseKeepAlive(
+                iter([request]), timeout, metadata=self._metadata
+            )
+            for response in responses:
                 return int(response.TTL)
             return 0
 
-        return await self._call(once)
+        # Hedged: a node's lease must not wait out a silent member's attempt timeout.
+        return await self._hedged(once, budget=deadline)
 
     async def lease_revoke(self, lease_id: int) -> None:
         request = etcdrpc.LeaseRevokeRequest(ID=lease_id)
         try:
-            await self._call(lambda: self._client.leasestub.LeaseRevoke(request, self.timeout))
+            await self._call(
+                lambda c, t: c.leasestub.LeaseRevoke(request, t, metadata=self._metadata),
+                idempotent=True,  # a second revoke finds nothing, which is fine (below)
+            )
         except EtcdError as exc:
             if "not found" not in str(exc):
                 raise
@@ -280,7 +344,8 @@ class Etcd:
         """Seconds the lease has left (-1 if it does not exist)."""
         request = etcdrpc.LeaseTimeToLiveRequest(ID=lease_id)
         response = await self._call(
-            lambda: self._client.leasestub.LeaseTimeToLive(request, self.timeout)
+            lambda c, t: c.leasestub.LeaseTimeToLive(request, t, metadata=self._metadata),
+            idempotent=True,
         )
         return int(response.TTL)
 
@@ -297,7 +362,7 @@ class Etcd:
         repeated. If etcd compacted the revisions it needs, the channel raises :class:`Compacted`
         (as the cause of the nursery's error) because silently skipping would lose events.
         """
-        p = _b(prefix)
+        p = key_bytes(prefix)
         send, receive = trio.open_memory_channel[list[WatchEvent]](buffer)
         async with trio.open_nursery() as nursery:
             # Yield only once etcd has created the watch, so "from now" means from this line on.
@@ -352,14 +417,18 @@ class Etcd:
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        state = {"next": start_revision}
+        state = {"next": start_revision, "failed": 0}
         created = False
         backoff = 0.1
         token = trio.lowlevel.current_trio_token()
+        # With several members a stream is asked for progress now and then: a frozen member
+        # keeps the stream open and silent, and only a missing answer tells it from a quiet one.
+        probe = self.attempt_timeout if len(self._clients) > 1 else None
 
         async def deliver(batch: list[WatchEvent], header_revision: int) -> None:
             nonlocal backoff, created
             backoff = 0.1
+            state["failed"] = 0
             if not created:
                 created = True
                 task_status.started()
@@ -375,109 +444,28 @@ class Etcd:
         # consumer leaves would replace a Compacted error on its way out.
         with send:
             while True:
-                stream = _WatchStream(self._client, key, range_end, state["next"])
+                index = self._current
+                stream = WatchStream(
+                    self._clients[index], key, range_end, state["next"], self._metadata, probe
+                )
                 try:
                     await stream.run(token, self._limiter, deliver)
                 except EtcdUnavailable as exc:
                     log.info("etcd watch interrupted (%s); resuming at %d", exc, state["next"])
-                await trio.sleep(backoff)
-                backoff = min(backoff * 2, 2.0)
-
-
-class _WatchStream:
-    """One gRPC watch stream, pumped by a worker thread into Trio."""
-
-    def __init__(self, client: Any, key: bytes, range_end: bytes, start_revision: int) -> None:
-        self._client = client
-        self._request = etcdrpc.WatchRequest(
-            create_request=etcdrpc.WatchCreateRequest(
-                key=key,
-                range_end=range_end,
-                start_revision=start_revision,
-                progress_notify=True,
-            )
-        )
-        self._closed = threading.Event()
-        self._call: Any = None
-
-    def _requests(self) -> Iterator[Any]:
-        yield self._request
-        # The stream stays open as long as the request iterator does not end.
-        self._closed.wait()
-
-    async def run(
-        self,
-        token: trio.lowlevel.TrioToken,
-        limiter: trio.CapacityLimiter,
-        deliver: Callable[[list[WatchEvent], int], Awaitable[None]],
-    ) -> None:
-        """Pump responses into ``deliver`` until the stream fails (raises) or is cancelled."""
-        # Unbounded, and handed over with run_sync_soon: the thread never waits for the Trio
-        # loop, so a busy loop takes every response that came meanwhile in one turn (a
-        # round trip per response made a loaded node's watch fall seconds behind). FIFO, so
-        # order holds; watch responses are small.
-        send, receive = trio.open_memory_channel[tuple[list[WatchEvent], int] | BaseException](
-            math.inf
-        )
-
-        def put(item: tuple[list[WatchEvent], int] | BaseException) -> None:
-            with contextlib.suppress(trio.ClosedResourceError, trio.BrokenResourceError):
-                send.send_nowait(item)
-
-        def pump() -> None:
-            error: BaseException
-            try:
-                self._call = etcdrpc.WatchStub(self._client.channel).Watch(self._requests())
-                for response in self._call:
-                    if response.compact_revision:
-                        raise Compacted(
-                            f"watch start revision compacted (now {response.compact_revision})"
-                        )
-                    if response.canceled:
-                        raise EtcdUnavailable(f"watch canceled by etcd: {response.cancel_reason}")
-                    batch = [
-                        WatchEvent("delete" if ev.type == 1 else "put", KeyValue.from_pb(ev.kv))
-                        for ev in response.events
-                    ]
-                    token.run_sync_soon(put, (batch, int(response.header.revision)))
-                error = EtcdUnavailable("watch stream ended")
-            except grpc.RpcError as exc:
-                error = _translate(exc)
-            except Exception as exc:  # Compacted, or Trio gone / channel closed: report and end
-                error = exc
-            # A closed channel or a finished run means nobody listens any more.
-            with contextlib.suppress(Exception):
-                token.run_sync_soon(put, error)
-
-        async def pump_in_thread() -> None:
-            await trio.to_thread.run_sync(pump, abandon_on_cancel=True, limiter=limiter)
-
-        failure: BaseException | None = None
-        with receive:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(pump_in_thread)
-                try:
-                    async for item in receive:
-                        if isinstance(item, BaseException):
-                            failure = item
-                            break
-                        await deliver(*item)
-                finally:
-                    self.close()
-                    nursery.cancel_scope.cancel()
-        # Raised outside the nursery so callers see the error itself, not an exception group.
-        if failure is not None:
-            raise failure
-
-    def close(self) -> None:
-        self._closed.set()
-        if self._call is not None:
-            self._call.cancel()
+                    self._move_on(index, exc)
+                # The next member at once; a pause only once every member has failed in a row.
+                state["failed"] += 1
+                if state["failed"] % len(self._clients) == 0:
+                    await trio.sleep(backoff)
+                    backoff = min(backoff * 2, 2.0)
 
 
 @asynccontextmanager
-async def open_etcd(endpoint: str, *, rpc_timeout: float = 2.0) -> AsyncIterator[Etcd]:
-    """An :class:`Etcd` client that is closed on exit."""
+async def open_etcd(
+    endpoint: str | Sequence[str], *, rpc_timeout: float = 2.0
+) -> AsyncIterator[Etcd]:
+    """An :class:`Etcd` client (one endpoint, or a cluster's ``"h1:p1,h2:p2"`` or list) that is
+    closed on exit."""
     client = Etcd(endpoint, rpc_timeout=rpc_timeout)
     try:
         yield client

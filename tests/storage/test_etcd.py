@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import time
+import urllib.request
 
 import pytest
 import trio
 
-from ops.etcdserver import EtcdServer
+from ops.etcdserver import QUOTA_BYTES, EtcdServer
 from storage.etcd import (
     Compacted,
     Etcd,
@@ -156,3 +157,18 @@ async def test_watch_from_a_compacted_revision_raises_compacted(
                 async for _ in batches:
                     pass
     assert raised.group_contains(Compacted)
+
+
+def test_the_etcd_we_run_compacts_its_history_and_has_a_space_quota(
+    etcd_server: EtcdServer,
+) -> None:
+    """ops/etcdserver.py: etcd itself reports the quota it runs with, and its flags ask for
+    periodic compaction (without it, session churn grows etcd without bound)."""
+    with urllib.request.urlopen(f"http://{etcd_server.endpoint}/metrics", timeout=10) as reply:
+        metrics = reply.read().decode()
+    quota = next(
+        line for line in metrics.splitlines() if line.startswith("etcd_server_quota_backend_bytes")
+    )
+    assert float(quota.split()[-1]) == QUOTA_BYTES
+    command = etcd_server.command()
+    assert command[command.index("--auto-compaction-mode") + 1] == "periodic"

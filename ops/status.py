@@ -139,6 +139,8 @@ def format_status(status: dict[str, Any]) -> str:
             n["state"],
             f"{n['lease_ttl_left']}s" if n["lease_ttl_left"] >= 0 else "expired",
             str(n["sessions"]),
+            # who may open sessions there: "token" or "open" (node.auth, issue #15)
+            str((n.get("addresses") or {}).get("auth", "-")),
             n["signaling"] or "-",
         ]
         for n in status["nodes"]
@@ -149,7 +151,7 @@ def format_status(status: dict[str, Any]) -> str:
     ]
     parts = [
         f"nodes ({len(nodes)})",
-        _table(["id", "state", "lease", "sessions", "signaling"], nodes),
+        _table(["id", "state", "lease", "sessions", "auth", "signaling"], nodes),
         "",
         f"relays ({len(relays)})",
         _table(["id", "address", "tunnels", "sessions", "pkt/s in", "pkt/s out"], relays),

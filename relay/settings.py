@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import final
 
 import attrs
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from relay.edge import Limits
 from relay.tunnel.certs import Credentials, Role
@@ -21,6 +23,7 @@ from storage.checkpoints import ClusterKey, ClusterKeyError, Sealer
 __all__ = [
     "CLUSTER_KEY_FILE",
     "HINT_SECRET_FILE",
+    "TOKEN_KEYS_DIR",
     "ClusterSettings",
     "RelaySettings",
     "SettingsError",
@@ -32,6 +35,10 @@ HINT_SECRET_FILE = "hint.secret"
 #: in ``cluster.certs``: the AES-256-GCM key that seals session checkpoints and move snapshots
 #: (storage/checkpoints.py); ``cluster.key.old`` may hold the previous one while rotating
 CLUSTER_KEY_FILE = "cluster.key"
+#: in ``cluster.certs``: the access-token keys, ``<kid>.pub`` (every node reads all of them) and
+#: ``<kid>.key`` (Ed25519, PKCS #8, mode 0600: only where tokens are minted); kids sort by age,
+#: the newest ``.key`` signs
+TOKEN_KEYS_DIR = "token-keys"
 _LIMITS = Limits()
 
 
@@ -80,6 +87,42 @@ class ClusterSettings:
             except ClusterKeyError as exc:
                 raise SettingsError(f"{exc} (`parley certs init` makes one)") from None
         return Sealer(keys)
+
+    def token_keys(self) -> dict[str, Ed25519PublicKey]:
+        """The public keys that sign access tokens, by kid, from ``certs``/token-keys/*.pub."""
+        directory = self.certs_dir() / TOKEN_KEYS_DIR
+        keys: dict[str, Ed25519PublicKey] = {}
+        try:
+            paths = sorted(directory.glob("*.pub"))
+            for path in paths:
+                key = serialization.load_pem_public_key(path.read_bytes())
+                if not isinstance(key, Ed25519PublicKey):
+                    raise SettingsError(f"{path}: not an Ed25519 public key")
+                keys[path.stem] = key
+        except OSError as exc:
+            raise SettingsError(f"cannot read the token keys in {directory}: {exc}") from None
+        except ValueError:
+            raise SettingsError(f"{directory}: a token key is not a PEM public key") from None
+        if not keys:
+            raise SettingsError(
+                f"no token keys in {directory} (`parley token rotate --certs DIR` makes one)"
+            )
+        return keys
+
+    def token_signer(self) -> tuple[str, Ed25519PrivateKey] | None:
+        """The newest private token key and its kid, or None where tokens are not minted."""
+        directory = self.certs_dir() / TOKEN_KEYS_DIR
+        private = sorted(directory.glob("*.key"))
+        if not private:
+            return None
+        path = private[-1]
+        try:
+            key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except (OSError, ValueError) as exc:
+            raise SettingsError(f"cannot load the token key {path}: {exc}") from None
+        if not isinstance(key, Ed25519PrivateKey):
+            raise SettingsError(f"{path}: not an Ed25519 private key")
+        return path.stem, key
 
     def hint_secrets(self) -> list[bytes]:
         """The cluster's hint secrets, current first, from ``certs``/hint.secret."""

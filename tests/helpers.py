@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
@@ -40,3 +41,28 @@ def run_status(endpoint: str, prefix: str = "/parley") -> dict[str, Any]:
     )
     status: dict[str, Any] = json.loads(out.stdout)
     return status
+
+
+def token_keys(certs: Path) -> Path:
+    """``certs`` with a token key pair in it (as `parley certs init` makes), made if missing."""
+    from ops.certs import write_token_key
+    from relay.settings import TOKEN_KEYS_DIR
+
+    if not any((certs / TOKEN_KEYS_DIR).glob("*.key")):
+        certs.mkdir(parents=True, exist_ok=True)
+        write_token_key(certs)
+    return certs
+
+
+def make_token(certs: Path, **claims: Any) -> str:
+    """An access token from the newest key in ``certs``, as `parley token create` makes one
+    (keywords: subject, ttl, agent, room, max_sessions)."""
+    from ops.tokens import create_token
+    from relay.settings import ClusterSettings
+
+    return create_token(ClusterSettings(certs=str(certs)), **claims)
+
+
+def bearer(token: str) -> tuple[str, str]:
+    """The request header that carries ``token`` (RFC 6750 §2.1)."""
+    return ("Authorization", f"Bearer {token}")

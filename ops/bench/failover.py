@@ -322,7 +322,7 @@ async def _kills_phase(
     for index, node in enumerate(NODES):
         count = len(range(index, params.clients, len(NODES)))
         if count:
-            placed = await migration._connect_all(cluster.whip[node], packets, count)
+            placed = await migration._connect_all(cluster.whip[node], packets, count, cluster.token)
             calls += placed
             urls.update((c.session, cluster.whip[node]) for c in placed)
     by_session = {c.session: c for c in calls}

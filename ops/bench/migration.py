@@ -67,6 +67,8 @@ from ops.bench.common import percentile
 from ops.bench.sessions import _speech_track, http, loopback_ice, machine, speech_packets
 from ops.etcdserver import free_port
 from ops.status import gather_status
+from ops.tokens import create_token
+from relay.settings import ClusterSettings
 from storage.etcd import EtcdUnavailable, open_etcd
 from storage.keys import Keyspace
 
@@ -224,8 +226,11 @@ class EchoCall:
     client's socket: (kernel arrival time on the ``time.monotonic()`` clock, sequence number,
     RTP timestamp). Nothing is decoded: the echo is judged by its packets."""
 
-    def __init__(self, packets: list[bytes]) -> None:
+    def __init__(self, packets: list[bytes], token: str | None = None) -> None:
         import aiortc
+
+        #: the access token its POST and DELETE carry
+        self.token = token
         from aiortc.rtp import RtpPacket
 
         self.pc = aiortc.RTCPeerConnection(aiortc.RTCConfiguration(iceServers=[]))
@@ -248,7 +253,8 @@ class EchoCall:
         await self.pc.setLocalDescription(await self.pc.createOffer())
         assert self.pc.localDescription is not None
         self._stamp_arrivals()
-        status, headers, answer = await http("POST", url, self.pc.localDescription.sdp.encode())
+        offer = self.pc.localDescription.sdp.encode()
+        status, headers, answer = await http("POST", url, offer, token=self.token)
         if status != 201:
             raise RuntimeError(f"POST answered {status}: {answer[:200]!r}")
         self.location = headers.get("location")
@@ -294,7 +300,9 @@ class EchoCall:
         if self.location is not None:
             parts = urllib.parse.urlsplit(base_url)
             with contextlib.suppress(OSError, RuntimeError, TimeoutError):
-                await http("DELETE", f"{parts.scheme}://{parts.netloc}{self.location}")
+                await http(
+                    "DELETE", f"{parts.scheme}://{parts.netloc}{self.location}", token=self.token
+                )
             self.location = None
         with contextlib.suppress(Exception):
             await self.pc.close()
@@ -353,6 +361,8 @@ class Cluster:
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self.whip: dict[str, str] = {}
+        #: an access token for its clients, once it is up
+        self.token: str | None = None
 
     def start(self) -> None:
         root = Path(__file__).resolve().parents[2]
@@ -412,6 +422,9 @@ class Cluster:
             tunnels = [set(r.get("tunnels", [])) for r in last["relays"]]
             if len(nodes) == 3 and tunnels and all(t == set(nodes) for t in tunnels):
                 self.whip = {i: str(n["addresses"]["whip"]) for i, n in nodes.items()}
+                # `parley up` made the cluster's token key beside its certificates
+                certs = ClusterSettings(certs=str(self.workdir / "up" / "certs"))
+                self.token = create_token(certs, subject="bench", ttl=86400)
                 return
             time.sleep(0.3)
         raise RuntimeError(f"the cluster did not come up within {within:.0f} s: {last}")
@@ -452,13 +465,15 @@ class Params:
     drain: int
 
 
-async def _connect_all(url: str, packets: list[bytes], count: int) -> list[EchoCall]:
+async def _connect_all(
+    url: str, packets: list[bytes], count: int, token: str | None
+) -> list[EchoCall]:
     calls: list[EchoCall] = []
     limit = asyncio.Semaphore(SETUP_CONCURRENCY)
 
     async def one() -> None:
         async with limit:
-            call = EchoCall(packets)
+            call = EchoCall(packets, token)
             calls.append(call)
             await call.connect(url)
 
@@ -481,7 +496,7 @@ async def _moves_phase(
     cluster: Cluster, packets: list[bytes], params: Params
 ) -> tuple[list[MoveFigures], list[float]]:
     url = cluster.whip["node-2"]
-    calls = await _connect_all(url, packets, params.clients)
+    calls = await _connect_all(url, packets, params.clients, cluster.token)
     logged_before = len(await asyncio.to_thread(cluster.moved_in))
     try:
         await asyncio.sleep(WARMUP)
@@ -532,7 +547,7 @@ async def _reconnect_phase(
 ) -> tuple[list[float], int]:
     """A client on one node gives its session up for a new one on the other, repeatedly."""
     nodes = ["node-2", "node-3"]
-    (current,) = await _connect_all(cluster.whip[nodes[0]], packets, 1)
+    (current,) = await _connect_all(cluster.whip[nodes[0]], packets, 1, cluster.token)
     where = 0
     times: list[float] = []
     failed = 0
@@ -541,7 +556,7 @@ async def _reconnect_phase(
         for _ in range(params.reconnects):
             other = 1 - where
             started = time.monotonic()
-            fresh = EchoCall(packets)
+            fresh = EchoCall(packets, cluster.token)
             try:
                 await fresh.connect(cluster.whip[nodes[other]])
             except (RuntimeError, TimeoutError, OSError):
@@ -559,7 +574,7 @@ async def _reconnect_phase(
 
 async def _drain_phase(cluster: Cluster, packets: list[bytes], params: Params) -> DrainFigures:
     url = cluster.whip["node-1"]
-    calls = await _connect_all(url, packets, params.drain)
+    calls = await _connect_all(url, packets, params.drain, cluster.token)
     logged_before = len(await asyncio.to_thread(cluster.moved_in))
     try:
         await asyncio.sleep(WARMUP)

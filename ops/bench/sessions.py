@@ -94,7 +94,10 @@ from typing import IO, Any, Final, final
 import attrs
 
 from ops.bench.common import percentile, process_cpu, split_cores
+from ops.certs import write_token_key
 from ops.etcdserver import EtcdServer, free_port
+from ops.tokens import create_token
+from relay.settings import TOKEN_KEYS_DIR, ClusterSettings
 
 __all__ = ["BenchResult", "ServerFigures", "StepFigures", "main", "measure", "render"]
 
@@ -317,8 +320,10 @@ async def http(
     body: bytes = b"",
     *,
     content_type: str = "application/sdp",
+    token: str | None = None,
 ) -> tuple[int, dict[str, str], bytes]:
-    """One HTTP/1.1 request on its own connection, without leaving the event loop."""
+    """One HTTP/1.1 request on its own connection, without leaving the event loop; ``token``:
+    an access token, sent as ``Authorization: Bearer``."""
     parts = urllib.parse.urlsplit(url)
     assert parts.hostname is not None and parts.port is not None
     async with asyncio.timeout(HTTP_TIMEOUT):
@@ -327,7 +332,8 @@ async def http(
             head = (
                 f"{method} {parts.path or '/'} HTTP/1.1\r\nHost: {parts.netloc}\r\n"
                 f"Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n"
-                "Connection: close\r\n\r\n"
+                + (f"Authorization: Bearer {token}\r\n" if token else "")
+                + "Connection: close\r\n\r\n"
             )
             writer.write(head.encode() + body)
             await writer.drain()
@@ -406,6 +412,8 @@ class Server:
         self.port = free_port()
         self.log = workdir / f"{self.name}.log"
         self._log: IO[bytes] | None = None
+        #: the access token its clients send, where the server asks for one
+        self.token: str | None = None
 
     @property
     def url(self) -> str:
@@ -487,6 +495,8 @@ class ParleyServer(Server):
             "warning",
             "--parent-pid",
             str(os.getpid()),
+            "--certs",
+            str(self.workdir / "certs"),
         ]
 
     def env(self) -> dict[str, str]:
@@ -498,6 +508,12 @@ class ParleyServer(Server):
         return env
 
     def start(self) -> None:
+        # the node admits sessions with an access token, as deployed (sessions/node/tokens.py)
+        certs = self.workdir / "certs"
+        if not any((certs / TOKEN_KEYS_DIR).glob("*.key")):
+            certs.mkdir(parents=True, exist_ok=True)
+            write_token_key(certs)
+        self.token = create_token(ClusterSettings(certs=str(certs)), subject="bench", ttl=86400)
         self.etcd.start()
         pin(self.etcd.pid, self.client_cpus)  # etcd is not the server under test
         super().start()
@@ -733,7 +749,8 @@ class Call:
     make the server look late; the first one (setup time) as aiortc's receiver gets it.
     """
 
-    def __init__(self, packets: list[bytes], *, decode_all: bool) -> None:
+    def __init__(self, packets: list[bytes], *, decode_all: bool, token: str | None = None) -> None:
+        self.token = token
         import aiortc
         from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
         from aiortc.rtp import RtpPacket
@@ -786,7 +803,7 @@ class Call:
         self._stamp_arrivals()
         offer = self.pc.localDescription.sdp.encode()
         start = time.monotonic()
-        status, headers, answer = await http("POST", url, offer)
+        status, headers, answer = await http("POST", url, offer, token=self.token)
         answered = time.monotonic()
         if status != 201:
             raise RuntimeError(f"POST answered {status}: {answer[:200]!r}")
@@ -832,7 +849,9 @@ class Call:
         if self.location is not None:
             parts = urllib.parse.urlsplit(base_url)
             with contextlib.suppress(OSError, RuntimeError, TimeoutError):
-                await http("DELETE", f"{parts.scheme}://{parts.netloc}{self.location}")
+                await http(
+                    "DELETE", f"{parts.scheme}://{parts.netloc}{self.location}", token=self.token
+                )
             self.location = None
         with contextlib.suppress(Exception):
             await self.pc.close()
@@ -916,7 +935,7 @@ async def _setup_phase(
     failed = 0
     cpu_start = process_cpu(server.pid)
     for _ in range(params.setups):
-        call = Call(packets, decode_all=params.decode_all)
+        call = Call(packets, decode_all=params.decode_all, token=server.token)
         try:
             times.append(await call.connect(server.url))
         except (RuntimeError, TimeoutError, OSError):
@@ -937,7 +956,7 @@ async def _add_calls(
     async def one() -> None:
         nonlocal failed
         async with gate:
-            call = Call(packets, decode_all=params.decode_all)
+            call = Call(packets, decode_all=params.decode_all, token=server.token)
             try:
                 await call.connect(server.url)
             except (RuntimeError, TimeoutError, OSError):

@@ -48,6 +48,12 @@ class NodeSettings:
     #: "bridge" (an external agent over WebSocket at agent_url; docs/agent-protocol.md)
     agent: str = "turn-echo"
     agent_url: str = ""
+    #: who may open sessions: "token" (a valid access token, sessions/node/tokens.py) or "open"
+    #: (anyone: only when set explicitly; the node warns when it starts)
+    auth: str = attrs.field(default="token", validator=attrs.validators.in_(("token", "open")))
+    #: mint short-lived tokens for the demo page at /v1/demo-token, for loopback clients only
+    #: (needs a private token key in cluster.certs; `parley up` sets it)
+    demo_tokens: bool = False
 
     def node_id(self) -> str:
         return self.id or f"{socket.gethostname().split('.')[0]}-{os.getpid()}"

@@ -46,6 +46,7 @@ from ops.status import gather_status
 from sessions.audio import speech
 from storage.etcd import EtcdUnavailable, open_etcd
 from storage.keys import Keyspace
+from tests.helpers import make_token
 from tests.interop.chromium_scenario import (
     browser_page,
     isolate_network,
@@ -74,10 +75,10 @@ class ScenarioError(Exception):
     pass
 
 
-def whip(url: str, offer: str) -> tuple[int, str, str]:
-    request = urllib.request.Request(
-        url, data=offer.encode(), method="POST", headers={"Content-Type": "application/sdp"}
-    )
+def whip(url: str, offer: str, token: str) -> tuple[int, str, str]:
+    """POST ``offer`` with the access token ``token``: (status, Location, answer)."""
+    headers = {"Content-Type": "application/sdp", "Authorization": f"Bearer {token}"}
+    request = urllib.request.Request(url, data=offer.encode(), method="POST", headers=headers)
     with urllib.request.urlopen(request, timeout=10) as response:
         return response.status, response.headers.get("Location", ""), response.read().decode()
 
@@ -174,7 +175,7 @@ def candidates_of(answer: str) -> list[tuple[str, int]]:
 
 
 async def peers(
-    whips: list[str], offset: int, count: int, plan: dict[str, float]
+    whips: list[str], offset: int, count: int, plan: dict[str, float], token: str
 ) -> dict[str, Any]:
     """``count`` aiortc peers, offering round robin from ``offset``; their echo correlations.
 
@@ -199,7 +200,7 @@ async def peers(
         for index, call in enumerate(calls):
             offer = await call.offer()
             url = whips[(offset + index) % len(whips)]
-            code, location, answer = await asyncio.to_thread(whip, url, offer)
+            code, location, answer = await asyncio.to_thread(whip, url, offer, token)
             if code != 201:
                 raise ScenarioError(f"WHIP answered {code}")
             out["answer_candidates"].append(candidates_of(answer))
@@ -302,13 +303,13 @@ def flood(go: Any, seconds: float) -> None:
         sock.close()
 
 
-def peer_process(args: tuple[list[str], int, int, dict[str, float]]) -> dict[str, Any]:
+def peer_process(args: tuple[list[str], int, int, dict[str, float], str]) -> dict[str, Any]:
     """One process of peers (one asyncio loop per process: 20 peers in one would starve)."""
     own_session()
     aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]  # type: ignore[assignment]
-    whips, offset, count, plan = args
+    whips, offset, count, plan, token = args
     try:
-        return asyncio.run(peers(whips, offset, count, plan))
+        return asyncio.run(peers(whips, offset, count, plan, token))
     except Exception:
         return {"error": traceback.format_exc()}
 
@@ -389,7 +390,8 @@ def main(outfile: Path, clients: int) -> None:
             clients // PEER_PROCESSES + (i < clients % PEER_PROCESSES)
             for i in range(PEER_PROCESSES)
         ]
-        jobs = [(whips, sum(shares[:i]), n, plan) for i, n in enumerate(shares) if n]
+        token = make_token(work / "up" / "certs", subject="cluster-scenario")
+        jobs = [(whips, sum(shares[:i]), n, plan, token) for i, n in enumerate(shares) if n]
         context = multiprocessing.get_context("spawn")
         try:
             with context.Pool(len(jobs)) as pool:

@@ -81,6 +81,7 @@ def test_sessions_ride_out_etcd_frozen_for_3_and_for_10_seconds(
         calls: list[AiortcCall] = []
         states: list[list[str]] = []
         sessions: list[str] = []
+        token = cluster.token()
         for i in range(SESSIONS):
             call = AiortcCall(pcm, pause=0.2)
             seen: list[str] = []
@@ -92,7 +93,7 @@ def test_sessions_ride_out_etcd_frozen_for_3_and_for_10_seconds(
                 pages[f"node-{i % 2 + 1}"] + "v1/session",
                 data=(await call.offer()).encode(),
                 method="POST",
-                headers={"Content-Type": "application/sdp"},
+                headers={"Content-Type": "application/sdp", "Authorization": f"Bearer {token}"},
             )
             response = await asyncio.to_thread(urllib.request.urlopen, request, timeout=10)
             sessions.append(response.headers["Location"].split("/")[3])

@@ -66,13 +66,14 @@ def test_a_node_frozen_past_its_lease_loses_its_sessions_and_sends_nothing_when_
     async def talk() -> None:
         calls: list[AiortcCall] = []
         sessions: list[str] = []
+        token = cluster.token()
         for _ in range(SESSIONS):
             call = AiortcCall(pcm, pause=0.2)
             request = urllib.request.Request(
                 pages["node-1"] + "v1/session",
                 data=(await call.offer()).encode(),
                 method="POST",
-                headers={"Content-Type": "application/sdp"},
+                headers={"Content-Type": "application/sdp", "Authorization": f"Bearer {token}"},
             )
             response = await asyncio.to_thread(urllib.request.urlopen, request, timeout=10)
             sessions.append(response.headers["Location"].split("/")[3])

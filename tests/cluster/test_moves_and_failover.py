@@ -80,11 +80,12 @@ def test_a_session_moves_survives_sigterm_and_is_adopted_after_sigkill(
         states: list[str] = []
         call.pc.on("iceconnectionstatechange", lambda: states.append(call.pc.iceConnectionState))
         offers = 1
+        token = cluster.token()
         request = urllib.request.Request(
             pages["node-1"] + "v1/session",
             data=(await call.offer()).encode(),
             method="POST",
-            headers={"Content-Type": "application/sdp"},
+            headers={"Content-Type": "application/sdp", "Authorization": f"Bearer {token}"},
         )
         response = await asyncio.to_thread(urllib.request.urlopen, request, timeout=10)
         session = response.headers["Location"].split("/")[3]

@@ -48,6 +48,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import attrs
 import trio
 import trio_websocket
 
@@ -469,10 +470,15 @@ async def scenario(
     etcd_endpoint: str, work: Path, wav: Path, mode: str, result: dict[str, Any]
 ) -> None:
     # The demo runs the node's default agent (turn-echo), the echo test the immediate echo.
-    node_config = NodeConfig(id="chromium-node", lease_ttl=3)
+    # The page gets its access token from the node, as on `parley up` (node.demo_tokens).
+    from tests.helpers import token_keys  # run as a script: tests/ is on the path only now
+
+    node_config = NodeConfig(id="chromium-node", lease_ttl=3, demo_tokens=True)
     if mode == "echo":
-        node_config = NodeConfig(id="chromium-node", lease_ttl=3, agent="echo")
-    config = Config(cluster=ClusterConfig(etcd=etcd_endpoint, prefix=PREFIX), node=node_config)
+        node_config = attrs.evolve(node_config, agent="echo")
+    certs = str(token_keys(work / "certs"))
+    cluster = ClusterConfig(etcd=etcd_endpoint, prefix=PREFIX, certs=certs)
+    config = Config(cluster=cluster, node=node_config)
     result["agent"] = config.node.agent
     node = Node(config, frontend=run_frontend)
     # The test's timeout sends SIGTERM: fail the scenario so that every finally runs.

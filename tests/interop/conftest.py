@@ -6,6 +6,7 @@ import json
 import threading
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -17,6 +18,7 @@ from ops.config import ClusterConfig, Config, NodeConfig
 from ops.etcdserver import EtcdServer
 from sessions.node.daemon import Node
 from sessions.node.frontend import run_frontend
+from tests.helpers import make_token, token_keys
 
 
 @attrs.define
@@ -34,11 +36,17 @@ class RunningNode:
     def whip(self) -> str:
         return self.node.addresses["whip"]
 
+    @property
+    def access_token(self) -> str:
+        """A token for this node, as a user gets one (`parley token create`)."""
+        return make_token(Path(self.node.config.cluster.certs), subject="interop")
+
 
 @pytest.fixture
-def node_config(etcd_server: EtcdServer) -> Config:
+def node_config(etcd_server: EtcdServer, tmp_path: Path) -> Config:
+    certs = token_keys(tmp_path / "certs")  # nodes take sessions with access tokens only
     return Config(
-        cluster=ClusterConfig(etcd=etcd_server.endpoint, prefix="/parley-test"),
+        cluster=ClusterConfig(etcd=etcd_server.endpoint, prefix="/parley-test", certs=str(certs)),
         node=NodeConfig(id="n1", lease_ttl=3, agent="echo"),
     )
 
@@ -69,17 +77,19 @@ def running_node(node_config: Config) -> Iterator[RunningNode]:
         assert not thread.is_alive()
 
 
-def whip_post(url: str, offer: str) -> tuple[int, str, str]:
-    request = urllib.request.Request(
-        url, data=offer.encode(), method="POST", headers={"Content-Type": "application/sdp"}
-    )
+def whip_post(url: str, offer: str, token: str) -> tuple[int, str, str]:
+    headers = {"Content-Type": "application/sdp", "Authorization": f"Bearer {token}"}
+    request = urllib.request.Request(url, data=offer.encode(), method="POST", headers=headers)
     with urllib.request.urlopen(request, timeout=10) as response:
         return response.status, response.headers["Location"], response.read().decode()
 
 
-def whip_delete(base: str, location: str) -> int:
+def whip_delete(base: str, location: str, token: str) -> int:
     url = base.split("/v1/")[0] + location
-    with urllib.request.urlopen(urllib.request.Request(url, method="DELETE"), timeout=10) as r:
+    request = urllib.request.Request(
+        url, method="DELETE", headers={"Authorization": f"Bearer {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as r:
         return int(r.status)
 
 
@@ -90,6 +100,7 @@ class WebSocketClient:
     It runs on the node's Trio loop (the test's own thread runs asyncio for aiortc)."""
 
     url: str
+    token: str
     answer: str = ""
     session: str = ""
     events: list[dict[str, Any]] = attrs.field(factory=list)
@@ -97,7 +108,7 @@ class WebSocketClient:
 
     async def run(self, offer: str) -> None:
         async with trio_websocket.open_websocket_url(self.url) as ws:
-            await ws.send_message(json.dumps({"type": "offer", "sdp": offer}))
+            await ws.send_message(json.dumps({"type": "offer", "sdp": offer, "token": self.token}))
             while True:
                 try:
                     message = json.loads(await ws.get_message())
@@ -114,7 +125,7 @@ class WebSocketClient:
 
 def open_websocket_session(node: RunningNode, offer: str) -> WebSocketClient:
     """Start a signaling client on the node's loop and wait for its answer."""
-    client = WebSocketClient(node.node.addresses["signaling"])
+    client = WebSocketClient(node.node.addresses["signaling"], node.access_token)
     trio.from_thread.run_sync(node.nursery.start_soon, client.run, offer, trio_token=node.token)
     assert client.answered.wait(10), "no answer"
     return client

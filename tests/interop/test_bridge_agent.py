@@ -63,7 +63,7 @@ def test_external_agent_serves_a_session_and_survives_a_restart(
                 await asyncio.sleep(1.0)  # the agent process is listening
                 offer = await call.offer()
                 status, location, answer = await asyncio.to_thread(
-                    whip_post, running_node.whip, offer
+                    whip_post, running_node.whip, offer, running_node.access_token
                 )
                 assert status == 201
                 session = location.split("/")[3]

@@ -35,7 +35,9 @@ def test_aiortc_through_signaling_echo_stats_crash_restart_and_delete(
         loop = asyncio.get_running_loop()
         try:
             offer = await call.offer()
-            status, location, answer = await asyncio.to_thread(whip_post, running_node.whip, offer)
+            status, location, answer = await asyncio.to_thread(
+                whip_post, running_node.whip, offer, running_node.access_token
+            )
             assert status == 201 and location.startswith("/v1/session/")
             session = location.split("/")[3]
             await call.answer(answer)
@@ -53,7 +55,9 @@ def test_aiortc_through_signaling_echo_stats_crash_restart_and_delete(
             heard = call.pcm_between(settled, math.inf)
             after, _ = speech.correlation(sent, heard, len(heard) // 2 - 1)
             status_json = await asyncio.to_thread(run_status, etcd_server.endpoint, "/parley-test")
-            deleted = await asyncio.to_thread(whip_delete, running_node.whip, location)
+            deleted = await asyncio.to_thread(
+                whip_delete, running_node.whip, location, running_node.access_token
+            )
             return {
                 "session": session,
                 "before": before,

@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from ops.etcdserver import EtcdServer, free_port
-from tests.helpers import PARLEY, run_status
+from tests.helpers import PARLEY, run_status, token_keys
 
 
 def wait_for(predicate: Any, within: float, what: str) -> Any:
@@ -29,11 +29,10 @@ def wait_for(predicate: Any, within: float, what: str) -> Any:
 
 def start_node(endpoint: str, node_id: str, tmp_path: Path) -> subprocess.Popen[bytes]:
     log = open(tmp_path / f"{node_id}.log", "wb")  # noqa: SIM115 - closed with the process
-    return subprocess.Popen(
-        [*PARLEY, "node", "--id", node_id, "--etcd", endpoint, "--lease-ttl", "2", "--log-json"],
-        stdout=log,
-        stderr=log,
-    )
+    argv = [*PARLEY, "node", "--id", node_id, "--etcd", endpoint, "--lease-ttl", "2", "--log-json"]
+    # a node checks access tokens: it needs the cluster's token keys to start
+    argv += ["--certs", str(token_keys(tmp_path / "certs"))]
+    return subprocess.Popen(argv, stdout=log, stderr=log)
 
 
 def node_ids(endpoint: str) -> set[str]:
@@ -67,7 +66,7 @@ PARENT = """
 import os, subprocess, sys, time
 log = open(sys.argv[1], "wb")
 argv = [sys.executable, "-m", "ops.cli", "node", "--id", "n1", "--etcd", sys.argv[2],
-        "--lease-ttl", "5", "--parent-pid", str(os.getpid())]
+        "--lease-ttl", "5", "--parent-pid", str(os.getpid()), "--certs", sys.argv[3]]
 node = subprocess.Popen(argv, stdout=log, stderr=log)
 print(node.pid, flush=True)
 time.sleep(120)
@@ -78,7 +77,14 @@ def test_node_started_by_parley_up_stops_when_its_parent_dies(
     etcd_server: EtcdServer, tmp_path: Path
 ) -> None:
     parent = subprocess.Popen(
-        [sys.executable, "-c", PARENT, str(tmp_path / "n1.log"), etcd_server.endpoint],
+        [
+            sys.executable,
+            "-c",
+            PARENT,
+            str(tmp_path / "n1.log"),
+            etcd_server.endpoint,
+            str(token_keys(tmp_path / "certs")),
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )

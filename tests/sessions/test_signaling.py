@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from sessions.node.signaling import (
     ClientMessageError,
+    Gate,
     Redirect,
     SessionHandle,
     SignalingLimits,
@@ -157,7 +158,9 @@ async def start(
     limits: SignalingLimits = FAST,
     pages: Mapping[str, tuple[str, bytes]] | None = None,
 ) -> SignalingServer:
-    server = SignalingServer(backend, limits=limits, pages=pages)
+    # these tests are about signaling itself: an explicitly open gate (tests/sessions/test_tokens.py
+    # has the tokens)
+    server = SignalingServer(backend, limits=limits, pages=pages, gate=Gate.open())
     started: SignalingServer = await nursery.start(server.run)
     return started
 
@@ -455,7 +458,9 @@ async def test_close_code_holds_when_the_server_stops_first(backend: FakeBackend
 
         async def serve(task_status: trio.TaskStatus[SignalingServer]) -> None:
             with server_scope:
-                await SignalingServer(backend, limits=FAST).run(task_status=task_status)
+                await SignalingServer(backend, limits=FAST, gate=Gate.open()).run(
+                    task_status=task_status
+                )
 
         server: SignalingServer = await outer.start(serve)
         async with ws_open(server) as ws:
@@ -862,7 +867,9 @@ async def test_stopping_the_server_closes_websocket_sessions(backend: FakeBacken
 
         async def serve(task_status: trio.TaskStatus[SignalingServer]) -> None:
             with server_scope:
-                await SignalingServer(backend, limits=FAST).run(task_status=task_status)
+                await SignalingServer(backend, limits=FAST, gate=Gate.open()).run(
+                    task_status=task_status
+                )
 
         server: SignalingServer = await outer.start(serve)
         async with ws_open(server) as ws:

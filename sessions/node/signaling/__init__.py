@@ -9,6 +9,7 @@ malicious client costs one connection task for a bounded time and never the serv
 Modules by layer, each importing only those above it in this list:
 
 - :mod:`.messages`: client messages, error objects, the backend seam, limits (no I/O);
+- :mod:`.admission`: the :class:`Gate`: access tokens and what each subject holds;
 - :mod:`.backend`: opening, attaching to and ending sessions through the backend, bounded and
   counted;
 - :mod:`.http`: HTTP/1.1 framing with h11, the replay stream, bounded closes;
@@ -27,6 +28,7 @@ is in :mod:`.websocket`, the HTTP routes in :mod:`.whip`, the backend's side of 
 :class:`SessionBackend` and :class:`SessionHandle`.
 """
 
+from sessions.node.signaling.admission import Gate, node_gate
 from sessions.node.signaling.messages import (
     ATTACHED_ELSEWHERE,
     REATTACH,
@@ -48,11 +50,13 @@ __all__ = [
     "REATTACH_GOING_AWAY",
     "SESSION_PATH",
     "ClientMessageError",
+    "Gate",
     "Redirect",
     "SessionBackend",
     "SessionHandle",
     "SignalingLimits",
     "SignalingRefused",
     "SignalingServer",
+    "node_gate",
     "parse_client_message",
 ]

@@ -15,6 +15,7 @@ from typing import Literal, final
 import attrs
 import trio
 
+from sessions.node.signaling.admission import Gate
 from sessions.node.signaling.messages import (
     CLIENT_CODES,
     Redirect,
@@ -38,21 +39,55 @@ _CONTROL_STATUS = {"forbidden": 403, "unknown_session": 404}
 @final
 @attrs.define
 class BackendCalls:
-    """``backend`` behind ``limits``, counting into ``counters`` (the server's, shared)."""
+    """``backend`` behind ``limits`` and ``gate``, counting into ``counters`` (the server's,
+    shared)."""
 
     backend: SessionBackend
     limits: SignalingLimits
     counters: dict[str, int]
+    gate: Gate
 
     def count(self, name: str) -> None:
         """One more ``name``; error codes count under their own name."""
         self.counters[name] = self.counters.get(name, 0) + 1
 
     async def open_session(
+        self,
+        offer: str,
+        transport: Literal["websocket", "http"],
+        remote: str,
+        token: str | None,
+    ) -> SessionHandle | Refusal:
+        """Check ``token`` at the gate, then ask the backend; a refusal comes back as the error
+        to send (status for HTTP). The session holds its subject's slot until
+        :meth:`session_gone`."""
+        log.debug("offer received", extra={"remote": remote, "transport": transport, "sdp": offer})
+        grant = self.gate.reserve(token)
+        if isinstance(grant, Refusal):
+            log.info("offer refused", extra={"remote": remote, "code": grant.code})
+            return grant
+        try:
+            outcome = await self._open(offer, transport, remote)
+        except BaseException:
+            self.gate.release(grant)
+            raise
+        if isinstance(outcome, SessionHandle):
+            self.gate.opened(outcome.session_id, grant)
+            log.info(
+                "session admitted",
+                extra={"session": outcome.session_id, "subject": grant.subject, "room": grant.room},
+            )
+        else:
+            self.gate.release(grant)
+        return outcome
+
+    def session_gone(self, session_id: str) -> None:
+        """The session is no longer served here (ended, moved): its subject's slot is free."""
+        self.gate.closed(session_id)
+
+    async def _open(
         self, offer: str, transport: Literal["websocket", "http"], remote: str
     ) -> SessionHandle | Refusal:
-        """Ask the backend; a refusal comes back as the error to send (status for HTTP)."""
-        log.debug("offer received", extra={"remote": remote, "transport": transport, "sdp": offer})
         try:
             handle = await self.backend.open_session(offer, transport=transport)
         except SdpError as exc:

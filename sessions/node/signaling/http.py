@@ -8,9 +8,11 @@ request means is for the routes (:mod:`.whip`) and the server (:mod:`.server`).
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 from collections.abc import Sequence
 from http import HTTPStatus
 from typing import final
+from urllib.parse import parse_qs
 
 import h11
 import trio
@@ -22,10 +24,12 @@ __all__ = [
     "HttpError",
     "ReplayStream",
     "header",
+    "is_loopback",
     "is_websocket_upgrade",
     "linger_close",
     "peer",
     "refuse_connection",
+    "request_token",
 ]
 
 _RECEIVE_CHUNK = 4096
@@ -73,6 +77,29 @@ def is_websocket_upgrade(request: h11.Request) -> bool:
         and "websocket" in _tokens(header(request, b"upgrade"))
         and "upgrade" in _tokens(header(request, b"connection"))
     )
+
+
+def request_token(request: h11.Request) -> str | None:
+    """The access token of ``request``: ``Authorization: Bearer`` (RFC 6750 §2.1), else the
+    ``token`` query parameter (§2.3, for browsers, which cannot set headers on a WebSocket)."""
+    value = header(request, b"authorization")
+    if value is not None:
+        scheme, _, credentials = value.decode("latin-1").strip().partition(" ")
+        if scheme.lower() == "bearer" and credentials.strip():
+            return credentials.strip()
+        return None
+    _, _, query = request.target.decode("ascii", "replace").partition("?")
+    values = parse_qs(query).get("token") if query else None
+    return values[0] if values else None
+
+
+def is_loopback(stream: trio.SocketStream) -> bool:
+    """The connection comes from this host (127.0.0.0/8 or ::1)."""
+    try:
+        address = stream.socket.getpeername()
+        return ipaddress.ip_address(address[0]).is_loopback
+    except (OSError, ValueError, TypeError, IndexError):
+        return False
 
 
 def peer(stream: trio.SocketStream) -> str:

@@ -3,7 +3,8 @@
 A WebSocket upgrade on ``GET /v1/session`` goes to :class:`WebSocketSessions` with the bytes
 already read; anything else to :class:`HttpRoutes`, keep-alive included. Each connection is one
 task of the server's nursery; a connection task's failure is logged and counted, never the
-server's. Connections beyond ``max_connections`` are answered 503 and closed.
+server's. Connections beyond ``max_connections`` are answered 503 and closed. Who may open
+sessions is the :class:`Gate`'s to say (:mod:`.admission`).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import Literal, final
 import h11
 import trio
 
+from sessions.node.signaling.admission import Gate, node_gate
 from sessions.node.signaling.backend import BackendCalls
 from sessions.node.signaling.http import (
     HttpConnection,
@@ -24,6 +26,7 @@ from sessions.node.signaling.http import (
     linger_close,
     peer,
     refuse_connection,
+    request_token,
 )
 from sessions.node.signaling.messages import (
     SESSION_PATH,
@@ -33,6 +36,7 @@ from sessions.node.signaling.messages import (
 )
 from sessions.node.signaling.websocket import WebSocketSessions
 from sessions.node.signaling.whip import HttpRoutes
+from sessions.node.tokens import TokenVerifier
 
 __all__ = ["SignalingServer"]
 
@@ -56,11 +60,28 @@ _COUNTERS = (
     "bad_message",
     "forbidden",
     "unknown_session",
+    "session_recovering",
     "refused",
     "internal",
+    "token_missing",
+    "token_invalid",
+    "token_expired",
+    "token_forbidden",
+    "demo_tokens",
     "events_forwarded",
     "events_dropped",
 )
+
+
+def _gate_of(backend: SessionBackend) -> Gate:
+    """The gate a node's backend asks for. A node's frontend should pass ``gate=`` itself; until
+    it does, the node's settings are read through the backend (a NodeSessions has the node). A
+    backend without settings gets a gate that admits no offer at all: fail closed."""
+    config = getattr(getattr(backend, "node", None), "config", None)
+    if config is None:
+        log.warning("signaling has no gate and no node settings: no offer will be admitted")
+        return Gate("token", verifier=TokenVerifier({}))
+    return node_gate(config)
 
 
 def _url_host(host: str) -> str:
@@ -84,6 +105,7 @@ class SignalingServer:
         pages: Mapping[str, tuple[str, bytes]] | None = None,
         limits: SignalingLimits | None = None,
         advertise_host: str | None = None,
+        gate: Gate | None = None,
     ) -> None:
         self.backend = backend
         self.host = host
@@ -95,7 +117,10 @@ class SignalingServer:
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         #: connections being served right now
         self.active_connections = 0
-        self._calls = BackendCalls(backend, self.limits, self.counters)
+        #: who may open sessions (tokens, per-subject limits)
+        self.gate = gate if gate is not None else _gate_of(backend)
+        self._calls = BackendCalls(backend, self.limits, self.counters, self.gate)
+        self._publish(backend)
         self._routes = HttpRoutes(self._calls, pages or {})
         self._websockets = WebSocketSessions(self._calls, self.limits)
         self._nursery: trio.Nursery | None = None
@@ -107,6 +132,26 @@ class SignalingServer:
             "signaling": f"ws://{host}:{self.port}{SESSION_PATH}",
             "whip": f"http://{host}:{self.port}{SESSION_PATH}",
         }
+
+    def published_counters(self) -> dict[str, int]:
+        """The counters a node publishes (``parley status --json``), named ``signaling_*``."""
+        return {f"signaling_{name}": value for name, value in self.counters.items()}
+
+    def _publish(self, backend: SessionBackend) -> None:
+        """Publish the auth mode and these counters in the node's registration, when the
+        backend is a node's (its frontend sets the node's counter source before this server)."""
+        node = getattr(backend, "node", None)
+        addresses = getattr(node, "addresses", None)
+        if isinstance(addresses, dict):
+            addresses["auth"] = self.gate.mode
+        if node is None or not hasattr(node, "counters_source"):
+            return
+        before = node.counters_source
+
+        def counters() -> dict[str, int]:
+            return {**(before() if before is not None else {}), **self.published_counters()}
+
+        node.counters_source = counters
 
     async def wind_down(self) -> None:
         """Wait until every WebSocket client whose session ended has had its last events and its
@@ -204,7 +249,9 @@ class SignalingServer:
             assert request is not None
             if is_websocket_upgrade(request):
                 self._websockets.check_upgrade(request)
-                await self._websockets.serve(connection.stream, bytes(connection.raw), remote)
+                await self._websockets.serve(
+                    connection.stream, bytes(connection.raw), remote, request_token(request)
+                )
                 return "websocket"
             nursery = self._nursery
             assert nursery is not None  # connections are only served while run() runs

@@ -2,7 +2,7 @@
 
 ``ws://HOST:PORT/v1/session``, JSON text messages::
 
-    client → {"type": "offer", "sdp": "..."}
+    client → {"type": "offer", "sdp": "...", "token": "<access token, optional>"}
     node   → {"type": "answer", "sdp": "...", "session": "<id>", "secret": "<secret>"}
     client → {"type": "attach", "session": "<id>", "secret": "<secret>"}
     node   → {"type": "attached", "session": "<id>"}
@@ -12,12 +12,18 @@
     node   → {"type": "event", "event": "<name>", "ts": <unix seconds>, ...fields}
     node   → {"type": "error", "code": "<machine-readable>", "message": "<human>"}
 
+An offer needs an access token where the node asks for them (:mod:`.admission`): the upgrade's
+``Authorization: Bearer`` or ``?token=``, or the offer's own ``token`` (which wins). Without one
+the offer gets an error (``token_missing``, ``token_invalid``, ``token_expired``,
+``token_forbidden``) and the socket stays open. An attach needs no token: the secret is enough.
 A socket's first session comes from an offer, or from an attach: a new socket (to any node) takes
 over a live session with the secret the answer carried. The secret travels only in the answer, on
 the client's own socket: never in the SDP, never in the ufrag, never in a log. An attach is
 answered ``attached`` (then the session's events flow), ``redirect`` (another node owns the
 session: attach there; the socket closes with 1000), or an error: ``forbidden`` for a wrong secret,
-``unknown_session`` when no such session is live, ``bad_message`` for a malformed attach. A
+``unknown_session`` when no such session is live, ``session_recovering`` when its node died and
+it is about to be resumed from its checkpoint (try again shortly), ``bad_message`` for a
+malformed attach. A
 session has at most one socket: attaching again hands it to the new socket, and the old one gets
 ``session_attached_elsewhere`` and closes with 4003.
 
@@ -136,6 +142,8 @@ class _SessionState:
     """One WebSocket connection's session, shared by its reader and its event forwarder."""
 
     remote: str
+    #: the access token of the upgrade request, if any
+    token: str | None = None
     handle: SessionHandle | None = None
     phase: SocketPhase = SocketPhase.WAITING
     #: the backend's own session_ended was forwarded: no final one of ours
@@ -185,7 +193,9 @@ class WebSocketSessions:
         if not header(request, b"sec-websocket-key"):
             raise HttpError(400, "bad_request", "missing Sec-WebSocket-Key", close=True)
 
-    async def serve(self, stream: trio.SocketStream, head: bytes, remote: str) -> None:
+    async def serve(
+        self, stream: trio.SocketStream, head: bytes, remote: str, token: str | None = None
+    ) -> None:
         """Complete the handshake whose request ``head`` was already read from ``stream``, then
         run its session until either side ends it; the close is bounded."""
         self.calls.count("ws_connections")
@@ -203,7 +213,7 @@ class WebSocketSessions:
                 nursery.cancel_scope.cancel()
                 return
             log.info("websocket connected", extra={"remote": remote})
-            state = _SessionState(remote)
+            state = _SessionState(remote, token)
             self._live.add(state)
             try:
                 await self._session(ws, state)
@@ -230,6 +240,7 @@ class WebSocketSessions:
         finally:
             handle = state.handle
             if handle is not None:
+                self.calls.session_gone(handle.session_id)
                 # the backend closes a socket's events when it lets go of it (the session ended,
                 # moved, or another socket attached): then the session is no longer ours to end
                 let_go = handle.events.statistics().open_send_channels == 0
@@ -293,7 +304,10 @@ class WebSocketSessions:
             return await self._attach(ws, state, tasks, parsed)
         sdp = parsed["sdp"]
         assert isinstance(sdp, str)
-        outcome = await self.calls.open_session(sdp, "websocket", state.remote)
+        token = parsed.get("token")
+        outcome = await self.calls.open_session(
+            sdp, "websocket", state.remote, token if isinstance(token, str) else state.token
+        )
         if isinstance(outcome, Refusal):
             await self._error(ws, outcome.code, outcome.message)
             return True

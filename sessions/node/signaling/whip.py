@@ -5,12 +5,16 @@ WHIP-style (RFC 9725 shape): ``POST /v1/session`` with an ``application/sdp`` of
 (RFC 9725 §4.2). ``DELETE`` on that URL ends the session, on any node, wherever the session lives
 now: 200, or 403 ``forbidden`` for a wrong secret, 404 ``unknown_session``. The id alone is
 public (it is in the ufrag of every STUN check): ``DELETE /v1/session/<id>`` is always 403.
-``GET /healthz`` answers ``{"ok": true}``; pages are served as given. Errors raise
-:class:`HttpError`, which the server turns into the JSON error response.
+Both need an access token in token mode (:mod:`.admission`): 401 ``token_missing``,
+``token_invalid``, ``token_expired``, 403 ``token_forbidden``. ``GET /v1/demo-token`` gives a
+loopback client a short-lived token (``{"token", "expires"}``) where the node mints them for its
+demo page, 404 elsewhere. ``GET /healthz`` answers ``{"ok": true}``; pages are served as given.
+Errors raise :class:`HttpError`, which the server turns into the JSON error response.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import final
 
@@ -18,7 +22,13 @@ import h11
 import trio
 
 from sessions.node.signaling.backend import BackendCalls
-from sessions.node.signaling.http import HttpConnection, HttpError, header
+from sessions.node.signaling.http import (
+    HttpConnection,
+    HttpError,
+    header,
+    is_loopback,
+    request_token,
+)
 from sessions.node.signaling.messages import (
     SESSION_PATH,
     Refusal,
@@ -26,10 +36,18 @@ from sessions.node.signaling.messages import (
     is_control_token,
 )
 
-__all__ = ["HEALTH_PATH", "HttpRoutes"]
+__all__ = ["DEMO_TOKEN_PATH", "HEALTH_PATH", "HttpRoutes"]
 
 _SESSION_PREFIX = SESSION_PATH + "/"
 HEALTH_PATH = "/healthz"
+DEMO_TOKEN_PATH = "/v1/demo-token"
+#: RFC 6750 §3: a 401 names the scheme the client should use
+_BEARER = [("WWW-Authenticate", 'Bearer realm="parley"')]
+
+
+def _refused(refusal: Refusal) -> HttpError:
+    headers = _BEARER if refusal.status == 401 else []
+    return HttpError(refusal.status, refusal.code, refusal.message, headers)
 
 
 @final
@@ -41,7 +59,7 @@ class HttpRoutes:
         #: path → (content type, content)
         self.pages = dict(pages)
         for path in self.pages:
-            if not path.startswith("/") or path in (SESSION_PATH, HEALTH_PATH):
+            if not path.startswith("/") or path in (SESSION_PATH, HEALTH_PATH, DEMO_TOKEN_PATH):
                 raise ValueError(f"page path {path!r} is not a free absolute path")
             if path.startswith(_SESSION_PREFIX):
                 raise ValueError(f"page path {path!r} is under {SESSION_PATH}")
@@ -80,12 +98,14 @@ class HttpRoutes:
             if not session_id or "/" in secret:
                 raise HttpError(404, "not_found", "no such resource")
             if method == "DELETE":
-                await self._whip_delete(connection, session_id, secret, remote)
+                await self._whip_delete(connection, request, session_id, secret, remote)
             elif method == "OPTIONS":
                 await connection.respond(204, headers=allow)
             else:
                 # PATCH included: an ICE-lite node takes no trickled candidates (RFC 9725 §4.3)
                 raise HttpError(405, "method_not_allowed", f"{method} not allowed here", allow)
+        elif path == DEMO_TOKEN_PATH:
+            await self._demo_token(connection, method)
         elif path == HEALTH_PATH or path in self.pages:
             if method not in ("GET", "HEAD"):
                 raise HttpError(
@@ -130,9 +150,9 @@ class HttpRoutes:
             raise HttpError(400, "bad_sdp", "the offer is not UTF-8") from None
         if not offer.strip():
             raise HttpError(400, "bad_sdp", "the offer is empty")
-        handle = await self.calls.open_session(offer, "http", remote)
+        handle = await self.calls.open_session(offer, "http", remote, request_token(request))
         if isinstance(handle, Refusal):
-            raise HttpError(handle.status, handle.code, handle.message)
+            raise _refused(handle)
         session_id = handle.session_id
         watchers.start_soon(self._watch_http_session, handle)
         try:
@@ -152,7 +172,12 @@ class HttpRoutes:
             raise
 
     async def _whip_delete(
-        self, connection: HttpConnection, session_id: str, secret: str, remote: str
+        self,
+        connection: HttpConnection,
+        request: h11.Request,
+        session_id: str,
+        secret: str,
+        remote: str,
     ) -> None:
         # issue #15: the id is public, only the secret is a handle on the session. Asked
         # without it, the answer does not tell whether the session exists.
@@ -160,6 +185,10 @@ class HttpRoutes:
             raise HttpError(403, "forbidden", "ending a session takes its session URL")
         if not is_control_token(session_id):
             raise HttpError(404, "unknown_session", "no such session")
+        # RFC 9725 §4.2: the session URL is used with the token that created the session
+        denied = self.calls.gate.may_end(session_id, request_token(request))
+        if denied is not None:
+            raise _refused(denied)
         refusal = await self.calls.end_session_by_secret(session_id, secret, remote)
         if refusal is not None:
             raise HttpError(refusal.status, refusal.code, refusal.message)
@@ -168,6 +197,27 @@ class HttpRoutes:
     async def _watch_http_session(self, handle: SessionHandle) -> None:
         """HTTP sessions have no event channel: drop their events until the backend closes it
         (the session ended, or moved to another node)."""
-        async with handle.events:
-            async for _ in handle.events:
-                pass
+        try:
+            async with handle.events:
+                async for _ in handle.events:
+                    pass
+        finally:
+            self.calls.session_gone(handle.session_id)
+
+    async def _demo_token(self, connection: HttpConnection, method: str) -> None:
+        """A token for the demo page this node serves: loopback clients only, and only where
+        the node mints them (``node.demo_tokens``); 404 otherwise, as if there were no route."""
+        if method != "GET":
+            raise HttpError(
+                405, "method_not_allowed", f"{method} not allowed here", [("Allow", "GET")]
+            )
+        minted = self.calls.gate.demo_token() if is_loopback(connection.stream) else None
+        if minted is None:
+            raise HttpError(404, "not_found", "no such resource")
+        token, expires = minted
+        self.calls.count("demo_tokens")
+        await connection.respond(
+            200,
+            body=json.dumps({"token": token, "expires": expires}).encode(),
+            headers=[("Content-Type", "application/json"), ("Cache-Control", "no-store")],
+        )

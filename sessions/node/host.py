@@ -43,7 +43,15 @@ from sessions.transceiver import SessionSnapshot, Transceiver
 from sessions.transceiver.handover import MoveRefused as CoreMoveRefused
 from sessions.turns import TurnConfig
 from sessions.webrtc.certs import Certificate, generate_certificate
-from storage.checkpoints import Checkpoints, Sealer, pack_record
+from storage.checkpoints import (
+    HEADER_SIZE,
+    TAG_SIZE,
+    CheckpointError,
+    Checkpoints,
+    Sealer,
+    pack_record,
+    unpack_record,
+)
 from storage.etcd import EtcdError
 from storage.moves import Moves
 from storage.ownership import AlreadyOwned, Ownership, StaleEpoch
@@ -131,6 +139,10 @@ class NodeSessions:
         self.sealer: Sealer | None = None
         #: publishes what each session's cores processed (node.ledger_dir; None: off)
         self.ledger: LedgerWriter | None = None
+        #: checkpoints made durable in etcd, their sealed bytes, and those that were not
+        self.counters: dict[str, int] = dict.fromkeys(
+            ("checkpoints_stored", "checkpoint_bytes", "checkpoints_failed"), 0
+        )
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """End sessions that end themselves (their actor calls back synchronously)."""
@@ -203,8 +215,14 @@ class NodeSessions:
             self._events[session_id] = send_events
             log.info("session attached", extra={"session": session_id})
             return SessionHandle(session_id=session_id, answer_sdp="", events=events, secret=secret)
-        owner = await self._owner(session_id)
+        owner = await self._recovering_or_owner(session_id, secret)
         check_secret(secret, owner.control)
+        if owner.node == self.node.id:
+            # an owner key of this node's previous process: it died, its lease has not run out
+            # yet, and then another node (or this one) adopts the session
+            raise SignalingRefused(
+                "session_recovering", "the session's node died; it is being resumed elsewhere"
+            )
         url = await self._signaling_url(owner.node)
         if url is None:
             raise SignalingRefused("internal", f"node {owner.node} publishes no signaling URL")
@@ -324,8 +342,13 @@ class NodeSessions:
                 await checkpoints.store(session_id, hosted.epoch, record)
             except (StaleEpoch, EtcdError) as exc:
                 log.warning("checkpoint not stored", extra={"session": session_id, "why": str(exc)})
+                self.counters["checkpoints_failed"] += 1
                 return False
+            self.counters["checkpoints_stored"] += 1
+            # what etcd keeps: the sealed record (a header and the GCM tag around it)
+            self.counters["checkpoint_bytes"] += HEADER_SIZE + len(record) + TAG_SIZE
             return True
+        self.counters["checkpoints_failed"] += 1
         return False
 
     async def restore_checkpoint(self, session_id: str, snapshot: bytes) -> Callable[[], Actor]:
@@ -396,6 +419,29 @@ class NodeSessions:
         if owner is None:
             raise SignalingRefused("unknown_session", f"no live session {session_id}")
         return owner
+
+    async def _recovering_or_owner(self, session_id: str, secret: str) -> Ownership:
+        """The session's owner; if it has none but a checkpoint whose secret matches (its node
+        died and the lease ran out: it is about to be adopted), ``session_recovering``, which
+        tells a client to try again shortly. Else as :meth:`_owner`."""
+        try:
+            return await self._owner(session_id)
+        except SignalingRefused as exc:
+            if exc.code != "unknown_session" or self.sealer is None or self.node.etcd is None:
+                raise
+            try:
+                loaded = await Checkpoints(self.node.etcd, self.node.keys, self.sealer).load(
+                    session_id
+                )
+                control = None if loaded is None else unpack_record(loaded[0])[0]
+            except (EtcdError, CheckpointError):
+                control = None
+            if control is None:
+                raise
+            check_secret(secret, control)
+            raise SignalingRefused(
+                "session_recovering", "the session's node died; it is being resumed elsewhere"
+            ) from None
 
     async def _signaling_url(self, node_id: str) -> str | None:
         members = self.node.members

@@ -10,9 +10,11 @@ its own origin; a ``session_ended`` is never re-attached.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import secrets
 import shutil
+import socket
 import wave
 from pathlib import Path
 from typing import Any, Literal
@@ -22,6 +24,7 @@ import trio
 
 from sessions.node.pages import HTML, echo_page
 from sessions.node.signaling import (
+    Gate,
     Redirect,
     SessionHandle,
     SignalingRefused,
@@ -168,10 +171,11 @@ async def until(cdp: Cdp, what: str, check: Any) -> dict[str, Any]:
 
 async def test_the_page_reattaches_after_moves(nursery: trio.Nursery, tmp_path: Path) -> None:
     a = NodeA()
-    server_a = SignalingServer(a, pages={"/": (HTML, echo_page())})
+    # fake nodes, and a test of re-attaching: an explicitly open gate
+    server_a = SignalingServer(a, pages={"/": (HTML, echo_page())}, gate=Gate.open())
     await nursery.start(server_a.run)
     b = NodeB(server_a.urls()["signaling"])
-    server_b = SignalingServer(b)
+    server_b = SignalingServer(b, gate=Gate.open())
     await nursery.start(server_b.run)
     wav = tmp_path / "silence.wav"
     silent_wav(wav)
@@ -212,3 +216,98 @@ async def test_the_page_reattaches_after_moves(nursery: trio.Nursery, tmp_path: 
         # the secret went only into attach messages: not into the page's log or text
         assert a.secret not in state["log"]
         assert a.secret not in state["text"]
+
+
+class Recovering(NodeA):
+    """A's successor after a crash: the session is being resumed (``session_recovering``) for
+    ``tries`` attaches, then attaching takes it over; or it is gone (``unknown_session``)."""
+
+    def __init__(self, previous: NodeA, tries: int, *, gone: bool = False) -> None:
+        super().__init__()
+        self.session, self.secret = previous.session, previous.secret
+        self.tries = tries
+        self.gone = gone
+        self.refused = 0
+
+    async def attach_session(self, session_id: str, secret: str) -> SessionHandle | Redirect:
+        await trio.lowlevel.checkpoint()
+        if self.gone:
+            self.refused += 1
+            raise SignalingRefused("unknown_session", "no live session")
+        if self.refused < self.tries:
+            self.refused += 1
+            raise SignalingRefused("session_recovering", "being resumed elsewhere")
+        return await super().attach_session(session_id, secret)
+
+
+def recording(server: SignalingServer) -> list[trio.SocketStream]:
+    """The TCP streams ``server`` accepts from now on."""
+    streams: list[trio.SocketStream] = []
+    handle = server._handle_connection
+
+    async def recorded(stream: trio.SocketStream) -> None:
+        streams.append(stream)
+        await handle(stream)
+
+    server._handle_connection = recorded  # type: ignore[method-assign]
+    return streams
+
+
+async def crash(scope: trio.CancelScope, streams: list[trio.SocketStream]) -> None:
+    """The node's process is gone: its connections end without a close frame, its listener
+    is shut."""
+    for stream in streams:
+        with contextlib.suppress(OSError):  # one the server closed already
+            stream.socket.shutdown(socket.SHUT_RDWR)
+    scope.cancel()
+    await trio.sleep(0.3)
+
+
+@pytest.mark.parametrize("gone", [False, True], ids=["resumed", "gone"])
+async def test_the_page_rides_out_its_node_crashing(
+    nursery: trio.Nursery, tmp_path: Path, gone: bool
+) -> None:
+    """After a crash (the socket drops: 1006) the page keeps re-attaching to its origin while it
+    cannot connect and while the node answers ``session_recovering``, and takes the session up
+    again with the same RTCPeerConnection once it is resumed; a session that did not survive
+    (``unknown_session``) ends the call at once, saying why."""
+    a = NodeA()
+    first = trio.CancelScope()
+
+    async def serve(server: SignalingServer, scope: trio.CancelScope, *, task_status: Any) -> None:
+        with scope:
+            await server.run(task_status=task_status)
+
+    server_a = SignalingServer(a, pages={"/": (HTML, echo_page())}, gate=Gate.open())
+    streams = recording(server_a)
+    await nursery.start(serve, server_a, first)
+    wav = tmp_path / "silence.wav"
+    silent_wav(wav)
+    result: dict[str, Any] = {}
+
+    async with browser_page(f"http://127.0.0.1:{server_a.port}/", tmp_path, wav, result) as cdp:
+        await cdp.evaluate("window.parleyStart()", await_promise=True)
+        await cdp.evaluate("window.parleyPeer().__mark = 'first'")
+        await crash(first, streams)
+        await trio.sleep(1.0)  # nothing listens meanwhile: the page's tries fail to connect
+        successor = Recovering(a, tries=2, gone=gone)
+        server = SignalingServer(
+            successor, port=server_a.port, pages={"/": (HTML, echo_page())}, gate=Gate.open()
+        )
+        await nursery.start(serve, server, trio.CancelScope())
+        if gone:
+            state = await until(cdp, "hung up", lambda s: s["connection"] == "closed")
+            assert "unknown_session" in str(state["error"]), state["error"]
+            assert successor.refused == 1 and state["reattached"] == 0
+            return
+        state = await until(cdp, "re-attached", lambda s: s["reattached"] == 1)
+        assert state["same"], "the RTCPeerConnection was replaced"
+        assert successor.refused == 2 and successor.attaches == 1
+        log = json.loads(state["log"])
+        closed = [e["code"] for e in log if e["event"] == "socket_closed"]
+        assert closed[0] == 1006, log
+        retries = [e["message"] for e in log if e["event"] == "reattach_retry"]
+        assert any("session_recovering" in m for m in retries), retries
+        assert any("cannot connect" in m for m in retries), retries
+        successor.say({"event": "after_crash"})
+        await until(cdp, "heard events after the crash", lambda s: "after_crash" in s["events"])

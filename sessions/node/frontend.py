@@ -70,8 +70,18 @@ async def run_frontend(
         nursery.start_soon(lag.run)
         # What the media path counted, and how late the node's loop ran (a stall loses packets
         # in the kernel, where no counter of ours sees it).
-        node.counters_source = lambda: {**counters(), **lag.counters()}
+        # ... and what the node's sessions did: checkpoints, moves and adoptions, counted over
+        # every lease generation (a new mover and adopter start with each one)
+        moved: dict[str, int] = {}
+        adopted: dict[str, int] = {}
         backend = NodeSessions(node, media)
+        node.counters_source = lambda: {
+            **counters(),
+            **lag.counters(),
+            **backend.counters,
+            **moved,
+            **adopted,
+        }
         if cfg.ledger_dir:
             backend.ledger = LedgerWriter(Path(cfg.ledger_dir) / f"{node.id}.jsonl", node.id)
             nursery.start_soon(backend.ledger.run)
@@ -94,18 +104,29 @@ async def run_frontend(
                 backend.enable_checkpoints(sealer)
 
                 def make_mover(node: Node, lease: Lease) -> NodeMover | None:
-                    etcd = node.etcd
-                    return (
-                        None if etcd is None else NodeMover(node, backend, etcd, node.keys, sealer)
-                    )
+                    if node.etcd is None:
+                        return None
+                    mover = NodeMover(node, backend, node.etcd, node.keys, sealer)
+                    mover.counters = _carried(moved, mover.counters)
+                    return mover
 
                 def make_adopter(node: Node, lease: Lease) -> Adopter | None:
                     if node.etcd is None:
                         return None
-                    return Adopter(node, backend, node.etcd, node.keys, sealer)
+                    adopter = Adopter(node, backend, node.etcd, node.keys, sealer)
+                    adopter.counters = _carried(adopted, adopter.counters)
+                    return adopter
 
                 node.make_mover = make_mover
                 node.make_adopter = make_adopter
         log.info("serving clients", extra=dict(node.addresses))
         node.stats_source = backend.stats
         task_status.started(backend)
+
+
+def _carried(totals: dict[str, int], fresh: dict[str, int]) -> dict[str, int]:
+    """``totals`` with every counter of ``fresh`` in it (at zero if new): the dict a new lease
+    generation's mover or adopter counts into, so that the node's counters never go back."""
+    for name, value in fresh.items():
+        totals.setdefault(name, value)
+    return totals

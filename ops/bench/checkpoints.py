@@ -1,0 +1,214 @@
+"""What crash failover costs etcd: checkpoint writes and bytes per session-minute.
+
+    python -m ops.bench.checkpoints [--sessions 20] [--window 60] [--json]
+
+The cluster and the clients are the migration bench's (ops/bench/migration.py): ``parley up``
+(etcd, one relay, three nodes in relay mode, the immediate echo agent) on free local ports, and
+aiortc peers in this process playing espeak-ng speech.
+
+Two windows of ``--window`` seconds, on the same cluster in the same run:
+
+1. **Baseline**: the cluster with no session. What etcd does for an idle cluster (leases kept
+   alive, nodes' and relays' registrations refreshed with their counters): revisions per minute.
+2. **Talking**: ``--sessions`` sessions spread over the three nodes, each talking, measured from
+   :data:`SETTLE` seconds after the last one connected (their first checkpoints, made as DTLS
+   completes, are setup cost, not steady cost). The nodes count each checkpoint made durable in
+   etcd and its sealed size (``checkpoints_stored``, ``checkpoint_bytes`` in ``parley status
+   --json``); etcd's revision counts every write of anyone.
+
+Per session-minute: checkpoints stored, their sealed bytes, and the etcd revisions above the
+baseline's rate (checkpoints and anything else sessions make the cluster write: session stats,
+routes). The checkpoint policy (sessions/transceiver/checkpoints.py) predicts 6 checkpoints per
+session-minute: one every 10 s, none sooner while the SRTP reservation lasts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final, final
+
+import attrs
+
+from ops.bench import migration
+from ops.bench.migration import Cluster, EchoCall
+from ops.bench.sessions import loopback_ice, machine, speech_packets
+
+__all__ = ["BenchResult", "Params", "Window", "main", "measure", "render"]
+
+NODES: Final = ("node-1", "node-2", "node-3")
+#: seconds after the last session connected before the talking window opens
+SETTLE: Final = 5.0
+#: the node counters this bench reads
+COUNTERS: Final = ("checkpoints_stored", "checkpoint_bytes", "checkpoints_failed")
+
+
+@final
+@attrs.frozen
+class Params:
+    sessions: int
+    window: float
+
+
+@final
+@attrs.frozen
+class Window:
+    """What etcd and the nodes did in one window."""
+
+    seconds: float
+    sessions: int
+    revisions: int
+    #: the nodes' checkpoint counters over the window, summed over the nodes
+    counters: dict[str, int]
+
+    @property
+    def revisions_per_minute(self) -> float:
+        return self.revisions * 60.0 / self.seconds
+
+
+@final
+@attrs.frozen
+class BenchResult:
+    machine: dict[str, Any]
+    params: dict[str, Any]
+    baseline: Window
+    talking: Window
+    #: sessions still owned at the end of the talking window (all of them, or the run is void)
+    owned_at_end: int
+
+    def per_session_minute(self) -> dict[str, float]:
+        """The talking window's cost per session-minute (revisions: above the baseline)."""
+        t, b = self.talking, self.baseline
+        minutes = t.sessions * t.seconds / 60.0
+        stored = t.counters["checkpoints_stored"]
+        extra = t.revisions_per_minute - b.revisions_per_minute
+        return {
+            "checkpoints": round(stored / minutes, 2),
+            "checkpoint_bytes": round(t.counters["checkpoint_bytes"] / minutes),
+            "bytes_per_checkpoint": round(t.counters["checkpoint_bytes"] / max(1, stored)),
+            "etcd_revisions": round(extra / t.sessions, 2),
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        out = attrs.asdict(self)
+        out["per_session_minute"] = self.per_session_minute()
+        return out
+
+
+def _snapshot(cluster: Cluster) -> tuple[int, dict[str, int], int]:
+    """(etcd revision, the nodes' checkpoint counters summed, sessions owned), read at once."""
+    status = cluster.status()
+    totals = dict.fromkeys(COUNTERS, 0)
+    for node in status["nodes"]:
+        for name in COUNTERS:
+            totals[name] += int((node.get("counters") or {}).get(name, 0))
+    return int(status["revision"]), totals, len(status["sessions"])
+
+
+async def _window(cluster: Cluster, seconds: float, sessions: int) -> tuple[Window, int]:
+    revision, before, _ = await asyncio.to_thread(_snapshot, cluster)
+    started = time.monotonic()
+    await asyncio.sleep(seconds)
+    end_revision, after, owned = await asyncio.to_thread(_snapshot, cluster)
+    took = time.monotonic() - started
+    counters = {name: after[name] - before[name] for name in COUNTERS}
+    return Window(round(took, 2), sessions, end_revision - revision, counters), owned
+
+
+async def _run(cluster: Cluster, params: Params) -> BenchResult:
+    baseline, _ = await _window(cluster, params.window, 0)
+    packets = speech_packets()
+    calls: list[EchoCall] = []
+    urls: dict[str, str] = {}
+    try:
+        for index, node in enumerate(NODES):
+            count = len(range(index, params.sessions, len(NODES)))
+            if count:
+                url = cluster.whip[node]
+                placed = await migration._connect_all(url, packets, count, cluster.token)
+                calls += placed
+                urls.update((c.session, url) for c in placed)
+        await asyncio.sleep(SETTLE)
+        talking, owned = await _window(cluster, params.window, len(calls))
+    finally:
+        await asyncio.gather(*(c.close(urls.get(c.session, cluster.whip[NODES[0]])) for c in calls))
+    return BenchResult(
+        machine=machine(),
+        params=attrs.asdict(params),
+        baseline=baseline,
+        talking=talking,
+        owned_at_end=owned,
+    )
+
+
+def measure(params: Params, *, keep: bool = False) -> BenchResult:
+    """Both windows on one ``parley up``; ``keep`` leaves the cluster's directory behind."""
+    loopback_ice()
+    tmp = Path(tempfile.mkdtemp(prefix="parley-bench-checkpoints-"))
+    cluster = Cluster(tmp)
+    try:
+        cluster.start()
+        cluster.wait_ready()
+        return asyncio.run(_run(cluster, params))
+    finally:
+        cluster.stop()
+        if keep:
+            print(f"cluster directory (kept): {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def render(result: BenchResult) -> str:
+    m, b, t = result.machine, result.baseline, result.talking
+    per = result.per_session_minute()
+    rows = [
+        ("checkpoints stored", f"{per['checkpoints']:g}", "6 (one every 10 s)"),
+        ("sealed checkpoint bytes", f"{per['checkpoint_bytes']:g}", "-"),
+        ("etcd revisions above the idle cluster's", f"{per['etcd_revisions']:g}", "-"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    lines = [
+        f"machine: nproc {m['nproc']}, {m['cpu_model']}, python {m['python']}, linux {m['kernel']}",
+        "cluster: parley up (etcd, 1 relay, 3 nodes in relay mode, echo agent); clients: aiortc",
+        f"baseline: no session, {b.seconds:g} s: {b.revisions_per_minute:.1f} etcd revisions/min",
+        f"talking: {t.sessions} sessions, {t.seconds:g} s: {t.revisions_per_minute:.1f} etcd "
+        f"revisions/min; {t.counters['checkpoints_stored']} checkpoints stored, "
+        f"{t.counters['checkpoints_failed']} not, {per['bytes_per_checkpoint']} B each sealed; "
+        f"{result.owned_at_end} sessions owned at the end",
+        "",
+        f"{'per session-minute':<{width}}  {'measured':>9}  policy",
+    ]
+    lines += [f"{label:<{width}}  {value:>9}  {note}" for label, value, note in rows]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> BenchResult:
+    """Command line entry point; prints the table (or JSON) and returns the figures."""
+    parser = argparse.ArgumentParser(
+        prog="python -m ops.bench.checkpoints",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--sessions", type=int, default=20, help="talking sessions (20)")
+    parser.add_argument("--window", type=float, default=60.0, help="seconds per window (60)")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the cluster's directory (its logs)"
+    )
+    args = parser.parse_args(argv)
+    if args.sessions < 1 or args.window <= 0:
+        parser.error("--sessions at least 1, --window above 0")
+    result = measure(Params(args.sessions, args.window), keep=args.keep)
+    print(json.dumps(result.as_dict(), indent=2) if args.json else render(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()

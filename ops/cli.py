@@ -23,7 +23,9 @@ def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", help="TOML config file (default: $PARLEY_CONFIG or ./parley.toml)"
     )
-    parser.add_argument("--etcd", help="etcd client endpoint host:port (cluster.etcd)")
+    parser.add_argument(
+        "--etcd", help="etcd client endpoint host:port, or several: h1:p1,h2:p2 (cluster.etcd)"
+    )
     parser.add_argument("--prefix", help="etcd key prefix of the cluster (cluster.prefix)")
     parser.add_argument(
         "--log-json", action="store_true", default=None, help="one JSON object a log line"
@@ -91,6 +93,11 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--data-dir", help="where etcd data and logs go (up.data_dir)")
     up.add_argument("--etcd-port", type=int, help="local etcd client port (up.etcd_client_port)")
     up.add_argument(
+        "--etcd-members",
+        type=int,
+        help="local etcd members: 1, 3 or 5 (up.etcd_members; 3 outlive a member's loss)",
+    )
+    up.add_argument(
         "--signaling-port",
         type=int,
         help="node-1's signaling port, node-2 the next... (up.signaling_port; 0: any free)",
@@ -119,6 +126,44 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="nodes, relays and sessions of a cluster")
     _common(status)
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
+
+    chaos = commands.add_parser(
+        "chaos", help="faults against a running `parley up` while calls talk; verdicts at the end"
+    )
+    _common(chaos)
+    chaos.add_argument("--data-dir", required=True, help="the data directory of that `parley up`")
+    chaos.add_argument("--duration", type=float, default=60.0, help="seconds of faults (60)")
+    chaos.add_argument("--sessions", type=int, default=6, help="talking sessions held (6)")
+    chaos.add_argument("--every", type=float, default=8.0, help="seconds between faults (8)")
+    chaos.add_argument("--seed", type=int, help="seed of the fault choices (default: random)")
+    chaos.add_argument(
+        "--faults",
+        help="kinds to choose from, comma-separated (default all: kill-node,term-node,"
+        "kill-relay,kill-etcd,freeze-etcd)",
+    )
+    chaos.add_argument("--json", metavar="FILE", help="also write the verdicts as JSON to FILE")
+    chaos.add_argument(
+        "--bound", type=float, help="seconds to hear the echo again (lease TTL + margin + 3)"
+    )
+
+    # -- token: access tokens (issue #15; ops/tokens.py) --
+    token = commands.add_parser("token", help="mint an access token, or rotate the token keys")
+    token_commands = token.add_subparsers(dest="token_command", required=True, metavar="ACTION")
+    create = token_commands.add_parser("create", help="print one access token")
+    rotate = token_commands.add_parser("rotate", help="add a new token key pair; it signs next")
+    for action in (create, rotate):
+        _common(action)
+        action.add_argument(
+            "--certs", help="cluster certificate directory (cluster.certs; default .parley/certs)"
+        )
+    create.add_argument("--ttl", type=float, default=3600.0, help="seconds it is valid (3600)")
+    create.add_argument("--sub", default="parley-cli", help="its subject (parley-cli)")
+    create.add_argument("--agent", help="the only agent it may talk to (default: any)")
+    create.add_argument("--room", help="the room it names (default: none)")
+    create.add_argument(
+        "--max-sessions", type=int, help="sessions of its subject a node runs at once"
+    )
+    # -- end token --
     return parser
 
 
@@ -148,6 +193,7 @@ def config_from(args: argparse.Namespace) -> Config:
             "relays": get("relays"),
             "data_dir": get("data_dir"),
             "etcd_client_port": get("etcd_port"),
+            "etcd_members": get("etcd_members"),
             "signaling_port": get("signaling_port") if command == "up" else None,
         },
         "log": {"json": get("log_json"), "level": get("log_level")},
@@ -285,6 +331,19 @@ def main(argv: list[str] | None = None) -> int:
                 endpoint, prefix, args.node, within=args.timeout, as_json=args.json
             )
         )
+    if args.command == "chaos":
+        from ops.chaos import run_chaos
+
+        return run_chaos(args, config)
+    # -- token: access tokens (issue #15) --
+    if args.command == "token":
+        from ops.tokens import run_token
+
+        cluster = config.cluster
+        if not cluster.certs:  # where `parley up` keeps them
+            cluster = attrs.evolve(cluster, certs=f"{config.up.data_dir}/certs")
+        return run_token(args, cluster)
+    # -- end token --
     raise AssertionError(args.command)
 
 

@@ -1,9 +1,11 @@
 """``parley up``: the embedded default cluster on one machine.
 
-Starts a local etcd (data under ``<data_dir>/etcd``), ``up.relays`` relays (the cluster's public
-UDP ports, 127.0.0.1:``up.relay_port`` and up) and ``up.nodes`` node daemons as child processes,
-restarts any that dies (etcd included, on the same data), prints what runs where, and on Ctrl-C or
-SIGTERM stops the nodes (SIGTERM, so they release what they own), then the relays, then etcd.
+Starts a local etcd (data under ``<data_dir>/etcd``; with ``up.etcd_members`` 3 or 5, a cluster
+of that many members under ``<data_dir>/etcd-1``, ``etcd-2``, ...), ``up.relays`` relays (the
+cluster's public UDP ports, 127.0.0.1:``up.relay_port`` and up) and ``up.nodes`` node daemons as
+child processes, restarts any that dies (each etcd member included, on its own data and ports),
+prints what runs where, and on Ctrl-C or SIGTERM stops the nodes (SIGTERM, so they release what
+they own), then the relays, then etcd. Nodes and relays get every member's endpoint.
 
 One ``parley up`` per data directory: it holds an exclusive lock on ``<data_dir>/up.lock`` (which
 names its pid) for as long as it runs, and a second one refuses to start. Every child dies with it,
@@ -33,11 +35,11 @@ import attrs
 import trio
 
 from ops import children
-from ops.certs import init_cluster, write_cluster_key
+from ops.certs import init_cluster, write_cluster_key, write_token_key
 from ops.config import Config
-from ops.etcdserver import EtcdServer, EtcdServerError, free_port
+from ops.etcdserver import EtcdCluster, EtcdServer, EtcdServerError, free_port
 from ops.status import format_status, gather_status
-from relay.settings import CLUSTER_KEY_FILE
+from relay.settings import CLUSTER_KEY_FILE, TOKEN_KEYS_DIR
 from relay.tunnel.certs import issue_files
 from storage.etcd import EtcdError, open_etcd
 from storage.keys import Keyspace
@@ -55,6 +57,8 @@ class Child:
     log_path: Path
     process: subprocess.Popen[bytes] | None = None
     restarts: int = 0
+    #: settings given to this child on top of our own environment
+    env: dict[str, str] = attrs.field(factory=dict)
 
     @property
     def pid(self) -> int | None:
@@ -105,13 +109,15 @@ class LocalCluster:
     def __init__(self, config: Config, *, stdout: Any = None) -> None:
         self.config = config
         self.data_dir = Path(config.up.data_dir).resolve()
-        self.etcd = EtcdServer(
-            self.data_dir / "etcd",
+        self.etcd = EtcdCluster(
+            self.data_dir,
+            config.up.etcd_members,
             client_port=config.up.etcd_client_port,
             peer_port=config.up.etcd_peer_port,
-            log_file=self.data_dir / "logs" / "etcd.log",
+            log_dir=self.data_dir / "logs",
             die_with_us=True,
         )
+        #: every member's client endpoint, ``host:port,host:port,...``
         self.endpoint = self.etcd.endpoint
         self.etcd_restarts = 0
         self.certs = Path(config.cluster.certs or self.data_dir / "certs").resolve()
@@ -159,10 +165,19 @@ class LocalCluster:
             # the same port after a restart: the demo URL printed at start stays true
             "--signaling-port",
             str(self.signaling_ports[index - 1]),
+            # every node verifies access tokens with the cluster's token keys
+            "--certs",
+            str(self.certs),
         ]
         if self.relays:
-            argv += ["--media", "relay", "--certs", str(self.certs)]
-        return Child(name, argv, self.data_dir / "logs" / f"{name}.log")
+            argv += ["--media", "relay"]
+        env = {
+            # the demo page gets a short-lived token from the node that serves it (loopback only)
+            "PARLEY_NODE_DEMO_TOKENS": "true",
+            # every node writes which SRTP indexes it decrypted: `parley chaos` judges them
+            "PARLEY_NODE_LEDGER_DIR": str(self.data_dir / "ledger"),
+        }
+        return Child(name, argv, self.data_dir / "logs" / f"{name}.log", env=env)
 
     def _make_certs(self) -> None:
         """The CA and hint secret if missing, and a certificate for every member."""
@@ -171,6 +186,9 @@ class LocalCluster:
             self.say(f"certs    made a cluster CA, hint secret and cluster key in {self.certs}")
         if not (self.certs / CLUSTER_KEY_FILE).exists():  # a data dir from before moves
             write_cluster_key(self.certs)
+        if not any((self.certs / TOKEN_KEYS_DIR).glob("*.key")):  # ... and from before tokens
+            write_token_key(self.certs)
+            self.say(f"certs    made an access-token key in {self.certs / TOKEN_KEYS_DIR}")
         for child in self.children:
             role, _, _ = child.name.rpartition("-")
             if not (self.certs / f"{child.name}.pem").exists():
@@ -203,17 +221,21 @@ class LocalCluster:
 
     async def _run(self, task_status: trio.TaskStatus[LocalCluster]) -> None:
         (self.data_dir / "logs").mkdir(parents=True, exist_ok=True)
-        if self.relays:
-            await trio.to_thread.run_sync(self._make_certs)
+        await trio.to_thread.run_sync(self._make_certs)
         try:
-            await self._start_etcd()
+            # Forked from this (the loop's) thread, so that etcd dies with us (ops/children.py).
+            self.etcd.spawn()
+            await trio.to_thread.run_sync(self.etcd.wait_healthy, 20.0)
         except EtcdServerError as exc:
             await trio.to_thread.run_sync(self.etcd.stop)
             raise SystemExit(f"parley up: {exc}") from None
-        self.say(f"etcd     {self.endpoint}  pid {self.etcd.pid}  data {self.etcd.data_dir}")
+        for member in self.etcd.members:
+            label = self._label(member)
+            self.say(f"{label:<8} {member.endpoint}  pid {member.pid}  data {member.data_dir}")
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._supervise_etcd)
+                for member in self.etcd.members:
+                    nursery.start_soon(self._supervise_etcd, member)
                 for child in self.children:
                     await nursery.start(self._supervise, child)
                     self.say(f"{child.name:<8} pid {child.pid}  log {child.log_path}")
@@ -228,17 +250,23 @@ class LocalCluster:
                 await self._stop_in_order()
             self.say("parley stopped.")
 
-    async def _start_etcd(self) -> None:
-        # Forked from this (the loop's) thread, so that etcd dies with us (ops/children.py).
-        self.etcd.spawn()
-        await trio.to_thread.run_sync(self.etcd.wait_healthy, 20.0)
+    def _label(self, member: EtcdServer) -> str:
+        """``etcd`` alone, ``etcd-1``, ``etcd-2``... in a cluster (as their data directories)."""
+        return member.data_dir.name
 
-    async def _supervise_etcd(self) -> None:
-        """Restart etcd on the same data and ports when it exits; the nodes' and relays' leases
-        and watches survive an etcd restart (storage/etcd.py, storage/lease.py)."""
+    async def _start_member(self, member: EtcdServer) -> None:
+        # Forked from this (the loop's) thread, so that etcd dies with us (ops/children.py).
+        member.spawn()
+        await trio.to_thread.run_sync(member.wait_healthy, 20.0)
+
+    async def _supervise_etcd(self, member: EtcdServer) -> None:
+        """Restart an etcd member on its data and ports when it exits; the nodes' and relays'
+        leases and watches survive an etcd restart (storage/etcd.py, storage/lease.py), and with
+        several members they carry on through the others meanwhile."""
+        label = self._label(member)
         backoff = 0.5
         while True:
-            process = self.etcd.process
+            process = member.process
             if process is None:
                 return
             code = await children.wait(process)
@@ -246,18 +274,18 @@ class LocalCluster:
                 return
             self.etcd_restarts += 1
             self.say(
-                f"etcd exited with {code}; restarting it on the same data in {backoff:.1f}s "
-                f"({self.etcd.log_file})"
+                f"{label} exited with {code}; restarting it on the same data in {backoff:.1f}s "
+                f"({member.log_file})"
             )
             await trio.sleep(backoff)
             try:
-                await self._start_etcd()
+                await self._start_member(member)
             except EtcdServerError as exc:
-                self.say(f"etcd did not come back: {exc}")
+                self.say(f"{label} did not come back: {exc}")
                 backoff = min(backoff * 2, 10.0)
                 continue
             backoff = 0.5
-            self.say(f"etcd     {self.endpoint}  pid {self.etcd.pid}  restarted")
+            self.say(f"{label:<8} {member.endpoint}  pid {member.pid}  restarted")
 
     async def _supervise(self, child: Child, *, task_status: trio.TaskStatus[None]) -> None:
         backoff = 0.5
@@ -267,7 +295,10 @@ class LocalCluster:
             # `parley up` dies, even by SIGKILL (ops/children.py). Opening a local log file
             # here blocks no longer than the fork itself does.
             with open(child.log_path, "ab") as log_file:  # noqa: ASYNC230
-                child.process = children.spawn(child.argv, stdout=log_file, stderr=log_file)
+                child.process = children.spawn(
+                    child.argv, stdout=log_file, stderr=log_file, env={**os.environ, **child.env}
+                )
+            started = trio.current_time()
             if first:
                 task_status.started()
                 first = False
@@ -275,6 +306,8 @@ class LocalCluster:
             if self._stopping:
                 return
             child.restarts += 1
+            # a child that ran a while before it exited starts over from the short wait
+            backoff = 0.5 if trio.current_time() - started > 30.0 else backoff
             self.say(
                 f"{child.name} exited with {code}; restarting in {backoff:.1f}s ({child.log_path})"
             )
@@ -330,8 +363,9 @@ class LocalCluster:
             if running:
                 self.say(f"stopping {kind}: {', '.join(c.name for c in running)}")
                 await self._stop_children(running)
-        if self.etcd.process is not None:
-            self.say(f"stopping etcd (pid {self.etcd.process.pid})")
+        pids = [str(m.pid) for m in self.etcd.members if m.process is not None]
+        if pids:
+            self.say(f"stopping etcd (pid{'s' if len(pids) > 1 else ''} {', '.join(pids)})")
         await trio.to_thread.run_sync(self.etcd.stop)
 
     async def _stop_children(self, running: list[Child], grace: float = 15.0) -> None:
@@ -351,7 +385,13 @@ class LocalCluster:
 
     def describe(self) -> dict[str, Any]:
         return {
-            "etcd": {"endpoint": self.endpoint, "pid": self.etcd.process and self.etcd.pid},
+            "etcd": {
+                "endpoint": self.endpoint,
+                "members": [
+                    {"endpoint": m.endpoint, "pid": m.process and m.pid, "data": str(m.data_dir)}
+                    for m in self.etcd.members
+                ],
+            },
             "relays": [{"id": c.name, "pid": c.pid, "log": str(c.log_path)} for c in self.relays],
             "nodes": [{"id": c.name, "pid": c.pid, "log": str(c.log_path)} for c in self.nodes],
         }

@@ -61,6 +61,7 @@ from tests.cluster.cluster_scenario import (
     wait_for_cluster,
     whip,
 )
+from tests.helpers import make_token
 from tests.interop.chromium_scenario import browser_page, isolate_network, speech_wav
 from tests.peers import AiortcCall
 
@@ -75,6 +76,10 @@ PEER_PROCESSES = 2
 COMMAND_TIMEOUT = 30.0
 #: how long a SIGTERMed node may take to hand its sessions over
 SIGTERM_WITHIN = 20.0
+#: the nodes' lease TTL: a SIGKILLed node's sessions are adopted about this long after
+LEASE_TTL = 3
+#: how long the sessions of a SIGKILLed node may take to be adopted
+SIGKILL_WITHIN = LEASE_TTL + 12.0
 
 #: One getStats() sample of the demo page's peer connection, and what the page logged. The
 #: first call also starts recording the connection's ICE, DTLS and signaling state changes.
@@ -226,7 +231,9 @@ class WatchedCall(AiortcCall):
         return {id(t.receiver.transport) for t in self.pc.getTransceivers() if t.receiver.transport}
 
 
-async def peers(whip_url: str, count: int, inbox: Any, outbox: Any, index: int) -> dict[str, Any]:
+async def peers(
+    whip_url: str, token: str, count: int, inbox: Any, outbox: Any, index: int
+) -> dict[str, Any]:
     """``count`` watched calls on node-1; report ready; wait for the marks; judge windows."""
     sent = speech.speak(SPEECH, rate=190)
     calls = [WatchedCall(sent) for _ in range(count)]
@@ -236,7 +243,7 @@ async def peers(whip_url: str, count: int, inbox: Any, outbox: Any, index: int) 
     try:
         for call in calls:
             offer = await call.offer()
-            code, location, answer = await asyncio.to_thread(whip, whip_url, offer)
+            code, location, answer = await asyncio.to_thread(whip, whip_url, offer, token)
             if code != 201:
                 raise ScenarioError(f"WHIP answered {code}")
             # Location: /v1/session/<id>/<secret>
@@ -315,9 +322,14 @@ def srtp_report(
             index = max(v, 0) << 16 | seq
         highest = max(highest, index)
         extended.append((at, index, stamp))
-    seen: dict[int, int] = {}
+    everything: dict[int, int] = {}
     for _, index, _ in extended:
-        seen[index] = seen.get(index, 0) + 1
+        everything[index] = everything.get(index, 0) + 1
+    planned_until = marks.get("planned_until", float("inf"))
+    seen: dict[int, int] = {}
+    for at, index, _ in extended:
+        if at < planned_until:
+            seen[index] = seen.get(index, 0) + 1
     repeated = sorted(i for i, n in seen.items() if n > 1)
     missing: list[int] = []
     if seen:
@@ -357,24 +369,35 @@ def srtp_report(
         }
 
     moves = {name: around(start, end) for name, (start, end) in marks.get("moves", {}).items()}
+    failovers = {
+        name: around(start, end) for name, (start, end) in marks.get("failovers", {}).items()
+    }
     return {
         "packets": len(extended),
+        # the whole call, the crash failover included: an index never comes twice
+        "repeated_ever": sum(1 for n in everything.values() if n > 1),
+        "in_order_ever": all(b[1] > a[1] for a, b in itertools.pairwise(extended)),
+        "failovers": failovers,
         "ssrcs": ssrcs,
         "repeated": len(repeated),
         "repeated_examples": repeated[:10],
         "missing": len(missing),
         "missing_examples": missing[:20],
-        "in_order": all(b[1] > a[1] for a, b in itertools.pairwise(extended)),
+        "in_order": all(
+            b[1] > a[1] for a, b in itertools.pairwise(extended) if b[0] < planned_until
+        ),
         "moves": moves,
     }
 
 
-def peer_process(whip_url: str, count: int, inbox: Any, outbox: Any, index: int) -> None:
+def peer_process(
+    whip_url: str, token: str, count: int, inbox: Any, outbox: Any, index: int
+) -> None:
     """One process of peers (one asyncio loop per process)."""
     own_session()
     aioice.ice.get_host_addresses = lambda use_ipv4, use_ipv6: ["127.0.0.1"]
     try:
-        result = asyncio.run(peers(whip_url, count, inbox, outbox, index))
+        result = asyncio.run(peers(whip_url, token, count, inbox, outbox, index))
     except Exception:
         result = {"error": traceback.format_exc()}
     outbox.put({"result": index, **result})
@@ -471,6 +494,7 @@ def main(outfile: Path, clients: int, migrations: int) -> None:
                     "--etcd-port", str(ETCD_PORT),
                     "--nodes", "3",
                     "--relays", "2",
+                    "--lease-ttl", str(LEASE_TTL),
                 ],
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 cwd=ROOT, env=env, start_new_session=True,
@@ -494,7 +518,9 @@ def main(outfile: Path, clients: int, migrations: int) -> None:
                 os.killpg(up.pid, signal.SIGKILL)
         result["up_exit"] = up.returncode if up is not None else None
         result["total_s"] = round(time.monotonic() - started, 2)
-        result["ledger"] = judge_ledgers(work / "up" / "ledger")
+        result["ledger"] = judge_ledgers(
+            work / "up" / "ledger", killed=(result.get("sigkill") or {}).get("node")
+        )
         logs = work / "up" / "logs"
         if logs.is_dir():
             result["log_tails"] = {
@@ -505,7 +531,7 @@ def main(outfile: Path, clients: int, migrations: int) -> None:
         shutil.rmtree(work, ignore_errors=True)  # what the test needs of it is in the outcome
 
 
-def judge_ledgers(directory: Path) -> dict[str, Any]:
+def judge_ledgers(directory: Path, killed: str | None = None) -> dict[str, Any]:
     """The nodes' media ledgers, read after every node stopped: breaches of single ownership,
     and per session, how many epochs processed it and which client SRTP indexes inside the span
     they decrypted together no node decrypted (a hole: lost, or refused)."""
@@ -519,18 +545,37 @@ def judge_ledgers(directory: Path) -> dict[str, Any]:
         mine = [s for s in segments if s.session == session]
         epochs[session] = len({s.epoch for s in mine})
         ranges = sorted((lo, hi, s.epoch) for s in mine for lo, hi in s.rtp_in)
-        holes[session] = sum(max(0, b[0] - a[1] - 1) for a, b in itertools.pairwise(ranges))
+        by_epoch = {(s.session, s.epoch): s.node for s in mine}
+        # the epochs that adopted the session from the killed node, and their first range: a
+        # crash restore keeps only the newest few datagrams that queued for it (the rest is
+        # stale audio, session.py _shed_backlog), and what the client sent while the session
+        # had no owner at all never reached a node; both are the failover's own loss
+        adopted_first = {
+            b
+            for a, b in itertools.pairwise(ranges)
+            if a[2] != b[2] and killed is not None and by_epoch.get((session, a[2])) == killed
+        }
+        holes[session] = 0
         for a, b in itertools.pairwise(ranges):
             if b[0] - a[1] - 1 > 0:
-                where = "within an epoch" if a[2] == b[2] else "between epochs"
+                if a[2] == b[2] and a in adopted_first:
+                    where = "at the failover"
+                elif a[2] == b[2]:
+                    where = "within an epoch"
+                elif by_epoch.get((session, a[2])) == killed:
+                    where = "at the failover"  # what reached the dead node is gone with it
+                else:
+                    where = "between epochs"
                 detail.setdefault(where, []).append([session[:6], a[1] + 1, b[0] - 1])
+                if where != "at the failover":
+                    holes[session] += b[0] - a[1] - 1
     return {
         "segments": len(segments),
         "violations": check_ledgers(segments),
         "epochs": epochs,
         "holes": holes,
         "hole_detail": {k: v[:40] for k, v in detail.items()},
-        "not_final": sum(1 for s in segments if not s.final),
+        "not_final": sum(1 for s in segments if not s.final and s.node != killed),
     }
 
 
@@ -566,6 +611,7 @@ def run_calls(
     thread = threading.Thread(target=browser)
     thread.start()
     context = multiprocessing.get_context("spawn")
+    token = make_token(work / "up" / "certs", subject="migration-scenario")
     outbox = context.Queue()
     inboxes = []
     processes = []
@@ -578,7 +624,9 @@ def run_calls(
                 continue
             inbox = context.Queue()
             process = context.Process(
-                target=peer_process, args=(whip_url, count, inbox, outbox, index), daemon=True
+                target=peer_process,
+                args=(whip_url, token, count, inbox, outbox, index),
+                daemon=True,
             )
             process.start()
             inboxes.append(inbox)
@@ -715,6 +763,59 @@ def steps(
     time.sleep(LISTEN)
     windows["after_sigterm"] = (left + 0.5, time.time())
     result["status_end"] = status()
+
+    # -- SIGKILL of a node holding sessions: crash failover from checkpoints ---------------
+    # Judged apart from the planned moves above (marks["planned_until"]): a crash restore
+    # jumps the sequence number past the dead owner's reservation, by design.
+    # The SIGTERMed node is restarted by parley up; node-1 stays draining. The victim's
+    # sessions need an active node to go to: wait for the restarted one.
+    def restarted() -> bool:
+        nodes = {n["id"]: n for n in status()["nodes"]}
+        back = nodes.get(victim["id"])
+        return back is not None and back["state"] == "active" and back["pid"] != victim["pid"]
+
+    if not wait_until(restarted, 30.0):
+        raise ScenarioError(f"{victim['id']} did not come back after its SIGTERM")
+    result["status_end"] = status()
+    marks["planned_until"] = time.time()
+    holding = {n["id"]: n for n in result["status_end"]["nodes"] if n["state"] == "active"}
+    # the node under Chromium's session: the page must ride out its node's death too
+    browser = (result.get("chromium_start") or {}).get("session")
+    chosen = next(
+        (s["owner"] for s in result["status_end"]["sessions"] if s["id"] == browser), None
+    )
+    victim = holding.get(chosen) or max(holding.values(), key=lambda n: n["sessions"])
+    epochs = {s["id"]: int(s["epoch"]) for s in result["status_end"]["sessions"]}
+    on_victim = [s["id"] for s in result["status_end"]["sessions"] if s["owner"] == victim["id"]]
+    result["sigkill"] = {"node": victim["id"], "pid": victim["pid"], "sessions": on_victim}
+    killed = time.time()
+    os.kill(int(victim["pid"]), signal.SIGKILL)
+
+    def adopted() -> dict[str, list[Any]] | None:
+        # By a live process: parley up restarts the victim at once, and the new process under
+        # the same id (its own lease) may well be the one that adopts.
+        now = status()
+        live = {n["id"]: n["pid"] for n in now["nodes"] if n["state"] == "active"}
+        owned = {s["id"]: s for s in now["sessions"]}
+        after = {
+            s: [owned[s]["owner"], live[owned[s]["owner"]], int(owned[s]["epoch"])]
+            for s in on_victim
+            if s in owned and owned[s]["owner"] in live
+        }
+        done = len(after) == len(on_victim) and all(
+            pid != victim["pid"] and epoch > epochs[s] for s, (_, pid, epoch) in after.items()
+        )
+        return after if done else None
+
+    owners_after = wait_until(adopted, SIGKILL_WITHIN)
+    back = time.time()
+    result["sigkill"].update(
+        adopted=bool(owners_after), seconds=round(back - killed, 2), owners=owners_after
+    )
+    marks.setdefault("failovers", {})["sigkill"] = (killed - 0.1, back + 1.0)
+    time.sleep(LISTEN)
+    windows["after_sigkill"] = (back + 1.0, time.time())
+    result["status_after_kill"] = status()
 
 
 if __name__ == "__main__":

@@ -38,6 +38,8 @@ MEDIAN_CORRELATION = 0.5
 MIN_HEARD = 2.0
 #: Chromium's inbound packetsLost may grow this much over the whole call (the aim is 0)
 CHROMIUM_LOST = 3
+#: the nodes' lease TTL in the scenario (a SIGKILLed node's sessions come back after it)
+LEASE_TTL = 3
 #: how much the echo's delay (arrival minus RTP timestamp, medians of a second) may move across
 #: a move's gap, ms: timestamps that keep pace with real time keep it (three frames of slack
 #: for a loaded machine's jitter); timestamps that did not advance would add the whole blackout
@@ -224,14 +226,6 @@ def test_every_client_srtp_index_is_decrypted_by_exactly_one_node(
     assert ledger["not_final"] == 0, ledger
 
 
-@pytest.mark.xfail(
-    reason="known issue (closing note): the old owner forwards what reaches it to the target "
-    "from the moment the snapshot is ready, so the target runs it in order; but packets in "
-    "flight to the old owner when the relay switches arrive at the target a round trip after "
-    "newer direct ones. The target's receiver statistics start at its first packet (RFC 3550 "
-    "A.3 base) and count those as negative loss; carrying the base in the exact snapshot fixes it.",
-    strict=False,
-)
 def test_handed_on_packets_reach_the_new_owner_in_time(outcome: dict[str, Any]) -> None:
     """What reached the old owner after the switch is handed on, not dropped: the new owner's
     receiver must not count packets from before its first one (negative cumulative loss, RFC
@@ -243,9 +237,11 @@ def test_handed_on_packets_reach_the_new_owner_in_time(outcome: dict[str, Any]) 
 
 def test_chromium_keeps_its_transport_and_candidate_pair(outcome: dict[str, Any]) -> None:
     sampled = outcome["chromium_samples"]
-    # from the first sample with DTLS done (the call's setup is not what is judged)
+    # from the first sample with DTLS done (the call's setup is not what is judged) to the
+    # crash failover at the end (judged below: its sequence jump counts as loss in getStats)
     first = next(i for i, s in enumerate(sampled) if s.get("dtlsState") == "connected")
-    samples = sampled[first:]
+    until = outcome["marks"]["planned_until"]
+    samples = [s for s in sampled[first:] if s["wall"] < until]
     assert len(samples) > 20, samples
     assert len({s["pair"] for s in samples}) == 1, {s["pair"] for s in samples}
     assert len({s["transport"] for s in samples}) == 1
@@ -301,3 +297,53 @@ def test_nodes_log_every_move_with_its_blackout(outcome: dict[str, Any]) -> None
     assert len(moved) == expected, (expected, moved)
     blackouts = [float(re.search(r"blackout_ms=([\d.]+)", line)[1]) for line in moved]  # type: ignore[index]
     assert all(b >= 0 for b in blackouts), blackouts
+
+
+def test_sigkill_of_a_node_its_sessions_are_adopted_and_go_on(outcome: dict[str, Any]) -> None:
+    """Crash failover under the same ten aiortc clients and Chromium: the node holding most
+    sessions gets SIGKILL; every one of its sessions is adopted from its checkpoint within the
+    lease TTL and a little, every client hears its echo again, none renegotiates (see the ICE
+    and DTLS test above: the whole call long), no SRTP index ever comes twice."""
+    sigkill = outcome["sigkill"]
+    assert sigkill["sessions"] and sigkill["adopted"], sigkill
+    held = owners(outcome["status_after_kill"])
+    assert len(held) == ALL_SESSIONS, held
+    # each adopted under a new epoch by a live process (the victim's restart counts: a new
+    # process with its own lease), never by the killed one
+    for session, (owner, pid, _) in sigkill["owners"].items():
+        assert pid != sigkill["pid"] and held[session] == owner, (session, owner, pid)
+    scores = [c["windows"]["after_sigkill"]["correlation"] for c in outcome["calls"]]
+    heard = [c["windows"]["after_sigkill"]["heard_s"] for c in outcome["calls"]]
+    assert min(heard) >= MIN_HEARD, heard
+    assert min(scores) >= EACH_CORRELATION and statistics.median(scores) >= MEDIAN_CORRELATION
+    for number, call in enumerate(outcome["calls"]):
+        srtp = call["srtp"]
+        assert srtp["repeated_ever"] == 0 and srtp["in_order_ever"], (number, srtp)
+        if outcome["peer_sessions"][number] in sigkill["sessions"]:
+            seen = srtp["failovers"]["sigkill"]
+            # above the dead owner's reservation, below what breaks the client's ROC estimate
+            assert 0 < seen["seq_step_at_gap"] < 1 << 15, (number, seen)
+            assert seen["longest_gap_ms"] < (LEASE_TTL + 4) * 1000, (number, seen)
+
+
+def test_chromium_keeps_its_candidate_pair_through_the_crash_failover(
+    outcome: dict[str, Any],
+) -> None:
+    sampled = outcome["chromium_samples"]
+    first = next(i for i, s in enumerate(sampled) if s.get("dtlsState") == "connected")
+    samples = sampled[first:]
+    assert len({s["pair"] for s in samples}) == 1, {s["pair"] for s in samples}
+    assert len({s["transport"] for s in samples}) == 1
+    assert {s["dtlsState"] for s in samples} == {"connected"}
+    last = samples[-1]
+    assert last["offers"] == 1 and last["restarts"] == 0 and not last["error"], last
+    killed_at = outcome["marks"]["windows"]["after_sigkill"][0]
+    # its node was the one killed: the page re-attached its signaling once the session was
+    # resumed (sessions/node/pages/echo.html, after the 1006 close)
+    assert outcome["chromium_start"]["session"] in outcome["sigkill"]["sessions"]
+    crashed = outcome["marks"]["failovers"]["sigkill"][0] * 1000
+    events = [e for e in outcome["chromium_events"] if e["wall"] > crashed]
+    assert any(e["event"] == "reattached" for e in events), events
+    after = [s["received"] for s in samples if s["wall"] > killed_at and s.get("received")]
+    before = [s["received"] for s in samples if s["wall"] < killed_at and s.get("received")]
+    assert after and before and after[-1] > before[-1] + 100, (before[-1:], after[-1:])

@@ -23,7 +23,7 @@ import trio
 import trio_websocket
 
 from ops.etcdserver import free_port
-from tests.helpers import PARLEY, run_status
+from tests.helpers import PARLEY, make_token, run_status, token_keys
 from tests.ops.test_processes import wait_for
 
 
@@ -47,12 +47,12 @@ def aiortc_offer() -> str:
         aioice.ice.get_host_addresses = original
 
 
-def whip_post(page: str, offer: str) -> int:
+def whip_post(page: str, offer: str, token: str) -> int:
     request = urllib.request.Request(
         page + "v1/session",
         data=offer.encode(),
         method="POST",
-        headers={"Content-Type": "application/sdp"},
+        headers={"Content-Type": "application/sdp", "Authorization": f"Bearer {token}"},
     )
     try:
         with urllib.request.urlopen(request, timeout=10) as response:
@@ -78,6 +78,7 @@ class Up:
         self, data: Path, *, port: int, nodes: int = 2, relays: int = 1, lease_ttl: int = 2
     ) -> None:
         self.endpoint = f"127.0.0.1:{port}"
+        self.data = data
         env = dict(
             os.environ,
             PARLEY_UP_ETCD_PEER_PORT=str(free_port()),
@@ -118,6 +119,10 @@ class Up:
     def status(self) -> dict[str, Any]:
         return run_status(self.endpoint)
 
+    def token(self) -> str:
+        """An access token from the key `parley up` made, as `parley token create` prints."""
+        return make_token(self.data / "certs", subject="test-up")
+
     def close(self) -> None:
         if self.process.poll() is None:
             self.process.kill()
@@ -140,6 +145,9 @@ def test_parley_up_holds_its_data_dir_supervises_etcd_and_dies_with_everything(
     etcd_pid = int(up.wait_for_line(r"etcd\s+\S+\s+pid (\d+)").group(1))
     pages = up.pages()
     assert sorted(pages) == ["node-1", "node-2"], up.text
+    # every node admits only access tokens, and the status table says so (issue #15)
+    for node in ("node-1", "node-2"):
+        assert re.search(rf"^{node}\s+active\s+\S+\s+\d+\s+token\s", up.text, re.MULTILINE), up.text
 
     # A second `parley up` on the same data directory refuses at once, naming the first.
     second = subprocess.run(
@@ -165,7 +173,8 @@ def test_parley_up_holds_its_data_dir_supervises_etcd_and_dies_with_everything(
         "both nodes registered again after the etcd restart",
     )
     offer = aiortc_offer()
-    wait_for(lambda: whip_post(pages["node-1"], offer) == 201, 30, "a new session on node-1")
+    token = make_token(tmp_path / "data" / "certs", subject="test-up")  # as `parley token create`
+    wait_for(lambda: whip_post(pages["node-1"], offer, token) == 201, 30, "a new session on node-1")
 
     # A restarted node serves the page `parley up` printed for it.
     node1 = next(n for n in up.status()["nodes"] if n["id"] == "node-1")
@@ -179,7 +188,7 @@ def test_parley_up_holds_its_data_dir_supervises_etcd_and_dies_with_everything(
     wait_for(back, 30, "node-1 back")
     with urllib.request.urlopen(pages["node-1"], timeout=10) as page:
         assert page.status == 200
-    assert whip_post(pages["node-1"], offer) == 201
+    assert whip_post(pages["node-1"], offer, token) == 201
 
     # SIGKILL of `parley up`: every child goes with it (the kernel's parent-death signal).
     status = up.status()
@@ -210,7 +219,9 @@ def test_a_node_that_stops_mid_session_tells_the_client_why(
 ) -> None:
     port = free_port()
     log = open(tmp_path / "node.log", "wb")  # noqa: SIM115 - closed with the process
+    certs = token_keys(tmp_path / "certs")
     argv = [*PARLEY, "node", "--id", "n1", "--etcd", etcd_server.endpoint, "--lease-ttl", "2"]
+    argv += ["--certs", str(certs)]
     node = subprocess.Popen(
         [*argv, "--signaling-port", str(port), "--log-json"],
         stdout=log,
@@ -227,7 +238,8 @@ def test_a_node_that_stops_mid_session_tells_the_client_why(
 
     async def talk(url: str) -> None:
         async with trio_websocket.open_websocket_url(url) as ws:
-            await ws.send_message(json.dumps({"type": "offer", "sdp": offer}))
+            token = make_token(certs, subject="test-up")
+            await ws.send_message(json.dumps({"type": "offer", "sdp": offer, "token": token}))
             answer = json.loads(await ws.get_message())
             assert answer["type"] == "answer", answer
             node.send_signal(signal.SIGTERM)

@@ -21,6 +21,9 @@ AGENTS = ("turn-echo", "echo", "bridge")
 #: how client media reaches a node
 MEDIA_PATHS = ("direct", "relay")
 
+_positive = attrs.validators.gt(0)
+_positive_float = attrs.validators.gt(0.0)
+
 
 @final
 @attrs.frozen
@@ -54,6 +57,17 @@ class NodeSettings:
     #: mint short-lived tokens for the demo page at /v1/demo-token, for loopback clients only
     #: (needs a private token key in cluster.certs; `parley up` sets it)
     demo_tokens: bool = False
+    #: fair admission at the signaling port (issue #15; sessions/node/signaling/limits.py): the
+    #: connections one source address (an IPv6 /64) holds at once, ...
+    source_connections: int = attrs.field(default=32, validator=_positive)
+    #: ... the offers per second one source, and one token subject, make in the long run ...
+    offer_rate: float = attrs.field(default=5.0, validator=_positive_float)
+    #: ... and at once after a quiet spell, ...
+    offer_burst: int = attrs.field(default=10, validator=_positive)
+    #: ... the sessions of one source, and of one subject, answered but not connected yet, ...
+    half_open: int = attrs.field(default=8, validator=_positive)
+    #: ... and the seconds an answered session has to connect (ICE) before it is ended
+    setup_within: float = attrs.field(default=10.0, validator=_positive_float)
 
     def node_id(self) -> str:
         return self.id or f"{socket.gethostname().split('.')[0]}-{os.getpid()}"

@@ -10,6 +10,8 @@ Modules by layer, each importing only those above it in this list:
 
 - :mod:`.messages`: client messages, error objects, the backend seam, limits (no I/O);
 - :mod:`.admission`: the :class:`Gate`: access tokens and what each subject holds;
+- :mod:`.limits`: fair admission: connections, offers per second and half-open sessions per
+  source and subject, the setup deadline, the node's capacity held atomically;
 - :mod:`.backend`: opening, attaching to and ending sessions through the backend, bounded and
   counted;
 - :mod:`.http`: HTTP/1.1 framing with h11, the replay stream, bounded closes;
@@ -29,6 +31,7 @@ is in :mod:`.websocket`, the HTTP routes in :mod:`.whip`, the backend's side of 
 """
 
 from sessions.node.signaling.admission import Gate, node_gate
+from sessions.node.signaling.limits import Capacity, Limiter, node_limits
 from sessions.node.signaling.messages import (
     ATTACHED_ELSEWHERE,
     REATTACH,
@@ -49,8 +52,10 @@ __all__ = [
     "REATTACH",
     "REATTACH_GOING_AWAY",
     "SESSION_PATH",
+    "Capacity",
     "ClientMessageError",
     "Gate",
+    "Limiter",
     "Redirect",
     "SessionBackend",
     "SessionHandle",
@@ -58,5 +63,6 @@ __all__ = [
     "SignalingRefused",
     "SignalingServer",
     "node_gate",
+    "node_limits",
     "parse_client_message",
 ]

@@ -16,6 +16,7 @@ import attrs
 import trio
 
 from sessions.node.signaling.admission import Gate
+from sessions.node.signaling.limits import SETUP_TIMEOUT, Limiter
 from sessions.node.signaling.messages import (
     CLIENT_CODES,
     Redirect,
@@ -36,16 +37,21 @@ log = logging.getLogger("parley.signaling")
 _CONTROL_STATUS = {"forbidden": 403, "unknown_session": 404}
 
 
+#: events that say a session's ICE connected (or got further): it is no longer half-open
+_CONNECTED_EVENTS = frozenset({"ice_connected", "dtls_connected", "media_started"})
+
+
 @final
 @attrs.define
 class BackendCalls:
-    """``backend`` behind ``limits`` and ``gate``, counting into ``counters`` (the server's,
-    shared)."""
+    """``backend`` behind ``limits``, ``gate`` and ``limiter``, counting into ``counters`` (the
+    server's, shared)."""
 
     backend: SessionBackend
     limits: SignalingLimits
     counters: dict[str, int]
     gate: Gate
+    limiter: Limiter
 
     def count(self, name: str) -> None:
         """One more ``name``; error codes count under their own name."""
@@ -57,33 +63,75 @@ class BackendCalls:
         transport: Literal["websocket", "http"],
         remote: str,
         token: str | None,
+        source: str,
     ) -> SessionHandle | Refusal:
-        """Check ``token`` at the gate, then ask the backend; a refusal comes back as the error
-        to send (status for HTTP). The session holds its subject's slot until
-        :meth:`session_gone`."""
+        """Check the offer against ``source``'s rate, ``token`` at the gate, then the half-open
+        and capacity limits, then ask the backend; a refusal comes back as the error to send
+        (status for HTTP; it is counted when sent). The session holds its subject's slot until
+        :meth:`session_gone`, and a half-open slot until its ICE connects."""
         log.debug("offer received", extra={"remote": remote, "transport": transport, "sdp": offer})
+        limited = self.limiter.offer(source, trio.current_time())
+        if limited is not None:
+            return self._refused(limited, remote)
         grant = self.gate.reserve(token)
         if isinstance(grant, Refusal):
-            log.info("offer refused", extra={"remote": remote, "code": grant.code})
-            return grant
+            return self._refused(grant, remote)
+        # on an open node everyone is the same subject: only sources count there
+        subject = grant.subject if self.gate.mode == "token" else None
+        # issue #15: the half-open slot and the node's place are taken here, before the first
+        # await, so that concurrent offers cannot all pass a check meant for one of them
+        setup = self.limiter.admit(source, subject, trio.current_time())
+        if isinstance(setup, Refusal):
+            self.gate.release(grant)
+            return self._refused(setup, remote)
         try:
             outcome = await self._open(offer, transport, remote)
         except BaseException:
             self.gate.release(grant)
+            self.limiter.cancel(setup)
             raise
         if isinstance(outcome, SessionHandle):
             self.gate.opened(outcome.session_id, grant)
+            self.limiter.opened(setup, outcome.session_id, trio.current_time())
             log.info(
                 "session admitted",
                 extra={"session": outcome.session_id, "subject": grant.subject, "room": grant.room},
             )
         else:
             self.gate.release(grant)
+            self.limiter.cancel(setup)
         return outcome
 
-    def session_gone(self, session_id: str) -> None:
-        """The session is no longer served here (ended, moved): its subject's slot is free."""
+    def _refused(self, refusal: Refusal, remote: str) -> Refusal:
+        log.info("offer refused", extra={"remote": remote, "code": refusal.code})
+        return refusal
+
+    def setup_deadline(self, session_id: str) -> float:
+        """When ``session_id`` is to be ended if its ICE has not connected by then (Trio time;
+        infinity when it is not half-open)."""
+        return self.limiter.deadline(session_id)
+
+    def session_event(self, session_id: str, name: object) -> None:
+        """The backend sent ``session_id``'s client the event ``name``."""
+        if name in _CONNECTED_EVENTS:
+            self.limiter.connected(session_id)
+
+    def setup_timed_out(self, session_id: str) -> str:
+        """``session_id`` did not connect in time: counted, logged; the reason to end it with."""
+        self.count(SETUP_TIMEOUT)
+        self.limiter.gone(session_id)
+        within = self.limits.setup_within
+        log.info("session not connected in time", extra={"session": session_id, "within": within})
+        return f"ICE did not connect within {within:g} s of the answer"
+
+    def session_gone(self, session_id: str, *, attached_elsewhere: bool = False) -> None:
+        """The session is no longer served through this socket or watcher: ended or moved, and
+        its subject's slot is free; or ``attached_elsewhere``, another socket of this node has
+        it now, and its slots stay with it."""
+        if attached_elsewhere:
+            return
         self.gate.closed(session_id)
+        self.limiter.gone(session_id)
 
     async def _open(
         self, offer: str, transport: Literal["websocket", "http"], remote: str

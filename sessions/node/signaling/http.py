@@ -28,6 +28,7 @@ __all__ = [
     "is_websocket_upgrade",
     "linger_close",
     "peer",
+    "peer_host",
     "refuse_connection",
     "request_token",
 ]
@@ -100,6 +101,17 @@ def is_loopback(stream: trio.SocketStream) -> bool:
         return ipaddress.ip_address(address[0]).is_loopback
     except (OSError, ValueError, TypeError, IndexError):
         return False
+
+
+def peer_host(stream: trio.SocketStream) -> str:
+    """The remote host (IP address) of ``stream``, ``?`` if the socket cannot tell."""
+    try:
+        address = stream.socket.getpeername()
+    except OSError:
+        return "?"
+    if isinstance(address, tuple) and address:
+        return str(address[0])
+    return str(address)
 
 
 def peer(stream: trio.SocketStream) -> str:
@@ -280,12 +292,21 @@ async def linger_close(stream: trio.SocketStream, limits: SignalingLimits) -> No
     await trio.aclose_forcefully(stream)
 
 
-async def refuse_connection(stream: trio.SocketStream, limits: SignalingLimits) -> None:
-    """Answer a connection we will not serve with a bare 503, without reading its request."""
-    body = error_body("node_over_capacity", "too many signaling connections")
+async def refuse_connection(
+    stream: trio.SocketStream,
+    limits: SignalingLimits,
+    status: int = 503,
+    code: str = "node_over_capacity",
+    message: str = "too many signaling connections",
+    retry_after: int | None = None,
+) -> None:
+    """Answer a connection we will not serve with a bare error response (503 by default),
+    without reading its request. A WebSocket client sees its upgrade refused with it."""
+    body = error_body(code, message)
+    extra = f"Retry-After: {retry_after}\r\n" if retry_after is not None else ""
     head = (
-        "HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
-        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}\r\nContent-Type: application/json\r\n"
+        f"{extra}Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     )
     with trio.move_on_after(limits.close_timeout):
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):

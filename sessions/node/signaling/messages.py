@@ -192,11 +192,14 @@ class SessionBackend(Protocol):
 @final
 @attrs.frozen
 class Refusal:
-    """An offer the backend did not take: the error for the client, and its HTTP status."""
+    """An offer the node did not take: the error for the client, and its HTTP status."""
 
     status: int
     code: str
     message: str
+    #: whole seconds after which asking again may succeed (HTTP ``Retry-After``, RFC 9110
+    #: §10.2.3; ``retry_after`` in a WebSocket error); None when waiting would not help
+    retry_after: int | None = None
 
 
 _positive_int = attrs.validators.gt(0)
@@ -228,6 +231,22 @@ class SignalingLimits:
     close_session_timeout: float = attrs.field(default=10.0, validator=_positive_float)
     #: connections served at once; more are answered 503 and closed
     max_connections: int = attrs.field(default=1024, validator=_positive_int)
+    #: connections one source (an IPv4 address, an IPv6 /64) may hold at once; more are
+    #: answered 429 ``source_limit`` and closed
+    source_connections: int = attrs.field(default=32, validator=_positive_int)
+    #: offers (WHIP POSTs, WebSocket offers) per second that one source, and one token subject,
+    #: may make in the long run; more are refused 429 ``rate_limited``
+    offer_rate: float = attrs.field(default=5.0, validator=_positive_float)
+    #: offers one source, or subject, may make at once after a quiet spell (the bucket's depth)
+    offer_burst: int = attrs.field(default=10, validator=_positive_int)
+    #: sessions of one source, and of one subject, answered (or being answered) whose ICE has
+    #: not connected yet; more offers are refused 429 ``half_open_limit``
+    half_open: int = attrs.field(default=8, validator=_positive_int)
+    #: seconds an answered session has to connect (ICE) before it is ended (``setup_timeout``)
+    setup_within: float = attrs.field(default=10.0, validator=_positive_float)
+    #: sources, and subjects, whose offer rate is remembered; the least recently seen is
+    #: forgotten first, so a flood of spoofed sources cannot grow the table
+    rate_entries: int = attrs.field(default=10_000, validator=_positive_int)
 
 
 def parse_client_message(message: str | bytes, *, max_chars: int = 64 * 1024) -> dict[str, object]:
@@ -265,9 +284,13 @@ def parse_client_message(message: str | bytes, *, max_chars: int = 64 * 1024) ->
     return value
 
 
-def error_object(code: str, message: str) -> dict[str, object]:
-    """The error both transports send: a WebSocket message, or an HTTP error's JSON body."""
-    return {"type": "error", "code": code, "message": message}
+def error_object(code: str, message: str, retry_after: int | None = None) -> dict[str, object]:
+    """The error both transports send: a WebSocket message, or an HTTP error's JSON body; with
+    ``retry_after`` (seconds) when asking again later may succeed."""
+    error: dict[str, object] = {"type": "error", "code": code, "message": message}
+    if retry_after is not None:
+        error["retry_after"] = retry_after
+    return error
 
 
 def error_body(code: str, message: str) -> bytes:

@@ -3,8 +3,10 @@
 A WebSocket upgrade on ``GET /v1/session`` goes to :class:`WebSocketSessions` with the bytes
 already read; anything else to :class:`HttpRoutes`, keep-alive included. Each connection is one
 task of the server's nursery; a connection task's failure is logged and counted, never the
-server's. Connections beyond ``max_connections`` are answered 503 and closed. Who may open
-sessions is the :class:`Gate`'s to say (:mod:`.admission`).
+server's. Connections beyond ``max_connections`` are answered 503 and closed, and beyond
+``source_connections`` of one source 429 ``source_limit``. Who may open sessions is the
+:class:`Gate`'s to say (:mod:`.admission`); how many, how fast, and how long they may take to
+connect, the :class:`Limiter`'s (:mod:`.limits`).
 """
 
 from __future__ import annotations
@@ -12,11 +14,12 @@ from __future__ import annotations
 import logging
 import socket
 from collections.abc import Mapping
-from typing import Literal, final
+from typing import Any, Literal, final
 
 import h11
 import trio
 
+from sessions.node.settings import NodeSettings
 from sessions.node.signaling.admission import Gate, node_gate
 from sessions.node.signaling.backend import BackendCalls
 from sessions.node.signaling.http import (
@@ -25,9 +28,11 @@ from sessions.node.signaling.http import (
     is_websocket_upgrade,
     linger_close,
     peer,
+    peer_host,
     refuse_connection,
     request_token,
 )
+from sessions.node.signaling.limits import SETUP_TIMEOUT, Capacity, Limiter, node_limits, source_of
 from sessions.node.signaling.messages import (
     SESSION_PATH,
     Gone,
@@ -70,6 +75,13 @@ _COUNTERS = (
     "demo_tokens",
     "events_forwarded",
     "events_dropped",
+    # fair admission (sessions/node/signaling/limits.py): refusals by their code, and the
+    # sessions ended for not connecting in time
+    "source_limit",
+    "rate_limited",
+    "half_open_limit",
+    "node_over_capacity",
+    SETUP_TIMEOUT,
 )
 
 
@@ -82,6 +94,28 @@ def _gate_of(backend: SessionBackend) -> Gate:
         log.warning("signaling has no gate and no node settings: no offer will be admitted")
         return Gate("token", verifier=TokenVerifier({}))
     return node_gate(config)
+
+
+def _node_settings(backend: SessionBackend) -> tuple[Any, NodeSettings | None]:
+    """The node behind a node's backend, and its settings (None for other backends)."""
+    node = getattr(backend, "node", None)
+    settings = getattr(getattr(node, "config", None), "node", None)
+    return node, settings if isinstance(settings, NodeSettings) else None
+
+
+def _limits_of(backend: SessionBackend) -> SignalingLimits:
+    """The limits a node's settings ask for (``node.source_connections``, ...); the defaults
+    for a backend without settings."""
+    _, settings = _node_settings(backend)
+    return node_limits(settings) if settings is not None else SignalingLimits()
+
+
+def _capacity_of(backend: SessionBackend) -> Capacity | None:
+    """A node's capacity and the sessions it holds (opened, moved in or adopted)."""
+    node, settings = _node_settings(backend)
+    if settings is None or not isinstance(getattr(node, "sessions", None), dict):
+        return None
+    return Capacity(settings.capacity, lambda: len(node.sessions))
 
 
 def _url_host(host: str) -> str:
@@ -106,20 +140,25 @@ class SignalingServer:
         limits: SignalingLimits | None = None,
         advertise_host: str | None = None,
         gate: Gate | None = None,
+        capacity: Capacity | None = None,
     ) -> None:
         self.backend = backend
         self.host = host
         self.port = port
         #: the host put in ``urls()`` (e.g. a routable address when binding 0.0.0.0)
         self.advertise_host = advertise_host
-        self.limits = limits or SignalingLimits()
+        self.limits = limits or _limits_of(backend)
         #: what happened, by name (error codes sent count under their code)
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         #: connections being served right now
         self.active_connections = 0
         #: who may open sessions (tokens, per-subject limits)
         self.gate = gate if gate is not None else _gate_of(backend)
-        self._calls = BackendCalls(backend, self.limits, self.counters, self.gate)
+        #: fair admission: per source and subject, half-open sessions, the node's capacity
+        self.limiter = Limiter(
+            self.limits, capacity if capacity is not None else _capacity_of(backend)
+        )
+        self._calls = BackendCalls(backend, self.limits, self.counters, self.gate, self.limiter)
         self._publish(backend)
         self._routes = HttpRoutes(self._calls, pages or {})
         self._websockets = WebSocketSessions(self._calls, self.limits)
@@ -202,22 +241,42 @@ class SignalingServer:
             log.warning("signaling connection refused: too many", extra={"remote": remote})
             await refuse_connection(stream, self.limits)
             return
+        source = source_of(peer_host(stream))
+        refused = self.limiter.connect(source)
+        if refused is not None:
+            # issue #15: one source cannot take the connections everyone shares
+            self._calls.count("connections_refused")
+            self._calls.count(refused.code)
+            log.warning(
+                "signaling connection refused: too many from one source",
+                extra={"remote": remote, "source": source},
+            )
+            await refuse_connection(
+                stream,
+                self.limits,
+                refused.status,
+                refused.code,
+                refused.message,
+                refused.retry_after,
+            )
+            return
         self.active_connections += 1
         try:
-            await self._serve(stream, remote)
+            await self._serve(stream, remote, source)
         except Exception:
             self._calls.count("internal")
             log.exception("signaling connection failed", extra={"remote": remote})
         finally:
             self.active_connections -= 1
+            self.limiter.disconnect(source)
             await trio.aclose_forcefully(stream)
 
-    async def _serve(self, stream: trio.SocketStream, remote: str) -> None:
+    async def _serve(self, stream: trio.SocketStream, remote: str, source: str) -> None:
         """HTTP request cycles until the connection closes or turns into a WebSocket."""
         connection = HttpConnection(stream, self.limits)
         try:
             while True:
-                outcome = await self._serve_request(connection, remote)
+                outcome = await self._serve_request(connection, remote, source)
                 if outcome == "websocket":
                     return
                 if outcome == "close" or not connection.next_cycle():
@@ -227,7 +286,7 @@ class SignalingServer:
         await linger_close(stream, self.limits)
 
     async def _serve_request(
-        self, connection: HttpConnection, remote: str
+        self, connection: HttpConnection, remote: str, source: str
     ) -> Literal["next", "close", "websocket"]:
         deadline = trio.current_time() + self.limits.request_timeout
         request: h11.Request | None = None
@@ -250,12 +309,16 @@ class SignalingServer:
             if is_websocket_upgrade(request):
                 self._websockets.check_upgrade(request)
                 await self._websockets.serve(
-                    connection.stream, bytes(connection.raw), remote, request_token(request)
+                    connection.stream,
+                    bytes(connection.raw),
+                    remote,
+                    request_token(request),
+                    source,
                 )
                 return "websocket"
             nursery = self._nursery
             assert nursery is not None  # connections are only served while run() runs
-            await self._routes.route(connection, request, body, remote, nursery)
+            await self._routes.route(connection, request, body, remote, nursery, source)
             return "next"
         except h11.RemoteProtocolError as exc:
             self._calls.count("malformed_http")

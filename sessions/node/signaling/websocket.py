@@ -15,7 +15,9 @@
 An offer needs an access token where the node asks for them (:mod:`.admission`): the upgrade's
 ``Authorization: Bearer`` or ``?token=``, or the offer's own ``token`` (which wins). Without one
 the offer gets an error (``token_missing``, ``token_invalid``, ``token_expired``,
-``token_forbidden``) and the socket stays open. An attach needs no token: the secret is enough.
+``token_forbidden``), or one of the admission limits (``rate_limited``, ``half_open_limit``,
+``node_over_capacity``, with ``retry_after`` seconds where waiting helps), and the socket stays
+open. An attach needs no token: the secret is enough.
 A socket's first session comes from an offer, or from an attach: a new socket (to any node) takes
 over a live session with the secret the answer carried. The secret travels only in the answer, on
 the client's own socket: never in the SDP, never in the ufrag, never in a log. An attach is
@@ -30,11 +32,12 @@ session has at most one socket: attaching again hands it to the new socket, and 
 The socket is the session's life line: closing it (or losing it) ends the session, whether it
 offered or attached. Every way the node ends a session sends a final ``session_ended`` event with
 a ``code`` and a ``reason`` before the socket closes: the backend's own, or ``{"code": "ended"}``
-if it sent none. The close frame carries 1000, or the ``close_code`` the backend's
-``session_ended`` asked for (1001 for a node going away, ...). A session that moves to another
-node does not end: its socket gets ``session_moved`` (with the ``node`` and the ``url`` to attach
-to) and closes with 4001 (or 4000, the node going away), which both mean "re-attach". A bad
-message gets an error reply and the connection carries on.
+if it sent none; ours, ``{"code": "setup_timeout"}``, for a session whose ICE has not connected
+within ``setup_within`` of its answer (:mod:`.limits`). The close frame carries 1000, or the
+``close_code`` the backend's ``session_ended`` asked for (1001 for a node going away, ...). A
+session that moves to another node does not end: its socket gets ``session_moved`` (with the
+``node`` and the ``url`` to attach to) and closes with 4001 (or 4000, the node going away), which
+both mean "re-attach". A bad message gets an error reply and the connection carries on.
 """
 
 from __future__ import annotations
@@ -54,6 +57,7 @@ import trio_websocket
 
 from sessions.node.signaling.backend import BackendCalls
 from sessions.node.signaling.http import HttpError, ReplayStream, header
+from sessions.node.signaling.limits import SETUP_TIMEOUT
 from sessions.node.signaling.messages import (
     ATTACHED_ELSEWHERE,
     REATTACH,
@@ -144,12 +148,16 @@ class _SessionState:
     remote: str
     #: the access token of the upgrade request, if any
     token: str | None = None
+    #: what the client's address counts under (sessions/node/signaling/limits.py)
+    source: str = ""
     handle: SessionHandle | None = None
     phase: SocketPhase = SocketPhase.WAITING
     #: the backend's own session_ended was forwarded: no final one of ours
     ended_sent: bool = False
     #: the code of the close frame we send (a backend's session_ended may change it)
     close_code: int = _NORMAL_CLOSURE
+    #: the session went to another socket of this node, which holds its slots from now on
+    attached_elsewhere: bool = False
 
     def set_phase(self, new: SocketPhase) -> None:
         """The one place the phase changes, along an edge of :data:`TRANSITIONS` only."""
@@ -194,7 +202,12 @@ class WebSocketSessions:
             raise HttpError(400, "bad_request", "missing Sec-WebSocket-Key", close=True)
 
     async def serve(
-        self, stream: trio.SocketStream, head: bytes, remote: str, token: str | None = None
+        self,
+        stream: trio.SocketStream,
+        head: bytes,
+        remote: str,
+        token: str | None,
+        source: str,
     ) -> None:
         """Complete the handshake whose request ``head`` was already read from ``stream``, then
         run its session until either side ends it; the close is bounded."""
@@ -213,7 +226,7 @@ class WebSocketSessions:
                 nursery.cancel_scope.cancel()
                 return
             log.info("websocket connected", extra={"remote": remote})
-            state = _SessionState(remote, token)
+            state = _SessionState(remote, token, source)
             self._live.add(state)
             try:
                 await self._session(ws, state)
@@ -240,7 +253,9 @@ class WebSocketSessions:
         finally:
             handle = state.handle
             if handle is not None:
-                self.calls.session_gone(handle.session_id)
+                self.calls.session_gone(
+                    handle.session_id, attached_elsewhere=state.attached_elsewhere
+                )
                 # the backend closes a socket's events when it lets go of it (the session ended,
                 # moved, or another socket attached): then the session is no longer ours to end
                 let_go = handle.events.statistics().open_send_channels == 0
@@ -306,10 +321,14 @@ class WebSocketSessions:
         assert isinstance(sdp, str)
         token = parsed.get("token")
         outcome = await self.calls.open_session(
-            sdp, "websocket", state.remote, token if isinstance(token, str) else state.token
+            sdp,
+            "websocket",
+            state.remote,
+            token if isinstance(token, str) else state.token,
+            state.source,
         )
         if isinstance(outcome, Refusal):
-            await self._error(ws, outcome.code, outcome.message)
+            await self._error(ws, outcome.code, outcome.message, outcome.retry_after)
             return True
         answer = {
             "type": "answer",
@@ -366,17 +385,28 @@ class WebSocketSessions:
         connection too."""
         try:
             async with handle.events:
-                async for item in handle.events:
+                while True:
+                    # a session whose ICE has not connected is ended at its setup deadline
+                    with trio.move_on_at(self.calls.setup_deadline(handle.session_id)) as setup:
+                        try:
+                            item = await handle.events.receive()
+                        except trio.EndOfChannel:
+                            break
+                    if setup.cancelled_caught:
+                        await self._setup_timed_out(ws, state, handle.session_id)
+                        return
+                    name = item.get("event") if isinstance(item, Mapping) else None
+                    self.calls.session_event(handle.session_id, name)
                     text = self._event_text(item, handle.session_id)
                     if text is None:
                         continue
-                    name = item.get("event")
                     if name == "session_ended":
                         state.ended_sent = True
                         state.close_code = _close_code(item.get("close_code"), handle.session_id)
                     elif name in _HANDOVER_EVENTS and state.phase is SocketPhase.LIVE:
                         # before the send: a client closing meanwhile must not end the session
                         state.set_phase(SocketPhase.HANDED_OVER)
+                        state.attached_elsewhere = name == "session_attached_elsewhere"
                         state.close_code = (
                             _close_code(item.get("close_code"), handle.session_id, REATTACH)
                             if name == "session_moved"
@@ -410,6 +440,30 @@ class WebSocketSessions:
         finally:
             # the session ended, or the client cannot be written to: either way, we are done
             connection_scope.cancel()
+
+    async def _setup_timed_out(
+        self, ws: trio_websocket.WebSocketConnection, state: _SessionState, session_id: str
+    ) -> None:
+        """The session's ICE did not connect in time (issue #15): the client hears
+        ``setup_timeout``, the session ends, and its half-open slot is free."""
+        if state.phase is not SocketPhase.LIVE:
+            return  # ending already (the client said bye): nothing to time out
+        reason = self.calls.setup_timed_out(session_id)
+        state.set_phase(SocketPhase.ENDED)  # before the awaits: the socket's end is ours
+        state.ended_sent = True
+        ended = {
+            "type": "event",
+            "event": "session_ended",
+            "ts": time.time(),
+            "code": SETUP_TIMEOUT,
+            "reason": reason,
+        }
+        try:
+            await self._send(ws, ended)
+        finally:
+            await self.calls.close_session(session_id, SETUP_TIMEOUT)
+        with trio.move_on_after(self.limits.close_timeout):
+            await ws.aclose(state.close_code, "setup timeout")
 
     async def _hand_over(
         self,
@@ -445,9 +499,15 @@ class WebSocketSessions:
             log.exception("backend event is not JSON", extra={"session": session_id, "event": name})
             return None
 
-    async def _error(self, ws: trio_websocket.WebSocketConnection, code: str, text: str) -> None:
+    async def _error(
+        self,
+        ws: trio_websocket.WebSocketConnection,
+        code: str,
+        text: str,
+        retry_after: int | None = None,
+    ) -> None:
         self.calls.count(code)
-        await self._send(ws, error_object(code, text))
+        await self._send(ws, error_object(code, text, retry_after))
 
     async def _send(
         self, ws: trio_websocket.WebSocketConnection, message: Mapping[str, object]

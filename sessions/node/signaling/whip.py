@@ -29,6 +29,7 @@ from sessions.node.signaling.http import (
     is_loopback,
     request_token,
 )
+from sessions.node.signaling.limits import SETUP_TIMEOUT
 from sessions.node.signaling.messages import (
     SESSION_PATH,
     Refusal,
@@ -46,7 +47,10 @@ _BEARER = [("WWW-Authenticate", 'Bearer realm="parley"')]
 
 
 def _refused(refusal: Refusal) -> HttpError:
-    headers = _BEARER if refusal.status == 401 else []
+    headers = list(_BEARER) if refusal.status == 401 else []
+    if refusal.retry_after is not None:
+        # RFC 6585 §4: a 429 may say how long to wait before asking again
+        headers.append(("Retry-After", str(refusal.retry_after)))
     return HttpError(refusal.status, refusal.code, refusal.message, headers)
 
 
@@ -71,15 +75,17 @@ class HttpRoutes:
         body: bytes,
         remote: str,
         watchers: trio.Nursery,
+        source: str,
     ) -> None:
-        """Answer ``request``; ``watchers`` runs a task per WHIP session until it ends."""
+        """Answer ``request`` from ``remote`` (counted as ``source``, sessions/node/signaling/
+        limits.py); ``watchers`` runs a task per WHIP session until it ends."""
         method = request.method.decode("ascii", "replace")
         path = request.target.decode("ascii", "replace").split("?", 1)[0]
         head_only = method == "HEAD"
         if path == SESSION_PATH:
             allow = [("Allow", "GET, POST, OPTIONS")]
             if method == "POST":
-                await self._whip_post(connection, request, body, remote, watchers)
+                await self._whip_post(connection, request, body, remote, watchers, source)
             elif method == "OPTIONS":
                 await connection.respond(204, headers=[*allow, ("Accept-Post", "application/sdp")])
             elif method in ("GET", "HEAD"):
@@ -134,6 +140,7 @@ class HttpRoutes:
         body: bytes,
         remote: str,
         watchers: trio.Nursery,
+        source: str,
     ) -> None:
         content_type = header(request, b"content-type") or b""
         media_type = content_type.split(b";", 1)[0].strip().lower()
@@ -150,7 +157,9 @@ class HttpRoutes:
             raise HttpError(400, "bad_sdp", "the offer is not UTF-8") from None
         if not offer.strip():
             raise HttpError(400, "bad_sdp", "the offer is empty")
-        handle = await self.calls.open_session(offer, "http", remote, request_token(request))
+        handle = await self.calls.open_session(
+            offer, "http", remote, request_token(request), source
+        )
         if isinstance(handle, Refusal):
             raise _refused(handle)
         session_id = handle.session_id
@@ -196,13 +205,27 @@ class HttpRoutes:
 
     async def _watch_http_session(self, handle: SessionHandle) -> None:
         """HTTP sessions have no event channel: drop their events until the backend closes it
-        (the session ended, or moved to another node)."""
+        (the session ended, moved to another node, or a WebSocket attached to it). A session
+        whose ICE has not connected by its setup deadline is ended (issue #15)."""
+        session_id = handle.session_id
+        attached_elsewhere = False
         try:
             async with handle.events:
-                async for _ in handle.events:
-                    pass
+                while True:
+                    with trio.move_on_at(self.calls.setup_deadline(session_id)) as setup:
+                        try:
+                            item = await handle.events.receive()
+                        except trio.EndOfChannel:
+                            break
+                    if setup.cancelled_caught:
+                        self.calls.setup_timed_out(session_id)
+                        await self.calls.close_session(session_id, SETUP_TIMEOUT)
+                        break
+                    name = item.get("event")
+                    self.calls.session_event(session_id, name)
+                    attached_elsewhere = name == "session_attached_elsewhere"
         finally:
-            self.calls.session_gone(handle.session_id)
+            self.calls.session_gone(session_id, attached_elsewhere=attached_elsewhere)
 
     async def _demo_token(self, connection: HttpConnection, method: str) -> None:
         """A token for the demo page this node serves: loopback clients only, and only where

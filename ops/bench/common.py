@@ -9,7 +9,7 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Final
 
-__all__ = ["CLK_TCK", "percentile", "process_cpu", "split_cores"]
+__all__ = ["ADMISSION", "CLK_TCK", "percentile", "process_cpu", "split_cores"]
 
 #: clock ticks per second, the unit of /proc's CPU times
 CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
@@ -45,3 +45,14 @@ def split_cores() -> Iterator[tuple[set[int], set[int]]]:
         yield server, others
     finally:
         os.sched_setaffinity(0, original)
+
+
+#: a node's admission limits for a benchmark: all its clients are on one loopback address, and
+#: it measures something else than admission (a node's defaults pace one source to 5 offers a
+#: second and 8 half-open sessions; sessions/node/signaling/limits.py)
+ADMISSION: Final = {
+    "PARLEY_NODE_OFFER_RATE": "200",
+    "PARLEY_NODE_OFFER_BURST": "200",
+    "PARLEY_NODE_HALF_OPEN": "200",
+    "PARLEY_NODE_SOURCE_CONNECTIONS": "500",
+}

@@ -93,7 +93,7 @@ from typing import IO, Any, Final, final
 
 import attrs
 
-from ops.bench.common import percentile, process_cpu, split_cores
+from ops.bench.common import ADMISSION, percentile, process_cpu, split_cores
 from ops.certs import write_token_key
 from ops.etcdserver import EtcdServer, free_port
 from ops.tokens import create_token
@@ -505,6 +505,8 @@ class ParleyServer(Server):
         # The immediate echo, like the baseline's (the default, turn-echo, plays each turn
         # back once it ended: a different load, and no continuous stream to time).
         env["PARLEY_NODE_AGENT"] = "echo"
+        # every client is on one loopback address, and capacity, not admission, is measured
+        env.update(ADMISSION)
         return env
 
     def start(self) -> None:

@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import aioice.ice
 import trio
 
+from ops.bench.common import ADMISSION
 from ops.status import gather_status
 from sessions.audio import speech
 from storage.etcd import EtcdUnavailable, open_etcd
@@ -346,6 +347,9 @@ def main(outfile: Path, clients: int) -> None:
         result["interfaces_up"] = isolate_network()
         # aioice gathers no loopback candidates by default; here loopback is all there is.
         env = {**os.environ, "PARLEY_NODE_AGENT": "echo", "PARLEY_CONFIG": "/dev/null"}
+        # twenty calls offer at once from one loopback address: relays are tested here, not a
+        # node's pacing of one source (tests/sessions/test_admission_limits.py)
+        env.update(ADMISSION)
         env.pop("PARLEY_CLUSTER_CERTS", None)
         up_log = work / "up.log"
         with open(up_log, "wb") as log:

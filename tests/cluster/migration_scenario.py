@@ -48,6 +48,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import aioice.ice
 import trio
 
+from ops.bench.common import ADMISSION
 from sessions.audio import speech
 from sessions.node.ledger import check_ledgers, read_ledgers
 from tests.cluster.cluster_scenario import (
@@ -483,6 +484,9 @@ def main(outfile: Path, clients: int, migrations: int) -> None:
             "PARLEY_RELAY_AUDIT": "1",  # relay/audit.py: count SRTP/SRTCP indexes seen twice
             # sessions/node/ledger.py: what each node decrypted and protected, per epoch
             "PARLEY_NODE_LEDGER_DIR": str(work / "up" / "ledger"),
+            # eleven calls offer to node-1 at once from one loopback address: what is tested
+            # here is moves, not a node's pacing of one source (tests/sessions: admission)
+            **ADMISSION,
         }
         env.pop("PARLEY_CLUSTER_CERTS", None)
         up_log = work / "up.log"

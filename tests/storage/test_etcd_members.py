@@ -129,19 +129,20 @@ async def test_killing_the_member_a_client_talks_to(members: EtcdCluster) -> Non
         lease = await keeper.current()
         await etcd.put("/leased", b"x", lease=lease.id)
         traffic = Traffic(etcd)
-        async with watched(etcd, "/traffic/") as seen, trio.open_nursery() as nursery:
-            nursery.start_soon(traffic.run)
-            await trio.sleep(1.0)
-            assert etcd.current_endpoint == leader.endpoint
-            killed_at = time.monotonic()
-            await trio.to_thread.run_sync(leader.kill)
-            await trio.sleep(5.0)
-            nursery.cancel_scope.cancel()
+        async with watched(etcd, "/traffic/") as seen:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(traffic.run)
+                await trio.sleep(1.0)
+                assert etcd.current_endpoint == leader.endpoint
+                killed_at = time.monotonic()
+                await trio.to_thread.run_sync(leader.kill)
+                await trio.sleep(5.0)
+                nursery.cancel_scope.cancel()
+            await trio.sleep(0.5)  # the last acknowledged puts reach the watch, still open
         gaps = {kind: traffic.longest_gap(kind, killed_at) for kind in ("put", "get", "txn")}
         print(f"\nleader killed: longest gaps {gaps}, failures {dict(traffic.failures)}")
         assert max(gaps.values()) < OUTAGE_BOUND, gaps
         assert etcd.current_endpoint != leader.endpoint
-        await trio.sleep(0.5)  # the last acknowledged puts reach the watch
         late = check_watch(seen, traffic.written)
         print(f"puts reported unavailable yet applied: {late}")
         # The lease was kept through the others: the same lease, never lost, its key still there.
@@ -159,25 +160,26 @@ async def test_freezing_the_leader_for_three_seconds(members: EtcdCluster) -> No
         lease = await keeper.current()
         await etcd.put("/leased", b"x", lease=lease.id)
         traffic = Traffic(etcd)
-        async with watched(etcd, "/traffic/") as seen, trio.open_nursery() as nursery:
-            nursery.start_soon(traffic.run)
-            await trio.sleep(1.0)
-            frozen_at = time.monotonic()
-            leader.freeze()
-            try:
-                await trio.sleep(3.0)
-            finally:
-                leader.thaw()
-            thawed_at = time.monotonic()
-            await trio.sleep(2.0)
-            nursery.cancel_scope.cancel()
+        async with watched(etcd, "/traffic/") as seen:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(traffic.run)
+                await trio.sleep(1.0)
+                frozen_at = time.monotonic()
+                leader.freeze()
+                try:
+                    await trio.sleep(3.0)
+                finally:
+                    leader.thaw()
+                thawed_at = time.monotonic()
+                await trio.sleep(2.0)
+                nursery.cancel_scope.cancel()
+            await trio.sleep(0.5)  # the last acknowledged puts reach the watch, still open
         gaps = {kind: traffic.longest_gap(kind, frozen_at) for kind in ("put", "get", "txn")}
         print(f"\nleader frozen 3 s: longest gaps {gaps}, failures {dict(traffic.failures)}")
         # Calls continued while the old leader was still frozen: the others elected a new one.
         for kind in ("put", "get", "txn"):
             assert traffic.succeeded_between(kind, frozen_at, thawed_at), kind
         assert max(gaps.values()) < OUTAGE_BOUND, gaps
-        await trio.sleep(0.5)
         late = check_watch(seen, traffic.written)
         print(f"puts reported unavailable yet applied: {late}")
         assert keeper.lease is lease and not lease.lost.is_set()

@@ -40,15 +40,13 @@ MIN_HEARD = 2.0
 CHROMIUM_LOST = 3
 #: the nodes' lease TTL in the scenario (a SIGKILLed node's sessions come back after it)
 LEASE_TTL = 3
-#: how far the RTP timestamp's step across a move's gap may differ from the gap itself, ms:
-#: timestamps that keep pace with real time step by the gap, to within the frame the new node
-#: rounds up to and the machine's jitter; timestamps that did not advance would miss by the
-#: whole blackout (100-700 ms for a drain of every session at once on 2 cores)
-GAP_STEP_MS = 60.0
 #: how much the echo's delay (arrival minus RTP timestamp, medians of a second each side) may
-#: move across a move, ms. Beyond the move's own step this holds the difference between the two
-#: nodes' queues: on this 2-core machine the node holding ten sessions sends each frame up to
-#: ~60 ms later after its tick than a node holding one (issue #16), which a move undoes at once
+#: move across a move, ms: timestamps that keep pace with real time keep it, but for the
+#: difference between the two nodes' queues — on this 2-core machine the node holding ten
+#: sessions sends each frame up to ~60 ms later after its tick than a node holding one (issue
+#: #16), which a move undoes at once. Timestamps that did not advance would add the whole
+#: blackout (100-700 ms for a drain of every session at once on 2 cores); the exact step of a
+#: single move is checked in tests/sessions/test_snapshot_move.py.
 DELAY_STEP_MS = 100.0
 WINDOWS = ("before", "after_drain", "after_migrations", "after_sigterm")
 ALL_SESSIONS = CLIENTS + 1  # and Chromium's
@@ -171,11 +169,10 @@ def test_the_stream_from_the_nodes_is_one_continuous_srtp_stream(
         for move in moves_of(outcome, number):
             seen = srtp["moves"][move]
             # Across the move's gap: the next sequence number, and timestamps that kept pace
-            # with real time: the timestamp stepped by about the gap, and the echo's delay
-            # (arrival minus timestamp) did not jump by more than the nodes' load explains.
+            # with real time: the echo's delay (arrival minus timestamp) did not jump by more
+            # than the two nodes' load explains. (The longest gap in a move's window may be the
+            # machine's jitter, not the move: its timestamp step says nothing then.)
             assert seen["seq_step_at_gap"] == 1 and seen["missing"] == 0, (number, move, seen)
-            step_ms = seen["ts_step_at_gap"] / 48
-            assert abs(seen["longest_gap_ms"] - step_ms) <= GAP_STEP_MS, (number, move, seen)
             assert abs(seen["delay_step_ms"]) <= DELAY_STEP_MS, (number, move, seen)
 
 

@@ -132,6 +132,9 @@ class Node:
         self.config = config
         self.id = check_name("node", node_id or config.node.node_id())
         self.keys = Keyspace(config.cluster.prefix)
+        #: what the node presents to an etcd that requires client certificates: its own
+        #: member certificate (read now, so that a missing one stops the node at once)
+        self.etcd_tls = config.cluster.etcd_tls("node", self.id)
         self.registry = Registry()
         self.state: NodeState = "active"
         self.sessions: dict[str, HostedSession] = {}
@@ -150,6 +153,9 @@ class Node:
         self.stats_source: Callable[[], Awaitable[dict[str, dict[str, Any]]]] | None = None
         #: the media path's counters, published with the node's record
         self.counters_source: Callable[[], dict[str, int]] | None = None
+        #: places on this node that offers being answered hold (set by the signaling server):
+        #: a session moving in or adopted must leave them free
+        self.places_reserved: Callable[[], int] = lambda: 0
         self._stop_requested = trio.Event()
         self._load_changed = trio.Event()
         #: woken whenever a session arrives or leaves (see :meth:`_changed`)
@@ -224,7 +230,7 @@ class Node:
         return self.state == "active" and not self._stop_requested.is_set()
 
     def has_room(self) -> bool:
-        return len(self.sessions) < self.config.node.capacity
+        return len(self.sessions) + self.places_reserved() < self.config.node.capacity
 
     async def adopt_session(
         self,
@@ -328,7 +334,7 @@ class Node:
     async def run(self, *, task_status: trio.TaskStatus[Node] = trio.TASK_STATUS_IGNORED) -> None:
         node_cfg = self.config.node
         margin = node_cfg.lease_margin or None
-        async with open_etcd(self.config.cluster.etcd) as etcd:
+        async with open_etcd(self.config.cluster.etcd, tls=self.etcd_tls) as etcd:
             self._etcd = etcd
             self._owners = Owners(etcd, self.keys)
             self._members = Members(etcd, self.keys)

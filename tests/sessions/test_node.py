@@ -244,3 +244,22 @@ def test_rendezvous_rank_is_the_same_everywhere_and_spreads_orphans() -> None:
         if rank(f"session{i}", nodes)[0] != "n3"
     )
     assert moved == 0
+
+
+async def test_room_for_a_session_moving_in_leaves_the_places_offers_hold(
+    etcd_server: EtcdServer,
+) -> None:
+    """A node at capacity but for the places its signaling has reserved for offers being
+    answered has no room for a session moving in or adopted (issue #15: capacity is never
+    exceeded by any path)."""
+    config = make_config(etcd_server, capacity=2)
+    node = Node(config, node_id="n1", frontend=Clients().serve)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        await node.host_session("s1", lambda: Recorder("s1"))
+        assert node.has_room()
+        node.places_reserved = lambda: 1  # one offer being answered
+        assert not node.has_room()
+        node.places_reserved = lambda: 0
+        assert node.has_room()
+        node.request_stop()

@@ -180,6 +180,10 @@ class SignalingServer:
         """Publish the auth mode and these counters in the node's registration, when the
         backend is a node's (its frontend sets the node's counter source before this server)."""
         node = getattr(backend, "node", None)
+        if node is not None and hasattr(node, "places_reserved"):
+            # a session moving in or adopted leaves the places of offers being answered free
+            limiter = self.limiter
+            node.places_reserved = lambda: limiter.pending
         addresses = getattr(node, "addresses", None)
         if isinstance(addresses, dict):
             addresses["auth"] = self.gate.mode

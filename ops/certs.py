@@ -5,8 +5,13 @@
   key that seals session snapshots when sessions move (``cluster.key``,
   storage/checkpoints.py), and the first access-token key pair (``token-keys/<kid>.key`` and
   ``.pub``; ``parley token rotate`` adds the next).
-* ``parley certs issue --dir DIR node|relay ID`` signs a tunnel certificate for one member
-  (``node-ID.pem`` / ``.key``); relays and nodes refuse tunnel peers without one.
+  It also issues etcd's own certificate for loopback (``etcd-server.pem`` / ``.key``) and the
+  operator's client certificate (``parley-cli.pem`` / ``.key``), so that ``parley up``'s etcd
+  can take only clients with a certificate of the cluster CA.
+* ``parley certs issue --dir DIR node|relay ID`` signs a member certificate for one node or
+  relay (``node-ID.pem`` / ``.key``): relays and nodes refuse tunnel peers without one, and
+  present it to etcd. ``issue etcd [--host H ...]`` signs etcd's certificate for the names its
+  clients dial; ``issue operator`` the operator's again.
 
 Every relay and node needs ``ca.pem``, its own certificate and key, and ``hint.secret``;
 ``ca.key`` only belongs where certificates are issued; nodes need ``token-keys/*.pub``, and a
@@ -16,23 +21,75 @@ Every relay and node needs ``ca.pem``, its own certificate and key, and ``hint.s
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import secrets
 import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
+from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from relay.settings import CLUSTER_KEY_FILE, HINT_SECRET_FILE, TOKEN_KEYS_DIR
-from relay.tunnel.certs import init_ca, issue_files
+from relay.settings import (
+    CLUSTER_KEY_FILE,
+    ETCD_SERVER_CERT,
+    HINT_SECRET_FILE,
+    OPERATOR_CERT,
+    TOKEN_KEYS_DIR,
+)
+from relay.tunnel.certs import init_ca, issue_files, issue_leaf, read_ca, write_pair
 from storage.checkpoints import ClusterKey
 
-__all__ = ["init_cluster", "run_certs", "write_hint_secret", "write_token_key"]
+__all__ = [
+    "LOCAL_ETCD_HOSTS",
+    "init_cluster",
+    "issue_etcd_server",
+    "issue_operator",
+    "run_certs",
+    "write_hint_secret",
+    "write_token_key",
+]
 
 #: bytes of a new hint secret (HMAC-SHA256 key)
 SECRET_BYTES = 32
+#: what etcd's certificate is valid for unless told otherwise: loopback, where `parley up` runs it
+LOCAL_ETCD_HOSTS = ("127.0.0.1", "::1", "localhost")
+
+
+def _host_name(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host.strip("[]")))
+    except ValueError:
+        if not host or any(c.isspace() or c in "/:@" for c in host):
+            raise ValueError(f"{host!r} is neither an IP address nor a host name") from None
+        return x509.DNSName(host)
+
+
+def issue_etcd_server(
+    directory: Path, hosts: tuple[str, ...] | list[str] = LOCAL_ETCD_HOSTS
+) -> tuple[Path, Path]:
+    """etcd's own certificate, signed by the CA in ``directory``, valid for ``hosts`` (IP
+    addresses and DNS names its clients and peers dial): ``etcd-server.pem`` / ``.key`` (0600).
+
+    Its serverAuth serves etcd's clients; its clientAuth lets it dial its peers and its own
+    gRPC gateway, which etcd does with this certificate when it requires client certificates."""
+    if not hosts:
+        raise ValueError("etcd's certificate needs at least one host name or address")
+    ca_pem, ca_key_pem = read_ca(directory)
+    names = [_host_name(host) for host in hosts]
+    cert_pem, key_pem = issue_leaf(ca_pem, ca_key_pem, "etcd", names)
+    return write_pair(directory, ETCD_SERVER_CERT, cert_pem, key_pem)
+
+
+def issue_operator(directory: Path) -> tuple[Path, Path]:
+    """The operator's client certificate for etcd, ``parley-cli.pem`` / ``.key`` (0600): what
+    `parley status`, `drain`, `migrate` and `chaos` present. It names no tunnel identity, so no
+    relay or node accepts it as a peer."""
+    ca_pem, ca_key_pem = read_ca(directory)
+    cert_pem, key_pem = issue_leaf(ca_pem, ca_key_pem, OPERATOR_CERT)
+    return write_pair(directory, OPERATOR_CERT, cert_pem, key_pem)
 
 
 def write_hint_secret(directory: Path, *, force: bool = False) -> Path:
@@ -87,14 +144,30 @@ def write_token_key(directory: Path) -> tuple[Path, Path]:
 
 
 def init_cluster(directory: Path, *, force: bool = False) -> list[Path]:
-    """The CA, the hint secret, the cluster key and a token key; returns the files written."""
+    """The CA, the hint secret, the cluster key, a token key, etcd's certificate for loopback
+    and the operator's; returns the files written."""
     ca = init_ca(Path(directory), force=force)
     return [
         ca,
         write_hint_secret(directory, force=force),
         write_cluster_key(directory, force=force),
         *write_token_key(directory),
+        *issue_etcd_server(directory),
+        *issue_operator(directory),
     ]
+
+
+def _issue(args: argparse.Namespace, directory: Path) -> tuple[Path, Path]:
+    if args.role in ("node", "relay"):
+        if not args.id:
+            raise ValueError(f"`parley certs issue {args.role}` needs the {args.role}'s id")
+        return issue_files(directory, args.role, args.id)
+    if args.id:
+        raise ValueError(f"`parley certs issue {args.role}` takes no id (got {args.id!r})")
+    if args.role == "etcd":
+        hosts = [h.strip() for h in ",".join(args.host or LOCAL_ETCD_HOSTS).split(",")]
+        return issue_etcd_server(directory, [h for h in hosts if h])
+    return issue_operator(directory)
 
 
 def run_certs(args: argparse.Namespace) -> int:
@@ -105,7 +178,7 @@ def run_certs(args: argparse.Namespace) -> int:
                 print(f"wrote {path}")
             print(f"next: parley certs issue --dir {directory} node|relay ID, for each member")
         else:
-            for path in issue_files(directory, args.role, args.id):
+            for path in _issue(args, directory):
                 print(f"wrote {path}")
     except (OSError, ValueError) as exc:
         print(f"parley certs: {exc}", file=sys.stderr)

@@ -74,7 +74,7 @@ from ops.status import gather_status
 from ops.tokens import create_token
 from relay.settings import ClusterSettings
 from sessions.node.ledger import read_ledgers
-from storage.etcd import EtcdError, open_etcd
+from storage.etcd import EtcdError, EtcdTLS, open_etcd
 from storage.keys import Keyspace
 from storage.lease import default_margin
 
@@ -91,9 +91,9 @@ NEEDS_ECHO: Final = (
 )
 
 
-def _read_status(endpoint: str, prefix: str) -> dict[str, Any]:
+def _read_status(endpoint: str, prefix: str, tls: EtcdTLS | None) -> dict[str, Any]:
     async def read() -> dict[str, Any]:
-        async with open_etcd(endpoint, rpc_timeout=5.0) as etcd:
+        async with open_etcd(endpoint, rpc_timeout=5.0, tls=tls) as etcd:
             return await gather_status(etcd, Keyspace(prefix))
 
     return trio.run(read)
@@ -112,8 +112,14 @@ def make_plan(args: argparse.Namespace, config: Config) -> Plan:
     endpoint = args.etcd or ",".join(m.endpoint for m in members)
     if not endpoint:
         raise ChaosError(f"found no etcd member of `parley up` (pid {up}) under {data_dir}")
+    # etcd, and the token key, with the certificates of that `parley up` unless told others
+    certs_dir = config.cluster.certs or str(data_dir / "certs")
+    certs = ClusterSettings(etcd=endpoint, certs=certs_dir)
     try:
-        status = _read_status(endpoint, config.cluster.prefix)
+        tls = certs.etcd_tls("operator")
+        status = _read_status(endpoint, config.cluster.prefix, tls)
+    except ValueError as exc:  # SettingsError: no operator certificate
+        raise ChaosError(str(exc)) from None
     except EtcdError as exc:
         raise ChaosError(f"etcd at {endpoint} did not answer: {exc}") from None
     nodes = {
@@ -129,7 +135,6 @@ def make_plan(args: argparse.Namespace, config: Config) -> Plan:
     ttl = int(ttl_flag) if ttl_flag.isdigit() else config.node.lease_ttl
     margin = config.node.lease_margin or default_margin(ttl)
     # the sessions are a client's: they need an access token from the cluster's key
-    certs = ClusterSettings(certs=config.cluster.certs or str(data_dir / "certs"))
     try:
         token = create_token(certs, subject="parley-chaos", ttl=args.duration + 3600)
     except (OSError, ValueError) as exc:  # SettingsError is a ValueError
@@ -153,6 +158,7 @@ def make_plan(args: argparse.Namespace, config: Config) -> Plan:
         whip=whip,
         kinds=kinds,
         token=token,
+        certs=certs_dir,
     )
 
 

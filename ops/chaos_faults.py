@@ -33,7 +33,7 @@ import trio
 
 from ops.chaos_verdicts import SETTLE, Fault, Observed, Plan
 from ops.status import gather_status
-from storage.etcd import Etcd, EtcdError, open_etcd, read_member_status
+from storage.etcd import Etcd, EtcdError, EtcdTLS, open_etcd, read_member_status
 from storage.keys import Keyspace
 from storage.ownership import Owners
 
@@ -120,6 +120,7 @@ class Member:
     #: its data directory's name, as ``parley up`` calls it (``etcd``; ``etcd-1``, ...)
     name: str
     pid: int
+    #: ``host:port``, or ``https://host:port`` for a member with client-certificate TLS
     endpoint: str
 
 
@@ -133,7 +134,7 @@ def etcd_members(data_dir: Path, up: int) -> list[Member]:
         if data is None or url is None or not Path(args[0]).name.startswith("etcd"):
             continue
         if Path(data).resolve().is_relative_to(data_dir) and descends_from(pid, up):
-            endpoint = url.split(",")[0].removeprefix("http://")
+            endpoint = url.split(",")[0].removeprefix("http://")  # https:// stays: TLS
             found.append(Member(Path(data).name, pid, endpoint))
     return sorted(found, key=lambda m: m.name)
 
@@ -148,13 +149,14 @@ def check_target(pid: int, up: int, role: str, ident: str | None = None) -> bool
     return ident is None or flag(pid, "--id") == ident.split(".")[0]
 
 
-def leader(members: Sequence[Member]) -> Member:
-    """The member most members follow (a lone member leads itself)."""
+def leader(members: Sequence[Member], tls: EtcdTLS | None = None) -> Member:
+    """The member most members follow (a lone member leads itself); ``tls``: our client
+    certificate, for members with client-certificate TLS."""
     votes: Counter[int] = Counter()
     ids: dict[int, Member] = {}
     for member in members:
         with contextlib.suppress(EtcdError):
-            status = read_member_status(member.endpoint, timeout=1.0)
+            status = read_member_status(member.endpoint, timeout=1.0, tls=tls)
             ids[status.member_id] = member
             votes[status.leader_id] += 1
     for found, _ in votes.most_common():
@@ -194,10 +196,15 @@ class Controller:
         self._polled: dict[str, int] = {}
         #: the latest ``parley status`` data
         self.status: dict[str, Any] | None = None
+        #: the operator's certificate, for an etcd with client-certificate TLS
+        self.tls = plan.etcd_tls()
 
     async def run(self) -> None:
         """Until the plan's duration has passed (or :attr:`stop` is set)."""
-        async with open_etcd(self.plan.endpoint, rpc_timeout=2.0) as etcd, trio.open_nursery() as n:
+        async with (
+            open_etcd(self.plan.endpoint, rpc_timeout=2.0, tls=self.tls) as etcd,
+            trio.open_nursery() as n,
+        ):
             await n.start(self._watch, etcd)
             n.start_soon(self._poll, etcd)
             n.start_soon(self._stop_when_asked, n.cancel_scope)
@@ -304,7 +311,7 @@ class Controller:
         if len(members) < plan.members:
             return f"{len(members)} of {plan.members} etcd members run"
         try:
-            if any(read_member_status(m.endpoint).leader_id == 0 for m in members):
+            if any(read_member_status(m.endpoint, tls=self.tls).leader_id == 0 for m in members):
                 return "an etcd member knows no leader"
         except EtcdError as exc:
             return f"an etcd member does not answer ({exc})"
@@ -343,7 +350,7 @@ class Controller:
             if kind == "kill-etcd":
                 member = self.rng.choice(members)
             else:
-                member = await trio.to_thread.run_sync(leader, members)
+                member = await trio.to_thread.run_sync(leader, members, self.tls)
             target, pid, role = member.name, member.pid, "--data-dir"
             signum = signal.SIGKILL if kind == "kill-etcd" else signal.SIGSTOP
         if not check_target(pid, plan.up, role, None if role == "--data-dir" else target):

@@ -20,7 +20,9 @@ from typing import Any, Final, final
 import attrs
 
 from ops.bench.migration import _spread
+from relay.settings import ClusterSettings
 from sessions.node.ledger import Segment, check_ledgers
+from storage.etcdtls import EtcdTLS
 
 __all__ = ["Fault", "Observed", "Plan", "excused", "judge", "longest_in", "render", "silences"]
 
@@ -71,6 +73,13 @@ class Plan:
     kinds: tuple[str, ...] = ()
     #: the access token the sessions are opened and ended with (never printed or written)
     token: str = attrs.field(default="", repr=False)
+    #: the certificate directory whose operator certificate (parley-cli) etcd is read with,
+    #: when its endpoints are https://
+    certs: str = ""
+
+    def etcd_tls(self) -> EtcdTLS | None:
+        """What the run presents to etcd: the operator's certificate, or None (plain)."""
+        return ClusterSettings(etcd=self.endpoint, certs=self.certs).etcd_tls("operator")
 
 
 @final

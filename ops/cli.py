@@ -7,6 +7,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -18,15 +19,26 @@ from ops.log import setup_logging
 
 log = logging.getLogger("parley.cli")
 
+#: commands an operator types against a running cluster: they present the operator's
+#: certificate to etcd (cluster.etcd_tls), from <up.data_dir>/certs unless cluster.certs says
+OPERATOR_COMMANDS = ("status", "migrate", "drain", "chaos", "token")
+
 
 def _common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--config", help="TOML config file (default: $PARLEY_CONFIG or ./parley.toml)"
     )
     parser.add_argument(
-        "--etcd", help="etcd client endpoint host:port, or several: h1:p1,h2:p2 (cluster.etcd)"
+        "--etcd",
+        help="etcd client endpoint host:port, or several: h1:p1,h2:p2; https://host:port for "
+        "an etcd that takes client certificates only (cluster.etcd)",
     )
     parser.add_argument("--prefix", help="etcd key prefix of the cluster (cluster.prefix)")
+    parser.add_argument(
+        "--certs",
+        help="cluster certificate directory (cluster.certs; commands default to the one of "
+        "`parley up`, <up.data_dir>/certs)",
+    )
     parser.add_argument(
         "--log-json", action="store_true", default=None, help="one JSON object a log line"
     )
@@ -45,7 +57,6 @@ def build_parser() -> argparse.ArgumentParser:
     node.add_argument(
         "--media", choices=["direct", "relay"], help="how client media arrives (node.media)"
     )
-    node.add_argument("--certs", help="cluster certificate directory (cluster.certs)")
     node.add_argument(
         "--signaling-port", type=int, help="signaling and demo page TCP port (node.signaling_port)"
     )
@@ -63,7 +74,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     relay.add_argument("--tunnel-host", help="address nodes tunnel to (relay.tunnel_host)")
     relay.add_argument("--tunnel-port", type=int, help="QUIC tunnel port (relay.tunnel_port)")
-    relay.add_argument("--certs", help="cluster certificate directory (cluster.certs)")
     relay.add_argument(
         "--workers",
         type=int,
@@ -81,10 +91,22 @@ def build_parser() -> argparse.ArgumentParser:
     init = certs_commands.add_parser("init", help="a new cluster CA and hint secret in --dir")
     init.add_argument("--dir", required=True, help="the certificate directory (cluster.certs)")
     init.add_argument("--force", action="store_true", help="replace an existing CA and secret")
-    issue = certs_commands.add_parser("issue", help="a certificate for one node or relay")
+    issue = certs_commands.add_parser(
+        "issue", help="a certificate for one node or relay, for etcd, or for the operator"
+    )
     issue.add_argument("--dir", required=True, help="the certificate directory (cluster.certs)")
-    issue.add_argument("role", choices=["node", "relay"], help="what the certificate is for")
-    issue.add_argument("id", help="the node or relay id it names")
+    issue.add_argument(
+        "role",
+        choices=["node", "relay", "etcd", "operator"],
+        help="what the certificate is for (etcd: etcd's own; operator: parley-cli, the commands')",
+    )
+    issue.add_argument("id", nargs="?", help="the node or relay id it names")
+    issue.add_argument(
+        "--host",
+        action="append",
+        help="etcd: a name or address its clients dial (repeat, or comma-separated; "
+        "default 127.0.0.1,::1,localhost)",
+    )
 
     up = commands.add_parser("up", help="run etcd and nodes locally, supervised, until Ctrl-C")
     _common(up)
@@ -153,9 +175,6 @@ def build_parser() -> argparse.ArgumentParser:
     rotate = token_commands.add_parser("rotate", help="add a new token key pair; it signs next")
     for action in (create, rotate):
         _common(action)
-        action.add_argument(
-            "--certs", help="cluster certificate directory (cluster.certs; default .parley/certs)"
-        )
     create.add_argument("--ttl", type=float, default=3600.0, help="seconds it is valid (3600)")
     create.add_argument("--sub", default="parley-cli", help="its subject (parley-cli)")
     create.add_argument("--agent", help="the only agent it may talk to (default: any)")
@@ -199,20 +218,26 @@ def config_from(args: argparse.Namespace) -> Config:
         "log": {"json": get("log_json"), "level": get("log_level")},
     }
     config = load_config(get("config"), overrides=overrides)
+    cluster = config.cluster
     if args.command == "up" and get("etcd") is None:
         # The nodes of `parley up` talk to the etcd it starts.
-        cluster = config.cluster
-        config = attrs.evolve(
-            config, cluster=attrs.evolve(cluster, etcd=f"127.0.0.1:{config.up.etcd_client_port}")
-        )
-    return config
+        scheme = "https://" if config.up.etcd_tls else ""
+        cluster = attrs.evolve(cluster, etcd=f"{scheme}127.0.0.1:{config.up.etcd_client_port}")
+    if command in OPERATOR_COMMANDS and not cluster.certs:
+        # An operator's commands find the operator certificate where `parley up` keeps it.
+        cluster = attrs.evolve(cluster, certs=str(Path(config.up.data_dir) / "certs"))
+    return attrs.evolve(config, cluster=cluster)
 
 
 def cmd_node(config: Config, parent_pid: int | None = None) -> int:
     from sessions.node.daemon import Node
     from sessions.node.frontend import run_frontend
 
-    node = Node(config, frontend=run_frontend)
+    try:
+        node = Node(config, frontend=run_frontend)
+    except ConfigError as exc:
+        print(f"parley node: {exc}", file=sys.stderr)
+        return 2
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
@@ -248,6 +273,7 @@ def cmd_relay(
             etcd_endpoint=config.cluster.etcd,
             prefix=config.cluster.prefix,
             credentials=config.cluster.credentials("relay", relay_id),
+            etcd_tls=config.cluster.etcd_tls("relay", relay_id),
             secrets=config.cluster.hint_secrets(),
             listen=cfg.listen_addresses(),
             tunnel_host=cfg.tunnel_host,
@@ -277,8 +303,14 @@ def cmd_status(config: Config, as_json: bool) -> int:
     from storage.etcd import EtcdError, open_etcd
     from storage.keys import Keyspace
 
+    try:
+        tls = config.cluster.etcd_tls("operator")
+    except ConfigError as exc:
+        print(f"parley status: {exc}", file=sys.stderr)
+        return 2
+
     async def main() -> dict[str, Any]:
-        async with open_etcd(config.cluster.etcd) as etcd:
+        async with open_etcd(config.cluster.etcd, tls=tls) as etcd:
             return await gather_status(etcd, Keyspace(config.cluster.prefix))
 
     try:
@@ -320,15 +352,26 @@ def main(argv: list[str] | None = None) -> int:
         from ops import moving
 
         endpoint, prefix = config.cluster.etcd, config.cluster.prefix
+        try:
+            tls = config.cluster.etcd_tls("operator")
+        except ConfigError as exc:
+            print(f"parley {args.command}: {exc}", file=sys.stderr)
+            return 2
         if args.command == "migrate":
             return trio.run(
                 lambda: moving.migrate(
-                    endpoint, prefix, args.session, args.to, within=args.timeout, as_json=args.json
+                    endpoint,
+                    prefix,
+                    args.session,
+                    args.to,
+                    within=args.timeout,
+                    as_json=args.json,
+                    tls=tls,
                 )
             )
         return trio.run(
             lambda: moving.drain(
-                endpoint, prefix, args.node, within=args.timeout, as_json=args.json
+                endpoint, prefix, args.node, within=args.timeout, as_json=args.json, tls=tls
             )
         )
     if args.command == "chaos":

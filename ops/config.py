@@ -7,8 +7,10 @@ Precedence, lowest first: built-in defaults (which work with ``parley up``), the
 Example ``parley.toml``::
 
     [cluster]
-    etcd = "127.0.0.1:23790"   # host:port of etcd's client URL; a cluster's members as
-                               # "h1:p1,h2:p2,h3:p3" (the client moves on when one fails)
+    etcd = "https://127.0.0.1:23790"  # etcd's client URL; a cluster's members as
+                               # "h1:p1,h2:p2,h3:p3" (the client moves on when one fails);
+                               # https://: etcd takes clients with a certificate of the cluster
+                               # CA only, and each process presents its own from `certs`
     prefix = "/parley"        # every key of this cluster lives under it
     certs = ".parley/certs"   # cluster CA, member certificates, hint secret (`parley certs`)
 
@@ -55,6 +57,7 @@ Example ``parley.toml``::
     etcd_client_port = 23790  # member i of several on etcd_client_port + i - 1
     etcd_peer_port = 23800
     etcd_members = 1          # 1, 3 or 5 local etcd members (3: one may die or freeze)
+    etcd_tls = true           # etcd takes only clients with a certificate of the cluster CA
 
     [log]
     json = false
@@ -117,6 +120,8 @@ class UpConfig:
     etcd_peer_port: int = 23800
     #: local etcd members; several form one cluster that outlives a member's loss
     etcd_members: int = 1
+    #: etcd with client-certificate TLS from the cluster CA (https:// endpoints); false: plain
+    etcd_tls: bool = True
 
 
 @final
@@ -255,6 +260,7 @@ def _validate(config: Config) -> None:
         raise ConfigError(
             f"cluster.etcd must be host:port or a comma-separated list of them ({exc})"
         ) from None
+    config.cluster.etcd_uses_tls()  # one scheme for every member
     if config.up.etcd_members not in MEMBER_COUNTS:
         choices = ", ".join(str(n) for n in MEMBER_COUNTS)
         raise ConfigError(f"up.etcd_members must be one of {choices}, not {config.up.etcd_members}")

@@ -6,6 +6,11 @@ directories we own, so each member can be stopped, killed, frozen (SIGSTOP) and 
 same ports and data. :class:`EtcdServer` is one member; :class:`EtcdCluster` is N of them that know
 each other (``--initial-cluster``). A single-member cluster is exactly one :class:`EtcdServer`
 with today's name, data directory and ports.
+
+Given an :class:`EtcdServerTLS` (``parley up`` gives one by default), a member takes only clients
+that present a certificate of the cluster CA (``--client-cert-auth``), on ``https://`` client
+URLs, and its members talk to each other the same way (``--peer-client-cert-auth``). Without it
+(the tests' fixture) etcd is plain http on loopback.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.error
@@ -24,7 +30,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, final
 
+import attrs
+
 from ops.children import spawn
+from relay.settings import ETCD_SERVER_CERT
+from storage.etcdtls import HTTPS, EtcdTLS
 
 if TYPE_CHECKING:  # storage.etcd loads etcd3 and gRPC: only where a status is asked for
     from storage.etcd import MemberStatus
@@ -49,6 +59,52 @@ QUOTA_BYTES = 1 << 30
 
 class EtcdServerError(RuntimeError):
     """The local etcd could not be started."""
+
+
+@final
+@attrs.frozen
+class EtcdServerTLS:
+    """The files of an etcd with client-certificate TLS: the CA it trusts (and its own
+    certificate chains to), and its own certificate and key, which must carry serverAuth for
+    its clients and clientAuth for its peers and its gateway (ops/certs.py issues such)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+    @classmethod
+    def in_dir(cls, certs: Path) -> EtcdServerTLS:
+        """``ca.pem`` and ``etcd-server.pem`` / ``.key`` in a cluster certificate directory."""
+        certs = Path(certs)
+        return cls(
+            certs / "ca.pem", certs / f"{ETCD_SERVER_CERT}.pem", certs / f"{ETCD_SERVER_CERT}.key"
+        )
+
+    def client(self) -> EtcdTLS:
+        """The member's own certificate as a client's (it has clientAuth): what our health
+        and status probes present."""
+        return EtcdTLS(self.ca.read_bytes(), self.cert.read_bytes(), self.key.read_bytes())
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """An HTTPS client context that checks etcd's certificate and presents this one."""
+        context = ssl.create_default_context(cafile=str(self.ca))
+        context.load_cert_chain(str(self.cert), str(self.key))
+        return context
+
+    def flags(self) -> list[str]:
+        """etcd's flags for TLS on its client and peer URLs, client certificates required."""
+        files = ["--cert-file", str(self.cert), "--key-file", str(self.key)]
+        peer = ["--peer-cert-file", str(self.cert), "--peer-key-file", str(self.key)]
+        return [
+            *files,
+            "--client-cert-auth",
+            "--trusted-ca-file",
+            str(self.ca),
+            *peer,
+            "--peer-client-cert-auth",
+            "--peer-trusted-ca-file",
+            str(self.ca),
+        ]
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -91,7 +147,12 @@ class EtcdServer:
         name: str = "parley",
         initial_cluster: str | None = None,
         cluster_flags: Sequence[str] = (),
+        tls: EtcdServerTLS | None = None,
     ) -> None:
+        #: client-certificate TLS on the client and peer URLs (None: plain http)
+        self.tls = tls
+        self._client_tls: EtcdTLS | None = None
+        self._ssl: ssl.SSLContext | None = None
         #: SIGTERM to etcd when this process dies, even by SIGKILL (ops/children.py); then only
         #: start it from a thread that lives as long as etcd should (Trio's loop thread, not
         #: one of its worker threads, which retire when idle)
@@ -108,12 +169,29 @@ class EtcdServer:
         self._log: IO[bytes] | None = None
 
     @property
+    def scheme(self) -> str:
+        return "https" if self.tls is not None else "http"
+
+    @property
     def endpoint(self) -> str:
-        return f"{self.host}:{self.client_port}"
+        """The client endpoint as ``cluster.etcd`` takes it: ``host:port`` when plain,
+        ``https://host:port`` with TLS."""
+        address = f"{self.host}:{self.client_port}"
+        return HTTPS + address if self.tls is not None else address
+
+    @property
+    def client_url(self) -> str:
+        return f"{self.scheme}://{self.host}:{self.client_port}"
 
     @property
     def peer_url(self) -> str:
-        return f"http://{self.host}:{self.peer_port}"
+        return f"{self.scheme}://{self.host}:{self.peer_port}"
+
+    def client_tls(self) -> EtcdTLS | None:
+        """What our own probes present to this member (None when it is plain)."""
+        if self.tls is not None and self._client_tls is None:
+            self._client_tls = self.tls.client()
+        return self._client_tls
 
     @property
     def pid(self) -> int:
@@ -126,7 +204,7 @@ class EtcdServer:
         return self.process is not None and self.process.poll() is None
 
     def command(self) -> list[str]:
-        client_url = f"http://{self.host}:{self.client_port}"
+        client_url = self.client_url
         return [
             find_etcd_binary(),
             "--name",
@@ -146,6 +224,7 @@ class EtcdServer:
             "--initial-cluster-state",
             "new",
             *self.cluster_flags,
+            *(self.tls.flags() if self.tls is not None else ()),
             # Session churn grows etcd's history without bound unless it is compacted (29 -> 160 MB
             # over 2,700 short sessions, measured): keep five minutes of it.
             "--auto-compaction-mode",
@@ -191,9 +270,12 @@ class EtcdServer:
 
     def healthy(self) -> bool:
         """etcd answers /health with true: it runs and its cluster has a leader."""
-        url = f"http://{self.host}:{self.client_port}/health"
+        url = f"{self.client_url}/health"
+        if self.tls is not None and self._ssl is None:
+            self._ssl = self.tls.ssl_context()
+        context = self._ssl
         try:
-            with urllib.request.urlopen(url, timeout=0.5) as response:
+            with urllib.request.urlopen(url, timeout=0.5, context=context) as response:
                 return b"true" in response.read()
         except (OSError, urllib.error.URLError):
             return False
@@ -216,7 +298,7 @@ class EtcdServer:
         Raises ``storage.etcd.EtcdError`` when the member does not answer within ``timeout``."""
         from storage.etcd import read_member_status
 
-        return read_member_status(self.endpoint, timeout=timeout)
+        return read_member_status(self.endpoint, timeout=timeout, tls=self.client_tls())
 
     def terminate(self) -> None:
         """SIGTERM without waiting (:meth:`stop` waits)."""
@@ -287,11 +369,13 @@ class EtcdCluster:
         peer_port: int | None = None,
         log_dir: Path | None = None,
         die_with_us: bool = False,
+        tls: EtcdServerTLS | None = None,
     ) -> None:
         if size < 1:
             raise ValueError("an etcd cluster needs at least one member")
         self.base_dir = Path(base_dir)
         self.size = size
+        self.tls = tls
         #: member ids by member index, learned from their statuses (stable for a data directory),
         #: so a leader that stopped answering can still be named
         self._ids: dict[int, int] = {}
@@ -306,6 +390,7 @@ class EtcdCluster:
                     peer_port=peer_port,
                     log_file=log_file,
                     die_with_us=die_with_us,
+                    tls=tls,
                 )
             ]
             return
@@ -315,7 +400,8 @@ class EtcdCluster:
 
         names = [f"parley-{i + 1}" for i in range(size)]
         peers = [port(peer_port, i) for i in range(size)]
-        initial = ",".join(f"{n}=http://{host}:{p}" for n, p in zip(names, peers, strict=True))
+        scheme = "https" if tls is not None else "http"
+        initial = ",".join(f"{n}={scheme}://{host}:{p}" for n, p in zip(names, peers, strict=True))
         # A token of its own per data directory: members of two local clusters never join up.
         token = hashlib.sha256(str(self.base_dir.resolve()).encode()).hexdigest()[:16]
         flags = [
@@ -340,6 +426,7 @@ class EtcdCluster:
                 name=names[i],
                 initial_cluster=initial,
                 cluster_flags=flags,
+                tls=tls,
             )
             for i in range(size)
         ]
@@ -355,19 +442,31 @@ class EtcdCluster:
         return ",".join(self.endpoints)
 
     def _check_layout(self) -> None:
+        """Refuse members made for another cluster: another count, or peers that spoke another
+        scheme (members keep their peers' URLs in their data, so a cluster made plain cannot
+        turn to TLS, nor back, without being made again)."""
         if self.size == 1:
             return
         record = self.base_dir / "etcd-members"
+        scheme = "https" if self.tls is not None else "http"
         if record.exists():
-            recorded = record.read_text().strip()
+            recorded, *rest = record.read_text().split() or [""]
             if recorded != str(self.size):
                 raise EtcdServerError(
                     f"{self.base_dir} holds a {recorded}-member etcd, not {self.size}: use "
                     f"--etcd-members {recorded}, or remove {self.base_dir}/etcd-* for a new one"
                 )
+            made = rest[0] if rest else "http"  # records from before TLS name no scheme
+            if made != scheme:
+                setting = "true" if made == "https" else "false"
+                raise EtcdServerError(
+                    f"{self.base_dir} holds an etcd cluster whose members talk {made}, not "
+                    f"{scheme}: set up.etcd_tls = {setting}, or remove {self.base_dir}/etcd-* "
+                    "for a new one"
+                )
             return
         self.base_dir.mkdir(parents=True, exist_ok=True)
-        record.write_text(f"{self.size}\n")
+        record.write_text(f"{self.size} {scheme}\n")
 
     def spawn(self) -> None:
         """Start every member that is not running, without waiting."""

@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 import trio
 
-from storage.etcd import Etcd, EtcdError, open_etcd
+from storage.etcd import Etcd, EtcdError, EtcdTLS, open_etcd
 from storage.keys import Keyspace
 from storage.members import Members
 from storage.moves import Move, MoveError, Moves
@@ -50,12 +50,14 @@ async def migrate(
     within: float,
     as_json: bool,
     out: TextIO = sys.stdout,
+    tls: EtcdTLS | None = None,
 ) -> int:
-    """Move ``session`` to ``target``; exit status 0 moved, 1 refused or failed, 2 no etcd."""
+    """Move ``session`` to ``target``; exit status 0 moved, 1 refused or failed, 2 no etcd.
+    ``tls``: the operator's client certificate, for an etcd that requires one."""
     keys = Keyspace(prefix)
     started = time.time()
     try:
-        async with open_etcd(endpoint) as etcd:
+        async with open_etcd(endpoint, tls=tls) as etcd:
             members = Members(etcd, keys)
             node = await members.node(target)
             if node is None or node.info.state != "active":
@@ -138,16 +140,18 @@ async def drain(
     within: float,
     as_json: bool,
     out: TextIO = sys.stdout,
+    tls: EtcdTLS | None = None,
 ) -> int:
     """Ask ``node_id`` to move all its sessions away; follow until it owns none.
 
-    Exit status 0 drained, 1 not drained in time (or refused), 2 no etcd.
+    Exit status 0 drained, 1 not drained in time (or refused), 2 no etcd. ``tls``: the
+    operator's client certificate, for an etcd that requires one.
     """
     keys = Keyspace(prefix)
     started = time.time()
     summary: dict[str, Any] = {"node": node_id, "moved": 0, "failed": [], "remaining": []}
     try:
-        async with open_etcd(endpoint) as etcd:
+        async with open_etcd(endpoint, tls=tls) as etcd:
             member = await Members(etcd, keys).node(node_id)
             if member is None:
                 summary["error"] = f"node {node_id} is not registered"

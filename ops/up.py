@@ -15,6 +15,10 @@ even when it is SIGKILLed (ops/children.py). Each node keeps its signaling port 
 With relays, the nodes take media only through them (``node.media = "relay"``). The cluster CA,
 the hint secret and every member's certificate are made under ``<data_dir>/certs`` on first use
 (``parley certs``), unless ``cluster.certs`` names another directory.
+
+etcd takes only clients with a certificate of that CA (``up.etcd_tls``, on by default): its
+endpoints are ``https://``, every relay and node presents its own member certificate, and
+``parley up`` itself (like ``parley status``) the operator's, ``parley-cli``.
 """
 
 from __future__ import annotations
@@ -35,13 +39,25 @@ import attrs
 import trio
 
 from ops import children
-from ops.certs import init_cluster, write_cluster_key, write_token_key
+from ops.certs import (
+    init_cluster,
+    issue_etcd_server,
+    issue_operator,
+    write_cluster_key,
+    write_token_key,
+)
 from ops.config import Config
-from ops.etcdserver import EtcdCluster, EtcdServer, EtcdServerError, free_port
+from ops.etcdserver import EtcdCluster, EtcdServer, EtcdServerError, EtcdServerTLS, free_port
 from ops.status import format_status, gather_status
-from relay.settings import CLUSTER_KEY_FILE, TOKEN_KEYS_DIR
+from relay.settings import (
+    CLUSTER_KEY_FILE,
+    ETCD_SERVER_CERT,
+    OPERATOR_CERT,
+    TOKEN_KEYS_DIR,
+    ClusterSettings,
+)
 from relay.tunnel.certs import issue_files
-from storage.etcd import EtcdError, open_etcd
+from storage.etcd import EtcdError, EtcdTLS, open_etcd
 from storage.keys import Keyspace
 
 log = logging.getLogger("parley.up")
@@ -109,6 +125,7 @@ class LocalCluster:
     def __init__(self, config: Config, *, stdout: Any = None) -> None:
         self.config = config
         self.data_dir = Path(config.up.data_dir).resolve()
+        self.certs = Path(config.cluster.certs or self.data_dir / "certs").resolve()
         self.etcd = EtcdCluster(
             self.data_dir,
             config.up.etcd_members,
@@ -116,11 +133,14 @@ class LocalCluster:
             peer_port=config.up.etcd_peer_port,
             log_dir=self.data_dir / "logs",
             die_with_us=True,
+            tls=EtcdServerTLS.in_dir(self.certs) if config.up.etcd_tls else None,
         )
-        #: every member's client endpoint, ``host:port,host:port,...``
+        #: every member's client endpoint, ``host:port,...`` (``https://host:port,...``: TLS)
         self.endpoint = self.etcd.endpoint
+        #: the cluster as our children and the operator's commands reach it
+        self.cluster = attrs.evolve(config.cluster, etcd=self.endpoint, certs=str(self.certs))
+        self._operator_tls: EtcdTLS | None = None
         self.etcd_restarts = 0
-        self.certs = Path(config.cluster.certs or self.data_dir / "certs").resolve()
         self.relays = [self._relay_child(i + 1) for i in range(config.up.relays)]
         base = config.up.signaling_port
         self.signaling_ports = [base + i if base else free_port() for i in range(config.up.nodes)]
@@ -183,7 +203,18 @@ class LocalCluster:
         """The CA and hint secret if missing, and a certificate for every member."""
         if not (self.certs / "ca.pem").exists():
             init_cluster(self.certs)
-            self.say(f"certs    made a cluster CA, hint secret and cluster key in {self.certs}")
+            self.say(
+                f"certs    made a cluster CA, hint secret, cluster key and etcd's certificates "
+                f"in {self.certs}"
+            )
+        if not (self.certs / f"{ETCD_SERVER_CERT}.pem").exists():  # ... and from before TLS
+            issue_etcd_server(self.certs)
+            self.say(f"certs    made etcd's certificate in {self.certs}")
+        if not (self.certs / f"{OPERATOR_CERT}.pem").exists():
+            issue_operator(self.certs)
+            self.say(
+                f"certs    made the operator's etcd certificate ({OPERATOR_CERT}) in {self.certs}"
+            )
         if not (self.certs / CLUSTER_KEY_FILE).exists():  # a data dir from before moves
             write_cluster_key(self.certs)
         if not any((self.certs / TOKEN_KEYS_DIR).glob("*.key")):  # ... and from before tokens
@@ -232,6 +263,8 @@ class LocalCluster:
         for member in self.etcd.members:
             label = self._label(member)
             self.say(f"{label:<8} {member.endpoint}  pid {member.pid}  data {member.data_dir}")
+        if self.etcd.tls is not None:
+            self.say(f"{'':<8} TLS: only clients with a certificate of {self.certs / 'ca.pem'}")
         try:
             async with trio.open_nursery() as nursery:
                 for member in self.etcd.members:
@@ -244,7 +277,9 @@ class LocalCluster:
                 task_status.started(self)
                 nursery.start_soon(self._stop_on_signal, nursery.cancel_scope)
                 await self.print_status()
-                self.say("\nparley is up. `parley status` shows the cluster; Ctrl-C stops it.")
+                self.say(
+                    f"\nparley is up. `{self.status_command()}` shows the cluster; Ctrl-C stops it."
+                )
         finally:
             with trio.CancelScope(shield=True):
                 await self._stop_in_order()
@@ -318,10 +353,28 @@ class LocalCluster:
                 url = f"http://127.0.0.1:{self.signaling_ports[index]}/"
                 self.say(f"{child.name} restarted; its demo page is still {url}")
 
+    def status_command(self) -> str:
+        """The `parley status` that reaches this cluster from here (flags where the defaults
+        would not find it)."""
+        words = ["parley status"]
+        if self.endpoint != ClusterSettings().etcd:
+            words += ["--etcd", self.endpoint]
+        if self.certs != Path(".parley/certs").resolve():
+            words += ["--certs", str(self.certs)]
+        if self.config.cluster.prefix != ClusterSettings().prefix:
+            words += ["--prefix", self.config.cluster.prefix]
+        return " ".join(words)
+
+    def operator_tls(self) -> EtcdTLS | None:
+        """What `parley up` presents to its etcd: the operator's certificate (None: plain)."""
+        if self._operator_tls is None:
+            self._operator_tls = self.cluster.etcd_tls("operator")
+        return self._operator_tls
+
     async def _wait_registered(self) -> None:
         wanted = {c.name for c in self.children}
         keys = Keyspace(self.config.cluster.prefix)
-        async with open_etcd(self.endpoint) as etcd:
+        async with open_etcd(self.endpoint, tls=self.operator_tls()) as etcd:
             with trio.move_on_after(30):
                 while True:
                     try:
@@ -331,13 +384,22 @@ class LocalCluster:
                     members = status["nodes"] + status["relays"]
                     # A relay with workers (relay.workers) registers as relay-1.w0, relay-1.w1...
                     registered = {m.get("identity") or m.get("id") for m in members}
-                    if wanted <= registered:
+                    # ... and up means ready for calls: in relay mode a node answers an offer
+                    # only once it has a tunnel to a relay (else 503 no_relay)
+                    nodes = {c.name for c in self.nodes}
+                    tunnelled = all(
+                        nodes <= set(relay.get("tunnels") or []) for relay in status["relays"]
+                    )
+                    if wanted <= registered and tunnelled:
                         return
                     await trio.sleep(0.2)
-        self.say("warning: not every relay and node registered within 30 s; see the logs above")
+        self.say(
+            "warning: not every relay and node registered, or not every node tunnelled to every"
+            " relay, within 30 s; see the logs above"
+        )
 
     async def print_status(self) -> None:
-        async with open_etcd(self.endpoint) as etcd:
+        async with open_etcd(self.endpoint, tls=self.operator_tls()) as etcd:
             status = await gather_status(etcd, Keyspace(self.config.cluster.prefix))
         self.say("")
         self.say(format_status(status))

@@ -30,7 +30,7 @@ from relay.edge import Limits, RelayEdge
 from relay.routes import RouteTable
 from relay.tunnel.certs import Credentials
 from relay.tunnel.quic import Tunnel, TunnelEndpoint
-from storage.etcd import Etcd, EtcdError, open_etcd
+from storage.etcd import Etcd, EtcdError, EtcdTLS, open_etcd
 from storage.keys import Keyspace, check_name
 from storage.lease import LeaseKeeper
 from storage.members import Members, RelayInfo
@@ -72,6 +72,7 @@ class Relay:
         lease_ttl: int = 5,
         limits: Limits | None = None,
         worker: int | None = None,
+        etcd_tls: EtcdTLS | None = None,
     ) -> None:
         check_name("relay", relay_id)
         if credentials.identity.role != "relay" or credentials.identity.ident != relay_id:
@@ -83,6 +84,8 @@ class Relay:
         #: the registration's: one per worker when several share the public port
         self.id = relay_id if worker is None else worker_id(relay_id, worker)
         self.etcd_endpoint = etcd_endpoint
+        #: what the relay presents to an etcd that requires client certificates (its own)
+        self.etcd_tls = etcd_tls
         self.keys = Keyspace(prefix)
         self.credentials = credentials
         self.listen = list(listen)
@@ -125,7 +128,10 @@ class Relay:
     # -- lifetime --------------------------------------------------------------------------------
 
     async def run(self, *, task_status: trio.TaskStatus[Relay] = trio.TASK_STATUS_IGNORED) -> None:
-        async with open_etcd(self.etcd_endpoint) as etcd, trio.open_nursery() as nursery:
+        async with (
+            open_etcd(self.etcd_endpoint, tls=self.etcd_tls) as etcd,
+            trio.open_nursery() as nursery,
+        ):
             nursery.start_soon(self.lag.run)
             owners = Owners(etcd, self.keys)
             members = Members(etcd, self.keys)

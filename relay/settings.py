@@ -10,7 +10,7 @@ import ipaddress
 import os
 import socket
 from pathlib import Path
-from typing import final
+from typing import Literal, final
 
 import attrs
 from cryptography.hazmat.primitives import serialization
@@ -19,10 +19,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from relay.edge import Limits
 from relay.tunnel.certs import Credentials, Role
 from storage.checkpoints import ClusterKey, ClusterKeyError, Sealer
+from storage.etcdtls import EtcdTLS, endpoints_use_tls
 
 __all__ = [
     "CLUSTER_KEY_FILE",
+    "ETCD_SERVER_CERT",
     "HINT_SECRET_FILE",
+    "OPERATOR_CERT",
     "TOKEN_KEYS_DIR",
     "ClusterSettings",
     "RelaySettings",
@@ -39,6 +42,16 @@ CLUSTER_KEY_FILE = "cluster.key"
 #: ``<kid>.key`` (Ed25519, PKCS #8, mode 0600: only where tokens are minted); kids sort by age,
 #: the newest ``.key`` signs
 TOKEN_KEYS_DIR = "token-keys"
+#: in ``cluster.certs``: etcd's own certificate (``etcd-server.pem`` / ``.key``): serverAuth for
+#: its clients, clientAuth for its peers and its own gateway; `parley up`'s etcd runs with it
+ETCD_SERVER_CERT = "etcd-server"
+#: in ``cluster.certs``: the operator's client certificate (``parley-cli.pem`` / ``.key``) that
+#: `parley status`, `drain`, `migrate` and `chaos` present to etcd
+OPERATOR_CERT = "parley-cli"
+
+#: who presents a certificate to etcd: a node or relay its member certificate, the operator's
+#: commands ``parley-cli``
+EtcdClientRole = Literal["node", "relay", "operator"]
 _LIMITS = Limits()
 
 
@@ -51,7 +64,9 @@ class SettingsError(ValueError):
 class ClusterSettings:
     """Where the cluster's shared state and trust material are."""
 
-    etcd: str = "127.0.0.1:23790"
+    #: etcd's client endpoints, ``host:port`` each; ``https://host:port`` for an etcd that takes
+    #: only clients with a certificate of the cluster CA (`parley up`'s, by default)
+    etcd: str = "https://127.0.0.1:23790"
     prefix: str = "/parley"
     #: directory of the cluster CA (ca.pem), member certificates and the hint secret
     certs: str = ""
@@ -72,6 +87,31 @@ class ClusterSettings:
         except OSError as exc:
             raise SettingsError(
                 f"{exc} (`parley certs issue --dir {directory} {role} {ident}` makes one)"
+            ) from None
+
+    def etcd_uses_tls(self) -> bool:
+        """Whether ``etcd`` names a TLS etcd (``https://`` endpoints); raises SettingsError."""
+        try:
+            return endpoints_use_tls(self.etcd)
+        except ValueError as exc:
+            raise SettingsError(f"cluster.etcd: {exc}") from None
+
+    def etcd_tls(self, role: EtcdClientRole, ident: str = "") -> EtcdTLS | None:
+        """What this process presents to etcd: None when ``etcd`` is plain, else the cluster CA
+        and its certificate from ``certs`` (a node's or relay's member certificate,
+        ``{role}-{ident}``; the operator's ``parley-cli``). The one place that decides it."""
+        if not self.etcd_uses_tls():
+            return None
+        directory = self.certs_dir()
+        if role == "operator":
+            stem, issue = OPERATOR_CERT, f"parley certs issue --dir {directory} operator"
+        else:
+            stem, issue = f"{role}-{ident}", f"parley certs issue --dir {directory} {role} {ident}"
+        try:
+            return EtcdTLS.load(directory, stem)
+        except (OSError, ValueError) as exc:
+            raise SettingsError(
+                f"etcd at {self.etcd} needs a client certificate: {exc} (`{issue}` makes one)"
             ) from None
 
     def sealer(self) -> Sealer:

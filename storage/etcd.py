@@ -34,14 +34,17 @@ import trio
 from storage.etcdwire import (
     Compacted,
     EtcdError,
+    EtcdTLS,
     EtcdUnavailable,
     KeyValue,
     MemberStatus,
     TxnResult,
     WatchEvent,
     WatchStream,
+    check_client,
     cmp_create_revision,
     cmp_mod_revision,
+    endpoints_use_tls,
     etcdrpc,
     grpc,
     grpc_client,
@@ -59,6 +62,7 @@ __all__ = [
     "Compacted",
     "Etcd",
     "EtcdError",
+    "EtcdTLS",
     "EtcdUnavailable",
     "KeyValue",
     "MemberStatus",
@@ -66,6 +70,7 @@ __all__ = [
     "WatchEvent",
     "cmp_create_revision",
     "cmp_mod_revision",
+    "endpoints_use_tls",
     "op_delete",
     "op_get",
     "op_put",
@@ -98,6 +103,9 @@ class Etcd:
     """A Trio client for one etcd cluster, given one endpoint (``host:port``) or several
     (``"h1:p1,h2:p2"`` or a list: the members of that cluster).
 
+    ``tls``: the client certificate to present, for an etcd with client-certificate TLS; then
+    the channels are TLS. Endpoints written ``https://host:port`` need it (storage/etcdtls.py).
+
     Open it with :func:`open_etcd`. Every method raises :class:`EtcdUnavailable` when etcd does
     not answer within ``rpc_timeout`` seconds and :class:`EtcdError` for other failures. With
     several endpoints one attempt gets at most ``attempt_timeout`` (default: half the call's
@@ -111,15 +119,19 @@ class Etcd:
         rpc_timeout: float = 2.0,
         max_threads: int = 32,
         attempt_timeout: float | None = None,
+        tls: EtcdTLS | None = None,
     ) -> None:
+        check_client(endpoints, tls)
         self.endpoints = parse_endpoints(endpoints)
+        #: whether the channels are TLS (with our client certificate)
+        self.tls = tls is not None
         #: ``host:port`` for one member, ``host:port,host:port,...`` for several
         self.endpoint = ",".join(self.endpoints)
         self.timeout = rpc_timeout
         multi = len(self.endpoints) > 1
         self.attempt_timeout = attempt_timeout or (rpc_timeout / 2 if multi else rpc_timeout)
         self._metadata = _REQUIRE_LEADER if multi else None
-        self._clients = [grpc_client(endpoint) for endpoint in self.endpoints]
+        self._clients = [grpc_client(endpoint, tls) for endpoint in self.endpoints]
         self._current = 0
         #: per member: until when (time.monotonic) it is skipped when moving on
         self._suspect_until = [0.0] * len(self.endpoints)
@@ -462,11 +474,11 @@ class Etcd:
 
 @asynccontextmanager
 async def open_etcd(
-    endpoint: str | Sequence[str], *, rpc_timeout: float = 2.0
+    endpoint: str | Sequence[str], *, rpc_timeout: float = 2.0, tls: EtcdTLS | None = None
 ) -> AsyncIterator[Etcd]:
     """An :class:`Etcd` client (one endpoint, or a cluster's ``"h1:p1,h2:p2"`` or list) that is
-    closed on exit."""
-    client = Etcd(endpoint, rpc_timeout=rpc_timeout)
+    closed on exit; ``tls``: our client certificate, for an etcd that takes TLS clients only."""
+    client = Etcd(endpoint, rpc_timeout=rpc_timeout, tls=tls)
     try:
         yield client
     finally:

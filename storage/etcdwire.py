@@ -2,7 +2,8 @@
 our typed views of them, errors, endpoints, member status, and one watch stream.
 
 Only the generated protobuf messages and stubs of etcd3 are used; its helpers hide the response
-header, and the header revision is what we use as a fencing epoch. Import these names from
+header, and the header revision is what we use as a fencing epoch. The gRPC channels are ours
+too: plain, or TLS with a client certificate (:mod:`storage.etcdtls`). Import these names from
 :mod:`storage.etcd`, which re-exports them.
 """
 
@@ -14,23 +15,29 @@ import os
 import queue
 import time
 import warnings
-from collections.abc import Awaitable, Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Literal, final
 
 import attrs
 import trio
 
+from storage.etcdtls import EtcdTLS, check_client, endpoints_use_tls, parse_endpoints
+
 __all__ = [
     "Compacted",
     "EtcdError",
+    "EtcdTLS",
     "EtcdUnavailable",
     "KeyValue",
+    "MemberClient",
     "MemberStatus",
     "TxnResult",
     "WatchEvent",
     "WatchStream",
+    "check_client",
     "cmp_create_revision",
     "cmp_mod_revision",
+    "endpoints_use_tls",
     "etcdrpc",
     "grpc",
     "grpc_client",
@@ -53,7 +60,6 @@ try:
     # The generated code uses descriptor APIs protobuf has deprecated; that is etcd3's to fix.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        import etcd3
         import grpc
         from etcd3 import etcdrpc
 except TypeError as exc:  # pragma: no cover - depends on import order in the host program
@@ -200,29 +206,46 @@ def translate_rpc_error(exc: grpc.RpcError) -> EtcdError:
     return EtcdError(f"etcd {name}: {detail}")
 
 
-def parse_endpoints(endpoints: str | Sequence[str]) -> list[str]:
-    """``"h1:p1,h2:p2"`` or a list of ``host:port`` as a list; ValueError names a bad one."""
-    items = endpoints.split(",") if isinstance(endpoints, str) else list(endpoints)
-    parsed = [item.strip() for item in items]
-    for item in parsed:
-        host, _, port = item.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
-            raise ValueError(f"etcd endpoint must be host:port, not {item!r}")
-    if len(set(parsed)) != len(parsed):
-        raise ValueError(f"etcd endpoints repeat one: {','.join(parsed)}")
-    return parsed
+#: gRPC channel options: reconnect quickly after an etcd restart (gRPC's default backoff grows to
+#: two minutes), and no retries of gRPC's own (the client decides what may be sent again).
+_CHANNEL_OPTIONS = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+    ("grpc.enable_retries", 0),
+)
 
 
-def grpc_client(endpoint: str) -> Any:
-    host, _, port = endpoint.rpartition(":")
-    # Reconnect quickly after an etcd restart: gRPC's default backoff grows to two minutes.
-    options = [
-        ("grpc.initial_reconnect_backoff_ms", 100),
-        ("grpc.min_reconnect_backoff_ms", 100),
-        ("grpc.max_reconnect_backoff_ms", 1000),
-        ("grpc.enable_retries", 0),
-    ]
-    return etcd3.client(host=host.strip("[]"), port=int(port), grpc_options=options)
+def _channel(endpoint: str, tls: EtcdTLS | None) -> grpc.Channel:
+    """A gRPC channel to one member: TLS with our client certificate when ``tls`` is given
+    (``https://`` endpoints need it), plain otherwise."""
+    check_client(endpoint, tls)
+    (target,) = parse_endpoints(endpoint)
+    if tls is None:
+        return grpc.insecure_channel(target, options=_CHANNEL_OPTIONS)
+    credentials = grpc.ssl_channel_credentials(
+        root_certificates=tls.ca_pem, private_key=tls.key_pem, certificate_chain=tls.cert_pem
+    )
+    return grpc.secure_channel(target, credentials, options=_CHANNEL_OPTIONS)
+
+
+@final
+class MemberClient:
+    """One member's gRPC channel and the etcd services on it."""
+
+    def __init__(self, endpoint: str, tls: EtcdTLS | None = None) -> None:
+        self.channel = _channel(endpoint, tls)
+        self.kvstub = etcdrpc.KVStub(self.channel)
+        self.leasestub = etcdrpc.LeaseStub(self.channel)
+        self.maintenancestub = etcdrpc.MaintenanceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+
+def grpc_client(endpoint: str, tls: EtcdTLS | None = None) -> MemberClient:
+    """A client of the member at ``endpoint`` (``host:port``, or ``https://host:port``)."""
+    return MemberClient(endpoint, tls)
 
 
 @final
@@ -243,16 +266,18 @@ class MemberStatus:
         return self.leader_id == self.member_id
 
 
-def read_member_status(endpoint: str, *, timeout: float = 1.0) -> MemberStatus:
-    """Ask the member at ``endpoint`` for its status (blocking; for ops tools and tests)."""
-    parse_endpoints(endpoint)
-    host, _, port = endpoint.rpartition(":")
+def read_member_status(
+    endpoint: str, *, timeout: float = 1.0, tls: EtcdTLS | None = None
+) -> MemberStatus:
+    """Ask the member at ``endpoint`` for its status (blocking; for ops tools and tests).
+    ``tls``: our client certificate, for a member with client-certificate TLS."""
+    client = MemberClient(endpoint, tls)
     try:
-        with grpc.insecure_channel(f"{host}:{port}") as channel:
-            stub = etcdrpc.MaintenanceStub(channel)
-            response = stub.Status(etcdrpc.StatusRequest(), timeout)
+        response = client.maintenancestub.Status(etcdrpc.StatusRequest(), timeout)
     except grpc.RpcError as exc:
         raise translate_rpc_error(exc) from None
+    finally:
+        client.close()
     return MemberStatus(
         endpoint=endpoint,
         member_id=int(response.header.member_id),

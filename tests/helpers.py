@@ -30,10 +30,12 @@ async def eventually(
             await trio.sleep(0.05)
 
 
-def run_status(endpoint: str, prefix: str = "/parley") -> dict[str, Any]:
-    """What `parley status --json` prints, run as a separate process."""
+def run_status(endpoint: str, prefix: str = "/parley", certs: Path | None = None) -> dict[str, Any]:
+    """What `parley status --json` prints, run as a separate process; ``certs``: the
+    certificate directory whose operator certificate it presents to a TLS etcd (https://)."""
+    flags = ["--certs", str(certs)] if certs is not None else []
     out = subprocess.run(
-        [*PARLEY, "status", "--json", "--etcd", endpoint, "--prefix", prefix],
+        [*PARLEY, "status", "--json", "--etcd", endpoint, "--prefix", prefix, *flags],
         capture_output=True,
         text=True,
         timeout=30,

@@ -68,8 +68,8 @@ from ops.bench.sessions import _speech_track, http, loopback_ice, machine, speec
 from ops.etcdserver import free_port
 from ops.status import gather_status
 from ops.tokens import create_token
-from relay.settings import ClusterSettings
-from storage.etcd import EtcdUnavailable, open_etcd
+from relay.settings import ClusterSettings, SettingsError
+from storage.etcd import EtcdTLS, EtcdUnavailable, open_etcd
 from storage.keys import Keyspace
 
 __all__ = ["BenchResult", "DrainFigures", "MoveFigures", "main", "measure", "render"]
@@ -364,7 +364,9 @@ class Cluster:
         #: extra ``PARLEY_*`` settings for ``parley up`` and its children (ops/bench/failover.py)
         self.settings = dict(settings or {})
         self.etcd_port = free_port()
-        self.endpoint = f"127.0.0.1:{self.etcd_port}"
+        #: `parley up`'s etcd takes clients with a certificate of its CA only (up.etcd_tls)
+        self.endpoint = f"https://127.0.0.1:{self.etcd_port}"
+        self.certs = workdir / "up" / "certs"
         self.process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self.whip: dict[str, str] = {}
@@ -405,10 +407,17 @@ class Cluster:
         """``parley status --json``, read from etcd (blocking: run it in a thread)."""
 
         async def read() -> dict[str, Any]:
-            async with open_etcd(self.endpoint, rpc_timeout=10.0) as etcd:
+            async with open_etcd(self.endpoint, rpc_timeout=10.0, tls=self.etcd_tls()) as etcd:
                 return await gather_status(etcd, Keyspace(PREFIX))
 
         return trio.run(read)
+
+    def etcd_tls(self) -> EtcdTLS | None:
+        """The operator's certificate, which `parley up` makes (until then etcd is not up)."""
+        try:
+            return ClusterSettings(etcd=self.endpoint, certs=str(self.certs)).etcd_tls("operator")
+        except SettingsError as exc:
+            raise EtcdUnavailable(f"no operator certificate yet: {exc}") from None
 
     def owners(self) -> dict[str, str]:
         return {s["id"]: s["owner"] for s in self.status()["sessions"]}
@@ -431,7 +440,7 @@ class Cluster:
             if len(nodes) == 3 and tunnels and all(t == set(nodes) for t in tunnels):
                 self.whip = {i: str(n["addresses"]["whip"]) for i, n in nodes.items()}
                 # `parley up` made the cluster's token key beside its certificates
-                certs = ClusterSettings(certs=str(self.workdir / "up" / "certs"))
+                certs = ClusterSettings(certs=str(self.certs))
                 self.token = create_token(certs, subject="bench", ttl=86400)
                 return
             time.sleep(0.3)
@@ -489,12 +498,20 @@ async def _connect_all(
     return calls
 
 
-def _migrate(endpoint: str, session: str, target: str) -> tuple[int, float]:
+def _migrate(cluster: Cluster, session: str, target: str) -> tuple[int, float]:
     """What ``parley migrate SESSION --to TARGET`` does, in this thread (a Trio run)."""
     started = time.monotonic()
+    endpoint, tls = cluster.endpoint, cluster.etcd_tls()
     code = trio.run(
         lambda: moving.migrate(
-            endpoint, PREFIX, session, target, within=15.0, as_json=True, out=io.StringIO()
+            endpoint,
+            PREFIX,
+            session,
+            target,
+            within=15.0,
+            as_json=True,
+            out=io.StringIO(),
+            tls=tls,
         )
     )
     return code, time.monotonic() - started
@@ -515,9 +532,7 @@ async def _moves_phase(
             source = where[call.session]
             target = "node-3" if source == "node-2" else "node-2"
             start = time.monotonic()
-            code, seconds = await asyncio.to_thread(
-                _migrate, cluster.endpoint, call.session, target
-            )
+            code, seconds = await asyncio.to_thread(_migrate, cluster, call.session, target)
             end = time.monotonic()
             if code != 0:  # the command's word is not the truth: etcd's owner record is
                 where[call.session] = (await asyncio.to_thread(cluster.owners)).get(
@@ -591,7 +606,8 @@ async def _drain_phase(cluster: Cluster, packets: list[bytes], params: Params) -
             subprocess.run,
             [
                 sys.executable, "-m", "ops.cli", "drain", "node-1",
-                "--etcd", cluster.endpoint, "--prefix", PREFIX, "--json", "--timeout", "60",
+                "--etcd", cluster.endpoint, "--certs", str(cluster.certs), "--prefix", PREFIX,
+                "--json", "--timeout", "60",
             ],
             capture_output=True, text=True, timeout=90,
             env={**os.environ, "PARLEY_CONFIG": "/dev/null"}, check=False,

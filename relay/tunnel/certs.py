@@ -5,7 +5,9 @@ made once per cluster with :func:`init_ca`, signs one leaf per process with :fun
 A leaf names its holder twice: the subject CN ``"{role}:{ident}"`` for people reading it, and a
 URI subjectAltName ``parley://{role}/{ident}`` that :func:`verify_peer` reads as the
 :class:`Identity`. Host names play no part: a relay knows the node it talks to by its identity,
-not by where it dials.
+not by where it dials. Relays and nodes present the same leaf to etcd, whose other
+certificates (its own, the operator's: ops/certs.py) come from :func:`issue_leaf` without a
+``parley://`` identity, so no tunnel accepts them.
 
 On disk a credentials directory holds::
 
@@ -46,10 +48,13 @@ __all__ = [
     "init_ca",
     "issue",
     "issue_files",
+    "issue_leaf",
     "make_ca",
+    "read_ca",
     "verify_peer",
     "write_ca",
     "write_leaf",
+    "write_pair",
 ]
 
 Role = Literal["node", "relay"]
@@ -163,31 +168,30 @@ def make_ca(name: str = "Parley cluster CA") -> tuple[bytes, bytes]:
     return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
 
 
-def issue(
+def issue_leaf(
     ca_cert_pem: bytes,
     ca_key_pem: bytes,
-    role: Role,
-    ident: str,
+    common_name: str,
+    names: Sequence[x509.GeneralName] = (),
     *,
     days: int = LEAF_DAYS,
 ) -> tuple[bytes, bytes]:
-    """A leaf certificate for ``role``/``ident`` signed by the CA: (certificate PEM, key PEM).
+    """A leaf certificate signed by the CA: (certificate PEM, key PEM).
 
-    ECDSA P-256; usable both as a TLS server and as a TLS client, because relays and nodes
-    authenticate each other whichever side dials.
+    ECDSA P-256, usable both as a TLS server and as a TLS client (extended key usages
+    serverAuth and clientAuth: relays and nodes authenticate each other whichever side dials,
+    and etcd checks clientAuth on every client certificate, its peers' included), with
+    ``names`` as its subjectAltNames (none: a certificate only for clients).
     """
-    role = _check_role(role)
-    check_name(role, ident)
     if days < 1:
         raise ValueError(f"days must be at least 1, not {days}")
     ca_cert = x509.load_pem_x509_certificate(ca_cert_pem)
     ca_key = _load_key(ca_key_pem)
     key = ec.generate_private_key(ec.SECP256R1())
-    identity = Identity(role, ident)
     now = _now()
-    cert = (
+    builder = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, str(identity))]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -214,11 +218,13 @@ def issue(
             ),
             critical=False,
         )
-        .add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(identity.uri)]),
-            critical=False,
+    )
+    if names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    cert = (
+        builder.add_extension(
+            x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
         )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .add_extension(
             x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
             critical=False,
@@ -226,6 +232,26 @@ def issue(
         .sign(ca_key, hashes.SHA256())
     )
     return cert.public_bytes(serialization.Encoding.PEM), _key_pem(key)
+
+
+def issue(
+    ca_cert_pem: bytes,
+    ca_key_pem: bytes,
+    role: Role,
+    ident: str,
+    *,
+    days: int = LEAF_DAYS,
+) -> tuple[bytes, bytes]:
+    """A leaf certificate for ``role``/``ident`` signed by the CA: (certificate PEM, key PEM).
+
+    It names its holder as the subject CN ``role:ident`` and the URI ``parley://role/ident``;
+    see :func:`issue_leaf` for the rest. Nodes and relays also present it to etcd.
+    """
+    role = _check_role(role)
+    check_name(role, ident)
+    identity = Identity(role, ident)
+    uri = x509.UniformResourceIdentifier(identity.uri)
+    return issue_leaf(ca_cert_pem, ca_key_pem, str(identity), [uri], days=days)
 
 
 def _identity_of(cert: x509.Certificate) -> Identity:
@@ -414,6 +440,17 @@ def write_ca(directory: Path, cert_pem: bytes, key_pem: bytes, *, force: bool = 
     return directory / CA_CERT_FILE
 
 
+def write_pair(directory: Path, stem: str, cert_pem: bytes, key_pem: bytes) -> tuple[Path, Path]:
+    """Store a certificate as ``{stem}.pem`` and its key as ``{stem}.key`` (0600), replacing
+    older ones. Returns (certificate path, key path)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
+    _write(key_path, key_pem, mode=0o600, overwrite=True)
+    _write(cert_path, cert_pem, mode=0o644, overwrite=True)
+    return cert_path, key_path
+
+
 def write_leaf(
     directory: Path, role: Role, ident: str, cert_pem: bytes, key_pem: bytes
 ) -> tuple[Path, Path]:
@@ -421,13 +458,15 @@ def write_leaf(
 
     Returns (certificate path, key path).
     """
+    return write_pair(directory, _leaf_stem(role, ident), cert_pem, key_pem)
+
+
+def read_ca(directory: Path) -> tuple[bytes, bytes]:
+    """The CA in ``directory``: (``ca.pem``, ``ca.key``); CredentialsNotFound names a missing
+    file."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    stem = _leaf_stem(role, ident)
-    cert_path, key_path = directory / f"{stem}.pem", directory / f"{stem}.key"
-    _write(key_path, key_pem, mode=0o600, overwrite=True)
-    _write(cert_path, cert_pem, mode=0o644, overwrite=True)
-    return cert_path, key_path
+    hint = "create the cluster CA first with `parley certs init`"
+    return _read(directory / CA_CERT_FILE, hint), _read(directory / CA_KEY_FILE, hint)
 
 
 def init_ca(directory: Path, force: bool = False) -> Path:
@@ -451,9 +490,6 @@ def issue_files(
     returns their paths. ``role`` is "node" or "relay"; ``ident`` is the node or relay id
     (ValueError if invalid). Re-issuing replaces the old leaf.
     """
-    directory = Path(directory)
-    hint = "create the cluster CA first with `parley certs init`"
-    ca_pem = _read(directory / CA_CERT_FILE, hint)
-    ca_key_pem = _read(directory / CA_KEY_FILE, hint)
+    ca_pem, ca_key_pem = read_ca(directory)
     cert_pem, key_pem = issue(ca_pem, ca_key_pem, role, ident, days=days)
     return write_leaf(directory, role, ident, cert_pem, key_pem)

@@ -44,6 +44,7 @@ import trio
 
 from ops.bench.common import ADMISSION
 from ops.status import gather_status
+from relay.settings import ClusterSettings
 from sessions.audio import speech
 from storage.etcd import EtcdUnavailable, open_etcd
 from storage.keys import Keyspace
@@ -56,6 +57,22 @@ from tests.interop.chromium_scenario import (
 from tests.peers import AiortcCall
 
 ETCD_PORT = 23790
+#: `parley up`'s etcd takes only clients with a certificate of the cluster CA (up.etcd_tls)
+ETCD = f"https://127.0.0.1:{ETCD_PORT}"
+#: where the scenario's `parley up` keeps its certificates (main sets it with :func:`use_certs`)
+_UP: dict[str, Path] = {}
+
+
+def use_certs(directory: Path) -> None:
+    """Read etcd (:func:`status`, the operator's commands) with the operator certificate in
+    ``directory``, the certificate directory of the scenario's `parley up`."""
+    _UP["certs"] = directory
+
+
+def up_certs() -> Path:
+    return _UP["certs"]
+
+
 RELAY_PORTS = (3478, 3479)
 PREFIX = "/parley"
 SPEECH = "one two three four five six"
@@ -92,9 +109,10 @@ def status() -> dict[str, Any]:
     handshake times out (the daemons' own etcd traffic is what the test judges)."""
 
     async def read() -> dict[str, Any]:
+        tls = ClusterSettings(etcd=ETCD, certs=str(up_certs())).etcd_tls("operator")
         for attempt in range(4):
             try:
-                async with open_etcd(f"127.0.0.1:{ETCD_PORT}", rpc_timeout=10.0) as etcd:
+                async with open_etcd(ETCD, rpc_timeout=10.0, tls=tls) as etcd:
                     return await gather_status(etcd, Keyspace(PREFIX))
             except EtcdUnavailable:
                 if attempt == 3:
@@ -343,6 +361,7 @@ def main(outfile: Path, clients: int) -> None:
     result: dict[str, Any] = {"clients": clients}
     up: subprocess.Popen[bytes] | None = None
     work = Path(tempfile.mkdtemp(prefix="parley-cluster-"))
+    use_certs(work / "up" / "certs")
     try:
         result["interfaces_up"] = isolate_network()
         # aioice gathers no loopback candidates by default; here loopback is all there is.

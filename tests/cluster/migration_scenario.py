@@ -52,6 +52,7 @@ from ops.bench.common import ADMISSION
 from sessions.audio import speech
 from sessions.node.ledger import check_ledgers, read_ledgers
 from tests.cluster.cluster_scenario import (
+    ETCD,
     ETCD_PORT,
     SPEECH,
     ScenarioError,
@@ -59,6 +60,8 @@ from tests.cluster.cluster_scenario import (
     candidates_of,
     own_session,
     status,
+    up_certs,
+    use_certs,
     wait_for_cluster,
     whip,
 )
@@ -429,11 +432,15 @@ async def chromium_call(
 # -- the operator's side -----------------------------------------------------------------------
 
 
+#: the `parley` command of this checkout
+PARLEY_CLI = [sys.executable, "-m", "ops.cli"]
+
+
 def parley(*args: str, timeout: float = COMMAND_TIMEOUT) -> dict[str, Any]:
     """One ``parley`` command (a process, as an operator runs it): exit code, JSON, time."""
     started = time.time()
     done = subprocess.run(
-        [sys.executable, "-m", "ops.cli", *args, "--etcd", f"127.0.0.1:{ETCD_PORT}", "--json"],
+        [*PARLEY_CLI, *args, "--etcd", ETCD, "--certs", str(up_certs()), "--json"],
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -474,6 +481,7 @@ def main(outfile: Path, clients: int, migrations: int) -> None:
     result: dict[str, Any] = {"clients": clients, "migrations_asked": migrations}
     up: subprocess.Popen[bytes] | None = None
     work = Path(tempfile.mkdtemp(prefix="parley-migration-"))
+    use_certs(work / "up" / "certs")
     started = time.monotonic()
     try:
         result["interfaces_up"] = isolate_network()

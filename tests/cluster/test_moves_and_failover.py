@@ -95,7 +95,7 @@ def test_a_session_moves_survives_sigterm_and_is_adopted_after_sigkill(
         async def run(*argv: str) -> subprocess.CompletedProcess[str]:
             return await asyncio.to_thread(
                 subprocess.run,
-                [*PARLEY, *argv, "--etcd", cluster.endpoint],
+                [*PARLEY, *argv, "--etcd", cluster.endpoint, "--certs", str(cluster.certs)],
                 capture_output=True,
                 text=True,
                 timeout=60,

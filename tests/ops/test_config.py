@@ -12,7 +12,8 @@ from ops.config import ConfigError, load_config
 
 def test_defaults_work_with_parley_up() -> None:
     config = load_config(env={})
-    assert config.cluster.etcd == "127.0.0.1:23790"
+    assert config.cluster.etcd == "https://127.0.0.1:23790"  # parley up's etcd: TLS
+    assert config.up.etcd_tls
     assert config.node.lease_ttl == 5
     assert (config.up.nodes, config.up.relays) == (3, 2)
     assert config.node.media == "direct" and config.relay.listen_addresses() == [
@@ -82,10 +83,18 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 def test_cli_flags_override_and_up_points_nodes_at_its_etcd(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.delenv("PARLEY_CLUSTER_ETCD", raising=False)
+    for name in ("PARLEY_CLUSTER_ETCD", "PARLEY_CLUSTER_CERTS", "PARLEY_UP_ETCD_TLS"):
+        monkeypatch.delenv(name, raising=False)
     args = build_parser().parse_args(["up", "--nodes", "3", "--etcd-port", "24000"])
     config = config_from(args)
-    assert config.up.nodes == 3 and config.cluster.etcd == "127.0.0.1:24000"
+    assert config.up.nodes == 3 and config.cluster.etcd == "https://127.0.0.1:24000"
+    monkeypatch.setenv("PARLEY_UP_ETCD_TLS", "false")
+    plain = config_from(build_parser().parse_args(["up", "--etcd-port", "24000"]))
+    assert plain.cluster.etcd == "127.0.0.1:24000"
+    monkeypatch.delenv("PARLEY_UP_ETCD_TLS")
+    # an operator's commands find the operator certificate where `parley up` keeps it
+    status = config_from(build_parser().parse_args(["status", "--etcd", "https://h:1"]))
+    assert status.cluster.certs == str(Path(status.up.data_dir) / "certs")
     args = build_parser().parse_args(["node", "--id", "n1", "--lease-ttl", "4", "--log-json"])
     config = config_from(args)
     assert (config.node.id, config.node.lease_ttl, config.log.json) == ("n1", 4, True)

@@ -150,7 +150,8 @@ def test_parley_up_runs_etcd_relays_and_nodes_restarts_a_killed_node_and_stops_c
         env=env,
         cwd=tmp_path,
     )
-    endpoint = f"127.0.0.1:{port}"
+    endpoint = f"https://127.0.0.1:{port}"  # its etcd takes TLS clients with a certificate
+    certs = data / "certs"
     started = time.monotonic()
     output: list[str] = []
     try:
@@ -162,14 +163,14 @@ def test_parley_up_runs_etcd_relays_and_nodes_restarts_a_killed_node_and_stops_c
         text = "".join(output)
         assert f"etcd     {endpoint}" in text and "node-1" in text and "node-2" in text
         assert "relay-1" in text and "relay-2" in text
-        status = run_status(endpoint)
+        status = run_status(endpoint, certs=certs)
         assert sorted(n["id"] for n in status["nodes"]) == ["node-1", "node-2"]
         # Cluster mode: the nodes open no client UDP port, and every relay has a tunnel from
         # every node (parley up waits for the relays; the tunnels follow within a second).
         assert all(n["addresses"]["media"] == "relays" for n in status["nodes"])
         wait_for(
             lambda: (
-                [r.get("tunnels") for r in run_status(endpoint)["relays"]]
+                [r.get("tunnels") for r in run_status(endpoint, certs=certs)["relays"]]
                 == [["node-1", "node-2"]] * 2
             ),
             10,
@@ -181,26 +182,28 @@ def test_parley_up_runs_etcd_relays_and_nodes_restarts_a_killed_node_and_stops_c
         os.kill(victim["pid"], signal.SIGKILL)
 
         def replaced() -> bool:
-            nodes = run_status(endpoint)["nodes"]
+            nodes = run_status(endpoint, certs=certs)["nodes"]
             return any(n["id"] == "node-1" and n["pid"] != victim["pid"] for n in nodes)
 
         wait_for(replaced, 20, "node-1 to be restarted")
         # Past Trio's idle-thread timeout (10 s): nodes must not die with the thread that
         # spawned them, and the other node keeps running untouched.
         time.sleep(max(0.0, started + 13 - time.monotonic()))
-        nodes = run_status(endpoint)["nodes"]
+        nodes = run_status(endpoint, certs=certs)["nodes"]
         # Both kinds of process publish what their packet path counted, including what the
         # kernel dropped for them and how late their loop ran.
         for node in nodes:
             assert {"tunnel_datagrams_in", "tunnel_kernel_drops", "loop_stalls"} <= set(
                 node["counters"]
             ), node
-        for relay in run_status(endpoint)["relays"]:
+        for relay in run_status(endpoint, certs=certs)["relays"]:
             assert relay["counters"]["kernel_drops"] == 0, relay
             assert {"tunnel_kernel_drops", "loop_lag_ms"} <= set(relay["counters"]), relay
         survivor = next(n for n in status["nodes"] if n["id"] == "node-2")
         assert [n["pid"] for n in nodes if n["id"] == "node-2"] == [survivor["pid"]]
-        pids = [n["pid"] for n in nodes] + [r["pid"] for r in run_status(endpoint)["relays"]]
+        pids = [n["pid"] for n in nodes] + [
+            r["pid"] for r in run_status(endpoint, certs=certs)["relays"]
+        ]
         up.send_signal(signal.SIGINT)
         rest, _ = up.communicate(timeout=30)
         assert up.returncode == 0, rest

@@ -24,6 +24,7 @@ import trio_websocket
 
 from ops.etcdserver import free_port
 from tests.helpers import PARLEY, make_token, run_status, token_keys
+from tests.ops.test_etcd_tls import assert_strangers_read_nothing
 from tests.ops.test_processes import wait_for
 
 
@@ -77,8 +78,10 @@ class Up:
     def __init__(
         self, data: Path, *, port: int, nodes: int = 2, relays: int = 1, lease_ttl: int = 2
     ) -> None:
-        self.endpoint = f"127.0.0.1:{port}"
+        #: its etcd takes only clients with a certificate of the cluster CA (up.etcd_tls)
+        self.endpoint = f"https://127.0.0.1:{port}"
         self.data = data
+        self.certs = data / "certs"
         env = dict(
             os.environ,
             PARLEY_UP_ETCD_PEER_PORT=str(free_port()),
@@ -117,7 +120,7 @@ class Up:
         return dict(re.findall(r"^  (node-\d+)\s+(http://\S+)$", self.text, re.MULTILINE))
 
     def status(self) -> dict[str, Any]:
-        return run_status(self.endpoint)
+        return run_status(self.endpoint, certs=self.certs)
 
     def token(self) -> str:
         """An access token from the key `parley up` made, as `parley token create` prints."""
@@ -143,6 +146,11 @@ def test_parley_up_holds_its_data_dir_supervises_etcd_and_dies_with_everything(
 ) -> None:
     up.wait_for_line("parley is up")
     etcd_pid = int(up.wait_for_line(r"etcd\s+\S+\s+pid (\d+)").group(1))
+    # Its etcd takes only clients with a certificate of the cluster CA: the operator's commands
+    # present theirs (`parley status`, below), strangers read nothing (issue #15).
+    assert re.search(rf"^etcd\s+{re.escape(up.endpoint)}\s+pid", up.text, re.MULTILINE), up.text
+    assert f"--certs {up.certs}" in up.text  # the `parley status` it tells the operator to run
+    assert_strangers_read_nothing(up.endpoint, up.certs)
     pages = up.pages()
     assert sorted(pages) == ["node-1", "node-2"], up.text
     # every node admits only access tokens, and the status table says so (issue #15)
@@ -160,6 +168,8 @@ def test_parley_up_holds_its_data_dir_supervises_etcd_and_dies_with_everything(
     assert f"another `parley up` (pid {up.process.pid})" in second.stderr, second.stderr
     before = up.status()
     assert sorted(n["id"] for n in before["nodes"]) == ["node-1", "node-2"]
+    # up means ready for calls: every node already has its tunnel to the relay
+    assert [set(r["tunnels"]) for r in before["relays"]] == [{"node-1", "node-2"}], before
     assert alive(etcd_pid) and up.process.poll() is None
 
     # etcd dies: `parley up` says so, restarts it on the same data, and sessions work again.

@@ -67,6 +67,7 @@ def test_three_etcd_members_ride_out_a_member_frozen_then_killed(tmp_path: Path)
         match: re.Match[str] = wait_for(found, within, f"{pattern!r} in:\n{''.join(lines)}")
         return match
 
+    certs = tmp_path / "data" / "certs"
     try:
         printed("parley is up")
         members = re.findall(r"^(etcd-\d)\s+(\S+)\s+pid (\d+)\s+data (\S+)$", "".join(lines), re.M)
@@ -77,12 +78,14 @@ def test_three_etcd_members_ride_out_a_member_frozen_then_killed(tmp_path: Path)
         cluster = ",".join(endpoints)
 
         # `parley status` takes the member list; each member answers for the whole cluster.
-        before = run_status(cluster)
+        before = run_status(cluster, certs=certs)
         assert [n["id"] for n in before["nodes"]] == ["node-1"]
         assert [r["id"] for r in before["relays"]] == ["relay-1"]
         node = before["nodes"][0]
         for endpoint in endpoints:
-            assert [n["lease"] for n in run_status(endpoint)["nodes"]] == [node["lease"]]
+            assert [n["lease"] for n in run_status(endpoint, certs=certs)["nodes"]] == [
+                node["lease"]
+            ]
 
         # etcd-1 is the member every client starts on. Frozen for longer than the node's lease
         # TTL (5 s), it answers nothing: the node and the relay keep their registrations and
@@ -92,7 +95,7 @@ def test_three_etcd_members_ride_out_a_member_frozen_then_killed(tmp_path: Path)
         frozen_at = time.monotonic()
         try:
             while time.monotonic() < frozen_at + 6:
-                during = run_status(cluster)
+                during = run_status(cluster, certs=certs)
                 assert [(n["id"], n["lease"], n["pid"]) for n in during["nodes"]] == [
                     ("node-1", node["lease"], node["pid"])
                 ], during
@@ -106,7 +109,7 @@ def test_three_etcd_members_ride_out_a_member_frozen_then_killed(tmp_path: Path)
         printed(rf"^{label} exited with -9; restarting it on the same data")
         restarted = printed(rf"^{label}\s+{re.escape(first)}\s+pid (\d+)\s+restarted")
         assert int(restarted.group(1)) != pids[first]
-        after = run_status(first)  # the restarted member serves the same cluster again
+        after = run_status(first, certs=certs)  # the restarted member serves the same cluster again
         assert [(n["id"], n["lease"]) for n in after["nodes"]] == [("node-1", node["lease"])]
         assert "node-1 exited" not in "".join(lines) and "relay-1 exited" not in "".join(lines)
 

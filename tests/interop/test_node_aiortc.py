@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import urllib.error
+import urllib.request
 from typing import Any
 
 import pytest
@@ -17,6 +19,20 @@ from tests.interop.conftest import RunningNode, whip_delete, whip_post
 from tests.peers import AiortcCall, loopback_ice  # noqa: F401 - fixture
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("loopback_ice")]
+
+
+def bearer_of(node: RunningNode) -> dict[str, str]:
+    return {"Authorization": f"Bearer {node.access_token}"}
+
+
+def delete_status(url: str, headers: dict[str, str]) -> int:
+    """The HTTP status a DELETE of ``url`` gets."""
+    request = urllib.request.Request(url, method="DELETE", headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return exc.code
 
 
 @functools.cache
@@ -45,6 +61,20 @@ def test_aiortc_through_signaling_echo_stats_crash_restart_and_delete(
             await asyncio.sleep(len(sent) / 96_000 + 1.5)
             before, _ = speech.correlation(sent, call.pcm_between(start, math.inf), 48_000)
 
+            # A stranger who saw the session id (it is in the ufrag of every STUN check) tries
+            # to hang the call up: no token, a wrong secret, the id alone. Nothing ends it.
+            base = running_node.whip.split("/v1/")[0]
+            attacks = {
+                "no token": (f"{location}", {}),
+                "wrong secret": (f"/v1/session/{session}/x{'0' * 42}", bearer_of(running_node)),
+                "id alone": (f"/v1/session/{session}", bearer_of(running_node)),
+            }
+            refused = {
+                name: await asyncio.to_thread(delete_status, base + path, headers)
+                for name, (path, headers) in attacks.items()
+            }
+            assert session in node.sessions, refused
+
             # The actor crashes (an unknown message is a local bug: let it crash); its
             # supervisor restarts it from the last checkpoint and the call goes on.
             ref = node.registry.lookup(session)
@@ -59,6 +89,7 @@ def test_aiortc_through_signaling_echo_stats_crash_restart_and_delete(
                 whip_delete, running_node.whip, location, running_node.access_token
             )
             return {
+                "refused": refused,
                 "session": session,
                 "before": before,
                 "after": after,
@@ -69,6 +100,7 @@ def test_aiortc_through_signaling_echo_stats_crash_restart_and_delete(
             await call.close()
 
     result = asyncio.run(scenario())
+    assert result["refused"] == {"no token": 401, "wrong secret": 403, "id alone": 403}, result
     assert result["before"] > 0.6, result["before"]
     assert result["after"] > 0.6, result["after"]
     (entry,) = result["status"]["sessions"]

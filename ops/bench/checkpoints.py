@@ -27,19 +27,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import shutil
-import sys
-import tempfile
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, Final, final
 
 import attrs
 
 from ops.bench import migration
-from ops.bench.migration import Cluster, EchoCall
-from ops.bench.sessions import loopback_ice, machine, speech_packets
+from ops.bench.migration import Cluster, EchoCall, scratch_cluster
+from ops.bench.sessions import machine, speech_packets
 
 __all__ = ["BenchResult", "Params", "Window", "main", "measure", "render"]
 
@@ -150,19 +146,8 @@ async def _run(cluster: Cluster, params: Params) -> BenchResult:
 
 def measure(params: Params, *, keep: bool = False) -> BenchResult:
     """Both windows on one ``parley up``; ``keep`` leaves the cluster's directory behind."""
-    loopback_ice()
-    tmp = Path(tempfile.mkdtemp(prefix="parley-bench-checkpoints-"))
-    cluster = Cluster(tmp)
-    try:
-        cluster.start()
-        cluster.wait_ready()
+    with scratch_cluster("checkpoints", keep=keep) as cluster:
         return asyncio.run(_run(cluster, params))
-    finally:
-        cluster.stop()
-        if keep:
-            print(f"cluster directory (kept): {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def render(result: BenchResult) -> str:

@@ -40,10 +40,7 @@ import itertools
 import json
 import os
 import re
-import shutil
 import signal
-import sys
-import tempfile
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -53,8 +50,8 @@ from typing import Any, Final, final
 import attrs
 
 from ops.bench import migration
-from ops.bench.migration import Cluster, EchoCall, Gap, echo_gap
-from ops.bench.sessions import loopback_ice, machine, speech_packets
+from ops.bench.migration import Cluster, EchoCall, Gap, echo_gap, scratch_cluster
+from ops.bench.sessions import machine, speech_packets
 from sessions.node.settings import NodeSettings
 from storage.etcd import EtcdUnavailable
 from storage.lease import default_margin
@@ -424,21 +421,11 @@ async def _run(cluster: Cluster, params: Params, bound: float, margin: float) ->
 
 def measure(params: Params, *, keep: bool = False) -> BenchResult:
     """Run both phases; ``keep`` leaves the cluster's directory (its logs) behind."""
-    loopback_ice()
     margin = NodeSettings().lease_margin or default_margin(params.ttl)
     bound = params.ttl + margin + BOUND_SLACK
-    tmp = Path(tempfile.mkdtemp(prefix="parley-bench-failover-"))
-    cluster = Cluster(tmp, settings={"PARLEY_NODE_LEASE_TTL": str(params.ttl)})
-    try:
-        cluster.start()
-        cluster.wait_ready()
+    settings = {"PARLEY_NODE_LEASE_TTL": str(params.ttl)}
+    with scratch_cluster("failover", keep=keep, settings=settings) as cluster:
         return asyncio.run(_run(cluster, params, bound, margin))
-    finally:
-        cluster.stop()
-        if keep:
-            print(f"cluster directory (kept): {tmp}", file=sys.stderr)
-        else:
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 # --- the table -------------------------------------------------------------------------------

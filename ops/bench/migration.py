@@ -55,7 +55,7 @@ import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Final, final
 
@@ -72,7 +72,15 @@ from relay.settings import ClusterSettings, SettingsError
 from storage.etcd import EtcdTLS, EtcdUnavailable, open_etcd
 from storage.keys import Keyspace
 
-__all__ = ["BenchResult", "DrainFigures", "MoveFigures", "main", "measure", "render"]
+__all__ = [
+    "BenchResult",
+    "DrainFigures",
+    "MoveFigures",
+    "main",
+    "measure",
+    "render",
+    "scratch_cluster",
+]
 
 PREFIX: Final = "/parley"
 CLOCK_RATE: Final = 48_000
@@ -654,21 +662,31 @@ async def _run(cluster: Cluster, params: Params) -> BenchResult:
     )
 
 
-def measure(params: Params, *, keep: bool = False) -> BenchResult:
-    """Run the phases; ``keep`` leaves the cluster's directory (its logs) behind."""
+@contextlib.contextmanager
+def scratch_cluster(
+    bench: str, *, keep: bool, settings: Mapping[str, str] | None = None
+) -> Iterator[Cluster]:
+    """A :class:`Cluster` up and ready in a scratch directory, stopped afterwards; ``keep``
+    leaves the directory (its logs) behind. Loopback ICE for the bench's aiortc clients."""
     loopback_ice()
-    tmp = Path(tempfile.mkdtemp(prefix="parley-bench-migration-"))
-    cluster = Cluster(tmp)
+    tmp = Path(tempfile.mkdtemp(prefix=f"parley-bench-{bench}-"))
+    cluster = Cluster(tmp, settings=settings)
     try:
         cluster.start()
         cluster.wait_ready()
-        return asyncio.run(_run(cluster, params))
+        yield cluster
     finally:
         cluster.stop()
         if keep:
             print(f"cluster directory (kept): {tmp}", file=sys.stderr)
         else:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def measure(params: Params, *, keep: bool = False) -> BenchResult:
+    """Run the phases; ``keep`` leaves the cluster's directory (its logs) behind."""
+    with scratch_cluster("migration", keep=keep) as cluster:
+        return asyncio.run(_run(cluster, params))
 
 
 # --- the table -------------------------------------------------------------------------------

@@ -112,6 +112,13 @@ def check_secret(secret: str, control: str) -> None:
         raise SignalingRefused("forbidden", "not this session's secret")
 
 
+def _recovering() -> SignalingRefused:
+    """An attach to a session whose node died and that is about to be resumed: try again."""
+    return SignalingRefused(
+        "session_recovering", "the session's node died; it is being resumed elsewhere"
+    )
+
+
 def new_session_id() -> str:
     """20 base32 characters: 100 random bits, and a valid etcd key segment."""
     return "".join(secrets.choice(_ID_ALPHABET) for _ in range(20))
@@ -220,9 +227,7 @@ class NodeSessions:
         if owner.node == self.node.id:
             # an owner key of this node's previous process: it died, its lease has not run out
             # yet, and then another node (or this one) adopts the session
-            raise SignalingRefused(
-                "session_recovering", "the session's node died; it is being resumed elsewhere"
-            )
+            raise _recovering()
         url = await self._signaling_url(owner.node)
         if url is None:
             raise SignalingRefused("internal", f"node {owner.node} publishes no signaling URL")
@@ -439,9 +444,7 @@ class NodeSessions:
             if control is None:
                 raise
             check_secret(secret, control)
-            raise SignalingRefused(
-                "session_recovering", "the session's node died; it is being resumed elsewhere"
-            ) from None
+            raise _recovering() from None
 
     async def _signaling_url(self, node_id: str) -> str | None:
         members = self.node.members

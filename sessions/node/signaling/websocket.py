@@ -425,14 +425,7 @@ class WebSocketSessions:
             if not state.ended_sent:
                 # issue #11: a session never ends without a reason the client can read
                 state.ended_sent = True
-                ended = {
-                    "type": "event",
-                    "event": "session_ended",
-                    "ts": time.time(),
-                    "code": ENDED_CODE,
-                    "reason": ENDED_REASON,
-                }
-                await self._send(ws, ended)
+                await self._send(ws, _session_ended(ENDED_CODE, ENDED_REASON))
             with trio.move_on_after(self.limits.close_timeout):
                 await ws.aclose(state.close_code, "session ended")
         except Gone:
@@ -451,13 +444,7 @@ class WebSocketSessions:
         reason = self.calls.setup_timed_out(session_id)
         state.set_phase(SocketPhase.ENDED)  # before the awaits: the socket's end is ours
         state.ended_sent = True
-        ended = {
-            "type": "event",
-            "event": "session_ended",
-            "ts": time.time(),
-            "code": SETUP_TIMEOUT,
-            "reason": reason,
-        }
+        ended = _session_ended(SETUP_TIMEOUT, reason)
         try:
             await self._send(ws, ended)
         finally:
@@ -526,3 +513,14 @@ class WebSocketSessions:
             self.calls.count("stalled")
             log.info("websocket client stopped reading")
             raise Gone("client is not reading") from None
+
+
+def _session_ended(code: str, reason: str) -> dict[str, object]:
+    """The ``session_ended`` event the socket itself sends, stamped now."""
+    return {
+        "type": "event",
+        "event": "session_ended",
+        "ts": time.time(),
+        "code": code,
+        "reason": reason,
+    }

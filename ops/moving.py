@@ -15,7 +15,7 @@ from typing import Any, TextIO
 
 import trio
 
-from storage.etcd import Etcd, EtcdError, EtcdTLS, open_etcd
+from storage.etcd import Etcd, EtcdError, EtcdTLS, WatchChannel, open_etcd
 from storage.keys import Keyspace
 from storage.members import Members
 from storage.moves import Move, MoveError, Moves
@@ -28,9 +28,7 @@ def _print(out: TextIO, text: str) -> None:
     print(text, file=out, flush=True)
 
 
-async def _follow(
-    changes: trio.MemoryReceiveChannel[Move | str], session: str, move_id: str
-) -> Move | None:
+async def _follow(changes: WatchChannel[Move | str], session: str, move_id: str) -> Move | None:
     """The move's final state (done or failed), or None if its key vanished first (the
     target may have cleared a done move before this watch delivered it: the caller checks)."""
     async for change in changes:
@@ -186,7 +184,7 @@ async def _watch_drain(
     etcd: Etcd,
     keys: Keyspace,
     moves: Moves,
-    changes: trio.MemoryReceiveChannel[Move | str],
+    changes: WatchChannel[Move | str],
     node_id: str,
     summary: dict[str, Any],
     out: TextIO,

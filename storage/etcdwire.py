@@ -406,10 +406,25 @@ class WatchStream:
                     nursery.start_soon(watchdog, self._probe)
                 try:
                     async for item in receive:
-                        if isinstance(item, BaseException):
-                            failure = item
+                        # Every response that came while the loop was busy, as one batch: one
+                        # trip through the scheduler for all of them (a loaded node fell
+                        # seconds behind taking one response per trip).
+                        events: list[WatchEvent] = []
+                        revision = 0
+                        while True:
+                            if isinstance(item, BaseException):
+                                failure = item
+                                break
+                            events.extend(item[0])
+                            revision = max(revision, item[1])
+                            try:
+                                item = receive.receive_nowait()
+                            except trio.WouldBlock:
+                                break
+                        if events or failure is None:
+                            await deliver(events, revision)
+                        if failure is not None:
                             break
-                        await deliver(*item)
                 finally:
                     self.close()
                     nursery.cancel_scope.cancel()

@@ -22,11 +22,11 @@ from contextlib import asynccontextmanager
 from typing import Any, final
 
 import attrs
-import trio
 
 from storage.etcd import (
     Etcd,
     KeyValue,
+    WatchChannel,
     cmp_create_revision,
     cmp_mod_revision,
     op_delete,
@@ -192,7 +192,7 @@ class Owners:
     @asynccontextmanager
     async def watch(
         self, *, start_revision: int = 0
-    ) -> AsyncIterator[trio.MemoryReceiveChannel[OwnershipChange]]:
+    ) -> AsyncIterator[WatchChannel[OwnershipChange]]:
         """Every ownership change, in order, from ``start_revision`` (0: from now).
 
         Survives etcd restarts without losing or repeating a change. Undecodable values are

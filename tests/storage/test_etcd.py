@@ -172,3 +172,30 @@ def test_the_etcd_we_run_compacts_its_history_and_has_a_space_quota(
     assert float(quota.split()[-1]) == QUOTA_BYTES
     command = etcd_server.command()
     assert command[command.index("--auto-compaction-mode") + 1] == "periodic"
+
+
+async def test_watch_each_hands_out_a_response_without_a_scheduler_round_per_value(
+    etcd: Etcd,
+) -> None:
+    """On a loaded node every scheduler round takes tens of milliseconds; a watch that spent
+    one round per value fell seconds behind in a 50-session drain."""
+    rounds = 0
+
+    async def count_rounds() -> None:
+        nonlocal rounds
+        while True:
+            rounds += 1
+            await trio.sleep(0)
+
+    async with (
+        etcd.watch_each("/b/", lambda event: event.kv.key) as keys,
+        trio.open_nursery() as nursery,
+    ):
+        await etcd.txn([], [op_put(f"/b/{i:03}", b"v") for i in range(100)])
+        with trio.fail_after(10):
+            first = await keys.receive()
+            nursery.start_soon(count_rounds)
+            rest = [await keys.receive() for _ in range(99)]
+        nursery.cancel_scope.cancel()
+    assert [first, *rest] == [f"/b/{i:03}".encode() for i in range(100)]
+    assert rounds <= 2

@@ -25,6 +25,8 @@ Concurrent requests for one session resolve by the create-if-absent compare: the
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import logging
 import time
@@ -34,11 +36,11 @@ from contextlib import asynccontextmanager
 from typing import Any, Final, Literal, final
 
 import attrs
-import trio
 
 from storage.etcd import (
     Etcd,
     KeyValue,
+    WatchChannel,
     WatchEvent,
     cmp_create_revision,
     cmp_mod_revision,
@@ -114,6 +116,10 @@ class Move:
     control: str = ""
     #: how many times the session has moved, this move included (written by the source)
     moves: int = 0
+    #: ``ready``: the sealed final snapshot, also stored as the session's checkpoint. Carried in
+    #: the move so that the target has it from its watch: a read of the checkpoint key was a
+    #: round trip inside the blackout (about 0.15 s under a 50-session drain).
+    snapshot: bytes = attrs.field(default=b"", repr=False)
 
     def advance(self, state: MoveState, **changes: Any) -> Move:
         """This move in ``state``; raises ValueError for a transition the table forbids."""
@@ -123,7 +129,9 @@ class Move:
 
     def encode(self) -> bytes:
         fields = attrs.asdict(self)
-        del fields["session"], fields["revision"], fields["lease"]
+        del fields["session"], fields["revision"], fields["lease"], fields["snapshot"]
+        if self.snapshot:
+            fields["snapshot"] = base64.b64encode(self.snapshot).decode()
         return json.dumps(fields, separators=(",", ":")).encode()
 
     @classmethod
@@ -145,8 +153,9 @@ class Move:
                 quiesced_at=float(value.get("quiesced_at", 0.0)),
                 control=str(value.get("control", "")),
                 moves=int(value.get("moves", 0)),
+                snapshot=base64.b64decode(value.get("snapshot", ""), validate=True),
             )
-        except (ValueError, TypeError, KeyError) as exc:
+        except (ValueError, TypeError, KeyError, binascii.Error) as exc:
             raise BadMoveValue(f"bad move value for {session!r}: {exc}") from None
         if move.state not in TRANSITIONS:
             raise BadMoveValue(f"bad move state for {session!r}: {move.state!r}")
@@ -189,9 +198,7 @@ class Moves:
         return [m for m in (self._decode(kv) for kv in kvs) if m is not None], revision
 
     @asynccontextmanager
-    async def watch(
-        self, *, start_revision: int = 0
-    ) -> AsyncIterator[trio.MemoryReceiveChannel[Move | str]]:
+    async def watch(self, *, start_revision: int = 0) -> AsyncIterator[WatchChannel[Move | str]]:
         """Every change of a move, in order: the Move, or the session id when its key is gone."""
         async with self.etcd.watch_each(
             self.keys.moves_prefix,
@@ -252,7 +259,7 @@ class Moves:
     ) -> Move:
         """Source: the session is quiesced and ``checkpoint`` (sealed) is its exact state;
         ``moves``: how many times the session will have moved."""
-        ready = move.advance("ready", quiesced_at=quiesced_at, moves=moves)
+        ready = move.advance("ready", quiesced_at=quiesced_at, moves=moves, snapshot=checkpoint)
         owner_key, move_key = self.keys.owner(move.session), self.keys.move(move.session)
         result = await self.etcd.txn(
             [cmp_mod_revision(owner_key, move.epoch), cmp_mod_revision(move_key, move.revision)],
@@ -268,7 +275,7 @@ class Moves:
     async def take(self, move: Move, lease: int) -> Move:
         """Target: take ownership (new epoch) and mark the move done, in one transaction."""
         owner_key, move_key = self.keys.owner(move.session), self.keys.move(move.session)
-        pending = move.advance("done")
+        pending = move.advance("done", snapshot=b"")  # the new owner has it: no copy to keep
         result = await self.etcd.txn(
             [cmp_mod_revision(owner_key, move.epoch), cmp_mod_revision(move_key, move.revision)],
             [
@@ -284,7 +291,7 @@ class Moves:
 
     async def fail(self, move: Move, reason: str) -> Move:
         """Abandon the move (source or target); raises StaleMove if it already went on."""
-        failed = move.advance("failed", reason=reason[:200])
+        failed = move.advance("failed", reason=reason[:200], snapshot=b"")
         move_key = self.keys.move(move.session)
         result = await self.etcd.txn(
             [cmp_mod_revision(move_key, move.revision)],
@@ -353,7 +360,7 @@ class Moves:
         await self.etcd.delete(self.keys.end(session))
 
     @asynccontextmanager
-    async def watch_ends(self) -> AsyncIterator[trio.MemoryReceiveChannel[str]]:
+    async def watch_ends(self) -> AsyncIterator[WatchChannel[str]]:
         """Sessions whose end was requested, from now on (and those already requested)."""
         kvs, revision = await self.etcd.get_prefix(self.keys.ends_prefix)
         pending = [s for kv in kvs if (s := self.keys.session_of_end_key(kv.key)) is not None]

@@ -51,8 +51,10 @@ log = logging.getLogger("parley.moves")
 TAKE_WITHIN: Final = 3.0
 #: how long a move waits for its session to finish connecting (DTLS) before it fails
 CONNECT_WITHIN: Final = 10.0
-#: moves a draining node has under way at once
-DRAIN_PARALLEL: Final = 16
+#: moves a draining node has under way at once: all of a full node's (a 50-session drain took
+#: 3.0 s with 16 at a time, 1.6 s with all 50; the blackout each session hears grew from 0.22 to
+#: 0.30 s p50), bounded so that a node with thousands does not flood etcd
+DRAIN_PARALLEL: Final = 64
 
 
 class MoveRefused(Exception):
@@ -323,11 +325,14 @@ class NodeMover:
         if not self.node.has_room():
             await self._fail(move, f"{self.node.id} is at capacity")
             return
-        kv = await self.etcd.get(self.keys.checkpoint(session))
+        blob = move.snapshot
+        if not blob:  # written by a source that did not carry it in the move
+            kv = await self.etcd.get(self.keys.checkpoint(session))
+            blob = kv.value if kv is not None else b""
         try:
-            if kv is None:
+            if not blob:
                 raise CheckpointError("no snapshot was stored")
-            _, state = unpack_record(self.sealer.open(kv.value, session=session, epoch=move.epoch))
+            _, state = unpack_record(self.sealer.open(blob, session=session, epoch=move.epoch))
             factory = await self.host.restore(session, state, move.quiesced_at)
         except (CheckpointError, MoveRefused) as exc:
             await self._fail(move, f"{self.node.id} cannot restore it: {exc}")

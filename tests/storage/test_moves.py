@@ -39,6 +39,8 @@ async def test_a_move_goes_requested_ready_done_and_ownership_follows(
     assert (await etcd.get(keys.checkpoint("s1"))).value == b"sealed snapshot"  # type: ignore[union-attr]
     seen = await moves.get("s1")
     assert seen is not None and seen.state == "ready" and seen.quiesced_at == 123.5
+    # The target gets the snapshot with the move (from its watch): no read inside the blackout.
+    assert seen.snapshot == b"sealed snapshot"
     done = await moves.take(ready, lease_b)
     owner = await owners.owner_of("s1")
     assert owner is not None and owner.node == "b" and owner.lease == lease_b
@@ -47,6 +49,7 @@ async def test_a_move_goes_requested_ready_done_and_ownership_follows(
     # A reader (the source, watching) learns the new epoch from the stored move too.
     stored = await moves.get("s1")
     assert stored is not None and stored.state == "done" and stored.new_epoch == owner.epoch
+    assert stored.snapshot == b""  # the copy in the move is dropped once the target has it
     assert await moves.clear(stored)
     assert await moves.get("s1") is None
 
@@ -153,3 +156,22 @@ def test_the_transition_table_refuses_what_it_does_not_list() -> None:
     for state in TRANSITIONS:
         with pytest.raises(ValueError):
             done.advance(state)
+
+
+async def test_the_watch_delivers_the_snapshot_with_ready_and_drops_it_on_failure(
+    etcd: Etcd, keys: Keyspace
+) -> None:
+    await owned(etcd, keys)
+    moves = Moves(etcd, keys)
+    seen: list[Move] = []
+    async with moves.watch() as changes:
+        ready = await moves.ready(await moves.request("s1", "b"), b"\x00sealed", quiesced_at=1.0)
+        await moves.fail(ready, "target refused")
+        with trio.fail_after(5):
+            while len(seen) < 3:
+                change = await changes.receive()
+                assert isinstance(change, Move)
+                seen.append(change)
+    assert [m.state for m in seen] == ["requested", "ready", "failed"]
+    assert [m.snapshot for m in seen] == [b"", b"\x00sealed", b""]
+    assert "sealed" not in repr(seen[1])  # not in logs

@@ -185,7 +185,7 @@ async def test_watch_each_hands_out_a_response_without_a_scheduler_round_per_val
         nonlocal rounds
         while True:
             rounds += 1
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
 
     async with (
         etcd.watch_each("/b/", lambda event: event.kv.key) as keys,

@@ -52,8 +52,9 @@ TAKE_WITHIN: Final = 3.0
 #: how long a move waits for its session to finish connecting (DTLS) before it fails
 CONNECT_WITHIN: Final = 10.0
 #: moves a draining node has under way at once: all of a full node's (a 50-session drain took
-#: 3.0 s with 16 at a time, 1.6 s with all 50; the blackout each session hears grew from 0.22 to
-#: 0.30 s p50), bounded so that a node with thousands does not flood etcd
+#: 3.0 s with 16 at a time, 1.6 s with all 50, 1.4 s once the snapshot came with the move; the
+#: blackout each session hears grew from 0.22 to 0.30 s p50), bounded so that a node with
+#: thousands does not flood etcd
 DRAIN_PARALLEL: Final = 64
 
 

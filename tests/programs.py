@@ -106,9 +106,11 @@ def debian_owner(program: str) -> str | None:
             )
         except FileNotFoundError:
             return None
-        if out.returncode == 0 and ":" in out.stdout:
-            # "pkg: /path", or "pkg:arch: /path", or "pkg1, pkg2: /path" for shared directories
-            return out.stdout.split(":", 1)[0].split(",")[0].strip()
+        # "pkg: /path", or "pkg:arch: /path", or "pkg1, pkg2: /path" for shared directories;
+        # a diverted file (/bin/sh) is listed after lines "diversion by pkg from/to: ..."
+        owners = [line for line in out.stdout.splitlines() if not line.startswith("diversion by ")]
+        if out.returncode == 0 and owners and ":" in owners[0]:
+            return owners[0].split(":", 1)[0].split(",")[0].strip()
     return None
 
 

@@ -42,7 +42,7 @@ def test_a_child_process_records_the_programs_it_starts(tmp_path: Path) -> None:
 def test_the_test_command_installs_what_the_up_command_does_and_the_test_tools() -> None:
     up, test = bootstrap_packages("up"), bootstrap_packages("test")
     assert {"etcd-server", "libopus0"} <= up <= test
-    assert {"etcd-client", "espeak-ng", "chromium"} <= test
+    assert {"etcd-client", "espeak-ng", "chromium", "systemd"} <= test
 
 
 @needs_dpkg
@@ -58,6 +58,13 @@ def test_a_program_from_a_package_bootstrap_does_not_install_is_named() -> None:
     (line,) = unprovided([etcdctl], {"etcd-server"})
     assert "etcdctl" in line and "etcd-client" in line
     assert unprovided([etcdctl], bootstrap_packages("test")) == []
+
+
+@needs_dpkg
+def test_a_diverted_program_belongs_to_the_package_that_diverts_it() -> None:
+    # dpkg lists /bin/sh after two "diversion by dash from/to" lines; dash owns it (Essential).
+    assert debian_owner("/bin/sh") == "dash"
+    assert unprovided(["/bin/sh"], set()) == []
 
 
 @needs_dpkg

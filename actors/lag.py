@@ -13,12 +13,16 @@ from typing import Final, final
 
 import trio
 
-__all__ = ["LoopLag"]
+from actors.histogram import Histogram
+
+__all__ = ["LAG_BUCKETS", "LoopLag"]
 
 #: how often the monitor asks to run; lateness below this is not worth a wakeup to see
 INTERVAL: Final = 0.02
 #: a wakeup this late counts as a stall
 STALL: Final = 0.1
+#: upper bounds (seconds) of the lateness histogram an ops port exposes
+LAG_BUCKETS: Final = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 @final
@@ -32,6 +36,8 @@ class LoopLag:
         self.stalls = 0
         #: the latest wakeup, in seconds, since start and since the last ``counters()``
         self.worst = 0.0
+        #: every wakeup's lateness, in seconds (one observation per ``interval``, not per packet)
+        self.lateness = Histogram(LAG_BUCKETS)
         self._recent = 0.0
 
     async def run(self) -> None:
@@ -39,6 +45,7 @@ class LoopLag:
             due = trio.current_time() + self.interval
             await trio.sleep_until(due)
             late = trio.current_time() - due
+            self.lateness.observe(late)
             if late > self._recent:
                 self._recent = late
                 self.worst = max(self.worst, late)

@@ -61,6 +61,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--signaling-port", type=int, help="signaling and demo page TCP port (node.signaling_port)"
     )
     node.add_argument(
+        "--ops-listen",
+        help="IP:PORT of the ops port, GET /metrics for Prometheus (node.ops_listen; '': none)",
+    )
+    node.add_argument(
         "--parent-pid", type=int, help="stop gracefully when this process is gone (parley up)"
     )
 
@@ -78,6 +82,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--workers",
         type=int,
         help="processes sharing the public port through SO_REUSEPORT (relay.workers)",
+    )
+    relay.add_argument(
+        "--ops-listen",
+        help="IP:PORT of the ops port, GET /metrics for Prometheus; a worker adds its number to "
+        "the port (relay.ops_listen; '': none)",
     )
     relay.add_argument("--worker", type=int, help=argparse.SUPPRESS)  # set by the supervisor
     relay.add_argument(
@@ -123,6 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--signaling-port",
         type=int,
         help="node-1's signaling port, node-2 the next... (up.signaling_port; 0: any free)",
+    )
+    up.add_argument(
+        "--ops-port",
+        type=int,
+        help="relay-1's ops port (GET /metrics), the next relays' and the nodes' after it "
+        "(up.ops_port; 0: free ports chosen at start)",
     )
     up.add_argument(
         "--lease-ttl", type=int, help="lease TTL of the nodes, seconds (node.lease_ttl)"
@@ -199,6 +214,7 @@ def config_from(args: argparse.Namespace) -> Config:
             "capacity": get("capacity"),
             "media": get("media"),
             "signaling_port": get("signaling_port") if command == "node" else None,
+            "ops_listen": get("ops_listen") if command == "node" else None,
         },
         "relay": {
             "id": get("id") if command == "relay" else None,
@@ -206,6 +222,7 @@ def config_from(args: argparse.Namespace) -> Config:
             "tunnel_host": get("tunnel_host"),
             "tunnel_port": get("tunnel_port"),
             "workers": get("workers"),
+            "ops_listen": get("ops_listen") if command == "relay" else None,
         },
         "up": {
             "nodes": get("nodes"),
@@ -214,6 +231,7 @@ def config_from(args: argparse.Namespace) -> Config:
             "etcd_client_port": get("etcd_port"),
             "etcd_members": get("etcd_members"),
             "signaling_port": get("signaling_port") if command == "up" else None,
+            "ops_port": get("ops_port"),
         },
         "log": {"json": get("log_json"), "level": get("log_level")},
     }
@@ -281,6 +299,7 @@ def cmd_relay(
             lease_ttl=cfg.lease_ttl,
             limits=cfg.limits(),
             worker=worker,
+            ops_listen=cfg.ops_address(worker),
         )
     except (ConfigError, ValueError) as exc:
         print(f"parley relay: {exc}", file=sys.stderr)

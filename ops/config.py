@@ -28,6 +28,8 @@ Example ``parley.toml``::
     tunnel_host = "127.0.0.1" # the local address the node's QUIC tunnels to relays leave from
     agent = "turn-echo"       # or "echo" (the immediate echo test), or "bridge":
     agent_url = ""            #   ws://HOST:PORT/PATH of an external agent (docs/agent-protocol.md)
+    ops_listen = "127.0.0.1:0" # the ops port: GET /metrics (Prometheus), GET /healthz; 0: any
+                              # free port (the registration shows it); "": none
 
     [turns]
     min_speech_ms = 200       # voice needed before a turn starts (and before barge-in)
@@ -47,6 +49,8 @@ Example ``parley.toml``::
     receive_buffer = 16777216 # bytes queued on the public port while the relay is busy
     workers = 1               # processes sharing the public port (SO_REUSEPORT)
     audit = false             # tests: count SRTP/SRTCP indexes seen twice (relay/audit.py)
+    ops_listen = "127.0.0.1:0" # the ops port: GET /metrics, GET /healthz (a worker: port + its
+                              # number); never the public port; "": none
 
     [up]
     nodes = 3
@@ -58,6 +62,8 @@ Example ``parley.toml``::
     etcd_peer_port = 23800
     etcd_members = 1          # 1, 3 or 5 local etcd members (3: one may die or freeze)
     etcd_tls = true           # etcd takes only clients with a certificate of the cluster CA
+    ops_port = 0              # relay-1's ops port (GET /metrics), the other relays' and then
+                              # the nodes' after it; 0: free ports chosen once at start
 
     [log]
     json = false
@@ -122,6 +128,9 @@ class UpConfig:
     etcd_members: int = 1
     #: etcd with client-certificate TLS from the cluster CA (https:// endpoints); false: plain
     etcd_tls: bool = True
+    #: relay-1's ops port (GET /metrics, on 127.0.0.1), relay-2 the next, ..., then node-1, ...;
+    #: each keeps its port across restarts. 0: free ports chosen once when `parley up` starts
+    ops_port: int = 0
 
 
 @final
@@ -295,6 +304,10 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"relay.workers must be between 1 and {MAX_RELAY_WORKERS}")
     if relay.receive_buffer < 0:
         raise ConfigError("relay.receive_buffer must be bytes >= 0 (0: the kernel's default)")
+    config.node.ops_address()
+    config.relay.ops_address()
+    if not 0 <= config.up.ops_port <= 0xFFFF - config.up.nodes - config.up.relays:
+        raise ConfigError("up.ops_port must leave room for a port per relay and node (0: any)")
     if not 0 <= config.up.signaling_port <= 0xFFFF - config.up.nodes:
         raise ConfigError("up.signaling_port must leave room for a port per node (0: any free)")
     if config.up.nodes < 1 or config.up.relays < 0:

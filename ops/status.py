@@ -44,6 +44,8 @@ async def gather_status(etcd: Etcd, keys: Keyspace) -> dict[str, Any]:
                 "sessions": per_node.get(m.info.id, 0),
                 "capacity": m.info.capacity,
                 "signaling": m.info.addresses.get("signaling"),
+                # its ops port, where Prometheus scrapes it (relay/opsport.py)
+                "metrics": m.info.addresses.get("metrics"),
                 "addresses": m.info.addresses,
                 "host": m.info.host,
                 "pid": m.info.pid,
@@ -128,6 +130,7 @@ def _relay_columns(relay: dict[str, Any]) -> list[str]:
         str(relay.get("sessions", "-")),
         str(relay.get("pps_in", "-")),
         str(relay.get("pps_out", "-")),
+        str(relay.get("metrics") or "-"),
     ]
 
 
@@ -142,6 +145,7 @@ def format_status(status: dict[str, Any]) -> str:
             # who may open sessions there: "token" or "open" (node.auth, issue #15)
             str((n.get("addresses") or {}).get("auth", "-")),
             n["signaling"] or "-",
+            n.get("metrics") or "-",
         ]
         for n in status["nodes"]
     ]
@@ -151,10 +155,12 @@ def format_status(status: dict[str, Any]) -> str:
     ]
     parts = [
         f"nodes ({len(nodes)})",
-        _table(["id", "state", "lease", "sessions", "auth", "signaling"], nodes),
+        _table(["id", "state", "lease", "sessions", "auth", "signaling", "metrics"], nodes),
         "",
         f"relays ({len(relays)})",
-        _table(["id", "address", "tunnels", "sessions", "pkt/s in", "pkt/s out"], relays),
+        _table(
+            ["id", "address", "tunnels", "sessions", "pkt/s in", "pkt/s out", "metrics"], relays
+        ),
         "",
         f"sessions ({len(sessions)})",
         _table(

@@ -10,7 +10,9 @@ they own), then the relays, then etcd. Nodes and relays get every member's endpo
 One ``parley up`` per data directory: it holds an exclusive lock on ``<data_dir>/up.lock`` (which
 names its pid) for as long as it runs, and a second one refuses to start. Every child dies with it,
 even when it is SIGKILLed (ops/children.py). Each node keeps its signaling port across restarts
-(``up.signaling_port`` and up, or ports chosen once at start), so the printed demo URLs stay true.
+(``up.signaling_port`` and up, or ports chosen once at start), so the printed demo URLs stay true,
+and its ops port (``up.ops_port``: relays first, then nodes; GET /metrics for Prometheus), so a
+scrape configuration written from what it prints stays true too.
 
 With relays, the nodes take media only through them (``node.media = "relay"``). The cluster CA,
 the hint secret and every member's certificate are made under ``<data_dir>/certs`` on first use
@@ -75,6 +77,8 @@ class Child:
     restarts: int = 0
     #: settings given to this child on top of our own environment
     env: dict[str, str] = attrs.field(factory=dict)
+    #: where Prometheus scrapes it (its ops port, the same across restarts)
+    metrics: str = ""
 
     @property
     def pid(self) -> int | None:
@@ -141,6 +145,11 @@ class LocalCluster:
         self.cluster = attrs.evolve(config.cluster, etcd=self.endpoint, certs=str(self.certs))
         self._operator_tls: EtcdTLS | None = None
         self.etcd_restarts = 0
+        ops = config.up.ops_port
+        #: relay-1's, relay-2's, ..., then node-1's, ... ops ports (GET /metrics)
+        self.ops_ports = [
+            ops + i if ops else free_port() for i in range(config.up.relays + config.up.nodes)
+        ]
         self.relays = [self._relay_child(i + 1) for i in range(config.up.relays)]
         base = config.up.signaling_port
         self.signaling_ports = [base + i if base else free_port() for i in range(config.up.nodes)]
@@ -150,7 +159,7 @@ class LocalCluster:
         self._stopping = False
         self.ready = trio.Event()
 
-    def _argv(self, command: str, name: str) -> list[str]:
+    def _argv(self, command: str, name: str, ops_port: int) -> list[str]:
         argv = [
             sys.executable,
             "-m",
@@ -165,6 +174,9 @@ class LocalCluster:
             # A child of `parley up` stops when `parley up` is gone, even if it was killed.
             "--parent-pid",
             str(os.getpid()),
+            # its own ops port (GET /metrics), kept across restarts
+            "--ops-listen",
+            f"127.0.0.1:{ops_port}",
         ]
         if self.config.log.json:
             argv.append("--log-json")
@@ -173,13 +185,15 @@ class LocalCluster:
     def _relay_child(self, index: int) -> Child:
         name = f"relay-{index}"
         listen = f"127.0.0.1:{self.config.up.relay_port + index - 1}"
-        argv = [*self._argv("relay", name), "--certs", str(self.certs), "--listen", listen]
-        return Child(name, argv, self.data_dir / "logs" / f"{name}.log")
+        ops = self.ops_ports[index - 1]
+        argv = [*self._argv("relay", name, ops), "--certs", str(self.certs), "--listen", listen]
+        return Child(name, argv, self.data_dir / "logs" / f"{name}.log", metrics=_metrics(ops))
 
     def _node_child(self, index: int) -> Child:
         name = f"node-{index}"
+        ops = self.ops_ports[self.config.up.relays + index - 1]
         argv = [
-            *self._argv("node", name),
+            *self._argv("node", name, ops),
             "--lease-ttl",
             str(self.config.node.lease_ttl),
             # the same port after a restart: the demo URL printed at start stays true
@@ -197,7 +211,8 @@ class LocalCluster:
             # every node writes which SRTP indexes it decrypted: `parley chaos` judges them
             "PARLEY_NODE_LEDGER_DIR": str(self.data_dir / "ledger"),
         }
-        return Child(name, argv, self.data_dir / "logs" / f"{name}.log", env=env)
+        log_path = self.data_dir / "logs" / f"{name}.log"
+        return Child(name, argv, log_path, env=env, metrics=_metrics(ops))
 
     def _make_certs(self) -> None:
         """The CA and hint secret if missing, and a certificate for every member."""
@@ -240,7 +255,8 @@ class LocalCluster:
             await self._run(task_status)
 
     def _check_ports(self) -> None:
-        """Refuse at once, not with nodes that restart forever, when a signaling port is taken."""
+        """Refuse at once, not with nodes that restart forever, when a signaling or ops port is
+        taken."""
         for port in self.signaling_ports:
             try:
                 free_port_check(port)
@@ -248,6 +264,14 @@ class LocalCluster:
                 raise SystemExit(
                     f"parley up: signaling port 127.0.0.1:{port} is busy ({exc.strerror}); "
                     "set up.signaling_port (--signaling-port; 0: any free ports)"
+                ) from None
+        for port in self.ops_ports if self.config.up.ops_port else ():
+            try:
+                free_port_check(port)
+            except OSError as exc:
+                raise SystemExit(
+                    f"parley up: ops port 127.0.0.1:{port} is busy ({exc.strerror}); "
+                    "set up.ops_port (--ops-port; 0: any free ports)"
                 ) from None
 
     async def _run(self, task_status: trio.TaskStatus[LocalCluster]) -> None:
@@ -271,7 +295,10 @@ class LocalCluster:
                     nursery.start_soon(self._supervise_etcd, member)
                 for child in self.children:
                     await nursery.start(self._supervise, child)
-                    self.say(f"{child.name:<8} pid {child.pid}  log {child.log_path}")
+                    self.say(
+                        f"{child.name:<8} pid {child.pid}  log {child.log_path}  "
+                        f"metrics {child.metrics}"
+                    )
                 await self._wait_registered()
                 self.ready.set()
                 task_status.started(self)
@@ -454,9 +481,19 @@ class LocalCluster:
                     for m in self.etcd.members
                 ],
             },
-            "relays": [{"id": c.name, "pid": c.pid, "log": str(c.log_path)} for c in self.relays],
-            "nodes": [{"id": c.name, "pid": c.pid, "log": str(c.log_path)} for c in self.nodes],
+            "relays": [
+                {"id": c.name, "pid": c.pid, "log": str(c.log_path), "metrics": c.metrics}
+                for c in self.relays
+            ],
+            "nodes": [
+                {"id": c.name, "pid": c.pid, "log": str(c.log_path), "metrics": c.metrics}
+                for c in self.nodes
+            ],
         }
+
+
+def _metrics(port: int) -> str:
+    return f"http://127.0.0.1:{port}/metrics"
 
 
 def page_url(signaling: str) -> str | None:

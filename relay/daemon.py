@@ -5,6 +5,7 @@ The tree of one relay process::
     relay ─┬─ route table    (etcd: list + watch of session owners; relay/routes.py)
            ├─ tunnel endpoint (QUIC server; nodes dial in with cluster certificates; relay/tunnel/)
            ├─ public port     (UDP, IPv4 and/or IPv6; relay/edge.py)
+           ├─ ops port        (TCP, loopback by default: GET /metrics; relay/opsport.py)
            └─ registration    (etcd key under the relay's own lease, refreshed with stats)
 
 A relay holds no session state that matters for safety: fencing is decided by epochs from etcd,
@@ -27,6 +28,8 @@ import trio
 from actors.lag import LoopLag
 from relay.addresses import Address
 from relay.edge import Limits, RelayEdge
+from relay.metrics import RelayCollector
+from relay.opsport import OpsPort, new_registry
 from relay.routes import RouteTable
 from relay.tunnel.certs import Credentials
 from relay.tunnel.quic import Tunnel, TunnelEndpoint
@@ -73,6 +76,7 @@ class Relay:
         limits: Limits | None = None,
         worker: int | None = None,
         etcd_tls: EtcdTLS | None = None,
+        ops_listen: Address | None = None,
     ) -> None:
         check_name("relay", relay_id)
         if credentials.identity.role != "relay" or credentials.identity.ident != relay_id:
@@ -102,6 +106,12 @@ class Relay:
         self._rates = (0.0, 0.0)
         self.lag = LoopLag()
         self._lag: dict[str, int] = {}
+        #: the relay's lease keeper, once it runs (its lease is the registration's)
+        self.keeper: LeaseKeeper | None = None
+        #: serves GET /metrics (None: no ops port)
+        self.ops: OpsPort | None = None
+        if ops_listen is not None:
+            self.ops = OpsPort(new_registry(RelayCollector(self)), *ops_listen)
 
     # -- TunnelHandler ---------------------------------------------------------------------------
 
@@ -133,6 +143,8 @@ class Relay:
             trio.open_nursery() as nursery,
         ):
             nursery.start_soon(self.lag.run)
+            if self.ops is not None:
+                await nursery.start(self.ops.run)
             owners = Owners(etcd, self.keys)
             members = Members(etcd, self.keys)
             # Routes first: a relay that forwarded before knowing owners would route only by
@@ -149,7 +161,7 @@ class Relay:
             self.endpoint = endpoint
             self.edge.flush = endpoint.flush
             await nursery.start(self.edge.serve, self.listen)
-            keeper = LeaseKeeper(etcd, ttl=self.lease_ttl)
+            keeper = self.keeper = LeaseKeeper(etcd, ttl=self.lease_ttl)
             await nursery.start(keeper.run)
             await self._register(members, keeper, etcd, task_status)
 
@@ -166,6 +178,7 @@ class Relay:
             clients=len(self.edge.clients),
             pps_in=round(self._rates[0], 1),
             pps_out=round(self._rates[1], 1),
+            metrics=self.ops.url if self.ops is not None else "",
             counters={
                 **counters,
                 **{f"routes_{k}": v for k, v in self.routes.counters.items()},

@@ -16,6 +16,7 @@ import attrs
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from relay.addresses import Address, parse_listen
 from relay.edge import Limits
 from relay.tunnel.certs import Credentials, Role
 from storage.checkpoints import ClusterKey, ClusterKeyError, Sealer
@@ -203,6 +204,20 @@ class RelaySettings:
     #: count SRTP/SRTCP indexes seen twice per session and direction (relay/audit.py): for
     #: tests and diagnostics (``PARLEY_RELAY_AUDIT=1``); off in production, it costs CPU
     audit: bool = False
+    #: the ops port (GET /metrics for Prometheus, GET /healthz), ``IP:PORT``: never the public
+    #: port, and on loopback unless set otherwise; port 0 picks a free one (the registration
+    #: shows it), a worker adds its number to a fixed port; "" serves none
+    ops_listen: str = "127.0.0.1:0"
+
+    def ops_address(self, worker: int | None = None) -> Address | None:
+        """``ops_listen`` parsed (None: no ops port); raises SettingsError."""
+        if not self.ops_listen:
+            return None
+        try:
+            host, port = parse_listen(self.ops_listen, "relay.ops_listen")
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
+        return host, (port + worker if port and worker else port)
 
     def relay_id(self) -> str:
         return self.id or f"relay-{socket.gethostname().split('.')[0]}-{os.getpid()}"

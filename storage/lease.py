@@ -141,6 +141,11 @@ class LeaseKeeper:
         self.keepalives_failed = 0
 
     @property
+    def grants(self) -> int:
+        """Leases granted so far (one more each time a lost lease is replaced)."""
+        return self._generation
+
+    @property
     def lease(self) -> Lease | None:
         """The current lease, if one is believed live."""
         lease = self._lease

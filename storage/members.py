@@ -103,6 +103,8 @@ class RelayInfo:
     pid: int = 0
     host: str = ""
     started_at: float = 0.0
+    #: where Prometheus scrapes the relay (its ops port), ``http://HOST:PORT/metrics``
+    metrics: str = ""
 
     @property
     def certified_as(self) -> str:
@@ -137,6 +139,7 @@ class RelayInfo:
                 pid=int(raw.get("pid", 0)),
                 host=str(raw.get("host", "")),
                 started_at=float(raw.get("started_at", 0.0)),
+                metrics=str(raw.get("metrics", "")),
             )
         except (ValueError, TypeError, KeyError) as exc:
             raise ValueError(f"bad relay record: {exc}") from None

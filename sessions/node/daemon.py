@@ -35,6 +35,8 @@ import attrs
 import trio
 
 from actors import Actor, ChildSpec, Intensity, Registry, Restart, Strategy, Supervisor
+from actors.histogram import Histogram
+from sessions.node.metrics import ADOPTION_BUCKETS, BLACKOUT_BUCKETS
 from sessions.node.settings import NodeSetup
 from storage.etcd import Etcd, EtcdError, open_etcd
 from storage.keys import Keyspace, check_name
@@ -142,6 +144,11 @@ class Node:
         self.addresses: dict[str, str] = {}
         self.started_at = time.time()
         self.lease_generations = 0
+        #: lease stalls ridden out or not (each held every session), for the ops port
+        self.lease_stalls = 0
+        #: blackouts of the sessions moved in, and delays of those adopted (seconds)
+        self.move_blackouts = Histogram(BLACKOUT_BUCKETS)
+        self.adoption_delays = Histogram(ADOPTION_BUCKETS)
         self._frontend = frontend
         self._clients: SessionFrontend | None = None
         #: set by the frontend when this node can move sessions (relay mode, a cluster key)
@@ -164,6 +171,7 @@ class Node:
         self._supervisor: Supervisor | None = None
         self._reported = False
         self._etcd: Etcd | None = None
+        self._keeper: LeaseKeeper | None = None
         self._owners: Owners | None = None
         self._members: Members | None = None
 
@@ -181,6 +189,11 @@ class Node:
     def etcd(self) -> Etcd | None:
         """The node's etcd client, once connected."""
         return self._etcd
+
+    @property
+    def keeper(self) -> LeaseKeeper | None:
+        """The node's lease keeper, once connected to etcd."""
+        return self._keeper
 
     @property
     def members(self) -> Members | None:
@@ -256,6 +269,8 @@ class Node:
         except BaseException:
             self.sessions.pop(session, None)
             raise
+        if blackout_ms is not None:
+            self.move_blackouts.observe(blackout_ms / 1000)
         self._changed()
 
     async def give_up_session(self, session: str) -> None:
@@ -338,7 +353,7 @@ class Node:
             self._etcd = etcd
             self._owners = Owners(etcd, self.keys)
             self._members = Members(etcd, self.keys)
-            keeper = LeaseKeeper(
+            keeper = self._keeper = LeaseKeeper(
                 etcd, ttl=node_cfg.lease_ttl, margin=margin, hold=node_cfg.lease_hold
             )
             async with trio.open_nursery() as nursery:
@@ -437,6 +452,7 @@ class Node:
         while True:
             recovered = lease.recovered  # before the stall: a quick recovery is not missed
             await lease.stalled.wait()
+            self.lease_stalls += 1
             held = list(self.sessions)
             log.warning(
                 "lease stalled: holding every session until etcd answers",

@@ -112,7 +112,7 @@ class Adopter:
     def _consider(self, change: OwnershipChange, nursery: trio.Nursery) -> None:
         if change.node is None and change.session not in self._trying:
             self._trying.add(change.session)
-            nursery.start_soon(self._adopt, change.session)
+            nursery.start_soon(self._adopt, change.session, trio.current_time())
 
     async def _sweep(self, nursery: trio.Nursery) -> None:
         try:
@@ -129,15 +129,16 @@ class Adopter:
                 self._trying.add(session)
                 nursery.start_soon(self._adopt, session)
 
-    async def _adopt(self, session: str) -> None:
+    async def _adopt(self, session: str, orphaned_at: float | None = None) -> None:
+        """Try to adopt ``session``; ``orphaned_at``: when its owner key was seen to go."""
         try:
-            await self._adopt_one(session)
+            await self._adopt_one(session, orphaned_at)
         except EtcdError as exc:
             log.warning("adoption stopped: etcd", extra={"session": session, "error": str(exc)})
         finally:
             self._trying.discard(session)
 
-    async def _adopt_one(self, session: str) -> None:
+    async def _adopt_one(self, session: str, orphaned_at: float | None) -> None:
         lease = self._lease
         if lease is None or session in self.node.sessions:
             return
@@ -177,6 +178,8 @@ class Adopter:
             raise
         await self.node.adopt_session(session, epoch, factory, control=control)
         self.counters["adopted"] += 1
+        if orphaned_at is not None:
+            self.node.adoption_delays.observe(trio.current_time() - orphaned_at)
         log.info(
             "session adopted",
             extra={

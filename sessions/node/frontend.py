@@ -15,12 +15,14 @@ from pathlib import Path
 import trio
 
 from actors.lag import LoopLag
+from relay.opsport import OpsPort, new_registry
 from relay.settings import SettingsError
 from sessions.node.daemon import Node
 from sessions.node.failover import Adopter
 from sessions.node.host import NodeSessions
 from sessions.node.ledger import LedgerWriter
 from sessions.node.media import MediaPort
+from sessions.node.metrics import NodeCollector
 from sessions.node.moves import NodeMover
 from sessions.node.pages import HTML, echo_page
 from sessions.node.relayed import RelayedMedia
@@ -41,7 +43,8 @@ async def run_frontend(
     With ``node.media = "direct"`` the node's own UDP port receives client media
     (``node.media_host``/``media_port``); with ``"relay"`` (a cluster) the node opens no
     client-facing port at all and media comes through QUIC tunnels from the cluster's relays
-    (sessions/node/relayed.py), without any change to sessions.
+    (sessions/node/relayed.py), without any change to sessions. Prometheus scrapes the node's
+    ops port (``node.ops_listen``; relay/opsport.py, sessions/node/metrics.py).
     """
     cfg = node.config.node
     async with trio.open_nursery() as nursery:
@@ -95,6 +98,23 @@ async def run_frontend(
         await nursery.start(server.run)
         backend.server = server
         node.addresses.update(server.urls())
+        ops_address = cfg.ops_address()
+        if ops_address is not None:
+            collector = NodeCollector(
+                node,
+                backend.tally,
+                lag=lag,
+                media=counters,
+                path=media,
+                checkpoints=backend.counters,
+                moved=moved,
+                adopted=adopted,
+                keeper=lambda: node.keeper,
+            )
+            collector.signaling = server.counters
+            ops = OpsPort(new_registry(collector), *ops_address)
+            await nursery.start(ops.run)
+            node.addresses["metrics"] = ops.url
         if cfg.media == "relay":
             try:
                 sealer = node.config.cluster.sealer()

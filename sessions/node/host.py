@@ -23,13 +23,13 @@ from typing import Any, Literal, final
 import trio
 
 from actors import Actor
-from sessions.agents import Agent, EchoAgent, TurnEchoAgent
-from sessions.agents.bridge import BridgeAgent
+from sessions.agents import Agent
+from sessions.node.agents import make_agent, turn_config
 from sessions.node.daemon import Node, NodeRefused
 from sessions.node.ledger import LedgerWriter
+from sessions.node.metrics import SessionTally
 from sessions.node.moves import MoveRefused
 from sessions.node.relayed import RelayedMedia
-from sessions.node.settings import NodeSetup
 from sessions.node.signaling import (
     REATTACH,
     Redirect,
@@ -41,7 +41,6 @@ from sessions.ports import PacketPath, SessionPort
 from sessions.session import Arrival, Quiesced, SessionActor
 from sessions.transceiver import SessionSnapshot, Transceiver
 from sessions.transceiver.handover import MoveRefused as CoreMoveRefused
-from sessions.turns import TurnConfig
 from sessions.webrtc.certs import Certificate, generate_certificate
 from storage.checkpoints import (
     HEADER_SIZE,
@@ -75,29 +74,6 @@ PERSIST_WITHIN = 2.0
 FOLLOW_LOST_WITHIN = 30.0
 #: how often it looks (one read of every owner)
 FOLLOW_POLL = 0.5
-
-
-def make_agent(config: NodeSetup, session_id: str) -> Agent:
-    """A fresh agent for a session, as ``node.agent`` says."""
-    name = config.node.agent
-    if name == "echo":
-        return EchoAgent()
-    if name == "turn-echo":
-        return TurnEchoAgent()
-    if name == "bridge":
-        # An external agent over WebSocket (docs/agent-protocol.md); the session actor runs
-        # its connection and it reconnects on its own if the agent goes away.
-        return BridgeAgent(config.node.agent_url, session_id)
-    raise ValueError(f"unknown agent {name!r}")
-
-
-def turn_config(config: NodeSetup) -> TurnConfig:
-    turns = config.turns
-    return TurnConfig(
-        min_speech_ms=turns.min_speech_ms,
-        end_silence_ms=turns.end_silence_ms,
-        padding_ms=turns.padding_ms,
-    )
 
 
 def control_hash(secret: str) -> str:
@@ -150,6 +126,8 @@ class NodeSessions:
         self.counters: dict[str, int] = dict.fromkeys(
             ("checkpoints_stored", "checkpoint_bytes", "checkpoints_failed"), 0
         )
+        #: what the sessions' cores and events counted, for the ops port
+        self.tally = SessionTally()
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """End sessions that end themselves (their actor calls back synchronously)."""
@@ -202,6 +180,7 @@ class NodeSessions:
         except BaseException:
             self._forget(session_id)
             raise
+        self.tally.offered(session_id, now)
         log.info("session opened", extra={"session": session_id, "transport": transport})
         return SessionHandle(session_id=session_id, answer_sdp=answer, events=events, secret=secret)
 
@@ -403,6 +382,7 @@ class NodeSessions:
         )
 
     def _track(self, session_id: str, core: Transceiver) -> None:
+        self.tally.track(session_id, core)
         hosted = self.node.sessions.get(session_id)
         if self.ledger is not None and hosted is not None:
             self.ledger.track(session_id, hosted.epoch, core.ledger)
@@ -488,6 +468,7 @@ class NodeSessions:
             # The event channel stays: if this node adopts the session, its events flow on.
             if self.ledger is not None:
                 self.ledger.close(session_id)
+            self.tally.forget(session_id)
             self.media.unregister(session_id)
             self.snapshots.pop(session_id, None)
             self._emit(session_id, {"event": "session_paused", "code": code, "reason": reason})
@@ -561,6 +542,7 @@ class NodeSessions:
         self.snapshots[session_id] = snapshot
 
     def _emit(self, session_id: str, event: dict[str, Any]) -> None:
+        self.tally.event(session_id, event)
         channel = self._events.get(session_id)
         if channel is None:
             return
@@ -578,6 +560,7 @@ class NodeSessions:
             log.error("session end queue full", extra={"session": session_id})
 
     def _forget(self, session_id: str) -> None:
+        self.tally.forget(session_id)
         if self.ledger is not None:
             self.ledger.close(session_id)
         self.media.unregister(session_id)

@@ -12,7 +12,8 @@ from typing import Protocol, final
 
 import attrs
 
-from relay.settings import ClusterSettings
+from relay.addresses import Address, parse_listen
+from relay.settings import ClusterSettings, SettingsError
 
 __all__ = ["AGENTS", "MEDIA_PATHS", "NodeSettings", "NodeSetup", "TurnsSettings"]
 
@@ -68,6 +69,19 @@ class NodeSettings:
     half_open: int = attrs.field(default=8, validator=_positive)
     #: ... and the seconds an answered session has to connect (ICE) before it is ended
     setup_within: float = attrs.field(default=10.0, validator=_positive_float)
+    #: the ops port (GET /metrics for Prometheus, GET /healthz), ``IP:PORT``: apart from the
+    #: signaling port, on loopback unless set otherwise; port 0 picks a free one (the node's
+    #: registration shows it as its ``metrics`` address); "" serves none
+    ops_listen: str = "127.0.0.1:0"
+
+    def ops_address(self) -> Address | None:
+        """``ops_listen`` parsed (None: no ops port); raises SettingsError."""
+        if not self.ops_listen:
+            return None
+        try:
+            return parse_listen(self.ops_listen, "node.ops_listen")
+        except ValueError as exc:
+            raise SettingsError(str(exc)) from None
 
     def node_id(self) -> str:
         return self.id or f"{socket.gethostname().split('.')[0]}-{os.getpid()}"

@@ -25,8 +25,10 @@ esac
 #   etcd-client  etcdctl: tests compact etcd's history under a live watch
 #   espeak-ng    real speech for the audio and interop tests
 #   chromium     the browser interop tests
+#   systemd      systemd-analyze: the tests verify the units in ops/deploy/systemd (systemd is
+#                of priority important, not required: a minimal container lacks it)
 up_packages=(etcd-server libopus0)
-test_packages=("${up_packages[@]}" etcd-client espeak-ng chromium)
+test_packages=("${up_packages[@]}" etcd-client espeak-ng chromium systemd)
 if [ "$mode" = packages ]; then
   case "${1:-}" in
     up) printf '%s\n' "${up_packages[@]}" ;;

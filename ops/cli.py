@@ -300,6 +300,7 @@ def cmd_relay(
             limits=cfg.limits(),
             worker=worker,
             ops_listen=cfg.ops_address(worker),
+            advertise=cfg.advertise_addresses(),
         )
     except (ConfigError, ValueError) as exc:
         print(f"parley relay: {exc}", file=sys.stderr)

@@ -21,6 +21,8 @@ Example ``parley.toml``::
     capacity = 1000           # sessions this node accepts
     signaling_host = "127.0.0.1"
     signaling_port = 0        # 0: any free port
+    public_url = ""           # ws[s]://HOST[:PORT][/PREFIX]/v1/session where clients reach
+                              # signaling, if not the bound address (a load balancer, a NAT)
     media = "direct"          # "direct": clients send to media_host:media_port;
                               # "relay": through the cluster's relays only (no client UDP port)
     media_host = "127.0.0.1"  # the node's client UDP port, one for all its sessions
@@ -39,6 +41,8 @@ Example ``parley.toml``::
     [relay]
     id = "relay-1"            # default: relay-<hostname>-<pid>
     listen = "0.0.0.0:3478,[::]:3478"  # the public UDP port: one IPv4 and/or one IPv6 address
+    advertise = ""            # the address(es) clients send to, if not the bound ones (a 1:1
+                              # NAT, or listen on 0.0.0.0): one per family of listen
     tunnel_host = "127.0.0.1" # where nodes reach the relay's QUIC tunnel endpoint
     tunnel_port = 0
     lease_ttl = 5
@@ -293,6 +297,8 @@ def _validate(config: Config) -> None:
     if config.node.media == "relay" and not config.cluster.certs:
         raise ConfigError("node.media = relay needs cluster.certs (see `parley certs init`)")
     config.relay.listen_addresses()
+    config.relay.advertise_addresses()
+    config.node.check_public_url()
     if config.relay.lease_ttl < 2:
         raise ConfigError("relay.lease_ttl must be at least 2 seconds")
     relay = config.relay

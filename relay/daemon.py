@@ -16,6 +16,7 @@ and nodes stop listing it in answers.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import socket
@@ -77,8 +78,14 @@ class Relay:
         worker: int | None = None,
         etcd_tls: EtcdTLS | None = None,
         ops_listen: Address | None = None,
+        advertise: Sequence[Address] = (),
     ) -> None:
         check_name("relay", relay_id)
+        if not advertise and any(ipaddress.ip_address(h).is_unspecified for h, _ in listen):
+            raise ValueError(
+                "relay.listen binds every address (0.0.0.0 or ::), which no client can send to: "
+                "set relay.advertise to the address(es) clients reach, or listen on one"
+            )
         if credentials.identity.role != "relay" or credentials.identity.ident != relay_id:
             raise ValueError(
                 f"the certificate is for {credentials.identity}, not relay {relay_id!r}"
@@ -93,6 +100,8 @@ class Relay:
         self.keys = Keyspace(prefix)
         self.credentials = credentials
         self.listen = list(listen)
+        #: the addresses offered to clients as candidates (empty: the bound ones)
+        self.advertise = tuple(advertise)
         self.tunnel_host = tunnel_host
         self.tunnel_port = tunnel_port
         self.lease_ttl = lease_ttl
@@ -171,7 +180,7 @@ class Relay:
         return RelayInfo(
             id=self.id,
             identity=self.identity,
-            public=tuple(self.edge.addresses),
+            public=self.advertise or tuple(self.edge.addresses),
             tunnel=self.endpoint.address,
             tunnels=tuple(sorted(self.edge.tunnels)),
             sessions=self.edge.sessions(),
@@ -238,7 +247,7 @@ class Relay:
                                     "relay registered",
                                     extra={
                                         "relay": self.id,
-                                        "public": self.edge.addresses,
+                                        "public": self.info().public,
                                         "tunnel": self.info().tunnel,
                                     },
                                 )

@@ -189,6 +189,10 @@ class RelaySettings:
     id: str = ""
     #: public UDP addresses, comma-separated: at most one IPv4 and one IPv6 (``[::]:3478``)
     listen: str = "0.0.0.0:3478,[::]:3478"
+    #: the addresses clients send to, when they are not the bound ones (a 1:1 NAT such as a
+    #: cloud's public IPv4, or ``listen`` on 0.0.0.0): every session's candidates, one per
+    #: address family of ``listen``; "": the bound addresses
+    advertise: str = ""
     tunnel_host: str = "127.0.0.1"
     tunnel_port: int = 0
     lease_ttl: int = 5
@@ -234,21 +238,45 @@ class RelaySettings:
 
     def listen_addresses(self) -> list[tuple[str, int]]:
         """``listen`` parsed; raises SettingsError."""
-        out: list[tuple[str, int]] = []
-        for item in (part.strip() for part in self.listen.split(",")):
-            host, _, port = item.rpartition(":")
-            host = host.removeprefix("[").removesuffix("]")
-            try:
-                ipaddress.ip_address(host)
-                number = int(port)
-            except ValueError:
-                raise SettingsError(
-                    f"relay.listen: {item!r} is not IP:PORT (IPv6 as [ADDR]:PORT)"
-                ) from None
-            if not 0 <= number <= 0xFFFF:
-                raise SettingsError(f"relay.listen: port out of range in {item!r}")
-            out.append((host, number))
-        families = [":" in host for host, _ in out]
-        if not out or len(set(families)) != len(families):
-            raise SettingsError("relay.listen: one IPv4 and/or one IPv6 address")
+        return _addresses(self.listen, "relay.listen", any_port=True)
+
+    def advertise_addresses(self) -> list[tuple[str, int]]:
+        """``advertise`` parsed ([]: none; the bound addresses are offered); raises SettingsError.
+
+        One per address family that ``listen`` binds, each a specific address with a port: a
+        client cannot send to 0.0.0.0 or to port 0.
+        """
+        if not self.advertise:
+            return []
+        out = _addresses(self.advertise, "relay.advertise", any_port=False)
+        for host, _ in out:
+            if ipaddress.ip_address(host).is_unspecified:
+                raise SettingsError(f"relay.advertise: {host} is no address a client can reach")
+        families = sorted(":" in host for host, _ in out)
+        if families != sorted(":" in host for host, _ in self.listen_addresses()):
+            raise SettingsError(
+                "relay.advertise: one address per address family of relay.listen, in any order"
+            )
         return out
+
+
+def _addresses(value: str, setting: str, *, any_port: bool) -> list[tuple[str, int]]:
+    """``IP:PORT[,IP:PORT]`` (IPv6 as ``[ADDR]:PORT``): at most one per address family."""
+    out: list[tuple[str, int]] = []
+    for item in (part.strip() for part in value.split(",")):
+        host, _, port = item.rpartition(":")
+        host = host.removeprefix("[").removesuffix("]")
+        try:
+            ipaddress.ip_address(host)
+            number = int(port)
+        except ValueError:
+            raise SettingsError(
+                f"{setting}: {item!r} is not IP:PORT (IPv6 as [ADDR]:PORT)"
+            ) from None
+        if not (0 if any_port else 1) <= number <= 0xFFFF:
+            raise SettingsError(f"{setting}: port out of range in {item!r}")
+        out.append((host, number))
+    families = [":" in host for host, _ in out]
+    if not out or len(set(families)) != len(families):
+        raise SettingsError(f"{setting}: one IPv4 and/or one IPv6 address")
+    return out

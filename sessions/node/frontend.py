@@ -93,6 +93,7 @@ async def run_frontend(
             backend,
             host=cfg.signaling_host,
             port=cfg.signaling_port,
+            public_url=cfg.public_url,
             pages={"/": (HTML, echo_page())},  # a browser client: open the node's http://HOST:PORT/
         )
         await nursery.start(server.run)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from typing import Protocol, final
+from urllib.parse import urlsplit
 
 import attrs
 
@@ -41,6 +42,11 @@ class NodeSettings:
     capacity: int = 1000
     signaling_host: str = "127.0.0.1"
     signaling_port: int = 0
+    #: the signaling URL clients reach this node at, when it is not ``ws://`` + the bound
+    #: address (a load balancer, an ingress, a NAT in between): ``ws[s]://HOST[:PORT]
+    #: [/PREFIX]/v1/session``; published in the registration, sent to clients whose session
+    #: moved here; the WHIP URL is the same with http[s]. "": the bound address
+    public_url: str = ""
     #: "direct": the node's own client-facing UDP port (media_host:media_port) takes media;
     #: "relay": media only comes through the cluster's relays, and no client port is opened
     media: str = "direct"
@@ -73,6 +79,29 @@ class NodeSettings:
     #: signaling port, on loopback unless set otherwise; port 0 picks a free one (the node's
     #: registration shows it as its ``metrics`` address); "" serves none
     ops_listen: str = "127.0.0.1:0"
+
+    def check_public_url(self) -> None:
+        """Raises SettingsError unless ``public_url`` is empty or a WebSocket URL of signaling."""
+        if not self.public_url:
+            return
+        from sessions.node.signaling.messages import SESSION_PATH  # it imports this module
+
+        url = urlsplit(self.public_url)
+        try:
+            url.port  # noqa: B018 - parsing it is the check
+        except ValueError:
+            raise SettingsError(f"node.public_url: bad port in {self.public_url!r}") from None
+        if (
+            url.scheme not in ("ws", "wss")
+            or not url.hostname
+            or not url.path.endswith(SESSION_PATH)
+            or url.query
+            or url.fragment
+        ):
+            raise SettingsError(
+                f"node.public_url must be ws[s]://HOST[:PORT][/PREFIX]{SESSION_PATH}, "
+                f"not {self.public_url!r}"
+            )
 
     def ops_address(self) -> Address | None:
         """``ops_listen`` parsed (None: no ops port); raises SettingsError."""

@@ -98,3 +98,34 @@ def test_cli_flags_override_and_up_points_nodes_at_its_etcd(
     args = build_parser().parse_args(["node", "--id", "n1", "--lease-ttl", "4", "--log-json"])
     config = config_from(args)
     assert (config.node.id, config.node.lease_ttl, config.log.json) == ("n1", 4, True)
+
+
+def test_advertised_addresses_and_public_url_are_checked() -> None:
+    env = {
+        "PARLEY_RELAY_LISTEN": "0.0.0.0:3478,[::]:3478",
+        "PARLEY_RELAY_ADVERTISE": "[2001:db8::7]:3478,203.0.113.7:3478",
+        "PARLEY_NODE_PUBLIC_URL": "wss://voice.example.net/node-0/v1/session",
+    }
+    config = load_config(env=env)
+    assert config.relay.advertise_addresses() == [("2001:db8::7", 3478), ("203.0.113.7", 3478)]
+    assert config.node.public_url == "wss://voice.example.net/node-0/v1/session"
+    assert load_config(env={}).relay.advertise_addresses() == []  # the bound addresses
+    single = {"PARLEY_RELAY_LISTEN": "10.0.0.5:3478"}
+    for advertise, message in [
+        ("0.0.0.0:3478", "0.0.0.0 is no address a client can reach"),
+        ("203.0.113.7:0", "port out of range"),
+        ("203.0.113.7:3478,[2001:db8::7]:3478", "one address per address family"),
+        ("[2001:db8::7]:3478", "one address per address family"),
+        ("voice.example.net:3478", "is not IP:PORT"),
+    ]:
+        with pytest.raises(ConfigError, match=r"relay\.advertise: .*" + message):
+            load_config(env={**single, "PARLEY_RELAY_ADVERTISE": advertise})
+    for url in [
+        "http://voice.example.net/v1/session",
+        "wss:///v1/session",
+        "wss://voice.example.net/v1/sessions",
+        "wss://voice.example.net/v1/session?x=1",
+        "wss://voice.example.net:99999/v1/session",
+    ]:
+        with pytest.raises(ConfigError, match=r"node\.public_url"):
+            load_config(env={"PARLEY_NODE_PUBLIC_URL": url})

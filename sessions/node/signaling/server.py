@@ -138,15 +138,16 @@ class SignalingServer:
         port: int = 0,
         pages: Mapping[str, tuple[str, bytes]] | None = None,
         limits: SignalingLimits | None = None,
-        advertise_host: str | None = None,
+        public_url: str = "",
         gate: Gate | None = None,
         capacity: Capacity | None = None,
     ) -> None:
         self.backend = backend
         self.host = host
         self.port = port
-        #: the host put in ``urls()`` (e.g. a routable address when binding 0.0.0.0)
-        self.advertise_host = advertise_host
+        #: the WebSocket URL clients reach this server at when it is not the bound address
+        #: (a load balancer, an ingress, a NAT): ``ws[s]://HOST[:PORT][/PREFIX]/v1/session``
+        self.public_url = public_url
         self.limits = limits or _limits_of(backend)
         #: what happened, by name (error codes sent count under their code)
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
@@ -166,7 +167,9 @@ class SignalingServer:
 
     def urls(self) -> dict[str, str]:
         """Where clients reach this server: the WebSocket and the WHIP endpoint."""
-        host = _url_host(self.advertise_host or self.host)
+        if self.public_url:
+            return {"signaling": self.public_url, "whip": "http" + self.public_url[2:]}
+        host = _url_host(self.host)
         return {
             "signaling": f"ws://{host}:{self.port}{SESSION_PATH}",
             "whip": f"http://{host}:{self.port}{SESSION_PATH}",

@@ -197,6 +197,9 @@ def build_parser() -> argparse.ArgumentParser:
     create.add_argument(
         "--max-sessions", type=int, help="sessions of its subject a node runs at once"
     )
+    create.add_argument(
+        "--region", help="where the client is: nodes offer it that region's relays first"
+    )
     # -- end token --
     return parser
 
@@ -301,6 +304,7 @@ def cmd_relay(
             worker=worker,
             ops_listen=cfg.ops_address(worker),
             advertise=cfg.advertise_addresses(),
+            region=cfg.region,
         )
     except (ConfigError, ValueError) as exc:
         print(f"parley relay: {exc}", file=sys.stderr)

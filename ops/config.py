@@ -23,6 +23,9 @@ Example ``parley.toml``::
     signaling_port = 0        # 0: any free port
     public_url = ""           # ws[s]://HOST[:PORT][/PREFIX]/v1/session where clients reach
                               # signaling, if not the bound address (a load balancer, a NAT)
+    region = ""               # where it runs, e.g. "eu-west" (README: Regions); "": none
+    steering = true           # offer clients their region's relays first, place them there
+    region_header = ""        # e.g. "X-Client-Region", set by a trusted load balancer
     media = "direct"          # "direct": clients send to media_host:media_port;
                               # "relay": through the cluster's relays only (no client UDP port)
     media_host = "127.0.0.1"  # the node's client UDP port, one for all its sessions
@@ -41,6 +44,7 @@ Example ``parley.toml``::
     [relay]
     id = "relay-1"            # default: relay-<hostname>-<pid>
     listen = "0.0.0.0:3478,[::]:3478"  # the public UDP port: one IPv4 and/or one IPv6 address
+    region = ""               # where its public port is, e.g. "eu-west"; "": none
     advertise = ""            # the address(es) clients send to, if not the bound ones (a 1:1
                               # NAT, or listen on 0.0.0.0): one per family of listen
     tunnel_host = "127.0.0.1" # where nodes reach the relay's QUIC tunnel endpoint

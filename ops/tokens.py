@@ -30,6 +30,7 @@ def create_token(
     agent: str | None = None,
     room: str | None = None,
     max_sessions: int | None = None,
+    region: str | None = None,
 ) -> str:
     """A token signed by the cluster's newest private token key; raises SettingsError."""
     signer = cluster.token_signer()
@@ -47,6 +48,7 @@ def create_token(
         agent=agent,
         room=room,
         max_sessions=max_sessions,
+        region=region,
     )
 
 
@@ -67,6 +69,7 @@ def run_token(args: argparse.Namespace, cluster: ClusterSettings) -> int:
                 agent=args.agent,
                 room=args.room,
                 max_sessions=args.max_sessions,
+                region=args.region,
             )
         )
     except (OSError, ValueError) as exc:  # SettingsError is a ValueError

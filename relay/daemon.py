@@ -79,6 +79,7 @@ class Relay:
         etcd_tls: EtcdTLS | None = None,
         ops_listen: Address | None = None,
         advertise: Sequence[Address] = (),
+        region: str = "",
     ) -> None:
         check_name("relay", relay_id)
         if not advertise and any(ipaddress.ip_address(h).is_unspecified for h, _ in listen):
@@ -102,6 +103,8 @@ class Relay:
         self.listen = list(listen)
         #: the addresses offered to clients as candidates (empty: the bound ones)
         self.advertise = tuple(advertise)
+        #: where its public port is (relay.region): nodes offer it first to clients there
+        self.region = region
         self.tunnel_host = tunnel_host
         self.tunnel_port = tunnel_port
         self.lease_ttl = lease_ttl
@@ -188,6 +191,7 @@ class Relay:
             pps_in=round(self._rates[0], 1),
             pps_out=round(self._rates[1], 1),
             metrics=self.ops.url if self.ops is not None else "",
+            region=self.region,
             counters={
                 **counters,
                 **{f"routes_{k}": v for k, v in self.routes.counters.items()},

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import socket
 from pathlib import Path
 from typing import Literal, final
@@ -193,6 +194,11 @@ class RelaySettings:
     #: cloud's public IPv4, or ``listen`` on 0.0.0.0): every session's candidates, one per
     #: address family of ``listen``; "": the bound addresses
     advertise: str = ""
+    #: where the public port is, e.g. "eu-west" (``node.region``'s form); nodes offer a client
+    #: its own region's relays first. "": none
+    region: str = attrs.field(
+        default="", validator=lambda _, __, v: check_region(v, "relay.region")
+    )
     tunnel_host: str = "127.0.0.1"
     tunnel_port: int = 0
     lease_ttl: int = 5
@@ -258,6 +264,20 @@ class RelaySettings:
                 "relay.advertise: one address per address family of relay.listen, in any order"
             )
         return out
+
+
+#: a region's name: lowercase letters, digits and dashes, as cloud regions are named
+_REGION = re.compile(r"[a-z0-9](?:[a-z0-9-]{0,30}[a-z0-9])?")
+
+
+def check_region(value: str, setting: str = "region") -> str:
+    """``value`` if it is "" or a region's name; raises SettingsError naming ``setting``."""
+    if value and not _REGION.fullmatch(value):
+        raise SettingsError(
+            f"{setting}: {value!r} is not a region name (lowercase letters, digits and dashes, "
+            "at most 32)"
+        )
+    return value
 
 
 def _addresses(value: str, setting: str, *, any_port: bool) -> list[tuple[str, int]]:

@@ -42,6 +42,8 @@ class NodeInfo:
     pid: int = 0
     host: str = ""
     started_at: float = 0.0
+    #: where the node runs (``node.region``; "": none given)
+    region: str = ""
 
     def encode(self) -> bytes:
         return _encode(self)
@@ -73,6 +75,7 @@ class NodeInfo:
                 pid=int(raw.get("pid", 0)),
                 host=str(raw.get("host", "")),
                 started_at=float(raw.get("started_at", 0.0)),
+                region=str(raw.get("region", "")),
             )
         except (ValueError, TypeError, KeyError) as exc:
             raise ValueError(f"bad node record: {exc}") from None
@@ -105,6 +108,8 @@ class RelayInfo:
     started_at: float = 0.0
     #: where Prometheus scrapes the relay (its ops port), ``http://HOST:PORT/metrics``
     metrics: str = ""
+    #: where the relay's public port is (``relay.region``; "": none given)
+    region: str = ""
 
     @property
     def certified_as(self) -> str:
@@ -140,6 +145,7 @@ class RelayInfo:
                 host=str(raw.get("host", "")),
                 started_at=float(raw.get("started_at", 0.0)),
                 metrics=str(raw.get("metrics", "")),
+                region=str(raw.get("region", "")),
             )
         except (ValueError, TypeError, KeyError) as exc:
             raise ValueError(f"bad relay record: {exc}") from None

@@ -339,6 +339,7 @@ class Node:
             pid=os.getpid(),
             host=socket.gethostname(),
             started_at=self.started_at,
+            region=self.config.node.region,
         )
 
     # -- lifetime -------------------------------------------------------------------------------

@@ -25,10 +25,12 @@ from sessions.node.media import MediaPort
 from sessions.node.metrics import NodeCollector
 from sessions.node.moves import NodeMover
 from sessions.node.pages import HTML, echo_page
+from sessions.node.regions import Placement
 from sessions.node.relayed import RelayedMedia
 from sessions.node.signaling import SignalingServer
 from sessions.ports import PacketPath
 from storage.lease import Lease
+from storage.members import Member
 
 __all__ = ["run_frontend"]
 
@@ -58,6 +60,7 @@ async def run_frontend(
                 lambda: node.members,
                 node.epoch_of,
                 tunnel_host=cfg.tunnel_host,
+                steering=cfg.steering,
             )
             await nursery.start(relayed.run)
             media = relayed
@@ -89,11 +92,19 @@ async def run_frontend(
             backend.ledger = LedgerWriter(Path(cfg.ledger_dir) / f"{node.id}.jsonl", node.id)
             nursery.start_soon(backend.ledger.run)
         await nursery.start(backend.run)
+
+        async def nodes() -> list[Member]:
+            members = node.members
+            return [] if members is None else await members.nodes()
+
+        placement = Placement(node.id, cfg.region, nodes, steering=cfg.steering)
         server = SignalingServer(
             backend,
             host=cfg.signaling_host,
             port=cfg.signaling_port,
             public_url=cfg.public_url,
+            placer=placement.elsewhere,
+            region_header=cfg.region_header,
             pages={"/": (HTML, echo_page())},  # a browser client: open the node's http://HOST:PORT/
         )
         await nursery.start(server.run)

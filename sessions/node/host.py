@@ -136,11 +136,16 @@ class NodeSessions:
             await self.close_session(session_id, reason)
 
     async def open_session(
-        self, offer_sdp: str, *, transport: Literal["websocket", "http"]
+        self,
+        offer_sdp: str,
+        *,
+        transport: Literal["websocket", "http"],
+        region: str | None = None,
     ) -> SessionHandle:
         session_id = new_session_id()
         now = trio.current_time()
-        candidates = self.media.candidates(session_id)
+        # the client's region when known, else this node's (sessions/node/regions.py)
+        candidates = self.media.candidates(session_id, region or self.node.config.node.region)
         if not candidates:
             raise SignalingRefused("no_relay", "no relay of the cluster is reachable; retry")
         agent = make_agent(self.node.config, session_id)

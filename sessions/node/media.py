@@ -55,8 +55,8 @@ class MediaPort:
     def address(self) -> Address:
         return (self.host, self.port)
 
-    def candidates(self, session_id: str) -> list[Address]:
-        """The candidates of an answer: this port, the same for every session."""
+    def candidates(self, session_id: str, region: str = "") -> list[Address]:
+        """The candidates of an answer: this port, the same for every session and region."""
         return [self.address]
 
     def mint_ufrag(self, session_id: str) -> str | None:

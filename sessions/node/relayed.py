@@ -24,7 +24,6 @@ sessions/ports.py's ``PacketPath``, so session code does not know which one it r
 from __future__ import annotations
 
 import logging
-import zlib
 from collections.abc import Callable
 from typing import Any, Final, final
 
@@ -35,6 +34,7 @@ from relay.tunnel import frames
 from relay.tunnel.certs import Credentials, Identity
 from relay.tunnel.hint import mint_ufrag
 from relay.tunnel.quic import Tunnel, TunnelEndpoint, TunnelError
+from sessions.node.regions import steer
 from sessions.ports import INBOX_SIZE, Datagram, PeerAddress, SessionPort
 from storage.etcd import EtcdError
 from storage.members import Members, RelayInfo
@@ -89,8 +89,11 @@ class RelayedMedia:
         epoch_of: Callable[[str], int | None],
         *,
         tunnel_host: str = "127.0.0.1",
+        steering: bool = True,
     ) -> None:
         self.node_id = node_id
+        #: offer a client its own region's relays first (sessions/node/regions.py)
+        self.steering = steering
         self.credentials = credentials
         self.secret = secret
         self._members = members
@@ -121,21 +124,16 @@ class RelayedMedia:
         """A server ufrag carrying this node's routing hint for ``session_id``."""
         return mint_ufrag(session_id, self.node_id, self.secret)
 
-    def candidates(self, session_id: str) -> list[Address]:
-        """The relays' public addresses for an answer, rotated by session.
+    def candidates(self, session_id: str, region: str = "") -> list[Address]:
+        """The relays' public addresses for an answer to a client of ``region``: steered to
+        that region's relays when steering is on (sessions/node/regions.py), else rotated by
+        session.
 
         Relays with an open tunnel only: a candidate whose relay cannot reach us would only cost
         the client a failed check. Empty if no relay is reachable (the offer is then refused).
         """
-        addresses: list[Address] = []
-        for relay_id in sorted(self.tunnels):
-            info = self.relays.get(relay_id)
-            if info is not None:
-                addresses.extend(a for a in info.public if a not in addresses)
-        if not addresses:
-            return []
-        turn = zlib.crc32(session_id.encode()) % len(addresses)
-        return addresses[turn:] + addresses[:turn]
+        relays = [self.relays[r] for r in sorted(self.tunnels) if r in self.relays]
+        return steer(relays, session_id, region, steering=self.steering)
 
     def register(self, session_id: str, ufrag: str) -> SessionPort:
         if session_id in self._ports:

@@ -14,7 +14,7 @@ from urllib.parse import urlsplit
 import attrs
 
 from relay.addresses import Address, parse_listen
-from relay.settings import ClusterSettings, SettingsError
+from relay.settings import ClusterSettings, SettingsError, check_region
 
 __all__ = ["AGENTS", "MEDIA_PATHS", "NodeSettings", "NodeSetup", "TurnsSettings"]
 
@@ -47,6 +47,18 @@ class NodeSettings:
     #: [/PREFIX]/v1/session``; published in the registration, sent to clients whose session
     #: moved here; the WHIP URL is the same with http[s]. "": the bound address
     public_url: str = ""
+    #: where this node runs, e.g. "eu-west" (lowercase letters, digits, dashes); "": none. Its
+    #: answers offer its clients' region's relays first, and it sends a client from another
+    #: region to a node of that region when one has room
+    region: str = attrs.field(default="", validator=lambda _, __, v: check_region(v, "node.region"))
+    #: offer each client its own region's relays first (the highest priority) and at most
+    #: ``STEER_FALLBACKS`` others, and place it on a node of its region; off: every relay,
+    #: rotated per session, and the node that got the offer keeps the session
+    steering: bool = True
+    #: the HTTP header in which the load balancer in front of signaling names the client's
+    #: region (e.g. "X-Client-Region"; it must overwrite whatever a client sent in it); "":
+    #: not trusted. An access token's ``region`` claim wins over it
+    region_header: str = ""
     #: "direct": the node's own client-facing UDP port (media_host:media_port) takes media;
     #: "relay": media only comes through the cluster's relays, and no client port is opened
     media: str = "direct"

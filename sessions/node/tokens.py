@@ -9,7 +9,9 @@ key that signed. Claims:
 * ``exp`` and ``iat``: when it stops being valid, and when it was made;
 * ``agent`` (optional): the only agent the token may talk to;
 * ``room`` (optional): carried into the node's logs; the node has no rooms (yet) to check;
-* ``max_sessions`` (optional): sessions of this subject a node runs at once.
+* ``max_sessions`` (optional): sessions of this subject a node runs at once;
+* ``region`` (optional): where the client is (``eu-west``), as the token's issuer knows it:
+  nodes offer it that region's relays first and place it on a node there (issue #19).
 
 :class:`TokenVerifier` turns a token into a :class:`Grant` or raises :class:`TokenRefused` with
 the client's error code; :func:`mint_token` makes one.
@@ -24,6 +26,8 @@ from typing import Final, final
 import attrs
 import jwt
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from relay.settings import SettingsError, check_region
 
 __all__ = [
     "ALGORITHM",
@@ -66,6 +70,8 @@ class Grant:
     agent: str | None = None
     room: str | None = None
     max_sessions: int | None = None
+    #: where the client is, as the token's issuer knows it
+    region: str | None = None
 
 
 def _optional_str(claims: Mapping[str, object], name: str) -> str | None:
@@ -125,12 +131,19 @@ def _grant(claims: Mapping[str, object]) -> Grant:
         raise TokenRefused("token_invalid", "claim 'max_sessions' must be a positive integer")
     expires = claims["exp"]
     assert isinstance(expires, int | float)  # PyJWT checked it is a number
+    region = _optional_str(claims, "region")
+    if region is not None:
+        try:
+            check_region(region)
+        except SettingsError:
+            raise TokenRefused("token_invalid", "claim 'region' is not a region name") from None
     return Grant(
         subject=subject,
         expires=float(expires),
         agent=_optional_str(claims, "agent"),
         room=_optional_str(claims, "room"),
         max_sessions=limit,
+        region=region,
     )
 
 
@@ -143,6 +156,7 @@ def mint_token(
     agent: str | None = None,
     room: str | None = None,
     max_sessions: int | None = None,
+    region: str | None = None,
     now: float | None = None,
 ) -> str:
     """A token for ``subject``, valid ``ttl`` seconds from ``now``, signed with ``key``."""
@@ -160,4 +174,6 @@ def mint_token(
         claims["room"] = room
     if max_sessions is not None:
         claims["max_sessions"] = max_sessions
+    if region:
+        claims["region"] = check_region(region, "region")
     return jwt.encode(claims, key, algorithm=ALGORITHM, headers={"kid": kid})

@@ -89,7 +89,11 @@ class NodeA:
         return receive
 
     async def open_session(
-        self, offer_sdp: str, *, transport: Literal["websocket", "http"]
+        self,
+        offer_sdp: str,
+        *,
+        transport: Literal["websocket", "http"],
+        region: str | None = None,
     ) -> SessionHandle:
         await trio.lowlevel.checkpoint()
         return SessionHandle(self.session, answer_to(offer_sdp), self._channel(), self.secret)
@@ -126,7 +130,11 @@ class NodeB:
         self.asked: list[str] = []
 
     async def open_session(
-        self, offer_sdp: str, *, transport: Literal["websocket", "http"]
+        self,
+        offer_sdp: str,
+        *,
+        transport: Literal["websocket", "http"],
+        region: str | None = None,
     ) -> SessionHandle:
         raise AssertionError("not used")
 

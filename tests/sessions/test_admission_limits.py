@@ -547,7 +547,11 @@ class RacyBackend(FakeBackend):
             self.go.set()
 
     async def open_session(
-        self, offer_sdp: str, *, transport: Literal["websocket", "http"]
+        self,
+        offer_sdp: str,
+        *,
+        transport: Literal["websocket", "http"],
+        region: str | None = None,
     ) -> SessionHandle:
         if len(self.senders) >= self.capacity:
             raise SignalingRefused("node_over_capacity", "full")

@@ -65,7 +65,11 @@ class FakeBackend:
         self._closed_changed = trio.Event()
 
     async def open_session(
-        self, offer_sdp: str, *, transport: Literal["websocket", "http"]
+        self,
+        offer_sdp: str,
+        *,
+        transport: Literal["websocket", "http"],
+        region: str | None = None,
     ) -> SessionHandle:
         await trio.lowlevel.checkpoint()
         self.opened.append((offer_sdp, transport))

@@ -181,6 +181,11 @@ async def test_parley_token_create_is_accepted(nursery: trio.Nursery, certs: Pat
     assert token.count(".") == 2 and "\n" not in token
     server = await serve(nursery, FakeBackend(), token_gate(certs))
     assert (await post(server, token)).status == 201
+    out = await trio.run_process([*argv, "--region", "eu-west"], capture_stdout=True)
+    verifier = TokenVerifier(ClusterSettings(certs=str(certs)).token_keys())
+    assert verifier.verify(out.stdout.decode().strip()).region == "eu-west"
+    bad = await trio.run_process([*argv, "--region", "EU"], capture_stderr=True, check=False)
+    assert bad.returncode == 2 and b"region" in bad.stderr
 
 
 # -- ending a WHIP session ---------------------------------------------------------------------

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import hmac
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Literal, final
 
 import attrs
+import h11
 import trio
 
+from relay.settings import SettingsError, check_region
 from sessions.node.signaling.admission import Gate
+from sessions.node.signaling.http import header
 from sessions.node.signaling.limits import SETUP_TIMEOUT, Limiter
 from sessions.node.signaling.messages import (
     CLIENT_CODES,
@@ -41,6 +45,18 @@ _CONTROL_STATUS = {"forbidden": 403, "unknown_session": 404}
 _CONNECTED_EVENTS = frozenset({"ice_connected", "dtls_connected", "media_started"})
 
 
+def region_hint(value: bytes | None) -> str | None:
+    """The client's region as a trusted header names it; None if absent or not a region name
+    (a bad value is the load balancer's mistake: the session is served, unsteered by it)."""
+    if not value:
+        return None
+    text = value.decode("latin-1").strip().lower()
+    try:
+        return check_region(text) or None
+    except SettingsError:
+        return None
+
+
 @final
 @attrs.define
 class BackendCalls:
@@ -52,6 +68,16 @@ class BackendCalls:
     counters: dict[str, int]
     gate: Gate
     limiter: Limiter
+    #: where an offer from a client of a region goes instead (None: here); no placement if None
+    placer: Callable[[str | None], Awaitable[Redirect | None]] | None = None
+    #: the header (lower case) in which a trusted load balancer names the client's region
+    region_header: bytes | None = None
+
+    def region_of(self, request: h11.Request) -> str | None:
+        """The client's region as the trusted header of ``request`` names it (None: unknown)."""
+        if self.region_header is None:
+            return None
+        return region_hint(header(request, self.region_header))
 
     def count(self, name: str) -> None:
         """One more ``name``; error codes count under their own name."""
@@ -64,11 +90,16 @@ class BackendCalls:
         remote: str,
         token: str | None,
         source: str,
-    ) -> SessionHandle | Refusal:
+        region: str | None = None,
+    ) -> SessionHandle | Refusal | Redirect:
         """Check the offer against ``source``'s rate, ``token`` at the gate, then the half-open
         and capacity limits, then ask the backend; a refusal comes back as the error to send
         (status for HTTP; it is counted when sent). The session holds its subject's slot until
-        :meth:`session_gone`, and a half-open slot until its ICE connects."""
+        :meth:`session_gone`, and a half-open slot until its ICE connects.
+
+        The client's region is the token's ``region`` claim, else ``region`` (the trusted
+        header's); when :attr:`placer` says a node of that region should answer, the client is
+        sent there (a :class:`Redirect`) and holds nothing here."""
         log.debug("offer received", extra={"remote": remote, "transport": transport, "sdp": offer})
         limited = self.limiter.offer(source, trio.current_time())
         if limited is not None:
@@ -76,6 +107,21 @@ class BackendCalls:
         grant = self.gate.reserve(token)
         if isinstance(grant, Refusal):
             return self._refused(grant, remote)
+        region = grant.region or region
+        if self.placer is not None:
+            try:
+                placed = await self.placer(region)
+            except BaseException:
+                self.gate.release(grant)
+                raise
+            if placed is not None:
+                self.gate.release(grant)
+                self.count("placed_elsewhere")
+                log.info(
+                    "offer placed in its region",
+                    extra={"remote": remote, "region": region, "node": placed.node},
+                )
+                return placed
         # on an open node everyone is the same subject: only sources count there
         subject = grant.subject if self.gate.mode == "token" else None
         # issue #15: the half-open slot and the node's place are taken here, before the first
@@ -85,7 +131,7 @@ class BackendCalls:
             self.gate.release(grant)
             return self._refused(setup, remote)
         try:
-            outcome = await self._open(offer, transport, remote)
+            outcome = await self._open(offer, transport, remote, region)
         except BaseException:
             self.gate.release(grant)
             self.limiter.cancel(setup)
@@ -134,10 +180,10 @@ class BackendCalls:
         self.limiter.gone(session_id)
 
     async def _open(
-        self, offer: str, transport: Literal["websocket", "http"], remote: str
+        self, offer: str, transport: Literal["websocket", "http"], remote: str, region: str | None
     ) -> SessionHandle | Refusal:
         try:
-            handle = await self.backend.open_session(offer, transport=transport)
+            handle = await self.backend.open_session(offer, transport=transport, region=region)
         except SdpError as exc:
             self.count("refused")
             log.info("offer refused", extra={"remote": remote, "code": exc.code})

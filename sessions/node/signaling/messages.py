@@ -147,23 +147,31 @@ class SessionHandle:
 @final
 @attrs.frozen
 class Redirect:
-    """Another node owns the session: the client attaches there."""
+    """Another node owns the session: the client attaches there. Or (``reason`` "region")
+    another node should answer the offer, one of the client's region: it offers there."""
 
-    #: the owner's node name (shown to people)
+    #: the node's name (shown to people)
     node: str
-    #: the owner's WebSocket signaling URL (``ws://HOST:PORT/v1/session``)
+    #: its WebSocket signaling URL (``ws://HOST:PORT/v1/session``); its WHIP URL is the same
+    #: with http(s)
     url: str
+    reason: Literal["owner", "region"] = "owner"
 
 
 class SessionBackend(Protocol):
     """What the signaling server needs from the node."""
 
     async def open_session(
-        self, offer_sdp: str, *, transport: Literal["websocket", "http"]
+        self,
+        offer_sdp: str,
+        *,
+        transport: Literal["websocket", "http"],
+        region: str | None = None,
     ) -> SessionHandle:
-        """Answer an offer and start its session. Raises :class:`SdpError` (its ``code`` is the
-        error code: ``bad_sdp``, ``no_audio``, ``no_common_codec``, ``unsupported``) or
-        :class:`SignalingRefused` (``node_draining``, ``node_over_capacity``, ...)."""
+        """Answer an offer from a client of ``region`` (None: not known) and start its
+        session. Raises :class:`SdpError` (its ``code`` is the error code: ``bad_sdp``,
+        ``no_audio``, ``no_common_codec``, ``unsupported``) or :class:`SignalingRefused`
+        (``node_draining``, ``node_over_capacity``, ...)."""
         ...
 
     async def close_session(self, session_id: str, reason: str) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Literal, final
 
 import h11
@@ -36,6 +36,7 @@ from sessions.node.signaling.limits import SETUP_TIMEOUT, Capacity, Limiter, nod
 from sessions.node.signaling.messages import (
     SESSION_PATH,
     Gone,
+    Redirect,
     SessionBackend,
     SignalingLimits,
 )
@@ -141,6 +142,8 @@ class SignalingServer:
         public_url: str = "",
         gate: Gate | None = None,
         capacity: Capacity | None = None,
+        placer: Callable[[str | None], Awaitable[Redirect | None]] | None = None,
+        region_header: str = "",
     ) -> None:
         self.backend = backend
         self.host = host
@@ -159,7 +162,15 @@ class SignalingServer:
         self.limiter = Limiter(
             self.limits, capacity if capacity is not None else _capacity_of(backend)
         )
-        self._calls = BackendCalls(backend, self.limits, self.counters, self.gate, self.limiter)
+        self._calls = BackendCalls(
+            backend,
+            self.limits,
+            self.counters,
+            self.gate,
+            self.limiter,
+            placer=placer,
+            region_header=region_header.strip().lower().encode("latin-1") or None,
+        )
         self._publish(backend)
         self._routes = HttpRoutes(self._calls, pages or {})
         self._websockets = WebSocketSessions(self._calls, self.limits)
@@ -321,6 +332,7 @@ class SignalingServer:
                     remote,
                     request_token(request),
                     source,
+                    self._calls.region_of(request),
                 )
                 return "websocket"
             nursery = self._nursery

@@ -6,7 +6,7 @@
     node   → {"type": "answer", "sdp": "...", "session": "<id>", "secret": "<secret>"}
     client → {"type": "attach", "session": "<id>", "secret": "<secret>"}
     node   → {"type": "attached", "session": "<id>"}
-    node   → {"type": "redirect", "node": "<name>", "url": "ws://.../v1/session"}
+    node   → {"type": "redirect", "node": "<name>", "url": "ws://.../v1/session", "reason": ...}
     client → {"type": "ping"}                 node → {"type": "pong"}
     client → {"type": "bye"}                  node ends the session, closes the socket (1000)
     node   → {"type": "event", "event": "<name>", "ts": <unix seconds>, ...fields}
@@ -17,7 +17,10 @@ An offer needs an access token where the node asks for them (:mod:`.admission`):
 the offer gets an error (``token_missing``, ``token_invalid``, ``token_expired``,
 ``token_forbidden``), or one of the admission limits (``rate_limited``, ``half_open_limit``,
 ``node_over_capacity``, with ``retry_after`` seconds where waiting helps), and the socket stays
-open. An attach needs no token: the secret is enough.
+open. An offer from a client of another region than the node's may instead be answered
+``redirect`` with ``"reason": "region"`` (sessions/node/regions.py): a node of the client's
+region has room; send the same offer there (the socket closes with 1000). An attach needs no
+token: the secret is enough.
 A socket's first session comes from an offer, or from an attach: a new socket (to any node) takes
 over a live session with the secret the answer carried. The secret travels only in the answer, on
 the client's own socket: never in the SDP, never in the ufrag, never in a log. An attach is
@@ -150,6 +153,8 @@ class _SessionState:
     token: str | None = None
     #: what the client's address counts under (sessions/node/signaling/limits.py)
     source: str = ""
+    #: the client's region as the trusted header of the upgrade named it (None: not known)
+    region: str | None = None
     handle: SessionHandle | None = None
     phase: SocketPhase = SocketPhase.WAITING
     #: the backend's own session_ended was forwarded: no final one of ours
@@ -208,6 +213,7 @@ class WebSocketSessions:
         remote: str,
         token: str | None,
         source: str,
+        region: str | None = None,
     ) -> None:
         """Complete the handshake whose request ``head`` was already read from ``stream``, then
         run its session until either side ends it; the close is bounded."""
@@ -226,7 +232,7 @@ class WebSocketSessions:
                 nursery.cancel_scope.cancel()
                 return
             log.info("websocket connected", extra={"remote": remote})
-            state = _SessionState(remote, token, source)
+            state = _SessionState(remote, token, source, region)
             self._live.add(state)
             try:
                 await self._session(ws, state)
@@ -326,10 +332,15 @@ class WebSocketSessions:
             state.remote,
             token if isinstance(token, str) else state.token,
             state.source,
+            state.region,
         )
         if isinstance(outcome, Refusal):
             await self._error(ws, outcome.code, outcome.message, outcome.retry_after)
             return True
+        if isinstance(outcome, Redirect):
+            redirect = {"type": "redirect", "node": outcome.node, "url": outcome.url}
+            await self._send(ws, {**redirect, "reason": outcome.reason})
+            return False  # closes with 1000: the client offers there
         answer = {
             "type": "answer",
             "sdp": outcome.answer_sdp,

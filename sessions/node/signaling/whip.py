@@ -32,6 +32,7 @@ from sessions.node.signaling.http import (
 from sessions.node.signaling.limits import SETUP_TIMEOUT
 from sessions.node.signaling.messages import (
     SESSION_PATH,
+    Redirect,
     Refusal,
     SessionHandle,
     is_control_token,
@@ -158,10 +159,19 @@ class HttpRoutes:
         if not offer.strip():
             raise HttpError(400, "bad_sdp", "the offer is empty")
         handle = await self.calls.open_session(
-            offer, "http", remote, request_token(request), source
+            offer, "http", remote, request_token(request), source, self.calls.region_of(request)
         )
         if isinstance(handle, Refusal):
             raise _refused(handle)
+        if isinstance(handle, Redirect):
+            # RFC 9110 §15.4.8: the client sends the same POST, offer and token, to the node of
+            # its region
+            raise HttpError(
+                307,
+                "placed_in_region",
+                f"a node of your region answers this offer: {handle.node}",
+                [("Location", "http" + handle.url.removeprefix("ws"))],
+            )
         session_id = handle.session_id
         watchers.start_soon(self._watch_http_session, handle)
         try:

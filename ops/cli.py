@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,7 +22,7 @@ log = logging.getLogger("parley.cli")
 
 #: commands an operator types against a running cluster: they present the operator's
 #: certificate to etcd (cluster.etcd_tls), from <up.data_dir>/certs unless cluster.certs says
-OPERATOR_COMMANDS = ("status", "migrate", "drain", "chaos", "token")
+OPERATOR_COMMANDS = ("status", "opsview", "migrate", "drain", "chaos", "token")
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -142,6 +143,10 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--lease-ttl", type=int, help="lease TTL of the nodes, seconds (node.lease_ttl)"
     )
+    up.add_argument(
+        "--opsview-listen",
+        help="HOST:PORT of the ops page, live plots of the cluster (up.opsview_listen; '': none)",
+    )
 
     migrate = commands.add_parser(
         "migrate", help="move one live session to another node (no renegotiation)"
@@ -163,6 +168,23 @@ def build_parser() -> argparse.ArgumentParser:
     status = commands.add_parser("status", help="nodes, relays and sessions of a cluster")
     _common(status)
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    status.add_argument(
+        "--watch", action="store_true", help="redraw the tables every --interval until Ctrl-C"
+    )
+    status.add_argument(
+        "--interval", type=float, default=2.0, help="seconds between refreshes of --watch (2)"
+    )
+
+    opsview = commands.add_parser(
+        "opsview", help="serve a live page of the cluster: sessions, packet rates, quality, moves"
+    )
+    _common(opsview)
+    opsview.add_argument(
+        "--listen", help="HOST:PORT to serve the page on (up.opsview_listen; 127.0.0.1:8770)"
+    )
+    opsview.add_argument(
+        "--interval", type=float, default=1.0, help="seconds between samples of etcd (1)"
+    )
 
     chaos = commands.add_parser(
         "chaos", help="faults against a running `parley up` while calls talk; verdicts at the end"
@@ -221,7 +243,7 @@ def config_from(args: argparse.Namespace) -> Config:
         },
         "relay": {
             "id": get("id") if command == "relay" else None,
-            "listen": get("listen"),
+            "listen": get("listen") if command == "relay" else None,
             "tunnel_host": get("tunnel_host"),
             "tunnel_port": get("tunnel_port"),
             "workers": get("workers"),
@@ -235,6 +257,7 @@ def config_from(args: argparse.Namespace) -> Config:
             "etcd_members": get("etcd_members"),
             "signaling_port": get("signaling_port") if command == "up" else None,
             "ops_port": get("ops_port"),
+            "opsview_listen": get("listen") if command == "opsview" else get("opsview_listen"),
         },
         "log": {"json": get("log_json"), "level": get("log_level")},
     }
@@ -322,8 +345,9 @@ def cmd_relay(
     return 0
 
 
-def cmd_status(config: Config, as_json: bool) -> int:
-    from ops.status import format_status, gather_status
+def cmd_status(config: Config, as_json: bool, watch: float | None = None) -> int:
+    """``parley status``; ``watch``: refresh every that many seconds until Ctrl-C (exit 0)."""
+    from ops.status import format_status, gather_status, watch_status
     from storage.etcd import EtcdError, open_etcd
     from storage.keys import Keyspace
 
@@ -337,6 +361,22 @@ def cmd_status(config: Config, as_json: bool) -> int:
         async with open_etcd(config.cluster.etcd, tls=tls) as etcd:
             return await gather_status(etcd, Keyspace(config.cluster.prefix))
 
+    async def watching(interval: float) -> None:
+        async with open_etcd(config.cluster.etcd, tls=tls) as etcd, trio.open_nursery() as nursery:
+            nursery.start_soon(stop_on_interrupt, nursery.cancel_scope)
+            keys = Keyspace(config.cluster.prefix)
+            tty = sys.stdout.isatty()
+            await watch_status(etcd, keys, interval=interval, out=sys.stdout, tty=tty)
+
+    if watch is not None:
+        if not watch > 0:
+            print("parley status: --interval must be above 0", file=sys.stderr)
+            return 2
+        try:
+            trio.run(watching, watch)
+        except* (KeyboardInterrupt, BrokenPipeError):
+            pass  # Ctrl-C before our handler was in place, or the reader went away
+        return 0
     try:
         status = trio.run(main)
     except EtcdError as exc:
@@ -346,6 +386,14 @@ def cmd_status(config: Config, as_json: bool) -> int:
         return 2
     print(json.dumps(status, indent=2) if as_json else format_status(status))
     return 0
+
+
+async def stop_on_interrupt(scope: trio.CancelScope) -> None:
+    """Cancel ``scope`` at the first SIGINT or SIGTERM: Ctrl-C ends a watch cleanly."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for _ in signals:
+            scope.cancel()
+            return
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -371,7 +419,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_up(config)
     if args.command == "status":
-        return cmd_status(config, args.json)
+        return cmd_status(config, args.json, args.interval if args.watch else None)
+    if args.command == "opsview":
+        from ops.opsview import run_opsview
+
+        return run_opsview(config, interval=args.interval)
     if args.command in ("migrate", "drain"):
         from ops import moving
 

@@ -72,6 +72,8 @@ Example ``parley.toml``::
     etcd_tls = true           # etcd takes only clients with a certificate of the cluster CA
     ops_port = 0              # relay-1's ops port (GET /metrics), the other relays' and then
                               # the nodes' after it; 0: free ports chosen once at start
+    opsview_listen = "127.0.0.1:8770"  # the ops page, live plots (`parley opsview` too);
+                              # port 0: any free; "": none
 
     [log]
     json = false
@@ -139,6 +141,8 @@ class UpConfig:
     #: relay-1's ops port (GET /metrics, on 127.0.0.1), relay-2 the next, ..., then node-1, ...;
     #: each keeps its port across restarts. 0: free ports chosen once when `parley up` starts
     ops_port: int = 0
+    #: where `parley up` (and `parley opsview`) serve the ops page, HOST:PORT; "": none
+    opsview_listen: str = "127.0.0.1:8770"
 
 
 @final
@@ -318,6 +322,13 @@ def _validate(config: Config) -> None:
     config.relay.ops_address()
     if not 0 <= config.up.ops_port <= 0xFFFF - config.up.nodes - config.up.relays:
         raise ConfigError("up.ops_port must leave room for a port per relay and node (0: any)")
+    if config.up.opsview_listen:
+        from ops.opsview import parse_listen
+
+        try:
+            parse_listen(config.up.opsview_listen)
+        except ValueError as exc:
+            raise ConfigError(f"up.opsview_listen: {exc}") from None
     if not 0 <= config.up.signaling_port <= 0xFFFF - config.up.nodes:
         raise ConfigError("up.signaling_port must leave room for a port per node (0: any free)")
     if config.up.nodes < 1 or config.up.relays < 0:

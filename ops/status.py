@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from typing import Any
+from typing import Any, TextIO
 
 import trio
 
-from storage.etcd import Etcd
+from storage.etcd import Etcd, EtcdError
 from storage.keys import Keyspace
 from storage.members import Members
 from storage.moves import Moves
@@ -43,6 +43,7 @@ async def gather_status(etcd: Etcd, keys: Keyspace) -> dict[str, Any]:
                 "lease_ttl_left": ttls.get(m.lease, -1),
                 "sessions": per_node.get(m.info.id, 0),
                 "capacity": m.info.capacity,
+                "region": m.info.region,
                 "signaling": m.info.addresses.get("signaling"),
                 # its ops port, where Prometheus scrapes it (relay/opsport.py)
                 "metrics": m.info.addresses.get("metrics"),
@@ -125,6 +126,7 @@ def _relay_columns(relay: dict[str, Any]) -> list[str]:
     tunnels = relay.get("tunnels")
     return [
         str(relay.get("id", "?")),
+        str(relay.get("region") or "-"),
         ",".join(_address(a) for a in public) if isinstance(public, list) and public else "-",
         ",".join(map(str, tunnels)) if isinstance(tunnels, list) and tunnels else "-",
         str(relay.get("sessions", "-")),
@@ -139,6 +141,7 @@ def format_status(status: dict[str, Any]) -> str:
     nodes = [
         [
             n["id"],
+            n.get("region") or "-",
             n["state"],
             f"{n['lease_ttl_left']}s" if n["lease_ttl_left"] >= 0 else "expired",
             str(n["sessions"]),
@@ -155,11 +158,14 @@ def format_status(status: dict[str, Any]) -> str:
     ]
     parts = [
         f"nodes ({len(nodes)})",
-        _table(["id", "state", "lease", "sessions", "auth", "signaling", "metrics"], nodes),
+        _table(
+            ["id", "region", "state", "lease", "sessions", "auth", "signaling", "metrics"], nodes
+        ),
         "",
         f"relays ({len(relays)})",
         _table(
-            ["id", "address", "tunnels", "sessions", "pkt/s in", "pkt/s out", "metrics"], relays
+            ["id", "region", "address", "tunnels", "sessions", "pkt/s in", "pkt/s out", "metrics"],
+            relays,
         ),
         "",
         f"sessions ({len(sessions)})",
@@ -177,3 +183,34 @@ def format_status(status: dict[str, Any]) -> str:
         parts += ["", f"moves under way ({len(rows)})"]
         parts.append(_table(["session", "from", "to", "state", "age", "reason"], rows))
     return "\n".join(parts)
+
+
+#: ANSI: cursor home, then clear the screen (a redraw in place on a terminal)
+CLEAR_HOME = "\x1b[H\x1b[2J"
+
+
+def watch_frame(text: str, *, at: float, interval: float, tty: bool) -> str:
+    """One refresh of ``parley status --watch``: on a terminal the screen is cleared and redrawn
+    under a title line; anywhere else (a pipe, a file) snapshots follow one another, each after
+    a separator line with its time, so that the stream reads as a log."""
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(at))
+    if tty:
+        return f"{CLEAR_HOME}parley status  {stamp}  every {interval:g}s, Ctrl-C stops\n\n{text}\n"
+    return f"--- {stamp} ---\n{text}\n\n"
+
+
+async def watch_status(
+    etcd: Etcd, keys: Keyspace, *, interval: float, out: TextIO, tty: bool
+) -> None:
+    """``parley status --watch``: the tables of :func:`format_status` every ``interval`` seconds,
+    until cancelled. An etcd that does not answer costs one refresh (it says so), not the watch."""
+    while True:
+        started = trio.current_time()
+        text = ""
+        try:
+            text = format_status(await gather_status(etcd, keys))
+        except* EtcdError as group:  # lease reads run in a nursery: errors come as a group
+            text = f"etcd did not answer: {group.exceptions[0]}"
+        out.write(watch_frame(text, at=time.time(), interval=interval, tty=tty))
+        out.flush()
+        await trio.sleep_until(started + interval)

@@ -12,7 +12,9 @@ names its pid) for as long as it runs, and a second one refuses to start. Every 
 even when it is SIGKILLed (ops/children.py). Each node keeps its signaling port across restarts
 (``up.signaling_port`` and up, or ports chosen once at start), so the printed demo URLs stay true,
 and its ops port (``up.ops_port``: relays first, then nodes; GET /metrics for Prometheus), so a
-scrape configuration written from what it prints stays true too.
+scrape configuration written from what it prints stays true too. It also serves the ops page
+(``ops/opsview.py``: live plots of the whole cluster, read from etcd) on ``up.opsview_listen``
+(127.0.0.1:8770 by default) and prints its URL after the demo pages'.
 
 With relays, the nodes take media only through them (``node.media = "relay"``). The cluster CA,
 the hint secret and every member's certificate are made under ``<data_dir>/certs`` on first use
@@ -50,6 +52,7 @@ from ops.certs import (
 )
 from ops.config import Config
 from ops.etcdserver import EtcdCluster, EtcdServer, EtcdServerError, EtcdServerTLS, free_port
+from ops.opsview import OpsView, parse_listen
 from ops.status import format_status, gather_status
 from relay.settings import (
     CLUSTER_KEY_FILE,
@@ -158,6 +161,8 @@ class LocalCluster:
         self.out = stdout or sys.stdout
         self._stopping = False
         self.ready = trio.Event()
+        #: where the ops page is served (up.opsview_listen), once it is
+        self.opsview_url = ""
 
     def _argv(self, command: str, name: str, ops_port: int) -> list[str]:
         argv = [
@@ -300,6 +305,7 @@ class LocalCluster:
                         f"metrics {child.metrics}"
                     )
                 await self._wait_registered()
+                await nursery.start(self._serve_opsview)
                 self.ready.set()
                 task_status.started(self)
                 nursery.start_soon(self._stop_on_signal, nursery.cancel_scope)
@@ -311,6 +317,41 @@ class LocalCluster:
             with trio.CancelScope(shield=True):
                 await self._stop_in_order()
             self.say("parley stopped.")
+
+    async def _serve_opsview(self, *, task_status: trio.TaskStatus[None]) -> None:
+        """The ops page (ops/opsview.py) on ``up.opsview_listen``, reading our etcd as the
+        operator; a busy address costs the page (with a word why), never the cluster."""
+        listen = self.config.up.opsview_listen
+        if not listen:
+            task_status.started()
+            return
+        host, port = parse_listen(listen)
+        started = False
+        try:
+            async with (
+                open_etcd(self.endpoint, tls=self.operator_tls()) as etcd,
+                trio.open_nursery() as nursery,
+            ):
+                view = OpsView(etcd, Keyspace(self.config.cluster.prefix))
+                try:
+                    await nursery.start(view.run, host, port)
+                except OSError as exc:
+                    self.say(
+                        f"ops page: cannot serve on {listen} ({exc.strerror or exc}); set "
+                        "up.opsview_listen (--opsview-listen; port 0: any free, '': none)"
+                    )
+                    return
+                self.opsview_url = view.url
+                started = True
+                task_status.started()
+        except* Exception as group:
+            # the page is for a person watching: its failure must not stop the cluster
+            log.error("ops page stopped", exc_info=group)
+            self.say(f"ops page stopped: {group.exceptions[0]!r}")
+            self.opsview_url = ""
+        finally:
+            if not started:
+                task_status.started()
 
     def _label(self, member: EtcdServer) -> str:
         """``etcd`` alone, ``etcd-1``, ``etcd-2``... in a cluster (as their data directories)."""
@@ -435,6 +476,8 @@ class LocalCluster:
             self.say("\ndemo: open a node's page in a browser, click Talk, speak, then pause")
             for node_id, url in pages:
                 self.say(f"  {node_id:<8} {url}")
+        if self.opsview_url:
+            self.say(f"\nops page: {self.opsview_url}  (live plots of the whole cluster)")
 
     async def _stop_on_signal(self, scope: trio.CancelScope) -> None:
         with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -481,6 +524,7 @@ class LocalCluster:
                     for m in self.etcd.members
                 ],
             },
+            "opsview": self.opsview_url,
             "relays": [
                 {"id": c.name, "pid": c.pid, "log": str(c.log_path), "metrics": c.metrics}
                 for c in self.relays

@@ -25,12 +25,13 @@ import trio
 from ops.certs import init_cluster
 from ops.config import ClusterConfig, Config, NodeConfig
 from ops.etcdserver import EtcdServer
+from ops.status import format_status
 from relay.daemon import Relay
 from relay.tunnel.certs import issue_files
 from sessions.audio import speech
 from sessions.node.daemon import Node
 from sessions.node.frontend import run_frontend
-from tests.helpers import eventually, make_token
+from tests.helpers import eventually, make_token, run_status
 from tests.peers import AiortcCall, loopback_ice  # noqa: F401 - fixture
 
 pytestmark = pytest.mark.usefixtures("loopback_ice")
@@ -45,6 +46,7 @@ class Cluster:
     nodes: dict[str, Node]
     relays: dict[str, Relay]
     certs: Path
+    endpoint: str
 
     def relay_port(self, region: str) -> int:
         return self.relays[region].edge.addresses[0][1]
@@ -100,7 +102,7 @@ def start_cluster(etcd: EtcdServer, tmp_path: Path, *, steering: bool) -> Iterat
     thread.start()
     assert ready.wait(40), "relays and nodes did not start"
     try:
-        yield Cluster(nodes, relays, certs)
+        yield Cluster(nodes, relays, certs, etcd.endpoint)
     finally:
         for node in nodes.values():
             trio.from_thread.run_sync(node.request_stop, trio_token=box["token"])
@@ -203,3 +205,13 @@ def test_unsteered_the_offer_stays_and_every_relay_is_listed(unsteered: Cluster)
         (RELAY_HOSTS[r], unsteered.relay_port(r)) for r in RELAY_HOSTS
     )
     assert frames > 50
+
+
+def test_status_shows_each_members_region(steered: Cluster) -> None:
+    status = run_status(steered.endpoint, PREFIX)
+    assert {n["id"]: n["region"] for n in status["nodes"]} == {"n-eu": "eu", "n-us": "us"}
+    assert {r["id"]: r["region"] for r in status["relays"]} == {"r-eu": "eu", "r-us": "us"}
+    lines = format_status(status).splitlines()
+    assert lines[1].split()[:2] == ["ID", "REGION"]
+    assert any(line.split()[:2] == ["n-us", "us"] for line in lines)
+    assert any(line.split()[:2] == ["r-eu", "eu"] for line in lines)

@@ -111,6 +111,10 @@ def _session_columns(session: dict[str, Any]) -> list[str]:
         num("loss_fraction", "%", scale=100),
         num("jitter_ms", "ms"),
         num("rtt_ms", "ms"),
+        # the client's relay and region, and its first hop's round trip (client to relay)
+        str(stats.get("relay") or "-"),
+        str(stats.get("region") or "-"),
+        num("first_hop_rtt_ms", "ms"),
     ]
 
 
@@ -170,7 +174,10 @@ def format_status(status: dict[str, Any]) -> str:
         "",
         f"sessions ({len(sessions)})",
         _table(
-            ["id", "owner", "epoch", "state", "moves", "in", "out", "loss", "jitter", "rtt"],
+            [
+                *("id", "owner", "epoch", "state", "moves", "in", "out", "loss", "jitter", "rtt"),
+                *("relay", "region", "hop"),
+            ],
             sessions,
         ),
     ]

@@ -131,9 +131,13 @@ def lag_metrics(lag: LoopLag) -> Iterator[Metric]:
     )
 
 
-def tunnel_metrics(endpoint: TunnelEndpoint | None, peers: Mapping[str, bool]) -> Iterator[Metric]:
+def tunnel_metrics(
+    endpoint: TunnelEndpoint | None,
+    peers: Mapping[str, bool],
+    rtts: Mapping[str, float | None] | None = None,
+) -> Iterator[Metric]:
     """A tunnel endpoint's figures; ``peers``: every peer this process knows of, and whether
-    a tunnel to it is open."""
+    a tunnel to it is open; ``rtts``: the open tunnels' round-trip times (None: no sample)."""
     yield labelled_gauge(
         "parley_tunnel_up",
         "1 for each peer (relay or node) with an open QUIC tunnel, 0 for one known without.",
@@ -141,6 +145,12 @@ def tunnel_metrics(endpoint: TunnelEndpoint | None, peers: Mapping[str, bool]) -
         {peer: float(up) for peer, up in sorted(peers.items())},
     )
     yield gauge("parley_tunnels_open", "Open QUIC tunnels.", sum(peers.values()))
+    yield labelled_gauge(
+        "parley_tunnel_rtt_seconds",
+        "Smoothed round-trip time of each open QUIC tunnel (relay to node), by peer.",
+        "peer",
+        {peer: rtt for peer, rtt in sorted((rtts or {}).items()) if rtt is not None},
+    )
     counters = dict(endpoint.counters) if endpoint is not None else {}
     yield labelled_counter(
         "parley_tunnel_packets_total",
@@ -275,6 +285,7 @@ class RelayCollector:
                 "tunnel": endpoint.kernel_drops() if endpoint is not None else 0,
             },
         )
-        yield from tunnel_metrics(endpoint, dict.fromkeys(edge.tunnels, True))
+        rtts = {peer: getattr(sink, "rtt", None) for peer, sink in edge.tunnels.items()}
+        yield from tunnel_metrics(endpoint, dict.fromkeys(edge.tunnels, True), rtts)
         yield from lease_metrics(relay.keeper)
         yield from lag_metrics(relay.lag)

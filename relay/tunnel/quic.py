@@ -144,6 +144,20 @@ class Tunnel:
     def closed(self) -> bool:
         return self._link.phase != "open"
 
+    @property
+    def rtt(self) -> float | None:
+        """QUIC's smoothed round-trip time of this tunnel in seconds (RFC 9002 §5.3), from the
+        acknowledgements of what it carries; None before the first sample.
+
+        aioquic keeps it in its loss recovery and has no public accessor: read here, and only
+        here, so that an aioquic that renames it costs this figure (None), not the tunnel.
+        """
+        recovery = getattr(self._link.conn, "_loss", None)
+        if not getattr(recovery, "_rtt_initialized", False):
+            return None
+        value = getattr(recovery, "_rtt_smoothed", None)
+        return float(value) if isinstance(value, int | float) else None
+
     def send_datagram(self, data: bytes) -> bool:
         """Queue ``data`` as one DATAGRAM frame; it leaves at the endpoint's next flush.
 

@@ -29,6 +29,7 @@ from sessions.node.daemon import Node, NodeRefused
 from sessions.node.ledger import LedgerWriter
 from sessions.node.metrics import SessionTally
 from sessions.node.moves import MoveRefused
+from sessions.node.regions import first_hop
 from sessions.node.relayed import RelayedMedia
 from sessions.node.signaling import (
     REATTACH,
@@ -127,7 +128,7 @@ class NodeSessions:
             ("checkpoints_stored", "checkpoint_bytes", "checkpoints_failed"), 0
         )
         #: what the sessions' cores and events counted, for the ops port
-        self.tally = SessionTally()
+        self.tally = SessionTally(hop=media.hop, region=node.config.node.region)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """End sessions that end themselves (their actor calls back synchronously)."""
@@ -588,5 +589,6 @@ class NodeSessions:
                 if hosted is not None and hosted.moves:
                     value["moves"] = hosted.moves
                     value["last_move_blackout_ms"] = hosted.last_blackout_ms
+                value.update(first_hop(value, self.media.hop, self.node.config.node.region))
                 out[session_id] = value
         return out

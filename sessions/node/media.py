@@ -59,6 +59,10 @@ class MediaPort:
         """The candidates of an answer: this port, the same for every session and region."""
         return [self.address]
 
+    def hop(self, relay: str) -> tuple[float | None, str]:
+        """No tunnel between the client and this port: the first hop is the whole way."""
+        return 0.0, ""
+
     def mint_ufrag(self, session_id: str) -> str | None:
         """None: a node's own port routes any ufrag; the session's ICE core picks a random one."""
         return None

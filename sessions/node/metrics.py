@@ -37,6 +37,7 @@ from relay.metrics import (
     lease_metrics,
     tunnel_metrics,
 )
+from sessions.node.regions import Hop, first_hop
 from sessions.node.relayed import RelayedMedia
 
 if TYPE_CHECKING:
@@ -113,8 +114,17 @@ class _Tracked:
 class SessionTally:
     """Node-wide totals of what its sessions' cores did (see the module docstring)."""
 
-    def __init__(self, clock: Callable[[], float] = trio.current_time) -> None:
+    def __init__(
+        self,
+        clock: Callable[[], float] = trio.current_time,
+        *,
+        hop: Hop | None = None,
+        region: str = "",
+    ) -> None:
         self._clock = clock
+        #: the packet path's view of a client's first hop (sessions/node/regions.py)
+        self._hop = hop
+        self._region = region
         self._cores: dict[str, _Tracked] = {}
         self._offered: dict[str, float] = {}
         #: what cores no longer followed counted here, and their lost packets
@@ -127,6 +137,9 @@ class SessionTally:
         self.loss = {"in": Histogram(LOSS_BUCKETS), "out": Histogram(LOSS_BUCKETS)}
         self.jitter = {"in": Histogram(JITTER_BUCKETS), "out": Histogram(JITTER_BUCKETS)}
         self.rtt = Histogram(RTT_BUCKETS)
+        #: client-to-relay round-trip times (the RTCP one less the tunnel's), by the relay's
+        #: region: what steering (issue #19) keeps short
+        self.first_hop: dict[str, Histogram] = {}
         self.barge_in = Histogram(REACTION_BUCKETS)
         self.turn_latency = Histogram(TURN_BUCKETS)
 
@@ -203,6 +216,12 @@ class SessionTally:
             self._observe(self.loss["out"], stats.get("remote_loss_fraction"))
             self._observe(self.jitter["out"], stats.get("remote_jitter_ms"), 1e-3)
             self._observe(self.rtt, stats.get("rtt_ms"), 1e-3)
+            if self._hop is not None:
+                path = first_hop(stats, self._hop, self._region)
+                region = str(path["region"] or "none")
+                if path["first_hop_rtt_ms"] is not None:
+                    series = self.first_hop.setdefault(region, Histogram(RTT_BUCKETS))
+                    self._observe(series, path["first_hop_rtt_ms"], 1e-3)
         core = tracked.core
         for first_voiced, last_agent_frame in core.barge_ins[tracked.barge_ins :]:
             self.barge_in.observe(max(0.0, last_agent_frame - first_voiced))
@@ -382,6 +401,13 @@ class NodeCollector:
             "Round-trip time to the client, from its reports on our sender reports.",
             tally.rtt,
         )
+        yield histogram(
+            "parley_first_hop_rtt_seconds",
+            "Round-trip time from the client to the relay it uses (the RTCP round trip less the "
+            "relay-to-node tunnel's), by that relay's region ('none': no region given).",
+            dict(sorted(tally.first_hop.items())),
+            "region",
+        )
 
     def _moves(self) -> Iterable[Metric]:
         node, moved, adopted = self.node, self.moved, self.adopted
@@ -456,7 +482,8 @@ class NodeCollector:
         if isinstance(path, RelayedMedia):
             sockets = {"tunnel": counters.get("tunnel_kernel_drops", 0)}
             peers = dict.fromkeys(path.relays, False) | dict.fromkeys(path.tunnels, True)
-            yield from tunnel_metrics(path.endpoint, peers)
+            rtts = {relay: tunnel.rtt for relay, tunnel in path.tunnels.items()}
+            yield from tunnel_metrics(path.endpoint, peers, rtts)
         else:
             sockets = {"media": counters.get("kernel_drops", 0)}
         yield labelled_counter(

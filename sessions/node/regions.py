@@ -23,17 +23,18 @@ from __future__ import annotations
 
 import logging
 import zlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Final, final
 
 import trio
 
 from relay.addresses import Address
 from sessions.node.signaling.messages import Redirect
+from sessions.webrtc.ice import PeerAddress
 from storage.etcd import EtcdError
 from storage.members import Member, RelayInfo
 
-__all__ = ["PLACEMENT_REFRESH", "STEER_FALLBACKS", "Placement", "steer"]
+__all__ = ["PLACEMENT_REFRESH", "STEER_FALLBACKS", "Hop", "Placement", "first_hop", "steer"]
 
 log = logging.getLogger("parley.regions")
 
@@ -55,6 +56,34 @@ def _addresses(relays: Sequence[RelayInfo]) -> list[Address]:
     for info in relays:
         out.extend(a for a in info.public if a not in out)
     return out
+
+
+#: what the packet path knows of the way a session's client reaches this node through ``relay``
+#: ("": the node's own port): the relay-to-node tunnel's round-trip time in seconds (0.0 for
+#: no tunnel, None before QUIC has a sample) and the region of the first hop ("": unknown)
+Hop = Callable[[str], tuple[float | None, str]]
+
+
+def first_hop(stats: Mapping[str, object], hop: Hop, region: str) -> dict[str, object]:
+    """Where a session's client meets the cluster, from its core's ``stats``: the relay of the
+    selected candidate pair, that relay's region (else ``region``, the node's), the tunnel's
+    round-trip time and the **first hop's**, client to relay: the RTCP round trip (client to
+    node) less the tunnel's. Figures are None until both are known."""
+    selected = stats.get("selected")
+    relay = selected.relay if isinstance(selected, PeerAddress) else ""
+    tunnel, where = hop(relay)
+    rtt = stats.get("rtt_ms")
+    first = (
+        round(max(0.0, float(rtt) - tunnel * 1000), 2)
+        if isinstance(rtt, int | float) and tunnel is not None
+        else None
+    )
+    return {
+        "relay": relay,
+        "region": where or region,
+        "tunnel_rtt_ms": None if tunnel is None else round(tunnel * 1000, 2),
+        "first_hop_rtt_ms": first,
+    }
 
 
 def steer(

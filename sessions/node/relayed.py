@@ -135,6 +135,13 @@ class RelayedMedia:
         relays = [self.relays[r] for r in sorted(self.tunnels) if r in self.relays]
         return steer(relays, session_id, region, steering=self.steering)
 
+    def hop(self, relay: str) -> tuple[float | None, str]:
+        """The tunnel to ``relay`` (a registration): its round-trip time (None: no sample, or
+        no tunnel) and the relay's region."""
+        tunnel = self.tunnels.get(relay)
+        info = self.relays.get(relay)
+        return (tunnel.rtt if tunnel is not None else None), (info.region if info else "")
+
     def register(self, session_id: str, ufrag: str) -> SessionPort:
         if session_id in self._ports:
             raise ValueError(f"session {session_id!r} already routed")

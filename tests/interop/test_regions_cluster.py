@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import threading
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -153,9 +154,12 @@ def utterance() -> bytes:
     return speech.speak("one two three four", rate=190)
 
 
-def call(cluster: Cluster, start: str, region: str) -> tuple[list[str], str, Any, int]:
+def call(
+    cluster: Cluster, start: str, region: str, during: Callable[[], Any] | None = None
+) -> tuple[list[str], str, Any, int]:
     """An aiortc client of ``region`` offering at node ``start``'s WHIP URL: the URLs it went
-    to, the answer, the selected pair's remote address, and the frames it heard."""
+    to, the answer, the selected pair's remote address, and the frames it heard. ``during``
+    runs (in a thread) while the call is still on."""
     token = make_token(cluster.certs, subject=f"client-{region}", region=region)
 
     async def run() -> tuple[list[str], str, Any, int]:
@@ -167,6 +171,8 @@ def call(cluster: Cluster, start: str, region: str) -> tuple[list[str], str, Any
             )
             await peer.answer(answer)
             await asyncio.sleep(3.0)
+            if during is not None:
+                await asyncio.to_thread(during)
             transceiver = peer.pc.getTransceivers()[0]
             ice = transceiver.sender.transport.transport
             pair = ice._connection._nominated.get(1)
@@ -215,3 +221,29 @@ def test_status_shows_each_members_region(steered: Cluster) -> None:
     assert lines[1].split()[:2] == ["ID", "REGION"]
     assert any(line.split()[:2] == ["n-us", "us"] for line in lines)
     assert any(line.split()[:2] == ["r-eu", "eu"] for line in lines)
+
+
+def test_each_session_reports_its_first_hop_apart_from_the_tunnel(steered: Cluster) -> None:
+    """The node splits the client's round trip at the relay: status shows the relay, its region
+    and the first hop; the metrics have it by region, and each tunnel's round trip."""
+    seen: dict[str, Any] = {}
+
+    def look() -> None:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            sessions = run_status(steered.endpoint, PREFIX)["sessions"]
+            stats = sessions[0]["stats"] if sessions and sessions[0]["stats"] else {}
+            if isinstance(stats.get("first_hop_rtt_ms"), int | float):
+                seen.update(stats)
+                break
+            time.sleep(0.5)
+        with urllib.request.urlopen(steered.nodes["us"].addresses["metrics"]) as response:
+            seen["metrics"] = response.read().decode()
+
+    call(steered, "us", "us", during=look)
+    assert seen.get("relay") == "r-us" and seen["region"] == "us", seen
+    assert 0 <= seen["first_hop_rtt_ms"] <= seen["rtt_ms"]
+    assert isinstance(seen["tunnel_rtt_ms"], int | float) and seen["tunnel_rtt_ms"] >= 0
+    metrics = seen["metrics"]
+    assert 'parley_first_hop_rtt_seconds_count{region="us"}' in metrics
+    assert 'parley_tunnel_rtt_seconds{peer="r-us"}' in metrics

@@ -15,9 +15,10 @@ import trio.testing
 import trio_websocket
 
 from relay.settings import ClusterSettings
-from sessions.node.regions import PLACEMENT_REFRESH, STEER_FALLBACKS, Placement, steer
+from sessions.node.regions import PLACEMENT_REFRESH, STEER_FALLBACKS, Placement, first_hop, steer
 from sessions.node.signaling import Gate, Redirect, SignalingServer
 from sessions.node.tokens import TokenRefused, TokenVerifier, mint_token
+from sessions.webrtc.ice import PeerAddress
 from storage.etcd import EtcdError
 from storage.members import Member, NodeInfo, RelayInfo
 from tests.helpers import bearer, make_token, token_keys
@@ -299,3 +300,30 @@ def test_a_token_region_claim_must_be_a_region_name(certs: Path) -> None:
     )
     with pytest.raises(TokenRefused, match="region"):
         verifier.verify(forged)
+
+
+# -- the first hop ------------------------------------------------------------------------------
+
+
+def test_the_first_hop_is_the_client_round_trip_less_the_tunnels() -> None:
+    hops = {"r-us": (0.030, "us"), "r-new": (None, "eu"), "": (0.0, "")}
+    stats = {"selected": PeerAddress("198.51.100.9", 5000, "r-us"), "rtt_ms": 42.5}
+    assert first_hop(stats, hops.__getitem__, "eu") == {
+        "relay": "r-us",
+        "region": "us",
+        "tunnel_rtt_ms": 30.0,
+        "first_hop_rtt_ms": 12.5,
+    }
+    # no QUIC sample yet: nothing is made up
+    stats["selected"] = PeerAddress("198.51.100.9", 5000, "r-new")
+    assert first_hop(stats, hops.__getitem__, "eu")["first_hop_rtt_ms"] is None
+    # the node's own port: the first hop is the whole way, in the node's region
+    stats["selected"] = PeerAddress("198.51.100.9", 5000)
+    assert first_hop(stats, hops.__getitem__, "eu") == {
+        "relay": "",
+        "region": "eu",
+        "tunnel_rtt_ms": 0.0,
+        "first_hop_rtt_ms": 42.5,
+    }
+    # before any RTCP round trip, or any selected pair
+    assert first_hop({"selected": None}, hops.__getitem__, "eu")["first_hop_rtt_ms"] is None

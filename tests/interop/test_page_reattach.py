@@ -319,3 +319,37 @@ async def test_the_page_rides_out_its_node_crashing(
         assert any("cannot connect" in m for m in retries), retries
         successor.say({"event": "after_crash"})
         await until(cdp, "heard events after the crash", lambda s: "after_crash" in s["events"])
+
+
+async def test_the_page_follows_an_offer_to_a_node_of_its_region(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """The page's node (another region's) sends the offer on to A: the page offers there once,
+    with the same token, and its call is A's session (issue #19)."""
+    a = NodeA()
+    server_a = SignalingServer(a, gate=Gate.open())
+    await nursery.start(server_a.run)
+    asked: list[str | None] = []
+
+    async def place(region: str | None) -> Redirect:
+        await trio.lowlevel.checkpoint()
+        asked.append(region)
+        return Redirect("A", server_a.urls()["signaling"], "region")
+
+    far = SignalingServer(
+        NodeB(server_a.urls()["signaling"]),
+        pages={"/": (HTML, echo_page())},
+        gate=Gate.open(),
+        placer=place,
+        region_header="X-Client-Region",
+    )
+    await nursery.start(far.run)
+    wav = tmp_path / "silence.wav"
+    silent_wav(wav)
+    result: dict[str, Any] = {}
+    async with browser_page(f"http://127.0.0.1:{far.port}/", tmp_path, wav, result) as cdp:
+        started = await cdp.evaluate("window.parleyStart()", await_promise=True)
+        assert started["session"] == a.session, started
+        state = await page_state(cdp)
+        assert "placed" in state["events"] and state["connection"] != "closed", state
+    assert asked == [None] and far.counters["placed_elsewhere"] == 1

@@ -279,6 +279,11 @@ def cmd_node(config: Config, parent_pid: int | None = None) -> int:
 
     try:
         node = Node(config, frontend=run_frontend)
+        if config.node.region_db:  # fail now, not at the first offer
+            from sessions.node.geoip import RegionDatabase, parse_region_map
+
+            regions = config.node.region_db, parse_region_map(config.node.region_map)
+            RegionDatabase(*regions).close()
     except ConfigError as exc:
         print(f"parley node: {exc}", file=sys.stderr)
         return 2

@@ -26,6 +26,8 @@ Example ``parley.toml``::
     region = ""               # where it runs, e.g. "eu-west" (README: Regions); "": none
     steering = true           # offer clients their region's relays first, place them there
     region_header = ""        # e.g. "X-Client-Region", set by a trusted load balancer
+    region_db = ""            # a MaxMind .mmdb of client addresses (the geoip extra) ...
+    region_map = ""           # ... and its codes' regions: "DE=eu-west,NA=us-east"
     media = "direct"          # "direct": clients send to media_host:media_port;
                               # "relay": through the cluster's relays only (no client UDP port)
     media_host = "127.0.0.1"  # the node's client UDP port, one for all its sessions
@@ -93,6 +95,7 @@ import attrs
 from ops.etcdserver import MEMBER_COUNTS
 from relay.settings import HINT_SECRET_FILE, ClusterSettings, RelaySettings, SettingsError
 from relay.tunnel.certs import Credentials
+from sessions.node.geoip import parse_region_map
 from sessions.node.settings import AGENTS, MEDIA_PATHS, NodeSettings, TurnsSettings
 from storage.etcd import parse_endpoints
 
@@ -307,6 +310,9 @@ def _validate(config: Config) -> None:
     config.relay.listen_addresses()
     config.relay.advertise_addresses()
     config.node.check_public_url()
+    parse_region_map(config.node.region_map)
+    if config.node.region_map and not config.node.region_db:
+        raise ConfigError("node.region_map maps the codes of node.region_db, which is not set")
     if config.relay.lease_ttl < 2:
         raise ConfigError("relay.lease_ttl must be at least 2 seconds")
     relay = config.relay

@@ -19,6 +19,7 @@ from relay.opsport import OpsPort, new_registry
 from relay.settings import SettingsError
 from sessions.node.daemon import Node
 from sessions.node.failover import Adopter
+from sessions.node.geoip import RegionDatabase, parse_region_map
 from sessions.node.host import NodeSessions
 from sessions.node.ledger import LedgerWriter
 from sessions.node.media import MediaPort
@@ -98,6 +99,11 @@ async def run_frontend(
             return [] if members is None else await members.nodes()
 
         placement = Placement(node.id, cfg.region, nodes, steering=cfg.steering)
+        regions = (
+            RegionDatabase(cfg.region_db, parse_region_map(cfg.region_map))
+            if cfg.region_db
+            else None
+        )
         server = SignalingServer(
             backend,
             host=cfg.signaling_host,
@@ -105,6 +111,7 @@ async def run_frontend(
             public_url=cfg.public_url,
             placer=placement.elsewhere,
             region_header=cfg.region_header,
+            region_lookup=regions.lookup if regions is not None else None,
             pages={"/": (HTML, echo_page())},  # a browser client: open the node's http://HOST:PORT/
         )
         await nursery.start(server.run)

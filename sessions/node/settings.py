@@ -59,6 +59,11 @@ class NodeSettings:
     #: region (e.g. "X-Client-Region"; it must overwrite whatever a client sent in it); "":
     #: not trusted. An access token's ``region`` claim wins over it
     region_header: str = ""
+    #: a MaxMind-format database (.mmdb) of client addresses, and which region each country or
+    #: continent code in it goes to ("DE=eu-west,NA=us-east"; sessions/node/geoip.py): after
+    #: the token's claim and the header, before the node's own region. "": none
+    region_db: str = ""
+    region_map: str = ""
     #: "direct": the node's own client-facing UDP port (media_host:media_port) takes media;
     #: "relay": media only comes through the cluster's relays, and no client port is opened
     media: str = "direct"

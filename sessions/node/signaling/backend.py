@@ -73,11 +73,20 @@ class BackendCalls:
     #: the header (lower case) in which a trusted load balancer names the client's region
     region_header: bytes | None = None
 
-    def region_of(self, request: h11.Request) -> str | None:
-        """The client's region as the trusted header of ``request`` names it (None: unknown)."""
-        if self.region_header is None:
+    #: the region of a client's IP address (sessions/node/geoip.py); None: no database
+    region_lookup: Callable[[str], str | None] | None = None
+
+    def region_of(self, request: h11.Request, remote: str) -> str | None:
+        """The client's region as the trusted header of ``request`` names it, else as the
+        region database has ``remote``'s address (``HOST:PORT``); None: unknown."""
+        if self.region_header is not None:
+            named = region_hint(header(request, self.region_header))
+            if named is not None:
+                return named
+        if self.region_lookup is None:
             return None
-        return region_hint(header(request, self.region_header))
+        host = remote[1 : remote.find("]")] if remote.startswith("[") else remote.rpartition(":")[0]
+        return self.region_lookup(host)
 
     def count(self, name: str) -> None:
         """One more ``name``; error codes count under their own name."""

@@ -144,6 +144,7 @@ class SignalingServer:
         capacity: Capacity | None = None,
         placer: Callable[[str | None], Awaitable[Redirect | None]] | None = None,
         region_header: str = "",
+        region_lookup: Callable[[str], str | None] | None = None,
     ) -> None:
         self.backend = backend
         self.host = host
@@ -170,6 +171,7 @@ class SignalingServer:
             self.limiter,
             placer=placer,
             region_header=region_header.strip().lower().encode("latin-1") or None,
+            region_lookup=region_lookup,
         )
         self._publish(backend)
         self._routes = HttpRoutes(self._calls, pages or {})
@@ -332,7 +334,7 @@ class SignalingServer:
                     remote,
                     request_token(request),
                     source,
-                    self._calls.region_of(request),
+                    self._calls.region_of(request, remote),
                 )
                 return "websocket"
             nursery = self._nursery

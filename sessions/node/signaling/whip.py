@@ -159,7 +159,12 @@ class HttpRoutes:
         if not offer.strip():
             raise HttpError(400, "bad_sdp", "the offer is empty")
         handle = await self.calls.open_session(
-            offer, "http", remote, request_token(request), source, self.calls.region_of(request)
+            offer,
+            "http",
+            remote,
+            request_token(request),
+            source,
+            self.calls.region_of(request, remote),
         )
         if isinstance(handle, Refusal):
             raise _refused(handle)

@@ -42,6 +42,8 @@ Example ``parley.toml``::
     min_speech_ms = 200       # voice needed before a turn starts (and before barge-in)
     end_silence_ms = 600      # silence that ends a turn
     padding_ms = 200          # audio kept before and after the voiced part of a turn
+    vad = "energy"            # voice activity: "energy", or "silero" (a neural detector,
+                              #   pip install 'parley[vad]'; sessions/audio/neural_vad.py)
 
     [relay]
     id = "relay-1"            # default: relay-<hostname>-<pid>
@@ -95,6 +97,8 @@ import attrs
 from ops.etcdserver import MEMBER_COUNTS
 from relay.settings import HINT_SECRET_FILE, ClusterSettings, RelaySettings, SettingsError
 from relay.tunnel.certs import Credentials
+from sessions.audio.neural_vad import VADS
+from sessions.audio.neural_vad import available as vad_available
 from sessions.node.geoip import parse_region_map
 from sessions.node.settings import AGENTS, MEDIA_PATHS, NodeSettings, TurnsSettings
 from storage.etcd import parse_endpoints
@@ -303,6 +307,12 @@ def _validate(config: Config) -> None:
     turns = config.turns
     if min(turns.min_speech_ms, turns.end_silence_ms) < 20 or turns.padding_ms < 0:
         raise ConfigError("turns: min_speech_ms and end_silence_ms are at least 20, padding >= 0")
+    if turns.vad not in VADS:
+        raise ConfigError(f"turns.vad must be one of {', '.join(VADS)}, not {turns.vad!r}")
+    if not vad_available(turns.vad):
+        raise ConfigError(
+            f"turns.vad = {turns.vad} needs an optional package: pip install 'parley[vad]'"
+        )
     if config.node.media not in MEDIA_PATHS:
         raise ConfigError(f"node.media must be direct or relay, not {config.node.media!r}")
     if config.node.media == "relay" and not config.cluster.certs:

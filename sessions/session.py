@@ -72,7 +72,7 @@ from sessions.transceiver import (
     SessionFailed,
     Transceiver,
 )
-from sessions.turns import TurnConfig
+from sessions.turns import SpeechClassifier, TurnConfig
 from sessions.webrtc.certs import Certificate
 
 __all__ = ["MAX_BUFFERED", "Arrival", "EventSink", "Quiesced", "SessionActor"]
@@ -132,6 +132,7 @@ class SessionActor(Actor):
         agent: Agent | None = None,
         make_agent: Callable[[], Agent] = EchoAgent,
         turn_config: TurnConfig | None = None,
+        make_vad: Callable[[], SpeechClassifier] | None = None,
         arrival: Arrival | None = None,
         max_buffered: int = MAX_BUFFERED,
         persist: Callable[[SessionSnapshot], Awaitable[bool]] | None = None,
@@ -162,6 +163,8 @@ class SessionActor(Actor):
         self._agent = agent
         self._make_agent = make_agent
         self._turn_config = turn_config
+        #: a fresh voice activity detector for each core (None: the turn detector's default)
+        self._make_vad = make_vad
         self._arrival = arrival
         self.restored = False
         #: seconds from the quiesce on the old node to this actor's restore (a moved session)
@@ -211,6 +214,7 @@ class SessionActor(Actor):
                 now=now,
                 agent=self._agent,
                 turn_config=self._turn_config,
+                vad=None if self._make_vad is None else self._make_vad(),
                 elapsed=self.blackout,
             )
             self.restored = True
@@ -234,6 +238,7 @@ class SessionActor(Actor):
                 now=now,
                 agent=self._agent,
                 turn_config=self._turn_config,
+                vad=None if self._make_vad is None else self._make_vad(),
                 elapsed=max(0.0, time.time() - snapshot.taken_at) if snapshot.taken_at else None,
             )
             self.restored = True

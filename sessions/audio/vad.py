@@ -61,7 +61,8 @@ Parley uses the energy detector alone, and needs no C extension for it.
 
 Known limits, shared by every energy detector: any sound well above the background is taken
 for speech (a door, music, a television), and a new steady noise is speech for up to a second
-until the floor learns it. Those are the cases for a model-based detector later.
+until the floor learns it. Those are the cases for the model-based detector beside it
+(:mod:`sessions.audio.neural_vad`, ``turns.vad = "silero"``; measured in ``ops/bench/vad.py``).
 
 Cost. The frame's power is computed on every second sample (24 kHz is plenty for a level, and
 it halves the pure-Python work): 28 us per 20 ms frame on the development machine, 0.14 % of

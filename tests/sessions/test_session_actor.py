@@ -17,6 +17,7 @@ import trio.testing
 from actors import ActorRef, ChildSpec, Restart, Supervisor
 from sessions.agents import EchoAgent, RunningAgent
 from sessions.audio import speech
+from sessions.audio.vad import Vad
 from sessions.node.media import MediaPort
 from sessions.ports import INBOX_SIZE, Datagram, PeerAddress, SessionPort
 from sessions.session import Arrival, Quiesced, SessionActor
@@ -297,6 +298,21 @@ async def test_quiesce_buffers_then_resume_feeds_it_in_and_goes_on(
     assert call.ended == []
 
 
+class CountingVad:
+    """The energy detector, counting the frames each instance classifies."""
+
+    heard: list[int] = []
+
+    def __init__(self) -> None:
+        self._vad = Vad()
+        self._index = len(self.heard)
+        self.heard.append(0)
+
+    def is_speech(self, frame: bytes) -> bool:
+        self.heard[self._index] += 1
+        return self._vad.is_speech(frame)
+
+
 async def test_hand_off_returns_what_arrived_and_the_session_goes_on_elsewhere(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -338,6 +354,7 @@ async def test_hand_off_returns_what_arrived_and_the_session_goes_on_elsewhere(
             events=moved.events.append,
             on_end=lambda session, reason: moved.ended.append((session, reason)),
             agent=new_agent,
+            make_vad=CountingVad,  # the node's turns.vad, built for the restored core
             arrival=Arrival(SessionSnapshot.from_bytes(reply.snapshot), reply.at),
         )
         await _start(nursery, moved)
@@ -354,6 +371,7 @@ async def test_hand_off_returns_what_arrived_and_the_session_goes_on_elsewhere(
         stats = await moved.actor.ref.ask("stats", timeout=1)
         assert isinstance(stats, dict) and stats["packets_in"] == 27
         assert moved.stored  # its own checkpoint, at once
+        assert len(CountingVad.heard) == 1 and CountingVad.heard[0] >= 20
         # no ICE, DTLS or media start again (the turn open at the move ends here, though)
         assert not {"ice_connected", "dtls_connected", "media_started"} & set(moved.names())
         nursery.cancel_scope.cancel()

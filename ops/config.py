@@ -44,6 +44,15 @@ Example ``parley.toml``::
     padding_ms = 200          # audio kept before and after the voiced part of a turn
     vad = "energy"            # voice activity: "energy", or "silero" (a neural detector,
                               #   pip install 'parley[vad]'; sessions/audio/neural_vad.py)
+    duck_after_ms = 40        # voice over the agent's reply that ducks it (fade out, hold)
+    interrupt_ms = 400        # voice in a turn over the reply that makes barge-in final;
+                              # shorter (a cough, an "mm-hm"): the reply comes back
+    release_ms = 200          # no voice for this long ends a duck that was not a turn
+    duck_max_ms = 2000        # longest duck that did not become an interruption
+    ramp_ms = 5               # the fade out and back in (1-20)
+    echo_aware = true         # the agent's own voice coming back never ducks or interrupts
+    echo_max_delay_ms = 600   # longest echo delay looked for (20-2000)
+    echo_margin_db = 6.0      # above the predicted echo, inbound audio is the user (0-40)
 
     [relay]
     id = "relay-1"            # default: relay-<hostname>-<pid>
@@ -313,6 +322,16 @@ def _validate(config: Config) -> None:
         raise ConfigError(
             f"turns.vad = {turns.vad} needs an optional package: pip install 'parley[vad]'"
         )
+    if min(turns.duck_after_ms, turns.interrupt_ms, turns.release_ms, turns.duck_max_ms) < 20:
+        raise ConfigError(
+            "turns: duck_after_ms, interrupt_ms, release_ms and duck_max_ms are at least 20"
+        )
+    if not 1 <= turns.ramp_ms <= 20:
+        raise ConfigError("turns.ramp_ms must be between 1 and 20")
+    if not 20 <= turns.echo_max_delay_ms <= 2000:
+        raise ConfigError("turns.echo_max_delay_ms must be between 20 and 2000")
+    if not 0.0 <= turns.echo_margin_db <= 40.0:
+        raise ConfigError("turns.echo_margin_db must be between 0 and 40")
     if config.node.media not in MEDIA_PATHS:
         raise ConfigError(f"node.media must be direct or relay, not {config.node.media!r}")
     if config.node.media == "relay" and not config.cluster.certs:

@@ -94,6 +94,21 @@ class TurnConfig:
     * ``start_ratio``: fraction of the ``min_speech_ms`` window that must be voiced;
     * ``resume_ms``: voiced audio in a pause that counts as the speaker resuming;
     * ``max_turn_ms``: longest turn audio kept; a longer turn is cut in two.
+
+    Barge-in, while an interruptible agent's reply is on the air (the voice loop's rules,
+    :mod:`sessions.transceiver.barge`):
+
+    * ``duck_after_ms``: voiced audio in a row that ducks the reply (fades it out and holds it);
+    * ``interrupt_ms``: voiced audio (counted, at least ``min_speech_ms``) in an open turn that
+      makes the interruption final; a shorter burst (a cough, an "mm-hm") is not a turn;
+    * ``release_ms``: unvoiced audio after which a duck that did not become an interruption
+      ends: the reply comes back where it stopped;
+    * ``duck_max_ms``: longest a duck lasts without becoming an interruption;
+    * ``ramp_ms``: length of the fade out and back in (no click);
+    * ``echo_aware``: inbound audio explained by the agent's own voice coming back
+      (:class:`sessions.audio.echo.EchoEstimator`) is not voiced, so it never ducks, interrupts
+      or starts a turn; ``echo_max_delay_ms`` bounds the echo delays looked at, and
+      ``echo_margin_db`` is how far above the predicted echo a frame must be to be the user.
     """
 
     min_speech_ms: int = attrs.field(default=200, validator=[_int, _ge(FRAME_MS)])
@@ -104,6 +119,18 @@ class TurnConfig:
     )
     resume_ms: int = attrs.field(default=40, validator=[_int, _ge(FRAME_MS)])
     max_turn_ms: int = attrs.field(default=30_000, validator=_int)
+    duck_after_ms: int = attrs.field(default=40, validator=[_int, _ge(FRAME_MS)])
+    interrupt_ms: int = attrs.field(default=400, validator=[_int, _ge(FRAME_MS)])
+    release_ms: int = attrs.field(default=200, validator=[_int, _ge(FRAME_MS)])
+    duck_max_ms: int = attrs.field(default=2000, validator=[_int, _ge(FRAME_MS)])
+    ramp_ms: int = attrs.field(default=5, validator=[_int, _ge(1), attrs.validators.le(FRAME_MS)])
+    echo_aware: bool = attrs.field(default=True, validator=attrs.validators.instance_of(bool))
+    echo_max_delay_ms: int = attrs.field(
+        default=600, validator=[_int, _ge(FRAME_MS), attrs.validators.le(2000)]
+    )
+    echo_margin_db: float = attrs.field(
+        default=6.0, validator=[attrs.validators.ge(0.0), attrs.validators.le(40.0)]
+    )
 
     @resume_ms.validator
     def _check_resume(self, _: attrs.Attribute[int], value: int) -> None:
@@ -205,6 +232,29 @@ class TurnDetector:
     def turns(self) -> int:
         """Turns started so far; the number of the open or last turn."""
         return self._turns
+
+    @property
+    def voiced(self) -> bool:
+        """Whether the last frame pushed was voiced (the classifier's call)."""
+        return self._run > 0
+
+    @property
+    def voiced_run(self) -> int:
+        """Voiced frames in a row, up to the last one pushed."""
+        return self._run
+
+    def dismiss(self) -> None:
+        """The open turn was not one (a backchannel while the agent spoke): forget it, with no
+        :class:`SpeechStopped`. Its number is used again and its audio is dropped; frames up
+        to the last one pushed never start or join a later turn."""
+        if not self._in_speech:
+            return
+        self._done_through = self._index - 1
+        self._turn = []
+        self._in_speech = False
+        self._first_voiced = None
+        self._last_voiced = None
+        self._turns -= 1
 
     @property
     def first_voiced_at(self) -> float | None:

@@ -40,6 +40,13 @@ baseline goes into the same transceiver through :class:`~sessions.turns.TurnDete
 argument; the transceiver has no public seam for that, so the bench replaces its private turn
 detector right after :meth:`~sessions.transceiver.Transceiver.accept`, before any audio. With the
 default aggressiveness, parley runs the transceiver exactly as a node builds it.
+
+Then, in the same run, the barge-in figures of :mod:`ops.bench.barge` for the parley and
+fixed-energy detectors, each with the echo estimator on and off (``--barge-replies`` agent
+replies per scenario, ``0``: skip): reaction p50/p99 from the first voiced frame to the first
+ducked agent frame, clean and over a speakerphone's echo, and false ducks and interruptions per
+minute of agent speech on echo, noise (coughs, clicks) and backchannels; and the echo
+estimator's cost per frame.
 """
 
 from __future__ import annotations
@@ -66,6 +73,7 @@ import attrs
 import pylibsrtp
 from OpenSSL import SSL
 
+from ops.bench.barge import BargeFigures, echo_cpu_us, measure_barge, render_barge
 from sessions.agents import TurnEchoAgent
 from sessions.audio import speech
 from sessions.audio.opus import OpusEncoder
@@ -202,10 +210,18 @@ class BenchResult:
     delay_ms: float
     seed: int
     detectors: tuple[DetectorFigures, ...]
+    #: duck-and-decide barge-in, echo estimator on and off (ops/bench/barge.py); replies per
+    #: scenario (0: not measured)
+    barge_replies: int = 0
+    barge: tuple[BargeFigures, ...] = ()
+    #: the echo estimator's cost: microseconds per frame sent, per frame heard
+    echo_cpu_us: tuple[float, float] = (0.0, 0.0)
 
     def as_dict(self) -> dict[str, object]:
         out = attrs.asdict(self, recurse=False)
         out["detectors"] = [d.as_dict() for d in self.detectors]
+        out["barge"] = [b.as_dict() for b in self.barge]
+        out["echo_cpu_us"] = list(self.echo_cpu_us)
         return out
 
 
@@ -729,8 +745,11 @@ def measure(
     delay: float = 0.020,
     seed: int = 1,
     names: Sequence[str] = ("parley", "fixed", "webrtcvad"),
+    barge_replies: int = 0,
 ) -> BenchResult:
-    """Run the conversation once per detector (the same one: same seed, same audio)."""
+    """Run the conversation once per detector (the same one: same seed, same audio); then,
+    if ``barge_replies``, the barge-in scenarios of :mod:`ops.bench.barge` for the parley and
+    fixed-energy detectors, echo estimator on and off."""
     if turns < 1:
         raise ValueError("turns is at least 1")
     config = TurnConfig() if config is None else config
@@ -751,6 +770,17 @@ def measure(
         )
         call.play()
         figures.append(_figures(detector, call, time.perf_counter() - started))
+    barge: list[BargeFigures] = []
+    cpu = (0.0, 0.0)
+    if barge_replies:
+        chosen = [d for d in detectors(aggressiveness, fixed_dbfs, names) if d.available]
+        barge = measure_barge(
+            [(d.name, d.make) for d in chosen if d.name in ("parley", "fixed energy")],
+            replies=barge_replies,
+            config=config,
+            seed=seed,
+        )
+        cpu = echo_cpu_us()
     return BenchResult(
         turns=turns,
         interrupted=turns // 2,
@@ -763,6 +793,9 @@ def measure(
         delay_ms=round(delay * 1000, 3),
         seed=seed,
         detectors=tuple(figures),
+        barge_replies=barge_replies,
+        barge=tuple(barge),
+        echo_cpu_us=cpu,
     )
 
 
@@ -839,6 +872,8 @@ def render(result: BenchResult) -> str:
     for d in result.detectors:
         if not d.available:
             out.append(f"{d.name}: {d.description}")
+    if result.barge:
+        out += ["", render_barge(list(result.barge), result.barge_replies, result.echo_cpu_us)]
     return "\n".join(out)
 
 
@@ -860,6 +895,12 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
         "--detectors", default="parley,fixed,webrtcvad", help="comma-separated, of those three"
+    )
+    parser.add_argument(
+        "--barge-replies",
+        type=int,
+        default=None,
+        help="agent replies per barge-in scenario (default: turns / 5, at least 1; 0: none)",
     )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     args = parser.parse_args(argv)
@@ -888,6 +929,9 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
             delay=args.delay_ms / 1000,
             seed=args.seed,
             names=names,
+            barge_replies=(
+                max(1, args.turns // 5) if args.barge_replies is None else args.barge_replies
+            ),
         )
     except speech.SpeechUnavailableError as exc:
         raise SystemExit(f"turns bench: {exc}") from None

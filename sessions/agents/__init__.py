@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 __all__ = [
     "FRAME_BYTES",
     "Agent",
+    "DuckAwareAgent",
     "EchoAgent",
     "MoveAwareAgent",
     "RunningAgent",
@@ -76,6 +77,27 @@ class Agent(Protocol):
     def poll_events(self) -> list[dict[str, Any]]:
         """The agent's own events since the last call (``{"event": "agent_started", ...}``),
         forwarded to the client."""
+        ...
+
+
+@runtime_checkable
+class DuckAwareAgent(Protocol):
+    """An agent that wants to hear of the first, tentative step of a barge-in.
+
+    The session ducks an interruptible agent's reply (fades it out and holds it) within a frame
+    or two of the user's voice coming in, before it knows whether the user is taking the turn.
+    Either :meth:`Agent.on_interrupted` follows (it was a turn: the reply is dropped) or
+    :meth:`on_resumed` (a cough, an "mm-hm": the reply goes on where it stopped). Both calls are
+    optional: an agent without them is simply not told, and keeps working as before.
+    """
+
+    def on_maybe_interrupted(self, played_ms: int, now: float) -> None:
+        """The reply is ducked at ``played_ms``; the user may be taking the turn. Keep the
+        reply: nothing is dropped yet (a model may start thinking ahead)."""
+        ...
+
+    def on_resumed(self, now: float) -> None:
+        """It was not a turn: the reply plays on from where it was ducked."""
         ...
 
 

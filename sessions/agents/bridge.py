@@ -190,6 +190,19 @@ class BridgeAgent:
         link.discarding = True
         self._send_control(link, wire.interrupted(played_ms, turn=self._turn))
 
+    def on_maybe_interrupted(self, played_ms: int, now: float) -> None:
+        """The node ducked the reply (the user may be taking the turn): tell the agent; its
+        audio is kept, nothing is dropped yet."""
+        link = self._live()
+        if link is not None:
+            self._send_control(link, wire.maybe_interrupted(played_ms, turn=self._turn))
+
+    def on_resumed(self, now: float) -> None:
+        """Not a turn after all: the reply plays on; tell the agent."""
+        link = self._live()
+        if link is not None:
+            self._send_control(link, wire.resumed(turn=self._turn))
+
     def pull(self, now: float) -> bytes | None:
         """The next 20 ms frame of the agent's voice, or ``None`` (silence) if there is none."""
         if self._live() is None:

@@ -37,7 +37,9 @@ __all__ = [
     "encode",
     "hello",
     "interrupted",
+    "maybe_interrupted",
     "parse",
+    "resumed",
     "session_moved",
     "turn",
     "unsupported_protocol",
@@ -59,7 +61,9 @@ TURN_EVENTS: Final[dict[type, str]] = {
 BRIDGE_EVENTS: Final = frozenset({"agent_connected", "agent_disconnected", "agent_error"})
 #: event names an agent may not use: ours, and the session's own (so none can be spoofed)
 RESERVED_EVENTS: Final = BRIDGE_EVENTS | {
+    "agent_ducked",
     "agent_interrupted",
+    "agent_resumed",
     "speech_started",
     "speech_stopped",
     "ice_connected",
@@ -129,6 +133,17 @@ def turn(event: TurnEvent, *, audio_ms: int) -> dict[str, Any]:
 def interrupted(played_ms: int, *, turn: int) -> dict[str, Any]:
     """Barge-in: the user heard ``played_ms`` of the reply to turn ``turn``."""
     return {"type": "interrupted", "played_ms": max(0, int(played_ms)), "turn": turn}
+
+
+def maybe_interrupted(played_ms: int, *, turn: int) -> dict[str, Any]:
+    """The user's voice came in over the reply: the node ducked it at ``played_ms`` and holds
+    the rest; ``interrupted`` or ``resumed`` follows."""
+    return {"type": "maybe_interrupted", "played_ms": max(0, int(played_ms)), "turn": turn}
+
+
+def resumed(*, turn: int) -> dict[str, Any]:
+    """It was not a turn (a cough, an "mm-hm"): the ducked reply plays on where it stopped."""
+    return {"type": "resumed", "turn": turn}
 
 
 def session_moved(

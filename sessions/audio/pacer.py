@@ -29,6 +29,13 @@ Comfort silence would cost an encode and about 10 kbit/s per idle session, and w
 gap from the peer's jitter buffer rather than let it re-anchor. After ``hangover`` empty ticks
 in a row the talkspurt is taken to have ended and the pacer goes idle (no timer) until the next
 :meth:`Pacer.push`.
+
+Holding (a duck while the user may be barging in). :meth:`Pacer.hold` keeps the queue but sends
+nothing from the next tick on, until :meth:`Pacer.release`: ticks go on (the timestamp keeps
+real time, the marker bit is set on the first frame after), none counts as an underrun, and the
+talkspurt does not end. :meth:`Pacer.give_back` puts the frame just handed out back at the head
+of the queue and takes it off the played counters: the caller sent it faded out and will send it
+again, faded in, on release, so that the reply comes back where it stopped.
 """
 
 from __future__ import annotations
@@ -76,6 +83,8 @@ class PacerStats:
     """Ticks inside a talkspurt that found nothing to send."""
     skipped: int
     """Ticks given up because the caller fell more than ``max_catchup`` ticks behind."""
+    held: int
+    """Ticks that sent nothing because the pacer was held (:meth:`Pacer.hold`)."""
     talkspurts: int
     played_ms: int
     """Audio actually handed out, over the pacer's life."""
@@ -119,6 +128,7 @@ class Pacer:
     _marker: bool = attrs.field(init=False, default=True)
     _ending: bool = attrs.field(init=False, default=False)  # end_talkspurt() was called
     _empty_run: int = attrs.field(init=False, default=0)
+    _held: bool = attrs.field(init=False, default=False)
     _counts: collections.Counter[str] = attrs.field(init=False, factory=collections.Counter)
 
     @_next_ts.default
@@ -151,10 +161,36 @@ class Pacer:
         """
         dropped = len(self._queue) * FRAME_MS
         self._queue.clear()
+        self._held = False
         self._counts["flushed_ms"] += dropped
         if self._active:
             self._go_idle()
         return dropped
+
+    def hold(self) -> None:
+        """Send nothing from the next tick on, keeping the queue (see the module docstring)."""
+        self._held = True
+
+    def release(self) -> None:
+        """Send again after :meth:`hold`, from the next tick, marker bit set."""
+        self._held = False
+
+    @property
+    def held(self) -> bool:
+        """Whether the pacer is held."""
+        return self._held
+
+    def give_back(self, frame: bytes) -> None:
+        """Put ``frame``, the last one :meth:`pop` handed out, back at the head of the queue; it
+        no longer counts as played (it was sent faded out and goes again on release)."""
+        self._queue.appendleft(frame)
+        self._counts["played_ms"] -= FRAME_MS
+        self._counts["talkspurt_ms"] -= FRAME_MS
+        self._counts["sent"] -= 1
+        if not self._active:  # it was the last frame of an ended utterance
+            self._active = True
+            self._idle_deadline = None
+            self._ending = True
 
     def _begin(self, now: float) -> None:
         # Never earlier than the tick the last talkspurt left unused, so consecutive packets
@@ -215,6 +251,10 @@ class Pacer:
         self._tick += 1
         self._next_ts += FRAME_TIMESTAMP
 
+        if self._held:
+            self._counts["held"] += 1
+            self._marker = True  # the frame after the hold starts after a silence
+            return None
         if not self._queue:
             self._counts["underruns"] += 1
             self._empty_run += 1
@@ -254,6 +294,7 @@ class Pacer:
             late=c["late"],
             underruns=c["underruns"],
             skipped=c["skipped"],
+            held=c["held"],
             talkspurts=c["talkspurts"],
             played_ms=c["played_ms"],
             talkspurt_ms=c["talkspurt_ms"],

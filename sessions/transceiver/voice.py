@@ -7,9 +7,12 @@ agent's reply is queued in the pacer, and the pacer's due frames are encoded
 (:meth:`VoiceLoop.frames_to_send`) for the transport to packetize and send. The user's turns,
 barge-in and the agent's own events become :class:`~sessions.transceiver.events.ClientEvent`.
 
-Barge-in: when the user starts a turn while the agent's audio is on the air and the agent is
-interruptible, what the pacer still holds is dropped before the next frame and the agent is
-told how much of its reply the user heard.
+Barge-in (:mod:`sessions.transceiver.barge`): when the user's voice comes in while an
+interruptible agent's audio is on the air, the reply is ducked (faded out and held) at once;
+once the user has spoken long enough in a turn it is dropped and the agent is told how much of
+it the user heard, and if the burst was not a turn it comes back where it stopped. Inbound
+audio that the session's echo estimator explains as the agent's own voice coming back is not
+voiced (``TurnConfig.echo_aware``).
 
 A planned move (:meth:`VoiceLoop.quiesce`, then :meth:`VoiceLoop.moving_parts` on the old node
 and :meth:`VoiceLoop.carry_in` on the new one) carries what is in flight: the client's packets
@@ -27,13 +30,17 @@ from typing import Final, final
 
 import attrs
 
-from sessions.agents import FRAME_BYTES, Agent, StatefulAgent
+from sessions.agents import FRAME_BYTES, Agent, DuckAwareAgent, StatefulAgent
+from sessions.audio.echo import EchoEstimator
 from sessions.audio.jitter import Frame, JitterBuffer
 from sessions.audio.opus import CodecError, OpusDecoder, OpusEncoder
 from sessions.audio.pacer import FRAME_MS, FRAME_SECONDS, FRAME_TIMESTAMP, Pacer
+from sessions.audio.vad import Vad
 from sessions.snapshot import MAX_PENDING, MAX_PLAYOUT
+from sessions.transceiver.barge import Action, BargeIn, EchoGate, fade_in, fade_out
 from sessions.transceiver.events import ClientEvent
 from sessions.transceiver.handover import frames_elapsed
+from sessions.transceiver.parts import MovingParts, OutboundFrame
 from sessions.turns import (
     SpeechClassifier,
     SpeechStarted,
@@ -49,38 +56,6 @@ __all__ = ["MovingParts", "OutboundFrame", "VoiceLoop"]
 # empty while the agent has audio, little enough that barge-in can still take frames back.
 _PULL_AHEAD_MS: Final = 2 * FRAME_MS
 _TS_MOD: Final = 1 << 32
-
-
-@final
-@attrs.frozen
-class OutboundFrame:
-    """One encoded Opus frame for the transport to send now (RFC 7587): its RTP timestamp,
-    whether it starts a talkspurt (RFC 3551 §4.1 marker) and the tick deadline it was due at."""
-
-    payload: bytes
-    timestamp: int
-    marker: bool
-    deadline: float
-
-
-@final
-@attrs.frozen
-class MovingParts:
-    """What a quiesced voice loop hands to the next owner (see :meth:`VoiceLoop.moving_parts`)."""
-
-    #: RTP timestamp of our next frame, as of the quiesce
-    next_timestamp: int
-    #: user turns so far
-    turns: int
-    #: the client's packets not yet played out: (sequence number, timestamp, payload, seconds
-    #: since it arrived)
-    playout: tuple[tuple[int, int, bytes, float], ...]
-    #: our PCM frames queued for sending
-    pending: tuple[bytes, ...]
-    #: the agent's :meth:`~sessions.agents.StatefulAgent.save_state`, or ``b""``
-    agent_state: bytes
-    #: seconds since the first voiced frame of the user turn still open (the last one), if any
-    open_turn: float | None = None
 
 
 @final
@@ -106,7 +81,27 @@ class VoiceLoop:
         self._agent = agent
         self._may_send = may_send
         self._turn_config = TurnConfig() if turn_config is None else turn_config
-        self._turns = TurnDetector(self._turn_config, vad=vad)
+        cfg = self._turn_config
+        classifier: SpeechClassifier = Vad() if vad is None else vad
+        #: the session's echo estimate (``None``: not echo-aware)
+        self.echo: EchoEstimator | None = None
+        self._gate: EchoGate | None = None
+        if cfg.echo_aware:
+            self.echo = EchoEstimator(
+                max_delay_ms=cfg.echo_max_delay_ms, margin_db=cfg.echo_margin_db
+            )
+            self._gate = EchoGate(classifier, self.echo)
+            classifier = self._gate
+        self._turns = TurnDetector(cfg, vad=classifier)
+        self._barge = BargeIn(cfg)
+        # A SpeechStarted held while the agent is ducked, and the fade due on the next frame
+        # sent ("out": the duck, "in": the resume).
+        self._held_start: SpeechStarted | None = None
+        self._fade: str | None = None
+        #: ducks: (first voiced frame of the burst, first faded agent frame sent)
+        self.ducks: list[tuple[float, float]] = []
+        self._ducks_pending: float | None = None
+        self._barge_counts: collections.Counter[str] = collections.Counter()
         self._turn_offset = turn_offset
         self._pacer = Pacer(initial_timestamp=timestamp)
         # What a move carries: the pacer's queue (PCM, the pacer keeps it to itself), the
@@ -182,6 +177,8 @@ class VoiceLoop:
             self._pacer = Pacer(initial_timestamp=advanced % _TS_MOD)
             for pcm in self._queued:
                 self._pacer.push(pcm, now)
+            if self._barge.ducked and self._fade is None:
+                self._pacer.hold()
 
     def moving_parts(self, now: float, last_sent: tuple[int, float] | None) -> MovingParts:
         """What the next owner needs of this quiesced loop (``last_sent``: the RTP timestamp
@@ -306,8 +303,11 @@ class VoiceLoop:
                 self._played_seq = frame.seq & 0xFFFF
             heard = self._render(frame)
             self._agent.on_audio(heard, now)
+            if self._gate is not None and self.echo is not None:
+                self._gate.echo = self.echo.heard(heard, now)
             for turn in self._turns.push(heard, now):
                 self._on_turn(turn, now)
+            self._after_frame(now)
         # A client that stops sending (DTX, an outage) still ends its turn.
         for turn in self._turns.poll(now):
             self._on_turn(turn, now)
@@ -348,11 +348,29 @@ class VoiceLoop:
             self._pacer.push(pcm, now)
             self._queued.append(pcm)
         sent = False
+        if self._fade == "out" and not self._queued:
+            self._fade = None  # nothing left to fade: the duck is silence already
+            self._pacer.hold()
+            self._duck_sent(now)
         while (due := self._pacer.get_timer()) is not None and due <= now:
             paced = self._pacer.pop(now)
             if paced is not None:
-                self._queued.popleft()
-                payload = self._encoder.encode(paced.payload)
+                pcm = paced.payload
+                ramp = self._turn_config.ramp_ms
+                if self._fade == "out":
+                    # The duck: this frame goes out faded and is played again on a resume.
+                    pcm = fade_out(pcm, ramp)
+                    self._pacer.give_back(paced.payload)
+                    self._pacer.hold()
+                    self._duck_sent(paced.deadline)
+                else:
+                    if self._fade == "in":
+                        pcm = fade_in(pcm, ramp)
+                    self._queued.popleft()
+                self._fade = None
+                if self.echo is not None:
+                    self.echo.sent(pcm, paced.deadline)
+                payload = self._encoder.encode(pcm)
                 self._out.append(
                     OutboundFrame(payload, paced.timestamp, paced.marker, paced.deadline)
                 )
@@ -362,7 +380,7 @@ class VoiceLoop:
                 self.turn_latencies.append((self._turn_ended_at, now))
                 self._turn_ended_at = None
             self._last_agent_frame_at = now
-        self._agent_on_air = sent or self._pacer.queued_ms > 0
+        self._agent_on_air = sent or self._pacer.queued_ms > 0 or self._barge.ducked
 
     def _on_turn(self, turn: TurnEvent, now: float) -> None:
         """The user's turn started or ended: tell the agent and the client; barge in."""
@@ -380,10 +398,26 @@ class VoiceLoop:
             turn = attrs.evolve(turn, turn=turn.turn + self._turn_offset)
         if isinstance(turn, SpeechStarted):
             self._turn_ended_at = None
-            self._emit(ClientEvent("speech_started", turn.at, {"turn": turn.turn}))
-            if self._agent_on_air and self._agent.interruptible:
+            if self._agent_on_air and self._agent.interruptible and self._may_send:
+                if not self._barge.ducked:
+                    # Voice that never ran long enough to duck still made a turn: duck now.
+                    self._duck(now, onset=turn.at, voiced=self._turns.voiced_run)
+                if not self._barge.confirmed:
+                    self._held_start = turn  # told once the interruption is final
+                    return
+                self._emit(ClientEvent("speech_started", turn.at, {"turn": turn.turn}))
                 self._barge_in(now)
+            else:
+                self._emit(ClientEvent("speech_started", turn.at, {"turn": turn.turn}))
         else:
+            if self._held_start is not None:
+                # The held turn ended before the duck did: it was a turn after all, though
+                # no interruption; tell it, and bring the reply back.
+                held, self._held_start = self._held_start, None
+                self._emit(ClientEvent("speech_started", held.at, {"turn": held.turn}))
+                self._agent.on_turn(held, now)
+                self._barge.end()
+                self._resume(now)
             self._turn_ended_at = turn.at
             fields: dict[str, object] = {"turn": turn.turn, "duration_ms": turn.duration_ms}
             if turn.cut:
@@ -400,6 +434,9 @@ class VoiceLoop:
         played_ms = self._pacer.stats().talkspurt_ms
         dropped_ms = self._pacer.flush()
         self._queued.clear()
+        self._barge.end()
+        self._fade = None
+        self._barge_counts["interruptions"] += 1
         self._agent.on_interrupted(played_ms, now)
         self._agent_on_air = False
         first_voiced = self._turns.first_voiced_at
@@ -410,6 +447,61 @@ class VoiceLoop:
                 "agent_interrupted", now, {"played_ms": played_ms, "dropped_ms": dropped_ms}
             )
         )
+
+    # --- ducking --------------------------------------------------------------------------------
+
+    def _after_frame(self, now: float) -> None:
+        """The barge-in rules after each frame played out (see :mod:`.barge`)."""
+        turns = self._turns
+        may_duck = (
+            self._agent_on_air
+            and self._agent.interruptible
+            and self._may_send
+            and not turns.in_speech
+        )
+        action = self._barge.frame(turns.voiced, turns.voiced_run, now, may_duck=may_duck)
+        if action is Action.DUCK:
+            self._ducked(now)
+        elif action is Action.RESUME:
+            if self._held_start is not None:
+                self._held_start = None
+                turns.dismiss()  # not a turn: nobody hears of it
+            self._resume(now)
+        elif self._held_start is not None and self._barge.confirmed:
+            held, self._held_start = self._held_start, None
+            self._emit(ClientEvent("speech_started", held.at, {"turn": held.turn}))
+            self._barge_in(now)
+            self._agent.on_turn(held, now)
+
+    def _duck(self, now: float, *, onset: float, voiced: int) -> None:
+        self._barge.duck(onset, voiced)
+        self._ducked(now)
+
+    def _ducked(self, now: float) -> None:
+        self._fade = "out"
+        self._ducks_pending = self._barge.onset
+        self._barge_counts["ducks"] += 1
+        played_ms = self._pacer.stats().talkspurt_ms
+        if isinstance(self._agent, DuckAwareAgent):
+            self._agent.on_maybe_interrupted(played_ms, now)
+        self._emit(ClientEvent("agent_ducked", now, {"played_ms": played_ms}))
+
+    def _duck_sent(self, at: float) -> None:
+        if self._ducks_pending is not None:
+            self.ducks.append((self._ducks_pending, at))
+            self._ducks_pending = None
+
+    def _resume(self, now: float) -> None:
+        self._barge_counts["resumes"] += 1
+        if self._fade == "out":
+            self._fade = None  # nothing was faded yet: nothing to bring back
+            self._ducks_pending = None
+        else:
+            self._fade = "in"
+        self._pacer.release()
+        if isinstance(self._agent, DuckAwareAgent):
+            self._agent.on_resumed(now)
+        self._emit(ClientEvent("agent_resumed", now, {}))
 
     def _render(self, frame: Frame) -> bytes:
         try:
@@ -464,4 +556,11 @@ class VoiceLoop:
             "pacer": attrs.asdict(pacer),
             "jitter_buffer": attrs.asdict(self._jitter.stats()),
             "dropped": dict(self._dropped),
+            "barge": {
+                "ducks": self._barge_counts["ducks"],
+                "resumes": self._barge_counts["resumes"],
+                "interruptions": self._barge_counts["interruptions"],
+                "echo_frames": 0 if self.echo is None else self.echo.frames_echo,
+                "echo_suppressed": 0 if self._gate is None else self._gate.suppressed,
+            },
         }

@@ -59,7 +59,9 @@ def test_aiortc_hears_its_turn_played_back_with_events_in_order(
     seconds = len(sent) / 96_000
 
     async def scenario() -> tuple[float, list[str]]:
-        call = AiortcCall(sent, pause=2.5)  # speak, then stay silent long enough for a reply
+        # Speak, then stay silent long enough for the whole reply: the sentence comes again
+        # after the pause, and talking over the end of the reply would duck it (40 ms of voice).
+        call = AiortcCall(sent, pause=4.0)
         loop = asyncio.get_running_loop()
         try:
             offer = await call.offer()

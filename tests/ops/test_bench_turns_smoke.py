@@ -45,7 +45,24 @@ def test_bench_turns_smoke(capsys: pytest.CaptureFixture[str]) -> None:
         assert truth_barge is not None and 2 * frame <= truth_barge < 600
         assert 0 < d.virtual_seconds < 120
 
+    # Barge-in: parley and fixed energy, echo estimator on and off, one reply per scenario.
+    assert [(b.detector, b.echo_aware) for b in result.barge] == [
+        ("parley", True),
+        ("parley", False),
+        ("fixed energy", True),
+        ("fixed energy", False),
+    ]
+    for b in result.barge:
+        assert b.caught == b.attempted == 1
+        count, p50, p99 = b.reaction
+        assert count == 1 and p50 is not None and p99 is not None and p50 <= p99 <= 60
+        assert b.noise.interruptions == 0 and b.echo.agent_minutes > 0
+        if b.echo_aware:
+            assert b.echo.ducks == b.echo.interruptions == 0
+    assert all(us > 0 for us in result.echo_cpu_us)
+
     text = turns.render(result)
+    assert "barge-in: duck at once" in text and "echo estimator:" in text
     assert "min_speech_ms=200 end_silence_ms=600 padding_ms=200" in text
     assert "aggressiveness 2" in text and "fixed energy" in text and "webrtcvad" in text
 

@@ -48,6 +48,22 @@ def test_agent_and_turn_thresholds_are_settings(tmp_path: Path) -> None:
         load_config(env={"PARLEY_TURNS_END_SILENCE_MS": "5"})
 
 
+def test_barge_in_and_echo_thresholds_are_settings(tmp_path: Path) -> None:
+    from sessions.node.agents import turn_config
+
+    file = tmp_path / "parley.toml"
+    file.write_text("[turns]\nduck_after_ms = 20\ninterrupt_ms = 500\necho_aware = false\n")
+    config = load_config(file, env={"PARLEY_TURNS_ECHO_MARGIN_DB": "9"})
+    turns = turn_config(config)
+    assert (turns.duck_after_ms, turns.interrupt_ms, turns.release_ms) == (20, 500, 200)
+    assert (turns.echo_aware, turns.echo_margin_db, turns.ramp_ms) == (False, 9.0, 5)
+    assert turn_config(load_config(env={})).echo_aware
+    with pytest.raises(ConfigError, match="ramp_ms"):
+        load_config(env={"PARLEY_TURNS_RAMP_MS": "0"})
+    with pytest.raises(ConfigError, match="interrupt_ms"):
+        load_config(env={"PARLEY_TURNS_INTERRUPT_MS": "10"})
+
+
 def test_config_file_from_environment(tmp_path: Path) -> None:
     file = tmp_path / "c.toml"
     file.write_text("[up]\nnodes = 4\n")

@@ -21,7 +21,7 @@ import trio_websocket
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sessions.agents import FRAME_BYTES, Agent, RunningAgent, wire
+from sessions.agents import FRAME_BYTES, Agent, DuckAwareAgent, RunningAgent, wire
 from sessions.agents.bridge import PROTOCOL, BridgeAgent, BridgeLimits
 from sessions.audio.speech import correlation, frames, speak
 from sessions.turns import SpeechStarted, SpeechStopped
@@ -352,6 +352,9 @@ async def test_turns_and_interruptions_reach_the_agent(nursery: trio.Nursery) ->
     await caller.feed([SILENCE] * 20)
     stop = SpeechStopped(at=caller.now - 0.3, turn=7, duration_ms=300, cut=True)
     bridge.on_turn(stop, caller.now)
+    bridge.on_maybe_interrupted(1000, caller.now)
+    bridge.on_resumed(caller.now)
+    bridge.on_maybe_interrupted(1234, caller.now)
     bridge.on_interrupted(1234, caller.now)
 
     class SomethingElse:
@@ -359,7 +362,7 @@ async def test_turns_and_interruptions_reach_the_agent(nursery: trio.Nursery) ->
 
     # not a turn event this protocol knows
     bridge.on_turn(SomethingElse(), caller.now)  # type: ignore[arg-type]
-    await wait_for(lambda: len(fake.control()) == 3)
+    await wait_for(lambda: len(fake.control()) == 6)
     assert fake.hellos == [
         {
             "type": "hello",
@@ -370,7 +373,10 @@ async def test_turns_and_interruptions_reach_the_agent(nursery: trio.Nursery) ->
             "turn": 0,
         }
     ]
-    started, stopped, interrupted = fake.control()
+    started, stopped, ducked, resumed, ducked_again, interrupted = fake.control()
+    assert ducked == {"type": "maybe_interrupted", "played_ms": 1000, "turn": 7}
+    assert resumed == {"type": "resumed", "turn": 7}
+    assert ducked_again["played_ms"] == 1234
     assert started == {
         "type": "turn",
         "event": "speech_started",
@@ -499,6 +505,7 @@ def test_the_bridge_is_an_agent() -> None:
     running: RunningAgent = BridgeAgent("ws://127.0.0.1:9/agent", "s")
     assert isinstance(agent, RunningAgent) and isinstance(running, RunningAgent)
     assert not BridgeAgent("ws://127.0.0.1:9/agent", "s", interruptible=False).interruptible
+    assert isinstance(agent, DuckAwareAgent)  # told of ducks (maybe_interrupted, resumed)
 
 
 def test_agent_url_must_be_a_websocket_url() -> None:

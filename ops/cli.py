@@ -301,6 +301,7 @@ def cmd_relay(
             worker=worker,
             ops_listen=cfg.ops_address(worker),
             advertise=cfg.advertise_addresses(),
+            tunnel_advertise=cfg.tunnel_advertise_address(),
         )
     except (ConfigError, ValueError) as exc:
         print(f"parley relay: {exc}", file=sys.stderr)

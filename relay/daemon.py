@@ -79,6 +79,7 @@ class Relay:
         etcd_tls: EtcdTLS | None = None,
         ops_listen: Address | None = None,
         advertise: Sequence[Address] = (),
+        tunnel_advertise: Address | None = None,
     ) -> None:
         check_name("relay", relay_id)
         if not advertise and any(ipaddress.ip_address(h).is_unspecified for h, _ in listen):
@@ -104,6 +105,8 @@ class Relay:
         self.advertise = tuple(advertise)
         self.tunnel_host = tunnel_host
         self.tunnel_port = tunnel_port
+        #: the tunnel address registered for nodes to dial (None: the bound one)
+        self.tunnel_advertise = tunnel_advertise
         self.lease_ttl = lease_ttl
         self.routes = RouteTable()
         self.edge = RelayEdge(
@@ -181,7 +184,7 @@ class Relay:
             id=self.id,
             identity=self.identity,
             public=self.advertise or tuple(self.edge.addresses),
-            tunnel=self.endpoint.address,
+            tunnel=self.tunnel_advertise or self.endpoint.address,
             tunnels=tuple(sorted(self.edge.tunnels)),
             sessions=self.edge.sessions(),
             clients=len(self.edge.clients),

@@ -333,6 +333,7 @@ def cmd_relay(
             ops_listen=cfg.ops_address(worker),
             advertise=cfg.advertise_addresses(),
             region=cfg.region,
+            tunnel_advertise=cfg.tunnel_advertise_address(),
         )
     except (ConfigError, ValueError) as exc:
         print(f"parley relay: {exc}", file=sys.stderr)

@@ -62,6 +62,7 @@ Example ``parley.toml``::
                               # NAT, or listen on 0.0.0.0): one per family of listen
     tunnel_host = "127.0.0.1" # where nodes reach the relay's QUIC tunnel endpoint
     tunnel_port = 0
+    tunnel_advertise = ""     # where nodes dial the tunnel, if not the bound address (a NAT)
     lease_ttl = 5
     idle_timeout = 60.0       # seconds before a silent client address is forgotten
     new_source_rate = 200.0   # STUN datagrams/s inspected from one unknown source IP
@@ -338,6 +339,7 @@ def _validate(config: Config) -> None:
         raise ConfigError("node.media = relay needs cluster.certs (see `parley certs init`)")
     config.relay.listen_addresses()
     config.relay.advertise_addresses()
+    config.relay.tunnel_advertise_address()
     config.node.check_public_url()
     parse_region_map(config.node.region_map)
     if config.node.region_map and not config.node.region_db:

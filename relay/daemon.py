@@ -80,6 +80,7 @@ class Relay:
         ops_listen: Address | None = None,
         advertise: Sequence[Address] = (),
         region: str = "",
+        tunnel_advertise: Address | None = None,
     ) -> None:
         check_name("relay", relay_id)
         if not advertise and any(ipaddress.ip_address(h).is_unspecified for h, _ in listen):
@@ -107,6 +108,8 @@ class Relay:
         self.region = region
         self.tunnel_host = tunnel_host
         self.tunnel_port = tunnel_port
+        #: the tunnel address registered for nodes to dial (None: the bound one)
+        self.tunnel_advertise = tunnel_advertise
         self.lease_ttl = lease_ttl
         self.routes = RouteTable()
         self.edge = RelayEdge(
@@ -184,7 +187,7 @@ class Relay:
             id=self.id,
             identity=self.identity,
             public=self.advertise or tuple(self.edge.addresses),
-            tunnel=self.endpoint.address,
+            tunnel=self.tunnel_advertise or self.endpoint.address,
             tunnels=tuple(sorted(self.edge.tunnels)),
             sessions=self.edge.sessions(),
             clients=len(self.edge.clients),

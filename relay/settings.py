@@ -201,6 +201,10 @@ class RelaySettings:
     )
     tunnel_host: str = "127.0.0.1"
     tunnel_port: int = 0
+    #: the address nodes dial for the tunnel when it is not the bound one (a NAT or a proxy in
+    #: front of it), ``IP:PORT``, registered in etcd instead of the bound address; "": the bound
+    #: one. A single endpoint: not with several workers
+    tunnel_advertise: str = ""
     lease_ttl: int = 5
     # The edge's own defaults (relay/edge.py Limits), so that the two cannot drift apart.
     idle_timeout: float = _LIMITS.idle_timeout
@@ -264,6 +268,20 @@ class RelaySettings:
                 "relay.advertise: one address per address family of relay.listen, in any order"
             )
         return out
+
+    def tunnel_advertise_address(self) -> tuple[str, int] | None:
+        """``tunnel_advertise`` parsed (None: the bound tunnel address); raises SettingsError."""
+        if not self.tunnel_advertise:
+            return None
+        out = _addresses(self.tunnel_advertise, "relay.tunnel_advertise", any_port=False)
+        if len(out) != 1 or ipaddress.ip_address(out[0][0]).is_unspecified:
+            raise SettingsError("relay.tunnel_advertise: one address nodes can dial, IP:PORT")
+        if self.workers > 1:
+            raise SettingsError(
+                "relay.tunnel_advertise names one tunnel endpoint; each of several workers has "
+                "its own: leave it empty with relay.workers > 1"
+            )
+        return out[0]
 
 
 #: a region's name: lowercase letters, digits and dashes, as cloud regions are named

@@ -145,3 +145,19 @@ def test_advertised_addresses_and_public_url_are_checked() -> None:
     ]:
         with pytest.raises(ConfigError, match=r"node\.public_url"):
             load_config(env={"PARLEY_NODE_PUBLIC_URL": url})
+
+
+def test_the_tunnel_advertise_address_is_checked() -> None:
+    assert load_config(env={}).relay.tunnel_advertise_address() is None  # the bound address
+    env = {"PARLEY_RELAY_TUNNEL_ADVERTISE": "127.1.2.2:4478"}
+    assert load_config(env=env).relay.tunnel_advertise_address() == ("127.1.2.2", 4478)
+    for value, message in [
+        ("0.0.0.0:4478", "one address nodes can dial"),
+        ("127.1.2.2:0", "port out of range"),
+        ("127.1.2.2:4478,[::1]:4478", "one address nodes can dial"),
+        ("relay.example.net:4478", "is not IP:PORT"),
+    ]:
+        with pytest.raises(ConfigError, match=r"relay\.tunnel_advertise: .*" + message):
+            load_config(env={"PARLEY_RELAY_TUNNEL_ADVERTISE": value})
+    with pytest.raises(ConfigError, match=r"relay\.workers > 1"):
+        load_config(env={**env, "PARLEY_RELAY_WORKERS": "2"})

@@ -204,6 +204,7 @@ class Globe:
                 env["PARLEY_NODE_REGION"] = name
             if self.supported["node.steering"]:
                 env["PARLEY_NODE_STEERING"] = "true" if self.params.steering else "false"
+                env["PARLEY_NODE_REGION_HEADER"] = REGION_HEADER
             argv = ["node", "--id", f"node-{name}", "--media", "relay"]
             self._spawn(f"node-{name}", [*argv, "--signaling-port", str(port)], env)
             self.whips[region] = f"http://127.0.0.1:{port}/v1/session"

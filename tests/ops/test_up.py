@@ -155,7 +155,9 @@ def test_parley_up_holds_its_data_dir_supervises_etcd_and_dies_with_everything(
     assert sorted(pages) == ["node-1", "node-2"], up.text
     # every node admits only access tokens, and the status table says so (issue #15)
     for node in ("node-1", "node-2"):
-        assert re.search(rf"^{node}\s+-\s+active\s+\S+\s+\d+\s+token\s", up.text, re.MULTILINE), up.text
+        assert re.search(rf"^{node}\s+-\s+active\s+\S+\s+\d+\s+token\s", up.text, re.MULTILINE), (
+            up.text
+        )
 
     # A second `parley up` on the same data directory refuses at once, naming the first.
     second = subprocess.run(

@@ -11,11 +11,9 @@ Layout (region r = 1, 2, 3; names in :data:`REGIONS`):
   emulated WAN with the round-trip time of :data:`RTTS` between the two ends' regions;
 * etcd (TCP) and signaling (HTTP) are on plain loopback: only the media path is delayed.
 
-Regions and steering reach the daemons only when the daemons know them: ``node.region``,
-``relay.region`` and ``node.steering`` are passed when their settings exist (see
-:func:`supported`), and the clients carry their region in the access token (a ``region`` claim,
-when ``create_token`` takes one) and in :data:`REGION_HEADER`. Until then a "steered" globe runs
-exactly like an unsteered one, and says so (``steering_applied``).
+Every relay and node gets its region (``relay.region``, ``node.region``) and the run's
+``node.steering``; the clients carry their region in the access token (a ``region`` claim) and
+in :data:`REGION_HEADER`, which the nodes trust (``node.region_header``).
 
 Used by ``tests/globe/globe_scenario.py`` (in a private network namespace) and by
 ``ops/bench/regions.py``.
@@ -24,7 +22,6 @@ Used by ``tests/globe/globe_scenario.py`` (in a private network namespace) and b
 from __future__ import annotations
 
 import contextlib
-import inspect
 import multiprocessing
 import os
 import signal
@@ -47,9 +44,8 @@ from ops.etcdserver import EtcdServer, free_port
 from ops.status import gather_status
 from ops.tokens import create_token
 from ops.wan import Front, Matrix, Wan, host_address
-from relay.settings import ClusterSettings, RelaySettings
+from relay.settings import ClusterSettings
 from relay.tunnel.certs import issue_files
-from sessions.node.settings import NodeSettings
 from storage.etcd import open_etcd
 from storage.keys import Keyspace
 
@@ -61,7 +57,6 @@ __all__ = [
     "GlobeParams",
     "front_region",
     "run_globe",
-    "supported",
 ]
 
 ROOT: Final = Path(__file__).resolve().parents[2]
@@ -84,18 +79,6 @@ ETCD_REGION: Final = 1
 READY_WITHIN: Final = 60.0
 #: how long ``during`` may go on after the calls are over
 DURING_WITHIN: Final = 60.0
-
-
-def supported() -> dict[str, bool]:
-    """Which of the regions/steering interface exists in this tree (issue #19)."""
-    node = attrs.fields_dict(NodeSettings)
-    relay = attrs.fields_dict(RelaySettings)
-    return {
-        "node.region": "region" in node,
-        "relay.region": "region" in relay,
-        "node.steering": "steering" in node,
-        "token.region": "region" in inspect.signature(create_token).parameters,
-    }
 
 
 def front_region(address: tuple[str, int] | str) -> int | None:
@@ -145,7 +128,6 @@ class Globe:
         #: node region → its WHIP URL, and its demo page
         self.whips: dict[int, str] = {}
         self.pages: dict[int, str] = {}
-        self.supported = supported()
 
     @property
     def endpoint(self) -> str:
@@ -164,10 +146,9 @@ class Globe:
         self.stop()
 
     def token(self, region: int, subject: str) -> str:
-        claims: dict[str, Any] = {"subject": subject}
-        if self.supported["token.region"]:
-            claims["region"] = REGIONS[region]
-        return create_token(ClusterSettings(certs=str(self.certs)), **claims)
+        return create_token(
+            ClusterSettings(certs=str(self.certs)), subject=subject, region=REGIONS[region]
+        )
 
     def _start(self) -> None:
         self.logs.mkdir(parents=True, exist_ok=True)
@@ -193,18 +174,15 @@ class Globe:
                 "PARLEY_RELAY_TUNNEL_PORT": str(tunnel),
                 "PARLEY_RELAY_TUNNEL_ADVERTISE": "{}:{}".format(*tunnel_front.address),
             }
-            if self.supported["relay.region"]:
-                env["PARLEY_RELAY_REGION"] = name
+            env["PARLEY_RELAY_REGION"] = name
             self._spawn(f"relay-{name}", ["relay", "--id", f"relay-{name}"], env)
         for region, name in REGIONS.items():
             port = free_port()
             env = {"PARLEY_NODE_TUNNEL_HOST": host_address(region, 10), "PARLEY_NODE_AGENT": "echo"}
             env.update(ADMISSION)
-            if self.supported["node.region"]:
-                env["PARLEY_NODE_REGION"] = name
-            if self.supported["node.steering"]:
-                env["PARLEY_NODE_STEERING"] = "true" if self.params.steering else "false"
-                env["PARLEY_NODE_REGION_HEADER"] = REGION_HEADER
+            env["PARLEY_NODE_REGION"] = name
+            env["PARLEY_NODE_STEERING"] = "true" if self.params.steering else "false"
+            env["PARLEY_NODE_REGION_HEADER"] = REGION_HEADER
             argv = ["node", "--id", f"node-{name}", "--media", "relay"]
             self._spawn(f"node-{name}", [*argv, "--signaling-port", str(port)], env)
             self.whips[region] = f"http://127.0.0.1:{port}/v1/session"
@@ -338,8 +316,6 @@ def run_globe(
         status = globe.status()
         result: dict[str, Any] = {
             "steering": params.steering,
-            "supported": globe.supported,
-            "steering_applied": params.steering and globe.supported["node.steering"],
             "regions": REGIONS,
             "fronts": {r: [f.address for f in fronts] for r, fronts in globe.fronts.items()},
             "wan_lateness": globe.wan.lateness(),

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from ops.bench.common import percentile
-from ops.bench.globe import REGIONS, RTTS, GlobeParams, run_globe, scratch, supported
+from ops.bench.globe import REGIONS, RTTS, GlobeParams, run_globe, scratch
 
 __all__ = ["main", "measure", "render", "summarize"]
 
@@ -89,14 +89,12 @@ def measure(
         if outcome["errors"]:
             raise RuntimeError(f"{label}: " + "\n".join(outcome["errors"]))
         runs[label] = {
-            "steering_applied": outcome["steering_applied"],
             "regions": summarize(outcome),
             "wan_lateness": outcome["wan_lateness"],
             "clients": outcome["clients"],
         }
     return {
         "machine": {"python": platform.python_version(), "kernel": platform.release()},
-        "supported": supported(),
         "rtts_ms": {f"{REGIONS[a]}-{REGIONS[b]}": 1000 * rtt for (a, b), rtt in RTTS.items()},
         "clients_per_region": clients,
         "priority_clients_per_region": priority_clients,
@@ -132,11 +130,6 @@ def render(result: dict[str, Any]) -> str:
         lines.append(
             f"{label}: WAN emulator lateness p50 {late['p50_ms']} ms, p99 {late['p99_ms']} ms, "
             f"max {late['max_ms']} ms over {late['n']} datagrams"
-        )
-    if not result["runs"]["steered"]["steering_applied"]:
-        lines.append(
-            "steering not available (no node.steering in this tree): the steered run is "
-            "today's behaviour again"
         )
     lines.append(
         "local: clients whose nominated pair is their own region's relay; 1st hop: client-relay "

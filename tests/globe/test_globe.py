@@ -5,11 +5,6 @@ region calling their own region's node. Which relay does each client use, and wh
 ``globe_scenario.py`` runs it in a private network and PID namespace, once with steering off
 (today's behaviour) and once with ``node.steering`` on.
 
-Steering (issue #19) is being built separately. Until ``node.steering`` exists the nodes are not
-told, the "on" run behaves like today's, and its steered assertions are expected to fail: the
-steered assertions (:func:`expect_steering`) are ``xfail(strict=True)`` in the ``on`` case.
-When the setting lands, ``STEERING_EXISTS`` turns the mark off by itself and they apply.
-
 What is true today, and asserted for "off": every answer lists every relay, rotated per session
 (so a client's own region's relay is often not the first, highest-priority candidate). aiortc
 nominates the first pair whose check succeeds (aioice's regular nomination), and a check goes
@@ -33,7 +28,7 @@ from typing import Any
 
 import pytest
 
-from ops.bench.globe import REGIONS, RTTS, front_region, supported
+from ops.bench.globe import REGIONS, RTTS, front_region
 from tests.interop.test_chromium import UNSHARE, namespace_problem, tail
 
 pytestmark = pytest.mark.slow
@@ -43,7 +38,6 @@ CLIENTS_PER_REGION = 2
 TIMEOUT = 200.0
 LOCAL_RTT_MS = 1000 * RTTS[(1, 1)]
 #: the other engineer's setting; the steered case is expected to fail until it exists
-STEERING_EXISTS = supported()["node.steering"]
 #: an echo round trip (client → relay → tunnel → node's echo agent and back, no client jitter
 #: buffer) is at least the two network legs; measured: 60-70 ms p50 for local clients (legs
 #: 20 ms, the rest the node's jitter buffer and pacing). The echo agent keeps up to 25 frames
@@ -91,16 +85,6 @@ def run_scenario(work: Path, steering: str) -> dict[str, Any]:
 def globe(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Any:
     steering: str = request.param
     return steering, run_scenario(tmp_path_factory.mktemp(f"globe-{steering}"), steering)
-
-
-def expect_steering(request: pytest.FixtureRequest, result: dict[str, Any]) -> None:
-    """The steered assertions that follow hold once node.steering exists (issue #19). Until
-    then they are expected to fail, strictly: the nodes were not told to steer."""
-    if not STEERING_EXISTS:
-        request.applymarker(
-            pytest.mark.xfail(strict=True, reason="node.steering (issue #19) is not in this tree")
-        )
-    assert result["steering_applied"], "the nodes were not told to steer"
 
 
 def test_every_client_talks_through_a_relay_and_hears_its_echo(globe: Any) -> None:
@@ -156,7 +140,6 @@ def test_steered_clients_use_their_own_regions_relay(
     steering, result = globe
     if steering == "off":
         pytest.skip("steering on only")
-    expect_steering(request, result)
     for client in result["clients"]:
         candidates = client["candidates"]
         assert front_region(candidates[0]) == client["region"], client
@@ -205,7 +188,6 @@ def test_chromium_reports_its_pair_and_its_round_trip(
         assert tuple(last["remote"]) == tuple(browser["candidates"][0]), browser
     else:
         # steered: its own region's relay, first and used; the first hop is the local one
-        expect_steering(request, result)
         assert front_region(browser["candidates"][0]) == region, browser
         assert used == region, browser
         assert 1000 * last["rtt"] <= check_rtt_ms(region, region, region) + 40, browser

@@ -35,7 +35,7 @@ import attrs
 
 from sessions.audio.speech import SAMPLE_RATE, frames, rms, speak
 
-__all__ = ["VOICES", "Item", "corpus", "mix", "music", "noise"]
+__all__ = ["NOISE_SECONDS", "VOICES", "Item", "corpus", "mix", "music", "noise", "unit_noise"]
 
 SECOND: Final = SAMPLE_RATE
 #: (espeak-ng voice, sentences): the English ones are the corpus of tests/audio/test_vad.py
@@ -84,7 +84,9 @@ def _scaled(raw: list[float] | tuple[float, ...], level_dbfs: float) -> bytes:
 
 
 @functools.cache
-def _unit_noise(colour: str) -> tuple[float, ...]:
+def unit_noise(colour: str) -> tuple[float, ...]:
+    """Seeded unit-power-ish noise of ``colour`` (white, pink, brown), ``NOISE_SECONDS`` long:
+    the corpus's, and the VAD tests' (tests/audio/test_vad.py)."""
     samples = NOISE_SECONDS * SECOND
     rnd = random.Random(colour)
     white = [rnd.gauss(0.0, 1.0) for _ in range(samples + SECOND)]
@@ -111,7 +113,7 @@ def _unit_noise(colour: str) -> tuple[float, ...]:
 
 def noise(colour: str, samples: int, level_dbfs: float, offset: int = 0) -> bytes:
     """``samples`` of seeded ``colour`` noise at an RMS of ``level_dbfs``."""
-    raw = _unit_noise(colour)[offset : offset + samples]
+    raw = unit_noise(colour)[offset : offset + samples]
     if len(raw) < samples:
         raise ValueError(f"only {NOISE_SECONDS} s of noise are made")
     return _scaled(raw, level_dbfs)

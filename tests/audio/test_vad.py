@@ -25,6 +25,7 @@ from functools import cache
 
 import pytest
 
+from ops.bench.vad_corpus import NOISE_SECONDS, unit_noise
 from sessions.audio.speech import SAMPLE_RATE, frames, rms, speak
 from sessions.audio.vad import FRAME_BYTES, SILENCE_DBFS, Vad, level_dbfs
 
@@ -40,15 +41,12 @@ NOISE_LEVELS = (-60.0, -45.0, -35.0, -25.0)  # dBFS
 # --- material ---------------------------------------------------------------------------------
 
 
-NOISE_SECONDS = 8  # of each colour, made once and sliced: pure Python is slow at 48 kHz
-
-
 def noise(colour: str, samples: int, level_dbfs: float, offset: int = 0) -> bytes:
     """``samples`` of ``colour`` noise ("white", "pink" or "brown") at an RMS of ``level_dbfs``.
 
     ``offset`` picks another stretch of the same seeded noise.
     """
-    raw = _unit_noise(colour)[offset : offset + samples]
+    raw = unit_noise(colour)[offset : offset + samples]
     if len(raw) < samples:
         raise ValueError(f"only {NOISE_SECONDS} s of noise are made")
     gain = 32768 * 10 ** (level_dbfs / 20) / math.sqrt(sum(v * v for v in raw) / samples)
@@ -56,38 +54,6 @@ def noise(colour: str, samples: int, level_dbfs: float, offset: int = 0) -> byte
     if max(scaled) > 32767 or min(scaled) < -32768:
         raise ValueError("noise this loud would clip")
     return array.array("h", scaled).tobytes()
-
-
-@cache
-def _unit_noise(colour: str) -> tuple[float, ...]:
-    samples = NOISE_SECONDS * SECOND
-    rnd = random.Random(colour)
-    white = [rnd.gauss(0.0, 1.0) for _ in range(samples + SECOND)]
-    out: list[float] = []
-    if colour == "white":
-        out = white
-    elif colour == "pink":
-        corners = (50, 200, 800, 3200)
-        p0, p1, p2, p3 = [math.exp(-2 * math.pi * fc / SAMPLE_RATE) for fc in corners]
-        g0, g1, g2, g3 = [
-            (1 - math.exp(-2 * math.pi * fc / SAMPLE_RATE)) / fc**0.5 for fc in corners
-        ]
-        s0 = s1 = s2 = s3 = 0.0
-        for w in white:
-            s0 = p0 * s0 + g0 * w
-            s1 = p1 * s1 + g1 * w
-            s2 = p2 * s2 + g2 * w
-            s3 = p3 * s3 + g3 * w
-            out.append(s0 + s1 + s2 + s3)
-    elif colour == "brown":
-        x = 0.0
-        for w in white:
-            x = 0.995 * x + w  # corner at 38 Hz: a rumble
-            out.append(x)
-    else:
-        raise ValueError(f"no {colour} noise")
-    # The first second lets the filters settle: noise that swells at the start is not steady.
-    return tuple(out[SECOND:])
 
 
 COLOURS = ("white", "pink", "brown")

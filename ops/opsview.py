@@ -24,7 +24,6 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable
-from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Final, final
 
@@ -33,6 +32,7 @@ import trio
 
 from ops.opsview_history import SPAN, History, OwnershipEvent, OwnershipLog
 from ops.status import gather_status
+from relay.opsport import respond
 from storage.etcd import Etcd, EtcdError, WatchEvent
 from storage.keys import Keyspace
 from storage.moves import BadMoveValue, Move
@@ -236,7 +236,7 @@ class OpsView:
         except h11.RemoteProtocolError as exc:
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                 body = f"bad request: {exc}\n".encode()
-                await self._respond(stream, conn, exc.error_status_hint, _TEXT, body)
+                await respond(stream, conn, exc.error_status_hint, _TEXT, body)
             return
         if not isinstance(event, h11.Request):
             return  # the peer closed before a request
@@ -246,33 +246,7 @@ class OpsView:
             # a bug of the view costs one request, never the server
             log.exception("ops page request failed")
             status, content_type, body = 500, _TEXT, b"the view failed; see the log\n"
-        await self._respond(stream, conn, status, content_type, body, head=event.method == b"HEAD")
-
-    @staticmethod
-    async def _respond(
-        stream: trio.SocketStream,
-        conn: h11.Connection,
-        status: int,
-        content_type: str,
-        body: bytes,
-        *,
-        head: bool = False,
-    ) -> None:
-        headers = [
-            ("Content-Type", content_type),
-            ("Content-Length", str(len(body))),
-            ("Cache-Control", "no-store"),
-            ("Connection", "close"),
-        ]
-        if status == 405:
-            headers.append(("Allow", "GET, HEAD"))
-        reason = HTTPStatus(status).phrase.encode()
-        await stream.send_all(
-            conn.send(h11.Response(status_code=status, headers=headers, reason=reason))
-        )
-        if not head:
-            await stream.send_all(conn.send(h11.Data(data=body)) or b"")
-        await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+        await respond(stream, conn, status, content_type, body, head=event.method == b"HEAD")
 
 
 def run_opsview(config: Any, *, interval: float = 1.0) -> int:

@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 
 from relay.addresses import Address
 
-__all__ = ["MAX_CONNECTIONS", "OpsPort", "new_registry"]
+__all__ = ["MAX_CONNECTIONS", "OpsPort", "new_registry", "respond"]
 
 log = logging.getLogger("parley.ops")
 
@@ -118,7 +118,7 @@ class OpsPort:
                 conn.receive_data(await stream.receive_some(4096))
         except h11.RemoteProtocolError:
             if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                await self._respond(stream, conn, 400, _TEXT, b"bad request\n")
+                await respond(stream, conn, 400, _TEXT, b"bad request\n")
             return
         if not isinstance(event, h11.Request):
             return  # the peer closed before a request
@@ -129,7 +129,7 @@ class OpsPort:
             log.exception("metrics collection failed")
             status, content_type, body = 500, _TEXT, b"collection failed; see the log\n"
         # a HEAD is answered as a GET, without the body
-        await self._respond(stream, conn, status, content_type, body, head=event.method == b"HEAD")
+        await respond(stream, conn, status, content_type, body, head=event.method == b"HEAD")
 
     def _route(self, method: bytes, target: bytes) -> tuple[int, str, bytes]:
         path = target.split(b"?", 1)[0]
@@ -142,27 +142,30 @@ class OpsPort:
         self.scrapes += 1
         return 200, CONTENT_TYPE_LATEST, generate_latest(self.registry)
 
-    @staticmethod
-    async def _respond(
-        stream: trio.SocketStream,
-        conn: h11.Connection,
-        status: int,
-        content_type: str,
-        body: bytes,
-        *,
-        head: bool = False,
-    ) -> None:
-        headers = [
-            ("Content-Type", content_type),
-            ("Content-Length", str(len(body))),
-            ("Connection", "close"),
-        ]
-        if status == 405:
-            headers.append(("Allow", "GET, HEAD"))
-        reason = HTTPStatus(status).phrase.encode()
-        await stream.send_all(
-            conn.send(h11.Response(status_code=status, headers=headers, reason=reason))
-        )
-        if not head:
-            await stream.send_all(conn.send(h11.Data(data=body)) or b"")
-        await stream.send_all(conn.send(h11.EndOfMessage()) or b"")
+
+async def respond(
+    stream: trio.SocketStream,
+    conn: h11.Connection,
+    status: int,
+    content_type: str,
+    body: bytes,
+    *,
+    head: bool = False,
+) -> None:
+    """One whole response on a one-request connection (ours and ``ops/opsview.py``'s): never
+    cached, the connection closed after it; a HEAD gets the headers only."""
+    headers = [
+        ("Content-Type", content_type),
+        ("Content-Length", str(len(body))),
+        ("Cache-Control", "no-store"),
+        ("Connection", "close"),
+    ]
+    if status == 405:
+        headers.append(("Allow", "GET, HEAD"))
+    reason = HTTPStatus(status).phrase.encode()
+    await stream.send_all(
+        conn.send(h11.Response(status_code=status, headers=headers, reason=reason))
+    )
+    if not head:
+        await stream.send_all(conn.send(h11.Data(data=body)) or b"")
+    await stream.send_all(conn.send(h11.EndOfMessage()) or b"")

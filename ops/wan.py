@@ -24,6 +24,13 @@ emulator adds beyond the configured delay, its *lateness*, is recorded per packe
 ``max_mappings`` mappings exist (idle ones expire); excess is counted and dropped. Senders from
 no configured region are dropped, or taken for ``default_region`` when it is set (a program
 that cannot be told its source address, such as a browser sending from 127.0.0.1).
+
+A sender that cannot choose its address can still be put in a region of its own, one **flow**
+(address and port) at a time: :meth:`Wan.place` says "the host behind this socket is in region
+r", which the emulator then believes before the address (several browsers on 127.0.0.1, each
+placed by its host candidate's port, each in its own region). Placing is the emulator's model
+of where a host is, not a packet filter: it should happen before the flow's first datagram, and
+a flow already mapped moves with it (its next datagrams take the new region's delays).
 :meth:`Wan.stop` joins the thread and closes every socket.
 """
 
@@ -212,6 +219,8 @@ class Wan:
         self._order = itertools.count()
         self._by_fd: dict[int, Front | _Mapping] = {}
         self._mappings = 0
+        #: flows (address, port) placed in a region by :meth:`place`
+        self._placed: dict[Address, int] = {}
         self._late: collections.deque[float] = collections.deque(maxlen=_SAMPLES)
         self._poll = select.epoll()
         self._stop = threading.Event()
@@ -237,6 +246,33 @@ class Wan:
             self._by_fd[sock.fileno()] = front
             self._poll.register(sock.fileno(), select.EPOLLIN)
         return front
+
+    def place(self, flow: Address, region: int) -> None:
+        """Take the sender ``flow`` (its address and port, as the fronts see it) for a host of
+        ``region`` from now on, whatever its address; its mappings made before move too.
+
+        For hosts that cannot pick their source address (browsers on 127.0.0.1): place each
+        one's socket, e.g. by the port of its ICE host candidate, before it sends."""
+        if region not in self.matrix.regions:
+            raise ValueError(f"region {region} is not in the matrix {self.matrix.regions}")
+        flow = (str(flow[0]), int(flow[1]))
+        with self._lock:
+            self._placed[flow] = region
+            for front in self.fronts:
+                mapping = front.mappings.get(flow)
+                if mapping is not None:
+                    mapping.region = region
+
+    def mapped(self, flow: Address) -> dict[Address, int]:
+        """Where ``flow`` has a mapping now: each front's address and the region the emulator
+        took the sender for (what it delays that flow's datagrams by)."""
+        flow = (str(flow[0]), int(flow[1]))
+        with self._lock:
+            return {
+                front.address: front.mappings[flow].region
+                for front in self.fronts
+                if flow in front.mappings
+            }
 
     def _socket(self, bind: Address) -> socket.socket:
         sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -406,7 +442,9 @@ class Wan:
                 self._schedule(at, front.sock, data, mapping.client)
 
     def _map(self, front: Front, client: Address) -> _Mapping | None:
-        region = region_of(client[0])
+        region = self._placed.get(client)
+        if region is None:
+            region = region_of(client[0])
         if region is None:
             region = self.default_region
         if region is None or region not in self.matrix.regions:

@@ -275,7 +275,8 @@ def run_globe(
     ``during`` runs in a thread beside the calls (a browser, a relay kill): it is given the
     globe and an event set when the region's calls are over, and what it returns is the
     result's ``during``. ``default_region``: the region of senders outside every region's
-    range (a browser that sends from 127.0.0.1)."""
+    range (a browser that sends from 127.0.0.1); ``during`` may instead place such senders
+    one flow at a time (``globe.wan.place``), as tests/globe/globe_browsers.py does."""
     from ops.bench.globe_calls import region_process
 
     with Globe(work, params, default_region=default_region) as globe:

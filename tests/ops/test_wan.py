@@ -251,3 +251,43 @@ def test_a_default_region_takes_senders_from_outside_every_range(echo: Echo) -> 
     assert len(measured) >= 4
     assert abs(statistics.median(measured) - 0.150) <= 0.005, measured  # region 3 to region 1
     assert echo.senders and {host for host, _ in echo.senders} == {"127.2.3.1"}
+
+
+def test_placed_flows_take_their_own_region_whatever_their_address(echo: Echo) -> None:
+    """Browsers on 127.0.0.1, each placed in a region by its socket's port: each flow's
+    datagrams take its own region's delays; an unplaced one is dropped; a placed flow that is
+    already mapped moves with its placement."""
+    matrix = Matrix.of_rtts(RTTS)
+    with Wan(matrix) as wan:
+        front = wan.add_front(1, echo.address)
+        with pytest.raises(ValueError, match="region 9"):
+            wan.place(("127.0.0.1", 1), 9)
+        socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(3)]
+        try:
+            for sock in socks:
+                sock.bind(("127.0.0.1", 0))  # the address a browser picks
+                sock.settimeout(2.0)
+            near, far, unplaced = socks
+            wan.place(near.getsockname(), 1)
+            wan.place(far.getsockname(), 3)
+            near_rtts = pings(near, front.address, 8)
+            far_rtts = pings(far, front.address, 5)
+            unplaced.settimeout(0.3)
+            unplaced.sendto(b"?", front.address)
+            with pytest.raises(TimeoutError):
+                unplaced.recv(10)
+            assert wan.mapped(near.getsockname()) == {front.address: 1}
+            assert wan.mapped(far.getsockname()) == {front.address: 3}
+            assert wan.mapped(unplaced.getsockname()) == {}
+            wan.place(near.getsockname(), 2)  # the near host moves to region 2: 60 ms away
+            moved_rtts = pings(near, front.address, 5)
+            assert wan.mapped(near.getsockname()) == {front.address: 2}
+        finally:
+            for sock in socks:
+                sock.close()
+        assert wan.counters["unknown_region"] == 1
+    assert abs(statistics.median(near_rtts) - 0.010) <= 0.003, near_rtts
+    assert abs(statistics.median(far_rtts) - 0.150) <= 0.005, far_rtts
+    assert abs(statistics.median(moved_rtts) - 0.060) <= 0.003, moved_rtts
+    # the server told them apart by the region each was mapped from
+    assert {host for host, _ in echo.senders} == {"127.2.1.1", "127.2.3.1"}

@@ -19,6 +19,7 @@ Example ``parley.toml``::
     lease_ttl = 5             # seconds; keepalives go out every lease_ttl / 3
     lease_margin = 1.0        # stop owned work this long before the lease could expire
     capacity = 1000           # sessions this node accepts
+    media_tick_ms = 20        # sessions' media served in batches on this grid (0: each alone)
     signaling_host = "127.0.0.1"
     signaling_port = 0        # 0: any free port
     public_url = ""           # ws[s]://HOST[:PORT][/PREFIX]/v1/session where clients reach

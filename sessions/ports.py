@@ -20,10 +20,22 @@ import trio
 from relay.addresses import Address
 from sessions.webrtc.ice import PeerAddress
 
-__all__ = ["INBOX_SIZE", "Datagram", "PacketPath", "PeerAddress", "SendFn", "SessionPort"]
+__all__ = [
+    "INBOX_SIZE",
+    "Datagram",
+    "Inbound",
+    "PacketPath",
+    "PeerAddress",
+    "SendFn",
+    "SessionPort",
+]
 
 #: a datagram as a session receives it: (payload, the client address it came from)
 Datagram = tuple[bytes, PeerAddress]
+#: a datagram in a session's inbox: payload, client address, and when it arrived (Trio's
+#: clock), so that a session that takes its inbox on its own tick still times each packet
+#: from its arrival (the jitter buffer's transit), not from the tick
+Inbound = tuple[bytes, PeerAddress, float]
 #: how a session sends: (payload, client address)
 SendFn = Callable[[bytes, PeerAddress], None]
 
@@ -49,8 +61,8 @@ class SessionPort:
 
     session_id: str
     ufrag: str
-    inbox_send: trio.MemorySendChannel[Datagram]
-    inbox: trio.MemoryReceiveChannel[Datagram]
+    inbox_send: trio.MemorySendChannel[Inbound]
+    inbox: trio.MemoryReceiveChannel[Inbound]
     send: SendFn
     #: client addresses the path has delivered from (for routing, and to forget them at the end)
     addresses: set[PeerAddress] = attrs.field(factory=set)

@@ -4,6 +4,17 @@ It owns the session's crypto and audio state. Datagrams arrive in its inbox (fro
 port today, from relay tunnels later), timers come from the core, and what the core wants sent
 goes out through the packet path in one batch per wake-up.
 
+The node's tick (``tick``, ``node.media_tick_ms``): once media flows (SRTP keyed, a pair
+nominated), the media loop no longer wakes for each datagram nor at its own timers, but at the
+first point of a grid shared by every session of the node (multiples of ``tick`` on Trio's
+clock) at or after the core's timer; it takes what arrived since, each datagram timed from its
+arrival (stamped by the packet path), then plays out, runs the agent and sends. Every session
+of the node then wakes on the same scheduler turn and sends together, so a tunnel packs their
+frames into few QUIC packets, and a session costs one wake-up per frame instead of three
+(inbound packet, playout, pacer). Measured: about a fifth less node and relay CPU per echoed
+packet (README, Capacity). The price: playout and replies up to one tick later than their own
+times. Setup (ICE, DTLS) is never held back: every datagram is answered as it comes.
+
 Checkpoints: when the core asks (``CheckpointDue``), the actor takes a snapshot, hands it to the
 node's checkpoint store, and only then confirms it to the core (SRTP refuses to send past an
 unconfirmed reservation, so an index is never used twice). If the actor crashes, its supervisor
@@ -57,7 +68,7 @@ import trio
 
 from actors import Actor
 from sessions.agents import Agent, EchoAgent, MoveAwareAgent, RunningAgent
-from sessions.ports import Datagram, PeerAddress, SessionPort
+from sessions.ports import INBOX_SIZE, Datagram, Inbound, PeerAddress, SessionPort
 from sessions.snapshot import SessionSnapshot
 from sessions.transceiver import (
     CODE_NOT_QUIESCED,
@@ -107,6 +118,14 @@ class Arrival:
     quiesced_at: float
 
 
+def _on_tick(at: float, tick: float) -> float:
+    """The first point of the node's tick grid (multiples of ``tick`` on Trio's clock) at or
+    after ``at``; never before it, whatever the float rounding (a wake before the timer would
+    find nothing due and wake again at once)."""
+    point = math.ceil(at / tick) * tick
+    return point if point >= at else point + tick
+
+
 def _is_rtp(data: bytes) -> bool:
     """SRTP media, as opposed to SRTCP (RFC 7983 first byte, RFC 5761 payload type range)."""
     return len(data) > 1 and 128 <= data[0] <= 191 and not 192 <= data[1] <= 223
@@ -138,8 +157,13 @@ class SessionActor(Actor):
         persist: Callable[[SessionSnapshot], Awaitable[bool]] | None = None,
         on_core: Callable[[Transceiver], None] | None = None,
         may_act: Callable[[], bool] | None = None,
+        tick: float = 0.0,
     ) -> None:
         super().__init__(session_id)
+        if tick < 0:
+            raise ValueError(f"tick must be >= 0 seconds, not {tick}")
+        #: the node's media tick, seconds (0: none; see the module docstring)
+        self._tick = tick
         #: asked before every step of the media loop: False once the node may no longer act
         #: for the session (its lease's safety deadline passed); the actor then holds itself
         #: at once, as ``("stall",)`` would, without waiting for the node to say so
@@ -261,13 +285,13 @@ class SessionActor(Actor):
         takes seconds to shed it one packet at a time; playing the gap as a gap is better.
         STUN and RTCP are kept. Returns how many RTP datagrams were dropped.
         """
-        backlog: list[Datagram] = []
+        backlog: list[Inbound] = []
         while True:
             try:
                 backlog.append(self.port.inbox.receive_nowait())
             except (trio.WouldBlock, trio.EndOfChannel):
                 break
-        media = [i for i, (data, _) in enumerate(backlog) if _is_rtp(data)]
+        media = [i for i, (data, _, _) in enumerate(backlog) if _is_rtp(data)]
         drop = set(media[:-keep]) if len(media) > keep else set()
         for i, item in enumerate(backlog):
             if i not in drop:
@@ -409,7 +433,8 @@ class SessionActor(Actor):
     def _drain_inbox(self) -> None:
         while True:
             try:
-                self._keep(*self.port.inbox.receive_nowait())
+                data, addr, _ = self.port.inbox.receive_nowait()
+                self._keep(data, addr)
             except (trio.WouldBlock, trio.EndOfChannel):
                 return
 
@@ -438,14 +463,25 @@ class SessionActor(Actor):
     async def _serve_media(self) -> None:
         inbox = self.port.inbox
         closed = False  # the inbox ended while quiesced: wait for a resume or a hand-off
+        tick = self._tick
         while not self._over and self._handing_off is None:
-            timer = None if self.paused else self.core.get_timer()
+            core = self.core
+            timer = None if self.paused else core.get_timer()
+            # On the node's tick once media flows: wake only on the shared grid, and take
+            # what arrived meanwhile then (see the module docstring); until then (ICE, DTLS)
+            # every datagram is answered as it comes.
+            ticking = tick > 0 and timer is not None and core.media_ready
+            if ticking:
+                assert timer is not None
+                timer = _on_tick(timer, tick)
             with trio.CancelScope(deadline=math.inf if timer is None else timer) as wake:
                 self._wake = wake
                 if closed and self.paused:
                     await trio.sleep_forever()
+                if ticking:
+                    await trio.sleep_forever()
                 try:
-                    data, addr = await inbox.receive()
+                    data, addr, at = await inbox.receive()
                 except trio.EndOfChannel:
                     if not self.paused:
                         self._end("media path closed", "closed")
@@ -453,36 +489,47 @@ class SessionActor(Actor):
                     closed = True
                     continue
                 self._guard()
-                self._take(data, addr)
-                # Take whatever else is already queued before sending: one flush per batch.
-                for _ in range(64):
-                    try:
-                        data, addr = inbox.receive_nowait()
-                    except (trio.WouldBlock, trio.EndOfChannel):
-                        break
-                    self._take(data, addr)
+                self._take(data, addr, at)
             self._wake = None
+            # Take whatever else is already queued before sending: one flush per batch.
+            if not closed and not self._take_queued(inbox):
+                return
             self._guard()
             if self.paused or self._over or self._handing_off is not None:
                 continue
-            core = self.core
             now = trio.current_time()
             timer = core.get_timer()
-            if timer is not None and now >= timer:
+            if timer is not None and now >= (_on_tick(timer, tick) if ticking else timer):
                 core.handle_timer(now)
             self._flush()
             self._handle_events()
+
+    def _take_queued(self, inbox: trio.MemoryReceiveChannel[Inbound]) -> bool:
+        """Take what the inbox holds now; False if the session ended because it closed."""
+        for _ in range(INBOX_SIZE):
+            try:
+                data, addr, at = inbox.receive_nowait()
+            except trio.WouldBlock:
+                break
+            except trio.EndOfChannel:
+                if not self.paused and not self._over:
+                    self._end("media path closed", "closed")
+                    return False
+                break
+            self._guard()
+            self._take(data, addr, at)
+        return True
 
     def _guard(self) -> None:
         """Hold the session at once if the node may no longer act for it."""
         if not self._stalled and self._may_act is not None and not self._may_act():
             self._stall()
 
-    def _take(self, data: bytes, addr: PeerAddress) -> None:
+    def _take(self, data: bytes, addr: PeerAddress, at: float) -> None:
         if self.paused:
             self._keep(data, addr)
         else:
-            self.core.receive(data, addr, trio.current_time())
+            self.core.receive(data, addr, at)
 
     def _flush(self) -> None:
         send = self.port.send

@@ -38,10 +38,11 @@ from __future__ import annotations
 import math
 from typing import Final, final
 
+from sessions.audio import levels
+
 __all__ = ["EchoEstimator"]
 
 FRAME_SECONDS: Final = 0.020
-_FULL_SCALE: Final = 32768.0 * 32768.0
 _FLOOR_DB: Final = -80.0  # levels are clipped here: silence, dither and nothing sent are equal
 _ACTIVE_DB: Final = -55.0  # the agent counts as on the air above this sent level
 _LOUD_DB: Final = -45.0  # frames the gain is learned on: the agent well above silence
@@ -55,10 +56,7 @@ _SEARCH_EVERY: Final = 4  # frames between searches for the best lag (the delay 
 
 def frame_level_db(pcm: bytes) -> float:
     """Level of int16 PCM in dBFS from every ``_STEP``-th sample, clipped at ``_FLOOR_DB``."""
-    samples = memoryview(pcm).cast("h")[::_STEP]
-    if not samples:
-        return _FLOOR_DB
-    power = sum([s * s for s in samples]) / (len(samples) * _FULL_SCALE)
+    power = levels.power(pcm, _STEP)
     return max(_FLOOR_DB, 10.0 * math.log10(power)) if power > 0 else _FLOOR_DB
 
 

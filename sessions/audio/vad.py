@@ -76,6 +76,8 @@ import math
 import sys
 from typing import Final, final
 
+from sessions.audio import levels
+
 __all__ = [
     "FRAME_BYTES",
     "FRAME_MS",
@@ -92,7 +94,6 @@ FRAME_BYTES: Final = 2 * SAMPLE_RATE * FRAME_MS // 1000
 #: Level reported for digital silence (and the lowest level ever reported).
 SILENCE_DBFS: Final = -120.0
 
-_FULL_SCALE_POWER: Final = 32768.0 * 32768.0
 _SILENCE_POWER: Final = 10.0 ** (SILENCE_DBFS / 10.0)
 #: Start margins in dB above the noise floor, by aggressiveness.
 _MARGINS: Final = (4.0, 5.0, 6.0, 8.0)
@@ -107,11 +108,7 @@ if sys.byteorder != "little":  # pragma: no cover - every supported platform is 
 
 def _power(frame: bytes) -> float:
     """Mean square of the samples, relative to full scale (1.0 = 0 dBFS)."""
-    samples = memoryview(frame).cast("h")
-    if not samples:
-        return 0.0
-    # A list comprehension beats sum(map(operator.mul, ...)) by a third on CPython 3.11.
-    return sum([s * s for s in samples]) / (len(samples) * _FULL_SCALE_POWER)
+    return levels.power(frame)
 
 
 def _ac_power(frame: bytes, step: int) -> float:
@@ -122,11 +119,7 @@ def _ac_power(frame: bytes, step: int) -> float:
     to the next (brown noise at aggressiveness 2: 5 % of frames voiced with the plain power,
     1 % without the mean).
     """
-    samples = memoryview(frame).cast("h")[::step]
-    count = len(samples)
-    mean = sum(samples) / count
-    square = sum([s * s for s in samples]) / count
-    return max(0.0, square - mean * mean) / _FULL_SCALE_POWER
+    return levels.ac_power(frame, step)
 
 
 def _to_db(power: float) -> float:

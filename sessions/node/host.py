@@ -387,6 +387,7 @@ class NodeSessions:
             ),
             on_core=lambda core: self._track(session_id, core),
             may_act=self.node.may_act,
+            tick=self.node.config.node.media_tick_ms / 1000,
         )
 
     def _track(self, session_id: str, core: Transceiver) -> None:

@@ -20,7 +20,7 @@ from typing import final
 import trio
 
 from relay.udp import Address, bound_udp, drain_forever, kernel_drops, send_nowait
-from sessions.ports import INBOX_SIZE, Datagram, PeerAddress, SessionPort
+from sessions.ports import INBOX_SIZE, Inbound, PeerAddress, SessionPort
 from sessions.webrtc import stun
 from sessions.webrtc.errors import StunError
 
@@ -78,7 +78,7 @@ class MediaPort:
         """Route packets for ``ufrag`` to a new inbox for ``session_id``."""
         if ufrag in self._by_ufrag:
             raise ValueError(f"ufrag {ufrag!r} already routed")
-        send, receive = trio.open_memory_channel[Datagram](INBOX_SIZE)
+        send, receive = trio.open_memory_channel[Inbound](INBOX_SIZE)
         port = SessionPort(session_id, ufrag, send, receive, self.send)
         self._by_ufrag[ufrag] = port
         self._by_session[session_id] = port
@@ -137,7 +137,7 @@ class MediaPort:
         if port is None:
             return
         try:
-            port.inbox_send.send_nowait((data, PeerAddress(*addr)))
+            port.inbox_send.send_nowait((data, PeerAddress(*addr), trio.current_time()))
         except trio.WouldBlock:
             # A session that cannot keep up loses its own packets, not everyone's.
             port.dropped_full += 1

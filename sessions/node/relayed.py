@@ -35,7 +35,7 @@ from relay.tunnel.certs import Credentials, Identity
 from relay.tunnel.hint import mint_ufrag
 from relay.tunnel.quic import Tunnel, TunnelEndpoint, TunnelError
 from sessions.node.regions import steer
-from sessions.ports import INBOX_SIZE, Datagram, PeerAddress, SessionPort
+from sessions.ports import INBOX_SIZE, Datagram, Inbound, PeerAddress, SessionPort
 from storage.etcd import EtcdError
 from storage.members import Members, RelayInfo
 
@@ -145,7 +145,7 @@ class RelayedMedia:
     def register(self, session_id: str, ufrag: str) -> SessionPort:
         if session_id in self._ports:
             raise ValueError(f"session {session_id!r} already routed")
-        send, receive = trio.open_memory_channel[Datagram](INBOX_SIZE)
+        send, receive = trio.open_memory_channel[Inbound](INBOX_SIZE)
 
         def send_to(data: bytes, addr: PeerAddress) -> None:
             self._send(session_id, data, addr)
@@ -153,9 +153,10 @@ class RelayedMedia:
         port = SessionPort(session_id, ufrag, send, receive, send_to, flush=self.flush)
         self._ports[session_id] = port
         _, early = self._early.pop(session_id, (0.0, []))
-        for datagram in early:  # oldest first, ahead of anything newer
+        now = trio.current_time()
+        for data, addr in early:  # oldest first, ahead of anything newer
             try:
-                send.send_nowait(datagram)
+                send.send_nowait((data, addr, now))
             except trio.WouldBlock:
                 self.counters["early_dropped"] += 1
         return port
@@ -280,7 +281,7 @@ class RelayedMedia:
         addr = PeerAddress(frame.client[0], frame.client[1], name)
         port.addresses.add(addr)
         try:
-            port.inbox_send.send_nowait((frame.payload, addr))
+            port.inbox_send.send_nowait((frame.payload, addr, trio.current_time()))
         except trio.WouldBlock:
             port.dropped_full += 1
             self.counters["inbox_full"] += 1

@@ -96,6 +96,12 @@ class NodeSettings:
     #: signaling port, on loopback unless set otherwise; port 0 picks a free one (the node's
     #: registration shows it as its ``metrics`` address); "" serves none
     ops_listen: str = "127.0.0.1:0"
+    #: the node's media tick, milliseconds: once a session's media flows, its media loop wakes
+    #: only on this shared grid (its playout, its agent's frames and what arrived since the last
+    #: tick, all at once), so the node's sessions are served in batches and a tunnel carries
+    #: many of their frames in one QUIC packet; up to this much later than their own times.
+    #: 0: every session on its own timers, every datagram at once (sessions/session.py)
+    media_tick_ms: int = attrs.field(default=20, validator=attrs.validators.in_(range(0, 21)))
 
     def check_public_url(self) -> None:
         """Raises SettingsError unless ``public_url`` is empty or a WebSocket URL of signaling."""

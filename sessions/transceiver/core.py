@@ -247,6 +247,11 @@ class Transceiver:
         return self._transport.quiesced
 
     @property
+    def media_ready(self) -> bool:
+        """SRTP is keyed and the client nominated a pair: media flows both ways."""
+        return self._transport.media_ready
+
+    @property
     def ledger(self) -> MediaLedger:
         """What this transceiver decrypted and protected, and when (transceiver/ledger.py)."""
         return self._transport.ledger

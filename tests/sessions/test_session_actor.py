@@ -19,7 +19,7 @@ from sessions.agents import EchoAgent, RunningAgent
 from sessions.audio import speech
 from sessions.audio.vad import Vad
 from sessions.node.media import MediaPort
-from sessions.ports import INBOX_SIZE, Datagram, PeerAddress, SessionPort
+from sessions.ports import INBOX_SIZE, Inbound, PeerAddress, SessionPort
 from sessions.session import Arrival, Quiesced, SessionActor
 from sessions.snapshot import SessionSnapshot
 from sessions.transceiver import MoveRefused, Transceiver
@@ -147,7 +147,7 @@ class Wire:
 
     def __init__(self, client: Client, ufrag: str) -> None:
         self.client = client
-        self.inbox_send, inbox = trio.open_memory_channel[Datagram](INBOX_SIZE)
+        self.inbox_send, inbox = trio.open_memory_channel[Inbound](INBOX_SIZE)
         self.port = SessionPort("s1", ufrag, self.inbox_send, inbox, self.deliver)
         self.sent: list[bytes] = []
         self.keyed = trio.Event()  # the client's DTLS handshake is done
@@ -162,7 +162,7 @@ class Wire:
             self.keyed.set()
 
     def send(self, data: bytes) -> None:
-        self.inbox_send.send_nowait((data, CLIENT_ADDR))
+        self.inbox_send.send_nowait((data, CLIENT_ADDR, trio.current_time()))
 
     def rtp_sent(self) -> int:
         return sum(1 for d in self.sent if 128 <= d[0] <= 191 and not 192 <= d[1] <= 223)
@@ -575,3 +575,51 @@ async def test_a_durable_checkpoint_lets_media_flow_and_the_media_loop_never_wai
         assert call.wire.client.received  # the echo flows once the checkpoint is durable
         assert call.wire.client.srtp_errors == 0
         nursery.cancel_scope.cancel()
+
+
+def _on_grid(at: float, tick: float) -> bool:
+    return abs(at / tick - round(at / tick)) < 1e-6
+
+
+@pytest.mark.parametrize("tick", [0.0, 0.02])
+async def test_on_the_node_tick_media_goes_out_on_the_grid_and_arrivals_keep_their_time(
+    autojump_clock: trio.testing.MockClock, tick: float
+) -> None:
+    async with trio.open_nursery() as nursery:
+        await trio.sleep(0.007)  # the client's frames fall between two ticks
+        call = await connected_call(nursery, tick=tick)
+        wire, core = call.wire, call.actor.core
+        taken: list[tuple[float, float]] = []  # (arrival given to the core, when taken)
+        receive = core.receive
+
+        def spy(data: bytes, addr: PeerAddress, now: float) -> None:
+            taken.append((now, trio.current_time()))
+            receive(data, addr, now)
+
+        core.receive = spy  # type: ignore[method-assign]
+        sent_at: list[float] = []
+        deliver = wire.port.send
+
+        def stamp(data: bytes, addr: PeerAddress) -> None:
+            if 128 <= data[0] <= 191 and not 192 <= data[1] <= 223:
+                sent_at.append(trio.current_time())
+            deliver(data, addr)
+
+        wire.port.send = stamp
+        arrivals = []
+        for pcm in speech.frames(utterance())[:40]:
+            arrivals.append(trio.current_time())
+            wire.send(wire.client.media(pcm))
+            await trio.sleep(0.02)
+        await trio.sleep(0.5)
+        nursery.cancel_scope.cancel()
+    assert len(sent_at) >= 40 and len(taken) >= 40
+    # the core timed each packet from its arrival, never from the tick that took it
+    assert [at for at, _ in taken[: len(arrivals)]] == arrivals
+    if tick:
+        assert all(_on_grid(at, tick) for at in sent_at)  # every frame out on the grid
+        assert all(_on_grid(when, tick) for _, when in taken)  # taken at a tick
+        assert all(0 < when - at < tick + 1e-9 for at, when in taken)
+    else:  # each on its own time: at once, and the echo off the grid
+        assert all(when == at for at, when in taken)
+        assert not all(_on_grid(at, 0.02) for at in sent_at)

@@ -43,9 +43,10 @@ Example ``parley.toml``::
     min_speech_ms = 200       # voice needed before a turn starts (and before barge-in)
     end_silence_ms = 600      # silence that ends a turn
     padding_ms = 200          # audio kept before and after the voiced part of a turn
-    vad = "energy"            # voice activity: "energy", or "silero" (a neural detector,
-                              #   pip install 'parley[vad]'; sessions/audio/neural_vad.py)
-    duck_after_ms = 40        # voice over the agent's reply that ducks it (fade out, hold)
+    vad = "energy"            # voice activity: "energy", "silero" (a neural detector) or
+                              #   "hybrid" (energy's onsets, silero's verdicts); the last two:
+                              #   pip install 'parley[vad]'; sessions/audio/neural_vad.py
+    duck_after_ms = 20        # voice over the agent's reply that ducks it (fade out, hold)
     interrupt_ms = 400        # voice in a turn over the reply that makes barge-in final;
                               # shorter (a cough, an "mm-hm"): the reply comes back
     release_ms = 200          # no voice for this long ends a duck that was not a turn

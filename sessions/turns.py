@@ -119,7 +119,7 @@ class TurnConfig:
     )
     resume_ms: int = attrs.field(default=40, validator=[_int, _ge(FRAME_MS)])
     max_turn_ms: int = attrs.field(default=30_000, validator=_int)
-    duck_after_ms: int = attrs.field(default=40, validator=[_int, _ge(FRAME_MS)])
+    duck_after_ms: int = attrs.field(default=20, validator=[_int, _ge(FRAME_MS)])
     interrupt_ms: int = attrs.field(default=400, validator=[_int, _ge(FRAME_MS)])
     release_ms: int = attrs.field(default=200, validator=[_int, _ge(FRAME_MS)])
     duck_max_ms: int = attrs.field(default=2000, validator=[_int, _ge(FRAME_MS)])

@@ -11,7 +11,9 @@ played, mixed back attenuated, delayed and low-passed, as a phone on speaker doe
 Scenarios, each run with the echo estimator on and off (``TurnConfig.echo_aware``):
 
 * **barge-in**: the user talks over the reply; reaction = first voiced frame played out at the
-  node -> first ducked (faded) agent frame sent, p50 and p99;
+  node -> first ducked (faded) agent frame sent, p50 and p99; and, clean, the issue's figure:
+  that frame's arrival at the node -> the first ducked frame's arrival at the client (the
+  jitter buffer and the downlink included);
 * **echo**: a speakerphone user (echo -10 dB, 60-200 ms, low-passed) asks, stays silent while
   the reply plays: every duck and every interruption is false;
 * **noise**: coughs (150 ms bursts) and clicks during replies, over steady noise: false
@@ -121,6 +123,8 @@ class LoopCall:
         self.mic: list[tuple[float, bytes]] = []
         #: when the node sent each agent frame
         self.sent: list[float] = []
+        #: when the client received each RTP timestamp of the agent's (first arrival)
+        self.arrived: dict[int, float] = {}
         self._tick(0)
 
     # plumbing
@@ -156,19 +160,29 @@ class LoopCall:
     def first(self, name: str, after: float = -1.0) -> tuple[float, dict[str, object]] | None:
         return next(((t, f) for t, n, f in self.events if n == name and t > after), None)
 
+    def at_client(self, index: int) -> float | None:
+        """The ``index``-th duck, the issue's way: its first voiced frame's arrival at the node
+        -> its first faded agent frame's arrival at the client (``None``: none was faded)."""
+        duck = self.loop.duck_log[index]
+        arrived = None if duck.timestamp is None else self.arrived.get(duck.timestamp)
+        return None if arrived is None else arrived - duck.arrived
+
     # the node's side
 
     def _pump(self) -> None:
         for frame in self.loop.frames_to_send():
-            payload = frame.payload
             self.sent.append(self.now)
-            self.at(self.now + self._delay, functools.partial(self._play, payload))
+            self.at(
+                self.now + self._delay,
+                functools.partial(self._play, frame.payload, frame.timestamp),
+            )
         while (event := self.loop.next_event()) is not None:
             self.events.append((self.now, event.name, event.fields))
 
     # the client's side
 
-    def _play(self, payload: bytes) -> None:
+    def _play(self, payload: bytes, timestamp: int) -> None:
+        self.arrived.setdefault(timestamp, self.now)
         pcm = self._decoder.decode(payload)
         self.received.append((self.now, pcm))
         start = round(self.now * RATE)
@@ -329,6 +343,9 @@ class BargeFigures:
     echo: Counted
     noise: Counted
     backchannels: Counted
+    #: the issue's figure, clean: first voiced frame's arrival at the node -> first ducked
+    #: agent frame's arrival at the client (the jitter buffer and the downlink included)
+    at_client: tuple[int, float | None, float | None] = (0, None, None)
 
     def as_dict(self) -> dict[str, object]:
         out = attrs.asdict(self, recurse=False)
@@ -336,6 +353,7 @@ class BargeFigures:
             out[key] = getattr(self, key).as_dict()
         out["reaction"] = list(self.reaction)
         out["reaction_over_echo"] = list(self.reaction_over_echo)
+        out["at_client"] = list(self.at_client)
         return out
 
 
@@ -360,9 +378,11 @@ def _count(call: LoopCall, since: float) -> tuple[int, int]:
 
 def _barge_ins(
     make: Callable[[], LoopCall], replies: int, rng: random.Random
-) -> tuple[list[float], int]:
+) -> tuple[list[float], int, list[float]]:
+    """Reactions at the node, barge-ins caught, and reactions at the client (the issue's)."""
     call = make()
     reactions: list[float] = []
+    at_client: list[float] = []
     caught = 0
     for n in range(replies):
         start, _ = _reply(call, said(QUESTIONS[n % len(QUESTIONS)]))
@@ -372,8 +392,13 @@ def _barge_ins(
         call.run(end + 0.7 + (end - barge) + 0.6)
         if call.first("agent_interrupted", barge) is not None:
             caught += 1
-        reactions.extend(b - a for a, b in call.loop.ducks[ducks_before:][:1] if a >= barge)
-    return reactions, caught
+        if len(call.loop.ducks) > ducks_before and call.loop.ducks[ducks_before][0] >= barge:
+            onset, faded = call.loop.ducks[ducks_before]
+            reactions.append(faded - onset)
+            client = call.at_client(ducks_before)
+            if client is not None:
+                at_client.append(client)
+    return reactions, caught, at_client
 
 
 def _during_replies(
@@ -414,8 +439,10 @@ def measure_barge(
     replies: int = 10,
     config: TurnConfig | None = None,
     seed: int = 1,
+    echo_aware: tuple[bool, ...] = (True, False),
 ) -> list[BargeFigures]:
-    """Every detector, with the echo estimator on and off (see the module docstring)."""
+    """Every detector, with the echo estimator on and off (``echo_aware``: which of those;
+    see the module docstring)."""
     base = TurnConfig() if config is None else config
     cough = burst(150)
     click = burst(20, level_dbfs=-10.0, seed=9)
@@ -423,7 +450,7 @@ def measure_barge(
     yeah = backchannel(280, "yeah")
     figures = []
     for name, make_vad in detectors:
-        for aware in (True, False):
+        for aware in echo_aware:
             cfg = attrs.evolve(base, echo_aware=aware)
 
             def make(
@@ -435,8 +462,8 @@ def measure_barge(
                 vad = None if make_vad is None else make_vad()
                 return LoopCall(config=cfg, echo=echo, noise_dbfs=noise, seed=seed, vad=vad)
 
-            clean, caught = _barge_ins(make, replies, random.Random(seed))
-            over_echo, caught_echo = _barge_ins(
+            clean, caught, at_client = _barge_ins(make, replies, random.Random(seed))
+            over_echo, caught_echo, _ = _barge_ins(
                 lambda make=make: make(EchoPath(delay_ms=130.0)),  # type: ignore[misc]
                 replies,
                 random.Random(seed),
@@ -457,6 +484,7 @@ def measure_barge(
                         [(0.5, cough), (1.3, click)],
                     ),
                     backchannels=_during_replies(make, replies, [(0.4, mm_hm), (1.4, yeah)]),
+                    at_client=_percentiles(at_client),
                 )
             )
     return figures
@@ -492,7 +520,7 @@ def render_barge(figures: list[BargeFigures], replies: int, cpu: tuple[float, fl
         return [f"{c.ducks_per_minute:.1f}", f"{c.interruptions_per_minute:.1f}"]
 
     header = [
-        "detector", "echo est.", "n", "p50", "p99", "caught",
+        "detector", "echo est.", "n", "p50", "p99", "caught", "client p50", "p99",
         "|", "n", "p50", "p99", "caught",
         "|", "echo d/m", "i/m", "|", "noise d/m", "i/m", "|", "backch. d/m", "i/m",
     ]  # fmt: skip
@@ -502,6 +530,7 @@ def render_barge(figures: list[BargeFigures], replies: int, cpu: tuple[float, fl
             "on" if f.echo_aware else "off",
             *ms(f.reaction),
             f"{f.caught}/{f.attempted}",
+            *ms(f.at_client)[1:],
             "|",
             *ms(f.reaction_over_echo),
             f"{f.caught_over_echo}/{f.attempted}",
@@ -528,7 +557,9 @@ def render_barge(figures: list[BargeFigures], replies: int, cpu: tuple[float, fl
             f"barge-in: duck at once, decide later (voice loop, real Opus, {replies} replies "
             "per scenario)",
             "  reaction ms: first voiced frame played out -> first ducked agent frame sent; "
-            "left clean, right over a speakerphone's echo (-10 dB, 130 ms, low-passed)",
+            "left clean, right over a speakerphone's echo (-10 dB, 130 ms, low-passed);",
+            "  client: the issue's figure, clean: first voiced frame reaching the node -> "
+            "first ducked agent frame reaching the client (jitter buffer, 20 ms downlink)",
             f"  false ducks (d/m) and interruptions (i/m) per minute of agent speech: echo "
             f"(-10 dB, {'/'.join(f'{d:g}' for d in ECHO_DELAYS_MS)} ms, low-passed, user silent; "
             f"{minutes:.1f} min), noise (coughs and clicks over -50 dBFS), backchannels "

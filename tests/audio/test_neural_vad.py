@@ -23,6 +23,7 @@ from ops.config import ConfigError, load_config
 from sessions.audio import neural_vad
 from sessions.audio.neural_vad import (
     VADS,
+    HybridVad,
     SileroVad,
     VadUnavailableError,
     _decimate,
@@ -46,7 +47,7 @@ def utterance(voice: str, text: str) -> bytes:
     return bytes(2 * SECOND) + speak(text, voice=voice) + bytes(SECOND)
 
 
-def voiced(pcm: bytes, vad: SileroVad | Vad) -> list[bool]:
+def voiced(pcm: bytes, vad: SileroVad | Vad | HybridVad) -> list[bool]:
     return [vad.is_speech(f) for f in frames(pcm)]
 
 
@@ -209,6 +210,7 @@ def test_make_vad_builds_what_is_named() -> None:
         available("webrtc")
     if available("silero"):
         assert isinstance(make_vad("silero"), SileroVad)
+        assert isinstance(make_vad("hybrid"), HybridVad)
 
 
 def test_a_missing_package_is_a_clear_error(
@@ -239,3 +241,47 @@ def test_turns_vad_is_a_validated_setting(tmp_path: Path) -> None:
         assert config.turns.vad == "silero"
         first, second = session_vad(config), session_vad(config)
         assert isinstance(first, SileroVad) and first is not second  # one per session
+
+
+# --- the hybrid: duck on the energy detector's onset, confirm with Silero ----------------------
+
+
+class Scripted:
+    """A classifier that says what it is told, frame after frame."""
+
+    def __init__(self, calls: str) -> None:
+        self._calls = iter(calls)
+
+    def is_speech(self, frame: bytes) -> bool:
+        return next(self._calls) == "x"
+
+
+def hybrid_calls(energy: str, neural: str, onset: int = 4) -> str:
+    vad = HybridVad(energy=Scripted(energy), neural=Scripted(neural), onset_frames=onset)
+    return "".join("x" if vad.is_speech(b"") else "." for _ in energy)
+
+
+def test_hybrid_takes_the_energy_onset_until_silero_confirms_it() -> None:
+    # Speech: energy finds it at once, Silero three frames later; one voice from the first.
+    assert hybrid_calls("..xxxxxxxx..", ".....xxxxxxx") == "..xxxxxxxxxx"
+    # A door or a note: energy only; voiced for the onset frames, then no more (no turn).
+    assert hybrid_calls("..xxxxxxxx..", "............") == "..xxxx......"
+    # Each new energy burst gets its onset frames again; Silero alone counts too.
+    assert hybrid_calls("xx.xxxxx...", "........xx.") == "xx.xxxx.xx."
+    assert hybrid_calls("xxxxx", "xxxxx", onset=0) == "xxxxx"
+    assert hybrid_calls("xxxxx", ".....", onset=0) == "....."
+    with pytest.raises(ValueError, match="onset_frames"):
+        HybridVad(energy=Scripted(""), neural=Scripted(""), onset_frames=-1)
+
+
+@needs_model
+def test_hybrid_voices_speech_from_the_energy_onset_and_never_a_burst_for_long() -> None:
+    pcm = utterance("en-us", "please book a table for two at eight")
+    energy, hybrid, silero = (voiced(pcm, v) for v in (Vad(), HybridVad(), SileroVad()))
+    assert hybrid.index(True) == energy.index(True) < silero.index(True)
+    assert sum(hybrid) >= sum(silero)
+    # Bursts, tones and chords: energy voices many frames; the hybrid at most its onsets.
+    for what in ("noise", "tone", "chord"):
+        calls = voiced(bursts(6.0, what), HybridVad())
+        runs = [len(list(g)) for k, g in itertools.groupby(calls) if k]
+        assert all(run <= neural_vad.ONSET_FRAMES for run in runs), (what, runs)

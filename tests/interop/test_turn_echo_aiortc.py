@@ -12,7 +12,7 @@ import pytest
 
 from ops.config import Config
 from sessions.audio import speech
-from sessions.audio.neural_vad import VADS, SileroVad, available, make_vad
+from sessions.audio.neural_vad import VADS, HybridVad, SileroVad, available, make_vad
 from sessions.audio.vad import Vad
 from sessions.node import agents as node_agents
 from sessions.turns import SpeechClassifier
@@ -60,7 +60,7 @@ def test_aiortc_hears_its_turn_played_back_with_events_in_order(
 
     async def scenario() -> tuple[float, list[str]]:
         # Speak, then stay silent long enough for the whole reply: the sentence comes again
-        # after the pause, and talking over the end of the reply would duck it (40 ms of voice).
+        # after the pause, and talking over the end of the reply would duck it (20 ms of voice).
         call = AiortcCall(sent, pause=4.0)
         loop = asyncio.get_running_loop()
         try:
@@ -80,5 +80,5 @@ def test_aiortc_hears_its_turn_played_back_with_events_in_order(
     turn = [e for e in events if e.startswith(("speech_", "agent_"))]
     assert turn[:4] == ["speech_started", "speech_stopped", "agent_started", "agent_finished"]
     assert set(events[:3]) == {"ice_connected", "dtls_connected", "media_started"}
-    kind = {"energy": Vad, "silero": SileroVad}[node_config.turns.vad]
+    kind = {"energy": Vad, "silero": SileroVad, "hybrid": HybridVad}[node_config.turns.vad]
     assert vads_built and all(type(vad) is kind for vad in vads_built)

@@ -95,6 +95,7 @@ from ops.bench.sessions_report import (
     render,
 )
 from ops.bench.sessions_servers import (
+    NODE_SETTINGS,
     AiortcServer,
     ClusterServer,
     ParleyServer,
@@ -553,6 +554,12 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
         metavar="DIR",
         help="py-spy the cluster's node at N=10 (after the step's window), profiles into DIR",
     )
+    parser.add_argument(
+        "--tick-ms",
+        type=int,
+        choices=range(21),
+        help="node.media_tick_ms of the parley sides (default: the node's; 0: no shared tick)",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     names = {"cluster": "cluster", "direct": "parley", "parley": "parley", "aiortc": "aiortc"}
@@ -571,7 +578,11 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
         time_budget=20.0 if quick else 150.0,
         sides=sides,
         profile=str(Path(args.profile).resolve()) if args.profile else None,
+        tick_ms=args.tick_ms,
     )
+    NODE_SETTINGS.clear()
+    if args.tick_ms is not None:
+        NODE_SETTINGS["PARLEY_NODE_MEDIA_TICK_MS"] = str(args.tick_ms)
     if params.setups < 1 or params.max_sessions < 1 or params.window <= 0 or params.warmup < 0:
         parser.error("--setups and --sessions must be positive, --window > 0, --warmup >= 0")
     result = measure(params)

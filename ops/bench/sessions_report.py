@@ -262,6 +262,8 @@ class Params:
     """which sides are measured, in this order (``parley``: direct mode)"""
     profile: str | None = None
     """a directory: profile the cluster's node with py-spy at N=10 and keep the profiles there"""
+    tick_ms: int | None = None
+    """``node.media_tick_ms`` of both parley sides (None: the node's default)"""
 
     def steps(self) -> list[int]:
         steps = []
@@ -323,7 +325,8 @@ def _header(result: BenchResult) -> list[str]:
         else "one cpu: servers, clients and etcd share it (nothing pinned)",
         f"params: {p['setups']} sequential setups; ramp {Params(**p).steps()} sessions "  # type: ignore[arg-type]
         f"(max {p['max_sessions']}), warm-up {p['warmup']}s, window {p['window']}s; "
-        f"clients decode {'every frame' if p['decode_all'] else 'the first frame only'}",
+        f"clients decode {'every frame' if p['decode_all'] else 'the first frame only'}; "
+        "node.media_tick_ms " + ("default" if p.get("tick_ms") is None else str(p["tick_ms"])),
         "measured at the client the same way for every side, a ramp step passes with < "
         f"{BAD_LIMIT:.0%} bad frames (late: came > {LATE_SLACK * 1000:.0f} ms later after the"
         " previous echoed frame than their RTP timestamps are apart; or missing) and an echo"

@@ -114,6 +114,10 @@ def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
 # --- servers under test ------------------------------------------------------------------------
 
 
+#: extra settings for both parley sides' nodes (``--tick-ms``), PARLEY_* environment variables
+NODE_SETTINGS: dict[str, str] = {}
+
+
 def _repo_env() -> dict[str, str]:
     """The environment of a server process: this checkout importable, no stray PARLEY_*."""
     root = str(Path(__file__).resolve().parents[2])
@@ -282,6 +286,7 @@ class ParleyServer(Server):
         env["PARLEY_NODE_AGENT"] = "echo"
         # every client is on one loopback address, and capacity, not admission, is measured
         env.update(ADMISSION)
+        env.update(NODE_SETTINGS)
         return env
 
     def start(self) -> None:
@@ -376,6 +381,7 @@ class ClusterServer(Server):
             PARLEY_UP_OPSVIEW_LISTEN="",  # no ops page
         )
         env.update(ADMISSION)
+        env.update(NODE_SETTINGS)
         return env
 
     @property

@@ -20,6 +20,8 @@ Example ``parley.toml``::
     lease_margin = 1.0        # stop owned work this long before the lease could expire
     capacity = 1000           # sessions this node accepts
     media_tick_ms = 20        # sessions' media served in batches on this grid (0: each alone)
+    opus_complexity = 5       # libopus effort for what sessions say, 0-10 (CPU against quality)
+    opus_bitrate = 32000      # bit/s of what sessions say
     signaling_host = "127.0.0.1"
     signaling_port = 0        # 0: any free port
     public_url = ""           # ws[s]://HOST[:PORT][/PREFIX]/v1/session where clients reach
@@ -246,7 +248,13 @@ def _apply(base: Config, layer: Mapping[str, Mapping[str, Any]], origin: str) ->
             if key not in types:
                 raise ConfigError(f"{origin}: unknown setting {section}.{key}")
             coerced[key] = _coerce(value, types[key], f"{origin}: {section}.{key}")
-        changes[section] = attrs.evolve(getattr(base, section), **coerced)
+        try:
+            changes[section] = attrs.evolve(getattr(base, section), **coerced)
+        except ConfigError:
+            raise
+        except ValueError as exc:  # a field's own validator, e.g. a range
+            detail = exc.args[0] if exc.args else exc
+            raise ConfigError(f"{origin}: [{section}] {detail}") from None
     return attrs.evolve(base, **changes)
 
 

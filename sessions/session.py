@@ -68,6 +68,7 @@ import trio
 
 from actors import Actor
 from sessions.agents import Agent, EchoAgent, MoveAwareAgent, RunningAgent
+from sessions.audio.opus import VoiceCodec
 from sessions.ports import INBOX_SIZE, Datagram, Inbound, PeerAddress, SessionPort
 from sessions.snapshot import SessionSnapshot
 from sessions.transceiver import (
@@ -152,6 +153,7 @@ class SessionActor(Actor):
         make_agent: Callable[[], Agent] = EchoAgent,
         turn_config: TurnConfig | None = None,
         make_vad: Callable[[], SpeechClassifier] | None = None,
+        codec: VoiceCodec | None = None,
         arrival: Arrival | None = None,
         max_buffered: int = MAX_BUFFERED,
         persist: Callable[[SessionSnapshot], Awaitable[bool]] | None = None,
@@ -189,6 +191,8 @@ class SessionActor(Actor):
         self._turn_config = turn_config
         #: a fresh voice activity detector for each core (None: the turn detector's default)
         self._make_vad = make_vad
+        #: how each core encodes what the agent says (None: the encoder's defaults)
+        self._codec = codec
         self._arrival = arrival
         self.restored = False
         #: seconds from the quiesce on the old node to this actor's restore (a moved session)
@@ -239,6 +243,7 @@ class SessionActor(Actor):
                 agent=self._agent,
                 turn_config=self._turn_config,
                 vad=None if self._make_vad is None else self._make_vad(),
+                codec=self._codec,
                 elapsed=self.blackout,
             )
             self.restored = True
@@ -263,6 +268,7 @@ class SessionActor(Actor):
                 agent=self._agent,
                 turn_config=self._turn_config,
                 vad=None if self._make_vad is None else self._make_vad(),
+                codec=self._codec,
                 elapsed=max(0.0, time.time() - snapshot.taken_at) if snapshot.taken_at else None,
             )
             self.restored = True

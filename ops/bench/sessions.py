@@ -26,9 +26,9 @@ else (this process, etcd, ``parley up``, the relay) to the others.
 
 **Codec floor** (ops/bench/sessions_profile.py), measured first, on the server's core: libopus
 (through sessions/audio/opus.py, as a session uses it) decoding each of the clients' packets and
-encoding the PCM again, at the node's configured complexity (``OpusEncoder()``'s: 5, 32 kbit/s)
-and at 10: CPU per session-second and "sessions per core if Python cost nothing"; each parley
-side's sessions/core is shown as a fraction of it.
+encoding the PCM again, at the node's ``node.opus_complexity`` (5 unless ``--complexity``;
+32 kbit/s) and at 10: CPU per session-second and "sessions per core if Python cost nothing";
+each parley side's sessions/core is shown as a fraction of it.
 
 Figures, for each side:
 
@@ -477,7 +477,7 @@ def measure(params: Params) -> BenchResult:
     loopback_ice()
     packets = speech_packets()
     about = machine()
-    complexity, bitrate = configured_codec()
+    complexity, bitrate = configured_codec(params.complexity)
     workdir = Path(tempfile.mkdtemp(prefix="parley-bench-"))
     profile: list[ProfileTop] = []
     try:
@@ -560,6 +560,9 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
         choices=range(21),
         help="node.media_tick_ms of the parley sides (default: the node's; 0: no shared tick)",
     )
+    parser.add_argument(
+        "--complexity", type=int, choices=range(11), help="node.opus_complexity (default: 5)"
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     names = {"cluster": "cluster", "direct": "parley", "parley": "parley", "aiortc": "aiortc"}
@@ -579,10 +582,12 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
         sides=sides,
         profile=str(Path(args.profile).resolve()) if args.profile else None,
         tick_ms=args.tick_ms,
+        complexity=args.complexity,
     )
     NODE_SETTINGS.clear()
-    if args.tick_ms is not None:
-        NODE_SETTINGS["PARLEY_NODE_MEDIA_TICK_MS"] = str(args.tick_ms)
+    for name, value in (("MEDIA_TICK_MS", args.tick_ms), ("OPUS_COMPLEXITY", args.complexity)):
+        if value is not None:
+            NODE_SETTINGS[f"PARLEY_NODE_{name}"] = str(value)
     if params.setups < 1 or params.max_sessions < 1 or params.window <= 0 or params.warmup < 0:
         parser.error("--setups and --sessions must be positive, --window > 0, --warmup >= 0")
     result = measure(params)

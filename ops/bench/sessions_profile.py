@@ -28,13 +28,13 @@ PROFILE_RATE: Final = 200
 _LINE: Final = re.compile(r"^(.*) \((.*?)(?::\d+)?\)$")
 
 
-def configured_codec() -> tuple[int, int]:
-    """(complexity, bitrate) of the encoder a node's session makes (sessions/transceiver/voice.py
-    constructs ``OpusEncoder()`` with its defaults)."""
-    from sessions.audio.opus import OpusEncoder
+def configured_codec(complexity: int | None = None) -> tuple[int, int]:
+    """(complexity, bitrate) of the encoder a node's session makes: ``node.opus_complexity``
+    (``complexity``, or the setting's default) and ``node.opus_bitrate``'s default."""
+    from sessions.node.settings import NodeSettings
 
-    encoder = OpusEncoder()
-    return encoder.complexity, encoder.bitrate
+    node = NodeSettings()
+    return node.opus_complexity if complexity is None else complexity, node.opus_bitrate
 
 
 def codec_floor(packets: list[bytes], complexity: int, bitrate: int) -> FloorFigures:

@@ -200,7 +200,7 @@ class BenchResult:
     params: dict[str, object]
     floor: list[FloorFigures]
     complexity: int
-    """the node's configured Opus complexity (sessions/transceiver/voice.py's OpusEncoder())"""
+    """the nodes' Opus complexity (``node.opus_complexity``)"""
     cluster: ServerFigures | None = None
     """through ``parley up --nodes 1 --relays 1``: a relay, its QUIC tunnel and a node"""
     parley: ServerFigures | None = None
@@ -264,6 +264,8 @@ class Params:
     """a directory: profile the cluster's node with py-spy at N=10 and keep the profiles there"""
     tick_ms: int | None = None
     """``node.media_tick_ms`` of both parley sides (None: the node's default)"""
+    complexity: int | None = None
+    """``node.opus_complexity`` of both parley sides (None: the node's default)"""
 
     def steps(self) -> list[int]:
         steps = []
@@ -326,7 +328,10 @@ def _header(result: BenchResult) -> list[str]:
         f"params: {p['setups']} sequential setups; ramp {Params(**p).steps()} sessions "  # type: ignore[arg-type]
         f"(max {p['max_sessions']}), warm-up {p['warmup']}s, window {p['window']}s; "
         f"clients decode {'every frame' if p['decode_all'] else 'the first frame only'}; "
-        "node.media_tick_ms " + ("default" if p.get("tick_ms") is None else str(p["tick_ms"])),
+        "node.media_tick_ms "
+        + ("default" if p.get("tick_ms") is None else str(p["tick_ms"]))
+        + ", node.opus_complexity "
+        + ("default" if p.get("complexity") is None else str(p["complexity"])),
         "measured at the client the same way for every side, a ramp step passes with < "
         f"{BAD_LIMIT:.0%} bad frames (late: came > {LATE_SLACK * 1000:.0f} ms later after the"
         " previous echoed frame than their RTP timestamps are apart; or missing) and an echo"
@@ -427,7 +432,7 @@ def _floor_lines(result: BenchResult) -> list[str]:
     """The codec floor, and the fraction of it each parley side reaches."""
     lines = [
         "codec floor: opuslib decode + encode of the clients' speech frames, one thread, as the"
-        f" node's OpusEncoder() (complexity {result.complexity} configured)"
+        f" node's encoder (node.opus_complexity {result.complexity})"
     ]
     for f in result.floor:
         lines.append(

@@ -44,6 +44,7 @@ __all__ = [
     "OpusDecoder",
     "OpusEncoder",
     "OpusUnavailableError",
+    "VoiceCodec",
     "libopus_version",
 ]
 
@@ -124,6 +125,21 @@ def _apply_ctl(request: str) -> Any:
 
 def _in_range(low: int, high: int) -> Any:
     return [attrs.validators.instance_of(int), attrs.validators.ge(low), attrs.validators.le(high)]
+
+
+@final
+@attrs.frozen
+class VoiceCodec:
+    """How a session encodes what it says: the node's ``node.opus_complexity`` (0-10: libopus's
+    CPU spent per frame against quality; README, Benchmarks, has the measured trade-off) and
+    ``node.opus_bitrate`` (bit/s). Everything else is :class:`OpusEncoder`'s defaults."""
+
+    complexity: int = attrs.field(default=5, validator=_in_range(0, 10))
+    bitrate: int = attrs.field(default=32_000, validator=_in_range(6_000, 510_000))
+
+    def encoder(self) -> OpusEncoder:
+        """A fresh encoder set up this way."""
+        return OpusEncoder(bitrate=self.bitrate, complexity=self.complexity)
 
 
 @final

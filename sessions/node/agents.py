@@ -1,15 +1,17 @@
 """What a node gives each of its sessions: a fresh agent, the turn thresholds and a voice
-activity detector, from its settings (``node.agent``, ``[turns]``)."""
+activity detector and how it encodes its voice, from its settings (``node.agent``, ``[turns]``,
+``node.opus_*``)."""
 
 from __future__ import annotations
 
 from sessions.agents import Agent, EchoAgent, TurnEchoAgent
 from sessions.agents.bridge import BridgeAgent
 from sessions.audio.neural_vad import make_vad
+from sessions.audio.opus import VoiceCodec
 from sessions.node.settings import NodeSetup
 from sessions.turns import SpeechClassifier, TurnConfig
 
-__all__ = ["make_agent", "session_vad", "turn_config"]
+__all__ = ["make_agent", "session_vad", "turn_config", "voice_codec"]
 
 
 def make_agent(config: NodeSetup, session_id: str) -> Agent:
@@ -48,3 +50,8 @@ def turn_config(config: NodeSetup) -> TurnConfig:
 def session_vad(config: NodeSetup) -> SpeechClassifier:
     """A fresh voice activity detector for a session's turn detector, as ``turns.vad`` says."""
     return make_vad(config.turns.vad)
+
+
+def voice_codec(config: NodeSetup) -> VoiceCodec:
+    """How sessions encode the agent's voice: ``node.opus_complexity`` and ``node.opus_bitrate``."""
+    return VoiceCodec(complexity=config.node.opus_complexity, bitrate=config.node.opus_bitrate)

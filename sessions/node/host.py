@@ -24,7 +24,7 @@ import trio
 
 from actors import Actor
 from sessions.agents import Agent
-from sessions.node.agents import make_agent, session_vad, turn_config
+from sessions.node.agents import make_agent, session_vad, turn_config, voice_codec
 from sessions.node.daemon import Node, NodeRefused
 from sessions.node.ledger import LedgerWriter
 from sessions.node.metrics import SessionTally
@@ -160,6 +160,7 @@ class NodeSessions:
             agent=agent,
             turn_config=turn_config(self.node.config),
             vad=session_vad(self.node.config),
+            codec=voice_codec(self.node.config),
             ufrag=self.media.mint_ufrag(session_id),
         )
         port = self.media.register(session_id, core.local_ufrag)
@@ -379,6 +380,7 @@ class NodeSessions:
             make_agent=lambda: make_agent(self.node.config, session_id),
             turn_config=turn_config(self.node.config),
             make_vad=lambda: session_vad(self.node.config),
+            codec=voice_codec(self.node.config),
             arrival=arrival,
             persist=(
                 (lambda snapshot: self._persist(session_id, snapshot))

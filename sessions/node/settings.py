@@ -102,6 +102,13 @@ class NodeSettings:
     #: many of their frames in one QUIC packet; up to this much later than their own times.
     #: 0: every session on its own timers, every datagram at once (sessions/session.py)
     media_tick_ms: int = attrs.field(default=20, validator=attrs.validators.in_(range(0, 21)))
+    #: libopus's complexity for what sessions say, 0-10: CPU per frame against quality (README,
+    #: Benchmarks: about 1 ms more CPU per session-second per step above 5, little audible gain)
+    opus_complexity: int = attrs.field(default=5, validator=attrs.validators.in_(range(0, 11)))
+    #: the bitrate of what sessions say, bit/s (6,000-510,000; 32,000 is wideband speech)
+    opus_bitrate: int = attrs.field(
+        default=32_000, validator=[attrs.validators.ge(6_000), attrs.validators.le(510_000)]
+    )
 
     def check_public_url(self) -> None:
         """Raises SettingsError unless ``public_url`` is empty or a WebSocket URL of signaling."""

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from typing import Final, final
 
 from sessions.agents import Agent, EchoAgent
+from sessions.audio.opus import VoiceCodec
 from sessions.audio.pacer import FRAME_TIMESTAMP
 from sessions.snapshot import SessionSnapshot
 from sessions.transceiver.barge import Duck
@@ -93,6 +94,7 @@ class Transceiver:
         turn_config: TurnConfig | None = None,
         ufrag: str | None = None,
         vad: SpeechClassifier | None = None,
+        codec: VoiceCodec | None = None,
     ) -> tuple[Transceiver, str]:
         """Answer a client's offer: a new session and the SDP answer to send back.
 
@@ -113,6 +115,7 @@ class Transceiver:
             timestamp=secrets.randbits(32),
             turn_config=turn_config,
             vad=vad,
+            codec=codec,
         )
         return cls(session_id=session_id, transport=transport, voice=voice, created=now), answer
 
@@ -127,6 +130,7 @@ class Transceiver:
         turn_config: TurnConfig | None = None,
         vad: SpeechClassifier | None = None,
         elapsed: float | None = None,
+        codec: VoiceCodec | None = None,
     ) -> Transceiver:
         """Continue a session from ``snapshot``, taken ``now``: an exact snapshot from
         :meth:`quiesce` (a planned move, see :meth:`_continue`), or the newest stored
@@ -160,6 +164,7 @@ class Transceiver:
                 agent=agent,
                 turn_config=turn_config,
                 vad=vad,
+                codec=codec,
             )
         transport = Transport.restore(snapshot, now)
         if elapsed is None:
@@ -172,6 +177,7 @@ class Transceiver:
             timestamp=(snapshot.next_timestamp + jump * FRAME_TIMESTAMP) % _TS_MOD,
             turn_config=turn_config,
             vad=vad,
+            codec=codec,
         )
         core = cls(
             session_id=snapshot.session_id,
@@ -191,6 +197,7 @@ class Transceiver:
         agent: Agent | None,
         turn_config: TurnConfig | None,
         vad: SpeechClassifier | None,
+        codec: VoiceCodec | None,
     ) -> Transceiver:
         """A planned move's second half: continue an exact snapshot ``elapsed`` seconds after
         it was taken (see :meth:`quiesce`)."""
@@ -205,6 +212,7 @@ class Transceiver:
             timestamp=(snapshot.next_timestamp + advance) % _TS_MOD,
             turn_config=turn_config,
             vad=vad,
+            codec=codec,
             # An open turn goes on here: the new detector's first turn is that one.
             turn_offset=snapshot.turns - (snapshot.open_turn is not None),
         )

@@ -34,7 +34,7 @@ import attrs
 from sessions.agents import FRAME_BYTES, Agent, DuckAwareAgent, StatefulAgent
 from sessions.audio.echo import EchoEstimator
 from sessions.audio.jitter import Frame, FrameKind, JitterBuffer
-from sessions.audio.opus import CodecError, OpusDecoder, OpusEncoder
+from sessions.audio.opus import CodecError, OpusDecoder, VoiceCodec
 from sessions.audio.pacer import FRAME_MS, FRAME_SECONDS, FRAME_TIMESTAMP, Pacer
 from sessions.audio.vad import Vad
 from sessions.snapshot import MAX_PENDING, MAX_PLAYOUT
@@ -78,6 +78,7 @@ class VoiceLoop:
     when the client will not receive (its offer was ``sendonly``): the agent still hears the
     user but is never asked for audio. ``timestamp`` is the RTP timestamp of our first frame.
     ``turn_offset`` is added to the turn detector's numbers (a moved session's turns go on).
+    ``codec`` sets up the encoder of what the agent says (libopus's complexity and bitrate).
     """
 
     def __init__(
@@ -89,6 +90,7 @@ class VoiceLoop:
         turn_config: TurnConfig | None = None,
         vad: SpeechClassifier | None = None,
         turn_offset: int = 0,
+        codec: VoiceCodec | None = None,
     ) -> None:
         self._agent = agent
         self._may_send = may_send
@@ -137,7 +139,7 @@ class VoiceLoop:
         #: agent states a restore could not use (another kind of agent, or malformed)
         self.agent_state_rejected = 0
         self._jitter = JitterBuffer()
-        self._encoder = OpusEncoder()
+        self._encoder = (VoiceCodec() if codec is None else codec).encoder()
         self._decoder = OpusDecoder()
         #: the agent's audio is on the air (sent on the last tick); barge-in stops it
         self._agent_on_air = False

@@ -64,6 +64,23 @@ def test_barge_in_and_echo_thresholds_are_settings(tmp_path: Path) -> None:
         load_config(env={"PARLEY_TURNS_INTERRUPT_MS": "10"})
 
 
+def test_the_voice_codec_is_a_setting(tmp_path: Path) -> None:
+    from sessions.audio.opus import VoiceCodec
+    from sessions.node.agents import voice_codec
+
+    file = tmp_path / "parley.toml"
+    file.write_text("[node]\nopus_complexity = 9\n")
+    config = load_config(file, env={"PARLEY_NODE_OPUS_BITRATE": "24000"})
+    assert voice_codec(config) == VoiceCodec(complexity=9, bitrate=24_000)
+    assert voice_codec(load_config(env={})) == VoiceCodec(complexity=5, bitrate=32_000)
+    with pytest.raises(ConfigError, match="opus_complexity"):
+        load_config(env={"PARLEY_NODE_OPUS_COMPLEXITY": "11"})
+    with pytest.raises(ConfigError, match="opus_bitrate"):
+        load_config(env={"PARLEY_NODE_OPUS_BITRATE": "1000"})
+    with pytest.raises(ConfigError, match=r"environment: \[node\] 'media_tick_ms' must be in"):
+        load_config(env={"PARLEY_NODE_MEDIA_TICK_MS": "25"})
+
+
 def test_config_file_from_environment(tmp_path: Path) -> None:
     file = tmp_path / "c.toml"
     file.write_text("[up]\nnodes = 4\n")

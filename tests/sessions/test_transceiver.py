@@ -23,7 +23,7 @@ from OpenSSL import SSL
 
 from sessions.agents import FRAME_BYTES, Agent, EchoAgent
 from sessions.audio import speech
-from sessions.audio.opus import OpusDecoder, OpusEncoder
+from sessions.audio.opus import OpusDecoder, OpusEncoder, VoiceCodec
 from sessions.snapshot import SNAPSHOT_VERSION, SessionSnapshot
 from sessions.transceiver import (
     CHECKPOINT_INTERVAL,
@@ -302,8 +302,10 @@ class Sim:
         auto_checkpoint: bool = True,
         client_certificate: Certificate = CLIENT_CERT,
         agent: Agent | None = None,
+        codec: VoiceCodec | None = None,
     ) -> None:
         self.now = 0.0
+        self.codec = codec
         self.delay = delay
         self.auto_checkpoint = auto_checkpoint
         self.core, answer = Transceiver.accept(
@@ -313,6 +315,7 @@ class Sim:
             candidates=[SERVER_ADDR],
             now=0.0,
             agent=agent,
+            codec=codec,
         )
         self.answer = answer
         self.client = Client(answer, client_certificate)
@@ -401,7 +404,9 @@ class Sim:
     def move(self) -> Transceiver:
         """Restore the newest stored snapshot into a fresh transceiver, dropping the old."""
         snapshot = SessionSnapshot.from_bytes(self.stored[-1])
-        self.core = Transceiver.restore(snapshot, certificate=SERVER_CERT, now=self.now)
+        self.core = Transceiver.restore(
+            snapshot, certificate=SERVER_CERT, now=self.now, codec=self.codec
+        )
         self.pump()
         return self.core
 

@@ -6,6 +6,7 @@ import functools
 
 from sessions.agents import FRAME_BYTES, TurnEchoAgent
 from sessions.audio import speech
+from sessions.audio.opus import VoiceCodec
 from sessions.transceiver import ClientEvent
 from sessions.turns import TurnConfig
 from tests.sessions.test_transceiver import FRAME, Sim
@@ -100,3 +101,34 @@ def rtp_times(sim: Sim) -> set[float]:
     from sessions.webrtc.demux import PacketKind, classify, is_rtcp
 
     return {t for t, d, _ in sim.sent if classify(d) is PacketKind.RTP_RTCP and not is_rtcp(d)}
+
+
+def _reply_sizes(codec: VoiceCodec | None) -> tuple[list[int], list[int], bytes]:
+    """Payload sizes of the agent's reply to one turn before a restore and one after it, and
+    the second reply's PCM as the client decoded it."""
+    sim = Sim(agent=TurnEchoAgent(), codec=codec)
+    sim.connect()
+    frames = speech.frames(sentence()) + [SILENCE] * 150
+    end = sim.talk(frames)
+    sim.keep_consent(end + 30)
+    sim.run(end)
+    before = [len(p.payload) for p in sim.client.received]
+    sim.move()  # a crash restore from the newest checkpoint: a fresh encoder
+    end = sim.talk(frames, end)
+    sim.run(end + 1)
+    after = sim.client.received[len(before) :]
+    return before, [len(p.payload) for p in after], sim.client.pcm(after)
+
+
+def test_the_node_s_codec_setting_encodes_every_reply_before_and_after_a_restore() -> None:
+    low = VoiceCodec(bitrate=12_000, complexity=0)
+    small_before, small_after, pcm = _reply_sizes(low)
+    big_before, big_after, _ = _reply_sizes(None)  # 32 kbit/s, complexity 5
+    assert len(small_before) > 100 and len(small_after) > 100
+    mean = lambda sizes: sum(sizes) / len(sizes)  # noqa: E731
+    # 12 kbit/s against 32 (silent frames are small at both): the setting reaches the encoder
+    # of the session's first core and of the one restored from its checkpoint.
+    for small, big in ((small_before, big_before), (small_after, big_after)):
+        assert mean(big) > 2 * mean(small), (mean(small), mean(big))
+    score, _ = speech.correlation(sentence(), pcm, len(pcm) // 2 - 1)
+    assert score > 0.6, score  # still the user's speech played back

@@ -102,8 +102,8 @@ class NodeSettings:
     #: many of their frames in one QUIC packet; up to this much later than their own times.
     #: 0: every session on its own timers, every datagram at once (sessions/session.py)
     media_tick_ms: int = attrs.field(default=20, validator=attrs.validators.in_(range(0, 21)))
-    #: libopus's complexity for what sessions say, 0-10: CPU per frame against quality (README,
-    #: Benchmarks: about 1 ms more CPU per session-second per step above 5, little audible gain)
+    #: libopus's complexity for what sessions say, 0-10: CPU per frame against fidelity (README,
+    #: Benchmarks, ``ops/bench/codec.py``: 10 costs 1.8x the codec CPU of 5 for +0.15 dB)
     opus_complexity: int = attrs.field(default=5, validator=attrs.validators.in_(range(0, 11)))
     #: the bitrate of what sessions say, bit/s (6,000-510,000; 32,000 is wideband speech)
     opus_bitrate: int = attrs.field(

@@ -69,6 +69,7 @@ import trio
 from actors import Actor
 from sessions.agents import Agent, EchoAgent, MoveAwareAgent, RunningAgent
 from sessions.audio.opus import VoiceCodec
+from sessions.audio.pacer import GRID_SLACK
 from sessions.ports import INBOX_SIZE, Datagram, Inbound, PeerAddress, SessionPort
 from sessions.snapshot import SessionSnapshot
 from sessions.transceiver import (
@@ -121,10 +122,10 @@ class Arrival:
 
 def _on_tick(at: float, tick: float) -> float:
     """The first point of the node's tick grid (multiples of ``tick`` on Trio's clock) at or
-    after ``at``; never before it, whatever the float rounding (a wake before the timer would
-    find nothing due and wake again at once)."""
-    point = math.ceil(at / tick) * tick
-    return point if point >= at else point + tick
+    after ``at``, or one at most :data:`GRID_SLACK` before it: a timer computed to fall on a
+    grid point (a paced frame) may come out a float's rounding after it, and must not wait a
+    whole tick for that. The timer is then handled at its own time (see ``_serve_media``)."""
+    return math.ceil((at - GRID_SLACK) / tick) * tick
 
 
 def _is_rtp(data: bytes) -> bool:
@@ -470,6 +471,7 @@ class SessionActor(Actor):
         inbox = self.port.inbox
         closed = False  # the inbox ended while quiesced: wait for a resume or a hand-off
         tick = self._tick
+        gridded: Transceiver | None = None  # the core told it runs on the grid
         while not self._over and self._handing_off is None:
             core = self.core
             timer = None if self.paused else core.get_timer()
@@ -479,6 +481,9 @@ class SessionActor(Actor):
             ticking = tick > 0 and timer is not None and core.media_ready
             if ticking:
                 assert timer is not None
+                if gridded is not core:
+                    core.on_grid(tick)  # its frames leave on the grid, one a tick
+                    gridded = core
                 timer = _on_tick(timer, tick)
             with trio.CancelScope(deadline=math.inf if timer is None else timer) as wake:
                 self._wake = wake
@@ -506,7 +511,8 @@ class SessionActor(Actor):
             now = trio.current_time()
             timer = core.get_timer()
             if timer is not None and now >= (_on_tick(timer, tick) if ticking else timer):
-                core.handle_timer(now)
+                # At most GRID_SLACK ahead of the clock: a timer a rounding after its grid point
+                core.handle_timer(max(now, timer))
             self._flush()
             self._handle_events()
 

@@ -46,7 +46,15 @@ from typing import Final, final
 
 import attrs
 
-__all__ = ["FRAME_MS", "FRAME_SECONDS", "FRAME_TIMESTAMP", "PacedFrame", "Pacer", "PacerStats"]
+__all__ = [
+    "FRAME_MS",
+    "FRAME_SECONDS",
+    "FRAME_TIMESTAMP",
+    "GRID_SLACK",
+    "PacedFrame",
+    "Pacer",
+    "PacerStats",
+]
 
 #: Duration of one frame and one tick.
 FRAME_MS: Final = 20
@@ -94,6 +102,16 @@ class PacerStats:
     queued_ms: int
 
 
+#: how far a time may sit before a grid point and still count as on it (float rounding)
+GRID_SLACK: Final = 1e-6
+
+
+def _nearest(now: float, grid: float) -> float:
+    """The point of the grid (multiples of ``grid``) nearest ``now``."""
+    below = math.floor((now + GRID_SLACK) / grid) * grid
+    return below if now - below < grid / 2 else below + grid
+
+
 @final
 @attrs.define
 class Pacer:
@@ -106,6 +124,13 @@ class Pacer:
     * ``late_threshold``: seconds after its deadline from which a tick counts as late;
     * ``hangover``: empty ticks after which a talkspurt the agent did not end is over;
     * ``max_catchup``: how many ticks behind a caller may be before ticks are skipped.
+
+    ``grid`` (seconds; 0: none) may change at any time: a caller that handles its timers only
+    on a shared grid of this period (a node's media tick) sets it, and each talkspurt then
+    starts on the grid point nearest its first frame, so that every later tick falls on the
+    grid too. Without it a talkspurt that started a little after a grid point (the caller's
+    wake-up latency) has every tick due just after one, and a later wake-up a little later
+    than that first one finds two ticks due at once: two frames in one packet train, then none.
     """
 
     initial_timestamp: int = attrs.field(
@@ -118,6 +143,7 @@ class Pacer:
     )
     hangover: int = attrs.field(default=5, validator=attrs.validators.ge(1), on_setattr=_FROZEN)
     max_catchup: int = attrs.field(default=5, validator=attrs.validators.ge(0), on_setattr=_FROZEN)
+    grid: float = attrs.field(default=0.0, validator=attrs.validators.ge(0.0))
 
     _queue: collections.deque[bytes] = attrs.field(init=False, factory=collections.deque)
     _start: float = attrs.field(init=False, default=0.0)  # deadline of tick 0 of the talkspurt
@@ -195,6 +221,8 @@ class Pacer:
     def _begin(self, now: float) -> None:
         # Never earlier than the tick the last talkspurt left unused, so consecutive packets
         # are at least 20 ms apart and the timestamp never runs ahead of real time.
+        if self.grid > 0:
+            now = _nearest(now, self.grid)
         if self._idle_deadline is None:
             self._start = now
         else:

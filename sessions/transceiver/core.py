@@ -255,6 +255,11 @@ class Transceiver:
         """Whether the session is frozen for a planned move (:meth:`quiesce`)."""
         return self._transport.quiesced
 
+    def on_grid(self, tick: float) -> None:
+        """The owner handles this transceiver's timers only on a shared grid of ``tick``
+        seconds (a node's media tick; 0: on time): its outbound audio is paced on that grid."""
+        self._voice.on_grid(tick)
+
     @property
     def media_ready(self) -> bool:
         """SRTP is keyed and the client nominated a pair: media flows both ways."""

@@ -119,6 +119,8 @@ class VoiceLoop:
         self.duck_log: list[Duck] = self._duck_times.log
         self._barge_counts: collections.Counter[str] = collections.Counter()
         self._turn_offset = turn_offset
+        #: the node's media tick, seconds (0: none): the pacer's talkspurts start on it
+        self._grid = 0.0
         self._pacer = Pacer(initial_timestamp=timestamp)
         # What a move carries: the pacer's queue (PCM, the pacer keeps it to itself), the
         # client's latest packets and the last one played out, and where the media clock was
@@ -165,6 +167,12 @@ class VoiceLoop:
             self._running = True
             self._poll_at = now
 
+    def on_grid(self, tick: float) -> None:
+        """The owner handles timers only on a shared grid of ``tick`` seconds (0: on time):
+        what the agent says is paced on that grid (see :class:`~sessions.audio.pacer.Pacer`)."""
+        self._grid = tick
+        self._pacer.grid = tick
+
     def stop(self) -> None:
         """The session ended: no more ticks."""
         self._running = False
@@ -193,7 +201,7 @@ class VoiceLoop:
             advanced = self._pacer.next_timestamp + frames_elapsed(now - self._paused_at) * (
                 FRAME_TIMESTAMP
             )
-            self._pacer = Pacer(initial_timestamp=advanced % _TS_MOD)
+            self._pacer = Pacer(initial_timestamp=advanced % _TS_MOD, grid=self._grid)
             for pcm in self._queued:
                 self._pacer.push(pcm, now)
             if self._barge.ducked and self._fade is None:
@@ -364,7 +372,7 @@ class VoiceLoop:
                 timestamp, at = self._clock
                 self._clock = None
                 advanced = timestamp + frames_elapsed(now - at) * FRAME_TIMESTAMP
-                self._pacer = Pacer(initial_timestamp=advanced % _TS_MOD)
+                self._pacer = Pacer(initial_timestamp=advanced % _TS_MOD, grid=self._grid)
             self._pacer.push(pcm, now)
             self._queued.append(pcm)
         sent = False

@@ -198,3 +198,42 @@ def test_not_due_and_idle() -> None:
         Pacer(initial_timestamp=2**32)
     with pytest.raises(AttributeError):
         pacer.hangover = 1
+
+
+def _frames_per_wake(grid: float) -> list[int]:
+    """A caller that handles timers only on a 20 ms grid, waking 1-6 ms after each grid point
+    (its latency varies), feeding one frame per wake-up; how many frames each wake sent."""
+    rnd = random.Random(7)
+    pacer = Pacer(grid=grid)
+    sent: list[int] = []
+    point = 100.0  # a grid point
+    pacer.push(b"f", point + 0.003)  # the first frame came 3 ms after a grid point
+    for _ in range(200):
+        now = point + rnd.uniform(0.001, 0.006)
+        pacer.push(b"f", now)
+        count = 0
+        while (t := pacer.get_timer()) is not None and t <= now:
+            count += pacer.pop(now) is not None
+        sent.append(count)
+        point += 0.02
+    return sent
+
+
+def test_on_a_grid_talkspurts_start_on_it_and_a_late_wake_sends_one_frame() -> None:
+    on_grid = _frames_per_wake(0.02)
+    assert on_grid[1:] == [1] * 199  # the first wake may carry the talkspurt's first frame too
+    # Off the grid, the ticks fall 3 ms after each grid point: a wake later than that finds
+    # the next tick due as well, and one earlier finds none.
+    off_grid = _frames_per_wake(0.0)
+    assert 0 in off_grid and 2 in off_grid
+
+
+def test_a_grid_talkspurt_starts_on_the_nearest_point_and_keeps_its_timeline() -> None:
+    pacer = Pacer(grid=0.02)
+    pacer.push(b"a", 10.004)  # nearer 10.00 than 10.02
+    assert pacer.get_timer() == pytest.approx(10.0)
+    pacer.push(b"b", 10.004)
+    assert pacer.pop(10.004) is not None and pacer.get_timer() == pytest.approx(10.02)
+    later = Pacer(grid=0.02)
+    later.push(b"a", 10.013)  # nearer 10.02: never more than half a tick early or late
+    assert later.get_timer() == pytest.approx(10.02)

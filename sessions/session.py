@@ -9,10 +9,11 @@ nominated), the media loop no longer wakes for each datagram nor at its own time
 first point of a grid shared by every session of the node (multiples of ``tick`` on Trio's
 clock) at or after the core's timer; it takes what arrived since, each datagram timed from its
 arrival (stamped by the packet path), then plays out, runs the agent and sends. Every session
-of the node then wakes on the same scheduler turn and sends together, so a tunnel packs their
-frames into few QUIC packets, and a session costs one wake-up per frame instead of three
-(inbound packet, playout, pacer). Measured: about a fifth less node and relay CPU per echoed
-packet (README, Capacity). The price: playout and replies up to one tick later than their own
+of the node then wakes on the same scheduler turn (one sleeper wakes them all, sessions/grid.py)
+and sends together, so a tunnel packs their frames into few QUIC packets, and a session costs
+one wake-up per frame instead of three (inbound packet, playout, pacer); its talkspurts are paced
+on the grid too, one frame a tick. Measured: about a fifth less node and relay CPU per echoed
+packet (README, Benchmarks). The price: playout and replies up to one tick later than their own
 times. Setup (ICE, DTLS) is never held back: every datagram is answered as it comes.
 
 Checkpoints: when the core asks (``CheckpointDue``), the actor takes a snapshot, hands it to the
@@ -69,7 +70,7 @@ import trio
 from actors import Actor
 from sessions.agents import Agent, EchoAgent, MoveAwareAgent, RunningAgent
 from sessions.audio.opus import VoiceCodec
-from sessions.audio.pacer import GRID_SLACK
+from sessions.grid import grid_index, ride
 from sessions.ports import INBOX_SIZE, Datagram, Inbound, PeerAddress, SessionPort
 from sessions.snapshot import SessionSnapshot
 from sessions.transceiver import (
@@ -120,12 +121,9 @@ class Arrival:
     quiesced_at: float
 
 
-def _on_tick(at: float, tick: float) -> float:
-    """The first point of the node's tick grid (multiples of ``tick`` on Trio's clock) at or
-    after ``at``, or one at most :data:`GRID_SLACK` before it: a timer computed to fall on a
-    grid point (a paced frame) may come out a float's rounding after it, and must not wait a
-    whole tick for that. The timer is then handled at its own time (see ``_serve_media``)."""
-    return math.ceil((at - GRID_SLACK) / tick) * tick
+#: times a grid step handles the core's timers that are due at its point (a played-out frame
+#: may start a talkspurt due at once; never more than a few)
+_PASSES: Final = 4
 
 
 def _is_rtp(data: bytes) -> bool:
@@ -475,21 +473,22 @@ class SessionActor(Actor):
         while not self._over and self._handing_off is None:
             core = self.core
             timer = None if self.paused else core.get_timer()
-            # On the node's tick once media flows: wake only on the shared grid, and take
-            # what arrived meanwhile then (see the module docstring); until then (ICE, DTLS)
-            # every datagram is answered as it comes.
-            ticking = tick > 0 and timer is not None and core.media_ready
-            if ticking:
-                assert timer is not None
+            # On the node's tick once media flows: the grid's runner does this session's work
+            # at each grid point while this task sleeps (sessions/grid.py), taking what arrived
+            # meanwhile then (see the module docstring); until then (ICE, DTLS) every datagram
+            # is answered as it comes.
+            if tick > 0 and timer is not None and core.media_ready and not closed:
                 if gridded is not core:
                     core.on_grid(tick)  # its frames leave on the grid, one a tick
                     gridded = core
-                timer = _on_tick(timer, tick)
+                with trio.CancelScope() as wake:
+                    self._wake = wake
+                    await ride(grid_index(timer, tick), tick, self._grid_step(core, inbox))
+                self._wake = None
+                continue
             with trio.CancelScope(deadline=math.inf if timer is None else timer) as wake:
                 self._wake = wake
                 if closed and self.paused:
-                    await trio.sleep_forever()
-                if ticking:
                     await trio.sleep_forever()
                 try:
                     data, addr, at = await inbox.receive()
@@ -510,11 +509,45 @@ class SessionActor(Actor):
                 continue
             now = trio.current_time()
             timer = core.get_timer()
-            if timer is not None and now >= (_on_tick(timer, tick) if ticking else timer):
-                # At most GRID_SLACK ahead of the clock: a timer a rounding after its grid point
+            if timer is not None and now >= timer:
+                core.handle_timer(now)
+            self._flush()
+            self._handle_events()
+
+    def _grid_step(
+        self, core: Transceiver, inbox: trio.MemoryReceiveChannel[Inbound]
+    ) -> Callable[[float], int | None]:
+        """The session's work at a point of the node's grid, run by the grid (see ``ride``):
+        what arrived since the last point, then the core's timers, sends and events. The next
+        grid point it wants, or None when this task must take over again."""
+        tick = self._tick
+
+        def step(now: float) -> int | None:
+            if not self._take_queued(inbox):
+                return None  # it ended: the inbox closed
+            self._guard()
+            if not self._riding(core):
+                return None
+            for _ in range(_PASSES):  # what a timer handled makes due at once goes now too
+                timer = core.get_timer()
+                if timer is None or now < grid_index(timer, tick) * tick:
+                    break
+                # at most GRID_SLACK ahead of the clock: a timer a rounding after its point
                 core.handle_timer(max(now, timer))
             self._flush()
             self._handle_events()
+            if not self._riding(core) or not core.media_ready:
+                return None
+            timer = core.get_timer()
+            return None if timer is None else grid_index(timer, tick)
+
+        return step
+
+    def _riding(self, core: Transceiver) -> bool:
+        """Whether the grid may go on serving ``core`` for this actor, without its task."""
+        return not (
+            self.paused or self._over or self._handing_off is not None or self._core is not core
+        )
 
     def _take_queued(self, inbox: trio.MemoryReceiveChannel[Inbound]) -> bool:
         """Take what the inbox holds now; False if the session ended because it closed."""

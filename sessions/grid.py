@@ -1,0 +1,149 @@
+"""The node's media tick as one clock for every session: :func:`ride`.
+
+Once a session's media flows, its actor does its work only on a node-wide grid of ``tick``
+seconds (``node.media_tick_ms``; sessions/session.py). One task per grid sleeps until each grid
+point and runs every session's step for it there, one after the other, in a fixed order; the
+sessions' own tasks stay asleep while they ride the grid, and wake only when their step says
+the session needs them (it paused, ended, moved, or left the grid).
+
+Why not let each session's task wake itself: each used to sleep in a cancel scope with the grid
+point as its deadline, so every tick Trio expired one deadline per session, cancelled its scope
+and unwound its sleep (about an eighth of a busy node's Python time, by py-spy); and Trio runs
+a batch of woken tasks in a random order (it reverses each batch half of the time, to shake
+out ordering bugs), so a session served first on one tick was served last on the next: its
+frames left up to a whole batch's work apart, jitter that grew with the sessions on the node
+(5 ms at ten). Here a step is a plain call, and a session's place in the batch stays the same
+from tick to tick, so whatever the batch costs, each session's frames leave the same time
+after each grid point.
+
+The runner is a Trio system task, started the first time a session of the run rides a grid of
+that period, so a node (or a test) needs nothing set up; it ends when no one has ridden for a
+while. A step that raises does not touch the runner or the other sessions: the exception is
+handed to the rider's own task, which raises it (its supervisor restarts that session alone).
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections.abc import Callable
+from typing import Final, final
+
+import trio
+
+from sessions.audio.pacer import GRID_SLACK
+
+__all__ = ["GRID_SLACK", "Step", "grid_index", "ride"]
+
+#: a session's work for one grid point, given the time: the index of the next grid point it
+#: wants (it stays on the grid, its task asleep), or None (its task wakes and takes over)
+Step = Callable[[float], int | None]
+#: grid points with no one riding before the runner ends (it starts again on demand)
+_IDLE_POINTS: Final = 250
+
+
+def grid_index(at: float, tick: float) -> int:
+    """The first point of the grid (multiples of ``tick`` on Trio's clock) at or after ``at``,
+    or one at most :data:`GRID_SLACK` before it, by its index: point ``k`` is ``k * tick``. A
+    timer computed to fall on a grid point may come out a float's rounding after it, and must
+    not wait a whole tick for that."""
+    return math.ceil((at - GRID_SLACK) / tick)
+
+
+@final
+class _Rider:
+    __slots__ = ("error", "gone", "step", "task")
+
+    def __init__(self, task: trio.lowlevel.Task, step: Step) -> None:
+        self.task = task
+        self.step = step
+        self.error: Exception | None = None
+        self.gone = False  # its task was woken (or cancelled): never run or wake it again
+
+
+@final
+class _Grid:
+    """The riders of one grid, by the point they wait for, and the task that runs them."""
+
+    def __init__(self, tick: float) -> None:
+        self.tick = tick
+        self._riders: dict[int, list[_Rider]] = {}
+        self._due: list[int] = []  # a heap of the indexes in _riders
+        self._running = False
+        self._changed: trio.Event | None = None  # set when an earlier point is waited for
+
+    def add(self, index: int, rider: _Rider) -> None:
+        riders = self._riders.get(index)
+        if riders is None:
+            riders = self._riders[index] = []
+            heapq.heappush(self._due, index)
+            if not self._running:
+                self._running = True
+                trio.lowlevel.spawn_system_task(self._run, name=f"media grid {self.tick}s")
+            elif self._changed is not None and self._due[0] == index:
+                self._changed.set()
+        riders.append(rider)
+
+    async def _run(self) -> None:
+        idle = 0
+        try:
+            while idle <= _IDLE_POINTS:
+                self._changed = trio.Event()
+                if self._due:
+                    idle = 0
+                    until = self._due[0] * self.tick
+                else:
+                    idle += 1
+                    until = trio.current_time() + self.tick
+                with trio.move_on_at(until):
+                    await self._changed.wait()  # an earlier point came in: sleep for it
+                self._changed = None
+                while self._due and self._due[0] * self.tick <= trio.current_time():
+                    index = heapq.heappop(self._due)
+                    for rider in self._riders.pop(index):
+                        self._serve(rider, index)
+        finally:
+            self._running = False
+            self._changed = None
+
+    def _serve(self, rider: _Rider, index: int) -> None:
+        if rider.gone:
+            return
+        try:
+            after = rider.step(trio.current_time())
+        except Exception as exc:  # the session's own failure, for its own task to raise
+            rider.error = exc
+            after = None
+        if after is None:
+            rider.gone = True
+            trio.lowlevel.reschedule(rider.task)
+        else:
+            self.add(max(after, index + 1), rider)
+
+
+_GRIDS: trio.lowlevel.RunVar[dict[float, _Grid]] = trio.lowlevel.RunVar("parley_media_grids")
+
+
+async def ride(index: int, tick: float, step: Step) -> None:
+    """Ride the ``tick``-second grid from point ``index`` (see :func:`grid_index`): ``step``
+    runs at that point and at every point it asks for next, with every other rider of this
+    Trio run, in the order they joined. Returns once a step returns None; raises what a step
+    raised. Cancelling the caller takes the rider off the grid."""
+    try:
+        grids = _GRIDS.get()
+    except LookupError:
+        grids = {}
+        _GRIDS.set(grids)
+    grid = grids.get(tick)
+    if grid is None:
+        grid = grids[tick] = _Grid(tick)
+    rider = _Rider(trio.lowlevel.current_task(), step)
+    grid.add(index, rider)
+
+    def abort(_: object) -> trio.lowlevel.Abort:
+        rider.gone = True
+        return trio.lowlevel.Abort.SUCCEEDED
+
+    await trio.lowlevel.wait_task_rescheduled(abort)
+    if rider.error is not None:
+        raise rider.error

@@ -92,6 +92,7 @@ Example ``parley.toml``::
                               # the nodes' after it; 0: free ports chosen once at start
     opsview_listen = "127.0.0.1:8770"  # the ops page, live plots (`parley opsview` too);
                               # port 0: any free; "": none
+    ledger = true             # nodes write media ledgers (data_dir/ledger) for `parley chaos`
 
     [log]
     json = false
@@ -164,6 +165,9 @@ class UpConfig:
     ops_port: int = 0
     #: where `parley up` (and `parley opsview`) serve the ops page, HOST:PORT; "": none
     opsview_listen: str = "127.0.0.1:8770"
+    #: every node writes a media ledger under data_dir/ledger (node.ledger_dir), which `parley
+    #: chaos` judges; false: none, as on a deployed node (benchmarks measure nodes this way)
+    ledger: bool = True
 
 
 @final

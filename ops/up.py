@@ -213,9 +213,10 @@ class LocalCluster:
         env = {
             # the demo page gets a short-lived token from the node that serves it (loopback only)
             "PARLEY_NODE_DEMO_TOKENS": "true",
-            # every node writes which SRTP indexes it decrypted: `parley chaos` judges them
-            "PARLEY_NODE_LEDGER_DIR": str(self.data_dir / "ledger"),
         }
+        if self.config.up.ledger:
+            # every node writes which SRTP indexes it decrypted: `parley chaos` judges them
+            env["PARLEY_NODE_LEDGER_DIR"] = str(self.data_dir / "ledger")
         log_path = self.data_dir / "logs" / f"{name}.log"
         return Child(name, argv, log_path, env=env, metrics=_metrics(ops))
 

@@ -379,6 +379,7 @@ class ClusterServer(Server):
             PARLEY_UP_ETCD_PEER_PORT=str(free_port()),
             PARLEY_UP_SIGNALING_PORT=str(self.port),  # node-1's signaling: our url
             PARLEY_UP_OPSVIEW_LISTEN="",  # no ops page
+            PARLEY_UP_LEDGER="false",  # no media ledger: a deployed node writes none
         )
         env.update(ADMISSION)
         env.update(NODE_SETTINGS)

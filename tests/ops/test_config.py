@@ -178,3 +178,13 @@ def test_the_tunnel_advertise_address_is_checked() -> None:
             load_config(env={"PARLEY_RELAY_TUNNEL_ADVERTISE": value})
     with pytest.raises(ConfigError, match=r"relay\.workers > 1"):
         load_config(env={**env, "PARLEY_RELAY_WORKERS": "2"})
+
+
+def test_parley_up_writes_media_ledgers_unless_told_not_to(tmp_path: Path) -> None:
+    from ops.up import LocalCluster
+
+    env = {"PARLEY_UP_DATA_DIR": str(tmp_path), "PARLEY_UP_OPS_PORT": "0"}
+    (node, *_) = LocalCluster(load_config(env=env)).nodes
+    assert node.env["PARLEY_NODE_LEDGER_DIR"] == str(tmp_path.resolve() / "ledger")
+    (node, *_) = LocalCluster(load_config(env={**env, "PARLEY_UP_LEDGER": "false"})).nodes
+    assert "PARLEY_NODE_LEDGER_DIR" not in node.env

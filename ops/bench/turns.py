@@ -3,12 +3,13 @@
     python -m ops.bench.turns [--turns 50] [--json]
 
 A real :class:`~sessions.transceiver.Transceiver` with the turn-echo agent (the node's default)
-holds one call with a minimal WebRTC client in this process, on a virtual clock: no network, no
-sleeping, the same run for the same ``--seed``. The client is built from the public pieces a
-browser's side needs: STUN checks (:mod:`sessions.webrtc.stun`), a pyOpenSSL DTLS client keyed
-into libsrtp (pylibsrtp), Opus (:mod:`sessions.audio.opus`); every datagram takes ``--delay-ms``.
-Like a browser without DTX, it sends a 20 ms frame every 20 ms: a simulated user's espeak-ng
-speech, with white noise at ``--noise-dbfs`` under everything (``--no-noise``: digital silence).
+holds one call with a minimal WebRTC client (ops/bench/lite_client.py) in this process, on a
+virtual clock: no network, no sleeping, the same run for the same ``--seed``. The client is built
+from the public pieces a browser's side needs: STUN checks (:mod:`sessions.webrtc.stun`), a
+pyOpenSSL DTLS client keyed into libsrtp (pylibsrtp), Opus (:mod:`sessions.audio.opus`); every
+datagram takes ``--delay-ms``. Like a browser without DTX, it sends a 20 ms frame every 20 ms: a
+simulated user's espeak-ng speech, with white noise at ``--noise-dbfs`` under everything
+(``--no-noise``: digital silence).
 
 The user says ``--turns`` sentences. After each one the user waits for the reply (the
 transceiver's ``agent_started``); on every second turn the user talks over it, 0.3 to 1.0 s
@@ -62,7 +63,6 @@ from __future__ import annotations
 import argparse
 import array
 import collections
-import contextlib
 import functools
 import heapq
 import importlib
@@ -70,30 +70,22 @@ import itertools
 import json
 import math
 import random
-import re
-import secrets
 import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final, final
 
 import attrs
-import pylibsrtp
-from OpenSSL import SSL
 
 from ops.bench.barge import BargeFigures, echo_cpu_us, measure_barge
+from ops.bench.lite_client import Client, certificates, offer_sdp
 from ops.bench.turns_report import render
 from sessions.agents import TurnEchoAgent
 from sessions.audio import neural_vad, speech
 from sessions.audio.neural_vad import HybridVad, SileroVad
-from sessions.audio.opus import OpusEncoder
 from sessions.audio.vad import FRAME_BYTES, SAMPLE_RATE, Vad, level_dbfs
 from sessions.transceiver import CheckpointDue, ClientEvent, Transceiver
 from sessions.turns import SpeechClassifier, TurnConfig
-from sessions.webrtc import rtp, stun
-from sessions.webrtc.certs import Certificate, generate_certificate
-from sessions.webrtc.demux import PacketKind, classify, is_rtcp
-from sessions.webrtc.dtls import SrtpKeys, SrtpProfile
 from sessions.webrtc.ice import PeerAddress
 
 __all__ = ["BenchResult", "DetectorFigures", "Percentiles", "main", "measure", "render"]
@@ -105,10 +97,6 @@ DEFAULT_AGGRESSIVENESS: Final = 2  # Vad()'s, what a node runs
 PREVIOUS_DUCK_AFTER_MS: Final = 40
 CLIENT_ADDR: Final = PeerAddress("192.0.2.10", 50000)
 SERVER_ADDR: Final[tuple[str, int]] = ("203.0.113.1", 3478)
-CLIENT_UFRAG: Final = "bnch"
-CLIENT_PWD: Final = "bench+password/0123456789"
-CLIENT_SSRC: Final = 0x5EED_0001
-OPUS_PT: Final = 111
 TURN_TEXTS: Final = (
     "hello, can you hear me",
     "what is the weather like in Paris today",
@@ -396,144 +384,6 @@ class Material:
         return Utterance(tuple(mixed), voiced)
 
 
-# --- a minimal WebRTC client -----------------------------------------------------------------
-
-
-@functools.cache
-def _certificates() -> tuple[Certificate, Certificate]:
-    return generate_certificate(), generate_certificate(common_name="bench-client")
-
-
-def offer_sdp(fingerprint: str) -> str:
-    """An audio-only offer shaped like a browser's (Opus only)."""
-    lines = [
-        "v=0",
-        "o=- 1 2 IN IP4 127.0.0.1",
-        "s=-",
-        "t=0 0",
-        "a=group:BUNDLE 0",
-        f"m=audio 9 UDP/TLS/RTP/SAVPF {OPUS_PT}",
-        "c=IN IP4 0.0.0.0",
-        f"a=ice-ufrag:{CLIENT_UFRAG}",
-        f"a=ice-pwd:{CLIENT_PWD}",
-        f"a=fingerprint:sha-256 {fingerprint}",
-        "a=setup:actpass",
-        "a=mid:0",
-        "a=sendrecv",
-        "a=rtcp-mux",
-        f"a=rtpmap:{OPUS_PT} opus/48000/2",
-        f"a=fmtp:{OPUS_PT} minptime=10;useinbandfec=1",
-        f"a=ssrc:{CLIENT_SSRC} cname:bench",
-    ]
-    return "\r\n".join(lines) + "\r\n"
-
-
-def _answer_attribute(answer: str, name: str) -> str:
-    match = re.search(rf"^a={name}:(.*?)\r$", answer, re.MULTILINE)
-    if match is None:
-        raise ValueError(f"the answer has no a={name}")
-    return match.group(1)
-
-
-@final
-class Client:
-    """The browser's side, in-process: ICE checks, a DTLS client (pyOpenSSL), SRTP (libsrtp)
-    and Opus. It sends; of what comes back it only notes when agent RTP arrived."""
-
-    def __init__(self, answer: str, certificate: Certificate) -> None:
-        self._ufrag = _answer_attribute(answer, "ice-ufrag")
-        self._pwd = _answer_attribute(answer, "ice-pwd").encode()
-        ctx = SSL.Context(SSL.DTLS_CLIENT_METHOD)
-        ctx.use_certificate(certificate.cert)
-        ctx.use_privatekey(certificate.private_key)
-        ctx.set_verify(SSL.VERIFY_PEER, lambda *_: True)
-        ctx.set_tlsext_use_srtp(b":".join(p.openssl_name for p in SrtpProfile))
-        ctx.set_options(SSL.OP_NO_QUERY_MTU)
-        self._conn = SSL.Connection(ctx, None)
-        self._conn.set_connect_state()
-        self._conn.set_ciphertext_mtu(1200)
-        self._ice_ok = False
-        self._tx: Any = None
-        self._ids = itertools.count(1)
-        self._seq = secrets.randbelow(1 << 16)
-        self._timestamp = secrets.randbits(32)
-        self._encoder = OpusEncoder()
-        #: arrival times of the agent's RTP packets
-        self.arrivals: list[float] = []
-        #: the first arrival of each RTP timestamp of the agent's (read from the clear header)
-        self.timestamps: dict[int, float] = {}
-
-    @property
-    def keyed(self) -> bool:
-        return self._tx is not None
-
-    def check(self) -> bytes:
-        """A connectivity check nominating the pair (also a consent refresh)."""
-        request = stun.binding_request(
-            next(self._ids).to_bytes(12, "big"),
-            username=f"{self._ufrag}:{CLIENT_UFRAG}",
-            priority=(126 << 24) | (65535 << 8) | 255,
-            controlling=True,
-            tie_breaker=0x0123_4567_89AB_CDEF,
-            use_candidate=True,
-        )
-        return stun.encode(request, integrity_key=self._pwd, fingerprint=True)
-
-    def receive(self, data: bytes, now: float) -> list[bytes]:
-        """Take one datagram from the transceiver; what to send back (the DTLS handshake)."""
-        kind = classify(data)
-        if kind is PacketKind.STUN:
-            if stun.parse(data).cls is stun.StunClass.SUCCESS:
-                self._ice_ok = True
-        elif kind is PacketKind.DTLS:
-            self._conn.bio_write(data)
-        elif kind is PacketKind.RTP_RTCP and not is_rtcp(data):
-            self.arrivals.append(now)
-            self.timestamps.setdefault(int.from_bytes(data[4:8], "big"), now)
-        return self.handshake()
-
-    def handshake(self) -> list[bytes]:
-        """Drive the DTLS handshake once ICE works; the datagrams it wants sent."""
-        if not self._ice_ok or self.keyed:
-            return []
-        with contextlib.suppress(SSL.WantReadError):
-            self._conn.do_handshake()
-            self._key()
-        out = b""
-        with contextlib.suppress(SSL.WantReadError):
-            while True:
-                out += self._conn.bio_read(65536)
-        return [out] if out else []
-
-    def _key(self) -> None:
-        name = self._conn.get_selected_srtp_profile()
-        profile = next(p for p in SrtpProfile if p.openssl_name == name)
-        length = 2 * (profile.key_length + profile.salt_length)
-        material = self._conn.export_keying_material(b"EXTRACTOR-dtls_srtp", length)
-        keys = SrtpKeys.from_exported(profile, material)
-        policy = pylibsrtp.Policy
-        self._tx = pylibsrtp.Session(
-            policy(
-                key=keys.client_master,
-                ssrc_type=policy.SSRC_ANY_OUTBOUND,
-                srtp_profile=profile.protection_profile_id,
-            )
-        )
-
-    def media(self, pcm: bytes) -> bytes:
-        """One 20 ms frame as SRTP."""
-        packet = rtp.RtpPacket(
-            payload_type=OPUS_PT,
-            sequence_number=self._seq,
-            timestamp=self._timestamp,
-            ssrc=CLIENT_SSRC,
-            payload=self._encoder.encode(pcm),
-        )
-        self._seq = (self._seq + 1) & 0xFFFF
-        self._timestamp = (self._timestamp + 960) & 0xFFFF_FFFF
-        return bytes(self._tx.protect(rtp.serialize(packet)))
-
-
 # --- one call on the virtual clock -----------------------------------------------------------
 
 
@@ -564,7 +414,7 @@ class Call:
         delay: float,
         rng: random.Random,
     ) -> None:
-        server_cert, client_cert = _certificates()
+        server_cert, client_cert = certificates()
         self.now = 0.0
         self.core, answer = Transceiver.accept(
             offer_sdp(client_cert.fingerprint_sha256),

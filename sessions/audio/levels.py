@@ -7,8 +7,9 @@ does the sums in C. It is in the standard library up to Python 3.12 (deprecated,
 the ``audioop-lts`` package from 3.13 on (a dependency with that marker in pyproject.toml);
 numpy would do it too, but as a dependency of the node's media path for two sums it is much
 more than we need. Widening the samples to 32 bits first (``lin2lin``: value x 65536) keeps
-audioop's integer results (``rms`` and ``avg`` truncate) exact to a few parts in a million,
-so the figures equal the Python loops' to rounding.
+audioop's integer results (``rms`` and ``avg`` truncate) within 1/65536 of a sample, so the
+figures equal the Python loops' to a few parts in a million above a sample's rms, and to
+within 1e-13 of full scale below it (one LSB of dither reads 0.5 LSB², not 1 or 0).
 """
 
 from __future__ import annotations

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import array
+import math
+from typing import Final
 
 import pytest
 from hypothesis import given
@@ -13,13 +15,17 @@ from sessions.audio.levels import ac_power, power
 FULL = 32768.0 * 32768.0
 
 
-def _reference(samples: list[int], step: int) -> tuple[float, float]:
+def _reference(samples: list[int], step: int) -> tuple[float, float, float]:
     picked = samples[::step]
     if not picked:
-        return 0.0, 0.0
+        return 0.0, 0.0, 0.0
     square = sum(s * s for s in picked) / len(picked)
     mean = sum(picked) / len(picked)
-    return square / FULL, max(0.0, square - mean * mean) / FULL
+    return square / FULL, max(0.0, square - mean * mean) / FULL, mean
+
+
+#: audioop's rms and mean of the widened samples truncate to 1/65536 of a sample
+ULP: Final = 1 / 65536
 
 
 @given(
@@ -28,10 +34,13 @@ def _reference(samples: list[int], step: int) -> tuple[float, float]:
 )
 def test_power_and_ac_power_equal_the_python_sums(samples: list[int], step: int) -> None:
     pcm = array.array("h", samples).tobytes()
-    want_power, want_ac = _reference(samples, step)
-    assert power(pcm, step) == pytest.approx(want_power, rel=1e-6, abs=1e-15)
-    # the variance is a difference of two sums: exact to what the widened means carry
-    assert ac_power(pcm, step) == pytest.approx(want_ac, rel=1e-6, abs=1e-13)
+    want_power, want_ac, mean = _reference(samples, step)
+    # (rms - e)^2 = rms^2 - 2 rms e + e^2, with e below one ULP: the truncation's whole effect
+    off = (2 * math.sqrt(want_power * FULL) * ULP + ULP * ULP) / FULL
+    assert power(pcm, step) == pytest.approx(want_power, rel=1e-9, abs=off + 1e-18)
+    # the variance also takes the truncated mean's square off
+    off_ac = off + (2 * abs(mean) * ULP + ULP * ULP) / FULL
+    assert ac_power(pcm, step) == pytest.approx(want_ac, rel=1e-9, abs=off_ac + 1e-18)
 
 
 def test_quiet_frames_keep_their_precision() -> None:

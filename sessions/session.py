@@ -126,6 +126,12 @@ class Arrival:
 _PASSES: Final = 4
 
 
+def _near(point: int, tick: float) -> bool:
+    """Whether grid point ``point`` is the next or the one after: a session whose timer is
+    that near stays on the grid; one with nothing due for longer waits for its datagrams."""
+    return point <= grid_index(trio.current_time(), tick) + 1
+
+
 def _is_rtp(data: bytes) -> bool:
     """SRTP media, as opposed to SRTCP (RFC 7983 first byte, RFC 5761 payload type range)."""
     return len(data) > 1 and 128 <= data[0] <= 191 and not 192 <= data[1] <= 223
@@ -477,16 +483,24 @@ class SessionActor(Actor):
             # at each grid point while this task sleeps (sessions/grid.py), taking what arrived
             # meanwhile then (see the module docstring); until then (ICE, DTLS) every datagram
             # is answered as it comes.
-            if tick > 0 and timer is not None and core.media_ready and not closed:
+            on_grid = tick > 0 and timer is not None and core.media_ready and not closed
+            wake_at = timer
+            if on_grid:
+                assert timer is not None
                 if gridded is not core:
                     core.on_grid(tick)  # its frames leave on the grid, one a tick
                     gridded = core
-                with trio.CancelScope() as wake:
-                    self._wake = wake
-                    await ride(grid_index(timer, tick), tick, self._grid_step(core, inbox))
-                self._wake = None
-                continue
-            with trio.CancelScope(deadline=math.inf if timer is None else timer) as wake:
+                point = grid_index(timer, tick)
+                if _near(point, tick):
+                    with trio.CancelScope() as wake:
+                        self._wake = wake
+                        await ride(point, tick, self._grid_step(core, inbox))
+                    self._wake = None
+                    continue
+                # Nothing due for a while (a silent client, a reactive agent): a datagram
+                # wakes it, or the grid point of its timer; then it rides again.
+                wake_at = point * tick
+            with trio.CancelScope(deadline=math.inf if wake_at is None else wake_at) as wake:
                 self._wake = wake
                 if closed and self.paused:
                     await trio.sleep_forever()
@@ -509,8 +523,8 @@ class SessionActor(Actor):
                 continue
             now = trio.current_time()
             timer = core.get_timer()
-            if timer is not None and now >= timer:
-                core.handle_timer(now)
+            if timer is not None and now >= (grid_index(timer, tick) * tick if on_grid else timer):
+                core.handle_timer(max(now, timer))  # ahead by GRID_SLACK at most
             self._flush()
             self._handle_events()
 
@@ -539,7 +553,10 @@ class SessionActor(Actor):
             if not self._riding(core) or not core.media_ready:
                 return None
             timer = core.get_timer()
-            return None if timer is None else grid_index(timer, tick)
+            if timer is None:
+                return None
+            point = grid_index(timer, tick)
+            return point if _near(point, tick) else None  # far: its task waits for datagrams
 
         return step
 

@@ -41,6 +41,7 @@ __all__ = [
     "DuckAwareAgent",
     "EchoAgent",
     "MoveAwareAgent",
+    "ReactiveAgent",
     "RunningAgent",
     "StatefulAgent",
     "TurnEchoAgent",
@@ -98,6 +99,24 @@ class DuckAwareAgent(Protocol):
 
     def on_resumed(self, now: float) -> None:
         """It was not a turn: the reply plays on from where it was ducked."""
+        ...
+
+
+@runtime_checkable
+class ReactiveAgent(Protocol):
+    """An agent with audio and events only in answer to the session's calls: what it heard
+    (:meth:`Agent.on_audio`), a turn, an interruption, or audio it was already giving.
+
+    While nothing plays (the client sends no audio and the agent's reply is over), the session
+    then stops asking it for audio every 20 ms, and an idle session costs no work at all between
+    its consent checks. ``reactive`` says so (:class:`EchoAgent` and :class:`TurnEchoAgent` are);
+    an agent whose audio comes on its own (:class:`~sessions.agents.bridge.BridgeAgent`, from the
+    network) is not, and is asked every 20 ms.
+    """
+
+    @property
+    def reactive(self) -> bool:
+        """True: nothing to pull or poll unless the session just gave the agent something."""
         ...
 
 

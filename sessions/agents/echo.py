@@ -36,6 +36,8 @@ class EchoAgent:
 
     #: the echo talks while the user talks: that is the point, not a barge-in
     interruptible: Final = False
+    #: it has nothing but what it heard (sessions.agents.ReactiveAgent)
+    reactive: Final = True
 
     def __init__(self, max_frames: int = DEFAULT_MAX_FRAMES) -> None:
         if max_frames < 1:

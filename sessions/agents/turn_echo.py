@@ -60,6 +60,8 @@ class TurnEchoAgent:
     """Plays each finished user turn back; stops when interrupted."""
 
     interruptible: Final = True
+    #: it replies to turns only (sessions.agents.ReactiveAgent)
+    reactive: Final = True
 
     def __init__(self) -> None:
         self._recent: collections.deque[tuple[float, bytes]] = collections.deque(

@@ -31,7 +31,7 @@ from typing import Final, final
 
 import attrs
 
-from sessions.agents import FRAME_BYTES, Agent, DuckAwareAgent, StatefulAgent
+from sessions.agents import FRAME_BYTES, Agent, DuckAwareAgent, ReactiveAgent, StatefulAgent
 from sessions.audio.echo import EchoEstimator
 from sessions.audio.jitter import Frame, FrameKind, JitterBuffer
 from sessions.audio.opus import CodecError, OpusDecoder, VoiceCodec
@@ -94,6 +94,8 @@ class VoiceLoop:
     ) -> None:
         self._agent = agent
         self._may_send = may_send
+        #: nothing to ask the agent while nothing plays (sessions.agents.ReactiveAgent)
+        self._reactive = isinstance(agent, ReactiveAgent) and bool(agent.reactive)
         self._turn_config = TurnConfig() if turn_config is None else turn_config
         cfg = self._turn_config
         classifier: SpeechClassifier = Vad() if vad is None else vad
@@ -312,7 +314,7 @@ class VoiceLoop:
         pacer = self._pacer.get_timer()
         carried = None if self._carried_turn is None else self._carried_turn[1]
         deadlines = [jitter, pacer, self._turns.get_timer(), carried]
-        if jitter is None and pacer is None and self._may_send:
+        if jitter is None and pacer is None and self._may_send and not self._reactive:
             deadlines.append(self._poll_at)
         present = [d for d in deadlines if d is not None]
         return min(present) if present else None
@@ -351,6 +353,7 @@ class VoiceLoop:
         self._take_agent_events(now)
         if self._may_send:
             self._speak(now)
+            self._take_agent_events(now)  # what the last pull said (a reply finished)
         self._poll_at = now + FRAME_SECONDS
 
     def _take_agent_events(self, now: float) -> None:

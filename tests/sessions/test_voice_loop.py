@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import functools
 
-from sessions.agents import FRAME_BYTES, TurnEchoAgent
+from sessions.agents import FRAME_BYTES, EchoAgent, TurnEchoAgent
 from sessions.audio import speech
 from sessions.audio.opus import VoiceCodec
 from sessions.transceiver import ClientEvent
 from sessions.turns import TurnConfig
+from sessions.webrtc.demux import PacketKind, classify
 from tests.sessions.test_transceiver import FRAME, Sim
 
 SILENCE = bytes(FRAME_BYTES)
@@ -132,3 +133,57 @@ def test_the_node_s_codec_setting_encodes_every_reply_before_and_after_a_restore
         assert mean(big) > 2 * mean(small), (mean(small), mean(big))
     score, _ = speech.correlation(sentence(), pcm, len(pcm) // 2 - 1)
     assert score > 0.6, score  # still the user's speech played back
+
+
+class _ChattyEcho:
+    """An echo that does not say it is reactive: it may have audio of its own at any time."""
+
+    interruptible = False
+
+    def __init__(self) -> None:
+        self.pulls = 0
+        self._inner = EchoAgent()
+
+    def on_audio(self, pcm: bytes, now: float) -> None:
+        self._inner.on_audio(pcm, now)
+
+    def pull(self, now: float) -> bytes | None:
+        self.pulls += 1
+        return self._inner.pull(now)
+
+    def on_turn(self, event: object, now: float) -> None:
+        pass
+
+    def on_interrupted(self, played_ms: int, now: float) -> None:
+        pass
+
+    def poll_events(self) -> list[dict[str, object]]:
+        return []
+
+
+def test_a_reactive_agent_is_not_asked_while_nothing_plays_and_others_are() -> None:
+    idle = connected(TurnEchoAgent())
+    idle.run(idle.now + 1.0)
+    timer = idle.core.get_timer()
+    # Nothing plays: the next thing due is a transport or checkpoint timer, seconds away.
+    assert timer is not None and timer > idle.now + 1.0
+    chatty_agent = _ChattyEcho()
+    chatty = Sim(agent=chatty_agent)  # type: ignore[arg-type]
+    chatty.connect()
+    pulls = chatty_agent.pulls
+    chatty.run(chatty.now + 1.0)
+    assert chatty_agent.pulls - pulls >= 45  # asked every 20 ms
+    timer = chatty.core.get_timer()
+    assert timer is not None and timer <= chatty.now + 0.02
+
+
+def test_a_reply_that_ends_after_the_client_fell_silent_still_says_it_finished() -> None:
+    sim = connected(TurnEchoAgent())
+    end = sim.talk(speech.frames(sentence()) + [SILENCE] * 30)  # then the client sends nothing
+    sim.keep_consent(end + 10)
+    sim.run(end + 10)
+    names = [e.name for _, e in client_events(sim)]
+    assert names == ["speech_started", "speech_stopped", "agent_started", "agent_finished"]
+    finished = next(t for t, e in client_events(sim) if e.name == "agent_finished")
+    last_rtp = max(t for t, d, _ in sim.sent if classify(d) is PacketKind.RTP_RTCP and d[1] < 192)
+    assert last_rtp <= finished < last_rtp + 0.01  # said in the tick that found it over

@@ -168,6 +168,14 @@ class Member:
     revision: int
 
 
+#: the largest stats value a node publishes (etcd's default request limit is 1.5 MiB)
+STATS_MAX_BYTES = 512 * 1024
+
+
+def _compact(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":"), default=str).encode()
+
+
 @final
 class Members:
     """Register, update and list the nodes and relays of one cluster."""
@@ -201,10 +209,26 @@ class Members:
         kv = await self.etcd.get(self.keys.node(node_id))
         return self._member(kv) if kv else None
 
-    async def publish_stats(self, node_id: str, stats: dict[str, Any], lease: int) -> None:
-        """Per-session stats of one node, attached to its lease (read by ``parley status``)."""
-        value = json.dumps(stats, separators=(",", ":"), default=str).encode()
+    async def publish_stats(
+        self, node_id: str, stats: dict[str, Any], lease: int, *, max_bytes: int = STATS_MAX_BYTES
+    ) -> int:
+        """Per-session stats of one node, attached to its lease (read by ``parley status``);
+        returns the bytes written. Sessions that do not fit in ``max_bytes`` are left out (in
+        the order given) and counted under ``"_left_out"``: etcd refuses a request above 1.5 MiB
+        by default, and a node with a thousand sessions would pass that."""
+        value = _compact(stats)
+        if len(value) > max_bytes:
+            kept: dict[str, Any] = {}
+            size = 32  # the braces and the count of those left out
+            for session_id, entry in stats.items():
+                size += len(_compact({session_id: entry})) - 1
+                if size > max_bytes:
+                    break
+                kept[session_id] = entry
+            kept["_left_out"] = len(stats) - len(kept)
+            value = _compact(kept)
         await self.etcd.put(self.keys.stats(node_id), value, lease=lease)
+        return len(value)
 
     async def _objects(self, prefix: str) -> list[dict[str, Any]]:
         """The JSON objects stored under ``prefix``; anything else is counted and skipped."""

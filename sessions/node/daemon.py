@@ -47,6 +47,10 @@ from storage.ownership import Owners, Ownership
 log = logging.getLogger("parley.node")
 
 STATS_INTERVAL = 2.0
+#: what a node's stats publishing may write to etcd, bytes a second: beyond it (about 25
+#: sessions' stats every 2 s) it publishes less often, so that etcd's log does not grow by
+#: megabytes a minute on a busy node (``parley status`` then shows older figures)
+STATS_BYTES_PER_SECOND = 16 * 1024
 
 
 #: serves a node's clients (signaling, media); started once per node with ``nursery.start``,
@@ -500,19 +504,27 @@ class Node:
                 log.warning("could not update registration", extra={"error": str(exc)})
 
     async def _publish_stats(self, lease: Lease) -> None:
-        """Every STATS_INTERVAL, the live stats of every session, for `parley status`."""
+        """Every STATS_INTERVAL the node's registration (its counters), and as often as
+        STATS_BYTES_PER_SECOND allows the live stats of every session, for `parley status`."""
         assert self._members is not None
+        next_stats = 0.0
+        failing = False
         while True:
             await trio.sleep(STATS_INTERVAL)
             if self.stats_source is None:
                 continue
             try:
-                stats = await self.stats_source()
-                await self._members.publish_stats(self.id, stats, lease.id)
+                if trio.current_time() >= next_stats:
+                    stats = await self.stats_source()
+                    size = await self._members.publish_stats(self.id, stats, lease.id)
+                    next_stats = trio.current_time() + size / STATS_BYTES_PER_SECOND
                 if self.counters_source is not None:
                     await self._members.register_node(self.info(), lease.id)
+                failing = False
             except EtcdError as exc:
-                log.debug("could not publish stats: %s", exc)
+                # once per run of failures: a stall says so elsewhere, a refused value here
+                (log.debug if failing else log.warning)("could not publish stats: %s", exc)
+                failing = True
 
     async def _drain(self, lease: Lease) -> None:
         """Graceful stop: mark draining, release every session, deregister."""

@@ -263,3 +263,38 @@ async def test_room_for_a_session_moving_in_leaves_the_places_offers_hold(
         node.places_reserved = lambda: 0
         assert node.has_room()
         node.request_stop()
+
+
+async def test_a_node_publishes_big_stats_less_often_and_never_above_etcd_s_limit(
+    etcd_server: EtcdServer, etcd: Etcd, keys: Keyspace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from sessions.node import daemon
+
+    monkeypatch.setattr(daemon, "STATS_INTERVAL", 0.05)
+    monkeypatch.setattr(daemon, "STATS_BYTES_PER_SECOND", 100_000)
+    members = Members(etcd, keys)
+    asked = {"small": 0, "big": 0}
+
+    def source(kind: str, sessions: int) -> Callable[[], Awaitable[dict[str, dict[str, object]]]]:
+        async def stats() -> dict[str, dict[str, object]]:
+            asked[kind] += 1
+            return {f"s{i:05}": {"packets": i, "note": "x" * 900} for i in range(sessions)}
+
+        return stats
+
+    for kind, sessions in (("small", 2), ("big", 50)):  # about 2 KB and 46 KB a publish
+        node = Node(make_config(etcd_server), node_id=f"n-{kind}")
+        node.stats_source = source(kind, sessions)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(node.run)
+            await trio.sleep(1.5)
+            node.request_stop()
+    # every 50 ms while small; about every 0.46 s (46 KB at 100 KB/s) once big
+    assert asked["small"] >= 15 and 2 <= asked["big"] <= 5, asked
+    # and a value that would pass etcd's request limit is cut to fit, the rest counted
+    lease, _ = await etcd.lease_grant(10)
+    stats = {f"s{i:05}": {"note": "y" * 1000} for i in range(3000)}  # about 3 MB
+    size = await members.publish_stats("n-huge", stats, lease)
+    published = await members.session_stats()
+    assert size <= 512 * 1024 and 400 < len(published) < 520
+    assert all(key.startswith("s") for key in published)  # the count is not a session

@@ -174,7 +174,7 @@ class Relay:
             )
             await nursery.start(endpoint.run)
             self.endpoint = endpoint
-            self.edge.flush = endpoint.flush
+            self.edge.flush = endpoint.transmit_pending
             await nursery.start(self.edge.serve, self.listen)
             keeper = self.keeper = LeaseKeeper(etcd, ttl=self.lease_ttl)
             await nursery.start(keeper.run)

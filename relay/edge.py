@@ -46,11 +46,14 @@ from relay.routes import RouteTable
 from relay.stun_username import MalformedStun, read_username
 from relay.tunnel import frames
 from relay.tunnel.hint import read_hint
-from relay.udp import Address, bound_udp, drain_forever, kernel_drops, send_nowait
+from relay.udp import Address, bound_udp, drain_forever, kernel_drops
 
 __all__ = ["Client", "DatagramSink", "Limits", "RelayEdge", "TokenBucket"]
 
 log = logging.getLogger("parley.relay")
+
+_AF_INET: Final = socket.AF_INET
+_AF_INET6: Final = socket.AF_INET6
 
 #: datagrams read per wakeup before yielding to other tasks (half relay/udp.py's default: the
 #: tunnels and the route table's watch share this process)
@@ -130,14 +133,20 @@ class TokenBucket:
 
 @final
 class Client:
-    """A cached client address: its session and when it was last heard."""
+    """A cached client address: its session and when it was last heard.
 
-    __slots__ = ("bucket", "last_seen", "session")
+    ``header`` is the tunnel frame header for this address and session
+    (:func:`frames.client_header`), made at the client's first forwarded datagram and again
+    whenever the session changes; empty until then.
+    """
+
+    __slots__ = ("bucket", "header", "last_seen", "session")
 
     def __init__(self, session: str, bucket: TokenBucket, now: float) -> None:
         self.session = session
         self.bucket = bucket
         self.last_seen = now
+        self.header = b""
 
 
 class DatagramSink(Protocol):
@@ -184,6 +193,7 @@ class RelayEdge:
         self.counters: dict[str, int] = dict.fromkeys(_COUNTERS, 0)
         #: the optional index audit; it adds its own counters to ``counters``
         self.auditor = IndexAuditor(self.counters) if self.limits.audit_indexes else None
+        self._to_client = frames.ToClientReader(limit=self.limits.max_clients)
 
     # -- clients -> nodes ------------------------------------------------------------------------
 
@@ -238,6 +248,7 @@ class RelayEdge:
                     client = self._new_client(addr, hint.session, now)
                 elif client.session != hint.session:
                     client.session = hint.session  # the client's socket serves a new session
+                    client.header = b""
                     counters["rerouted"] += 1
                 if self.routes.lookup(hint.session) is None:
                     self.routes.hint_route(hint)
@@ -256,7 +267,10 @@ class RelayEdge:
         if tunnel is None:
             counters["no_tunnel"] += 1
             return
-        if tunnel.send_datagram(frames.encode_from_client(client.session, addr, data)):
+        header = client.header
+        if not header:
+            header = client.header = frames.client_header(client.session, addr)
+        if tunnel.send_datagram(header + data):
             counters["forwarded"] += 1
             if self.auditor is not None and not stun_like:
                 self.auditor.observe(client.session, "in", data)
@@ -270,26 +284,28 @@ class RelayEdge:
         counters = self.counters
         counters["node_in"] += 1
         try:
-            decoded = frames.decode(frame)
+            fields = self._to_client.read(frame)  # media: the common case, read cheaply
+            if fields is None:
+                decoded = frames.decode(frame)
+                if isinstance(decoded, frames.HandOn):
+                    self._hand_on(node, decoded)
+                    return
+                counters["malformed_frame"] += 1  # a FROM_CLIENT frame has no business here
+                return
         except frames.FrameError:
             counters["malformed_frame"] += 1
             return
-        if isinstance(decoded, frames.HandOn):
-            self._hand_on(node, decoded)
-            return
-        if not isinstance(decoded, frames.ToClient):
-            counters["malformed_frame"] += 1
-            return
-        if not self.routes.admit_from_node(decoded.session, node, decoded.epoch):
+        session, epoch, addr, payload = fields
+        if not self.routes.admit_from_node(session, node, epoch):
             counters["fenced"] += 1
             return
-        client = self.clients.get(decoded.client)
-        if client is None or client.session != decoded.session:
+        client = self.clients.get(addr)
+        if client is None or client.session != session:
             counters["unknown_client"] += 1
             return
         if self.auditor is not None:
-            self.auditor.observe(decoded.session, "out", decoded.payload)
-        self.send_to_client(decoded.payload, decoded.client)
+            self.auditor.observe(session, "out", payload)
+        self.send_to_client(payload, addr)
 
     def _hand_on(self, node: str, frame: frames.HandOn) -> None:
         """A session's old owner passes on a client datagram that reached it after the move.
@@ -328,14 +344,20 @@ class RelayEdge:
             counters["tunnel_full"] += 1
 
     def send_to_client(self, data: bytes, addr: Address) -> None:
-        sock = self._socks.get(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET)
-        if sock is None:
-            self.counters["send_failed"] += 1
-            return
-        if send_nowait(sock, data, addr):  # a full buffer or an unreachable client: dropped
-            self.counters["client_out"] += 1
-        else:
-            self.counters["send_failed"] += 1
+        sock = self._socks.get(_AF_INET6 if ":" in addr[0] else _AF_INET)
+        if sock is not None:
+            # relay/udp.py send_nowait's work, inline on the hot path: a full buffer or an
+            # unreachable client is loss, counted, as on the network.
+            try:
+                sock.sendto(data, addr)
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError as exc:
+                log.debug("sendto %s failed: %s", addr, exc)
+            else:
+                self.counters["client_out"] += 1
+                return
+        self.counters["send_failed"] += 1
 
     # -- housekeeping ----------------------------------------------------------------------------
 

@@ -212,7 +212,10 @@ class RouteTable:
 
     def lookup(self, session: str) -> Route | None:
         """The route of ``session`` (possibly provisional), or None if unknown."""
-        return self._current(session)
+        route = self._routes.get(session)
+        if route is not None and route.epoch == PROVISIONAL_EPOCH:
+            return self._current(session)  # it may have expired
+        return route
 
     def admit_from_node(self, session: str, node: str, epoch: int) -> bool:
         """May a packet that ``node`` stamped with ``epoch`` for ``session`` go to the client?
@@ -222,6 +225,13 @@ class RouteTable:
         route now (the watch confirms it). Anything older, or the wrong node at the current
         epoch, is fenced: the sender is no longer the owner.
         """
+        route = self._routes.get(session)
+        if route is not None and route.epoch == epoch and epoch != PROVISIONAL_EPOCH:
+            if node == route.node:  # the owner, at its epoch: nearly every packet
+                self.counters["admitted"] += 1
+                return True
+            self.counters["fenced"] += 1
+            return False
         route = self._current(session)
         if route is not None and not route.provisional and epoch == route.epoch:
             if node == route.node:

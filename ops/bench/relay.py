@@ -1,7 +1,8 @@
 """What a relay costs per packet and how much latency it adds, beside a bare UDP forwarder
 measured in the same run on the same machine.
 
-    python -m ops.bench.relay [--sessions 1,100,1000] [--seconds 3] [--quick] [--json]
+    python -m ops.bench.relay [--sessions 1,100,1000] [--seconds 3] [--workers 1] [--quick]
+                              [--json]
 
 Two forwarding paths are measured with the same load generator, the same 160-byte payloads
 (the size of a 20 ms Opus frame in RTP) and the same number of simulated sessions (one client
@@ -29,7 +30,9 @@ Processes: the relay (or the forwarder) runs alone in its own process, pinned to
 echo node and the load generator (this process) are pinned to the other core(s). With one CPU
 nothing is pinned and everything shares it. All four servers start once and stay up; for each
 session count the parley path and then the baseline run back to back, so both see the same
-machine state.
+machine state. With ``--workers N`` the parley relay is N processes on one public port
+(SO_REUSEPORT, as ``relay.workers``), worker 0 on the relay's core and the others on the other
+cores; the echo node keeps a tunnel to each, and their CPU and packets are added up.
 
 Per session count and path, two load shapes:
 
@@ -83,7 +86,6 @@ import math
 import os
 import platform
 import select
-import selectors
 import socket
 import struct
 import subprocess
@@ -97,26 +99,18 @@ import attrs
 import trio
 
 from ops.bench.common import CLK_TCK, percentile, process_cpu, split_cores
-from relay.edge import Limits, RelayEdge
-from relay.routes import RouteTable
-from relay.tunnel import frames
-from relay.tunnel.certs import Credentials, Identity, make_ca
+from ops.bench.relay_servers import HOST, NODE_ID, RELAY_ID, SECRET, serve
+from relay.tunnel.certs import Credentials, make_ca
 from relay.tunnel.hint import mint_ufrag
-from relay.tunnel.quic import Tunnel, TunnelEndpoint
 from sessions.webrtc import stun
-from storage.ownership import OwnershipChange
 
 __all__ = ["BenchResult", "Figures", "Params", "main", "measure", "render"]
 
 Address = tuple[str, int]
 
 PAYLOAD_SIZE: Final = 160
-RELAY_ID: Final = "bench-relay"
-NODE_ID: Final = "bench-node"
-SECRET: Final = b"parley bench cluster secret, 32b"
 #: Opus packets per second per session in the latency phase (one per 20 ms frame)
 SESSION_PPS: Final = 50.0
-HOST: Final = "127.0.0.1"
 #: seconds a child may take to start, or to answer a control line
 CHILD_TIMEOUT: Final = 20.0
 #: seconds to wait for every session's first datagram to come back
@@ -137,7 +131,6 @@ _TIMESPEC: Final = struct.Struct("@qq")
 # the phase's tag, a sequence number and the send time.
 _STAMP: Final = struct.Struct("!IIQ")
 _STAMP_AT: Final = 4
-_PORT: Final = struct.Struct("!H")
 CONFIGS: Final = ("parley", "baseline")
 
 
@@ -159,6 +152,8 @@ class Params:
     budget: float = 55.0
     """a row measured while the machine was busy is run again only if the whole run is then
     still expected to end within this many seconds"""
+    workers: int = 1
+    """parley relay processes sharing the public port (SO_REUSEPORT), as ``relay.workers``"""
 
     def latency_rate(self, sessions: int) -> float:
         return min(SESSION_PPS * sessions, self.latency_cap)
@@ -199,6 +194,8 @@ class Figures:
     latency_relay_cpu: float
     """relay CPU seconds in the latency window"""
     latency_others: float
+    worker_share: float = 1.0
+    """the busiest relay worker's share of the client datagrams (1.0 with one worker)"""
     attempts: int = 1
     """times the row was measured; a row run while others were busy is run once more (within
     the time budget) and the quieter run kept"""
@@ -290,287 +287,6 @@ class BenchResult:
 
 def _json_number(value: object) -> object:
     return None if isinstance(value, float) and not math.isfinite(value) else value
-
-
-# --- the servers (child processes) -----------------------------------------------------------
-
-
-def _reply(message: dict[str, Any]) -> None:
-    sys.stdout.write(json.dumps(message) + "\n")
-    sys.stdout.flush()
-
-
-@final
-class _Control:
-    """Newline-delimited JSON commands from the parent, on stdin (EOF: stop)."""
-
-    def __init__(self) -> None:
-        self._stream = trio.lowlevel.FdStream(os.dup(sys.stdin.fileno()))
-        self._buffer = b""
-
-    async def receive(self) -> dict[str, Any] | None:
-        while b"\n" not in self._buffer:
-            chunk = await self._stream.receive_some(1 << 16)
-            if not chunk:
-                return None
-            self._buffer += chunk
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        message: dict[str, Any] = json.loads(line)
-        return message
-
-
-def _credentials(config: dict[str, Any]) -> Credentials:
-    return Credentials(
-        config["ca_pem"].encode(), config["cert_pem"].encode(), config["key_pem"].encode()
-    )
-
-
-@final
-class _RelayHandler:
-    """The relay daemon's tunnel handler (relay/daemon.py), without etcd around it."""
-
-    def __init__(self, edge: RelayEdge) -> None:
-        self.edge = edge
-
-    def tunnel_opened(self, tunnel: Tunnel) -> None:
-        if tunnel.peer.role != "node":
-            tunnel.close("only nodes tunnel to a relay")
-            return
-        self.edge.tunnels[tunnel.peer.ident] = tunnel
-
-    def datagram_received(self, tunnel: Tunnel, data: bytes) -> None:
-        self.edge.from_node(tunnel.peer.ident, data)
-
-    def control_received(self, tunnel: Tunnel, message: dict[str, Any]) -> None:
-        pass
-
-    def tunnel_closed(self, tunnel: Tunnel, reason: str) -> None:
-        if self.edge.tunnels.get(tunnel.peer.ident) is tunnel:
-            del self.edge.tunnels[tunnel.peer.ident]
-
-
-async def _serve_parley_relay() -> None:
-    control = _Control()
-    config = await control.receive()
-    assert config is not None
-    routes = RouteTable()
-    limits = Limits(client_rate=1e9, new_source_rate=1e9, max_clients=1_000_000, idle_timeout=600.0)
-    edge = RelayEdge(RELAY_ID, [SECRET], routes, limits=limits)
-    endpoint = TunnelEndpoint(_credentials(config), _RelayHandler(edge), host=HOST, server=True)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(endpoint.run)
-        edge.flush = endpoint.flush
-        (public,) = await nursery.start(edge.serve, [(HOST, 0)])
-        _reply({"public": list(public), "tunnel": endpoint.port})
-        while (message := await control.receive()) is not None:
-            if message["cmd"] == "routes":
-                for session, epoch in message["sessions"]:
-                    routes.apply(OwnershipChange(session, NODE_ID, epoch, epoch))
-                _reply({"ok": True})
-            else:
-                _reply(
-                    {
-                        "cpu": time.process_time(),
-                        "up": edge.counters["forwarded"],
-                        "down": edge.counters["client_out"],
-                        "tunnel": NODE_ID in edge.tunnels,
-                        "counters": edge.counters,
-                    }
-                )
-        nursery.cancel_scope.cancel()
-
-
-@final
-class _EchoNode:
-    """A node that sends every client datagram straight back, stamped with the session's epoch."""
-
-    def __init__(self) -> None:
-        self.epochs: dict[str, int] = {}
-        self.echoed = 0
-        self.dropped = 0
-
-    def tunnel_opened(self, tunnel: Tunnel) -> None:
-        pass
-
-    def datagram_received(self, tunnel: Tunnel, data: bytes) -> None:
-        try:
-            frame = frames.decode(data)
-        except frames.FrameError:
-            self.dropped += 1
-            return
-        epoch = self.epochs.get(frame.session)
-        if not isinstance(frame, frames.FromClient) or epoch is None:
-            self.dropped += 1
-            return
-        # The endpoint flushes once after each received batch.
-        answer = frames.encode_to_client(frame.session, epoch, frame.client, frame.payload)
-        if tunnel.send_datagram(answer):
-            self.echoed += 1
-        else:
-            self.dropped += 1
-
-    def control_received(self, tunnel: Tunnel, message: dict[str, Any]) -> None:
-        pass
-
-    def tunnel_closed(self, tunnel: Tunnel, reason: str) -> None:
-        pass
-
-
-async def _serve_parley_node() -> None:
-    control = _Control()
-    config = await control.receive()
-    assert config is not None
-    node = _EchoNode()
-    endpoint = TunnelEndpoint(_credentials(config), node, host=HOST, server=False)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(endpoint.run)
-        await endpoint.connect(HOST, config["relay"], expect=Identity("relay", RELAY_ID))
-        _reply({"ok": True})
-        while (message := await control.receive()) is not None:
-            if message["cmd"] == "routes":
-                node.epochs.update((session, epoch) for session, epoch in message["sessions"])
-                _reply({"ok": True})
-            else:
-                _reply({"cpu": time.process_time(), "echoed": node.echoed, "dropped": node.dropped})
-        nursery.cancel_scope.cancel()
-
-
-@final
-class _BareForwarder:
-    """Client datagrams to one upstream with the client's address in front; echoes back."""
-
-    BATCH: Final = 512
-
-    def __init__(self) -> None:
-        self.up = 0
-        self.down = 0
-        self._prefixes: dict[Address, bytes] = {}
-        self._clients: dict[bytes, Address] = {}
-
-    def _prefix(self, addr: Address) -> bytes:
-        prefix = socket.inet_aton(addr[0]) + _PORT.pack(addr[1])
-        self._prefixes[addr] = prefix
-        self._clients[prefix] = addr
-        return prefix
-
-    async def _upward(self, public: socket.socket, upstream: socket.socket) -> None:
-        prefixes = self._prefixes
-        while True:
-            await trio.lowlevel.wait_readable(public)
-            count = 0
-            for _ in range(self.BATCH):
-                try:
-                    data, addr = public.recvfrom(2048)
-                except (BlockingIOError, InterruptedError):
-                    break
-                prefix = prefixes.get(addr) or self._prefix(addr)
-                with contextlib.suppress(BlockingIOError):
-                    upstream.send(prefix + data)
-                    count += 1
-            self.up += count
-            await trio.lowlevel.checkpoint()
-
-    async def _downward(self, public: socket.socket, upstream: socket.socket) -> None:
-        clients = self._clients
-        while True:
-            await trio.lowlevel.wait_readable(upstream)
-            count = 0
-            for _ in range(self.BATCH):
-                try:
-                    data = upstream.recv(2048)
-                except (BlockingIOError, InterruptedError):
-                    break
-                addr = clients.get(data[:6])
-                if addr is not None:
-                    with contextlib.suppress(BlockingIOError):
-                        public.sendto(data[6:], addr)
-                        count += 1
-            self.down += count
-            await trio.lowlevel.checkpoint()
-
-    async def run(self, node: Address, *, task_status: trio.TaskStatus[Address]) -> None:
-        public, upstream = _udp_socket(), _udp_socket()
-        with public, upstream:
-            upstream.connect(node)
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._upward, public, upstream)
-                nursery.start_soon(self._downward, public, upstream)
-                name = public.getsockname()
-                task_status.started((name[0], name[1]))
-
-
-def _udp_socket() -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    sock.bind((HOST, 0))
-    sock.setblocking(False)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)  # as the edge does
-    return sock
-
-
-async def _serve_bare_relay() -> None:
-    control = _Control()
-    config = await control.receive()
-    assert config is not None
-    forwarder = _BareForwarder()
-    async with trio.open_nursery() as nursery:
-        public = await nursery.start(forwarder.run, (HOST, config["node"]))
-        _reply({"public": list(public)})
-        while (message := await control.receive()) is not None:
-            if message["cmd"] == "routes":
-                _reply({"ok": True})
-            else:
-                _reply({"cpu": time.process_time(), "up": forwarder.up, "down": forwarder.down})
-        nursery.cancel_scope.cancel()
-
-
-def _serve_bare_node() -> None:
-    """Echo every datagram to its sender: a plain loop, as cheap as Python gets."""
-    sock = _udp_socket()
-    echoed = 0
-    buffer = b""
-    with sock, selectors.DefaultSelector() as selector:
-        selector.register(sock, selectors.EVENT_READ)
-        selector.register(sys.stdin.fileno(), selectors.EVENT_READ)
-        started = False
-        while True:
-            for key, _ in selector.select():
-                if key.fileobj is sock:
-                    while True:
-                        try:
-                            data, addr = sock.recvfrom(2048)
-                        except (BlockingIOError, InterruptedError):
-                            break
-                        with contextlib.suppress(BlockingIOError):
-                            sock.sendto(data, addr)
-                            echoed += 1
-                    continue
-                chunk = os.read(sys.stdin.fileno(), 1 << 16)
-                if not chunk:
-                    return
-                buffer += chunk
-                while b"\n" in buffer:
-                    line, _, buffer = buffer.partition(b"\n")
-                    if not started:  # the first line is the configuration
-                        started = True
-                        _reply({"port": sock.getsockname()[1]})
-                    elif json.loads(line)["cmd"] == "routes":
-                        _reply({"ok": True})
-                    else:
-                        _reply({"cpu": time.process_time(), "echoed": echoed})
-
-
-_SERVERS: Final = {
-    "serve-parley-relay": _serve_parley_relay,
-    "serve-parley-node": _serve_parley_node,
-    "serve-bare-relay": _serve_bare_relay,
-}
-
-
-def _serve(role: str) -> None:
-    if role == "serve-bare-node":
-        _serve_bare_node()
-    else:
-        trio.run(_SERVERS[role])
 
 
 # --- the parent side -------------------------------------------------------------------------
@@ -817,16 +533,43 @@ def _check(ufrag: str) -> bytes:
 
 
 @final
+class _Workers:
+    """The parley relay's worker processes, asked and counted as one relay."""
+
+    def __init__(self, children: list[_Child]) -> None:
+        self.children = children
+
+    @property
+    def pids(self) -> list[int]:
+        return [child.proc.pid for child in self.children]
+
+    def ask(self, message: dict[str, Any]) -> dict[str, Any]:
+        """Ask every worker; the first one's answer."""
+        answers = [child.ask(message) for child in self.children]
+        return answers[0]
+
+    def stats(self) -> dict[str, Any]:
+        """CPU and packets of all workers together; ``tunnel`` once every one has the node's."""
+        each = [child.stats() for child in self.children]
+        total: dict[str, Any] = {key: sum(s[key] for s in each) for key in ("cpu", "up", "down")}
+        total["tunnel"] = all(s["tunnel"] for s in each)
+        total["workers_up"] = [s["up"] for s in each]
+        return total
+
+
+@final
 @attrs.define
 class _Servers:
     """The relay and echo node of each path."""
 
-    relays: dict[str, _Child] = attrs.Factory(dict)
+    relays: dict[str, _Child | _Workers] = attrs.Factory(dict)
     nodes: dict[str, _Child] = attrs.Factory(dict)
     public: dict[str, Address] = attrs.Factory(dict)
 
 
-def _start(relay_cpus: set[int], other_cpus: set[int], stack: contextlib.ExitStack) -> _Servers:
+def _start(
+    relay_cpus: set[int], other_cpus: set[int], stack: contextlib.ExitStack, workers: int = 1
+) -> _Servers:
     servers = _Servers()
     ca_pem, ca_key_pem = make_ca("Parley bench CA")
     relay_creds = Credentials.issued(ca_pem, ca_key_pem, "relay", RELAY_ID)
@@ -841,18 +584,28 @@ def _start(relay_cpus: set[int], other_cpus: set[int], stack: contextlib.ExitSta
 
     # All four start at once, so that their imports overlap; each reads its configuration
     # when it is ready, and some configurations need another child's port.
-    parley_relay = _Child("serve-parley-relay", relay_cpus)
-    stack.callback(parley_relay.close)
+    # Worker 0 on the relay's core; more workers on the other cores (shared with the echo
+    # node and the load generator: this machine may not have a core for each).
+    cores = [relay_cpus, *({cpu} for cpu in sorted(other_cpus))] if relay_cpus else [set()]
+    children = [_Child("serve-parley-relay", cores[index % len(cores)]) for index in range(workers)]
+    for child in children:
+        stack.callback(child.close)
+    parley_relay = _Workers(children)
     parley_node = _Child("serve-parley-node", other_cpus)
     stack.callback(parley_node.close)
     bare_relay = _Child("serve-bare-relay", relay_cpus)
     stack.callback(bare_relay.close)
     bare_node = _Child("serve-bare-node", other_cpus)
     stack.callback(bare_node.close)
-    parley_relay.configure(pems(relay_creds))
+    reuse_port = workers > 1
+    children[0].configure({**pems(relay_creds), "port": 0, "reuse_port": reuse_port})
     bare_node.configure({})
-    ready = parley_relay.read()
-    parley_node.configure({**pems(node_creds), "relay": ready["tunnel"]})
+    ready = children[0].read()
+    tunnels = [ready["tunnel"]]
+    for child in children[1:]:  # the first one's public port, shared
+        child.configure({**pems(relay_creds), "port": ready["public"][1], "reuse_port": True})
+        tunnels.append(child.read()["tunnel"])
+    parley_node.configure({**pems(node_creds), "relays": tunnels})
     bare_relay.configure({"node": bare_node.read()["port"]})
     servers.relays = {"parley": parley_relay, "baseline": bare_relay}
     servers.nodes = {"parley": parley_node, "baseline": bare_node}
@@ -886,11 +639,21 @@ class _Mark:
     others: float
 
     @classmethod
-    def take(cls, relay: _Child, node: _Child) -> _Mark:
+    def take(cls, relay: _Child | _Workers, node: _Child) -> _Mark:
         stats = relay.stats()
         times = os.times()
-        ours = process_cpu(relay.proc.pid) + process_cpu(node.proc.pid) + times.user + times.system
+        pids = relay.pids if isinstance(relay, _Workers) else [relay.proc.pid]
+        ours = sum(map(process_cpu, [*pids, node.proc.pid])) + times.user + times.system
         return cls(time.perf_counter(), stats, _machine_cpu() - ours)
+
+    def worker_share(self, start: _Mark) -> float:
+        each = [
+            b - a
+            for a, b in zip(
+                start.relay.get("workers_up", [0]), self.relay.get("workers_up", [1]), strict=True
+            )
+        ]
+        return max(each) / sum(each) if sum(each) > 0 else 1.0
 
     def cpu_since(self, start: _Mark) -> float:
         return float(self.relay["cpu"] - start.relay["cpu"])
@@ -954,6 +717,7 @@ def _run(config: str, sessions: int, run: int, servers: _Servers, params: Params
         to_node=after.relay["up"] - before.relay["up"],
         to_client=after.relay["down"] - before.relay["down"],
         relay_cpu=after.cpu_since(before),
+        worker_share=after.worker_share(before),
         stalls=stalls,
         others=after.others_since(before),
         latency_rate=rate,
@@ -1002,7 +766,7 @@ def measure(params: Params) -> BenchResult:
     info = machine()
     with split_cores() as (relay_cpus, other_cpus), contextlib.ExitStack() as stack:
         info["pinned"] = bool(relay_cpus)
-        servers = _start(relay_cpus, other_cpus, stack)
+        servers = _start(relay_cpus, other_cpus, stack, params.workers)
         gc.collect()
         gc.disable()  # keep the load generator's collector out of the windows
         try:
@@ -1047,7 +811,13 @@ def render(result: BenchResult) -> str:
     lines = [
         f"machine: nproc {m['nproc']}, {m['cpu_model']}, python {m['python']}, "
         f"trio {m['trio']}, aioquic {m['aioquic']}, linux {m['kernel']}",
-        "relay pinned to one core; its echo node and the load generator to the other(s)"
+        (
+            "relay pinned to one core; its echo node and the load generator to the other(s)"
+            if p.workers == 1
+            else f"{p.workers} relay workers on one public port (SO_REUSEPORT), worker 0 pinned"
+            " to one core and the others to the other cores, which they share with the echo"
+            " node and the load generator; cpu and pkts/core: all workers together"
+        )
         if m["pinned"]
         else "one cpu: relay, echo node and load generator share it (nothing pinned)",
         f"{PAYLOAD_SIZE}-byte payloads, one client socket per session, loopback. throughput:"
@@ -1079,6 +849,11 @@ def render(result: BenchResult) -> str:
             f"{f.latency_relay_cpu / p.seconds:>6.2f}"
             f"{_ms(f.p50):>8}{_ms(f.p99):>8}{f.busy:>7.2f}{'*' if f.attempts > 1 else ''}"
         )
+        if p.workers > 1 and f.config == "parley":
+            notes.append(
+                f"parley x {f.sessions}: the busiest of {p.workers} workers forwarded"
+                f" {f.worker_share:.0%} of the client datagrams"
+            )
         lost = f.latency_sent - f.latency_received
         if lost or f.stalls:
             notes.append(
@@ -1142,6 +917,9 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
         default=2000.0,
         help="most datagrams per second in all in the latency phase (2000)",
     )
+    parser.add_argument(
+        "--workers", type=int, default=1, help="parley relay workers on one port (default 1)"
+    )
     parser.add_argument("--quick", action="store_true", help="short windows, under 15 s")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
@@ -1153,10 +931,13 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
         window=args.window,
         latency_cap=args.latency_cap,
         budget=14.0 if quick else 55.0,
+        workers=args.workers,
     )
     bad_window = params.window is not None and params.window < 1
     if params.seconds <= 0 or params.warmup < 0 or bad_window or params.latency_cap <= 0:
         parser.error("--seconds and --latency-cap must be > 0, --warmup >= 0, --window >= 1")
+    if params.workers < 1:
+        parser.error("--workers must be at least 1")
     result = measure(params)
     print(json.dumps(result.as_dict(), indent=2) if args.json else render(result))
     return result
@@ -1165,7 +946,7 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
 if __name__ == "__main__":
     try:
         if sys.argv[1:2] and sys.argv[1].startswith("serve-"):
-            _serve(sys.argv[1])
+            serve(sys.argv[1])
         else:
             main()
     except KeyboardInterrupt:

@@ -52,6 +52,8 @@ __all__ = [
     "FromClient",
     "HandOn",
     "ToClient",
+    "ToClientReader",
+    "client_header",
     "decode",
     "encode_from_client",
     "encode_hand_on",
@@ -118,10 +120,16 @@ def _session(session: str) -> bytes:
     return bytes((len(raw),)) + raw
 
 
+def client_header(session: str, client: Address) -> bytes:
+    """Everything of a FROM_CLIENT frame before the payload: the same for every datagram of one
+    client address in one session, so the relay frames one once and prepends it after that."""
+    flags, address = _address(*client)
+    return b"".join((bytes((FROM_CLIENT, flags)), address, _session(session)))
+
+
 def encode_from_client(session: str, client: Address, payload: bytes) -> bytes:
     """Frame a client's datagram for the tunnel (relay side)."""
-    flags, address = _address(*client)
-    return b"".join((bytes((FROM_CLIENT, flags)), address, _session(session), payload))
+    return client_header(session, client) + payload
 
 
 def encode_to_client(session: str, epoch: int, client: Address, payload: bytes) -> bytes:
@@ -194,3 +202,47 @@ def decode(frame: bytes) -> FromClient | ToClient | HandOn:
     if kind == HAND_ON:
         return HandOn(session, epoch, to, (host, port), payload)
     return FromClient(session, (host, port), payload)
+
+
+@final
+class ToClientReader:
+    """Reads TO_CLIENT frames as :func:`decode` does, remembering each client and session.
+
+    A relay receives every media frame for a client with the same address and session bytes;
+    decoding them into text and a tuple once per client, not once per frame, is most of what
+    reading a frame costs. Whatever :meth:`read` accepts, :func:`decode` accepts with the same
+    fields (a header is only remembered after :func:`decode` has read it), and it raises
+    :class:`FrameError` for the same frames. At most ``limit`` headers are remembered; past
+    that the memory starts over.
+    """
+
+    __slots__ = ("_known", "limit")
+
+    def __init__(self, limit: int = 65_536) -> None:
+        self.limit = limit
+        # (address + port + session id) bytes -> (session, client), one map per address size
+        self._known: tuple[dict[bytes, tuple[str, Address]], dict[bytes, tuple[str, Address]]] = (
+            {},
+            {},
+        )
+
+    def read(self, frame: bytes) -> tuple[str, int, Address, bytes] | None:
+        """``(session, epoch, client, payload)`` of a TO_CLIENT frame. None for anything that
+        does not start as one: read that with :func:`decode` (which may raise). Raises
+        :class:`FrameError` for a malformed TO_CLIENT frame."""
+        if len(frame) < 2 or frame[0] != TO_CLIENT or frame[1] > _IPV6:
+            return None
+        flags = frame[1]
+        at = 12 + 16 if flags else 12 + 4  # type, flags, epoch; then the address and port
+        end = at + 1 + frame[at] if len(frame) > at else 0
+        known = self._known[flags]
+        fields = known.get(frame[10:end]) if end and frame[at] and len(frame) >= end else None
+        if fields is None:
+            decoded = decode(frame)  # raises FrameError for anything malformed
+            assert isinstance(decoded, ToClient)
+            if len(known) >= self.limit:
+                known.clear()
+            fields = known[frame[10:end]] = (decoded.session, decoded.client)
+            return decoded.session, decoded.epoch, decoded.client, decoded.payload
+        (epoch,) = _EPOCH.unpack_from(frame, 2)
+        return fields[0], epoch, fields[1], frame[end:]

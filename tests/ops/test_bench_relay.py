@@ -47,6 +47,28 @@ def test_bench_relay_smoke() -> None:
     assert [a["sessions"] for a in result["added_latency"]] == [1, 10]
 
 
+def test_bench_relay_with_two_workers_on_one_port() -> None:
+    """``--workers 2``: two relay processes share the public port; both forward."""
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "ops.bench.relay", "--quick", "--workers", "2",
+            "--sessions", "40", "--seconds", "0.4", "--warmup", "0.1", "--window", "64", "--json",
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout)
+    assert result["params"]["workers"] == 2
+    (parley,) = [row for row in result["rows"] if row["config"] == "parley"]
+    assert parley["round_trips"] > 0 and parley["packets_per_core"] > 0
+    # The kernel hashes 40 client addresses over both workers: neither gets them all.
+    assert 0.5 <= parley["worker_share"] < 1.0
+
+
 def _figures(config: str, sessions: int, p50: float) -> Figures:
     return Figures(
         config=config,

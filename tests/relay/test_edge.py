@@ -197,11 +197,39 @@ def test_idle_clients_expire_and_the_cache_is_bounded() -> None:
 
 def test_a_client_reusing_its_socket_for_a_new_session_is_rerouted() -> None:
     edge, _, _ = make_edge()
-    edge.tunnels["node-a"] = Sink()
+    sink = edge.tunnels["node-a"] = Sink()
     edge.from_client(check(mint_ufrag(SESSION, "node-a", SECRET)), CLIENT)
+    edge.from_client(b"\x80first", CLIENT)
     edge.from_client(check(mint_ufrag("secondsession", "node-a", SECRET)), CLIENT)
     assert edge.clients[CLIENT].session == "secondsession"
     assert edge.counters["rerouted"] == 1
+    # What the client sends from now on is framed for its new session, not the old one.
+    edge.from_client(b"\x80second", CLIENT)
+    sessions = []
+    for frame in sink.sent:
+        decoded = frames.decode(frame)
+        assert isinstance(decoded, frames.FromClient) and decoded.client == CLIENT
+        sessions.append(decoded.session)
+    assert sessions == [SESSION, SESSION, "secondsession", "secondsession"]
+    assert frames.decode(sink.sent[-1]) == frames.FromClient("secondsession", CLIENT, b"\x80second")
+
+
+def test_frames_for_a_client_it_forgot_or_cut_short_are_dropped() -> None:
+    # The relay remembers how it read a client's frame header; that must not outlive the
+    # client, nor let a truncated frame through.
+    edge, routes, clock = make_edge(Limits(idle_timeout=10))
+    own(routes, SESSION, "node-a", 10)
+    edge.from_client(check(mint_ufrag(SESSION, "node-a", SECRET)), CLIENT)
+    sent: list[bytes] = []
+    edge.send_to_client = lambda data, addr: sent.append(data)  # type: ignore[method-assign]
+    frame = frames.encode_to_client(SESSION, 10, CLIENT, b"answer")
+    edge.from_node("node-a", frame)
+    edge.from_node("node-a", frame[:-7])  # cut inside the session id
+    assert sent == [b"answer"] and edge.counters["malformed_frame"] == 1
+    clock.now += 11
+    assert edge.expire() == 1
+    edge.from_node("node-a", frame)
+    assert sent == [b"answer"] and edge.counters["unknown_client"] == 1
 
 
 def test_no_tunnel_and_refusing_tunnel_are_counted() -> None:

@@ -76,3 +76,80 @@ def test_mutated_frames_decode_or_fail_cleanly(data: bytes, position: int) -> No
     frame[position % len(frame)] ^= 0xFF
     with contextlib.suppress(FrameError):
         frames.decode(bytes(frame))
+
+
+def _as_decode_reads(frame: bytes) -> tuple[str, int, tuple[str, int], bytes] | str:
+    """What decode makes of a frame, in ToClientReader.read's terms ("error"/"other")."""
+    try:
+        decoded = frames.decode(frame)
+    except FrameError:
+        return "error"
+    if not isinstance(decoded, ToClient):
+        return "other"
+    return decoded.session, decoded.epoch, decoded.client, decoded.payload
+
+
+def _as_reader_reads(
+    reader: frames.ToClientReader, frame: bytes
+) -> tuple[str, int, tuple[str, int], bytes] | str:
+    """The reader, and decode for what it leaves to decode (as the relay reads frames)."""
+    try:
+        fields = reader.read(frame)
+    except FrameError:
+        return "error"
+    if fields is None:
+        left = _as_decode_reads(frame)
+        assert isinstance(left, str), "the reader left a TO_CLIENT frame to decode"
+        return left
+    return fields
+
+
+@pytest.mark.parametrize("client", [("203.0.113.7", 50000), ("2001:db8::1", 3478)])
+def test_a_client_header_is_the_frame_without_its_payload(client: tuple[str, int]) -> None:
+    header = frames.client_header(SESSION, client)
+    assert header + b"media" == frames.encode_from_client(SESSION, client, b"media")
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([("198.51.100.2", 9), ("198.51.100.3", 9), ("2001:db8::7", 9)]),
+            st.sampled_from(["s1", "s2", SESSION]),
+            st.integers(0, 2**64 - 1),
+            st.binary(max_size=20),
+            st.integers(-1, 80),
+            st.integers(0, 255),
+        ),
+        max_size=30,
+    )
+)
+def test_the_to_client_reader_reads_what_decode_reads(
+    items: list[tuple[tuple[str, int], str, int, bytes, int, int]],
+) -> None:
+    # Frames for a few clients, many the same header (the reader remembers it), some mutated
+    # (-1: not) or cut short after it remembered their header: same fields or same refusal.
+    reader = frames.ToClientReader(limit=2)
+    for client, session, epoch, payload, position, cut in items:
+        frame = bytearray(frames.encode_to_client(session, epoch, client, payload))
+        if position >= 0:
+            frame[position % len(frame)] ^= 0xFF
+        for variant in (bytes(frame), bytes(frame[: cut % (len(frame) + 1)])):
+            assert _as_reader_reads(reader, variant) == _as_decode_reads(variant)
+
+
+def test_the_to_client_reader_remembers_headers_up_to_its_limit() -> None:
+    reader = frames.ToClientReader(limit=2)
+    one, two, three = (("198.51.100.2", port) for port in (1, 2, 3))
+    for client in (one, two, one):
+        assert reader.read(frames.encode_to_client(SESSION, 5, client, b"m")) == (
+            SESSION,
+            5,
+            client,
+            b"m",
+        )
+    assert sum(len(known) for known in reader._known) == 2
+    reader.read(frames.encode_to_client(SESSION, 5, three, b"m"))
+    assert sum(len(known) for known in reader._known) == 1  # full: it started over
+    # Other kinds are left to decode.
+    assert reader.read(frames.encode_from_client(SESSION, one, b"m")) is None
+    assert reader.read(frames.encode_hand_on(SESSION, 5, "node-b", one, b"m")) is None

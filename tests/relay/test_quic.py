@@ -221,6 +221,37 @@ async def test_frames_queued_by_several_senders_in_one_batch_share_a_packet() ->
         assert relay.counters["packets_in"] - before <= 2
 
 
+async def test_a_caller_that_batches_transmits_at_once_and_full_packets_leave_together() -> None:
+    """The relay's public port transmits at the end of each drained batch, without a task
+    switch; a burst of full packets to one peer leaves in segmented sends (UDP_SEGMENT)."""
+    async with connected() as (_relay, node, tunnel, relay_side, _):
+        await trio.sleep(0.1)
+        before = node.counters["packets_out"]
+        # Three frames fill a packet: 12 packets of the same size (aioquic's pacer lets the
+        # first few leave at once, the rest on its timer).
+        burst = [bytes([i]) * (tunnel.max_datagram // 3 - 8) for i in range(36)]
+        assert all(tunnel.send_datagram(d) for d in burst)
+        node.transmit_pending()  # no checkpoint: it has left when this returns
+        assert node.counters["packets_out"] - before >= 2
+        assert node.counters["segmented_sends"] >= 1
+        await until(lambda: len(relay_side.datagrams) == len(burst))
+        assert [d for _, d in relay_side.datagrams] == burst
+
+
+async def test_without_segmentation_every_packet_is_a_send_of_its_own() -> None:
+    relay_side = Recorder()
+    async with trio.open_nursery() as nursery:
+        relay = await nursery.start(server(relay_side).run)
+        node = await nursery.start(client(Recorder(), gso=False).run)
+        tunnel = await node.connect("127.0.0.1", relay.port)
+        burst = [bytes([i]) * (tunnel.max_datagram // 3 - 8) for i in range(36)]
+        assert all(tunnel.send_datagram(d) for d in burst)
+        node.transmit_pending()
+        await until(lambda: len(relay_side.datagrams) == len(burst))
+        assert node.counters["segmented_sends"] == 0 and node.counters["packets_out"] > 4
+        nursery.cancel_scope.cancel()
+
+
 async def test_datagram_only_packets_are_acknowledged_together() -> None:
     """RFC 9221 §5.2: ACKs for DATAGRAM-only packets wait (up to ACK_DELAY) and cover many."""
     async with connected() as (relay, node, tunnel, relay_side, _):

@@ -25,6 +25,7 @@ handed to the rider's own task, which raises it (its supervisor restarts that se
 from __future__ import annotations
 
 import heapq
+import logging
 import math
 from collections.abc import Callable
 from typing import Final, final
@@ -38,6 +39,8 @@ __all__ = ["GRID_SLACK", "Step", "grid_index", "ride"]
 #: a session's work for one grid point, given the time: the index of the next grid point it
 #: wants (it stays on the grid, its task asleep), or None (its task wakes and takes over)
 Step = Callable[[float], int | None]
+log = logging.getLogger("parley.session")
+
 #: grid points with no one riding before the runner ends (it starts again on demand)
 _IDLE_POINTS: Final = 250
 
@@ -112,8 +115,15 @@ class _Grid:
         try:
             after = rider.step(trio.current_time())
         except Exception as exc:  # the session's own failure, for its own task to raise
+            if rider.gone:  # ... but the step cancelled that task: it can only be logged
+                log.exception("a media grid step failed as its session was woken")
+                return
             rider.error = exc
             after = None
+        if rider.gone:
+            # The step woke its own task (it cancelled the scope around ``ride``: the session
+            # stalled, say), which Trio rescheduled already: that task takes over from here.
+            return
         if after is None:
             rider.gone = True
             trio.lowlevel.reschedule(rider.task)

@@ -121,3 +121,34 @@ def _task_names() -> list[str]:
         for nursery in task.child_nurseries:
             stack.extend(nursery.child_tasks)
     return names
+
+
+@pytest.mark.parametrize("then", ["stays", "leaves", "raises"])
+async def test_a_step_that_wakes_its_own_task_hands_over_to_it(
+    autojump_clock: trio.testing.MockClock, then: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    # A session's step can stall it, which cancels the scope its task waits in: Trio wakes the
+    # task at once, so the grid must neither wake it again nor keep serving it.
+    served: list[str] = []
+
+    async def session(name: str) -> None:
+        with trio.CancelScope() as scope:
+
+            def step(now: float) -> int | None:
+                served.append(name)
+                if name == "stalls":
+                    scope.cancel()
+                    if then == "raises":
+                        raise RuntimeError("broken while stalling")
+                    return round(now / TICK) + 1 if then == "stays" else None
+                return None if len(served) > 6 else round(now / TICK) + 1
+
+            await ride(4, TICK, step)
+        served.append(f"{name} back")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session, "stalls")
+        nursery.start_soon(session, "steady")
+    assert served.count("stalls") == 1 and "stalls back" in served
+    assert served.count("steady") >= 4 and served[-1] == "steady back"
+    assert ("broken while stalling" in caplog.text) == (then == "raises")

@@ -68,7 +68,17 @@ def test_aiortc_hears_its_turn_played_back_with_events_in_order(
             client = await asyncio.to_thread(open_websocket_session, running_node, offer)
             await call.answer(client.answer)
             start = loop.time()
-            await asyncio.sleep(2 * seconds + 2.0)
+            # The reply ends about 2 * seconds + 1.4 s from here (the turn's end, its padding);
+            # on a loaded machine setup and the turn's end come later: wait for the agent to
+            # say it finished (bounded, and before the sentence comes again), then a little.
+            await asyncio.sleep(2 * seconds + 1.0)
+            until = start + seconds + 4.0
+            # client.events fills from the WebSocket's own thread: polled, not awaited
+            while loop.time() < until and not any(  # noqa: ASYNC110
+                e["event"] == "agent_finished" for e in list(client.events)
+            ):
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.3)
             heard = call.pcm_between(start + seconds, math.inf)  # after the user's turn
             score, _ = speech.correlation(sent, heard, len(heard) // 2 - 1)
             return score, [e["event"] for e in client.events]

@@ -101,10 +101,13 @@ class _Grid:
                 with trio.move_on_at(until):
                     await self._changed.wait()  # an earlier point came in: sleep for it
                 self._changed = None
-                while self._due and self._due[0] * self.tick <= trio.current_time():
+                if self._due and self._due[0] * self.tick <= trio.current_time():
+                    # One point a pass: a node that fell behind (overloaded) still lets its other
+                    # tasks run between points (its lease's keepalives, the tunnels' reads).
                     index = heapq.heappop(self._due)
                     for rider in self._riders.pop(index):
                         self._serve(rider, index)
+                    await trio.lowlevel.checkpoint()
         finally:
             self._running = False
             self._changed = None

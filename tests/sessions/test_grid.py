@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 from sessions.grid import grid_index, ride
@@ -152,3 +155,28 @@ async def test_a_step_that_wakes_its_own_task_hands_over_to_it(
     assert served.count("stalls") == 1 and "stalls back" in served
     assert served.count("steady") >= 4 and served[-1] == "steady back"
     assert ("broken while stalling" in caplog.text) == (then == "raises")
+
+
+async def test_a_grid_that_fell_behind_lets_other_tasks_run_between_points(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # Every step takes 50 ms of a 20 ms tick (an overloaded node): the grid is always behind,
+    # and its lease's keepalives and the tunnels' reads must still get their turns.
+    order: list[str] = []
+
+    def slow(now: float) -> int | None:
+        order.append("step")
+        autojump_clock.jump(0.05)
+        return None if order.count("step") == 10 else round(now / TICK) + 1
+
+    async def other() -> None:
+        while order.count("step") < 10:
+            order.append("other")
+            await trio.sleep(0.001)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ride, 2, TICK, slow)
+        nursery.start_soon(other)
+    steps = [i for i, what in enumerate(order) if what == "step"]
+    assert len(steps) == 10
+    assert all("other" in order[a:b] for a, b in itertools.pairwise(steps))

@@ -247,7 +247,7 @@ class TunnelEndpoint:
         self._pending: dict[Link, None] = {}  # queued on since the last flush
         self._batch_now: float | None = None
         self._flush_wanted = trio.Event()
-        self._wake = trio.Event()
+        self._timer_scope: trio.CancelScope | None = None  # the timer task's, while it sleeps
         self._armed_at = math.inf
 
     # -- public ----------------------------------------------------------------------------------
@@ -609,16 +609,28 @@ class TunnelEndpoint:
             counters["packets_out"] += sent
             counters["send_failed"] += failed  # a full buffer is loss; QUIC recovers
             counters["segmented_sends"] += sender.batches - batches
-        if link.deadline() < self._armed_at:
-            self._wake.set()
+        deadline = link.deadline()
+        if deadline < self._armed_at:
+            self._arm(deadline)
+
+    def _arm(self, deadline: float) -> None:
+        # Moving the sleeping timer task's deadline is a heap push in Trio's run loop; waking the
+        # task to re-arm cost a task switch and a new cancel scope each time aioquic's timer moved
+        # earlier (after nearly every send and receive: ACK delay, loss detection), which was a
+        # fifth of a busy node's time in its run loop.
+        self._armed_at = deadline
+        scope = self._timer_scope
+        if scope is not None:
+            scope.deadline = deadline
 
     async def _timer_loop(self) -> None:
         while True:
-            self._wake = trio.Event()
-            self._armed_at = min((link.deadline() for link in self._links), default=math.inf)
-            with trio.move_on_at(self._armed_at):
-                await self._wake.wait()
-            self._armed_at = -math.inf  # nobody needs to wake us while we work
+            with trio.CancelScope() as scope:
+                self._timer_scope = scope
+                self._arm(min((link.deadline() for link in self._links), default=math.inf))
+                await trio.sleep_forever()
+            self._timer_scope = None
+            self._armed_at = -math.inf  # nobody needs to re-arm us while we work
             now = trio.current_time()
             for link in list(self._links):
                 if link.deadline() <= now:

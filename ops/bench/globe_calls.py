@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import fractions
 import random
 import struct
@@ -25,6 +24,7 @@ import traceback
 import urllib.request
 from typing import Any, Final
 
+from ops.bench.arrivals import stamp_rtp_arrivals
 from ops.bench.common import percentile
 
 __all__ = ["CYCLE_FRAMES", "region_process"]
@@ -38,8 +38,6 @@ BURST_FRAMES: Final = 10
 SENT_FRAMES: Final = 15
 #: an echoed SRTP datagram this large carries the burst (silence: ~30-50 bytes)
 LOUD_BYTES: Final = 90
-_SIOCGSTAMP: Final = 0x8906
-_TIMEVAL: Final = struct.Struct("@ll")
 
 
 def _beep_packets() -> list[bytes]:
@@ -98,16 +96,6 @@ def _track(packets: list[bytes], bursts: list[float]) -> Any:
             return packet
 
     return BeepTrack()
-
-
-def _is_rtp(data: object) -> bool:
-    """SRTP media, not SRTCP, STUN or DTLS (RFC 7983 first byte, RFC 5761 payload types)."""
-    return (
-        isinstance(data, bytes)
-        and len(data) >= 12
-        and 128 <= data[0] <= 191
-        and not 192 <= data[1] <= 223
-    )
 
 
 class BeepCall:
@@ -180,26 +168,9 @@ class BeepCall:
         ]
 
     def _stamp(self) -> None:
-        clock = time.time() - time.monotonic()  # SIOCGSTAMP reads CLOCK_REALTIME
-        for protocol in self._connection()._protocols:
-            fd = protocol.transport.get_extra_info("socket").fileno()
-            with contextlib.suppress(OSError):  # the first call turns stamping on
-                fcntl.ioctl(fd, _SIOCGSTAMP, bytes(_TIMEVAL.size))
-            original = protocol.datagram_received
-
-            def received(data: Any, addr: Any, fd: int = fd, original: Any = original) -> None:
-                if _is_rtp(data):
-                    try:
-                        sec, usec = _TIMEVAL.unpack(
-                            fcntl.ioctl(fd, _SIOCGSTAMP, bytes(_TIMEVAL.size))
-                        )
-                        at = sec + usec / 1e6 - clock
-                    except OSError:
-                        at = time.monotonic()
-                    self.arrivals.append((at, len(data)))
-                original(data, addr)
-
-            protocol.datagram_received = received
+        stamp_rtp_arrivals(
+            self._connection(), lambda at, data: self.arrivals.append((at, len(data)))
+        )
 
     def selected(self) -> tuple[str, int] | None:
         pair = self._connection()._nominated.get(1)

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import fcntl
 import io
 import itertools
 import json
@@ -49,13 +48,12 @@ import re
 import shutil
 import signal
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.parse
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any, Final, final
 
@@ -63,6 +61,7 @@ import attrs
 import trio
 
 from ops import moving
+from ops.bench.arrivals import stamp_rtp_arrivals
 from ops.bench.common import ADMISSION, percentile
 from ops.bench.sessions import _speech_track, http, loopback_ice, machine, speech_packets
 from ops.etcdserver import free_port
@@ -95,9 +94,6 @@ CONNECT_TIMEOUT: Final = 15.0
 SETUP_CONCURRENCY: Final = 4
 #: offers a client makes while the node answers 429 (too many from this source: it paces them)
 ADMISSION_TRIES: Final = 30
-#: Linux: the kernel's receive timestamp of the last datagram read from a socket (a timeval)
-_SIOCGSTAMP: Final = 0x8906
-_TIMEVAL: Final = struct.Struct("@ll")
 _MOVED_IN: Final = re.compile(r"session moved in .*?session=(\S+).*?blackout_ms=([\d.]+)")
 
 
@@ -225,11 +221,6 @@ def _spread(values: Sequence[float]) -> dict[str, float | int | None]:
 # --- clients ---------------------------------------------------------------------------------
 
 
-def _is_rtp(data: bytes) -> bool:
-    """SRTP media, not SRTCP, STUN or DTLS (RFC 7983 first byte, RFC 5761 payload types)."""
-    return len(data) >= 12 and 128 <= data[0] <= 191 and not 192 <= data[1] <= 223
-
-
 @final
 class EchoCall:
     """One aiortc client: sends speech and records every echoed RTP packet as it reaches the
@@ -281,35 +272,13 @@ class EchoCall:
 
     def _stamp_arrivals(self) -> None:
         (transceiver,) = self.pc.getTransceivers()
-        connection = transceiver.receiver.transport.transport._connection
-        clock = time.time() - time.monotonic()  # SIOCGSTAMP reads CLOCK_REALTIME
-        for protocol in connection._protocols:
-            fd = protocol.transport.get_extra_info("socket").fileno()
-            with contextlib.suppress(OSError):  # the first call turns stamping on (ENOENT)
-                fcntl.ioctl(fd, _SIOCGSTAMP, bytes(_TIMEVAL.size))
-            original = protocol.datagram_received
 
-            def received(
-                data: bytes | str,
-                addr: tuple[Any, ...],
-                fd: int = fd,
-                original: Callable[[bytes | str, tuple[Any, ...]], None] = original,
-            ) -> None:
-                if isinstance(data, bytes) and _is_rtp(data):
-                    try:
-                        sec, usec = _TIMEVAL.unpack(
-                            fcntl.ioctl(fd, _SIOCGSTAMP, bytes(_TIMEVAL.size))
-                        )
-                        at = sec + usec / 1e6 - clock
-                    except OSError:
-                        at = time.monotonic()
-                    seq, stamp = int.from_bytes(data[2:4]), int.from_bytes(data[4:8])
-                    self.arrivals.append((at, seq, stamp))
-                    if not self.first_rtp.done():
-                        self.first_rtp.set_result(at)
-                original(data, addr)
+        def record(at: float, data: bytes) -> None:
+            self.arrivals.append((at, int.from_bytes(data[2:4]), int.from_bytes(data[4:8])))
+            if not self.first_rtp.done():
+                self.first_rtp.set_result(at)
 
-            protocol.datagram_received = received  # type: ignore[method-assign]
+        stamp_rtp_arrivals(transceiver.receiver.transport.transport._connection, record)
 
     async def close(self, base_url: str) -> None:
         if self.location is not None:

@@ -13,10 +13,7 @@ first one (no drift), and records each echoed RTP packet's arrival as the kernel
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import socket
-import struct
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Sequence
@@ -24,6 +21,7 @@ from typing import Final, final
 
 import trio
 
+from ops.bench.arrivals import SPEECH_TEXT, kernel_receive_time, realtime_offset
 from ops.bench.lite_client import Client, answer_candidates, certificates, offer_sdp
 
 __all__ = ["CONSENT_PERIOD", "Fleet", "Session", "speech_payloads"]
@@ -34,9 +32,6 @@ CONNECT_TIMEOUT: Final = 20.0
 HTTP_TIMEOUT: Final = 20.0
 #: ICE checks are repeated this often until one is answered
 CHECK_RETRY: Final = 0.5
-_SIOCGSTAMP: Final = 0x8906  # Linux: the kernel's receive time of the last datagram read
-_TIMEVAL: Final = struct.Struct("@ll")
-SPEECH_TEXT: Final = "one two three four five six seven eight nine ten"
 
 
 def speech_payloads() -> list[bytes]:
@@ -63,15 +58,6 @@ def _post(url: str, offer: bytes, token: str | None) -> tuple[int, str, str | No
         return exc.code, exc.read().decode(errors="replace"), None
 
 
-def _kernel_stamp(fd: int, clock: float) -> float:
-    """When the kernel received the last datagram read from ``fd``, on time.monotonic()."""
-    try:
-        sec, usec = _TIMEVAL.unpack(fcntl.ioctl(fd, _SIOCGSTAMP, bytes(_TIMEVAL.size)))
-    except OSError:
-        return time.monotonic()
-    return float(sec + usec / 1e6 - clock)
-
-
 @final
 class Session:
     """One connected client session: its :class:`Client`, socket and talking state."""
@@ -83,7 +69,7 @@ class Session:
         self.talking: trio.CancelScope | None = None
         #: how late each frame was sent after its time, seconds (while talking)
         self.send_lags: list[float] = []
-        self._clock = time.time() - time.monotonic()  # SIOCGSTAMP reads CLOCK_REALTIME
+        self._clock = realtime_offset()
 
     async def serve(self) -> None:
         """Stay connected: consent checks, and take whatever comes back."""
@@ -92,7 +78,7 @@ class Session:
             fd = self.sock.fileno()
             while True:
                 data = await self.sock.recv(2048)
-                at = _kernel_stamp(fd, self._clock) if self.client.record else 0.0
+                at = kernel_receive_time(fd, self._clock) if self.client.record else 0.0
                 for reply in self.client.receive(data, at):
                     await self.sock.send(reply)
 

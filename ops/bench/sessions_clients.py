@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import fractions
 import itertools
 import statistics
-import struct
 import time
 import urllib.parse
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any, Final, final
 
 import attrs
 
+from ops.bench.arrivals import SPEECH_TEXT, stamp_rtp_arrivals
 from ops.bench.sessions_report import LATE_SLACK
 from ops.bench.sessions_servers import http
 
@@ -27,10 +26,6 @@ FRAME: Final = 0.020
 CLOCK_RATE: Final = 48_000
 FRAME_TIMESTAMP: Final = 960
 CONNECT_TIMEOUT: Final = 15.0
-#: Linux: the kernel's receive timestamp of the last datagram read from a socket (a timeval)
-_SIOCGSTAMP: Final = 0x8906
-_TIMEVAL: Final = struct.Struct("@ll")
-SPEECH_TEXT: Final = "one two three four five six seven eight nine ten"
 
 
 def speech_packets() -> list[bytes]:
@@ -88,11 +83,6 @@ def _speech_track(packets: list[bytes]) -> Any:
             return packet
 
     return SpeechTrack()
-
-
-def _is_rtp(data: bytes) -> bool:
-    """SRTP media, not SRTCP, STUN or DTLS (RFC 7983 first byte, RFC 5761 payload types)."""
-    return len(data) >= 12 and 128 <= data[0] <= 191 and not 192 <= data[1] <= 223
 
 
 @final
@@ -175,30 +165,9 @@ class Call:
         """Record the kernel's arrival time of every RTP packet on our ICE sockets."""
         (transceiver,) = self.pc.getTransceivers()
         connection = transceiver.receiver.transport.transport._connection
-        clock = time.time() - time.monotonic()  # SIOCGSTAMP reads CLOCK_REALTIME
-        for protocol in connection._protocols:
-            fd = protocol.transport.get_extra_info("socket").fileno()
-            with contextlib.suppress(OSError):  # the first call turns stamping on (ENOENT)
-                fcntl.ioctl(fd, _SIOCGSTAMP, bytes(_TIMEVAL.size))
-            original = protocol.datagram_received
-
-            def received(
-                data: bytes | str,
-                addr: tuple[Any, ...],
-                fd: int = fd,
-                original: Callable[[bytes | str, tuple[Any, ...]], None] = original,
-            ) -> None:
-                if isinstance(data, bytes) and _is_rtp(data):
-                    try:
-                        stamp = fcntl.ioctl(fd, _SIOCGSTAMP, bytes(_TIMEVAL.size))
-                        sec, usec = _TIMEVAL.unpack(stamp)
-                        at = sec + usec / 1e6 - clock
-                    except OSError:
-                        at = time.monotonic()
-                    self.arrivals.append((at, int.from_bytes(data[4:8], "big")))
-                original(data, addr)
-
-            protocol.datagram_received = received  # type: ignore[method-assign]
+        stamp_rtp_arrivals(
+            connection, lambda at, data: self.arrivals.append((at, int.from_bytes(data[4:8])))
+        )
 
     async def close(self, base_url: str) -> None:
         if self.location is not None:

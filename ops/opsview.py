@@ -11,11 +11,10 @@ every ``interval`` seconds what ``parley status`` reads (:func:`ops.status.gathe
 all the time, a watch of the ownership keys (owners, moves, checkpoints, end and drain requests)
 so that no change is missed between two samples.
 
-HTTP/1.1 through h11, one request per connection (``Connection: close``), as the processes' ops
-ports (``relay/opsport.py``): a request must arrive whole within :data:`REQUEST_WITHIN` seconds
-and :data:`MAX_REQUEST` bytes, at most :data:`MAX_CONNECTIONS` are served at once, and a
-malformed one gets a 400 with a line saying why. The page is for whoever runs the cluster: the
-listen address defaults to loopback (``up.opsview_listen``, ``--listen``).
+HTTP/1.1 by the processes' ops ports' server (``relay.opsport.OneRequestHttp``): one request a
+connection, which must arrive whole within a few seconds and bytes, a bounded number served at
+once, and a malformed one answered with a 4xx and a line saying why. The page is for whoever
+runs the cluster: the listen address defaults to loopback (``up.opsview_listen``, ``--listen``).
 """
 
 from __future__ import annotations
@@ -27,12 +26,11 @@ from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any, Final, final
 
-import h11
 import trio
 
 from ops.opsview_history import SPAN, History, OwnershipEvent, OwnershipLog
 from ops.status import gather_status
-from relay.opsport import respond
+from relay.opsport import OneRequestHttp
 from storage.etcd import Etcd, EtcdError, WatchEvent
 from storage.keys import Keyspace
 from storage.moves import BadMoveValue, Move
@@ -45,9 +43,6 @@ log = logging.getLogger("parley.opsview")
 #: where ``parley opsview`` and ``parley up`` serve the page unless told otherwise
 DEFAULT_LISTEN: Final = "127.0.0.1:8770"
 PAGE: Final = Path(__file__).with_name("opsview.html")
-MAX_CONNECTIONS: Final = 16
-REQUEST_WITHIN: Final = 5.0
-MAX_REQUEST: Final = 16 * 1024
 _TEXT: Final = "text/plain; charset=utf-8"
 
 
@@ -89,7 +84,8 @@ class OpsView:
         self.samples = 0
         self.watch_restarts = 0
         self.address: tuple[str, int] = ("", 0)
-        self._active = 0
+        # a bug of the view costs one request, never the server
+        self._http = OneRequestHttp(self.route, failed="the ops page's view failed")
 
     @property
     def url(self) -> str:
@@ -109,7 +105,7 @@ class OpsView:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._sample)
             nursery.start_soon(self._watch)
-            await nursery.start(trio.serve_listeners, self._connection, listeners)
+            await nursery.start(trio.serve_listeners, self._http, listeners)
             log.info("ops page open", extra={"url": self.url})
             task_status.started(self.address)
 
@@ -214,39 +210,6 @@ class OpsView:
         if path == b"/healthz":
             return 200, _TEXT, b"ok\n"
         return 200, "text/html; charset=utf-8", self.page
-
-    async def _connection(self, stream: trio.SocketStream) -> None:
-        async with stream:
-            if self._active >= MAX_CONNECTIONS:
-                return
-            self._active += 1
-            try:
-                with trio.move_on_after(REQUEST_WITHIN):
-                    await self._answer(stream)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.ProtocolError):
-                pass  # the browser went away or spoke nonsense; nothing of ours is hurt
-            finally:
-                self._active -= 1
-
-    async def _answer(self, stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
-        try:
-            while (event := conn.next_event()) is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(4096))
-        except h11.RemoteProtocolError as exc:
-            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                body = f"bad request: {exc}\n".encode()
-                await respond(stream, conn, exc.error_status_hint, _TEXT, body)
-            return
-        if not isinstance(event, h11.Request):
-            return  # the peer closed before a request
-        try:
-            status, content_type, body = self.route(event.method, event.target)
-        except Exception:
-            # a bug of the view costs one request, never the server
-            log.exception("ops page request failed")
-            status, content_type, body = 500, _TEXT, b"the view failed; see the log\n"
-        await respond(stream, conn, status, content_type, body, head=event.method == b"HEAD")
 
 
 def run_opsview(config: Any, *, interval: float = 1.0) -> int:

@@ -7,10 +7,10 @@ has its own :class:`~prometheus_client.CollectorRegistry` (never the library's g
 whose collectors read the counters the packet paths keep anyway, at scrape time: a scrape costs
 the process some work once, a packet costs nothing more than before.
 
-HTTP/1.1 through h11, one request per connection (``Connection: close``); a request must arrive
-whole within :data:`REQUEST_WITHIN` seconds and :data:`MAX_REQUEST` bytes, and at most
-:data:`MAX_CONNECTIONS` connections are served at once: a stuck or hostile scraper holds a
-bounded share of the process.
+HTTP/1.1 through h11 (:class:`OneRequestHttp`, which ``ops/opsview.py`` serves its page with too),
+one request per connection (``Connection: close``); a request must arrive whole within
+:data:`REQUEST_WITHIN` seconds and :data:`MAX_REQUEST` bytes, and at most :data:`MAX_CONNECTIONS`
+connections are served at once: a stuck or hostile scraper holds a bounded share of the process.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from prometheus_client.registry import Collector
 
 from relay.addresses import Address
 
-__all__ = ["MAX_CONNECTIONS", "OpsPort", "new_registry", "respond"]
+__all__ = ["MAX_CONNECTIONS", "OneRequestHttp", "OpsPort", "new_registry", "respond"]
 
 log = logging.getLogger("parley.ops")
 
@@ -43,6 +43,9 @@ REQUEST_WITHIN: Final = 5.0
 MAX_REQUEST: Final = 16 * 1024
 _TEXT: Final = "text/plain; charset=utf-8"
 
+#: what a server answers a request with: ``route(method, target)`` -> (status, type, body)
+Route = Callable[[bytes, bytes], tuple[int, str, bytes]]
+
 
 def new_registry(*collectors: Collector) -> CollectorRegistry:
     """A private registry with ``collectors`` and the process' own (CPU, memory, descriptors,
@@ -53,6 +56,54 @@ def new_registry(*collectors: Collector) -> CollectorRegistry:
     for collector in collectors:
         registry.register(collector)
     return registry
+
+
+@final
+class OneRequestHttp:
+    """An HTTP/1.1 server's connection handler (for ``trio.serve_listeners``), through h11: one
+    request a connection, answered by ``route`` and closed. The ops port's and the ops page's
+    (``ops/opsview.py``): a request must arrive whole within :data:`REQUEST_WITHIN` seconds and
+    :data:`MAX_REQUEST` bytes, and at most :data:`MAX_CONNECTIONS` are served at once. A request
+    h11 cannot parse gets its error status; a ``route`` that raises costs its request a 500
+    (``failed`` is its body and the log's message), never the server."""
+
+    def __init__(self, route: Route, *, failed: str) -> None:
+        self.route = route
+        self.failed = failed
+        self.active = 0
+
+    async def __call__(self, stream: trio.SocketStream) -> None:
+        async with stream:
+            if self.active >= MAX_CONNECTIONS:
+                return
+            self.active += 1
+            try:
+                with trio.move_on_after(REQUEST_WITHIN):
+                    await self._answer(stream)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.ProtocolError):
+                pass  # the peer went away or spoke nonsense; nothing of ours is hurt
+            finally:
+                self.active -= 1
+
+    async def _answer(self, stream: trio.SocketStream) -> None:
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
+        try:
+            while (event := conn.next_event()) is h11.NEED_DATA:
+                conn.receive_data(await stream.receive_some(4096))
+        except h11.RemoteProtocolError as exc:
+            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
+                body = f"bad request: {exc}\n".encode()
+                await respond(stream, conn, exc.error_status_hint, _TEXT, body)
+            return
+        if not isinstance(event, h11.Request):
+            return  # the peer closed before a request
+        try:
+            status, content_type, body = self.route(event.method, event.target)
+        except Exception:
+            log.exception(self.failed)
+            status, content_type, body = 500, _TEXT, f"{self.failed}; see the log\n".encode()
+        # a HEAD is answered as a GET, without the body
+        await respond(stream, conn, status, content_type, body, head=event.method == b"HEAD")
 
 
 @final
@@ -75,7 +126,8 @@ class OpsPort:
         self.healthy = healthy
         self.address: Address = (host, 0)
         self.scrapes = 0
-        self._active = 0
+        # A collector's bug must cost a scrape, never the relay or node that serves it.
+        self._http = OneRequestHttp(self._route, failed="metrics collection failed")
 
     @property
     def url(self) -> str:
@@ -95,41 +147,8 @@ class OpsPort:
             name = listeners[0].socket.getsockname()
             self.address = (name[0], name[1])
             log.info("ops port open", extra={"url": self.url})
-            await nursery.start(trio.serve_listeners, self._connection, listeners)
+            await nursery.start(trio.serve_listeners, self._http, listeners)
             task_status.started(self.address)
-
-    async def _connection(self, stream: trio.SocketStream) -> None:
-        async with stream:
-            if self._active >= MAX_CONNECTIONS:
-                return
-            self._active += 1
-            try:
-                with trio.move_on_after(REQUEST_WITHIN):
-                    await self._answer(stream)
-            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError, h11.ProtocolError):
-                pass  # the scraper went away or spoke nonsense; nothing of ours is hurt
-            finally:
-                self._active -= 1
-
-    async def _answer(self, stream: trio.SocketStream) -> None:
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST)
-        try:
-            while (event := conn.next_event()) is h11.NEED_DATA:
-                conn.receive_data(await stream.receive_some(4096))
-        except h11.RemoteProtocolError:
-            if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
-                await respond(stream, conn, 400, _TEXT, b"bad request\n")
-            return
-        if not isinstance(event, h11.Request):
-            return  # the peer closed before a request
-        try:
-            status, content_type, body = self._route(event.method, event.target)
-        except Exception:
-            # A collector's bug must cost a scrape, never the relay or node that serves it.
-            log.exception("metrics collection failed")
-            status, content_type, body = 500, _TEXT, b"collection failed; see the log\n"
-        # a HEAD is answered as a GET, without the body
-        await respond(stream, conn, status, content_type, body, head=event.method == b"HEAD")
 
     def _route(self, method: bytes, target: bytes) -> tuple[int, str, bytes]:
         path = target.split(b"?", 1)[0]

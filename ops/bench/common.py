@@ -49,8 +49,10 @@ def split_cores() -> Iterator[tuple[set[int], set[int]]]:
 
 #: a node's admission limits for a benchmark: all its clients are on one loopback address, and
 #: it measures something else than admission (a node's defaults pace one source to 5 offers a
-#: second and 8 half-open sessions; sessions/node/signaling/limits.py)
+#: second and 8 half-open sessions; sessions/node/signaling/limits.py), up to the node's own
+#: ceiling (no ``node.max_load``: sessions/node/load.py)
 ADMISSION: Final = {
+    "PARLEY_NODE_MAX_LOAD": "0",
     "PARLEY_NODE_OFFER_RATE": "200",
     "PARLEY_NODE_OFFER_BURST": "200",
     "PARLEY_NODE_HALF_OPEN": "200",

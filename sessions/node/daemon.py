@@ -36,6 +36,7 @@ import trio
 
 from actors import Actor, ChildSpec, Intensity, Registry, Restart, Strategy, Supervisor
 from actors.histogram import Histogram
+from sessions.node.load import LoopLoad
 from sessions.node.metrics import ADOPTION_BUCKETS, BLACKOUT_BUCKETS
 from sessions.node.settings import NodeSetup
 from storage.etcd import Etcd, EtcdError, open_etcd
@@ -153,6 +154,8 @@ class Node:
         #: blackouts of the sessions moved in, and delays of those adopted (seconds)
         self.move_blackouts = Histogram(BLACKOUT_BUCKETS)
         self.adoption_delays = Histogram(ADOPTION_BUCKETS)
+        #: how busy the node's event loop is (``node.max_load``), sampled while it runs
+        self.loop_load = LoopLoad()
         self._frontend = frontend
         self._clients: SessionFrontend | None = None
         #: set by the frontend when this node can move sessions (relay mode, a cluster key)
@@ -247,7 +250,17 @@ class Node:
         return self.state == "active" and not self._stop_requested.is_set()
 
     def has_room(self) -> bool:
-        return len(self.sessions) + self.places_reserved() < self.config.node.capacity
+        """Room for one more session (a move, an adoption): under capacity, counting the
+        places offers hold, and not :meth:`busy`."""
+        return (
+            len(self.sessions) + self.places_reserved() < self.config.node.capacity
+            and not self.busy()
+        )
+
+    def busy(self) -> bool:
+        """Whether the event loop is too busy for another session (``node.max_load``)."""
+        limit = self.config.node.max_load
+        return limit > 0 and self.loop_load.value >= limit
 
     async def adopt_session(
         self,
@@ -362,6 +375,7 @@ class Node:
                 etcd, ttl=node_cfg.lease_ttl, margin=margin, hold=node_cfg.lease_hold
             )
             async with trio.open_nursery() as nursery:
+                nursery.start_soon(self.loop_load.run)
                 if self._frontend is not None:
                     # Signaling and media outlive lease generations: their addresses stay put.
                     self._clients = await nursery.start(self._frontend, self)

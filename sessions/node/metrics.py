@@ -79,6 +79,7 @@ _OFFER_OUTCOMES: Final = {
     "source_limit": "source_limit",
     "half_open_limit": "half_open_limit",
     "node_over_capacity": "node_over_capacity",
+    "node_busy": "node_busy",
     "token_missing": "token_missing",
     "token_invalid": "token_invalid",
     "token_expired": "token_expired",
@@ -289,6 +290,12 @@ class NodeCollector:
         )
         yield gauge(
             "parley_session_capacity", "Sessions this node accepts.", node.config.node.capacity
+        )
+        yield gauge(
+            "parley_node_loop_load",
+            "The share of one core the node's event loop used, averaged over a few seconds; "
+            "new sessions are refused (node_busy) at node.max_load and above.",
+            node.loop_load.value,
         )
         yield gauge(
             "parley_node_draining",

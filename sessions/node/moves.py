@@ -324,7 +324,8 @@ class NodeMover:
             await self._fail(move, f"{self.node.id} is draining")
             return
         if not self.node.has_room():
-            await self._fail(move, f"{self.node.id} is at capacity")
+            why = "too busy" if self.node.busy() else "at capacity"
+            await self._fail(move, f"{self.node.id} is {why}")
             return
         blob = move.snapshot
         if not blob:  # written by a source that did not carry it in the move

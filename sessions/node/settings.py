@@ -40,6 +40,12 @@ class NodeSettings:
     #: session and epoch, for checking single ownership from outside; sessions/node/ledger.py)
     ledger_dir: str = ""
     capacity: int = 1000
+    #: the share of one core the node's event loop may use (its thread's CPU time, averaged
+    #: over a few seconds: sessions/node/load.py) and still take new sessions, moves and
+    #: adoptions; at or above it offers get 503 ``node_busy``. 0: no limit but ``capacity``
+    max_load: float = attrs.field(
+        default=0.85, validator=[attrs.validators.ge(0.0), attrs.validators.le(1.0)]
+    )
     signaling_host: str = "127.0.0.1"
     signaling_port: int = 0
     #: the signaling URL clients reach this node at, when it is not ``ws://`` + the bound

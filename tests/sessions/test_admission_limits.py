@@ -35,7 +35,13 @@ from sessions.node.signaling import (
     SignalingServer,
     node_limits,
 )
-from sessions.node.signaling.limits import RateTable, Setup, TokenBucket, source_of
+from sessions.node.signaling.limits import (
+    BUSY_RETRY,
+    RateTable,
+    Setup,
+    TokenBucket,
+    source_of,
+)
 from sessions.node.signaling.messages import Refusal
 from tests.helpers import bearer, eventually, make_token, token_keys
 from tests.sessions.test_signaling import FAST, FakeBackend, Reply, http_send, read_reply
@@ -302,6 +308,36 @@ async def test_a_node_backend_gives_its_limits_and_capacity() -> None:
     assert capacity is not None and capacity.sessions == 7
     node.sessions["s1"] = object()
     assert capacity.load() == 1
+    assert not capacity.busy()  # a node without a loop load is never busy
+    node.busy = lambda: True
+    assert SignalingServer(backend, gate=Gate.open()).limiter.capacity.busy()  # type: ignore[union-attr]
+
+
+def test_a_busy_node_refuses_offers_and_keeps_no_place_for_them() -> None:
+    busy = {"now": False}
+    limiter = Limiter(
+        SignalingLimits(offer_burst=100), Capacity(10, lambda: 1, lambda: busy["now"])
+    )
+    admitted(limiter.admit("a", None, 0.0))
+    busy["now"] = True
+    refusal = refused(limiter.admit("b", None, 0.0), "node_busy")
+    assert (refusal.status, refusal.retry_after) == (503, BUSY_RETRY)
+    assert limiter.pending == 1 and limiter.half_open("b") == 0  # nothing held for it
+    busy["now"] = False
+    admitted(limiter.admit("b", None, 0.0))
+
+
+async def test_a_busy_node_answers_a_whip_post_with_503_node_busy(nursery: trio.Nursery) -> None:
+    backend = FakeBackend()
+    busy = {"now": True}
+    capacity = Capacity(10, lambda: len(backend.senders), lambda: busy["now"])
+    server = await serve(nursery, backend, ROOMY, capacity=capacity)
+    reply = await post_from(server, HOME)
+    assert (reply.status, reply.json()["code"]) == (503, "node_busy")
+    assert int(reply.headers["retry-after"]) == BUSY_RETRY
+    assert server.published_counters()["signaling_node_busy"] == 1
+    busy["now"] = False
+    assert (await post_from(server, HOME)).status == 201
 
 
 # -- connections per source ----------------------------------------------------------------------

@@ -265,6 +265,26 @@ async def test_room_for_a_session_moving_in_leaves_the_places_offers_hold(
         node.request_stop()
 
 
+async def test_a_busy_node_has_no_room_until_its_load_falls(etcd_server: EtcdServer) -> None:
+    """node.max_load: a node whose event loop is that busy takes no session moving in or
+    adopted (and signaling refuses offers: tests/sessions/test_admission_limits.py); 0 turns
+    the limit off."""
+    node = Node(make_config(etcd_server, max_load=0.5), node_id="n1", frontend=Clients().serve)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(node.run)
+        assert node.has_room() and not node.busy()
+        node.loop_load.value = 0.5
+        assert node.busy() and not node.has_room()
+        node.loop_load.value = 0.49
+        assert node.has_room()
+        # sampled from the start (sessions/node/load.py, tests/sessions/test_load.py)
+        assert node.loop_load._last is not None
+        node.request_stop()
+    unlimited = Node(make_config(etcd_server, max_load=0.0), node_id="n2")
+    unlimited.loop_load.value = 1.0
+    assert not unlimited.busy() and unlimited.has_room()
+
+
 async def test_a_node_publishes_big_stats_less_often_and_never_above_etcd_s_limit(
     etcd_server: EtcdServer, etcd: Etcd, keys: Keyspace, monkeypatch: pytest.MonkeyPatch
 ) -> None:

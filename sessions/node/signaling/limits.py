@@ -19,6 +19,9 @@ taking the node from everyone else:
 - **capacity**: the node's sessions plus the offers being answered never pass its capacity
   (503 ``node_over_capacity``). The check and the reservation are one step with no await
   between them, so concurrent offers cannot all pass a check that only one of them fits.
+- **load**: while the node's event loop is busy at or above ``max_load`` of a core
+  (sessions/node/load.py), offers are refused with 503 ``node_busy`` and a ``retry_after``:
+  the sessions it holds keep their CPU.
 
 Subjects count only where tokens are checked: on an open node everyone is ``anonymous``, and
 one shared bucket would let one client starve the rest. Connections count per source only: a
@@ -47,6 +50,7 @@ from sessions.node.settings import NodeSettings
 from sessions.node.signaling.messages import Refusal, SignalingLimits
 
 __all__ = [
+    "BUSY_RETRY",
     "SETUP_TIMEOUT",
     "Capacity",
     "Limiter",
@@ -62,6 +66,8 @@ __all__ = [
 SETUP_TIMEOUT = "setup_timeout"
 #: a source with more connections than it may hold asks again after this many seconds
 _CONNECTION_RETRY = 1
+#: a busy node is asked again after this many seconds (its load is a mean over a few seconds)
+BUSY_RETRY = 2
 #: IPv6 sources are counted by their /64: a host is usually given one whole (RFC 4291 §2.5.1)
 _IPV6_SOURCE_PREFIX = 64
 
@@ -151,10 +157,12 @@ class RateTable:
 @attrs.frozen
 class Capacity:
     """The sessions a node takes (``sessions``) and a count of those it holds now (``load``:
-    every session, whether opened here, moved in or adopted)."""
+    every session, whether opened here, moved in or adopted); ``busy``: whether its event loop
+    is too busy for another session now."""
 
     sessions: int
     load: Callable[[], int]
+    busy: Callable[[], bool] = lambda: False
 
 
 @final
@@ -247,6 +255,10 @@ class Limiter:
         capacity = self.capacity
         if capacity is not None and capacity.load() + self.pending >= capacity.sessions:
             return Refusal(503, "node_over_capacity", "the node is at capacity")
+        if capacity is not None and capacity.busy():
+            return Refusal(
+                503, "node_busy", "the node is too busy for another session now", BUSY_RETRY
+            )
         if subject is not None:
             wait = self._subject_rates.take(subject, now)
             if wait:

@@ -82,6 +82,7 @@ _COUNTERS = (
     "rate_limited",
     "half_open_limit",
     "node_over_capacity",
+    "node_busy",
     SETUP_TIMEOUT,
 )
 
@@ -116,7 +117,12 @@ def _capacity_of(backend: SessionBackend) -> Capacity | None:
     node, settings = _node_settings(backend)
     if settings is None or not isinstance(getattr(node, "sessions", None), dict):
         return None
-    return Capacity(settings.capacity, lambda: len(node.sessions))
+    busy = getattr(node, "busy", None)
+    return Capacity(
+        settings.capacity,
+        lambda: len(node.sessions),
+        busy if callable(busy) else lambda: False,
+    )
 
 
 def _url_host(host: str) -> str:

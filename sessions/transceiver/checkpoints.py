@@ -89,16 +89,18 @@ class CheckpointPolicy:
 
     def get_timer(self) -> float | None:
         """When the next checkpoint is due; ``None`` before :meth:`start` or after :meth:`stop`."""
-        if self._reservation is None or self._stopped or self._started_at is None:
+        reservation, started = self._reservation, self._started_at
+        if reservation is None or self._stopped or started is None:
             return None
         requested, snapshot = self._requested_at, self._snapshot_at
         if requested is not None and (snapshot is None or requested > snapshot):
             return requested + CHECKPOINT_RETRY  # unanswered: ask again
-        base = self._started_at if snapshot is None else snapshot
-        deadline = base + CHECKPOINT_INTERVAL
-        if self._headroom_low():
-            deadline = min(deadline, base + CHECKPOINT_RETRY)
-        return deadline
+        base = started if snapshot is None else snapshot
+        # Sooner when the reservation runs low (CHECKPOINT_RETRY < CHECKPOINT_INTERVAL, so
+        # this is the earlier of the two).
+        if _headroom_low(reservation):
+            return base + CHECKPOINT_RETRY
+        return base + CHECKPOINT_INTERVAL
 
     def handle_timer(self, now: float) -> None:
         """Ask for a checkpoint if one is due at ``now``."""
@@ -114,16 +116,17 @@ class CheckpointPolicy:
             "confirmed": self.confirmed,
         }
 
-    def _headroom_low(self) -> bool:
-        reservation = self._reservation
-        if reservation is None:
-            return False
-        rtp_left, srtcp_left = reservation.rtp_headroom, reservation.srtcp_headroom
-        return (rtp_left is not None and rtp_left < _LOW_RTP_HEADROOM) or (
-            srtcp_left is not None and srtcp_left < _LOW_SRTCP_HEADROOM
-        )
-
     def _request(self, now: float) -> None:
         self._requested_at = now
         self.requested += 1
         self._events.append(CheckpointDue())
+
+
+def _headroom_low(reservation: Reservation) -> bool:
+    """Whether either reservation runs low. The headrooms are read afresh on every call (each
+    packet sent lowers them) but the SRTCP one only when the RTP one is not low already."""
+    rtp_left = reservation.rtp_headroom
+    if rtp_left is not None and rtp_left < _LOW_RTP_HEADROOM:
+        return True
+    srtcp_left = reservation.srtcp_headroom
+    return srtcp_left is not None and srtcp_left < _LOW_SRTCP_HEADROOM

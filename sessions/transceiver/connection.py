@@ -103,6 +103,9 @@ TRANSITIONS: Final[Mapping[SessionState, frozenset[SessionState]]] = {
 CONNECT_TIMEOUT: Final = 30.0
 
 _ENDED: Final = (SessionState.FAILED, SessionState.CLOSED)
+# States with timers: not ended, not quiesced. A tuple, not a set: membership tests identity
+# first, where a set would hash the enum member in Python (Enum.__hash__).
+_TIMED: Final = (SessionState.CONNECTED, SessionState.CONNECTING, SessionState.NEW)
 _REASON_LIMIT: Final = 200
 
 
@@ -175,6 +178,17 @@ class Connection:
     def quiesced(self) -> bool:
         """Whether the session is frozen for a planned move (:meth:`quiesce`)."""
         return self._state is SessionState.QUIESCED
+
+    @property
+    def timed(self) -> bool:
+        """Whether the session has timers and takes input: neither ended nor quiesced. One
+        test instead of :attr:`ended` and :attr:`quiesced`, for the per-tick timer calls."""
+        return self._state in _TIMED
+
+    @property
+    def idle(self) -> bool:
+        """Whether nothing is queued: no datagram to send, no event to take."""
+        return not self._out and not self._events
 
     @property
     def ice(self) -> IceLiteResponder:
@@ -261,22 +275,32 @@ class Connection:
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` is next due, or ``None`` (an ended or quiesced session has
         none)."""
-        if self.ended or self.quiesced:
+        if self._state not in _TIMED:
             return None
-        deadlines = [self._ice.get_timer(), self._connect_deadline]
+        # The earliest of ICE's, the connect deadline and DTLS's, by plain comparisons: this
+        # runs a few times per 20 ms media tick. Ties keep the earlier one, as min() does.
+        deadline = self._ice.get_timer()
+        other = self._connect_deadline
+        if other is not None and (deadline is None or other < deadline):
+            deadline = other
         if self._dtls is not None:
-            deadlines.append(self._dtls.get_timer())
-        present = [d for d in deadlines if d is not None]
-        return min(present) if present else None
+            other = self._dtls.get_timer()
+            if other is not None and (deadline is None or other < deadline):
+                deadline = other
+        return deadline
 
     def handle_timer(self, now: float) -> None:
         """Consent expiry, DTLS retransmission, then the connect timeout, as due at ``now``."""
-        if self.ended or self.quiesced:
+        if self._state not in _TIMED:
             return
         self._ice.handle_timer(now)
         self._drain_ice()
-        if self._dtls is not None and not self.ended:
-            self._dtls.handle_timer(now)
+        dtls = self._dtls
+        # A DTLS server without a timer (a connected one whose last flight needs no
+        # retransmission: every media tick) would do nothing here, and has nothing queued:
+        # every call into it is followed by _flush_dtls and _drain_dtls. Skip the calls.
+        if dtls is not None and not self.ended and dtls.get_timer() is not None:
+            dtls.handle_timer(now)
             self._flush_dtls()
             self._drain_dtls()
         if self.ended:

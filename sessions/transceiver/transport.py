@@ -24,7 +24,7 @@ import collections
 import random
 import secrets
 from collections.abc import Sequence
-from typing import Final, final
+from typing import Final, NamedTuple, final
 
 import attrs
 
@@ -55,9 +55,12 @@ _FIRST_SEQ: Final = 2 * RTP_RESERVE
 
 
 @final
-@attrs.frozen
-class MediaPacket:
-    """The Opus payload of one authentic RTP packet of the client's, and when it arrived."""
+class MediaPacket(NamedTuple):
+    """The Opus payload of one authentic RTP packet of the client's, and when it arrived.
+
+    A named tuple: one is made per packet received, and a tuple is built at about half the
+    cost of a frozen attrs instance (which sets each field with ``object.__setattr__``).
+    """
 
     sequence_number: int
     timestamp: int
@@ -127,7 +130,19 @@ class Transport:
             remote_ssrc=remote_ssrc,
             received_up_to=received_up_to,
         )
-        self._counts: collections.Counter[str] = collections.Counter()
+        # Plain attributes, not a Counter: the per-packet ones are bumped for every datagram.
+        self._datagrams_in = 0
+        self._udp_bytes_in = 0
+        self._packets_in = 0
+        self._bytes_in = 0
+        self._datagrams_out = 0
+        self._udp_bytes_out = 0
+        self._bytes_out = 0
+        self._rtcp_in = 0
+        self._rtcp_out = 0
+        self._send_blocked = 0
+        self._rtcp_blocked = 0
+        self._reporting = False  # RtcpReports.start was called (see _sync)
         #: what this transport decrypted and protected, and when (transceiver/ledger.py)
         self.ledger = MediaLedger()
         self._dropped: collections.Counter[str] = collections.Counter()
@@ -295,9 +310,12 @@ class Transport:
         out, self._out = self._out, []
         return out
 
-    def received_media(self) -> list[MediaPacket]:
+    def received_media(self) -> Sequence[MediaPacket]:
         """The client's Opus payloads received since the last call, in arrival order."""
-        media, self._media = self._media, []
+        media = self._media
+        if not media:
+            return ()  # most calls (timer ticks) find none: no new list for them
+        self._media = []
         return media
 
     # --- input --------------------------------------------------------------------------------
@@ -312,34 +330,39 @@ class Transport:
         A quiesced transport takes nothing (:class:`RuntimeError`, a local error): its owner
         keeps the datagrams for whoever continues the session.
         """
-        if self.quiesced:
-            raise RuntimeError(
-                "a quiesced session takes no datagrams: buffer them, then hand them on or resume"
-            )
-        self._counts["datagrams_in"] += 1
-        self._counts["udp_bytes_in"] += len(data)
-        if self.ended:
+        connection = self._connection
+        if not connection.timed:
+            if connection.quiesced:
+                raise RuntimeError(
+                    "a quiesced session takes no datagrams: buffer them, then hand them on or "
+                    "resume"
+                )
+            self._datagrams_in += 1
+            self._udp_bytes_in += len(data)
             self._dropped["after_end"] += 1
             return
+        self._datagrams_in += 1
+        self._udp_bytes_in += len(data)
         data = bytes(data)
         kind = classify(data)
-        if kind is PacketKind.STUN:
-            self._connection.receive_stun(data, addr, now)
-        elif kind is PacketKind.DTLS:
-            self._connection.receive_dtls(data, addr, now)
-        elif kind is PacketKind.RTP_RTCP:
+        if kind is PacketKind.RTP_RTCP:  # media first: nearly every datagram
             self._receive_srtp(data, addr, now)
+        elif kind is PacketKind.STUN:
+            connection.receive_stun(data, addr, now)
+        elif kind is PacketKind.DTLS:
+            connection.receive_dtls(data, addr, now)
         else:
             # ZRTP, TURN ChannelData (we are no TURN server), QUIC, empty: not ours.
             self._dropped["unknown_kind"] += 1
         self._sync(now)
 
     def _receive_srtp(self, data: bytes, addr: PeerAddress, now: float) -> None:
-        srtp = self._connection.keys
+        connection = self._connection
+        srtp = connection.keys
         if srtp is None:
             self._dropped["srtp_before_keys"] += 1
             return
-        if not self._connection.accepts_media_from(addr):
+        if not connection.accepts_media_from(addr):
             self._dropped["srtp_wrong_address"] += 1
             return
         # RFC 5761 §4: RTCP packet types 192..223 in the second byte.
@@ -350,7 +373,8 @@ class Transport:
 
     def _receive_rtp(self, srtp: SrtpSession, data: bytes, now: float) -> None:
         try:
-            packet = rtp.parse(srtp.unprotect_rtp(data))
+            # The header fields and payload only: no RtpPacket built per packet.
+            payload_type, seq, timestamp, ssrc, payload = rtp.parse_media(srtp.unprotect_rtp(data))
         except SrtpError:
             self._dropped["srtp_rejected"] += 1
             return
@@ -358,18 +382,16 @@ class Transport:
             self._dropped["rtp_malformed"] += 1
             return
         self.ledger.decrypted_rtp(srtp.last_rtp_in, now)
-        self._counts["packets_in"] += 1
-        self._counts["bytes_in"] += len(data)
-        self._reports.on_rtp(packet.ssrc, packet.sequence_number, packet.timestamp, now)
+        self._packets_in += 1
+        self._bytes_in += len(data)
+        self._reports.on_rtp(ssrc, seq, timestamp, now)
         if not self._media_started:
             self._media_started = True
             self._events.append(MediaStarted())
-        if packet.payload_type != self._opus_pt:
+        if payload_type != self._opus_pt:
             self._dropped["rtp_other_payload_type"] += 1
             return
-        self._media.append(
-            MediaPacket(packet.sequence_number, packet.timestamp, packet.payload, now)
-        )
+        self._media.append(MediaPacket(seq, timestamp, payload, now))
 
     def _receive_rtcp(self, srtp: SrtpSession, data: bytes, now: float) -> None:
         try:
@@ -380,7 +402,7 @@ class Transport:
         except RtpError:
             self._dropped["rtcp_malformed"] += 1
             return
-        self._counts["rtcp_in"] += 1
+        self._rtcp_in += 1
         self._reports.on_rtcp(packets, now)
 
     # --- output -------------------------------------------------------------------------------
@@ -400,31 +422,32 @@ class Transport:
         Beyond the confirmed SRTP reservation the frame is lost (counted ``send_blocked``) and
         its sequence number is not used, so the client sees a timestamp gap only.
         """
-        srtp, addr = self._connection.keys, self._connection.selected_address
+        connection = self._connection
+        srtp, addr = connection.keys, connection.selected_address
         assert srtp is not None and addr is not None, "send_media before media_ready"
-        packet = rtp.serialize(
-            rtp.RtpPacket(
-                payload_type=self._opus_pt,
-                sequence_number=self._seq,
-                timestamp=timestamp,
-                ssrc=self._ssrc,
-                payload=payload,
-                # RFC 3551 §4.1: the first packet after a silence, ours or a held-back frame.
-                marker=marker or self._resume_marker,
-            )
+        # serialize_media: the bytes rtp.serialize(rtp.RtpPacket(...)) gives, without the
+        # packet object.
+        packet = rtp.serialize_media(
+            self._opus_pt,
+            self._seq,
+            timestamp,
+            self._ssrc,
+            payload,
+            # RFC 3551 §4.1: the first packet after a silence, ours or a held-back frame.
+            marker or self._resume_marker,
         )
         try:
             protected = srtp.protect_rtp(packet)
         except SrtpIndexError:
             # The checkpoint is late.
-            self._counts["send_blocked"] += 1
+            self._send_blocked += 1
             self._resume_marker = True
             return
         self.ledger.protected_rtp(srtp.last_rtp_out, deadline if now is None else now)
         self._seq = (self._seq + 1) & 0xFFFF
         self._resume_marker = False
         self._reports.on_sent(len(payload), timestamp, deadline)
-        self._counts["bytes_out"] += len(protected)
+        self._bytes_out += len(protected)
         self._send(protected, addr)
 
     def _send_rtcp(self, now: float, extra: Sequence[rtcp.RtcpPacket] = ()) -> None:
@@ -434,55 +457,67 @@ class Transport:
         try:
             protected = srtp.protect_rtcp(compound)
         except SrtpIndexError:
-            self._counts["rtcp_blocked"] += 1
+            self._rtcp_blocked += 1
             return
         self.ledger.protected_rtcp(srtp.last_srtcp_out, now)
         if lsr is not None:
             self._reports.sent(lsr)
-        self._counts["rtcp_out"] += 1
+        self._rtcp_out += 1
         self._send(protected, addr)
 
     def _send(self, data: bytes, addr: PeerAddress) -> None:
-        self._counts["datagrams_out"] += 1
-        self._counts["udp_bytes_out"] += len(data)
+        self._datagrams_out += 1
+        self._udp_bytes_out += len(data)
         self._out.append((data, addr))
 
     def _sync(self, now: float) -> None:
         """After the connection was called: take its datagrams and events, and start or stop
         RTCP as media becomes possible or the session ends."""
         connection = self._connection
-        for data, addr in connection.datagrams_to_send():
-            self._send(data, addr)
-        while (event := connection.next_event()) is not None:
-            self._events.append(event)
+        if not connection.idle:  # usually idle: a media packet or tick leaves nothing there
+            for data, addr in connection.datagrams_to_send():
+                self._send(data, addr)
+            while (event := connection.next_event()) is not None:
+                self._events.append(event)
         if connection.ended:
             self._reports.stop()
-        elif connection.ready:
+        elif not self._reporting and connection.ready:
+            # Once started, start() does nothing until stop(), which only an end (final)
+            # calls: so it is called once, not on every datagram.
             self._reports.start(now)
+            self._reporting = True
 
     # --- timers -------------------------------------------------------------------------------
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` is next due, or ``None`` (an ended or quiesced session has
         none)."""
-        deadline = self._connection.get_timer()
-        if self.quiesced:
+        connection = self._connection
+        if not connection.timed:
             return None
-        if self.ended or not self.media_ready:
+        deadline = connection.get_timer()
+        if not connection.ready:
             return deadline
+        # The earlier of the two by plain comparison (ties keep the connection's, as min()).
         reports = self._reports.get_timer()
-        if deadline is None or reports is None:
-            return reports if deadline is None else deadline
-        return min(deadline, reports)
+        if reports is not None and (deadline is None or reports < deadline):
+            return reports
+        return deadline
+
+    @property
+    def timed(self) -> bool:
+        """Whether the transport has timers and takes datagrams: neither ended nor quiesced."""
+        return self._connection.timed
 
     def handle_timer(self, now: float) -> None:
         """Run whatever is due at ``now``: consent expiry, DTLS retransmission, the connect
         timeout, RTCP. Harmless to call early or repeatedly, and while quiesced."""
-        if self.ended or self.quiesced:
+        connection = self._connection
+        if not connection.timed:
             return
-        self._connection.handle_timer(now)
+        connection.handle_timer(now)
         self._sync(now)
-        if not self.ended and self.media_ready and self._reports.due(now):
+        if not connection.ended and connection.ready and self._reports.due(now):
             self._send_rtcp(now)
             self._reports.reschedule(now)
 
@@ -560,7 +595,6 @@ class Transport:
 
     def stats(self) -> dict[str, object]:
         """The transport's counters (see ``Transceiver.stats``)."""
-        c = self._counts
         connection = self._connection
         srtp = connection.keys
         ice = connection.ice
@@ -568,21 +602,21 @@ class Transport:
             "state": connection.state.value,
             "selected": ice.selected,
             "profile": None if srtp is None else srtp.profile.value,
-            "packets_in": c["packets_in"],
-            "bytes_in": c["bytes_in"],
+            "packets_in": self._packets_in,
+            "bytes_in": self._bytes_in,
             "packets_out": self._reports.packets_sent,
-            "bytes_out": c["bytes_out"],
-            "datagrams_in": c["datagrams_in"],
-            "datagrams_out": c["datagrams_out"],
-            "udp_bytes_in": c["udp_bytes_in"],
-            "udp_bytes_out": c["udp_bytes_out"],
+            "bytes_out": self._bytes_out,
+            "datagrams_in": self._datagrams_in,
+            "datagrams_out": self._datagrams_out,
+            "udp_bytes_in": self._udp_bytes_in,
+            "udp_bytes_out": self._udp_bytes_out,
             "dtls_in": connection.dtls_in,
-            "rtcp_in": c["rtcp_in"],
-            "rtcp_out": c["rtcp_out"],
+            "rtcp_in": self._rtcp_in,
+            "rtcp_out": self._rtcp_out,
             "bye_in": self._reports.bye_in,
             **self._reports.stats(),
-            "send_blocked": c["send_blocked"],
-            "rtcp_blocked": c["rtcp_blocked"],
+            "send_blocked": self._send_blocked,
+            "rtcp_blocked": self._rtcp_blocked,
             "dropped": {**self._dropped, **connection.dropped},
             "ice": {
                 "state": ice.state.value,

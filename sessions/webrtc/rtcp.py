@@ -472,8 +472,9 @@ class ReceiverStatistics:
         self._received += 1
         # RFC 3550 §A.8: D(i-1, i) = (R_i - R_{i-1}) - (S_i - S_{i-1}) in timestamp units;
         # J += (|D| - J) / 16. Differences keep this exact across the 32-bit timestamp wrap.
-        if self._previous is not None:
-            prev_ts, prev_arrival = self._previous
+        previous = self._previous
+        if previous is not None:
+            prev_ts, prev_arrival = previous
             ts_delta = ((rtp_timestamp - prev_ts + (1 << 31)) & 0xFFFF_FFFF) - (1 << 31)
             d = (arrival - prev_arrival) * self._clock_rate - ts_delta
             self._jitter += (abs(d) - self._jitter) / 16

@@ -27,8 +27,10 @@ __all__ = [
     "estimate_index",
     "is_two_byte_profile",
     "parse",
+    "parse_media",
     "seq_distance",
     "serialize",
+    "serialize_media",
 ]
 
 #: RFC 8285 §4.2: "defined by profile" value of the one-byte header form.
@@ -125,6 +127,36 @@ def _parse_two_byte(data: bytes) -> tuple[tuple[int, bytes], ...]:
 
 def parse(data: bytes) -> RtpPacket:
     """Parse one RTP packet; raise :class:`RtpError` if it is malformed."""
+    return RtpPacket(*_parse(data))
+
+
+def parse_media(data: bytes) -> tuple[int, int, int, int, bytes]:
+    """``(payload_type, sequence_number, timestamp, ssrc, payload)`` of one RTP packet, checked
+    exactly as :func:`parse` checks it (raises :class:`RtpError` for the same input).
+
+    For the per-packet receive path: it builds no :class:`RtpPacket`, whose frozen attrs
+    ``__init__`` sets eleven fields one ``object.__setattr__`` at a time.
+    """
+    return _parse(data)[:5]
+
+
+_Fields = tuple[
+    int,
+    int,
+    int,
+    int,
+    bytes,
+    bool,
+    tuple[int, ...],
+    int | None,
+    tuple[tuple[int, bytes], ...],
+    bytes,
+    int,
+]
+
+
+def _parse(data: bytes) -> _Fields:
+    """The fields of :class:`RtpPacket`, in its order; raise :class:`RtpError` if malformed."""
     size = len(data)
     if size < 12:
         raise RtpError("shorter than an RTP header")
@@ -168,18 +200,18 @@ def parse(data: bytes) -> RtpPacket:
         else:
             extension_data = bytes(body)
 
-    return RtpPacket(
-        payload_type=second & 0x7F,
-        sequence_number=seq,
-        timestamp=timestamp,
-        ssrc=ssrc,
-        payload=bytes(data[pos:end]),
-        marker=bool(second & 0x80),
-        csrcs=csrcs,
-        extension_profile=profile,
-        extensions=elements,
-        extension_data=extension_data,
-        padding=padding,
+    return (
+        second & 0x7F,  # payload_type
+        seq,
+        timestamp,
+        ssrc,
+        bytes(data[pos:end]),  # payload
+        bool(second & 0x80),  # marker
+        csrcs,
+        profile,
+        elements,
+        extension_data,
+        padding,
     )
 
 
@@ -242,6 +274,23 @@ def serialize(packet: RtpPacket) -> bytes:
         out += bytes(packet.padding - 1)
         out.append(packet.padding)
     return bytes(out)
+
+
+def serialize_media(
+    payload_type: int, sequence_number: int, timestamp: int, ssrc: int, payload: bytes, marker: bool
+) -> bytes:
+    """``serialize(RtpPacket(payload_type, sequence_number, timestamp, ssrc, payload, marker))``
+    without building the packet: the same bytes and the same :class:`ValueError` for a field
+    out of range. For the per-packet send path (no CSRCs, header extension or padding)."""
+    if not 0 <= payload_type <= 127:
+        raise ValueError("payload type is 7 bits")
+    try:
+        header = _HEADER.pack(
+            0x80, payload_type | (0x80 if marker else 0), sequence_number, timestamp, ssrc
+        )
+    except struct.error as exc:
+        raise ValueError(f"RTP header field out of range: {exc}") from None
+    return header + payload
 
 
 # --- sequence numbers -------------------------------------------------------------------------
@@ -317,6 +366,12 @@ class SequenceTracker:
 
     def update(self, seq: int) -> int:
         """Estimate the index of ``seq``, commit it, and return it."""
-        index = self.estimate(seq)
-        self.commit(index)
+        # estimate() then commit(), inlined: RTCP reception statistics call this per packet.
+        highest = self._highest
+        if highest is None:
+            self._highest = seq
+            return seq
+        index = estimate_index(highest >> 16, highest & 0xFFFF, seq)
+        if index > highest:
+            self._highest = index
         return index

@@ -221,14 +221,17 @@ class DtlsServer:
 
     def get_timer(self) -> float | None:
         """When :meth:`handle_timer` is next due, on the caller's clock; None if never."""
-        if self._state is DtlsState.HANDSHAKING:
-            deadlines = [self._handshake_deadline, self._retransmit_deadline]
-        elif self._state is DtlsState.CONNECTED:
-            deadlines = [self._retransmit_deadline]
-        else:
+        state = self._state
+        if state is DtlsState.CONNECTED:
+            return self._retransmit_deadline
+        if state is not DtlsState.HANDSHAKING:
             return None
-        present = [d for d in deadlines if d is not None]
-        return min(present) if present else None
+        # The earlier of the two, by plain comparisons (this runs every media tick); ties keep
+        # the handshake deadline, as min() did.
+        deadline, retransmit = self._handshake_deadline, self._retransmit_deadline
+        if retransmit is not None and (deadline is None or retransmit < deadline):
+            return retransmit
+        return deadline
 
     def handle_timer(self, now: float) -> None:
         """Run timers due at ``now``: retransmit a flight, or fail a handshake that timed out.
@@ -244,6 +247,12 @@ class DtlsServer:
         ):
             self._fail("handshake timed out")
             self._after(now)
+            return
+        if self._retransmit_deadline is None:
+            # OpenSSL's retransmission timer is not running (_after reads it after every call
+            # into OpenSSL), so DTLSv1_handle_timeout would do nothing, and nothing was written
+            # since the last _flush: skip both, and the timer read. A connected association
+            # is here on every media tick.
             return
         try:
             # RFC 6347 §4.2.4: resend the last flight if its timer expired (OpenSSL's clock).

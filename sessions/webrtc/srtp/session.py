@@ -180,20 +180,21 @@ class SrtpSession:
         """
         if len(packet) < _RTP_HEADER.size or packet[0] >> 6 != 2:
             raise ValueError("not an RTP version 2 packet")
-        seq, ssrc = _RTP_HEADER.unpack_from(packet)[2::2]
+        _, _, seq, _, ssrc = _RTP_HEADER.unpack_from(packet)
         if ssrc != self._local_ssrc:
             raise ValueError(f"SSRC {ssrc:#010x} is not our stream's {self._local_ssrc:#010x}")
-        index = guess_index(newer(self._rtp_floor, self._rtp_sent), seq)
-        if self._rtp_floor is not None and index <= self._rtp_floor:
+        floor, sent, fence = self._rtp_floor, self._rtp_sent, self._rtp_fence
+        index = guess_index(newer(floor, sent), seq)
+        if floor is not None and index <= floor:
             raise SrtpIndexError(
-                f"RTP index {index} is at or below {self._rtp_floor}, which an earlier owner "
+                f"RTP index {index} is at or below {floor}, which an earlier owner "
                 f"may have used; continue at sequence number {self.next_rtp_seq}"
             )
         if index > MAX_RTP_INDEX:
             raise SrtpIndexError("the 48-bit SRTP index is used up: rekey")
-        if self._rtp_fence is not None and index > self._rtp_fence:
+        if fence is not None and index > fence:
             raise SrtpIndexError(
-                f"RTP index {index} is beyond the reservation {self._rtp_fence}: "
+                f"RTP index {index} is beyond the reservation {fence}: "
                 "store a snapshot and confirm it"
             )
         if not self._out_synced:
@@ -209,7 +210,7 @@ class SrtpSession:
                 ) from None
             raise ValueError(f"libsrtp refused the RTP packet: {exc}") from None
         self._out_synced = True
-        self._rtp_sent = newer(self._rtp_sent, index)
+        self._rtp_sent = index if sent is None or index > sent else sent
         self.last_rtp_out = index
         return protected
 
@@ -251,19 +252,21 @@ class SrtpSession:
             raise SrtpError("SRTP packet is not RTP version 2")
         if self._remote_ssrc is not None and ssrc != self._remote_ssrc:
             raise SrtpError(f"SRTP packet from unexpected SSRC {ssrc:#010x}")
-        index = guess_index(self._rtp_received, seq)
-        reason = replay_reason(self._rtp_received, self._rtp_window, index)
-        if reason is not None:
-            raise SrtpError(f"SRTP packet {reason}")
+        highest = self._rtp_received
+        index = guess_index(highest, seq)
+        # Only an index at or below the highest can be a replay: the usual next packet skips
+        # the check (replay_reason would say None).
+        if highest is not None and index <= highest:
+            reason = replay_reason(highest, self._rtp_window, index)
+            if reason is not None:
+                raise SrtpError(f"SRTP packet {reason}")
         try:
             plain: bytes = self._in.unprotect(bytes(packet))
         except pylibsrtp.Error as exc:
             raise SrtpError(f"SRTP packet refused: {exc}") from None
         # RFC 3711 §3.3.1/§3.3.2: only authentic packets move the ROC, s_l and the window.
         self._remote_ssrc = ssrc
-        self._rtp_received, self._rtp_window = replay_add(
-            self._rtp_received, self._rtp_window, index
-        )
+        self._rtp_received, self._rtp_window = replay_add(highest, self._rtp_window, index)
         self.last_rtp_in = index
         return plain
 
@@ -389,14 +392,21 @@ class SrtpSession:
     @property
     def rtp_headroom(self) -> int | None:
         """How many more RTP packets fit in the reservation (``None``: no limit yet)."""
-        if self._rtp_fence is None:
+        # Read on every media tick by the checkpoint policy: newer() inlined.
+        fence = self._rtp_fence
+        if fence is None:
             return None
-        last = newer(self._rtp_floor, self._rtp_sent)
-        return self._rtp_fence - (-1 if last is None else last)
+        floor, sent = self._rtp_floor, self._rtp_sent
+        last = sent if floor is None else floor if sent is None or floor > sent else sent
+        return fence - (-1 if last is None else last)
 
     @property
     def srtcp_headroom(self) -> int | None:
         """How many more SRTCP packets fit in the reservation (``None``: no limit yet)."""
-        if self._srtcp_fence is None:
+        # Read on every media tick by the checkpoint policy: _next_srtcp_index() inlined.
+        fence = self._srtcp_fence
+        if fence is None:
             return None
-        return self._srtcp_fence - self._next_srtcp_index() + 1
+        floor, sent = self._srtcp_floor, self._srtcp_sent
+        last = sent if floor is None else floor if sent is None or floor > sent else sent
+        return fence - (0 if last is None else last + 1) + 1

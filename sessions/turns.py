@@ -177,12 +177,19 @@ class SpeechStopped:
 TurnEvent: TypeAlias = SpeechStarted | SpeechStopped
 
 
-@attrs.frozen
+@final
 class _Frame:
-    index: int  # position in the stream, counted from 0
-    at: float
-    voiced: bool
-    pcm: bytes
+    """One frame heard (never changed once made). A plain slotted class, not a frozen attrs
+    one: one is made per frame, and a frozen attrs class's ``__init__`` sets each field through
+    ``object.__setattr__``, several times the cost."""
+
+    __slots__ = ("at", "index", "pcm", "voiced")
+
+    def __init__(self, index: int, at: float, voiced: bool, pcm: bytes) -> None:
+        self.index = index  # position in the stream, counted from 0
+        self.at = at
+        self.voiced = voiced
+        self.pcm = pcm
 
 
 @final
@@ -329,16 +336,16 @@ class TurnDetector:
         return self._last_voiced.at
 
     def _try_start(self) -> list[TurnEvent]:
-        if len(self._recent) < self._window:
+        recent = self._recent
+        # The cheap tests first, on the deque itself (no copy): most frames outside a turn
+        # fail them.
+        if len(recent) < self._window or not recent[-1].voiced:
             return []
-        window = list(self._recent)[-self._window :]
-        first = window[0]
-        if (
-            first.index <= self._done_through  # the window reaches into an ended turn
-            or not first.voiced
-            or not window[-1].voiced
-            or sum(f.voiced for f in window) < self._needed
-        ):
+        first = recent[-self._window]
+        if first.index <= self._done_through or not first.voiced:  # reaches an ended turn
+            return []
+        window = list(recent)[-self._window :]
+        if sum(f.voiced for f in window) < self._needed:
             return []
         # Pre-roll: the frames before the window (``_recent`` holds at most ``padding`` of
         # them), less any that an ended turn already handed out.

@@ -60,6 +60,7 @@ from typing import Final, Protocol, final
 
 import attrs
 
+from sessions.audio.fixed import Fixed
 from sessions.webrtc.rtp import SequenceTracker
 
 __all__ = [
@@ -87,7 +88,6 @@ _PLAYED_MEMORY: Final = 256  # how far back a replayed packet is still told from
 #: how much older than the first packet of a stream another may be, and still start it before
 #: anything has played (frames: 500 ms)
 MAX_BACKFILL: Final = 25
-_FROZEN: Final = attrs.setters.frozen  # settings are read once; changing them later would lie
 _ge = attrs.validators.ge
 
 
@@ -170,7 +170,7 @@ class _Packet:
 
 
 @final
-@attrs.define
+@attrs.define(on_setattr=attrs.setters.NO_OP)  # see sessions.audio.fixed.Fixed
 class JitterBuffer:
     """Adaptive jitter buffer for one SSRC of 20 ms Opus packets (see the module docstring).
 
@@ -187,24 +187,22 @@ class JitterBuffer:
       recent one before its timestamp looks like a restart.
     """
 
-    min_delay: float = attrs.field(default=0.020, validator=_ge(0.0), on_setattr=_FROZEN)
-    max_delay: float = attrs.field(default=0.200, validator=_ge(0.0), on_setattr=_FROZEN)
-    window: int = attrs.field(default=100, validator=_ge(1), on_setattr=_FROZEN)
-    quantile: float = attrs.field(
-        default=0.95,
-        validator=[attrs.validators.gt(0.0), attrs.validators.le(1.0)],
-        on_setattr=_FROZEN,
+    # Settings are read once; changing them later would lie: each is the private field (its
+    # __init__ argument has the public name) behind a read-only Fixed below.
+    _min_delay: float = attrs.field(default=0.020, validator=_ge(0.0))
+    _max_delay: float = attrs.field(default=0.200, validator=_ge(0.0))
+    _window: int = attrs.field(default=100, validator=_ge(1))
+    _quantile: float = attrs.field(
+        default=0.95, validator=[attrs.validators.gt(0.0), attrs.validators.le(1.0)]
     )
-    idle_after: int = attrs.field(default=10, validator=_ge(1), on_setattr=_FROZEN)
-    shrink_interval: float = attrs.field(default=0.25, validator=_ge(0.0), on_setattr=_FROZEN)
-    max_misorder: int = attrs.field(default=100, validator=_ge(1), on_setattr=_FROZEN)
-    max_dropout: int = attrs.field(default=3000, validator=_ge(1), on_setattr=_FROZEN)
+    _idle_after: int = attrs.field(default=10, validator=_ge(1))
+    _shrink_interval: float = attrs.field(default=0.25, validator=_ge(0.0))
+    _max_misorder: int = attrs.field(default=100, validator=_ge(1))
+    _max_dropout: int = attrs.field(default=3000, validator=_ge(1))
     #: let packets older than a stream's first one start it, until something plays (see the
     #: module docstring): for a session that just moved here; off otherwise
     backfill: bool = False
-    jump_threshold: float = attrs.field(
-        default=1.0, validator=attrs.validators.gt(0.0), on_setattr=_FROZEN
-    )
+    _jump_threshold: float = attrs.field(default=1.0, validator=attrs.validators.gt(0.0))
 
     _tracker: SequenceTracker | None = attrs.field(init=False, default=None)
     _top_seq: int = attrs.field(init=False, default=0)  # highest extended seq seen
@@ -227,10 +225,20 @@ class JitterBuffer:
     _delay: float = attrs.field(init=False, default=0.0)
     _counts: collections.Counter[str] = attrs.field(init=False, factory=collections.Counter)
 
+    min_delay = Fixed[float]()
+    max_delay = Fixed[float]()
+    window = Fixed[int]()
+    quantile = Fixed[float]()
+    idle_after = Fixed[int]()
+    shrink_interval = Fixed[float]()
+    max_misorder = Fixed[int]()
+    max_dropout = Fixed[int]()
+    jump_threshold = Fixed[float]()
+
     def __attrs_post_init__(self) -> None:
-        if not self.min_delay <= self.max_delay:
+        if not self._min_delay <= self._max_delay:
             raise ValueError("min_delay must not exceed max_delay")
-        self._target = self.min_delay
+        self._target = self._min_delay
 
     # --- input --------------------------------------------------------------------------------
 
@@ -245,9 +253,9 @@ class JitterBuffer:
         ts = self._top_ts + _signed32(timestamp - self._top_ts)
         transit = now - ts / CLOCK_RATE
         if (
-            ext - self._top_seq > self.max_dropout
-            or self._top_seq - ext > self.max_misorder
-            or abs(transit - self._min_transit) > self.jump_threshold
+            ext - self._top_seq > self._max_dropout
+            or self._top_seq - ext > self._max_misorder
+            or abs(transit - self._min_transit) > self._jump_threshold
         ):
             self._restart_candidate(seq, timestamp, payload, now)
             return
@@ -351,16 +359,16 @@ class JitterBuffer:
     def _note_transit(self, transit: float) -> None:
         # The window is kept twice, in arrival order (to evict the oldest) and sorted (for the
         # minimum and the quantile), so each packet costs a bisection, not a sort.
-        if len(self._transits) == self.window:
+        if len(self._transits) == self._window:
             oldest = self._transits.popleft()
             del self._sorted_transits[bisect.bisect_left(self._sorted_transits, oldest)]
         self._transits.append(transit)
         bisect.insort(self._sorted_transits, transit)
         ordered = self._sorted_transits
         self._min_transit = ordered[0]
-        index = max(0, min(len(ordered) - 1, math.ceil(self.quantile * len(ordered)) - 1))
+        index = max(0, min(len(ordered) - 1, math.ceil(self._quantile * len(ordered)) - 1))
         excess = ordered[index] - self._min_transit
-        self._target = min(self.max_delay, max(self.min_delay, excess))
+        self._target = min(self._max_delay, max(self._min_delay, excess))
 
     # --- output -------------------------------------------------------------------------------
 
@@ -387,7 +395,7 @@ class JitterBuffer:
             # position while concealing, which lengthens the delay by one frame per tick,
             # until a packet comes or the stream is taken to have paused.
             self._dry += 1
-            if self._dry > self.idle_after:
+            if self._dry > self._idle_after:
                 self._deadline = None
                 return None
             self._deadline = deadline + FRAME_SECONDS
@@ -423,7 +431,7 @@ class JitterBuffer:
         if (
             too_long
             and self._next_seq + 1 in self._buffer
-            and now - self._last_shrink >= self.shrink_interval
+            and now - self._last_shrink >= self._shrink_interval
         ):
             # Too long: drop this packet and play the next one in its slot.
             self._last_shrink = now

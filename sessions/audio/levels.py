@@ -14,6 +14,7 @@ within 1e-13 of full scale below it (one LSB of dither reads 0.5 LSB², not 1 or
 
 from __future__ import annotations
 
+import array
 import warnings
 from typing import Final
 
@@ -29,7 +30,10 @@ _FULL_SCALE_POWER: Final = 32768.0 * 32768.0
 
 def _wide(pcm: bytes, step: int) -> bytes:
     """Every ``step``-th sample of int16 PCM (native order), widened to int32."""
-    samples = pcm if step == 1 else memoryview(pcm).cast("h")[::step].tobytes()
+    # An array's strided slice copies the samples about twice as fast as a memoryview's
+    # ``[::step].tobytes()`` (the same native int16 values), and audioop reads the array's
+    # buffer as it is.
+    samples = pcm if step == 1 else array.array("h", pcm)[::step]
     return audioop.lin2lin(samples, 2, 4)
 
 

@@ -46,6 +46,8 @@ from typing import Final, final
 
 import attrs
 
+from sessions.audio.fixed import Fixed
+
 __all__ = [
     "FRAME_MS",
     "FRAME_SECONDS",
@@ -63,7 +65,6 @@ FRAME_SECONDS: Final = FRAME_MS / 1000
 FRAME_TIMESTAMP: Final = 960
 
 _TS_MOD: Final = 1 << 32
-_FROZEN: Final = attrs.setters.frozen  # settings are fixed at construction
 
 
 @final
@@ -113,7 +114,7 @@ def _nearest(now: float, grid: float) -> float:
 
 
 @final
-@attrs.define
+@attrs.define(on_setattr=attrs.setters.NO_OP)  # see sessions/audio/fixed.py
 class Pacer:
     """Paces queued frames out at one per 20 ms (see the module docstring).
 
@@ -133,17 +134,13 @@ class Pacer:
     than that first one finds two ticks due at once: two frames in one packet train, then none.
     """
 
-    initial_timestamp: int = attrs.field(
-        default=0,
-        validator=[attrs.validators.ge(0), attrs.validators.lt(_TS_MOD)],
-        on_setattr=_FROZEN,
+    _initial_timestamp: int = attrs.field(
+        default=0, validator=[attrs.validators.ge(0), attrs.validators.lt(_TS_MOD)]
     )
-    late_threshold: float = attrs.field(
-        default=0.005, validator=attrs.validators.ge(0.0), on_setattr=_FROZEN
-    )
-    hangover: int = attrs.field(default=5, validator=attrs.validators.ge(1), on_setattr=_FROZEN)
-    max_catchup: int = attrs.field(default=5, validator=attrs.validators.ge(0), on_setattr=_FROZEN)
-    grid: float = attrs.field(default=0.0, validator=attrs.validators.ge(0.0))
+    _late_threshold: float = attrs.field(default=0.005, validator=attrs.validators.ge(0.0))
+    _hangover: int = attrs.field(default=5, validator=attrs.validators.ge(1))
+    _max_catchup: int = attrs.field(default=5, validator=attrs.validators.ge(0))
+    _grid: float = attrs.field(default=0.0, validator=attrs.validators.ge(0.0))
 
     _queue: collections.deque[bytes] = attrs.field(init=False, factory=collections.deque)
     _start: float = attrs.field(init=False, default=0.0)  # deadline of tick 0 of the talkspurt
@@ -157,9 +154,26 @@ class Pacer:
     _held: bool = attrs.field(init=False, default=False)
     _counts: collections.Counter[str] = attrs.field(init=False, factory=collections.Counter)
 
+    initial_timestamp = Fixed[int]()
+    late_threshold = Fixed[float]()
+    hangover = Fixed[int]()
+    max_catchup = Fixed[int]()
+
     @_next_ts.default
     def _next_ts_default(self) -> int:
-        return self.initial_timestamp
+        return self._initial_timestamp
+
+    @property
+    def grid(self) -> float:
+        """The caller's timer grid, seconds (0: none); see the class docstring."""
+        return self._grid
+
+    @grid.setter
+    def grid(self, value: float) -> None:
+        # The field's validator, which attrs runs at construction only (see Fixed).
+        if not value >= 0.0:
+            raise ValueError(f"'grid' must be >= 0.0: {value}")
+        self._grid = value
 
     # --- input --------------------------------------------------------------------------------
 
@@ -221,8 +235,8 @@ class Pacer:
     def _begin(self, now: float) -> None:
         # Never earlier than the tick the last talkspurt left unused, so consecutive packets
         # are at least 20 ms apart and the timestamp never runs ahead of real time.
-        if self.grid > 0:
-            now = _nearest(now, self.grid)
+        if self._grid > 0:
+            now = _nearest(now, self._grid)
         if self._idle_deadline is None:
             self._start = now
         else:
@@ -265,7 +279,7 @@ class Pacer:
         if now < deadline:
             return None
         behind = math.floor((now - deadline) / FRAME_SECONDS)
-        if behind > self.max_catchup:
+        if behind > self._max_catchup:
             # A long stall: skip to the tick that is due now instead of bursting them all.
             self._tick += behind
             self._next_ts += FRAME_TIMESTAMP * behind
@@ -273,7 +287,7 @@ class Pacer:
             self._marker = True  # nothing was sent for the skipped ticks
             deadline = self._deadline()
         self._counts["ticks"] += 1
-        if now - deadline > self.late_threshold:
+        if now - deadline > self._late_threshold:
             self._counts["late"] += 1
         timestamp = self._next_ts % _TS_MOD
         self._tick += 1
@@ -287,7 +301,7 @@ class Pacer:
             self._counts["underruns"] += 1
             self._empty_run += 1
             self._marker = True  # RFC 3551 §4.1: the next packet starts after a silence
-            if self._empty_run >= self.hangover:
+            if self._empty_run >= self._hangover:
                 self._go_idle()
             return None
 

@@ -154,6 +154,7 @@ class Vad:
     __slots__ = (
         "_alpha",
         "_floor",
+        "_floor_db",
         "_frame_bytes",
         "_hysteresis",
         "_margin",
@@ -193,6 +194,7 @@ class Vad:
             maxlen=max(1, round(_FLOOR_WINDOW / frame_s))
         )
         self._floor: float | None = None  # noise power relative to full scale
+        self._floor_db = SILENCE_DBFS  # _to_db(self._floor), kept: a log10 less per frame
         self._speaking = False
 
     @property
@@ -212,19 +214,25 @@ class Vad:
         power = _ac_power(frame, self._step)
         level = _to_db(power)
         self._recent.append(level)
-        floor = power if self._floor is None else self._floor
-        floor_db = _to_db(floor)
+        # The floor's level is kept with it (it is _to_db(floor), computed only when the floor
+        # changes: the same figure, without a log10 per comparison).
+        if self._floor is None:
+            floor, floor_db = power, level
+        else:
+            floor, floor_db = self._floor, self._floor_db
         if level < floor_db - _RESET_DB:
-            floor = power
+            floor, floor_db = power, level
         elif level < floor_db + _NOISE_BAND_DB:
             floor += self._alpha * (power - floor)
+            floor_db = _to_db(floor)
         # Louder frames leave the floor alone, so speech does not drag it up; this bound
         # lets it rise when the background itself got louder and stayed so for a window.
         quietest = min(self._recent)
-        if _to_db(floor) < quietest:
+        if floor_db < quietest:
             floor = 10.0 ** (quietest / 10.0)
-        self._floor = floor
-        threshold = _to_db(floor) + self._margin
+            floor_db = _to_db(floor)
+        self._floor, self._floor_db = floor, floor_db
+        threshold = floor_db + self._margin
         if self._speaking:
             threshold -= self._hysteresis
         self._speaking = level >= threshold and level >= self._min_level

@@ -310,22 +310,31 @@ class VoiceLoop:
         nothing else ticks and we may send) the next 20 ms poll of the agent."""
         if not self._running or self._paused:
             return None
+        # The earliest of the deadlines that are set, without building lists (called around
+        # every tick of every session).
         jitter = self._jitter.get_timer()
         pacer = self._pacer.get_timer()
-        carried = None if self._carried_turn is None else self._carried_turn[1]
-        deadlines = [jitter, pacer, self._turns.get_timer(), carried]
         if jitter is None and pacer is None and self._may_send and not self._reactive:
-            deadlines.append(self._poll_at)
-        present = [d for d in deadlines if d is not None]
-        return min(present) if present else None
+            first = self._poll_at
+        else:
+            first = jitter if pacer is None or (jitter is not None and jitter <= pacer) else pacer
+        for deadline in (
+            self._turns.get_timer(),
+            None if self._carried_turn is None else self._carried_turn[1],
+        ):
+            if deadline is not None and (first is None or deadline < first):
+                first = deadline
+        return first
 
     def handle_timer(self, now: float) -> None:
         """The media tick: playout, turns, the agent, pacing. Harmless to call early."""
         if not self._running or self._paused:
             return
         # Playout: every frame the jitter buffer has due, to the turn detector and the agent.
-        while (due := self._jitter.get_timer()) is not None and due <= now + _EARLY:
-            frame = self._jitter.pop(max(now, due))
+        # (The parts are looked up once: none of them is replaced while frames play out.)
+        jitter, turns, gate, echo = self._jitter, self._turns, self._gate, self.echo
+        while (due := jitter.get_timer()) is not None and due <= now + _EARLY:
+            frame = jitter.pop(max(now, due))
             if frame is None:
                 break  # the stream paused
             if frame.seq is not None:
@@ -333,9 +342,9 @@ class VoiceLoop:
             self._duck_times.played(self._played_seq if frame.kind is FrameKind.AUDIO else None)
             heard = self._render(frame)
             self._agent.on_audio(heard, now)
-            if self._gate is not None and self.echo is not None:
-                self._gate.echo = self.echo.heard(heard, now)
-            for turn in self._turns.push(heard, now):
+            if gate is not None and echo is not None:
+                gate.echo = echo.heard(heard, now)
+            for turn in turns.push(heard, now):
                 self._on_turn(turn, now)
             self._after_frame(now)
         # A client that stops sending (DTX, an outage) still ends its turn.
@@ -383,16 +392,17 @@ class VoiceLoop:
             self._fade = None  # nothing left to fade: the duck is silence already
             self._pacer.hold()
             self._duck_times.sent(now, None)
-        while (due := self._pacer.get_timer()) is not None and due <= now:
-            paced = self._pacer.pop(now)
+        pacer = self._pacer  # not replaced from here on
+        while (due := pacer.get_timer()) is not None and due <= now:
+            paced = pacer.pop(now)
             if paced is not None:
                 pcm = paced.payload
                 ramp = self._turn_config.ramp_ms
                 if self._fade == "out":
                     # The duck: this frame goes out faded and is played again on a resume.
                     pcm = fade_out(pcm, ramp)
-                    self._pacer.give_back(paced.payload)
-                    self._pacer.hold()
+                    pacer.give_back(paced.payload)
+                    pacer.hold()
                     self._duck_times.sent(paced.deadline, paced.timestamp)
                 else:
                     if self._fade == "in":

@@ -89,7 +89,7 @@ from sessions.transceiver import (
 from sessions.turns import SpeechClassifier, TurnConfig
 from sessions.webrtc.certs import Certificate
 
-__all__ = ["MAX_BUFFERED", "Arrival", "EventSink", "Quiesced", "SessionActor"]
+__all__ = ["GRID_PASSES", "MAX_BUFFERED", "Arrival", "EventSink", "Quiesced", "SessionActor"]
 
 log = logging.getLogger("parley.session")
 
@@ -123,7 +123,7 @@ class Arrival:
 
 #: times a grid step handles the core's timers that are due at its point (a played-out frame
 #: may start a talkspurt due at once; never more than a few)
-_PASSES: Final = 4
+GRID_PASSES: Final = 4
 
 
 def _near(point: int, tick: float) -> bool:
@@ -542,7 +542,7 @@ class SessionActor(Actor):
             self._guard()
             if not self._riding(core):
                 return None
-            for _ in range(_PASSES):  # what a timer handled makes due at once goes now too
+            for _ in range(GRID_PASSES):  # what a timer handled makes due at once goes now too
                 timer = core.get_timer()
                 if timer is None or now < grid_index(timer, tick) * tick:
                     break

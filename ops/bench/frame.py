@@ -1,0 +1,410 @@
+"""What one echo session costs per 20 ms frame, beside the codec floor, in one process.
+
+    python -m ops.bench.frame [--frames 1000] [--rounds 5] [--complexity C] [--json] [--profile]
+
+One real :class:`~sessions.transceiver.Transceiver` holds a call with the minimal WebRTC client
+of ops/bench/lite_client.py, entirely in memory on a virtual clock: ICE, the DTLS handshake and
+SRTP keying are done for real, then the client sends espeak-ng speech as 20 ms Opus frames
+(and a consent check every few seconds) and the node's echo agent (``node.agent = "echo"``,
+built the way a node builds it, with its turn settings, detector and ``node.opus_*`` codec)
+sends it back. Each frame gets what a node's grid step does for the session
+(``sessions/session.py``, ``_grid_step``): the datagrams that arrived, the core's due timers,
+its datagrams to send, its events; then the clock moves 20 ms on. Nothing sleeps.
+
+The CPU time of this thread (``time.thread_time``) is measured over ``--frames`` frames of
+that loop, then over as many frames of the **codec floor** (libopus decoding the client's
+Opus packets and encoding the PCM again at the session's complexity and bitrate, as
+ops/bench/sessions_profile.py ``codec_floor`` does): the two alternate ``--rounds`` times,
+so a machine that speeds up or slows down between runs moves both figures together, and each
+round's ratio holds. The figures are the medians over rounds of: the session's microseconds
+per frame, the floor's, their difference (what Python adds: the transceiver's bookkeeping,
+SRTP, RTP, the jitter buffer, the turn detector, the agent), session / floor and floor /
+session (the share of the floor's session count a node could reach if this loop were all it
+did).
+
+Left out, and in ops/bench/sessions.py instead: sockets and the kernel, the relay tunnel
+(QUIC), Trio's scheduling and the grid's own bookkeeping, the node's other tasks (signaling,
+leases, checkpoints made durable, metrics) and the client's side (its encoding and SRTP are
+done before the timed loop; what the session sends is handed to the client after it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import math
+import pstats
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from typing import Final, final
+
+import attrs
+
+from ops.bench.arrivals import SPEECH_TEXT
+from ops.bench.lite_client import Client, certificates, offer_sdp
+from ops.bench.turns import CLIENT_ADDR, FRAME, SERVER_ADDR
+from ops.config import Config
+from sessions.audio import speech
+from sessions.audio.opus import OpusDecoder, OpusEncoder, VoiceCodec
+from sessions.grid import grid_index
+from sessions.node.agents import make_agent, session_vad, turn_config, voice_codec
+from sessions.session import GRID_PASSES
+from sessions.transceiver import (
+    CheckpointDue,
+    SessionClosed,
+    SessionFailed,
+    Transceiver,
+)
+
+__all__ = ["FrameResult", "RoundFigures", "main", "measure", "render"]
+
+#: the client's consent checks (a browser's come every few seconds; consent lasts 30)
+CONSENT_FRAMES: Final = 250
+#: untimed frames before the first round (the jitter buffer fills, caches warm up)
+WARMUP_FRAMES: Final = 100
+#: how long the connection may take on the virtual clock, and its step while waiting
+CONNECT_WITHIN: Final = 10.0
+CONNECT_STEP: Final = 0.001
+PROFILE_TOP: Final = 15
+
+
+@final
+@attrs.frozen
+class RoundFigures:
+    """One round: CPU microseconds per frame of the session loop and of the codec floor."""
+
+    session_us: float
+    codec_us: float
+
+    @property
+    def python_us(self) -> float:
+        return self.session_us - self.codec_us
+
+    @property
+    def session_over_codec(self) -> float:
+        return self.session_us / self.codec_us if self.codec_us > 0 else math.nan
+
+    @property
+    def codec_over_session(self) -> float:
+        return self.codec_us / self.session_us if self.session_us > 0 else math.nan
+
+
+@final
+@attrs.frozen
+class FrameResult:
+    """The medians over rounds, every round, and what the session exchanged."""
+
+    frames: int
+    rounds: tuple[RoundFigures, ...]
+    complexity: int
+    bitrate: int
+    machine: dict[str, object]
+    #: the session's RTP packets the client received (the echo)
+    client_rtp_received: int
+    #: datagrams the client sent the session during the rounds (media and consent checks)
+    client_datagrams_sent: int
+    #: why the session ended, if it did (it should not)
+    session_ended: str | None
+    profile: str | None = None
+
+    def _median(self, name: str) -> float:
+        return statistics.median(float(getattr(r, name)) for r in self.rounds)
+
+    @property
+    def session_us(self) -> float:
+        return self._median("session_us")
+
+    @property
+    def codec_us(self) -> float:
+        return self._median("codec_us")
+
+    @property
+    def python_us(self) -> float:
+        return self._median("python_us")
+
+    @property
+    def session_over_codec(self) -> float:
+        return self._median("session_over_codec")
+
+    @property
+    def codec_over_session(self) -> float:
+        return self._median("codec_over_session")
+
+    def as_dict(self) -> dict[str, object]:
+        return {
+            "frames": self.frames,
+            "complexity": self.complexity,
+            "bitrate": self.bitrate,
+            "machine": self.machine,
+            "session_us": round(self.session_us, 2),
+            "codec_us": round(self.codec_us, 2),
+            "python_us": round(self.python_us, 2),
+            "session_over_codec": round(self.session_over_codec, 3),
+            "codec_over_session": round(self.codec_over_session, 3),
+            "rounds": [
+                {
+                    "session_us": round(r.session_us, 2),
+                    "codec_us": round(r.codec_us, 2),
+                    "python_us": round(r.python_us, 2),
+                    "session_over_codec": round(r.session_over_codec, 3),
+                }
+                for r in self.rounds
+            ],
+            "client_rtp_received": self.client_rtp_received,
+            "client_datagrams_sent": self.client_datagrams_sent,
+            "session_ended": self.session_ended,
+        }
+
+
+def machine() -> dict[str, object]:
+    """The machine line's figures, as ops/bench/sessions.py reports them."""
+    from ops.bench.sessions import machine as sessions_machine
+
+    return sessions_machine()
+
+
+def node_config(complexity: int | None) -> Config:
+    """The default settings with the echo agent (and ``complexity``, if given)."""
+    config = Config()
+    node = attrs.evolve(config.node, agent="echo")
+    if complexity is not None:
+        node = attrs.evolve(node, opus_complexity=complexity)
+    return attrs.evolve(config, node=node)
+
+
+@final
+class Bench:
+    """The session core, the client, their speech, and the codec floor's material."""
+
+    def __init__(self, config: Config) -> None:
+        server_cert, client_cert = certificates()
+        self.codec: VoiceCodec = voice_codec(config)
+        self.core, answer = Transceiver.accept(
+            offer_sdp(client_cert.fingerprint_sha256),
+            session_id="frame-bench",
+            certificate=server_cert,
+            candidates=[SERVER_ADDR],
+            now=0.0,
+            agent=make_agent(config, "frame-bench"),
+            turn_config=turn_config(config),
+            vad=session_vad(config),
+            codec=self.codec,
+        )
+        self.client = Client(answer, client_cert)
+        # The client's speech, encoded once the way the client would (lite_client's encoder):
+        # the same Opus packets feed the session and the codec floor.
+        encoder = OpusEncoder()
+        self.payloads = [encoder.encode(pcm) for pcm in speech.frames(speech.speak(SPEECH_TEXT))]
+        self._cursor = 0
+        self.sent = 0
+        self.ended: str | None = None
+        self.now = self._connect()
+        self._point = grid_index(self.now, FRAME) + 1
+
+    def _drain(self) -> None:
+        core = self.core
+        while (event := core.next_event()) is not None:
+            if isinstance(event, CheckpointDue):
+                core.confirm(core.snapshot(self.now))
+            elif isinstance(event, SessionFailed | SessionClosed):
+                self.ended = event.reason
+
+    def _connect(self) -> float:
+        """ICE, DTLS and SRTP keying on the virtual clock (no delay on the wire)."""
+        core, client = self.core, self.client
+        now = 0.0
+        inbound = [client.check()]
+        steps = 0
+        while not (client.keyed and core.media_ready):
+            steps += 1
+            if now > CONNECT_WITHIN or steps > 100_000 or self.ended is not None:
+                raise RuntimeError(f"the session did not connect ({self.ended or 'timeout'})")
+            for data in inbound:
+                core.receive(data, CLIENT_ADDR, now)
+            inbound = []
+            timer = core.get_timer()
+            if timer is not None and timer <= now:
+                core.handle_timer(now)
+            for data, addr in core.datagrams_to_send():
+                if addr == CLIENT_ADDR:
+                    inbound += client.receive(data, now)
+            wait = client.dtls_timeout()
+            if wait is not None and wait <= 0:
+                inbound += client.handle_dtls_timeout()
+            self.now = now
+            self._drain()
+            if client.keyed and not core.media_ready:
+                # A browser starts media at once; the first packet completes the session's side.
+                inbound.append(self._media())
+            if not inbound:
+                now += CONNECT_STEP
+        return now
+
+    def _media(self) -> bytes:
+        payload = self.payloads[self._cursor % len(self.payloads)]
+        self._cursor += 1
+        return self.client.packet(payload)
+
+    def inputs(self, frames: int) -> list[list[bytes]]:
+        """What the client sends in the next ``frames`` frames (made before timing)."""
+        out: list[list[bytes]] = []
+        for _ in range(frames):
+            datagrams = [self._media()]
+            if self._cursor % CONSENT_FRAMES == 0:
+                datagrams.insert(0, self.client.check())
+            out.append(datagrams)
+            self.sent += len(datagrams)
+        return out
+
+    def run(self, inputs: list[list[bytes]]) -> float:
+        """The session's grid steps for these frames; this thread's CPU seconds for them.
+        What the session sends reaches the client afterwards (untimed)."""
+        core = self.core
+        tick = FRAME
+        sent: list[tuple[bytes, float]] = []
+        point = self._point
+        started = time.thread_time()
+        for datagrams in inputs:
+            now = point * tick
+            self.now = now
+            for data in datagrams:
+                core.receive(data, CLIENT_ADDR, now)
+            for _ in range(GRID_PASSES):
+                timer = core.get_timer()
+                if timer is None or now < grid_index(timer, tick) * tick:
+                    break
+                core.handle_timer(max(now, timer))
+            for data, addr in core.datagrams_to_send():
+                if addr == CLIENT_ADDR:
+                    sent.append((data, now))
+            self._drain()
+            point += 1
+        elapsed = time.thread_time() - started
+        self._point = point
+        for data, at in sent:
+            self.client.receive(data, at)
+        return elapsed
+
+    def floor(self, frames: int) -> float:
+        """The codec floor for ``frames`` frames: decode the client's packets, encode again
+        at the session's settings; this thread's CPU seconds."""
+        decoder = OpusDecoder()
+        encoder = self.codec.encoder()
+        payloads = self.payloads
+        count = len(payloads)
+        started = time.thread_time()
+        for index in range(frames):
+            encoder.encode(decoder.decode(payloads[index % count]))
+        return time.thread_time() - started
+
+
+def _profile(bench: Bench, frames: int) -> str:
+    inputs = bench.inputs(frames)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    bench.run(inputs)
+    profiler.disable()
+    out = io.StringIO()
+    for key in ("cumulative", "tottime"):
+        out.write(f"--- top {PROFILE_TOP} by {key}, one round of {frames} frames ---\n")
+        pstats.Stats(profiler, stream=out).strip_dirs().sort_stats(key).print_stats(PROFILE_TOP)
+    return out.getvalue()
+
+
+def measure(
+    *, frames: int = 1000, rounds: int = 5, complexity: int | None = None, profile: bool = False
+) -> FrameResult:
+    """Alternate ``rounds`` times: ``frames`` frames of the session loop, then of the floor."""
+    if frames < 1 or rounds < 1:
+        raise ValueError("frames and rounds are at least 1")
+    config = node_config(complexity)
+    bench = Bench(config)
+    bench.run(bench.inputs(WARMUP_FRAMES))
+    bench.floor(WARMUP_FRAMES)
+    figures: list[RoundFigures] = []
+    for _ in range(rounds):
+        session = bench.run(bench.inputs(frames))
+        codec = bench.floor(frames)
+        figures.append(RoundFigures(session / frames * 1e6, codec / frames * 1e6))
+    text = _profile(bench, frames) if profile else None
+    return FrameResult(
+        frames=frames,
+        rounds=tuple(figures),
+        complexity=bench.codec.complexity,
+        bitrate=bench.codec.bitrate,
+        machine=machine(),
+        client_rtp_received=bench.client.received,
+        client_datagrams_sent=bench.sent,
+        session_ended=bench.ended,
+        profile=text,
+    )
+
+
+def render(result: FrameResult) -> str:
+    m = result.machine
+    lines = [
+        f"machine: nproc {m['nproc']}, {m['cpu_model']}, python {m['python']}, "
+        f"libopus {m.get('libopus', '?')}, linux {m['kernel']}",
+        f"one echo session in memory, Opus complexity {result.complexity}, "
+        f"{result.bitrate // 1000} kbit/s; {len(result.rounds)} rounds of {result.frames} "
+        "frames, session loop and codec floor alternating; medians",
+        "",
+        f"  {'':<22}{'µs/frame':>10}",
+        f"  {'session (grid step)':<22}{result.session_us:>10.1f}",
+        f"  {'codec floor':<22}{result.codec_us:>10.1f}",
+        f"  {'python (difference)':<22}{result.python_us:>10.1f}",
+        f"  {'session / floor':<22}{result.session_over_codec:>10.2f}",
+        f"  {'floor / session':<22}{result.codec_over_session:>10.2f}",
+        "",
+        "floor / session: the share of the codec floor's sessions per core a node could hold if"
+        " this loop were all it did (no sockets, tunnel, Trio or other tasks).",
+        f"client: {result.client_datagrams_sent} datagrams sent, "
+        f"{result.client_rtp_received} echoed RTP packets received; session "
+        + (f"ENDED: {result.session_ended}" if result.session_ended else "alive"),
+    ]
+    if result.profile:
+        lines += ["", result.profile.rstrip()]
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> FrameResult:
+    parser = argparse.ArgumentParser(
+        prog="python -m ops.bench.frame", description=__doc__.split("\n\n")[0] if __doc__ else ""
+    )
+    parser.add_argument("--frames", type=int, default=1000, help="frames per round (1000)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds (default 5)")
+    parser.add_argument(
+        "--complexity", type=int, choices=range(11), default=None, help="node.opus_complexity"
+    )
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument(
+        "--profile", action="store_true", help="cProfile one more round of the session loop"
+    )
+    args = parser.parse_args(argv)
+    if args.frames < 1 or args.rounds < 1:
+        parser.error("--frames and --rounds are at least 1")
+    try:
+        result = measure(
+            frames=args.frames,
+            rounds=args.rounds,
+            complexity=args.complexity,
+            profile=args.profile,
+        )
+    except speech.SpeechUnavailableError as exc:
+        raise SystemExit(f"frame bench: {exc}") from None
+    if args.json:
+        out = result.as_dict()
+        if result.profile:
+            out["profile"] = result.profile
+        print(json.dumps(out, indent=2))
+    else:
+        print(render(result))
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,35 @@
+"""The per-frame bench runs end to end and reports sane figures (a tiny run, not a benchmark)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from ops.bench.frame import main
+
+
+def test_bench_frame_smoke(capsys: pytest.CaptureFixture[str]) -> None:
+    result = main(["--frames", "100", "--rounds", "1", "--json"])
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(json.dumps(result.as_dict()))
+    assert printed["frames"] == 100 and len(printed["rounds"]) == 1
+    assert printed["complexity"] == 5 and printed["bitrate"] == 32_000
+    # The codec costs something, and the session costs the codec and more.
+    assert result.codec_us > 0
+    assert result.session_us > result.codec_us
+    assert result.python_us == pytest.approx(result.session_us - result.codec_us)
+    assert 0 < result.codec_over_session < 1 < result.session_over_codec
+    # Media really flowed: the warm-up and the round's frames came back as echoed RTP, and the
+    # session is still up.
+    assert result.session_ended is None
+    assert result.client_datagrams_sent >= 200
+    assert result.client_rtp_received >= 150
+    assert {"nproc", "cpu_model", "python", "libopus"} <= set(printed["machine"])
+
+
+def test_bench_frame_profile(capsys: pytest.CaptureFixture[str]) -> None:
+    result = main(["--frames", "50", "--rounds", "1", "--complexity", "1", "--profile"])
+    out = capsys.readouterr().out
+    assert result.complexity == 1 and result.session_ended is None
+    assert "session / floor" in out and "by cumulative" in out and "by tottime" in out

@@ -51,6 +51,7 @@ __all__ = [
     "TO_CLIENT",
     "FrameError",
     "FromClient",
+    "FromClientReader",
     "HandOn",
     "ToClient",
     "ToClientReader",
@@ -255,3 +256,44 @@ class ToClientReader:
             return decoded.session, decoded.epoch, decoded.client, decoded.payload
         (epoch,) = _EPOCH.unpack_from(frame, 2)
         return fields[0], epoch, fields[1], frame[end:]
+
+
+@final
+class FromClientReader:
+    """Reads FROM_CLIENT frames as :func:`decode` does, remembering each client and session:
+    the node's side of :class:`ToClientReader` (a node receives every datagram of a client
+    with the same header; turning its address into text once per client, not per datagram,
+    is most of what reading a frame costs). Whatever :meth:`read` accepts, :func:`decode`
+    accepts with the same fields, and it raises :class:`FrameError` for the same frames. At
+    most ``limit`` headers are remembered; past that the memory starts over.
+    """
+
+    __slots__ = ("_known", "limit")
+
+    def __init__(self, limit: int = 65_536) -> None:
+        self.limit = limit
+        # (address + port + session id) bytes -> (session, client), one map per address size
+        self._known: tuple[dict[bytes, tuple[str, Address]], dict[bytes, tuple[str, Address]]] = (
+            {},
+            {},
+        )
+
+    def read(self, frame: bytes) -> tuple[str, Address, bytes] | None:
+        """``(session, client, payload)`` of a FROM_CLIENT frame. None for anything that does
+        not start as one: read that with :func:`decode` (which may raise). Raises
+        :class:`FrameError` for a malformed FROM_CLIENT frame."""
+        if len(frame) < 2 or frame[0] != FROM_CLIENT or frame[1] > _IPV6:
+            return None
+        flags = frame[1]
+        at = 4 + 16 if flags else 4 + 4  # type and flags, the address, the port
+        end = at + 1 + frame[at] if len(frame) > at else 0
+        known = self._known[flags]
+        fields = known.get(frame[2:end]) if end and frame[at] and len(frame) >= end else None
+        if fields is None:
+            decoded = decode(frame)  # raises FrameError for anything malformed
+            assert isinstance(decoded, FromClient)
+            if len(known) >= self.limit:
+                known.clear()
+            known[frame[2:end]] = (decoded.session, decoded.client)
+            return decoded.session, decoded.client, decoded.payload
+        return fields[0], fields[1], frame[end:]

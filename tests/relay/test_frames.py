@@ -153,3 +153,47 @@ def test_the_to_client_reader_remembers_headers_up_to_its_limit() -> None:
     # Other kinds are left to decode.
     assert reader.read(frames.encode_from_client(SESSION, one, b"m")) is None
     assert reader.read(frames.encode_hand_on(SESSION, 5, "node-b", one, b"m")) is None
+
+
+def _from_client_decode_reads(frame: bytes) -> tuple[str, tuple[str, int], bytes] | str:
+    """What decode makes of a frame, in FromClientReader.read's terms ("error"/"other")."""
+    try:
+        decoded = frames.decode(frame)
+    except FrameError:
+        return "error"
+    if not isinstance(decoded, frames.FromClient):
+        return "other"
+    return decoded.session, decoded.client, decoded.payload
+
+
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from([("198.51.100.2", 9), ("198.51.100.3", 9), ("2001:db8::7", 9)]),
+            st.sampled_from(["s1", "s2", SESSION]),
+            st.binary(max_size=20),
+            st.integers(-1, 80),
+            st.integers(0, 255),
+        ),
+        max_size=30,
+    )
+)
+def test_the_from_client_reader_reads_what_decode_reads(
+    items: list[tuple[tuple[str, int], str, bytes, int, int]],
+) -> None:
+    # The node's reader, as the relay's above: remembered headers, mutations, cut frames.
+    reader = frames.FromClientReader(limit=2)
+    for client, session, payload, position, cut in items:
+        frame = bytearray(frames.encode_from_client(session, client, payload))
+        if position >= 0:
+            frame[position % len(frame)] ^= 0xFF
+        for variant in (bytes(frame), bytes(frame[: cut % (len(frame) + 1)])):
+            try:
+                fields: object = reader.read(variant)
+            except FrameError:
+                fields = "error"
+            if fields is None:
+                fields = _from_client_decode_reads(variant)
+                assert isinstance(fields, str), "the reader left a FROM_CLIENT frame to decode"
+            assert fields == _from_client_decode_reads(variant)
+    assert all(len(known) <= 2 for known in reader._known)  # the limit holds per map

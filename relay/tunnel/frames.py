@@ -214,17 +214,11 @@ def decode(frame: bytes) -> FromClient | ToClient | HandOn:
     return FromClient(session, (host, port), payload)
 
 
-@final
-class ToClientReader:
-    """Reads TO_CLIENT frames as :func:`decode` does, remembering each client and session.
-
-    A relay receives every media frame for a client with the same address and session bytes;
-    decoding them into text and a tuple once per client, not once per frame, is most of what
-    reading a frame costs. Whatever :meth:`read` accepts, :func:`decode` accepts with the same
-    fields (a header is only remembered after :func:`decode` has read it), and it raises
-    :class:`FrameError` for the same frames. At most ``limit`` headers are remembered; past
-    that the memory starts over.
-    """
+class _HeaderMemory:
+    """What :class:`ToClientReader` and :class:`FromClientReader` share: the header bytes of
+    the frames read so far (the client's address and port, the session id), one map per
+    address size, mapped to ``(session, client)``; at most ``limit`` per map, past that the
+    memory starts over."""
 
     __slots__ = ("_known", "limit")
 
@@ -235,6 +229,39 @@ class ToClientReader:
             {},
             {},
         )
+
+    def _recall(self, frame: bytes, start: int) -> tuple[tuple[str, Address] | None, int]:
+        """The remembered fields of a frame whose address starts at ``start`` (its flags are
+        valid), and where its payload starts; None (and 0 if the frame is too short for its
+        header) when they are not remembered: decode it, then :meth:`_remember` them."""
+        at = start + (16 if frame[1] else 4) + 2  # the address and the port
+        end = at + 1 + frame[at] if len(frame) > at else 0
+        if not end or not frame[at] or len(frame) < end:
+            return None, 0
+        return self._known[frame[1]].get(frame[start:end]), end
+
+    def _remember(self, frame: bytes, start: int, fields: tuple[str, Address]) -> None:
+        """Remember the fields of a frame :func:`decode` accepted."""
+        known = self._known[frame[1]]
+        if len(known) >= self.limit:
+            known.clear()
+        end = start + (16 if frame[1] else 4) + 2
+        known[frame[start : end + 1 + frame[end]]] = fields
+
+
+@final
+class ToClientReader(_HeaderMemory):
+    """Reads TO_CLIENT frames as :func:`decode` does, remembering each client and session.
+
+    A relay receives every media frame for a client with the same address and session bytes;
+    decoding them into text and a tuple once per client, not once per frame, is most of what
+    reading a frame costs. Whatever :meth:`read` accepts, :func:`decode` accepts with the same
+    fields (a header is only remembered after :func:`decode` has read it), and it raises
+    :class:`FrameError` for the same frames. At most ``limit`` headers are remembered per
+    address size; past that the memory starts over.
+    """
+
+    __slots__ = ()
 
     def read(self, frame: bytes) -> tuple[str, int, Address, bytes] | None:
         """``(session, epoch, client, payload)`` of a TO_CLIENT frame. None for anything that
@@ -242,41 +269,25 @@ class ToClientReader:
         :class:`FrameError` for a malformed TO_CLIENT frame."""
         if len(frame) < 2 or frame[0] != TO_CLIENT or frame[1] > _IPV6:
             return None
-        flags = frame[1]
-        at = 12 + 16 if flags else 12 + 4  # type, flags, epoch; then the address and port
-        end = at + 1 + frame[at] if len(frame) > at else 0
-        known = self._known[flags]
-        fields = known.get(frame[10:end]) if end and frame[at] and len(frame) >= end else None
+        fields, end = self._recall(frame, 10)  # after type, flags and epoch
         if fields is None:
             decoded = decode(frame)  # raises FrameError for anything malformed
             assert isinstance(decoded, ToClient)
-            if len(known) >= self.limit:
-                known.clear()
-            fields = known[frame[10:end]] = (decoded.session, decoded.client)
+            self._remember(frame, 10, (decoded.session, decoded.client))
             return decoded.session, decoded.epoch, decoded.client, decoded.payload
         (epoch,) = _EPOCH.unpack_from(frame, 2)
         return fields[0], epoch, fields[1], frame[end:]
 
 
 @final
-class FromClientReader:
+class FromClientReader(_HeaderMemory):
     """Reads FROM_CLIENT frames as :func:`decode` does, remembering each client and session:
     the node's side of :class:`ToClientReader` (a node receives every datagram of a client
-    with the same header; turning its address into text once per client, not per datagram,
-    is most of what reading a frame costs). Whatever :meth:`read` accepts, :func:`decode`
-    accepts with the same fields, and it raises :class:`FrameError` for the same frames. At
-    most ``limit`` headers are remembered; past that the memory starts over.
+    with the same header). Whatever :meth:`read` accepts, :func:`decode` accepts with the
+    same fields, and it raises :class:`FrameError` for the same frames.
     """
 
-    __slots__ = ("_known", "limit")
-
-    def __init__(self, limit: int = 65_536) -> None:
-        self.limit = limit
-        # (address + port + session id) bytes -> (session, client), one map per address size
-        self._known: tuple[dict[bytes, tuple[str, Address]], dict[bytes, tuple[str, Address]]] = (
-            {},
-            {},
-        )
+    __slots__ = ()
 
     def read(self, frame: bytes) -> tuple[str, Address, bytes] | None:
         """``(session, client, payload)`` of a FROM_CLIENT frame. None for anything that does
@@ -284,16 +295,10 @@ class FromClientReader:
         :class:`FrameError` for a malformed FROM_CLIENT frame."""
         if len(frame) < 2 or frame[0] != FROM_CLIENT or frame[1] > _IPV6:
             return None
-        flags = frame[1]
-        at = 4 + 16 if flags else 4 + 4  # type and flags, the address, the port
-        end = at + 1 + frame[at] if len(frame) > at else 0
-        known = self._known[flags]
-        fields = known.get(frame[2:end]) if end and frame[at] and len(frame) >= end else None
+        fields, end = self._recall(frame, 2)  # after type and flags
         if fields is None:
             decoded = decode(frame)  # raises FrameError for anything malformed
             assert isinstance(decoded, FromClient)
-            if len(known) >= self.limit:
-                known.clear()
-            known[frame[2:end]] = (decoded.session, decoded.client)
+            self._remember(frame, 2, (decoded.session, decoded.client))
             return decoded.session, decoded.client, decoded.payload
         return fields[0], fields[1], frame[end:]

@@ -113,21 +113,13 @@ class MediaLedger:
         self.last = now
         self.changes += 1
 
-    # The two per-packet records inline _at (one call fewer per packet each way).
-
     def decrypted_rtp(self, index: int, now: float) -> None:
         self.rtp_in.add(index)
-        if self.first is None:
-            self.first = now
-        self.last = now
-        self.changes += 1
+        self._at(now)
 
     def protected_rtp(self, index: int, now: float) -> None:
         self.rtp_out.add(index)
-        if self.first is None:
-            self.first = now
-        self.last = now
-        self.changes += 1
+        self._at(now)
 
     def protected_rtcp(self, index: int, now: float) -> None:
         self.srtcp_out.add(index)

@@ -89,7 +89,14 @@ from sessions.transceiver import (
 from sessions.turns import SpeechClassifier, TurnConfig
 from sessions.webrtc.certs import Certificate
 
-__all__ = ["GRID_PASSES", "MAX_BUFFERED", "Arrival", "EventSink", "Quiesced", "SessionActor"]
+__all__ = [
+    "MAX_BUFFERED",
+    "Arrival",
+    "EventSink",
+    "Quiesced",
+    "SessionActor",
+    "handle_due_timers",
+]
 
 log = logging.getLogger("parley.session")
 
@@ -123,7 +130,18 @@ class Arrival:
 
 #: times a grid step handles the core's timers that are due at its point (a played-out frame
 #: may start a talkspurt due at once; never more than a few)
-GRID_PASSES: Final = 4
+_PASSES: Final = 4
+
+
+def handle_due_timers(core: Transceiver, now: float, tick: float) -> None:
+    """A grid step's timers: what is due at the grid point ``now`` (a multiple of ``tick``),
+    then what that made due at once too, at most _PASSES times."""
+    for _ in range(_PASSES):
+        timer = core.get_timer()
+        if timer is None or now < grid_index(timer, tick) * tick:
+            break
+        # at most GRID_SLACK ahead of the clock: a timer a rounding after its point
+        core.handle_timer(max(now, timer))
 
 
 def _near(point: int, tick: float) -> bool:
@@ -542,12 +560,7 @@ class SessionActor(Actor):
             self._guard()
             if not self._riding(core):
                 return None
-            for _ in range(GRID_PASSES):  # what a timer handled makes due at once goes now too
-                timer = core.get_timer()
-                if timer is None or now < grid_index(timer, tick) * tick:
-                    break
-                # at most GRID_SLACK ahead of the clock: a timer a rounding after its point
-                core.handle_timer(max(now, timer))
+            handle_due_timers(core, now, tick)
             self._flush()
             self._handle_events()
             if not self._riding(core) or not core.media_ready:

@@ -52,7 +52,7 @@ from sessions.audio import speech
 from sessions.audio.opus import OpusDecoder, OpusEncoder, VoiceCodec
 from sessions.grid import grid_index
 from sessions.node.agents import make_agent, session_vad, turn_config, voice_codec
-from sessions.session import GRID_PASSES
+from sessions.session import handle_due_timers
 from sessions.transceiver import (
     CheckpointDue,
     SessionClosed,
@@ -273,11 +273,7 @@ class Bench:
             self.now = now
             for data in datagrams:
                 core.receive(data, CLIENT_ADDR, now)
-            for _ in range(GRID_PASSES):
-                timer = core.get_timer()
-                if timer is None or now < grid_index(timer, tick) * tick:
-                    break
-                core.handle_timer(max(now, timer))
+            handle_due_timers(core, now, tick)
             for data, addr in core.datagrams_to_send():
                 if addr == CLIENT_ADDR:
                     sent.append((data, now))

@@ -210,7 +210,7 @@ class SrtpSession:
                 ) from None
             raise ValueError(f"libsrtp refused the RTP packet: {exc}") from None
         self._out_synced = True
-        self._rtp_sent = index if sent is None or index > sent else sent
+        self._rtp_sent = newer(sent, index)
         self.last_rtp_out = index
         return protected
 
@@ -392,21 +392,14 @@ class SrtpSession:
     @property
     def rtp_headroom(self) -> int | None:
         """How many more RTP packets fit in the reservation (``None``: no limit yet)."""
-        # Read on every media tick by the checkpoint policy: newer() inlined.
-        fence = self._rtp_fence
-        if fence is None:
+        if self._rtp_fence is None:
             return None
-        floor, sent = self._rtp_floor, self._rtp_sent
-        last = sent if floor is None else floor if sent is None or floor > sent else sent
-        return fence - (-1 if last is None else last)
+        last = newer(self._rtp_floor, self._rtp_sent)
+        return self._rtp_fence - (-1 if last is None else last)
 
     @property
     def srtcp_headroom(self) -> int | None:
         """How many more SRTCP packets fit in the reservation (``None``: no limit yet)."""
-        # Read on every media tick by the checkpoint policy: _next_srtcp_index() inlined.
-        fence = self._srtcp_fence
-        if fence is None:
+        if self._srtcp_fence is None:
             return None
-        floor, sent = self._srtcp_floor, self._srtcp_sent
-        last = sent if floor is None else floor if sent is None or floor > sent else sent
-        return fence - (0 if last is None else last + 1) + 1
+        return self._srtcp_fence - self._next_srtcp_index() + 1

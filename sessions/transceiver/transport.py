@@ -331,18 +331,15 @@ class Transport:
         keeps the datagrams for whoever continues the session.
         """
         connection = self._connection
-        if not connection.timed:
-            if connection.quiesced:
-                raise RuntimeError(
-                    "a quiesced session takes no datagrams: buffer them, then hand them on or "
-                    "resume"
-                )
-            self._datagrams_in += 1
-            self._udp_bytes_in += len(data)
-            self._dropped["after_end"] += 1
-            return
+        if connection.quiesced:
+            raise RuntimeError(
+                "a quiesced session takes no datagrams: buffer them, then hand them on or resume"
+            )
         self._datagrams_in += 1
         self._udp_bytes_in += len(data)
+        if connection.ended:
+            self._dropped["after_end"] += 1
+            return
         data = bytes(data)
         kind = classify(data)
         if kind is PacketKind.RTP_RTCP:  # media first: nearly every datagram

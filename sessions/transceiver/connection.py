@@ -24,6 +24,7 @@ import enum
 from collections.abc import Mapping
 from typing import Final, final
 
+from sessions.deadlines import earlier
 from sessions.transceiver.events import (
     CODE_CONNECT_TIMEOUT,
     CODE_CONSENT_EXPIRED,
@@ -277,16 +278,9 @@ class Connection:
         none)."""
         if self._state not in _TIMED:
             return None
-        # The earliest of ICE's, the connect deadline and DTLS's, by plain comparisons: this
-        # runs a few times per 20 ms media tick. Ties keep the earlier one, as min() does.
-        deadline = self._ice.get_timer()
-        other = self._connect_deadline
-        if other is not None and (deadline is None or other < deadline):
-            deadline = other
+        deadline = earlier(self._ice.get_timer(), self._connect_deadline)
         if self._dtls is not None:
-            other = self._dtls.get_timer()
-            if other is not None and (deadline is None or other < deadline):
-                deadline = other
+            deadline = earlier(deadline, self._dtls.get_timer())
         return deadline
 
     def handle_timer(self, now: float) -> None:

@@ -18,6 +18,7 @@ from typing import Final, final
 from sessions.agents import Agent, EchoAgent
 from sessions.audio.opus import VoiceCodec
 from sessions.audio.pacer import FRAME_TIMESTAMP
+from sessions.deadlines import earlier
 from sessions.snapshot import SessionSnapshot
 from sessions.transceiver.barge import Duck
 from sessions.transceiver.checkpoints import CheckpointPolicy
@@ -330,16 +331,10 @@ class Transceiver:
         transport = self._transport
         if not transport.timed:  # ended or quiesced
             return None
-        # The earliest by plain comparisons, no lists: this runs a few times per 20 ms tick.
-        # Ties keep the earlier part's deadline, as min() did.
-        deadline = transport.get_timer()
-        other = self._voice.get_timer()
-        if other is not None and (deadline is None or other < deadline):
-            deadline = other
-        other = self._checkpoints.get_timer()
-        if other is not None and (deadline is None or other < deadline):
-            deadline = other
-        return deadline
+        return earlier(
+            earlier(transport.get_timer(), self._voice.get_timer()),
+            self._checkpoints.get_timer(),
+        )
 
     def handle_timer(self, now: float) -> None:
         """Run whatever is due at ``now``: consent expiry, DTLS retransmission, the connect

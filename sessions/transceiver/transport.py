@@ -28,6 +28,7 @@ from typing import Final, NamedTuple, final
 
 import attrs
 
+from sessions.deadlines import earlier
 from sessions.snapshot import SessionSnapshot
 from sessions.transceiver.connection import Connection, SessionState
 from sessions.transceiver.events import MediaStarted, SessionEvent
@@ -495,11 +496,7 @@ class Transport:
         deadline = connection.get_timer()
         if not connection.ready:
             return deadline
-        # The earlier of the two by plain comparison (ties keep the connection's, as min()).
-        reports = self._reports.get_timer()
-        if reports is not None and (deadline is None or reports < deadline):
-            return reports
-        return deadline
+        return earlier(deadline, self._reports.get_timer())
 
     @property
     def timed(self) -> bool:

@@ -37,6 +37,7 @@ from sessions.audio.jitter import Frame, FrameKind, JitterBuffer
 from sessions.audio.opus import CodecError, OpusDecoder, VoiceCodec
 from sessions.audio.pacer import FRAME_MS, FRAME_SECONDS, FRAME_TIMESTAMP, Pacer
 from sessions.audio.vad import Vad
+from sessions.deadlines import earlier
 from sessions.snapshot import MAX_PENDING, MAX_PLAYOUT
 from sessions.transceiver.barge import (
     Action,
@@ -310,21 +311,12 @@ class VoiceLoop:
         nothing else ticks and we may send) the next 20 ms poll of the agent."""
         if not self._running or self._paused:
             return None
-        # The earliest of the deadlines that are set, without building lists (called around
-        # every tick of every session).
-        jitter = self._jitter.get_timer()
-        pacer = self._pacer.get_timer()
-        if jitter is None and pacer is None and self._may_send and not self._reactive:
+        first = earlier(self._jitter.get_timer(), self._pacer.get_timer())
+        if first is None and self._may_send and not self._reactive:
             first = self._poll_at
-        else:
-            first = jitter if pacer is None or (jitter is not None and jitter <= pacer) else pacer
-        for deadline in (
-            self._turns.get_timer(),
-            None if self._carried_turn is None else self._carried_turn[1],
-        ):
-            if deadline is not None and (first is None or deadline < first):
-                first = deadline
-        return first
+        first = earlier(first, self._turns.get_timer())
+        carried = self._carried_turn
+        return first if carried is None else earlier(first, carried[1])
 
     def handle_timer(self, now: float) -> None:
         """The media tick: playout, turns, the agent, pacing. Harmless to call early."""

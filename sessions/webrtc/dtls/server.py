@@ -16,6 +16,7 @@ from typing import Final, final
 import attrs
 from OpenSSL import SSL, crypto
 
+from sessions.deadlines import earlier
 from sessions.webrtc.certs import Certificate
 from sessions.webrtc.dtls import openssl
 from sessions.webrtc.dtls.keys import SrtpKeys, SrtpProfile
@@ -226,12 +227,7 @@ class DtlsServer:
             return self._retransmit_deadline
         if state is not DtlsState.HANDSHAKING:
             return None
-        # The earlier of the two, by plain comparisons (this runs every media tick); ties keep
-        # the handshake deadline, as min() did.
-        deadline, retransmit = self._handshake_deadline, self._retransmit_deadline
-        if retransmit is not None and (deadline is None or retransmit < deadline):
-            return retransmit
-        return deadline
+        return earlier(self._handshake_deadline, self._retransmit_deadline)
 
     def handle_timer(self, now: float) -> None:
         """Run timers due at ``now``: retransmit a flight, or fail a handshake that timed out.

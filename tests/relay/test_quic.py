@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
 import relay.tunnel.quic
 from relay.tunnel.certs import Credentials, Identity, issue, make_ca
-from relay.tunnel.connection import ACK_DELAY, ALPN
+from relay.tunnel.connection import ACK_DELAY, ALPN, TunnelConnection
 from relay.tunnel.quic import Tunnel, TunnelEndpoint, TunnelError
 
 CA = make_ca()
@@ -266,6 +266,38 @@ async def test_datagram_only_packets_are_acknowledged_together() -> None:
         await trio.sleep(ACK_DELAY * 2)
         acks = relay.counters["packets_out"] - acks_before
         assert 1 <= acks <= 8, acks
+
+
+async def test_media_alone_is_not_answered_until_its_ack_is_due(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A packet of DATAGRAM frames needs nothing sent back at once: aioquic's ACK timer sends
+    the ACK within ACK_DELAY. Asking aioquic after every such packet built an empty one."""
+    async with connected() as (relay, node, tunnel, relay_side, node_side):
+        back = relay_side.opened[0]
+        await trio.sleep(0.1)  # the handshake's last ACKs
+        conn = tunnel._link.conn
+        asked: list[int] = []
+        original = TunnelConnection.datagrams_to_send
+
+        def counted(self: TunnelConnection, now: float) -> list[tuple[bytes, Any]]:
+            out = original(self, now)
+            if self is conn:
+                asked.append(len(out))
+            return out
+
+        monkeypatch.setattr(TunnelConnection, "datagrams_to_send", counted)
+        before = node.counters["packets_out"]
+        # 20 packets 2 ms apart, one frame each: media from clients as a relay forwards it
+        for index in range(20):
+            assert back.send_datagram(b"frame %d" % index)
+            relay.flush()
+            await trio.sleep(0.002)
+        await until(lambda: len(node_side.datagrams) == 20)
+        await until(lambda: node.counters["packets_out"] > before, within=ACK_DELAY * 5)
+        # one transmit per ACK timer (every ACK_DELAY), not one per packet
+        assert 1 <= len(asked) <= 6, asked
+        assert asked.count(0) <= 2, asked
 
 
 async def test_control_messages_both_ways() -> None:

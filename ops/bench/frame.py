@@ -22,10 +22,18 @@ SRTP, RTP, the jitter buffer, the turn detector, the agent), session / floor and
 session (the share of the floor's session count a node could reach if this loop were all it
 did).
 
-Left out, and in ops/bench/sessions.py instead: sockets and the kernel, the relay tunnel
-(QUIC), Trio's scheduling and the grid's own bookkeeping, the node's other tasks (signaling,
-leases, checkpoints made durable, metrics) and the client's side (its encoding and SRTP are
-done before the timed loop; what the session sends is handed to the client after it).
+A second session, timed in the same rounds, has its datagrams cross a relay's QUIC tunnel as in
+cluster mode (:class:`TunnelPath`: two real tunnel links in memory, real aioquic, real tunnel
+frames): each client datagram reaches the node in a QUIC packet of its own, as a relay forwards
+one client frame at a time, and each echo leaves in one, as if the session ticked alone (on a
+node with N sessions on the grid, N echoes share a packet, so this is the dear end). Only the
+node's side is timed. ``session + tunnel`` and ``floor / (s + tunnel)`` are its figures;
+``tunnel`` is what the tunnel adds per frame.
+
+Left out, and in ops/bench/sessions.py instead: sockets and the kernel, Trio's scheduling and
+the grid's own bookkeeping, the tunnel endpoint's Trio tasks, the node's other tasks
+(signaling, leases, checkpoints made durable, metrics) and the client's side (its encoding and
+SRTP are done before the timed loop; what the session sends is handed to the client after it).
 """
 
 from __future__ import annotations
@@ -39,15 +47,22 @@ import pstats
 import statistics
 import sys
 import time
+from collections import Counter
 from collections.abc import Sequence
 from typing import Final, final
 
 import attrs
+from aioquic._buffer import Buffer
+from aioquic.quic.packet import pull_quic_header
 
 from ops.bench.arrivals import SPEECH_TEXT
 from ops.bench.lite_client import Client, certificates, offer_sdp
 from ops.bench.turns import CLIENT_ADDR, FRAME, SERVER_ADDR
 from ops.config import Config
+from relay.tunnel import frames
+from relay.tunnel.certs import Credentials, make_ca
+from relay.tunnel.connection import CID_LENGTH, LinkConfig
+from relay.tunnel.link import DatagramReceived, Link, Terminated
 from sessions.audio import speech
 from sessions.audio.opus import OpusDecoder, OpusEncoder, VoiceCodec
 from sessions.grid import grid_index
@@ -59,6 +74,7 @@ from sessions.transceiver import (
     SessionFailed,
     Transceiver,
 )
+from sessions.webrtc.ice.state import PeerAddress
 
 __all__ = ["FrameResult", "RoundFigures", "main", "measure", "render"]
 
@@ -70,6 +86,11 @@ WARMUP_FRAMES: Final = 100
 CONNECT_WITHIN: Final = 10.0
 CONNECT_STEP: Final = 0.001
 PROFILE_TOP: Final = 15
+#: the tunnel's two ends, as the node dials the relay (only names: nothing is sent)
+RELAY_TUNNEL_ADDR: Final = ("198.51.100.1", 4434)
+NODE_TUNNEL_ADDR: Final = ("198.51.100.2", 40000)
+SESSION: Final = "frame-bench"
+EPOCH: Final = 1
 
 
 @final
@@ -79,10 +100,20 @@ class RoundFigures:
 
     session_us: float
     codec_us: float
+    #: the same session's loop with its datagrams through a relay's QUIC tunnel (cluster mode)
+    tunneled_us: float = math.nan
 
     @property
     def python_us(self) -> float:
         return self.session_us - self.codec_us
+
+    @property
+    def tunnel_us(self) -> float:
+        return self.tunneled_us - self.session_us
+
+    @property
+    def codec_over_tunneled(self) -> float:
+        return self.codec_us / self.tunneled_us if self.tunneled_us > 0 else math.nan
 
     @property
     def session_over_codec(self) -> float:
@@ -109,6 +140,9 @@ class FrameResult:
     client_datagrams_sent: int
     #: why the session ended, if it did (it should not)
     session_ended: str | None
+    #: the same for the session whose datagrams crossed the tunnel
+    tunneled_rtp_received: int = 0
+    tunneled_ended: str | None = None
     profile: str | None = None
 
     def _median(self, name: str) -> float:
@@ -134,6 +168,18 @@ class FrameResult:
     def codec_over_session(self) -> float:
         return self._median("codec_over_session")
 
+    @property
+    def tunneled_us(self) -> float:
+        return self._median("tunneled_us")
+
+    @property
+    def tunnel_us(self) -> float:
+        return self._median("tunnel_us")
+
+    @property
+    def codec_over_tunneled(self) -> float:
+        return self._median("codec_over_tunneled")
+
     def as_dict(self) -> dict[str, object]:
         return {
             "frames": self.frames,
@@ -145,18 +191,24 @@ class FrameResult:
             "python_us": round(self.python_us, 2),
             "session_over_codec": round(self.session_over_codec, 3),
             "codec_over_session": round(self.codec_over_session, 3),
+            "tunneled_us": round(self.tunneled_us, 2),
+            "tunnel_us": round(self.tunnel_us, 2),
+            "codec_over_tunneled": round(self.codec_over_tunneled, 3),
             "rounds": [
                 {
                     "session_us": round(r.session_us, 2),
                     "codec_us": round(r.codec_us, 2),
                     "python_us": round(r.python_us, 2),
                     "session_over_codec": round(r.session_over_codec, 3),
+                    "tunneled_us": round(r.tunneled_us, 2),
                 }
                 for r in self.rounds
             ],
             "client_rtp_received": self.client_rtp_received,
             "client_datagrams_sent": self.client_datagrams_sent,
             "session_ended": self.session_ended,
+            "tunneled_rtp_received": self.tunneled_rtp_received,
+            "tunneled_ended": self.tunneled_ended,
         }
 
 
@@ -177,10 +229,96 @@ def node_config(complexity: int | None) -> Config:
 
 
 @final
+class TunnelPath:
+    """A relay's tunnel link and the node's, open and greeted, in memory: real aioquic and TLS,
+    real tunnel frames, time passed in by hand. The relay's side is not timed; the node's is
+    what a node does per datagram in cluster mode (relay/tunnel/quic.py, sessions/node/
+    relayed.py): receive the relay's QUIC packet, read each DATAGRAM's frame, hand the payload
+    to the session; frame what the session sends, and transmit once per grid step or when
+    aioquic's timer (its ACK delay) is due."""
+
+    def __init__(self, now: float) -> None:
+        ca = make_ca()
+        relay_config = LinkConfig(Credentials.issued(*ca, "relay", "bench-relay"))
+        node_config = LinkConfig(Credentials.issued(*ca, "node", "bench-node"))
+        self.node = Link.dial(node_config, RELAY_TUNNEL_ADDR, now, totals=Counter())
+        flight = [data for data, _ in self.node.conn.datagrams_to_send(now)]
+        dcid = pull_quic_header(Buffer(data=flight[0]), host_cid_length=CID_LENGTH)
+        self.relay = Link.accept(
+            relay_config, NODE_TUNNEL_ADDR, now, dcid.destination_cid, totals=Counter()
+        )
+        self.to_relay = flight
+        self.header = frames.client_header(SESSION, CLIENT_ADDR.socket_address)
+        self.from_client = frames.FromClientReader()
+        self.to_client = frames.ToClientReader()
+        for _ in range(100):
+            if self.relay.phase == self.node.phase == "open":
+                return
+            now += 0.05  # aioquic paces what it sends: a moment between flights
+            packets, _ = self.relay_side([], now)
+            self.node_receive(packets, now, None)
+            self.node_transmit(now, force=True)
+        raise RuntimeError("the in-memory tunnel did not open")
+
+    def relay_side(self, datagrams: list[bytes], now: float) -> tuple[list[bytes], list[bytes]]:
+        """The relay, untimed: it takes the node's packets (the session's datagrams for the
+        client, returned second; ACKs), runs its timers, and forwards ``datagrams`` from the
+        client; the QUIC packets for the node first."""
+        relay, for_client = self.relay, []
+        for packet in self.to_relay:
+            relay.receive(packet, NODE_TUNNEL_ADDR, now)
+        self.to_relay = []
+        while (event := relay.next_event()) is not None:
+            if type(event) is DatagramReceived:
+                read = self.to_client.read(event.data)
+                if read is not None:
+                    for_client.append(read[3])
+            elif isinstance(event, Terminated):
+                raise RuntimeError(f"the in-memory tunnel closed: {event.reason}")
+        if relay.deadline() <= now:
+            relay.handle_timer(now)
+        header = self.header
+        for data in datagrams:
+            if not relay.send_datagram(header + data):
+                raise RuntimeError("the relay's tunnel refused a datagram")
+        return [data for data, _ in relay.conn.datagrams_to_send(now)], for_client
+
+    def node_receive(self, packets: list[bytes], now: float, core: Transceiver | None) -> None:
+        """The node's receive path for the relay's packets (timed)."""
+        node, reader = self.node, self.from_client
+        for packet in packets:
+            node.receive(packet, RELAY_TUNNEL_ADDR, now)
+            while (event := node.next_event()) is not None:
+                if type(event) is DatagramReceived:
+                    read = reader.read(event.data)
+                    if read is not None and core is not None:
+                        _, client, payload = read
+                        core.receive(payload, PeerAddress(client[0], client[1], ""), now)
+                elif isinstance(event, Terminated):
+                    raise RuntimeError(f"the in-memory tunnel closed: {event.reason}")
+
+    def node_send(self, data: bytes, addr: PeerAddress) -> None:
+        """Frame one of the session's datagrams and queue it on the tunnel (timed)."""
+        frame = frames.encode_to_client(SESSION, EPOCH, addr.socket_address, data)
+        if not self.node.send_datagram(frame):
+            raise RuntimeError("the node's tunnel refused a datagram")
+
+    def node_transmit(self, now: float, *, force: bool) -> None:
+        """The node's transmit (timed): after the grid step queued something (``force``), or
+        when aioquic's timer is due (its ACK delay, loss detection)."""
+        node = self.node
+        if node.deadline() <= now:
+            node.handle_timer(now)
+            force = True
+        if force:
+            self.to_relay += [data for data, _ in node.conn.datagrams_to_send(now)]
+
+
+@final
 class Bench:
     """The session core, the client, their speech, and the codec floor's material."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, *, tunnel: bool = False) -> None:
         server_cert, client_cert = certificates()
         self.codec: VoiceCodec = voice_codec(config)
         self.core, answer = Transceiver.accept(
@@ -204,6 +342,8 @@ class Bench:
         self.ended: str | None = None
         self.now = self._connect()
         self._point = grid_index(self.now, FRAME) + 1
+        #: in cluster mode, the relay's tunnel the client's datagrams come through
+        self.tunnel = TunnelPath(self.now) if tunnel else None
 
     def _drain(self) -> None:
         core = self.core
@@ -263,6 +403,8 @@ class Bench:
     def run(self, inputs: list[list[bytes]]) -> float:
         """The session's grid steps for these frames; this thread's CPU seconds for them.
         What the session sends reaches the client afterwards (untimed)."""
+        if self.tunnel is not None:
+            return self._run_tunneled(inputs, self.tunnel)
         core = self.core
         tick = FRAME
         sent: list[tuple[bytes, float]] = []
@@ -280,6 +422,36 @@ class Bench:
             self._drain()
             point += 1
         elapsed = time.thread_time() - started
+        self._point = point
+        for data, at in sent:
+            self.client.receive(data, at)
+        return elapsed
+
+    def _run_tunneled(self, inputs: list[list[bytes]], tunnel: TunnelPath) -> float:
+        """:meth:`run` with the datagrams through the relay's tunnel; only the node's side of
+        it is timed."""
+        core = self.core
+        tick = FRAME
+        sent: list[tuple[bytes, float]] = []
+        point = self._point
+        elapsed = 0.0
+        for datagrams in inputs:
+            now = point * tick
+            self.now = now
+            packets, echoed = tunnel.relay_side(datagrams, now)
+            sent += [(data, now) for data in echoed]
+            started = time.thread_time()
+            tunnel.node_receive(packets, now, core)
+            handle_due_timers(core, now, tick)
+            queued = False
+            for data, addr in core.datagrams_to_send():
+                if addr == CLIENT_ADDR:
+                    tunnel.node_send(data, addr)
+                    queued = True
+            tunnel.node_transmit(now, force=queued)
+            self._drain()
+            elapsed += time.thread_time() - started
+            point += 1
         self._point = point
         for data, at in sent:
             self.client.receive(data, at)
@@ -319,13 +491,18 @@ def measure(
         raise ValueError("frames and rounds are at least 1")
     config = node_config(complexity)
     bench = Bench(config)
+    tunneled = Bench(config, tunnel=True)
     bench.run(bench.inputs(WARMUP_FRAMES))
+    tunneled.run(tunneled.inputs(WARMUP_FRAMES))
     bench.floor(WARMUP_FRAMES)
     figures: list[RoundFigures] = []
     for _ in range(rounds):
         session = bench.run(bench.inputs(frames))
+        through = tunneled.run(tunneled.inputs(frames))
         codec = bench.floor(frames)
-        figures.append(RoundFigures(session / frames * 1e6, codec / frames * 1e6))
+        figures.append(
+            RoundFigures(session / frames * 1e6, codec / frames * 1e6, through / frames * 1e6)
+        )
     text = _profile(bench, frames) if profile else None
     return FrameResult(
         frames=frames,
@@ -336,6 +513,8 @@ def measure(
         client_rtp_received=bench.client.received,
         client_datagrams_sent=bench.sent,
         session_ended=bench.ended,
+        tunneled_rtp_received=tunneled.client.received,
+        tunneled_ended=tunneled.ended,
         profile=text,
     )
 
@@ -355,12 +534,19 @@ def render(result: FrameResult) -> str:
         f"  {'python (difference)':<22}{result.python_us:>10.1f}",
         f"  {'session / floor':<22}{result.session_over_codec:>10.2f}",
         f"  {'floor / session':<22}{result.codec_over_session:>10.2f}",
+        f"  {'session + tunnel':<22}{result.tunneled_us:>10.1f}",
+        f"  {'tunnel (difference)':<22}{result.tunnel_us:>10.1f}",
+        f"  {'floor / (s + tunnel)':<22}{result.codec_over_tunneled:>10.2f}",
         "",
         "floor / session: the share of the codec floor's sessions per core a node could hold if"
-        " this loop were all it did (no sockets, tunnel, Trio or other tasks).",
+        " this loop were all it did (no sockets, tunnel, Trio or other tasks); with the tunnel:"
+        " the same with each client datagram arriving in a QUIC packet of its own from a relay"
+        " (cluster mode) and each echo leaving in one (the node's side of the tunnel, in memory).",
         f"client: {result.client_datagrams_sent} datagrams sent, "
         f"{result.client_rtp_received} echoed RTP packets received; session "
-        + (f"ENDED: {result.session_ended}" if result.session_ended else "alive"),
+        + (f"ENDED: {result.session_ended}" if result.session_ended else "alive")
+        + f"; through the tunnel: {result.tunneled_rtp_received} received, session "
+        + (f"ENDED: {result.tunneled_ended}" if result.tunneled_ended else "alive"),
     ]
     if result.profile:
         lines += ["", result.profile.rstrip()]

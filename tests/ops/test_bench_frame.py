@@ -26,6 +26,13 @@ def test_bench_frame_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert result.client_datagrams_sent >= 200
     assert result.client_rtp_received >= 150
     assert {"nproc", "cpu_model", "python", "libopus"} <= set(printed["machine"])
+    # Through the relay's tunnel the same session costs more (QUIC both ways), and its media
+    # crossed the tunnel both ways: the echo came back to the client.
+    assert result.tunneled_us > result.session_us
+    assert result.tunnel_us == pytest.approx(result.tunneled_us - result.session_us)
+    assert 0 < result.codec_over_tunneled < result.codec_over_session
+    assert result.tunneled_ended is None
+    assert result.tunneled_rtp_received >= 150
 
 
 def test_bench_frame_profile(capsys: pytest.CaptureFixture[str]) -> None:
@@ -33,3 +40,4 @@ def test_bench_frame_profile(capsys: pytest.CaptureFixture[str]) -> None:
     out = capsys.readouterr().out
     assert result.complexity == 1 and result.session_ended is None
     assert "session / floor" in out and "by cumulative" in out and "by tottime" in out
+    assert "session + tunnel" in out

@@ -334,6 +334,7 @@ def cmd_relay(
             advertise=cfg.advertise_addresses(),
             region=cfg.region,
             tunnel_advertise=cfg.tunnel_advertise_address(),
+            tunnel_hold=cfg.tunnel_hold_ms / 1000,
         )
     except (ConfigError, ValueError) as exc:
         print(f"parley relay: {exc}", file=sys.stderr)

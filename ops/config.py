@@ -68,6 +68,7 @@ Example ``parley.toml``::
     tunnel_port = 0
     tunnel_advertise = ""     # where nodes dial the tunnel, if not the bound address (a NAT)
     lease_ttl = 5
+    tunnel_hold_ms = 2.0      # most a client datagram waits to share a QUIC packet (0-10; 0: never)
     idle_timeout = 60.0       # seconds before a silent client address is forgotten
     new_source_rate = 200.0   # STUN datagrams/s inspected from one unknown source IP
     client_rate = 1000.0      # datagrams/s forwarded for one client address
@@ -112,6 +113,7 @@ import attrs
 from ops.etcdserver import MEMBER_COUNTS
 from relay.settings import HINT_SECRET_FILE, ClusterSettings, RelaySettings, SettingsError
 from relay.tunnel.certs import Credentials
+from relay.tunnel.quic import MAX_HOLD
 from sessions.audio.neural_vad import VADS
 from sessions.audio.neural_vad import available as vad_available
 from sessions.node.geoip import parse_region_map
@@ -367,6 +369,8 @@ def _validate(config: Config) -> None:
         raise ConfigError("relay.max_clients must be at least 1")
     if not 1 <= relay.workers <= MAX_RELAY_WORKERS:
         raise ConfigError(f"relay.workers must be between 1 and {MAX_RELAY_WORKERS}")
+    if not 0 <= relay.tunnel_hold_ms <= MAX_HOLD * 1000:
+        raise ConfigError(f"relay.tunnel_hold_ms must be between 0 and {MAX_HOLD * 1000:g}")
     if relay.receive_buffer < 0:
         raise ConfigError("relay.receive_buffer must be bytes >= 0 (0: the kernel's default)")
     config.node.ops_address()

@@ -81,6 +81,7 @@ class Relay:
         advertise: Sequence[Address] = (),
         region: str = "",
         tunnel_advertise: Address | None = None,
+        tunnel_hold: float = 0.0,
     ) -> None:
         check_name("relay", relay_id)
         if not advertise and any(ipaddress.ip_address(h).is_unspecified for h, _ in listen):
@@ -110,6 +111,8 @@ class Relay:
         self.tunnel_port = tunnel_port
         #: the tunnel address registered for nodes to dial (None: the bound one)
         self.tunnel_advertise = tunnel_advertise
+        #: seconds the tunnel may hold client datagrams to pack them (relay.tunnel_hold_ms)
+        self.tunnel_hold = tunnel_hold
         self.lease_ttl = lease_ttl
         self.routes = RouteTable()
         self.edge = RelayEdge(
@@ -171,6 +174,7 @@ class Relay:
                 host=self.tunnel_host,
                 port=self.tunnel_port,
                 server=True,
+                hold=self.tunnel_hold,
             )
             await nursery.start(endpoint.run)
             self.endpoint = endpoint

@@ -206,6 +206,10 @@ class RelaySettings:
     #: one. A single endpoint: not with several workers
     tunnel_advertise: str = ""
     lease_ttl: int = 5
+    #: how long the tunnel may hold client datagrams bound for one node, so that several share
+    #: a QUIC packet (one to seal here and one to open there instead of one per datagram): a
+    #: datagram waits at most this long, less once a packet's worth waits; 0: never (0-10)
+    tunnel_hold_ms: float = 2.0
     # The edge's own defaults (relay/edge.py Limits), so that the two cannot drift apart.
     idle_timeout: float = _LIMITS.idle_timeout
     new_source_rate: float = _LIMITS.new_source_rate

@@ -100,8 +100,10 @@ import trio
 
 from ops.bench.common import CLK_TCK, percentile, process_cpu, split_cores
 from ops.bench.relay_servers import HOST, NODE_ID, RELAY_ID, SECRET, serve
+from relay.settings import RelaySettings
 from relay.tunnel.certs import Credentials, make_ca
 from relay.tunnel.hint import mint_ufrag
+from relay.tunnel.quic import MAX_HOLD
 from sessions.webrtc import stun
 
 __all__ = ["BenchResult", "Figures", "Params", "main", "measure", "render"]
@@ -154,6 +156,9 @@ class Params:
     still expected to end within this many seconds"""
     workers: int = 1
     """parley relay processes sharing the public port (SO_REUSEPORT), as ``relay.workers``"""
+    hold_ms: float = RelaySettings().tunnel_hold_ms
+    """how long the parley relay's tunnel may hold client datagrams, as
+    ``relay.tunnel_hold_ms``"""
 
     def latency_rate(self, sessions: int) -> float:
         return min(SESSION_PPS * sessions, self.latency_cap)
@@ -568,7 +573,11 @@ class _Servers:
 
 
 def _start(
-    relay_cpus: set[int], other_cpus: set[int], stack: contextlib.ExitStack, workers: int = 1
+    relay_cpus: set[int],
+    other_cpus: set[int],
+    stack: contextlib.ExitStack,
+    workers: int = 1,
+    hold_ms: float = 0.0,
 ) -> _Servers:
     servers = _Servers()
     ca_pem, ca_key_pem = make_ca("Parley bench CA")
@@ -598,12 +607,13 @@ def _start(
     bare_node = _Child("serve-bare-node", other_cpus)
     stack.callback(bare_node.close)
     reuse_port = workers > 1
-    children[0].configure({**pems(relay_creds), "port": 0, "reuse_port": reuse_port})
+    relay_config = {**pems(relay_creds), "hold_ms": hold_ms}
+    children[0].configure({**relay_config, "port": 0, "reuse_port": reuse_port})
     bare_node.configure({})
     ready = children[0].read()
     tunnels = [ready["tunnel"]]
     for child in children[1:]:  # the first one's public port, shared
-        child.configure({**pems(relay_creds), "port": ready["public"][1], "reuse_port": True})
+        child.configure({**relay_config, "port": ready["public"][1], "reuse_port": True})
         tunnels.append(child.read()["tunnel"])
     parley_node.configure({**pems(node_creds), "relays": tunnels})
     bare_relay.configure({"node": bare_node.read()["port"]})
@@ -766,7 +776,7 @@ def measure(params: Params) -> BenchResult:
     info = machine()
     with split_cores() as (relay_cpus, other_cpus), contextlib.ExitStack() as stack:
         info["pinned"] = bool(relay_cpus)
-        servers = _start(relay_cpus, other_cpus, stack, params.workers)
+        servers = _start(relay_cpus, other_cpus, stack, params.workers, params.hold_ms)
         gc.collect()
         gc.disable()  # keep the load generator's collector out of the windows
         try:
@@ -811,6 +821,7 @@ def render(result: BenchResult) -> str:
     lines = [
         f"machine: nproc {m['nproc']}, {m['cpu_model']}, python {m['python']}, "
         f"trio {m['trio']}, aioquic {m['aioquic']}, linux {m['kernel']}",
+        f"parley relay: relay.tunnel_hold_ms {p.hold_ms:g}",
         (
             "relay pinned to one core; its echo node and the load generator to the other(s)"
             if p.workers == 1
@@ -920,6 +931,12 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
     parser.add_argument(
         "--workers", type=int, default=1, help="parley relay workers on one port (default 1)"
     )
+    parser.add_argument(
+        "--hold-ms",
+        type=float,
+        default=RelaySettings().tunnel_hold_ms,
+        help="the parley relay's relay.tunnel_hold_ms (default: the relay's default)",
+    )
     parser.add_argument("--quick", action="store_true", help="short windows, under 15 s")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
@@ -932,12 +949,15 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
         latency_cap=args.latency_cap,
         budget=14.0 if quick else 55.0,
         workers=args.workers,
+        hold_ms=args.hold_ms,
     )
     bad_window = params.window is not None and params.window < 1
     if params.seconds <= 0 or params.warmup < 0 or bad_window or params.latency_cap <= 0:
         parser.error("--seconds and --latency-cap must be > 0, --warmup >= 0, --window >= 1")
     if params.workers < 1:
         parser.error("--workers must be at least 1")
+    if not 0 <= params.hold_ms <= MAX_HOLD * 1000:
+        parser.error(f"--hold-ms must be between 0 and {MAX_HOLD * 1000:g}")
     result = measure(params)
     print(json.dumps(result.as_dict(), indent=2) if args.json else render(result))
     return result

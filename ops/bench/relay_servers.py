@@ -20,6 +20,7 @@ import trio
 
 from relay.edge import Limits, RelayEdge
 from relay.routes import RouteTable
+from relay.settings import RelaySettings
 from relay.tunnel import frames
 from relay.tunnel.certs import Credentials, Identity
 from relay.tunnel.quic import Tunnel, TunnelEndpoint
@@ -98,7 +99,12 @@ async def _serve_parley_relay() -> None:
     limits = Limits(client_rate=1e9, new_source_rate=1e9, max_clients=1_000_000, idle_timeout=600.0)
     # A worker of several shares the public port (SO_REUSEPORT), as ``parley relay --workers``.
     edge = RelayEdge(RELAY_ID, [SECRET], routes, limits=limits, reuse_port=config["reuse_port"])
-    endpoint = TunnelEndpoint(_credentials(config), _RelayHandler(edge), host=HOST, server=True)
+    # The tunnel holds client datagrams as a relay does by default (relay.tunnel_hold_ms), or as
+    # the bench was told (--hold-ms).
+    hold = config.get("hold_ms", RelaySettings().tunnel_hold_ms) / 1000
+    endpoint = TunnelEndpoint(
+        _credentials(config), _RelayHandler(edge), host=HOST, server=True, hold=hold
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(endpoint.run)
         edge.flush = endpoint.transmit_pending

@@ -68,6 +68,8 @@ RECV_BUFFER: Final = 65536
 #: kernel's default holds ~150 full packets; a tunnel carries every session between a relay and
 #: a node, and the kernel may cap this)
 RECEIVE_BUFFER: Final = 4 << 20
+#: the longest an endpoint may hold datagrams for :meth:`TunnelEndpoint.transmit_pending`
+MAX_HOLD: Final = 0.010
 
 _ENDPOINT_COUNTERS: Final = (
     "packets_in",  # UDP datagrams: QUIC packets, coalesced or not, ACK-only ones included
@@ -167,9 +169,17 @@ class Tunnel:
         :attr:`max_datagram`, or too many datagrams already wait (congestion). Never raises
         for size: a too-big datagram is the sender's loss, like on UDP.
         """
-        if not self._link.send_datagram(data):
+        link = self._link
+        if not link.send_datagram(data):
             return False
-        self._endpoint._pending[self._link] = None
+        endpoint = self._endpoint
+        endpoint._pending[link] = None
+        if endpoint.hold:
+            held = endpoint._held.get(link)
+            if held is None:
+                endpoint._held[link] = [trio.current_time(), len(data)]
+            else:
+                held[1] += len(data)
         return True
 
     def send_control(self, message: dict[str, Any]) -> None:
@@ -212,7 +222,10 @@ class TunnelEndpoint:
         idle_timeout: float = 10.0,
         max_datagram_size: int = 1452,
         gso: bool = True,
+        hold: float = 0.0,
     ) -> None:
+        if not 0 <= hold <= MAX_HOLD:
+            raise ValueError(f"hold must be between 0 and {MAX_HOLD} s, not {hold}")
         if not idle_timeout > 0:
             raise ValueError(f"idle_timeout must be positive, not {idle_timeout}")
         if max_datagram_size < MIN_INITIAL_DATAGRAM:
@@ -228,6 +241,9 @@ class TunnelEndpoint:
         #: send runs of equal-sized packets in one segmented send where Linux allows it
         #: (relay/udp.py ``BatchSender``); False: one ``sendto`` per packet
         self.gso = gso and sys.platform.startswith("linux")
+        #: how long :meth:`transmit_pending` may hold a tunnel's datagrams to pack more of them
+        #: into one QUIC packet (seconds; 0: never)
+        self.hold = hold
         #: who we are, from our own certificate
         self.identity = credentials.identity
         self.counters: dict[str, int] = dict.fromkeys(_ENDPOINT_COUNTERS, 0)
@@ -247,6 +263,9 @@ class TunnelEndpoint:
         #: _batch_done), False if it only delivered media
         self._touched: dict[Link, bool] = {}
         self._pending: dict[Link, None] = {}  # queued on since the last flush
+        #: links whose queued datagrams transmit_pending holds: when the first was queued,
+        #: and how many bytes wait
+        self._held: dict[Link, list[float]] = {}
         self._batch_now: float | None = None
         self._flush_wanted = trio.Event()
         self._timer_scope: trio.CancelScope | None = None  # the timer task's, while it sleeps
@@ -289,11 +308,25 @@ class TunnelEndpoint:
         For a caller that already batches, as the relay's public port does (one call per
         drained batch of client datagrams): it costs no extra task switch per batch, which at
         a few thousand datagrams per second is most of what a flush costs.
+
+        With :attr:`hold`, a tunnel whose datagrams fill less than a packet keeps them until
+        the first has waited ``hold`` (the timer task sends them then), so that datagrams
+        arriving a little apart share a QUIC packet: one packet to build and seal here, and one
+        to open at the other end, instead of one per datagram.
         """
         if self._pending:
             now = trio.current_time()
             pending, self._pending = self._pending, {}
+            held, hold = self._held, self.hold
             for link in pending:
+                waiting = held.get(link)
+                if waiting is not None and waiting[1] < link.max_datagram:
+                    due = waiting[0] + hold
+                    if now < due:
+                        self._pending[link] = None
+                        if due < self._armed_at:
+                            self._arm(due)
+                        continue
                 self._transmit(link, now)
 
     async def _flush_loop(self) -> None:
@@ -426,7 +459,6 @@ class TunnelEndpoint:
         pending = self._pending
         for link, must in touched.items():
             if must or link in pending:
-                pending.pop(link, None)
                 self._transmit(link, now)
             else:
                 # Only media arrived. DATAGRAM frames are ack-eliciting, so aioquic has set its
@@ -590,6 +622,7 @@ class TunnelEndpoint:
         self._links.pop(link, None)
         self._touched.pop(link, None)
         self._pending.pop(link, None)
+        self._held.pop(link, None)
 
     def _abandon(self, link: Link, reason: str) -> None:
         """Give up on a connection we dialed (timeout, failure, cancellation)."""
@@ -618,6 +651,9 @@ class TunnelEndpoint:
     # -- sending and timers ----------------------------------------------------------------------
 
     def _transmit(self, link: Link, now: float | None = None) -> None:
+        self._pending.pop(link, None)  # whatever was queued or held leaves now
+        if self._held:
+            self._held.pop(link, None)
         sender = self._sender
         if sender is None or link.phase == "done":
             return
@@ -650,7 +686,7 @@ class TunnelEndpoint:
         while True:
             with trio.CancelScope() as scope:
                 self._timer_scope = scope
-                self._arm(min((link.deadline() for link in self._links), default=math.inf))
+                self._arm(min((self._deadline(link) for link in self._links), default=math.inf))
                 await trio.sleep_forever()
             self._timer_scope = None
             self._armed_at = -math.inf  # nobody needs to re-arm us while we work
@@ -658,6 +694,16 @@ class TunnelEndpoint:
             for link in list(self._links):
                 if link.deadline() <= now:
                     self._on_timer(link, now)
+                elif self._deadline(link) <= now:  # held datagrams waited long enough
+                    self._transmit(link, now)
+
+    def _deadline(self, link: Link) -> float:
+        """When the link needs the timer task: its own deadline, or its held datagrams'."""
+        deadline = link.deadline()
+        held = self._held.get(link)
+        if held is not None:
+            deadline = min(deadline, held[0] + self.hold)
+        return deadline
 
     def _on_timer(self, link: Link, now: float) -> None:
         try:

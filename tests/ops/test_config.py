@@ -81,6 +81,18 @@ def test_the_voice_codec_is_a_setting(tmp_path: Path) -> None:
         load_config(env={"PARLEY_NODE_MEDIA_TICK_MS": "25"})
 
 
+def test_the_relay_tunnel_hold_is_a_setting(tmp_path: Path) -> None:
+    file = tmp_path / "parley.toml"
+    file.write_text("[relay]\ntunnel_hold_ms = 0.5\n")
+    assert load_config(file, env={}).relay.tunnel_hold_ms == 0.5
+    assert load_config(env={}).relay.tunnel_hold_ms == 2.0
+    assert load_config(env={"PARLEY_RELAY_TUNNEL_HOLD_MS": "0"}).relay.tunnel_hold_ms == 0
+    with pytest.raises(ConfigError, match=r"relay\.tunnel_hold_ms must be between 0 and 10"):
+        load_config(env={"PARLEY_RELAY_TUNNEL_HOLD_MS": "11"})
+    with pytest.raises(ConfigError, match=r"relay\.tunnel_hold_ms"):
+        load_config(env={"PARLEY_RELAY_TUNNEL_HOLD_MS": "-1"})
+
+
 def test_config_file_from_environment(tmp_path: Path) -> None:
     file = tmp_path / "c.toml"
     file.write_text("[up]\nnodes = 4\n")

@@ -300,6 +300,71 @@ async def test_media_alone_is_not_answered_until_its_ack_is_due(
         assert asked.count(0) <= 2, asked
 
 
+@contextlib.asynccontextmanager
+async def holding(
+    hold: float,
+) -> AsyncIterator[tuple[TunnelEndpoint, Tunnel, Recorder]]:
+    """A relay endpoint that holds datagrams ``hold`` seconds, its tunnel to a node, and what
+    the node received: ``(relay, tunnel at the relay, node_side)``."""
+    relay_side, node_side = Recorder(), Recorder()
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            relay = await nursery.start(server(relay_side, hold=hold).run)
+            node = await nursery.start(client(node_side).run)
+            await node.connect("127.0.0.1", relay.port)
+            await until(lambda: len(relay_side.opened) == 1)
+            await trio.sleep(0.1)  # the handshake's last ACKs
+            yield relay, relay_side.opened[0], node_side
+            nursery.cancel_scope.cancel()
+
+
+async def test_held_datagrams_share_a_packet_that_leaves_when_the_first_waited_enough() -> None:
+    """A relay forwarding client frames a little apart packs them: one packet to seal and one
+    for the node to open, instead of one per frame; none waits longer than the hold."""
+    async with holding(0.010) as (relay, back, node_side):
+        before = relay.counters["packets_out"]
+        for index in range(3):
+            assert back.send_datagram(b"client frame %d" % index + bytes(150))
+            relay.transmit_pending()  # as the public port does after each drained batch
+            # No checkpoint since the send: a packet sent by this call would be counted now.
+            assert relay.counters["packets_out"] == before
+            await trio.sleep(0.001)
+        await until(lambda: len(node_side.datagrams) == 3, within=1.0)
+        assert relay.counters["packets_out"] - before == 1
+        arrived = [data[:14] for _, data in node_side.datagrams]
+        assert arrived == [b"client frame %d" % index for index in range(3)]
+
+
+async def test_a_packets_worth_of_held_datagrams_leaves_at_once() -> None:
+    async with holding(0.010) as (relay, back, node_side):
+        before = relay.counters["packets_out"]
+        frame = bytes(back.max_datagram // 4)
+        for _ in range(3):
+            assert back.send_datagram(frame)
+            relay.transmit_pending()
+        assert relay.counters["packets_out"] == before  # three quarters of a packet: held
+        assert back.send_datagram(frame)
+        relay.transmit_pending()  # a packet's worth: no waiting (and no checkpoint here)
+        assert relay.counters["packets_out"] > before
+        await until(lambda: len(node_side.datagrams) == 4, within=1.0)
+
+
+async def test_without_a_hold_each_batch_leaves_at_once() -> None:
+    async with holding(0.0) as (relay, back, node_side):
+        before = relay.counters["packets_out"]
+        for index in range(3):
+            assert back.send_datagram(b"client frame %d" % index)
+            relay.transmit_pending()
+            assert relay.counters["packets_out"] == before + index + 1
+        await until(lambda: len(node_side.datagrams) == 3)
+
+
+@pytest.mark.parametrize("hold", [-0.001, 0.011])
+def test_a_hold_out_of_range_is_refused(hold: float) -> None:
+    with pytest.raises(ValueError, match=r"hold must be between 0 and 0\.01"):
+        server(Recorder(), hold=hold)
+
+
 async def test_control_messages_both_ways() -> None:
     async with connected() as (relay, node, tunnel, relay_side, node_side):
         back = relay_side.opened[0]

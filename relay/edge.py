@@ -152,7 +152,7 @@ class Client:
 class DatagramSink(Protocol):
     """What the edge needs of a tunnel (relay/tunnel/quic.py ``Tunnel``)."""
 
-    def send_datagram(self, data: bytes) -> bool: ...
+    def send_datagram(self, data: bytes, *, may_wait: bool = False) -> bool: ...
 
 
 @final
@@ -270,7 +270,9 @@ class RelayEdge:
         header = client.header
         if not header:
             header = client.header = frames.client_header(client.session, addr)
-        if tunnel.send_datagram(header + data):
+        # SRTP and SRTCP (RFC 7983: first byte 128-191) may wait a moment to share a QUIC
+        # packet; the handshakes and consent checks (STUN, DTLS) go at once.
+        if tunnel.send_datagram(header + data, may_wait=b"\x7f" < data[:1] < b"\xc0"):
             counters["forwarded"] += 1
             if self.auditor is not None and not stun_like:
                 self.auditor.observe(client.session, "in", data)

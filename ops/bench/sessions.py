@@ -563,6 +563,11 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
     parser.add_argument(
         "--complexity", type=int, choices=range(11), help="node.opus_complexity (default: 5)"
     )
+    parser.add_argument(
+        "--relay-hold-ms",
+        type=float,
+        help="relay.tunnel_hold_ms of the cluster's relay (default: the relay's, 2)",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     names = {"cluster": "cluster", "direct": "parley", "parley": "parley", "aiortc": "aiortc"}
@@ -588,6 +593,8 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
     for name, value in (("MEDIA_TICK_MS", args.tick_ms), ("OPUS_COMPLEXITY", args.complexity)):
         if value is not None:
             NODE_SETTINGS[f"PARLEY_NODE_{name}"] = str(value)
+    if args.relay_hold_ms is not None:
+        NODE_SETTINGS["PARLEY_RELAY_TUNNEL_HOLD_MS"] = str(args.relay_hold_ms)
     if params.setups < 1 or params.max_sessions < 1 or params.window <= 0 or params.warmup < 0:
         parser.error("--setups and --sessions must be positive, --window > 0, --warmup >= 0")
     result = measure(params)

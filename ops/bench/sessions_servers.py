@@ -114,7 +114,8 @@ def _parse_head(head: bytes) -> tuple[int, dict[str, str]]:
 # --- servers under test ------------------------------------------------------------------------
 
 
-#: extra settings for both parley sides' nodes (``--tick-ms``), PARLEY_* environment variables
+#: extra settings for both parley sides (``--tick-ms``, ``--relay-hold-ms``), PARLEY_* environment
+#: variables
 NODE_SETTINGS: dict[str, str] = {}
 
 

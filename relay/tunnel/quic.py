@@ -162,8 +162,14 @@ class Tunnel:
         value = getattr(recovery, "_rtt_smoothed", None)
         return float(value) if isinstance(value, int | float) else None
 
-    def send_datagram(self, data: bytes) -> bool:
+    def send_datagram(self, data: bytes, *, may_wait: bool = False) -> bool:
         """Queue ``data`` as one DATAGRAM frame; it leaves at the endpoint's next flush.
+
+        ``may_wait``: the datagram is media that may wait up to the endpoint's :attr:`hold`
+        for others to share its QUIC packet (see :meth:`TunnelEndpoint.transmit_pending`).
+        It waits only while the tunnel is busy (the previous such datagram came less than a
+        hold ago), so a quiet tunnel adds no delay. One that may not wait takes whatever
+        waits with it.
 
         Returns False, and counts why, when the tunnel is closed, ``data`` is longer than
         :attr:`max_datagram`, or too many datagrams already wait (congestion). Never raises
@@ -176,10 +182,16 @@ class Tunnel:
         endpoint._pending[link] = None
         if endpoint.hold:
             held = endpoint._held.get(link)
-            if held is None:
-                endpoint._held[link] = [trio.current_time(), len(data)]
-            else:
-                held[1] += len(data)
+            if may_wait:
+                now = trio.current_time()
+                last = endpoint._last_wait.get(link, -math.inf)
+                endpoint._last_wait[link] = now
+                if held is not None:
+                    held[1] += len(data)
+                elif now - last < endpoint.hold:
+                    endpoint._held[link] = [now, len(data)]
+            elif held is not None:
+                del endpoint._held[link]  # this one may not wait: what waits leaves with it
         return True
 
     def send_control(self, message: dict[str, Any]) -> None:
@@ -266,6 +278,8 @@ class TunnelEndpoint:
         #: links whose queued datagrams transmit_pending holds: when the first was queued,
         #: and how many bytes wait
         self._held: dict[Link, list[float]] = {}
+        #: when each link was last given a datagram that may wait
+        self._last_wait: dict[Link, float] = {}
         self._batch_now: float | None = None
         self._flush_wanted = trio.Event()
         self._timer_scope: trio.CancelScope | None = None  # the timer task's, while it sleeps
@@ -309,10 +323,11 @@ class TunnelEndpoint:
         drained batch of client datagrams): it costs no extra task switch per batch, which at
         a few thousand datagrams per second is most of what a flush costs.
 
-        With :attr:`hold`, a tunnel whose datagrams fill less than a packet keeps them until
-        the first has waited ``hold`` (the timer task sends them then), so that datagrams
-        arriving a little apart share a QUIC packet: one packet to build and seal here, and one
-        to open at the other end, instead of one per datagram.
+        With :attr:`hold`, a busy tunnel whose media (``send_datagram(..., may_wait=True)``)
+        fills less than a packet keeps it until the first datagram has waited ``hold`` (the
+        timer task sends them then), so that datagrams arriving a little apart share a QUIC
+        packet: one packet to build and seal here, and one to open at the other end, instead
+        of one per datagram.
         """
         if self._pending:
             now = trio.current_time()
@@ -623,6 +638,7 @@ class TunnelEndpoint:
         self._touched.pop(link, None)
         self._pending.pop(link, None)
         self._held.pop(link, None)
+        self._last_wait.pop(link, None)
 
     def _abandon(self, link: Link, reason: str) -> None:
         """Give up on a connection we dialed (timeout, failure, cancellation)."""

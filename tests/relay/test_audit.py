@@ -116,7 +116,7 @@ def test_the_edge_audits_both_directions_only_when_asked() -> None:
     edge.clients[CLIENT] = Client(SESSION, TokenBucket(1000, 1000, 0.0), 0.0)
 
     class Sink:
-        def send_datagram(self, data: bytes) -> bool:
+        def send_datagram(self, data: bytes, *, may_wait: bool = False) -> bool:
             return True
 
     edge.tunnels["node-a"] = Sink()

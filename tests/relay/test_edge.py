@@ -35,10 +35,12 @@ class Sink:
 
     def __init__(self, accept: bool = True) -> None:
         self.sent: list[bytes] = []
+        self.may_wait: list[bool] = []
         self.accept = accept
 
-    def send_datagram(self, data: bytes) -> bool:
+    def send_datagram(self, data: bytes, *, may_wait: bool = False) -> bool:
         self.sent.append(data)
+        self.may_wait.append(may_wait)
         return self.accept
 
 
@@ -79,6 +81,19 @@ def test_first_check_routes_by_hint_then_by_address() -> None:
         frames.FromClient(SESSION, CLIENT, b"\x80" + bytes(40)),
     ]
     assert edge.counters["new_clients"] == 1 and edge.counters["forwarded"] == 2
+
+
+def test_only_media_may_wait_to_share_a_tunnel_packet() -> None:
+    """SRTP and SRTCP may wait a moment for company (the tunnel's hold); STUN, DTLS and
+    anything else a client sends leave at once, and an empty datagram is just forwarded."""
+    edge, _, _ = make_edge()
+    node_a = edge.tunnels["node-a"] = Sink()
+    edge.from_client(check(mint_ufrag(SESSION, "node-a", SECRET)), CLIENT)
+    for first in (0x80, 0xBF, 0x16, 0x14, 0x7F, 0xC0):  # RTP, RTCP, DTLS x2, neither x2
+        edge.from_client(bytes([first]) + bytes(40), CLIENT)
+    edge.from_client(b"", CLIENT)
+    assert node_a.may_wait == [False, True, True, False, False, False, False, False]
+    assert edge.counters["forwarded"] == 8
 
 
 def test_forged_and_mutated_hints_never_reach_a_node() -> None:

@@ -323,30 +323,62 @@ async def test_held_datagrams_share_a_packet_that_leaves_when_the_first_waited_e
     for the node to open, instead of one per frame; none waits longer than the hold."""
     async with holding(0.010) as (relay, back, node_side):
         before = relay.counters["packets_out"]
-        for index in range(3):
-            assert back.send_datagram(b"client frame %d" % index + bytes(150))
-            relay.transmit_pending()  # as the public port does after each drained batch
-            # No checkpoint since the send: a packet sent by this call would be counted now.
-            assert relay.counters["packets_out"] == before
+        assert back.send_datagram(b"client frame 0" + bytes(150), may_wait=True)
+        relay.transmit_pending()  # as the public port does after each drained batch
+        assert relay.counters["packets_out"] == before + 1  # a quiet tunnel: no waiting
+        for index in range(1, 4):
             await trio.sleep(0.001)
-        await until(lambda: len(node_side.datagrams) == 3, within=1.0)
-        assert relay.counters["packets_out"] - before == 1
+            assert back.send_datagram(b"client frame %d" % index + bytes(150), may_wait=True)
+            relay.transmit_pending()
+            # No checkpoint since the send: a packet sent by this call would be counted now.
+            assert relay.counters["packets_out"] == before + 1
+        await until(lambda: len(node_side.datagrams) == 4, within=1.0)
+        assert relay.counters["packets_out"] == before + 2
         arrived = [data[:14] for _, data in node_side.datagrams]
-        assert arrived == [b"client frame %d" % index for index in range(3)]
+        assert arrived == [b"client frame %d" % index for index in range(4)]
 
 
 async def test_a_packets_worth_of_held_datagrams_leaves_at_once() -> None:
     async with holding(0.010) as (relay, back, node_side):
-        before = relay.counters["packets_out"]
         frame = bytes(back.max_datagram // 4)
+        assert back.send_datagram(frame, may_wait=True)
+        relay.transmit_pending()
+        before = relay.counters["packets_out"]
         for _ in range(3):
-            assert back.send_datagram(frame)
+            assert back.send_datagram(frame, may_wait=True)
             relay.transmit_pending()
         assert relay.counters["packets_out"] == before  # three quarters of a packet: held
-        assert back.send_datagram(frame)
+        assert back.send_datagram(frame, may_wait=True)
         relay.transmit_pending()  # a packet's worth: no waiting (and no checkpoint here)
         assert relay.counters["packets_out"] > before
-        await until(lambda: len(node_side.datagrams) == 4, within=1.0)
+        await until(lambda: len(node_side.datagrams) == 5, within=1.0)
+
+
+async def test_a_datagram_that_may_not_wait_takes_the_held_ones_along() -> None:
+    async with holding(0.010) as (relay, back, node_side):
+        assert back.send_datagram(b"rtp 0", may_wait=True)
+        relay.transmit_pending()
+        before = relay.counters["packets_out"]
+        assert back.send_datagram(b"rtp 1", may_wait=True)
+        relay.transmit_pending()
+        assert relay.counters["packets_out"] == before  # busy: held
+        assert back.send_datagram(b"a STUN check")  # a handshake or consent check
+        relay.transmit_pending()
+        assert relay.counters["packets_out"] == before + 1  # both, now, in one packet
+        await until(lambda: len(node_side.datagrams) == 3)
+        assert [data for _, data in node_side.datagrams][1:] == [b"rtp 1", b"a STUN check"]
+
+
+async def test_a_quiet_tunnel_holds_nothing() -> None:
+    """Media more than a hold apart (one session's frames, 20 ms apart) never waits."""
+    async with holding(0.010) as (relay, back, node_side):
+        before = relay.counters["packets_out"]
+        for index in range(3):
+            assert back.send_datagram(b"frame %d" % index, may_wait=True)
+            relay.transmit_pending()
+            assert relay.counters["packets_out"] == before + index + 1
+            await trio.sleep(0.020)
+        await until(lambda: len(node_side.datagrams) == 3)
 
 
 async def test_without_a_hold_each_batch_leaves_at_once() -> None:

@@ -52,7 +52,7 @@ from relay.tunnel.link import (
 )
 from relay.udp import Address, BatchSender, bound_udp, drain_forever, kernel_drops
 
-__all__ = ["Tunnel", "TunnelEndpoint", "TunnelError", "TunnelHandler"]
+__all__ = ["MAX_HOLD", "Tunnel", "TunnelEndpoint", "TunnelError", "TunnelHandler"]
 
 log = logging.getLogger("parley.tunnel")
 

@@ -252,16 +252,21 @@ async def test_without_segmentation_every_packet_is_a_send_of_its_own() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def one_frame_packets(tunnel: Tunnel, endpoint: TunnelEndpoint, count: int) -> None:
+    """``count`` frames 2 ms apart, each flushed alone: one QUIC packet per frame."""
+    for index in range(count):
+        assert tunnel.send_datagram(b"frame %d" % index)
+        endpoint.flush()
+        await trio.sleep(0.002)
+
+
 async def test_datagram_only_packets_are_acknowledged_together() -> None:
     """RFC 9221 §5.2: ACKs for DATAGRAM-only packets wait (up to ACK_DELAY) and cover many."""
     async with connected() as (relay, node, tunnel, relay_side, _):
         await trio.sleep(0.1)
         acks_before = relay.counters["packets_out"]
         # 20 packets 2 ms apart: with aioquic's own 1 ms delay, each gets an ACK of its own.
-        for index in range(20):
-            assert tunnel.send_datagram(b"frame %d" % index)
-            node.flush()
-            await trio.sleep(0.002)
+        await one_frame_packets(tunnel, node, 20)
         await until(lambda: len(relay_side.datagrams) == 20)
         await trio.sleep(ACK_DELAY * 2)
         acks = relay.counters["packets_out"] - acks_before
@@ -289,10 +294,7 @@ async def test_media_alone_is_not_answered_until_its_ack_is_due(
         monkeypatch.setattr(TunnelConnection, "datagrams_to_send", counted)
         before = node.counters["packets_out"]
         # 20 packets 2 ms apart, one frame each: media from clients as a relay forwards it
-        for index in range(20):
-            assert back.send_datagram(b"frame %d" % index)
-            relay.flush()
-            await trio.sleep(0.002)
+        await one_frame_packets(back, relay, 20)
         await until(lambda: len(node_side.datagrams) == 20)
         await until(lambda: node.counters["packets_out"] > before, within=ACK_DELAY * 5)
         # one transmit per ACK timer (every ACK_DELAY), not one per packet

@@ -576,8 +576,8 @@ def _start(
     relay_cpus: set[int],
     other_cpus: set[int],
     stack: contextlib.ExitStack,
-    workers: int = 1,
-    hold_ms: float = 0.0,
+    workers: int,
+    hold_ms: float,
 ) -> _Servers:
     servers = _Servers()
     ca_pem, ca_key_pem = make_ca("Parley bench CA")

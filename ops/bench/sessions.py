@@ -104,6 +104,7 @@ from ops.bench.sessions_servers import (
     loopback_ice,
     serve_aiortc,
 )
+from relay.tunnel.quic import MAX_HOLD
 
 __all__ = [
     "BenchResult",
@@ -594,6 +595,8 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
         if value is not None:
             NODE_SETTINGS[f"PARLEY_NODE_{name}"] = str(value)
     if args.relay_hold_ms is not None:
+        if not 0 <= args.relay_hold_ms <= MAX_HOLD * 1000:
+            parser.error(f"--relay-hold-ms must be between 0 and {MAX_HOLD * 1000:g}")
         NODE_SETTINGS["PARLEY_RELAY_TUNNEL_HOLD_MS"] = str(args.relay_hold_ms)
     if params.setups < 1 or params.max_sessions < 1 or params.window <= 0 or params.warmup < 0:
         parser.error("--setups and --sessions must be positive, --window > 0, --warmup >= 0")

@@ -707,11 +707,12 @@ class TunnelEndpoint:
             self._timer_scope = None
             self._armed_at = -math.inf  # nobody needs to re-arm us while we work
             now = trio.current_time()
+            held, hold = self._held, self.hold
             for link in list(self._links):
                 if link.deadline() <= now:
                     self._on_timer(link, now)
-                elif self._deadline(link) <= now:  # held datagrams waited long enough
-                    self._transmit(link, now)
+                elif (waiting := held.get(link)) is not None and waiting[0] + hold <= now:
+                    self._transmit(link, now)  # held datagrams waited long enough
 
     def _deadline(self, link: Link) -> float:
         """When the link needs the timer task: its own deadline, or its held datagrams'."""

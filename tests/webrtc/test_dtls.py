@@ -18,7 +18,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from OpenSSL import SSL
+from OpenSSL import SSL, crypto
 
 from sessions.webrtc.certs import Certificate, fingerprint, generate_certificate
 from sessions.webrtc.dtls import (
@@ -33,6 +33,7 @@ from sessions.webrtc.dtls import (
     SrtpKeys,
     SrtpProfile,
 )
+from sessions.webrtc.dtls import openssl as dtls_openssl
 from sessions.webrtc.dtls import server as dtls_server
 from sessions.webrtc.dtls.server import TRANSITIONS
 from sessions.webrtc.errors import RemoteInputError, StateTransitionError
@@ -287,6 +288,37 @@ def test_wrong_fingerprint_fails_without_keys() -> None:
     server.handle_timer(1000.0)
     assert server.datagrams_to_send() == [] and server.next_event() is None
     assert server.datagrams_ignored == 1
+
+
+def test_sessions_share_one_context_but_each_checks_its_own_fingerprint() -> None:
+    # A node's sessions share one OpenSSL context per certificate (memory); the fingerprint a
+    # peer must match stays each connection's own, checked in the handshake (alert before our
+    # Finished), whichever session the other offer belonged to.
+    other = generate_certificate(common_name="another client")
+    theirs = DtlsServer(SERVER_CERT, ("sha-256", other.fingerprint_sha256))
+    ours = new_server()
+    assert theirs._conn.get_context() is ours._conn.get_context()
+
+    client = Client(CLIENT_CERT)  # matches ``ours`` only
+    sent = pump(theirs, client)
+    (event,) = drain(theirs)
+    assert isinstance(event, HandshakeFailed) and "fingerprint" in event.reason
+    assert content_types(sent)[-1] == 21 and not client.done
+
+    client = Client(CLIENT_CERT)
+    pump(ours, client)
+    assert isinstance(ours.next_event(), HandshakeComplete) and client.done
+    again = DtlsServer(SERVER_CERT, ("sha-256", other.fingerprint_sha256))
+    client = Client(other)
+    pump(again, client)
+    assert isinstance(again.next_event(), HandshakeComplete) and client.done
+
+
+def test_a_connection_of_the_shared_context_without_its_own_check_refuses() -> None:
+    ours = new_server()
+    conn = SSL.Connection(ours._conn.get_context(), None)  # no verify of its own
+    cert = crypto.X509.from_cryptography(CLIENT_CERT.cert)
+    assert dtls_openssl._verify_connection(conn, cert, 0, 0, 1) is False
 
 
 def test_client_without_certificate_fails() -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Final
 
@@ -70,7 +71,42 @@ def check_fingerprint(remote_fingerprint: tuple[str, str]) -> tuple[str, str]:
 def server_connection(
     certificate: Certificate, profiles: Sequence[SrtpProfile], mtu: int, verify: VerifyCallback
 ) -> SSL.Connection:
-    """A DTLS 1.2 server connection over memory BIOs, as WebRTC needs it."""
+    """A DTLS 1.2 server connection over memory BIOs, as WebRTC needs it; ``verify`` is this
+    connection's own check of the peer's certificate chain."""
+    conn = SSL.Connection(_shared_context(certificate, tuple(profiles)), None)
+    conn.set_app_data(verify)
+    conn.set_accept_state()
+    conn.set_ciphertext_mtu(mtu)
+    return conn
+
+
+# One OpenSSL context per certificate and profile list, shared by every connection made with
+# them: a node keeps a connection per session, and a context holding the certificate and key
+# is about 24 KiB of OpenSSL's memory each (README, Benchmarks: scale). What differs between
+# connections, the fingerprint the peer must match, is each connection's own ``verify``,
+# reached through its app data. Forgotten with the certificate.
+_contexts: weakref.WeakKeyDictionary[Certificate, dict[tuple[SrtpProfile, ...], SSL.Context]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _shared_context(certificate: Certificate, profiles: tuple[SrtpProfile, ...]) -> SSL.Context:
+    by_profiles = _contexts.setdefault(certificate, {})
+    ctx = by_profiles.get(profiles)
+    if ctx is None:
+        ctx = by_profiles[profiles] = _server_context(certificate, profiles)
+    return ctx
+
+
+def _verify_connection(
+    conn: SSL.Connection, cert: crypto.X509, err: int, depth: int, ok: int
+) -> bool:
+    """A shared context's verify callback: the connection's own; refuse if it has none."""
+    verify = conn.get_app_data()
+    return callable(verify) and bool(verify(conn, cert, err, depth, ok))
+
+
+def _server_context(certificate: Certificate, profiles: Sequence[SrtpProfile]) -> SSL.Context:
     ctx = SSL.Context(SSL.DTLS_SERVER_METHOD)
     ctx.set_min_proto_version(_DTLS1_2_VERSION)
     ctx.set_max_proto_version(_DTLS1_2_VERSION)
@@ -91,14 +127,10 @@ def server_connection(
     ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
     # RFC 8827 §6.5 / RFC 8842 §5.1: the client must present a certificate, and it is
     # authenticated by fingerprint, not by a chain to a trust anchor.
-    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, verify)
+    ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _verify_connection)
     # RFC 5764 §4.1.1: the use_srtp extension; OpenSSL picks by our order of preference.
     ctx.set_tlsext_use_srtp(b":".join(p.openssl_name for p in profiles))
-
-    conn = SSL.Connection(ctx, None)
-    conn.set_accept_state()
-    conn.set_ciphertext_mtu(mtu)
-    return conn
+    return ctx
 
 
 def certificate_matches(cert: crypto.X509, algorithm: str, expected: str) -> bool:

@@ -34,7 +34,7 @@ import attrs
 from sessions.agents import FRAME_BYTES, Agent, DuckAwareAgent, ReactiveAgent, StatefulAgent
 from sessions.audio.echo import EchoEstimator
 from sessions.audio.jitter import Frame, FrameKind, JitterBuffer
-from sessions.audio.opus import CodecError, OpusDecoder, VoiceCodec
+from sessions.audio.opus import CodecError, OpusDecoder, OpusEncoder, VoiceCodec
 from sessions.audio.pacer import FRAME_MS, FRAME_SECONDS, FRAME_TIMESTAMP, Pacer
 from sessions.audio.vad import Vad
 from sessions.deadlines import earlier
@@ -144,8 +144,11 @@ class VoiceLoop:
         #: agent states a restore could not use (another kind of agent, or malformed)
         self.agent_state_rejected = 0
         self._jitter = JitterBuffer()
-        self._encoder = (VoiceCodec() if codec is None else codec).encoder()
-        self._decoder = OpusDecoder()
+        # libopus's state is made on the first frame each way (about 43 KiB to encode and 30
+        # KiB to decode): a connected session that never talks or hears has none.
+        self._codec = VoiceCodec() if codec is None else codec
+        self._encoder: OpusEncoder | None = None
+        self._decoder: OpusDecoder | None = None
         #: the agent's audio is on the air (sent on the last tick); barge-in stops it
         self._agent_on_air = False
         #: barge-in reactions: (first voiced frame of the interrupting turn, last agent frame)
@@ -161,6 +164,11 @@ class VoiceLoop:
         self._out: list[OutboundFrame] = []
         self._frames_resized = 0
         self._dropped: collections.Counter[str] = collections.Counter()
+
+    @property
+    def codecs(self) -> tuple[OpusEncoder | None, OpusDecoder | None]:
+        """The libopus encoder and decoder made so far: each on its first frame."""
+        return self._encoder, self._decoder
 
     # --- life ---------------------------------------------------------------------------------
 
@@ -403,7 +411,10 @@ class VoiceLoop:
                 self._fade = None
                 if self.echo is not None:
                     self.echo.sent(pcm, paced.deadline)
-                payload = self._encoder.encode(pcm)
+                encoder = self._encoder
+                if encoder is None:
+                    encoder = self._encoder = self._codec.encoder()
+                payload = encoder.encode(pcm)
                 self._out.append(
                     OutboundFrame(payload, paced.timestamp, paced.marker, paced.deadline)
                 )
@@ -553,11 +564,14 @@ class VoiceLoop:
         self._emit(ClientEvent("agent_resumed", now, {}))
 
     def _render(self, frame: Frame) -> bytes:
+        decoder = self._decoder
+        if decoder is None:
+            decoder = self._decoder = OpusDecoder()
         try:
-            pcm = frame.render(self._decoder)
+            pcm = frame.render(decoder)
         except CodecError:
             self._dropped["codec_errors"] += 1
-            pcm = self._decoder.conceal()
+            pcm = decoder.conceal()
         if len(pcm) != FRAME_BYTES:
             # We negotiate 20 ms packets; a client sending other durations gets them cut or
             # padded to the frame the jitter buffer's clock plays.

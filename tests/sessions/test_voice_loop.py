@@ -189,3 +189,18 @@ def test_a_reply_that_ends_after_the_client_fell_silent_still_says_it_finished()
     finished = next(t for t, e in client_events(sim) if e.name == "agent_finished")
     last_rtp = max(t for t, d, _ in sim.sent if classify(d) is PacketKind.RTP_RTCP and d[1] < 192)
     assert last_rtp <= finished < last_rtp + 0.01  # said in the tick that found it over
+
+
+def test_libopus_state_is_made_on_the_first_frame_each_way_not_for_a_silent_session() -> None:
+    # About 73 KiB of libopus per session (README, Benchmarks: scale): a connected session
+    # that neither hears nor says anything has none.
+    sim = Sim(agent=EchoAgent())
+    sim.connect()
+    sim.keep_consent(sim.now + 2.0)
+    sim.run(sim.now + 2.0)  # keyed, consent kept, no audio either way
+    assert sim.core._voice.codecs == (None, None)
+    end = sim.talk(speech.frames(sentence())[:10])
+    sim.run(end + 0.5)
+    encoder, decoder = sim.core._voice.codecs
+    assert encoder is not None and decoder is not None
+    assert len(sim.client.pcm()) > 0  # the echo came back through them

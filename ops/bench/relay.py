@@ -54,6 +54,13 @@ Per session count and path, two load shapes:
    not count. p50 and p99 of it are reported for both paths, and their difference: the latency
    the parley path adds over a bare forwarder (both include the echo node and loopback). The
    relay's CPU at that paced rate is reported too.
+3. **Latency, the echo node on a grid** (``--node-tick-ms``, 20 by default; 0 leaves it out):
+   the same paced load, but both echo nodes send their echoes at the points of a 20 ms grid,
+   all that is due at a point at once, as a node's media grid sends its sessions' frames
+   (``node.media_tick_ms``). This is the shape of what a relay gets from a node in
+   production: the node's frames for a relay come in bursts, several to a QUIC packet, where
+   phase 2's echo node answers each datagram as it comes, one QUIC packet each. The round
+   trips include the wait for the grid (up to a tick, on both paths alike).
 
 Caveats:
 
@@ -115,6 +122,8 @@ PAYLOAD_SIZE: Final = 160
 SESSION_PPS: Final = 50.0
 #: seconds a child may take to start, or to answer a control line
 CHILD_TIMEOUT: Final = 20.0
+#: the longest grid ``--node-tick-ms`` takes: the longest ``node.media_tick_ms``
+MAX_NODE_TICK_MS: Final = 20.0
 #: seconds to wait for every session's first datagram to come back
 ADMIT_TIMEOUT: Final = 10.0
 #: seconds without an echo after which the closed loop counts its window as lost and refills it
@@ -159,6 +168,10 @@ class Params:
     hold_ms: float = RelaySettings().tunnel_hold_ms
     """how long the parley relay's tunnel may hold client datagrams, as
     ``relay.tunnel_hold_ms``"""
+    node_tick_ms: float = 20.0
+    """a second paced phase: both echo nodes send their echoes at the points of a grid of this
+    period, as a node's media grid (``node.media_tick_ms``) sends its sessions' frames, every
+    echo due at a point in one flush (0: no such phase)"""
 
     def latency_rate(self, sessions: int) -> float:
         return min(SESSION_PPS * sessions, self.latency_cap)
@@ -199,6 +212,14 @@ class Figures:
     latency_relay_cpu: float
     """relay CPU seconds in the latency window"""
     latency_others: float
+    # -- latency phase with the echo node on a grid (Params.node_tick_ms)
+    grid_sent: int = 0
+    grid_received: int = 0
+    grid_p50: float = math.nan
+    grid_p99: float = math.nan
+    grid_relay_cpu: float = 0.0
+    """relay CPU seconds in the grid phase's window"""
+    grid_others: float = 0.0
     worker_share: float = 1.0
     """the busiest relay worker's share of the client datagrams (1.0 with one worker)"""
     attempts: int = 1
@@ -208,7 +229,7 @@ class Figures:
     @property
     def busy(self) -> float:
         """The most CPU other processes used in either window."""
-        return max(self.others, self.latency_others)
+        return max(self.others, self.latency_others, self.grid_others)
 
     @property
     def to_node_pps(self) -> float:
@@ -239,6 +260,11 @@ class Figures:
         forwarded = 2 * self.latency_received
         return self.latency_relay_cpu / forwarded if forwarded else math.nan
 
+    @property
+    def grid_cpu_per_packet(self) -> float:
+        forwarded = 2 * self.grid_received
+        return self.grid_relay_cpu / forwarded if forwarded else math.nan
+
 
 @final
 @attrs.frozen
@@ -266,6 +292,7 @@ class BenchResult:
                 "cpu_per_packet",
                 "packets_per_core",
                 "latency_cpu_per_packet",
+                "grid_cpu_per_packet",
                 "busy",
             ):
                 row[name] = getattr(figures, name)
@@ -713,8 +740,18 @@ def _run(config: str, sessions: int, run: int, servers: _Servers, params: Params
         clients.settle()
         rate = params.latency_rate(sessions)
         quiet = _Mark.take(relay, node)
-        latency_sent, rtts = clients.paced(params.seconds, rate, tag=run + 1)
+        latency_sent, rtts = clients.paced(params.seconds, rate, tag=2 * run + 1)
         done = _Mark.take(relay, node)
+        grid_sent, grid_cpu, grid_others = 0, 0.0, 0.0
+        grid_rtts: list[float] = []
+        if params.node_tick_ms > 0:
+            node.ask({"cmd": "tick", "seconds": params.node_tick_ms / 1000})
+            clients.settle()
+            start = _Mark.take(relay, node)
+            grid_sent, grid_rtts = clients.paced(params.seconds, rate, tag=2 * run + 2)
+            end = _Mark.take(relay, node)
+            node.ask({"cmd": "tick", "seconds": 0.0})
+            grid_cpu, grid_others = end.cpu_since(start), end.others_since(start)
     finally:
         clients.close()
     return Figures(
@@ -737,6 +774,12 @@ def _run(config: str, sessions: int, run: int, servers: _Servers, params: Params
         p99=percentile(rtts, 99),
         latency_relay_cpu=done.cpu_since(quiet),
         latency_others=done.others_since(quiet),
+        grid_sent=grid_sent,
+        grid_received=len(grid_rtts),
+        grid_p50=percentile(grid_rtts, 50),
+        grid_p99=percentile(grid_rtts, 99),
+        grid_relay_cpu=grid_cpu,
+        grid_others=grid_others,
     )
 
 
@@ -883,6 +926,8 @@ def render(result: BenchResult) -> str:
             f" and {_ms(ours.p99 - theirs.p99)} ms at p99; its relay CPU per packet is"
             f" {loaded:.1f}x the bare forwarder's at full load, {paced:.1f}x paced"
         )
+    if p.node_tick_ms > 0:
+        lines += ["", *_render_grid(result)]
     busy = max((f.busy for f in result.rows), default=0.0)
     if any(f.attempts > 1 for f in result.rows):
         notes.append("*: measured twice (the first run had a busy machine); the quieter run kept")
@@ -893,6 +938,32 @@ def render(result: BenchResult) -> str:
     lines += notes
     lines.append(f"total {result.elapsed:.1f} s")
     return "\n".join(lines)
+
+
+def _render_grid(result: BenchResult) -> list[str]:
+    """Phase 3: the paced load with both echo nodes sending on a grid, as a node does."""
+    p = result.params
+    lines = [
+        f"paced, the echo nodes sending on a {p.node_tick_ms:g} ms grid as a node does (round"
+        " trips include the wait for the grid point):",
+        f"{'sessions':>8}{'paced':>8}{'parley cpu':>12}{'bare cpu':>10}{'ratio':>7}"
+        f"{'parley p50/p99 ms':>20}{'bare p50/p99 ms':>18}",
+    ]
+    for n in p.sessions:
+        ours, theirs = result.row("parley", n), result.row("baseline", n)
+        if ours is None or theirs is None:
+            continue
+        ratio = _ratio(ours.grid_cpu_per_packet, theirs.grid_cpu_per_packet)
+        lines.append(
+            f"{n:>8,}{ours.latency_rate:>8,.0f}{ours.grid_relay_cpu / p.seconds:>12.2f}"
+            f"{theirs.grid_relay_cpu / p.seconds:>10.2f}{ratio:>6.1f}x"
+            f"{_ms(ours.grid_p50) + ' / ' + _ms(ours.grid_p99):>20}"
+            f"{_ms(theirs.grid_p50) + ' / ' + _ms(theirs.grid_p99):>18}"
+        )
+        lost = ours.grid_sent - ours.grid_received + theirs.grid_sent - theirs.grid_received
+        if lost:
+            lines.append(f"{'':>8}{lost} of the phase's datagrams lost")
+    return lines
 
 
 def _sessions(text: str) -> tuple[int, ...]:
@@ -937,7 +1008,13 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
         default=RelaySettings().tunnel_hold_ms,
         help="the parley relay's relay.tunnel_hold_ms (default: the relay's default)",
     )
-    parser.add_argument("--quick", action="store_true", help="short windows, under 15 s")
+    parser.add_argument(
+        "--node-tick-ms",
+        type=float,
+        default=20.0,
+        help="the echo nodes' grid in a second paced phase, as node.media_tick_ms (20; 0: none)",
+    )
+    parser.add_argument("--quick", action="store_true", help="short windows, under 20 s")
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     args = parser.parse_args(argv)
     quick = args.quick
@@ -950,6 +1027,7 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
         budget=14.0 if quick else 55.0,
         workers=args.workers,
         hold_ms=args.hold_ms,
+        node_tick_ms=args.node_tick_ms,
     )
     bad_window = params.window is not None and params.window < 1
     if params.seconds <= 0 or params.warmup < 0 or bad_window or params.latency_cap <= 0:
@@ -958,6 +1036,8 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
         parser.error("--workers must be at least 1")
     if not 0 <= params.hold_ms <= MAX_HOLD * 1000:
         parser.error(f"--hold-ms must be between 0 and {MAX_HOLD * 1000:g}")
+    if not 0 <= params.node_tick_ms <= MAX_NODE_TICK_MS:
+        parser.error(f"--node-tick-ms must be between 0 and {MAX_NODE_TICK_MS:g}")
     result = measure(params)
     print(json.dumps(result.as_dict(), indent=2) if args.json else render(result))
     return result

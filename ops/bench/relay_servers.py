@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import selectors
 import socket
@@ -131,12 +132,25 @@ async def _serve_parley_relay() -> None:
 
 @final
 class _EchoNode:
-    """A node that sends every client datagram straight back, stamped with the session's epoch."""
+    """A node that sends every client datagram back, stamped with the session's epoch: at once,
+    or, with a ``tick``, at the next point of a grid of that period, every echo due at a point
+    in one flush, as a node's media grid sends its sessions' frames (``node.media_tick_ms``)."""
 
     def __init__(self) -> None:
         self.epochs: dict[str, int] = {}
         self.echoed = 0
         self.dropped = 0
+        self.tick = 0.0
+        self.queued: list[tuple[Tunnel, bytes]] = []
+        self.ticking = trio.Event()
+
+    def set_tick(self, seconds: float) -> None:
+        self.tick = seconds
+        if seconds > 0:
+            self.ticking.set()
+        else:
+            self.ticking = trio.Event()
+            self.send_queued()
 
     def tunnel_opened(self, tunnel: Tunnel) -> None:
         pass
@@ -151,12 +165,34 @@ class _EchoNode:
         if not isinstance(frame, frames.FromClient) or epoch is None:
             self.dropped += 1
             return
-        # The endpoint flushes once after each received batch.
         answer = frames.encode_to_client(frame.session, epoch, frame.client, frame.payload)
+        if self.tick > 0:
+            self.queued.append((tunnel, answer))
+        else:
+            self._send(tunnel, answer)  # the endpoint flushes once after each received batch
+
+    def _send(self, tunnel: Tunnel, answer: bytes) -> None:
         if tunnel.send_datagram(answer):
             self.echoed += 1
         else:
             self.dropped += 1
+
+    def send_queued(self) -> None:
+        queued, self.queued = self.queued, []
+        for tunnel, answer in queued:
+            self._send(tunnel, answer)
+
+    async def grid(self, endpoint: TunnelEndpoint) -> None:
+        """While ticking: at each grid point, send what was queued, then flush the tunnels."""
+        while True:
+            await self.ticking.wait()
+            tick = self.tick
+            if tick <= 0:
+                continue
+            await trio.sleep_until((math.floor(trio.current_time() / tick) + 1) * tick)
+            if self.queued:
+                self.send_queued()
+                endpoint.flush()
 
     def control_received(self, tunnel: Tunnel, message: dict[str, Any]) -> None:
         pass
@@ -175,10 +211,15 @@ async def _serve_parley_node() -> None:
         await nursery.start(endpoint.run)
         for port in config["relays"]:  # one tunnel to each relay worker
             await endpoint.connect(HOST, port, expect=Identity("relay", RELAY_ID))
+        nursery.start_soon(node.grid, endpoint)
         _reply({"ok": True})
         while (message := await control.receive()) is not None:
             if message["cmd"] == "routes":
                 node.epochs.update((session, epoch) for session, epoch in message["sessions"])
+                _reply({"ok": True})
+            elif message["cmd"] == "tick":
+                node.set_tick(float(message["seconds"]))
+                endpoint.flush()
                 _reply({"ok": True})
             else:
                 _reply({"cpu": time.process_time(), "echoed": node.echoed, "dropped": node.dropped})
@@ -274,25 +315,45 @@ async def _serve_bare_relay() -> None:
 
 
 def _serve_bare_node() -> None:
-    """Echo every datagram to its sender: a plain loop, as cheap as Python gets."""
+    """Echo every datagram to its sender: a plain loop, as cheap as Python gets; with a tick
+    (``{"cmd": "tick"}``), at the next point of that grid, as the parley echo node does."""
     sock = _udp_socket()
     echoed = 0
     buffer = b""
+    tick = 0.0
+    queued: list[tuple[bytes, Address]] = []
+
+    def send(data: bytes, addr: Address) -> None:
+        nonlocal echoed
+        with contextlib.suppress(BlockingIOError):
+            sock.sendto(data, addr)
+            echoed += 1
+
     with sock, selectors.DefaultSelector() as selector:
         selector.register(sock, selectors.EVENT_READ)
         selector.register(sys.stdin.fileno(), selectors.EVENT_READ)
         started = False
         while True:
-            for key, _ in selector.select():
+            timeout, point = None, math.inf
+            if queued:
+                point = (math.floor(time.monotonic() / tick) + 1) * tick
+                timeout = max(point - time.monotonic(), 0.0)
+            ready = selector.select(timeout)
+            if queued and time.monotonic() >= point:
+                for data, addr in queued:
+                    send(data, addr)
+                queued = []
+            for key, _ in ready:
                 if key.fileobj is sock:
                     while True:
                         try:
                             data, addr = sock.recvfrom(2048)
                         except (BlockingIOError, InterruptedError):
                             break
-                        with contextlib.suppress(BlockingIOError):
-                            sock.sendto(data, addr)
-                            echoed += 1
+                        if tick > 0:
+                            queued.append((data, addr))
+                        else:
+                            send(data, addr)
                     continue
                 chunk = os.read(sys.stdin.fileno(), 1 << 16)
                 if not chunk:
@@ -303,7 +364,16 @@ def _serve_bare_node() -> None:
                     if not started:  # the first line is the configuration
                         started = True
                         _reply({"port": sock.getsockname()[1]})
-                    elif json.loads(line)["cmd"] == "routes":
+                        continue
+                    message = json.loads(line)
+                    if message["cmd"] == "routes":
+                        _reply({"ok": True})
+                    elif message["cmd"] == "tick":
+                        tick = float(message["seconds"])
+                        if tick <= 0:
+                            for data, addr in queued:
+                                send(data, addr)
+                            queued = []
                         _reply({"ok": True})
                     else:
                         _reply({"cpu": time.process_time(), "echoed": echoed})

@@ -44,6 +44,14 @@ def test_bench_relay_smoke() -> None:
         assert row["p50"] <= row["p99"] < 1.0, key  # seconds, on loopback
         assert row["latency_received"] > 0, key
         assert row["to_node"] >= row["round_trips"] * 0.9, key  # the relay forwarded them
+        # Phase 3: the echo nodes answer on a 20 ms grid, as a node sends. With 10 sessions
+        # taking turns every 2 ms, the echoes wait for their grid points about 10 ms at the
+        # median, which answering at once does not. (One session sends every 20 ms, in step
+        # with the grid: its wait is whatever its phase is.)
+        assert row["grid_received"] > 0 and row["grid_cpu_per_packet"] > 0, key
+        assert row["grid_p99"] < 0.1, key
+        if key[1] == 10:
+            assert row["grid_p50"] > row["p50"] + 0.004, key
     assert [a["sessions"] for a in result["added_latency"]] == [1, 10]
 
 
@@ -89,6 +97,11 @@ def _figures(config: str, sessions: int, p50: float) -> Figures:
         p99=2 * p50,
         latency_relay_cpu=0.001,
         latency_others=0.0,
+        grid_sent=50,
+        grid_received=50,
+        grid_p50=0.01 + p50,
+        grid_p99=0.02 + p50,
+        grid_relay_cpu=0.0005 if config == "parley" else 0.0002,
     )
 
 
@@ -113,6 +126,9 @@ def test_render_shows_both_paths_and_the_difference() -> None:
     assert any(line.startswith("baseline ") for line in lines)
     assert "adds 0.300 ms at p50 and 0.600 ms at p99" in table
     assert "1 of 50 paced datagrams lost" in table
+    assert "sending on a 20 ms grid" in table
+    (grid,) = [line for line in lines if line.startswith("       1      50")]
+    assert "2.5x" in grid and "10.500 / 20.500" in grid and "10.200 / 20.200" in grid
     data = result.as_dict()
     json.dumps(data)
     assert math.isclose(data["rows"][0]["packets_per_core"], 1985 / 0.02)

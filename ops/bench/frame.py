@@ -1,6 +1,7 @@
 """What one echo session costs per 20 ms frame, beside the codec floor, in one process.
 
-    python -m ops.bench.frame [--frames 1000] [--rounds 5] [--complexity C] [--json] [--profile]
+    python -m ops.bench.frame [--frames 1000] [--rounds 5] [--complexity C] [--turns N] [--json]
+                              [--profile]
 
 One real :class:`~sessions.transceiver.Transceiver` holds a call with the minimal WebRTC client
 of ops/bench/lite_client.py, entirely in memory on a virtual clock: ICE, the DTLS handshake and
@@ -29,6 +30,13 @@ one client frame at a time, and each echo leaves in one, as if the session ticke
 node with N sessions on the grid, N echoes share a packet, so this is the dear end). Only the
 node's side is timed. ``session + tunnel`` and ``floor / (s + tunnel)`` are its figures;
 ``tunnel`` is what the tunnel adds per frame.
+
+With ``--turns N``, N more sessions (without the tunnel) are timed in the same rounds, each
+taking its step at every grid point one after the other in a fixed order, as a node's grid
+serves its riders: ``N sessions in turn`` is their cost per session and frame, and ``in turn /
+alone`` its ratio to the single session's. It tells whether a node's sessions cost more for
+sharing the caches: each one's state (its codec, jitter buffer, SRTP) is cold again when its
+turn comes.
 
 Left out, and in ops/bench/sessions.py instead: sockets and the kernel, Trio's scheduling and
 the grid's own bookkeeping, the tunnel endpoint's Trio tasks, the node's other tasks
@@ -102,6 +110,12 @@ class RoundFigures:
     codec_us: float
     #: the same session's loop with its datagrams through a relay's QUIC tunnel (cluster mode)
     tunneled_us: float = math.nan
+    #: per session and frame, ``FrameResult.turns`` sessions each taking its step in turn
+    turns_us: float = math.nan
+
+    @property
+    def turns_over_session(self) -> float:
+        return self.turns_us / self.session_us if self.session_us > 0 else math.nan
 
     @property
     def python_us(self) -> float:
@@ -144,6 +158,10 @@ class FrameResult:
     tunneled_rtp_received: int = 0
     tunneled_ended: str | None = None
     profile: str | None = None
+    #: sessions served in turn for ``turns_us`` (1: not measured)
+    turns: int = 1
+    #: why a session served in turn ended, if one did
+    turns_ended: str | None = None
 
     def _median(self, name: str) -> float:
         return statistics.median(float(getattr(r, name)) for r in self.rounds)
@@ -180,6 +198,14 @@ class FrameResult:
     def codec_over_tunneled(self) -> float:
         return self._median("codec_over_tunneled")
 
+    @property
+    def turns_us(self) -> float:
+        return self._median("turns_us")
+
+    @property
+    def turns_over_session(self) -> float:
+        return self._median("turns_over_session")
+
     def as_dict(self) -> dict[str, object]:
         return {
             "frames": self.frames,
@@ -194,6 +220,9 @@ class FrameResult:
             "tunneled_us": round(self.tunneled_us, 2),
             "tunnel_us": round(self.tunnel_us, 2),
             "codec_over_tunneled": round(self.codec_over_tunneled, 3),
+            "turns": self.turns,
+            "turns_us": None if self.turns == 1 else round(self.turns_us, 2),
+            "turns_over_session": None if self.turns == 1 else round(self.turns_over_session, 3),
             "rounds": [
                 {
                     "session_us": round(r.session_us, 2),
@@ -318,7 +347,9 @@ class TunnelPath:
 class Bench:
     """The session core, the client, their speech, and the codec floor's material."""
 
-    def __init__(self, config: Config, *, tunnel: bool = False) -> None:
+    def __init__(
+        self, config: Config, *, tunnel: bool = False, payloads: list[bytes] | None = None
+    ) -> None:
         server_cert, client_cert = certificates()
         self.codec: VoiceCodec = voice_codec(config)
         self.core, answer = Transceiver.accept(
@@ -335,8 +366,10 @@ class Bench:
         self.client = Client(answer, client_cert)
         # The client's speech, encoded once the way the client would (lite_client's encoder):
         # the same Opus packets feed the session and the codec floor.
-        encoder = OpusEncoder()
-        self.payloads = [encoder.encode(pcm) for pcm in speech.frames(speech.speak(SPEECH_TEXT))]
+        if payloads is None:
+            encoder = OpusEncoder()
+            payloads = [encoder.encode(pcm) for pcm in speech.frames(speech.speak(SPEECH_TEXT))]
+        self.payloads = payloads
         self._cursor = 0
         self.sent = 0
         self.ended: str | None = None
@@ -405,27 +438,34 @@ class Bench:
         What the session sends reaches the client afterwards (untimed)."""
         if self.tunnel is not None:
             return self._run_tunneled(inputs, self.tunnel)
-        core = self.core
-        tick = FRAME
         sent: list[tuple[bytes, float]] = []
-        point = self._point
+        step = self.step
         started = time.thread_time()
         for datagrams in inputs:
-            now = point * tick
-            self.now = now
-            for data in datagrams:
-                core.receive(data, CLIENT_ADDR, now)
-            handle_due_timers(core, now, tick)
-            for data, addr in core.datagrams_to_send():
-                if addr == CLIENT_ADDR:
-                    sent.append((data, now))
-            self._drain()
-            point += 1
+            step(datagrams, sent)
         elapsed = time.thread_time() - started
-        self._point = point
+        self.deliver(sent)
+        return elapsed
+
+    def step(self, datagrams: list[bytes], sent: list[tuple[bytes, float]]) -> None:
+        """One grid step at the next point: what arrived, the due timers, what the session
+        sends to the client (into ``sent``, with the time), its events."""
+        core, tick = self.core, FRAME
+        now = self._point * tick
+        self.now = now
+        for data in datagrams:
+            core.receive(data, CLIENT_ADDR, now)
+        handle_due_timers(core, now, tick)
+        for data, addr in core.datagrams_to_send():
+            if addr == CLIENT_ADDR:
+                sent.append((data, now))
+        self._drain()
+        self._point += 1
+
+    def deliver(self, sent: list[tuple[bytes, float]]) -> None:
+        """Hand what the session sent to the client (after the timing)."""
         for data, at in sent:
             self.client.receive(data, at)
-        return elapsed
 
     def _run_tunneled(self, inputs: list[list[bytes]], tunnel: TunnelPath) -> float:
         """:meth:`run` with the datagrams through the relay's tunnel; only the node's side of
@@ -470,6 +510,22 @@ class Bench:
         return time.thread_time() - started
 
 
+def run_in_turn(benches: Sequence[Bench], frames: int) -> float:
+    """``frames`` grid points at which every session of ``benches`` takes its step, in a fixed
+    order, as a node's grid serves its riders: this thread's CPU seconds per session-frame."""
+    inputs = [bench.inputs(frames) for bench in benches]
+    sent: list[list[tuple[bytes, float]]] = [[] for _ in benches]
+    steps = [bench.step for bench in benches]
+    started = time.thread_time()
+    for index in range(frames):
+        for step, made, out in zip(steps, inputs, sent, strict=True):
+            step(made[index], out)
+    elapsed = time.thread_time() - started
+    for bench, out in zip(benches, sent, strict=True):
+        bench.deliver(out)
+    return elapsed / (frames * len(benches))
+
+
 def _profile(bench: Bench, frames: int) -> str:
     inputs = bench.inputs(frames)
     profiler = cProfile.Profile()
@@ -484,24 +540,36 @@ def _profile(bench: Bench, frames: int) -> str:
 
 
 def measure(
-    *, frames: int = 1000, rounds: int = 5, complexity: int | None = None, profile: bool = False
+    *,
+    frames: int = 1000,
+    rounds: int = 5,
+    complexity: int | None = None,
+    profile: bool = False,
+    turns: int = 1,
 ) -> FrameResult:
-    """Alternate ``rounds`` times: ``frames`` frames of the session loop, then of the floor."""
-    if frames < 1 or rounds < 1:
-        raise ValueError("frames and rounds are at least 1")
+    """Alternate ``rounds`` times: ``frames`` frames of the session loop, then of the floor
+    (and, with ``turns`` above 1, of that many sessions taking their steps in turn)."""
+    if frames < 1 or rounds < 1 or turns < 1:
+        raise ValueError("frames, rounds and turns are at least 1")
     config = node_config(complexity)
     bench = Bench(config)
-    tunneled = Bench(config, tunnel=True)
+    tunneled = Bench(config, tunnel=True, payloads=bench.payloads)
+    crowd = [Bench(config, payloads=bench.payloads) for _ in range(turns)] if turns > 1 else []
     bench.run(bench.inputs(WARMUP_FRAMES))
     tunneled.run(tunneled.inputs(WARMUP_FRAMES))
+    if crowd:
+        run_in_turn(crowd, WARMUP_FRAMES)
     bench.floor(WARMUP_FRAMES)
     figures: list[RoundFigures] = []
     for _ in range(rounds):
         session = bench.run(bench.inputs(frames))
         through = tunneled.run(tunneled.inputs(frames))
+        in_turn = run_in_turn(crowd, frames) * 1e6 if crowd else math.nan
         codec = bench.floor(frames)
         figures.append(
-            RoundFigures(session / frames * 1e6, codec / frames * 1e6, through / frames * 1e6)
+            RoundFigures(
+                session / frames * 1e6, codec / frames * 1e6, through / frames * 1e6, in_turn
+            )
         )
     text = _profile(bench, frames) if profile else None
     return FrameResult(
@@ -516,6 +584,8 @@ def measure(
         tunneled_rtp_received=tunneled.client.received,
         tunneled_ended=tunneled.ended,
         profile=text,
+        turns=turns,
+        turns_ended=next((b.ended for b in crowd if b.ended is not None), None),
     )
 
 
@@ -537,6 +607,13 @@ def render(result: FrameResult) -> str:
         f"  {'session + tunnel':<22}{result.tunneled_us:>10.1f}",
         f"  {'tunnel (difference)':<22}{result.tunnel_us:>10.1f}",
         f"  {'floor / (s + tunnel)':<22}{result.codec_over_tunneled:>10.2f}",
+    ]
+    if result.turns > 1:
+        lines += [
+            f"  {f'{result.turns} sessions in turn':<22}{result.turns_us:>10.1f}",
+            f"  {'in turn / alone':<22}{result.turns_over_session:>10.2f}",
+        ]
+    lines += [
         "",
         "floor / session: the share of the codec floor's sessions per core a node could hold if"
         " this loop were all it did (no sockets, tunnel, Trio or other tasks); with the tunnel:"
@@ -546,7 +623,13 @@ def render(result: FrameResult) -> str:
         f"{result.client_rtp_received} echoed RTP packets received; session "
         + (f"ENDED: {result.session_ended}" if result.session_ended else "alive")
         + f"; through the tunnel: {result.tunneled_rtp_received} received, session "
-        + (f"ENDED: {result.tunneled_ended}" if result.tunneled_ended else "alive"),
+        + (f"ENDED: {result.tunneled_ended}" if result.tunneled_ended else "alive")
+        + (
+            f"; in turn: {result.turns} sessions, "
+            + (f"one ENDED: {result.turns_ended}" if result.turns_ended else "all alive")
+            if result.turns > 1
+            else ""
+        ),
     ]
     if result.profile:
         lines += ["", result.profile.rstrip()]
@@ -566,15 +649,23 @@ def main(argv: Sequence[str] | None = None) -> FrameResult:
     parser.add_argument(
         "--profile", action="store_true", help="cProfile one more round of the session loop"
     )
+    parser.add_argument(
+        "--turns",
+        type=int,
+        default=1,
+        help="also time this many sessions taking their steps in turn, as a node's grid serves"
+        " them (default 1: not measured)",
+    )
     args = parser.parse_args(argv)
-    if args.frames < 1 or args.rounds < 1:
-        parser.error("--frames and --rounds are at least 1")
+    if args.frames < 1 or args.rounds < 1 or args.turns < 1:
+        parser.error("--frames, --rounds and --turns are at least 1")
     try:
         result = measure(
             frames=args.frames,
             rounds=args.rounds,
             complexity=args.complexity,
             profile=args.profile,
+            turns=args.turns,
         )
     except speech.SpeechUnavailableError as exc:
         raise SystemExit(f"frame bench: {exc}") from None

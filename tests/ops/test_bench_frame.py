@@ -10,7 +10,7 @@ from ops.bench.frame import main
 
 
 def test_bench_frame_smoke(capsys: pytest.CaptureFixture[str]) -> None:
-    result = main(["--frames", "100", "--rounds", "1", "--json"])
+    result = main(["--frames", "100", "--rounds", "1", "--turns", "3", "--json"])
     printed = json.loads(capsys.readouterr().out)
     assert printed == json.loads(json.dumps(result.as_dict()))
     assert printed["frames"] == 100 and len(printed["rounds"]) == 1
@@ -33,6 +33,11 @@ def test_bench_frame_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert 0 < result.codec_over_tunneled < result.codec_over_session
     assert result.tunneled_ended is None
     assert result.tunneled_rtp_received >= 150
+    # Three more sessions took their steps in turn, each costing the codec and more, and all
+    # of them stayed up.
+    assert printed["turns"] == 3 and result.turns_us > result.codec_us
+    assert result.turns_over_session == pytest.approx(result.turns_us / result.session_us)
+    assert result.turns_ended is None
 
 
 def test_bench_frame_profile(capsys: pytest.CaptureFixture[str]) -> None:
@@ -41,3 +46,4 @@ def test_bench_frame_profile(capsys: pytest.CaptureFixture[str]) -> None:
     assert result.complexity == 1 and result.session_ended is None
     assert "session / floor" in out and "by cumulative" in out and "by tottime" in out
     assert "session + tunnel" in out
+    assert "in turn" not in out  # not asked for

@@ -321,6 +321,22 @@ def test_a_connection_of_the_shared_context_without_its_own_check_refuses() -> N
     assert dtls_openssl._verify_connection(conn, cert, 0, 0, 1) is False
 
 
+def test_a_check_that_raises_refuses_its_own_handshake_and_no_other() -> None:
+    broken = new_server()
+
+    def raising(*_: object) -> bool:
+        raise RuntimeError("a bug in one session's check")
+
+    broken._conn.set_app_data(raising)
+    client = Client(CLIENT_CERT)
+    pump(broken, client)
+    (event,) = drain(broken)
+    assert isinstance(event, HandshakeFailed) and not client.done
+    # The shared context kept nothing of it: the next session's handshake completes.
+    server, client, _ = handshake()
+    assert server.state is DtlsState.CONNECTED and client.done
+
+
 def test_client_without_certificate_fails() -> None:
     server = new_server()
     client = Client(None)

@@ -101,9 +101,16 @@ def _shared_context(certificate: Certificate, profiles: tuple[SrtpProfile, ...])
 def _verify_connection(
     conn: SSL.Connection, cert: crypto.X509, err: int, depth: int, ok: int
 ) -> bool:
-    """A shared context's verify callback: the connection's own; refuse if it has none."""
+    """A shared context's verify callback: the connection's own; refuse if it has none, or if
+    it raises. It must not raise: pyOpenSSL keeps a callback's exception on the context, so one
+    session's failure would surface in whichever session's handshake the context served next."""
     verify = conn.get_app_data()
-    return callable(verify) and bool(verify(conn, cert, err, depth, ok))
+    if not callable(verify):
+        return False
+    try:
+        return bool(verify(conn, cert, err, depth, ok))
+    except Exception:  # refusing is the safe answer: the handshake fails
+        return False
 
 
 def _server_context(certificate: Certificate, profiles: Sequence[SrtpProfile]) -> SSL.Context:

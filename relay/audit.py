@@ -32,9 +32,16 @@ from __future__ import annotations
 
 from typing import Final, Literal, final
 
-__all__ = ["AUDIT_COUNTERS", "IndexAuditor"]
+__all__ = ["AUDIT_COUNTERS", "IndexAuditor", "rtp_or_rtcp"]
 
 Direction = Literal["in", "out"]
+
+
+def rtp_or_rtcp(data: bytes) -> bool:
+    """Whether a datagram is (S)RTP or (S)RTCP by its first byte, 128 to 191 (RFC 7983 §7),
+    not STUN or DTLS."""
+    return bool(data) and 128 <= data[0] <= 191
+
 
 #: the counters the auditor adds to the relay's
 AUDIT_COUNTERS: Final = (
@@ -106,7 +113,7 @@ class IndexAuditor:
         Only RTP and RTCP are looked at (first byte 128 to 191, RFC 7983 §7); STUN and DTLS
         are not SRTP. Never raises for the datagram's content.
         """
-        if len(data) < 12 or not 128 <= data[0] <= 191:
+        if len(data) < 12 or not rtp_or_rtcp(data):
             return
         # RFC 5761 §4: RTCP packet types 192-223 sit where RTP's marker bit and payload type
         # are, and RTP must not use payload types 64-95 for that reason.

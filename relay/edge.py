@@ -41,7 +41,7 @@ from typing import Final, Protocol, final
 import attrs
 import trio
 
-from relay.audit import IndexAuditor
+from relay.audit import IndexAuditor, rtp_or_rtcp
 from relay.routes import RouteTable
 from relay.stun_username import MalformedStun, read_username
 from relay.tunnel import frames
@@ -270,9 +270,9 @@ class RelayEdge:
         header = client.header
         if not header:
             header = client.header = frames.client_header(client.session, addr)
-        # SRTP and SRTCP (RFC 7983: first byte 128-191) may wait a moment to share a QUIC
-        # packet; the handshakes and consent checks (STUN, DTLS) go at once.
-        if tunnel.send_datagram(header + data, may_wait=b"\x7f" < data[:1] < b"\xc0"):
+        # SRTP and SRTCP may wait a moment to share a QUIC packet; the handshakes and consent
+        # checks (STUN, DTLS) go at once.
+        if tunnel.send_datagram(header + data, may_wait=rtp_or_rtcp(data)):
             counters["forwarded"] += 1
             if self.auditor is not None and not stun_like:
                 self.auditor.observe(client.session, "in", data)

@@ -23,7 +23,9 @@ of ``--batch``), idle, and with ``--talking`` of them talking:
 2. **etcd writes per session per minute**: etcd's own counters (``/metrics`` on its client URL:
    ``etcd_mvcc_put_total``, ``etcd_mvcc_delete_total``, ``etcd_mvcc_txn_total``,
    ``etcd_server_proposals_committed_total``) over a ``--window``, minus the baseline's rate,
-   divided by the sessions and the minutes.
+   divided by the sessions and the minutes. An idle session checkpoints once a minute
+   (``CHECKPOINT_IDLE_INTERVAL``), so the idle windows are ``--window`` rounded up to whole
+   minutes; ``--quick``'s 10 s windows undercount the idle sessions' writes.
 3. **node CPU** per wall second (``/proc/PID/stat``) over the window, and for the talking
    sessions their echoed frames late or missing and the echo's jitter (as ops/bench/sessions.py
    counts them: late = more than 5 ms after the previous one beyond their timestamps' spacing;
@@ -58,7 +60,7 @@ from ops.bench.common import percentile, process_cpu, split_cores
 from ops.bench.scale_clients import Fleet, speech_payloads
 from ops.bench.sessions_clients import lateness
 from ops.bench.sessions_servers import ClusterServer
-from sessions.transceiver.checkpoints import CHECKPOINT_INTERVAL
+from sessions.transceiver.checkpoints import CHECKPOINT_IDLE_INTERVAL, CHECKPOINT_INTERVAL
 
 __all__ = ["Memory", "ScaleResult", "Step", "etcd_counters", "main", "memory", "render"]
 
@@ -143,6 +145,8 @@ class ScaleResult:
     counts: tuple[int, ...]
     talking: tuple[int, ...]
     window: float
+    #: the idle sessions' windows (whole CHECKPOINT_IDLE_INTERVALs unless --quick)
+    idle_window: float
     baseline: Step
     steps: tuple[Step, ...]
     #: (count, bytes per task) of bare Trio tasks on a UDP socket: RSS, PSS
@@ -223,6 +227,7 @@ async def _measure(
     counts: Sequence[int],
     talking: Sequence[int],
     window: float,
+    idle_window: float,
     batch: int,
     settle: float,
 ) -> tuple[Step, list[Step], Fleet]:
@@ -247,7 +252,7 @@ async def _measure(
             await _grow(fleet, count, batch)
             # A checkpoint interval (10 s) or more: every session's first checkpoints are done.
             await trio.sleep(settle)
-            steps.append(await _window(server, fleet, 0, window))
+            steps.append(await _window(server, fleet, 0, idle_window))
             await talk_steps()
         nursery.cancel_scope.cancel()
     return baseline, steps, fleet
@@ -293,15 +298,26 @@ def bare_tasks(count: int) -> tuple[float, float]:
 # --- the run ---------------------------------------------------------------------------------
 
 
+def whole_intervals(seconds: float, interval: float) -> float:
+    """``seconds`` rounded up to a whole number (at least one) of ``interval``."""
+    return interval * max(1, math.ceil(seconds / interval))
+
+
 def measure(
     *,
     counts: Sequence[int],
     talking: Sequence[int],
     window: float,
+    idle_window: float | None = None,
     batch: int = 20,
     settle: float = 12.0,
 ) -> ScaleResult:
-    """Start a cluster, measure (see the module docstring), stop it."""
+    """Start a cluster, measure (see the module docstring), stop it. ``idle_window`` (the
+    idle sessions' windows) is by default ``window`` rounded up to a
+    whole number of :data:`CHECKPOINT_IDLE_INTERVAL`, so each idle session's checkpoint is seen
+    once."""
+    if idle_window is None:
+        idle_window = whole_intervals(window, CHECKPOINT_IDLE_INTERVAL)
     top = max(counts)
     workdir = Path(tempfile.mkdtemp(prefix="parley-scale-"))
     saved = dict(sessions_servers.NODE_SETTINGS)
@@ -313,7 +329,7 @@ def measure(
                 server.start()
                 asyncio.run(server.ready())
                 baseline, steps, fleet = trio.run(
-                    _measure, server, counts, talking, window, batch, settle
+                    _measure, server, counts, talking, window, idle_window, batch, settle
                 )
             finally:
                 server.stop()
@@ -327,6 +343,7 @@ def measure(
         counts=tuple(counts),
         talking=tuple(talking),
         window=window,
+        idle_window=idle_window,
         baseline=baseline,
         steps=tuple(steps),
         bare_tasks=bare,
@@ -357,7 +374,8 @@ def render(result: ScaleResult) -> str:
     kib, mib = 1024, 1024**2
     failed = sum(result.failures.values())
     lines = [
-        f"scale: {result.window:g} s windows; setups {result.attempts}, failed {failed}"
+        f"scale: {result.window:g} s windows ({result.idle_window:g} s idle); setups "
+        f"{result.attempts}, failed {failed}"
         + (f" {result.failures}" if failed else "")
         + f"; largest count held {result.largest}; setup (POST to SRTP keyed) p50 "
         f"{_ms(result.setup_p50)}, p99 {_ms(result.setup_p99)}",
@@ -417,7 +435,10 @@ def main(argv: Sequence[str] | None = None) -> ScaleResult | None:
     parser.add_argument("--counts", default="100,1000", help="idle sessions, comma-separated")
     parser.add_argument("--talking", default="10,20", help="talking sessions, at each count")
     parser.add_argument(
-        "--window", type=float, default=60.0, help="seconds per measurement (a multiple of 10)"
+        "--window",
+        type=float,
+        default=60.0,
+        help="seconds per measurement (a multiple of 10; idle: of 60)",
     )
     parser.add_argument("--batch", type=int, default=20, help="setups at a time")
     parser.add_argument(
@@ -434,15 +455,23 @@ def main(argv: Sequence[str] | None = None) -> ScaleResult | None:
     except ValueError:
         parser.error("--counts and --talking are comma-separated integers")
     settle = 12.0
+    idle_window = None
     if args.quick:
         counts, talking, args.window, settle = [5, 20], [2], CHECKPOINT_INTERVAL, 3.0
-    # Sessions set up together checkpoint together, every CHECKPOINT_INTERVAL: a window of a
-    # whole number of intervals sees each session's checkpoints the same number of times.
-    args.window = CHECKPOINT_INTERVAL * max(1, math.ceil(args.window / CHECKPOINT_INTERVAL))
+        idle_window = CHECKPOINT_INTERVAL  # quick: idle sessions' etcd writes undercounted
+    # Sessions set up together checkpoint together, every CHECKPOINT_INTERVAL while talking
+    # and every CHECKPOINT_IDLE_INTERVAL while idle: a window of a whole number of intervals
+    # sees each session's checkpoints the same number of times.
+    args.window = whole_intervals(args.window, CHECKPOINT_INTERVAL)
     if not counts or min(counts) < 1 or min(talking, default=0) < 0:
         parser.error("--counts are at least 1")
     result = measure(
-        counts=counts, talking=talking, window=args.window, batch=args.batch, settle=settle
+        counts=counts,
+        talking=talking,
+        window=args.window,
+        idle_window=idle_window,
+        batch=args.batch,
+        settle=settle,
     )
     print(json.dumps(result.as_dict(), indent=2) if args.json else render(result))
     return result

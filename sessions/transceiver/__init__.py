@@ -44,8 +44,9 @@ allows.
 Checkpoints. The SRTP state reserves outbound indexes in each snapshot and refuses to protect
 beyond what a *confirmed* snapshot reserved (see :mod:`sessions.webrtc.srtp`). So the
 transceiver asks for checkpoints with :class:`CheckpointDue`: right after DTLS completes (or a
-restore), then every :data:`CHECKPOINT_INTERVAL`, sooner when the reservation runs low, and
-again every :data:`CHECKPOINT_RETRY` while a request goes unanswered. The owner answers with
+restore), then every :data:`CHECKPOINT_INTERVAL` (every :data:`CHECKPOINT_IDLE_INTERVAL` while
+nothing a restore uses changes), sooner when the reservation runs low, and again every
+:data:`CHECKPOINT_RETRY` while a request goes unanswered. The owner answers with
 :meth:`Transceiver.snapshot`, stores :meth:`SessionSnapshot.to_bytes
 <sessions.snapshot.SessionSnapshot.to_bytes>` durably, then calls :meth:`Transceiver.confirm`.
 :meth:`Transceiver.restore` continues the session from the newest stored snapshot on any node:
@@ -67,7 +68,11 @@ Input from the network never raises: every datagram is handled, or counted (see
 from __future__ import annotations
 
 from sessions.snapshot import SessionSnapshot
-from sessions.transceiver.checkpoints import CHECKPOINT_INTERVAL, CHECKPOINT_RETRY
+from sessions.transceiver.checkpoints import (
+    CHECKPOINT_IDLE_INTERVAL,
+    CHECKPOINT_INTERVAL,
+    CHECKPOINT_RETRY,
+)
 from sessions.transceiver.connection import CONNECT_TIMEOUT, SessionState
 from sessions.transceiver.core import Transceiver
 from sessions.transceiver.events import (
@@ -94,6 +99,7 @@ from sessions.transceiver.handover import (
 from sessions.transceiver.reports import RTCP_INTERVAL
 
 __all__ = [
+    "CHECKPOINT_IDLE_INTERVAL",
     "CHECKPOINT_INTERVAL",
     "CHECKPOINT_RETRY",
     "CODE_CONNECT_TIMEOUT",

@@ -32,7 +32,7 @@ from sessions.transceiver.handover import (
     frames_elapsed,
 )
 from sessions.transceiver.ledger import MediaLedger
-from sessions.transceiver.transport import Transport
+from sessions.transceiver.transport import Transport, restore_state
 from sessions.transceiver.voice import VoiceLoop
 from sessions.turns import SpeechClassifier, TurnConfig
 from sessions.webrtc.certs import Certificate
@@ -239,7 +239,7 @@ class Transceiver:
         """A restored core's first step: checkpoints from its keys, then what is due."""
         keys = self._transport.keys
         if not self._transport.ended and keys is not None:
-            self._checkpoints.start(keys, now)
+            self._checkpoints.start(keys, now, state=self._transport.restore_state)
             self._take_checkpoint_events()
         self._pump(now)
         return self
@@ -406,7 +406,11 @@ class Transceiver:
         if snapshot.session_id != self.session_id:
             raise ValueError("not a snapshot of this session")
         self._transport.confirm(snapshot.srtp)
-        self._checkpoints.snapshot_confirmed()
+        srtp = snapshot.srtp
+        self._checkpoints.snapshot_confirmed(
+            restore_state(snapshot.ice, srtp.remote_ssrc, srtp.rtp_received, snapshot.packets_sent),
+            self._created + snapshot.age,
+        )
 
     # --- a planned move -----------------------------------------------------------------------
 
@@ -527,7 +531,7 @@ class Transceiver:
             keys = transport.keys
             if isinstance(event, DtlsConnected) and keys is not None:
                 # Before anything is sent, so the first reservation covers the whole stream.
-                self._checkpoints.start(keys, now)
+                self._checkpoints.start(keys, now, state=self._transport.restore_state)
                 self._take_checkpoint_events()
         if transport.ended:
             self._voice.stop()

@@ -23,7 +23,7 @@ from __future__ import annotations
 import collections
 import random
 import secrets
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Final, NamedTuple, final
 
 import attrs
@@ -43,7 +43,7 @@ from sessions.webrtc.errors import RtpError
 from sessions.webrtc.ice import IceLiteResponder, IceState, PeerAddress, mint_credentials
 from sessions.webrtc.srtp import RTP_RESERVE, SrtpError, SrtpIndexError, SrtpSession, SrtpState
 
-__all__ = ["MediaPacket", "Transport", "TransportSnapshot"]
+__all__ = ["MediaPacket", "Transport", "TransportSnapshot", "restore_state"]
 
 # The first sequence number is drawn from [_FIRST_SEQ, 2**15). Below 2**15 as
 # sessions.webrtc.srtp asks: a snapshot taken before the first packet (the one at connect)
@@ -53,6 +53,25 @@ __all__ = ["MediaPacket", "Transport", "TransportSnapshot"]
 # to an RTP receiver's serial-number arithmetic (RFC 3550 §A.1) and to an RFC 3711 §3.3.1
 # index estimate (libsrtp special-cases ROC 0 and accepts it, others need not).
 _FIRST_SEQ: Final = 2 * RTP_RESERVE
+
+# The inbound RTP index counts in the restore state in steps of 2**11 packets (41 s at 50 a
+# second): a restore primes its receiver at the checkpoint's highest index, and RFC 3711
+# §3.3.1's estimate finds the client's rollover counter from there while the client is less
+# than 2**15 packets ahead (the two steps a state can span stay 16 times below that).
+_INBOUND_STEP_BITS: Final = 11
+
+
+def restore_state(
+    ice: IceState, remote_ssrc: int | None, rtp_received: int | None, packets_sent: int
+) -> Hashable:
+    """What a crash restore uses that time alone does not move, as one comparable value (see
+    :mod:`sessions.transceiver.checkpoints`): our packets sent (with them, the sequence number
+    and the SR counts), the client's SSRC, its inbound RTP index by steps, and its ICE
+    addresses. Consent ages, SRTCP indexes (the reservation covers ours) and the RTP timestamp
+    (moved on by the wall clock at a restore) are left out."""
+    inbound = None if rtp_received is None else rtp_received >> _INBOUND_STEP_BITS
+    pairs = frozenset(addr for addr, _ in ice.pairs)
+    return (packets_sent, remote_ssrc, inbound, ice.selected, pairs, ice.expired)
 
 
 @final
@@ -546,6 +565,19 @@ class Transport:
             packets_sent=reports.packets_sent,
             octets_sent=reports.octets_sent,
             last_sent=reports.last_sent,
+        )
+
+    def restore_state(self, now: float) -> Hashable:
+        """:func:`restore_state` of the transport as it is at ``now`` (equal to that of a
+        snapshot taken now). Raises :class:`RuntimeError` before SRTP is keyed."""
+        srtp = self._connection.keys
+        if srtp is None:
+            raise RuntimeError("no restore state before the DTLS handshake has keyed SRTP")
+        return restore_state(
+            self._connection.ice_snapshot(now),
+            srtp.remote_ssrc,
+            srtp.rtp_received,
+            self._reports.packets_sent,
         )
 
     def confirm(self, srtp: SrtpState) -> None:

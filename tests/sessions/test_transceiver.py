@@ -26,6 +26,7 @@ from sessions.audio import speech
 from sessions.audio.opus import OpusDecoder, OpusEncoder, VoiceCodec
 from sessions.snapshot import SNAPSHOT_VERSION, SessionSnapshot
 from sessions.transceiver import (
+    CHECKPOINT_IDLE_INTERVAL,
     CHECKPOINT_INTERVAL,
     CHECKPOINT_RETRY,
     CONNECT_TIMEOUT,
@@ -602,25 +603,90 @@ def test_renomination_moves_media() -> None:
 # --- checkpoints -------------------------------------------------------------------------------
 
 
+def _requests(sim: Sim, after: float = -1.0) -> list[float]:
+    return [t for t, e in sim.events if isinstance(e, CheckpointDue) and t > after]
+
+
+def _gaps(times: list[float]) -> list[float]:
+    return [round(b - a, 3) for a, b in itertools.pairwise(times)]
+
+
 def test_checkpoint_schedule() -> None:
     sim = connected_sim()
-    requested = [t for t, e in sim.events if isinstance(e, CheckpointDue)]
+    requested = _requests(sim)
     keyed = [t for t, e in sim.events if isinstance(e, DtlsConnected)]
     assert len(requested) == 1 and requested == keyed  # as soon as SRTP is keyed
-    sim.keep_consent(until=60)
-    sim.run(35.0)
-    requested = [t for t, e in sim.events if isinstance(e, CheckpointDue)]
-    gaps = [b - a for a, b in itertools.pairwise(requested)]
-    assert gaps == pytest.approx([CHECKPOINT_INTERVAL] * len(gaps))
-    assert len(requested) == 4
+    first = requested[0]
+    sim.keep_consent(until=1000)
+
+    # Holding still (consent checks, nothing sent either way): a checkpoint would store what
+    # the newest one holds, so there is one every CHECKPOINT_IDLE_INTERVAL only.
+    sim.run(first + 2 * CHECKPOINT_IDLE_INTERVAL + 1)
+    idle = _requests(sim)
+    assert _gaps(idle) == pytest.approx([CHECKPOINT_IDLE_INTERVAL] * 2)
+    skips = round(CHECKPOINT_IDLE_INTERVAL / CHECKPOINT_INTERVAL) - 1
+    checkpoints = sim.core.stats()["checkpoints"]
+    assert isinstance(checkpoints, dict)
+    assert checkpoints["skipped"] == 2 * skips
+
+    # Sending (the echo agent answers 30 s of speech): one every CHECKPOINT_INTERVAL, the last
+    # one after the last packet sent.
+    frames = speech.frames(utterance())
+    end = sim.talk([frames[i % len(frames)] for i in range(round(30 / FRAME))])
+    sim.run(end + CHECKPOINT_INTERVAL + 1)
+    sent = [t for t, d, _ in sim.sent if classify(d) is PacketKind.RTP_RTCP and not is_rtcp(d)]
+    talking = [t for t in _requests(sim, idle[-1]) if t <= sent[-1] + CHECKPOINT_INTERVAL]
+    assert len(talking) >= 3
+    assert _gaps([idle[-1], *talking]) == pytest.approx([CHECKPOINT_INTERVAL] * len(talking))
+
+    # Still again: back to one a minute, counted from the newest checkpoint.
+    sim.run(talking[-1] + 2 * CHECKPOINT_IDLE_INTERVAL + 1)
+    after = _requests(sim, talking[-1])
+    assert _gaps([talking[-1], *after]) == pytest.approx([CHECKPOINT_IDLE_INTERVAL] * 2)
+
+    # The client moves (a check from a new address nominates it): checkpointed at the next
+    # interval, not a minute later.
+    moved_at = sim.now + 1
+    sim.at(moved_at, lambda: sim.to_core(sim.client.check(), PeerAddress("192.0.2.10", 50002)))
+    sim.run(moved_at + CHECKPOINT_INTERVAL + 0.5)
+    (on_move,) = _requests(sim, moved_at)
+    assert on_move - after[-1] == pytest.approx(
+        CHECKPOINT_INTERVAL * math.ceil((moved_at - after[-1]) / CHECKPOINT_INTERVAL)
+    )
 
     # nobody answers: the request is repeated every CHECKPOINT_RETRY
     sim.auto_checkpoint = False
-    sim.run(requested[-1] + CHECKPOINT_INTERVAL + 3 * CHECKPOINT_RETRY + 0.01)
-    unanswered = [t for t, e in sim.events if isinstance(e, CheckpointDue)][len(requested) :]
-    assert [b - a for a, b in itertools.pairwise(unanswered)] == pytest.approx(
-        [CHECKPOINT_RETRY] * 3
-    )
+    sim.run(on_move + CHECKPOINT_IDLE_INTERVAL + 3 * CHECKPOINT_RETRY + 0.01)
+    unanswered = _requests(sim, on_move)
+    assert _gaps(unanswered) == pytest.approx([CHECKPOINT_RETRY] * 3)
+
+
+def test_checkpoints_follow_the_client_s_stream_by_steps() -> None:
+    # The node only receives (a sendonly offer): nothing it sends changes, the client's RTP
+    # index does. 50 s of it (2,500 packets): checkpointed once its first packet is in and at
+    # each 2,048-packet step it crosses (one or two), not at every interval (five).
+    sim = connected_sim(offer=browser_offer(direction="sendonly"))
+    first = _requests(sim)[-1]
+    sim.keep_consent(until=200)
+    frames = speech.frames(utterance())
+    sim.talk([frames[i % len(frames)] for i in range(2500)])
+    sim.run(first + 55.0)
+    assert sim.rtp_sent() == []
+    assert 2 <= len(_requests(sim, first)) <= 3
+
+    # The newest checkpoint is less than a step (and what 10 s bring) behind the client's
+    # stream. A restore from one 4,000 packets behind still decrypts the client's stream.
+    sim.auto_checkpoint = False
+    sim.talk([frames[i % len(frames)] for i in range(4000)])
+    sim.run(sim.now + 4000 * FRAME + 0.5)
+    stored = SessionSnapshot.from_bytes(sim.stored[-1]).srtp.rtp_received
+    live = sim.core.snapshot(sim.now).srtp.rtp_received
+    assert stored is not None and live is not None and live - stored >= 4000
+    core = sim.move()
+    sim.talk(frames[:50])
+    sim.run(sim.now + 1.5)
+    assert core.stats()["packets_in"] == 50
+    assert core.stats()["dropped"] == {}
 
 
 def test_unconfirmed_reservation_stops_media_and_asks_early() -> None:
@@ -633,6 +699,7 @@ def test_unconfirmed_reservation_stops_media_and_asks_early() -> None:
         "requested": 2,  # at connect, again CHECKPOINT_RETRY later
         "snapshots": 0,
         "confirmed": 0,
+        "skipped": 0,
         "rtp_headroom": None,
         "srtcp_headroom": None,
     }
@@ -999,7 +1066,8 @@ def test_checkpoint_policy_on_its_own() -> None:
     policy = CheckpointPolicy()
     assert policy.get_timer() is None  # idle until SRTP is keyed
     reservation = _Headroom()
-    policy.start(reservation, 1.0)
+    state = ["still"]
+    policy.start(reservation, 1.0, state=lambda now: state[0])
     assert policy.next_event() == CheckpointDue() and policy.next_event() is None
     assert policy.get_timer() == 1.0 + CHECKPOINT_RETRY  # unanswered: asked again
     policy.handle_timer(2.0)  # early: nothing
@@ -1007,13 +1075,45 @@ def test_checkpoint_policy_on_its_own() -> None:
     policy.handle_timer(1.0 + CHECKPOINT_RETRY)
     assert policy.next_event() == CheckpointDue()
     policy.snapshot_taken(3.5)
-    policy.snapshot_confirmed()
     assert policy.get_timer() == 3.5 + CHECKPOINT_INTERVAL
-    reservation.rtp_headroom = 100  # the reservation runs low: sooner
-    assert policy.get_timer() == 3.5 + CHECKPOINT_RETRY
+    # Taken but not (yet) confirmed: nothing to compare with, so it is asked for again.
+    policy.handle_timer(3.5 + CHECKPOINT_INTERVAL)
+    assert policy.next_event() == CheckpointDue()
+    policy.snapshot_taken(13.5)
+    policy.snapshot_confirmed("still", 13.5)
+    policy.snapshot_confirmed("older", 3.5)  # a late confirmation of an older one: ignored
+    # The state has not changed since the confirmed snapshot: skipped, for an interval...
+    policy.handle_timer(23.5)
+    assert policy.next_event() is None and policy.get_timer() == 33.5
+    # ... until CHECKPOINT_IDLE_INTERVAL after it.
+    for at in range(33, 63, 10):
+        policy.handle_timer(at + 0.5)
+        assert policy.next_event() is None
+    policy.handle_timer(13.5 + CHECKPOINT_IDLE_INTERVAL)
+    assert policy.next_event() == CheckpointDue()
+    # An unanswered request is repeated whatever the state.
+    policy.handle_timer(13.5 + CHECKPOINT_IDLE_INTERVAL + CHECKPOINT_RETRY)
+    assert policy.next_event() == CheckpointDue()
+    policy.snapshot_taken(80.0)
+    policy.snapshot_confirmed("still", 80.0)
+    state[0] = "moved"  # what a restore uses changed: due at the interval
+    policy.handle_timer(90.0)
+    assert policy.next_event() == CheckpointDue()
+    policy.snapshot_taken(90.0)
+    policy.snapshot_confirmed("moved", 90.0)
+    reservation.rtp_headroom = 100  # the reservation runs low: sooner, and never skipped
+    assert policy.get_timer() == 90.0 + CHECKPOINT_RETRY
+    policy.handle_timer(92.0)
+    assert policy.next_event() == CheckpointDue()
+    policy.snapshot_taken(92.0)
     reservation.rtp_headroom, reservation.srtcp_headroom = 5000, 10
-    assert policy.get_timer() == 3.5 + CHECKPOINT_RETRY
-    assert policy.stats() == {"requested": 2, "snapshots": 1, "confirmed": 1}
+    assert policy.get_timer() == 92.0 + CHECKPOINT_RETRY
+    assert policy.stats() == {
+        "requested": 7,
+        "snapshots": 5,
+        "confirmed": 4,
+        "skipped": 4,
+    }
     policy.stop()
     assert policy.get_timer() is None
     policy.handle_timer(100.0)

@@ -383,6 +383,11 @@ class SrtpSession:
         return self._remote_ssrc
 
     @property
+    def rtp_received(self) -> int | None:
+        """The highest authentic inbound RTP index, once one was received."""
+        return self._rtp_received
+
+    @property
     def next_rtp_seq(self) -> int | None:
         """The sequence number our next RTP packet should carry; ``None`` before the first
         (then choose one below 2**15)."""

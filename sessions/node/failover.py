@@ -3,10 +3,10 @@
 Every owner keeps its sessions' checkpoints in etcd (sealed with the cluster key, fenced by the
 owner's epoch; storage/checkpoints.py): once DTLS completes, then whenever the session's SRTP
 reservation runs low, every 10 s while what a restore uses changes and once a minute while it
-does not (sessions/transceiver/checkpoints.py). A checkpoint is confirmed to the session only once it
-is durable there, so the session never sends an SRTP or SRTCP index beyond what its newest
-durable checkpoint reserved. When a session ends normally its checkpoint goes with its owner key,
-in one transaction.
+does not (sessions/transceiver/checkpoints.py). A checkpoint is confirmed to the session only
+once it is durable there, so the session never sends an SRTP or SRTCP index beyond what its
+newest durable checkpoint reserved. When a session ends normally its checkpoint goes with its
+owner key, in one transaction.
 
 When an owner's lease expires, etcd deletes its owner keys. Every surviving active node watches
 them; for each session whose owner vanished and whose checkpoint is still there, the nodes rank

@@ -1,25 +1,32 @@
 """What crash failover costs etcd: checkpoint writes and bytes per session-minute.
 
-    python -m ops.bench.checkpoints [--sessions 20] [--window 60] [--json]
+    python -m ops.bench.checkpoints [--sessions 20] [--window 60] [--silent-window 60] [--json]
 
 The cluster and the clients are the migration bench's (ops/bench/migration.py): ``parley up``
 (etcd, one relay, three nodes in relay mode, the immediate echo agent) on free local ports, and
 aiortc peers in this process playing espeak-ng speech.
 
-Two windows of ``--window`` seconds, on the same cluster in the same run:
+Three windows on the same cluster in the same run:
 
-1. **Baseline**: the cluster with no session. What etcd does for an idle cluster (leases kept
-   alive, nodes' and relays' registrations refreshed with their counters): revisions per minute.
-2. **Talking**: ``--sessions`` sessions spread over the three nodes, each talking, measured from
-   :data:`SETTLE` seconds after the last one connected (their first checkpoints, made as DTLS
-   completes, are setup cost, not steady cost). The nodes count each checkpoint made durable in
-   etcd and its sealed size (``checkpoints_stored``, ``checkpoint_bytes`` in ``parley status
-   --json``); etcd's revision counts every write of anyone.
+1. **Baseline** (``--window`` seconds): the cluster with no session. What etcd does for an idle
+   cluster (leases kept alive, nodes' and relays' registrations refreshed with their counters):
+   revisions per minute.
+2. **Talking** (``--window``): ``--sessions`` sessions spread over the three nodes, each
+   talking, measured from :data:`SETTLE` seconds after the last one connected (their first
+   checkpoints, made as DTLS completes, are setup cost, not steady cost). The nodes count each
+   checkpoint made durable in etcd and its sealed size (``checkpoints_stored``,
+   ``checkpoint_bytes`` in ``parley status --json``); etcd's revision counts every write of
+   anyone.
+3. **Silent** (``--silent-window``, by default ``--window`` rounded up to whole minutes): the
+   same sessions once their clients stopped sending (a muted browser with Opus DTX sends almost
+   nothing) and the echo ran dry, from ``CHECKPOINT_INTERVAL`` + :data:`SETTLE` seconds after.
+   Connected, consent checks answered, nothing a restore uses changing.
 
 Per session-minute: checkpoints stored, their sealed bytes, and the etcd revisions above the
 baseline's rate (checkpoints and anything else sessions make the cluster write: session stats,
 routes). The checkpoint policy (sessions/transceiver/checkpoints.py) predicts 6 checkpoints per
-session-minute: one every 10 s, none sooner while the SRTP reservation lasts.
+talking session-minute (one every 10 s, none sooner while the SRTP reservation lasts) and 1 per
+silent one (one every ``CHECKPOINT_IDLE_INTERVAL``).
 """
 
 from __future__ import annotations
@@ -34,8 +41,10 @@ from typing import Any, Final, final
 import attrs
 
 from ops.bench import migration
+from ops.bench.common import whole_intervals
 from ops.bench.migration import Cluster, EchoCall, scratch_cluster
 from ops.bench.sessions import machine, speech_packets
+from sessions.transceiver.checkpoints import CHECKPOINT_IDLE_INTERVAL, CHECKPOINT_INTERVAL
 
 __all__ = ["BenchResult", "Params", "Window", "main", "measure", "render"]
 
@@ -51,6 +60,8 @@ COUNTERS: Final = ("checkpoints_stored", "checkpoint_bytes", "checkpoints_failed
 class Params:
     sessions: int
     window: float
+    #: the silent window (see the module docstring)
+    silent_window: float
 
 
 @final
@@ -76,12 +87,14 @@ class BenchResult:
     params: dict[str, Any]
     baseline: Window
     talking: Window
-    #: sessions still owned at the end of the talking window (all of them, or the run is void)
+    silent: Window
+    #: sessions still owned at the end of the silent window (all of them, or the run is void)
     owned_at_end: int
 
-    def per_session_minute(self) -> dict[str, float]:
-        """The talking window's cost per session-minute (revisions: above the baseline)."""
-        t, b = self.talking, self.baseline
+    def per_session_minute(self, window: Window | None = None) -> dict[str, float]:
+        """A window's cost per session-minute, the talking one's by default (revisions: above
+        the baseline)."""
+        t, b = window or self.talking, self.baseline
         minutes = t.sessions * t.seconds / 60.0
         stored = t.counters["checkpoints_stored"]
         extra = t.revisions_per_minute - b.revisions_per_minute
@@ -95,6 +108,7 @@ class BenchResult:
     def as_dict(self) -> dict[str, Any]:
         out = attrs.asdict(self)
         out["per_session_minute"] = self.per_session_minute()
+        out["silent_per_session_minute"] = self.per_session_minute(self.silent)
         return out
 
 
@@ -132,7 +146,12 @@ async def _run(cluster: Cluster, params: Params) -> BenchResult:
                 calls += placed
                 urls.update((c.session, url) for c in placed)
         await asyncio.sleep(SETTLE)
-        talking, owned = await _window(cluster, params.window, len(calls))
+        talking, _ = await _window(cluster, params.window, len(calls))
+        for call in calls:
+            call.track.mute()
+        # the echo runs dry, and the checkpoint after its last packet is taken
+        await asyncio.sleep(CHECKPOINT_INTERVAL + SETTLE)
+        silent, owned = await _window(cluster, params.silent_window, len(calls))
     finally:
         await asyncio.gather(*(c.close(urls.get(c.session, cluster.whip[NODES[0]])) for c in calls))
     return BenchResult(
@@ -140,6 +159,7 @@ async def _run(cluster: Cluster, params: Params) -> BenchResult:
         params=attrs.asdict(params),
         baseline=baseline,
         talking=talking,
+        silent=silent,
         owned_at_end=owned,
     )
 
@@ -151,26 +171,48 @@ def measure(params: Params, *, keep: bool = False) -> BenchResult:
 
 
 def render(result: BenchResult) -> str:
-    m, b, t = result.machine, result.baseline, result.talking
-    per = result.per_session_minute()
+    m, b, t, q = result.machine, result.baseline, result.talking, result.silent
+    per, quiet = result.per_session_minute(), result.per_session_minute(q)
+    idle_policy = round(60 / CHECKPOINT_IDLE_INTERVAL)
     rows = [
-        ("checkpoints stored", f"{per['checkpoints']:g}", "6 (one every 10 s)"),
-        ("sealed checkpoint bytes", f"{per['checkpoint_bytes']:g}", "-"),
-        ("etcd revisions above the idle cluster's", f"{per['etcd_revisions']:g}", "-"),
+        (
+            "checkpoints stored",
+            f"{per['checkpoints']:g}",
+            f"{quiet['checkpoints']:g}",
+            f"{round(60 / CHECKPOINT_INTERVAL)} / {idle_policy} (one every "
+            f"{CHECKPOINT_INTERVAL:g} s / {CHECKPOINT_IDLE_INTERVAL:g} s)",
+        ),
+        (
+            "sealed checkpoint bytes",
+            f"{per['checkpoint_bytes']:g}",
+            f"{quiet['checkpoint_bytes']:g}",
+            "-",
+        ),
+        (
+            "etcd revisions above the idle cluster's",
+            f"{per['etcd_revisions']:g}",
+            f"{quiet['etcd_revisions']:g}",
+            "-",
+        ),
     ]
     width = max(len(r[0]) for r in rows)
     lines = [
         f"machine: nproc {m['nproc']}, {m['cpu_model']}, python {m['python']}, linux {m['kernel']}",
         "cluster: parley up (etcd, 1 relay, 3 nodes in relay mode, echo agent); clients: aiortc",
         f"baseline: no session, {b.seconds:g} s: {b.revisions_per_minute:.1f} etcd revisions/min",
-        f"talking: {t.sessions} sessions, {t.seconds:g} s: {t.revisions_per_minute:.1f} etcd "
-        f"revisions/min; {t.counters['checkpoints_stored']} checkpoints stored, "
-        f"{t.counters['checkpoints_failed']} not, {per['bytes_per_checkpoint']} B each sealed; "
+    ]
+    for name, w, p in (("talking", t, per), ("silent", q, quiet)):
+        lines.append(
+            f"{name}: {w.sessions} sessions, {w.seconds:g} s: {w.revisions_per_minute:.1f} etcd "
+            f"revisions/min; {w.counters['checkpoints_stored']} checkpoints stored, "
+            f"{w.counters['checkpoints_failed']} not, {p['bytes_per_checkpoint']} B each sealed"
+        )
+    lines += [
         f"{result.owned_at_end} sessions owned at the end",
         "",
-        f"{'per session-minute':<{width}}  {'measured':>9}  policy",
+        f"{'per session-minute':<{width}}  {'talking':>9}  {'silent':>9}  policy",
     ]
-    lines += [f"{label:<{width}}  {value:>9}  {note}" for label, value, note in rows]
+    lines += [f"{label:<{width}}  {a:>9}  {c:>9}  {note}" for label, a, c, note in rows]
     return "\n".join(lines)
 
 
@@ -183,14 +225,23 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
     )
     parser.add_argument("--sessions", type=int, default=20, help="talking sessions (20)")
     parser.add_argument("--window", type=float, default=60.0, help="seconds per window (60)")
+    parser.add_argument(
+        "--silent-window",
+        type=float,
+        default=None,
+        help="seconds of the silent window (--window in whole minutes)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON instead of a table")
     parser.add_argument(
         "--keep", action="store_true", help="keep the cluster's directory (its logs)"
     )
     args = parser.parse_args(argv)
-    if args.sessions < 1 or args.window <= 0:
-        parser.error("--sessions at least 1, --window above 0")
-    result = measure(Params(args.sessions, args.window), keep=args.keep)
+    silent = args.silent_window
+    if silent is None:
+        silent = whole_intervals(args.window, CHECKPOINT_IDLE_INTERVAL)
+    if args.sessions < 1 or args.window <= 0 or silent <= 0:
+        parser.error("--sessions at least 1, --window and --silent-window above 0")
+    result = measure(Params(args.sessions, args.window, silent), keep=args.keep)
     print(json.dumps(result.as_dict(), indent=2) if args.json else render(result))
     return result
 

@@ -9,7 +9,14 @@ import os
 from collections.abc import Iterator, Sequence
 from typing import Final
 
-__all__ = ["ADMISSION", "CLK_TCK", "percentile", "process_cpu", "split_cores"]
+__all__ = [
+    "ADMISSION",
+    "CLK_TCK",
+    "percentile",
+    "process_cpu",
+    "split_cores",
+    "whole_intervals",
+]
 
 #: clock ticks per second, the unit of /proc's CPU times
 CLK_TCK: Final = os.sysconf("SC_CLK_TCK")
@@ -21,6 +28,11 @@ def percentile(values: Sequence[float], q: float) -> float:
         return math.nan
     ordered = sorted(values)
     return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
+
+
+def whole_intervals(seconds: float, interval: float) -> float:
+    """``seconds`` rounded up to a whole number (at least one) of ``interval``."""
+    return interval * max(1, math.ceil(seconds / interval))
 
 
 def process_cpu(pid: int) -> float:

@@ -235,7 +235,9 @@ class EchoCall:
         from aiortc.rtp import RtpPacket
 
         self.pc = aiortc.RTCPeerConnection(aiortc.RTCConfiguration(iceServers=[]))
-        self.pc.addTrack(_speech_track(packets))
+        #: the speech it sends (``track.mute()`` stops it)
+        self.track = _speech_track(packets)
+        self.pc.addTrack(self.track)
         self.arrivals: list[tuple[float, int, int]] = []
         self.first_rtp: asyncio.Future[float] = asyncio.get_running_loop().create_future()
         self.location: str | None = None

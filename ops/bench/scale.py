@@ -38,7 +38,6 @@ import argparse
 import asyncio
 import gc
 import json
-import math
 import os
 import shutil
 import ssl
@@ -56,7 +55,7 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 
 from ops.bench import sessions_servers
-from ops.bench.common import percentile, process_cpu, split_cores
+from ops.bench.common import percentile, process_cpu, split_cores, whole_intervals
 from ops.bench.scale_clients import Fleet, speech_payloads
 from ops.bench.sessions_clients import lateness
 from ops.bench.sessions_servers import ClusterServer
@@ -296,11 +295,6 @@ def bare_tasks(count: int) -> tuple[float, float]:
 
 
 # --- the run ---------------------------------------------------------------------------------
-
-
-def whole_intervals(seconds: float, interval: float) -> float:
-    """``seconds`` rounded up to a whole number (at least one) of ``interval``."""
-    return interval * max(1, math.ceil(seconds / interval))
 
 
 def measure(

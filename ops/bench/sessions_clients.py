@@ -59,7 +59,9 @@ def _speech_track(packets: list[bytes]) -> Any:
     time_base = fractions.Fraction(1, CLOCK_RATE)
 
     class SpeechTrack(MediaStreamTrack):
-        """Loops speech (pre-encoded Opus packets) paced in real time like a microphone."""
+        """Loops speech (pre-encoded Opus packets) paced in real time like a microphone.
+        :meth:`mute` stops it for good (no packet at all, as a browser sending Opus with DTX
+        sends almost none in silence)."""
 
         kind = "audio"
 
@@ -67,10 +69,16 @@ def _speech_track(packets: list[bytes]) -> Any:
             super().__init__()
             self._index = 0
             self._start: float | None = None
+            self._live = asyncio.Event()
+            self._live.set()
+
+        def mute(self) -> None:
+            self._live.clear()
 
         async def recv(self) -> av.Packet[Any]:
             if self.readyState != "live":
                 raise MediaStreamError
+            await self._live.wait()
             if self._start is None:
                 self._start = time.monotonic()
             else:

@@ -64,6 +64,7 @@ from ops import moving
 from ops.bench.arrivals import stamp_rtp_arrivals
 from ops.bench.common import ADMISSION, percentile
 from ops.bench.sessions import _speech_track, http, loopback_ice, machine, speech_packets
+from ops.children import spawn
 from ops.etcdserver import free_port
 from ops.status import gather_status
 from ops.tokens import create_token
@@ -370,7 +371,9 @@ class Cluster:
         env.update(ADMISSION)
         env.update(self.settings)
         self._log = open(self.workdir / "up.log", "ab")  # noqa: SIM115 - lives with the process
-        self.process = subprocess.Popen(
+        # Its own session (Ctrl-C reaches the bench, which stops it in order), and SIGTERM from
+        # the kernel if the bench dies without stopping it (ops/children.py).
+        self.process = spawn(
             [
                 sys.executable, "-m", "ops.cli", "up",
                 "--data-dir", str(self.workdir / "up"),
@@ -378,8 +381,7 @@ class Cluster:
                 "--nodes", "3",
                 "--relays", "1",
             ],
-            cwd=self.workdir, env=env, stdin=subprocess.DEVNULL,
-            stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
+            cwd=self.workdir, env=env, stdout=self._log, stderr=subprocess.STDOUT,
         )  # fmt: skip
 
     def status(self) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from typing import IO, Final, final
 
 from ops.bench.common import ADMISSION
 from ops.certs import write_token_key
+from ops.children import spawn
 from ops.etcdserver import EtcdServer, free_port
 from ops.tokens import create_token
 from relay.settings import OPERATOR_CERT, TOKEN_KEYS_DIR, ClusterSettings
@@ -207,14 +208,10 @@ class Server:
 
     def start(self) -> None:
         self._log = open(self.log, "ab")  # noqa: SIM115 - lives as long as the process
-        self.process = subprocess.Popen(
-            self.command(),
-            cwd=self.workdir,
-            env=self.env(),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=self._log,
-            start_new_session=True,  # Ctrl-C reaches the bench, which stops us in order
+        # Its own session: Ctrl-C reaches the bench, which stops us in order; and SIGTERM if
+        # the bench dies without stopping us (killed), from the kernel (ops/children.py).
+        self.process = spawn(
+            self.command(), cwd=self.workdir, env=self.env(), stdout=self._log, stderr=self._log
         )
         pin(self.process.pid, self.server_cpus)
         _wait_port(self.port, self.process, self.log, 30.0)
@@ -401,14 +398,8 @@ class ClusterServer(Server):
 
     def start(self) -> None:
         self._log = open(self.log, "ab")  # noqa: SIM115 - lives as long as the process
-        self.process = subprocess.Popen(
-            self.command(),
-            cwd=self.workdir,
-            env=self.env(),
-            stdin=subprocess.DEVNULL,
-            stdout=self._log,
-            stderr=self._log,
-            start_new_session=True,
+        self.process = spawn(  # as Server.start: dies with the bench
+            self.command(), cwd=self.workdir, env=self.env(), stdout=self._log, stderr=self._log
         )
         # `parley up`, and so etcd and the relay it starts, run beside the clients ...
         pin(self.process.pid, self.client_cpus)

@@ -691,7 +691,8 @@ async def test_bad_control_lines_are_counted_and_dropped() -> None:
                 + b'{"ok": 1}\n',
             )
             raw.conn.send_stream_data(4, b'{"other": "stream"}\n')
-            await until(lambda: len(relay_side.controls) == 1)
+            # the two streams' data may arrive in either order: wait for both
+            await until(lambda: len(relay_side.controls) == 1 and relay.counters["malformed"] == 5)
             assert relay_side.controls[0][1] == {"ok": 1}
             assert relay.counters["malformed"] == 5
             assert relay_side.opened[0].counters["malformed"] == 4

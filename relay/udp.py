@@ -124,17 +124,42 @@ def set_receive_buffer(sock: socket.socket, size: int) -> int:
     return granted
 
 
+# getsockopt(SO_MEMINFO) returns the socket's sk_meminfo (include/uapi/linux/sock_diag.h): u32
+# fields, the ninth (SK_MEMINFO_DROPS, Linux 4.6 and later) the datagrams it dropped.
+_SO_MEMINFO: Final = getattr(socket, "SO_MEMINFO", 55)
+_MEMINFO_DROPS: Final = struct.Struct("=32xI")
+
+
+def _socket_drops(sock: socket.socket) -> int | None:
+    """The socket's own drop counter, or ``None`` where the kernel does not give it."""
+    try:
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_MEMINFO, 64)
+    except OSError:
+        return None
+    if len(raw) < _MEMINFO_DROPS.size:
+        return None
+    (drops,) = _MEMINFO_DROPS.unpack_from(raw)
+    return int(drops)
+
+
 def kernel_drops(*socks: socket.socket | None) -> int:
     """Datagrams the kernel dropped for ``socks`` because their receive buffers were full, all
-    together (Linux: the ``drops`` column of /proc/net/udp and udp6, matched by each socket's
-    inode; one pass over each table). 0 for a socket that is None or the kernel does not list.
+    together. Linux: each socket's own counter (``SO_MEMINFO``, a constant-time read), else the
+    ``drops`` column of /proc/net/udp and udp6, matched by the socket's inode (one pass over
+    each table: its length is every UDP socket of the host). 0 for a socket that is None or
+    the kernel does not list.
     """
+    total = 0
     inodes: set[str] = set()
     for sock in socks:
-        if sock is not None:
-            with contextlib.suppress(OSError):
-                inodes.add(str(os.fstat(sock.fileno()).st_ino))
-    total = 0
+        if sock is None:
+            continue
+        own = _socket_drops(sock)
+        if own is not None:
+            total += own
+            continue
+        with contextlib.suppress(OSError):
+            inodes.add(str(os.fstat(sock.fileno()).st_ino))
     for table in ("/proc/net/udp", "/proc/net/udp6"):
         if not inodes:
             break

@@ -5,8 +5,10 @@ from __future__ import annotations
 import errno
 import socket
 
+import pytest
 import trio
 
+from relay import udp
 from relay.udp import (
     GSO_MAX_SEGMENTS,
     Address,
@@ -145,3 +147,26 @@ def test_a_path_without_segmentation_offload_falls_back_to_one_send_each() -> No
     assert not sender.gso and sender.batches == 0
     assert sender.send(datagrams) == (2, 0)  # and from then on, without trying again
     assert len(fake.sent) == 4
+
+
+def test_kernel_drops_read_each_socket_s_own_counter(monkeypatch: pytest.MonkeyPatch) -> None:
+    with (
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as full,
+        socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sender,
+    ):
+        full.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1024)  # the kernel's least
+        full.bind(("127.0.0.1", 0))
+        for _ in range(200):  # never read: most are dropped
+            sender.sendto(bytes(200), full.getsockname())
+        # Where the kernel gives no counter of the socket's own: the host's /proc tables.
+        with monkeypatch.context() as patch:
+            patch.setattr(udp, "_socket_drops", lambda _: None)
+            by_table = udp.kernel_drops(full)
+        assert by_table > 0
+
+        def no_tables(*_: object, **__: object) -> None:
+            raise AssertionError("read /proc/net/udp, whose length is every UDP socket's")
+
+        # The socket's own counter (SO_MEMINFO): the same figure, without the tables.
+        monkeypatch.setattr(udp, "open", no_tables, raising=False)
+        assert udp.kernel_drops(full, None) == by_table

@@ -96,7 +96,7 @@ from sessions.transceiver.handover import (
     MoveRefused,
     frames_elapsed,
 )
-from sessions.transceiver.reports import RTCP_INTERVAL
+from sessions.transceiver.reports import RTCP_IDLE_INTERVAL, RTCP_INTERVAL
 
 __all__ = [
     "CHECKPOINT_IDLE_INTERVAL",
@@ -110,6 +110,7 @@ __all__ = [
     "CODE_NOT_QUIESCED",
     "CODE_STALLED",
     "CONNECT_TIMEOUT",
+    "RTCP_IDLE_INTERVAL",
     "RTCP_INTERVAL",
     "CheckpointDue",
     "ClientEvent",

@@ -17,10 +17,15 @@ from typing import Final, final
 from sessions.audio.opus import CLOCK_RATE
 from sessions.webrtc import rtcp
 
-__all__ = ["RTCP_INTERVAL", "RtcpReports"]
+__all__ = ["RTCP_IDLE_INTERVAL", "RTCP_INTERVAL", "RtcpReports"]
 
-#: Mean seconds between our RTCP compound packets (randomized by 0.5..1.5, RFC 3550 §6.3.1).
+#: Mean seconds between our RTCP compound packets while RTP flows either way (randomized by
+#: 0.5..1.5, RFC 3550 §6.3.1).
 RTCP_INTERVAL: Final = 2.0
+#: Mean seconds between them after an interval with no RTP either way: RFC 3550 §6.2's
+#: recommended minimum. Such a report says nothing new (an RR without report blocks), and a
+#: node holding a thousand silent sessions sends 2.5 times fewer of them.
+RTCP_IDLE_INTERVAL: Final = 5.0
 
 # SR NTP timestamps remembered to recognize the LSR echoed in the client's reports.
 _SR_MEMORY: Final = 16
@@ -66,6 +71,8 @@ class RtcpReports:
             # After a planned move, the previous owner received up to ``received_up_to``.
             self._receiver = rtcp.ReceiverStatistics(remote_ssrc, CLOCK_RATE, after=received_up_to)
         self._at: float | None = None
+        # whether RTP went either way since the last report was scheduled
+        self._flowing = False
         self._sr_sent: collections.deque[int] = collections.deque(maxlen=_SR_MEMORY)
         # packets sent as of the last two reports: RFC 3550 §6.4 sends an SR only if we sent
         # RTP since the report before last
@@ -97,8 +104,19 @@ class RtcpReports:
 
     def reschedule(self, now: float) -> None:
         """A periodic report went out (or was due and could not): the next one (RFC 3550
-        §6.3.1 randomizes each interval over 0.5..1.5 of the mean)."""
-        self._at = now + RTCP_INTERVAL * self._rng.uniform(0.5, 1.5)
+        §6.3.1 randomizes each interval over 0.5..1.5 of the mean), at :data:`RTCP_INTERVAL`
+        if RTP went either way since the last one, else at :data:`RTCP_IDLE_INTERVAL`."""
+        mean = RTCP_INTERVAL if self._flowing else RTCP_IDLE_INTERVAL
+        self._flowing = False
+        self._at = now + mean * self._rng.uniform(0.5, 1.5)
+
+    def _flows(self, now: float) -> None:
+        """The first RTP packet since the last report was scheduled: a report scheduled at the
+        idle pace comes at the media pace instead."""
+        self._flowing = True
+        at = self._at
+        if at is not None and at > now + RTCP_INTERVAL * 1.5:
+            self._at = now + RTCP_INTERVAL * self._rng.uniform(0.5, 1.5)
 
     # --- what we sent and received ------------------------------------------------------------
 
@@ -107,6 +125,8 @@ class RtcpReports:
         self.packets_sent += 1
         self.octets_sent += payload_bytes
         self.last_sent = (timestamp, deadline)
+        if not self._flowing:
+            self._flows(deadline)
 
     def on_rtp(self, ssrc: int, seq: int, timestamp: int, now: float) -> None:
         """An authentic RTP packet of the client's arrived at ``now``."""
@@ -116,6 +136,8 @@ class RtcpReports:
         # Every packet of the SSRC counts for loss, telephone-event too: they share its
         # sequence numbers (RFC 3550 §6.4.1, RFC 4733 §2.1).
         receiver.record_packet(seq, timestamp, now)
+        if not self._flowing:
+            self._flows(now)
 
     def on_rtcp(self, packets: Sequence[rtcp.RtcpPacket], now: float) -> None:
         """An authentic RTCP compound of the client's arrived at ``now``."""

@@ -30,6 +30,8 @@ from sessions.transceiver import (
     CHECKPOINT_INTERVAL,
     CHECKPOINT_RETRY,
     CONNECT_TIMEOUT,
+    RTCP_IDLE_INTERVAL,
+    RTCP_INTERVAL,
     CheckpointDue,
     DtlsConnected,
     IceConnected,
@@ -510,7 +512,7 @@ def test_rtcp_compound_is_sr_then_sdes_and_reports_on_the_client() -> None:
     receiver_reports_from = len(sim.client.rtcp)
     # The echo ends a few hundred ms later; two reports after that, receiver reports only
     # (RFC 3550 §6.4: an SR only from a participant that sent since the report before last).
-    sim.run(end + 20)
+    sim.run(end + 30)
     firsts = [
         p
         for p in sim.client.rtcp[receiver_reports_from:]
@@ -533,10 +535,44 @@ def test_rtcp_compound_is_sr_then_sdes_and_reports_on_the_client() -> None:
     assert block.ssrc == CLIENT_SSRC
     assert block.lsr != 0  # the client's SR was recorded for LSR/DLSR
     assert block.cumulative_lost == 0
-    # the SR interval: ~2 s, randomized over 1..3 s (RFC 3550 §6.3.1)
-    times = [t for t, d, _ in sim.sent if classify(d) is PacketKind.RTP_RTCP and is_rtcp(d)]
-    gaps = [b - a for a, b in itertools.pairwise(times)]
-    assert gaps and all(1.0 - 1e-9 <= gap <= 3.0 + 1e-9 for gap in gaps)
+    # The interval: ~2 s while RTP flows (randomized over 1..3 s, RFC 3550 §6.3.1), ~5 s
+    # (2.5..7.5 s) after an interval with no RTP either way.
+    times = _rtcp_times(sim)
+    echoed = [t for t, d, _ in sim.sent if classify(d) is PacketKind.RTP_RTCP and not is_rtcp(d)]
+    last_rtp = max(echoed[-1], end + sim.delay)
+    paces = [
+        (b - a, prev < last_rtp) for prev, a, b in zip(times, times[1:], times[2:], strict=False)
+    ]
+    assert any(flowing for _, flowing in paces) and any(not flowing for _, flowing in paces)
+    for gap, flowing in paces:
+        mean = RTCP_INTERVAL if flowing else RTCP_IDLE_INTERVAL
+        assert mean / 2 - 1e-9 <= gap <= mean * 1.5 + 1e-9, paces
+
+
+def _rtcp_times(sim: Sim, after: float = -1.0) -> list[float]:
+    return [
+        t for t, d, _ in sim.sent if t > after and classify(d) is PacketKind.RTP_RTCP and is_rtcp(d)
+    ]
+
+
+def test_rtcp_slows_while_no_rtp_flows_and_picks_up_with_the_first_packet() -> None:
+    sim = connected_sim()
+    sim.keep_consent(until=1000)
+    sim.run(100.0)
+    # Consent checks only: reports at the idle pace, a mean of RTCP_IDLE_INTERVAL.
+    idle = _rtcp_times(sim, 10.0)
+    assert 90 / (RTCP_IDLE_INTERVAL * 1.5) <= len(idle) - 1 <= 90 / (RTCP_IDLE_INTERVAL * 0.5)
+    assert len(idle) < 90 / (RTCP_INTERVAL * 1.5)  # fewer than the media pace could send
+    # The client talks: the next report comes at the media pace from its first packet, not
+    # up to 7.5 s later, and reports go on at that pace.
+    frames = speech.frames(utterance())
+    end = sim.talk([frames[i % len(frames)] for i in range(round(20 / FRAME))])
+    talk_from = sim.now + sim.delay
+    sim.run(end)
+    talking = _rtcp_times(sim, talk_from)
+    assert talking[0] - talk_from <= RTCP_INTERVAL * 1.5 + FRAME
+    gaps = [b - a for a, b in itertools.pairwise(talking)]
+    assert all(RTCP_INTERVAL / 2 - 1e-9 <= gap <= RTCP_INTERVAL * 1.5 + 1e-9 for gap in gaps)
 
 
 def test_loss_and_other_payload_types_are_counted() -> None:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.ops.test_up import alive
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[2]
@@ -29,14 +31,6 @@ sys.stdin.read()
 """
 
 
-def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 def test_a_killed_bench_takes_its_cluster_with_it(tmp_path: Path) -> None:
     bench = subprocess.Popen(
         [sys.executable, "-c", _BENCH, str(tmp_path)],
@@ -50,14 +44,14 @@ def test_a_killed_bench_takes_its_cluster_with_it(tmp_path: Path) -> None:
         line = bench.stdout.readline()
         assert line, "the bench's cluster did not start"
         pids = json.loads(line)
-        assert len(pids) == 3 and all(_alive(p) for p in pids)  # parley up, its node and relay
+        assert len(pids) == 3 and all(alive(p) for p in pids)  # parley up, its node and relay
     finally:
         bench.send_signal(signal.SIGKILL)
         bench.wait(10)
     deadline = time.monotonic() + 30
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.2)
-    left = [p for p in pids if _alive(p)]
+    left = [p for p in pids if alive(p)]
     for pid in left:  # do not leave them to the next test
         os.kill(pid, signal.SIGKILL)
     assert left == [], "the cluster outlived its bench"

@@ -128,28 +128,16 @@ class CheckpointPolicy:
 
     def get_timer(self) -> float | None:
         """When the next checkpoint is due; ``None`` before :meth:`start` or after :meth:`stop`."""
-        reservation, started = self._reservation, self._started_at
-        if reservation is None or self._stopped or started is None:
-            return None
-        requested, snapshot = self._requested_at, self._snapshot_at
-        if requested is not None and (snapshot is None or requested > snapshot):
-            return requested + CHECKPOINT_RETRY  # unanswered: ask again
-        base = started if snapshot is None else snapshot
-        # Sooner when the reservation runs low (CHECKPOINT_RETRY < CHECKPOINT_INTERVAL, so
-        # this is the earlier of the two).
-        if _headroom_low(reservation):
-            return base + CHECKPOINT_RETRY
-        if self._skipped_at is not None and self._skipped_at > base:
-            base = self._skipped_at
-        return base + CHECKPOINT_INTERVAL
+        due = self._due()
+        return None if due is None else due[0]
 
     def handle_timer(self, now: float) -> None:
-        """Ask for a checkpoint if one is due at ``now``, unless it would store what the
-        newest confirmed one holds (see the module docstring)."""
-        deadline = self.get_timer()
-        if deadline is None or now < deadline:
+        """Ask for a checkpoint if one is due at ``now``, unless it is a periodic one that
+        would store what the newest confirmed one holds (see the module docstring)."""
+        due = self._due()
+        if due is None or now < due[0]:
             return
-        if self._unchanged(now):
+        if due[1] and self._unchanged(now):
             self._skipped_at = now
             self.skipped += 1
             return
@@ -164,17 +152,32 @@ class CheckpointPolicy:
             "skipped": self.skipped,
         }
 
+    def _due(self) -> tuple[float, bool] | None:
+        """The next deadline and whether it is a periodic one (which may be skipped), not a
+        repeated request or a reservation running low; ``None`` when nothing is due."""
+        reservation, started = self._reservation, self._started_at
+        if reservation is None or self._stopped or started is None:
+            return None
+        requested, snapshot = self._requested_at, self._snapshot_at
+        if requested is not None and (snapshot is None or requested > snapshot):
+            return requested + CHECKPOINT_RETRY, False  # unanswered: ask again
+        base = started if snapshot is None else snapshot
+        # Sooner when the reservation runs low (CHECKPOINT_RETRY < CHECKPOINT_INTERVAL, so
+        # this is the earlier of the two).
+        if _headroom_low(reservation):
+            return base + CHECKPOINT_RETRY, False
+        if self._skipped_at is not None and self._skipped_at > base:
+            base = self._skipped_at
+        return base + CHECKPOINT_INTERVAL, True
+
     def _unchanged(self, now: float) -> bool:
-        """Whether a periodic checkpoint due at ``now`` may be skipped."""
-        requested, snapshot, reservation = self._requested_at, self._snapshot_at, self._reservation
+        """Whether the periodic checkpoint due at ``now`` would store what the newest
+        confirmed one holds, and that one is younger than CHECKPOINT_IDLE_INTERVAL."""
         confirmed_at, state = self._confirmed_at, self._state
         if (
             confirmed_at is None
             or state is None
-            or reservation is None
             or now - confirmed_at >= CHECKPOINT_IDLE_INTERVAL - _ROUNDING
-            or (requested is not None and (snapshot is None or requested > snapshot))
-            or _headroom_low(reservation)
         ):
             return False
         return state(now) == self._confirmed_state

@@ -39,6 +39,45 @@ CONNECTION_INTERNALS = {
     "_datagrams_pending": "read to refuse datagrams beyond MAX_QUEUED_DATAGRAMS",
     "_close_event": "read to learn a connection is closing before aioquic reports it",
 }
+#: QuicConnection attributes the short receive and write ways read, set or call, mirroring
+#: aioquic's receive_datagram and _write_application (tests/relay/test_tunnel_short_ways.py
+#: checks that they still behave as aioquic's own code does)
+SHORT_WAY_INTERNALS = (
+    "_QuicConnection__frame_handlers",
+    "_ack_eliciting_sent_since_receipt",
+    "_add_network_path",
+    "_close_at",
+    "_close_pending",
+    "_configuration",
+    "_crypto_streams",
+    "_cryptos",
+    "_events",
+    "_handshake_complete",
+    "_handshake_done_pending",
+    "_host_cids",
+    "_idle_timeout",
+    "_logger",
+    "_loss",
+    "_network_paths",
+    "_pacing_at",
+    "_peer_cid",
+    "_ping_pending",
+    "_probe_pending",
+    "_quic_logger",
+    "_retire_connection_ids",
+    "_spaces",
+    "_spin_bit",
+    "_spin_highest_pn",
+    "_state",
+    "_streams",
+    "_streams_blocked_pending",
+    "_streams_queue",
+    "_use_reserved_peer_cid",
+    "_write_ack_frame",
+    "_write_application",
+    "_write_connection_limits",
+    "_write_stream_limits",
+)
 #: tls.Context attributes we read or set, and why
 TLS_INTERNALS = {
     "_request_client_certificate": "set so an aioquic server sends a CertificateRequest",
@@ -76,6 +115,14 @@ def test_the_connection_internals_we_use_exist(name: str) -> None:
     client, server = handshake(QuicConnection, QuicConnection)
     for conn in (client, server):
         assert hasattr(conn, name), missing(name, CONNECTION_INTERNALS[name], "QuicConnection")
+
+
+@pytest.mark.parametrize("name", SHORT_WAY_INTERNALS)
+def test_the_connection_internals_of_the_short_ways_exist(name: str) -> None:
+    client, server = handshake(QuicConnection, QuicConnection)
+    why = "the short receive and write ways of an open tunnel"
+    for conn in (client, server):
+        assert hasattr(conn, name), missing(name, why, "QuicConnection")
 
 
 @pytest.mark.parametrize("name", sorted(TLS_INTERNALS))

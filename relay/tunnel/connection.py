@@ -279,6 +279,7 @@ class TunnelConnection(QuicConnection):
         """Whether aioquic's 1-RTT writer could only write an ACK, limits and DATAGRAMs now."""
         if (
             not self._handshake_complete
+            or self._quic_logger is not None  # aioquic logs each frame it writes
             or not network_path.is_validated
             or network_path.remote_challenges
             or self._handshake_done_pending

@@ -7,9 +7,9 @@ and one without, and compares after every step what the connections did: the eve
 reported, the packets each sent (how many, how large: contents differ, the keys are the worlds'
 own) and the state aioquic keeps about them (packet numbers, ACK ranges and timers, congestion
 window and bytes in flight, pacing, idle timer, connection state). The conversations are random
-but seeded: datagrams of any size in bursts either way, control-stream data, PINGs, time passing
-with timers run, and a network that loses, duplicates, reorders and corrupts packets and once
-in a while delivers one from another address.
+but seeded: datagrams of any size in bursts either way, control-stream data, PINGs, key updates,
+time passing with timers run, and a network that loses, duplicates, reorders and corrupts
+packets and once in a while delivers one from another address.
 """
 
 from __future__ import annotations
@@ -124,6 +124,8 @@ def conversation(seed: int, steps: int) -> Iterator[tuple[str, Any]]:
             yield "stream", (side, rng.randint(1, 3000))
         elif roll < 0.53:
             yield "ping", (side,)
+        elif roll < 0.55:
+            yield "key update", (side,)
         elif roll < 0.8:
             yield "wait", (rng.choice((0.0005, 0.002, 0.02, 0.05, 0.3)),)
         else:
@@ -151,6 +153,9 @@ class Run:
         elif action == "ping":
             (side,) = args
             world.conn(side).send_ping(7)
+        elif action == "key update":
+            (side,) = args
+            world.conn(side).request_key_update()
         elif action == "wait":
             (seconds,) = args
             self.now += seconds
@@ -229,6 +234,6 @@ def test_the_short_ways_do_what_aioquic_does(seed: int) -> None:
             f"seed {seed}: step {number} ({action} {args}) differs"
         )
     taken = [short.world.conn(side) for side in ("client", "server")]
-    assert all(conn.short_received > 20 and conn.short_sent > 20 for conn in taken)
+    assert all(conn.short_received >= 10 and conn.short_sent >= 10 for conn in taken)
     untaken = [plain.world.conn(side) for side in ("client", "server")]
     assert all(conn.short_received == conn.short_sent == 0 for conn in untaken)

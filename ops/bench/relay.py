@@ -132,6 +132,10 @@ STALL: Final = 0.05
 GRACE: Final = 0.2
 #: CPU (cores) other processes may use during a row before it is measured again
 BUSY: Final = 0.25
+#: relay CPU (cores per worker) below which the throughput phase did not load the relay fully:
+#: the echo node or the load generator bounded the closed loop, and the row's cost per packet
+#: is that of a relay at partial load (smaller batches), not at full load
+SATURATED: Final = 0.9
 #: windows the warm-up tries; the throughput phase uses the one that made the most round trips
 WINDOWS: Final = (16, 64, 256)
 # Linux: kernel receive timestamps as a timespec (SO_TIMESTAMPNS == SCM_TIMESTAMPNS); not all
@@ -921,10 +925,17 @@ def render(result: BenchResult) -> str:
             continue
         loaded = _ratio(ours.cpu_per_packet, theirs.cpu_per_packet)
         paced = _ratio(ours.latency_cpu_per_packet, theirs.latency_cpu_per_packet)
+        bound = ""
+        if ours.relay_busy < SATURATED * p.workers:
+            bound = (
+                f" (at full load the relay used {ours.relay_busy:.2f} of"
+                f" {'a core' if p.workers == 1 else f'{p.workers} cores'}: the echo node and the"
+                " load generator, not the relay, bounded the loop)"
+            )
         lines.append(
             f"{n:>5,} sessions: the parley path adds {_ms(ours.p50 - theirs.p50)} ms at p50"
             f" and {_ms(ours.p99 - theirs.p99)} ms at p99; its relay CPU per packet is"
-            f" {loaded:.1f}x the bare forwarder's at full load, {paced:.1f}x paced"
+            f" {loaded:.1f}x the bare forwarder's at full load, {paced:.1f}x paced{bound}"
         )
     if p.node_tick_ms > 0:
         lines += ["", *_render_grid(result)]

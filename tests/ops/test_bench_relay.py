@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import attrs
+
 from ops.bench.relay import BenchResult, Figures, Params, render
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -127,6 +129,10 @@ def test_render_shows_both_paths_and_the_difference() -> None:
     assert "adds 0.300 ms at p50 and 0.600 ms at p99" in table
     assert "1 of 50 paced datagrams lost" in table
     assert "sending on a 20 ms grid" in table
+    # relay_cpu 0.02 over a 1 s window: the relay was far from full, and the line says so
+    assert "the relay used 0.02 of a core: the echo node and the load generator" in table
+    busy = attrs.evolve(result, rows=[attrs.evolve(result.rows[0], relay_cpu=0.95), result.rows[1]])
+    assert "not the relay, bounded" not in render(busy)
     (grid,) = [line for line in lines if line.startswith("       1      50")]
     assert "2.5x" in grid and "10.500 / 20.500" in grid and "10.200 / 20.200" in grid
     data = result.as_dict()

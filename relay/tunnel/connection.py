@@ -332,11 +332,7 @@ class TunnelConnection(QuicConnection):
                         length = buf.capacity - start
                     data = buf.pull_bytes(length)
                 except BufferReadError:
-                    raise QuicConnectionError(
-                        error_code=QuicErrorCode.FRAME_ENCODING_ERROR,
-                        frame_type=frame_type,
-                        reason_phrase="Failed to parse frame",
-                    ) from None
+                    raise _unparsable(frame_type) from None
                 limit = self._configuration.max_datagram_frame_size
                 if limit is None or buf.tell() - start >= limit:
                     raise QuicConnectionError(
@@ -374,11 +370,7 @@ class TunnelConnection(QuicConnection):
             try:
                 frame_handler(context, frame_type, buf)
             except BufferReadError:
-                raise QuicConnectionError(
-                    error_code=QuicErrorCode.FRAME_ENCODING_ERROR,
-                    frame_type=frame_type,
-                    reason_phrase="Failed to parse frame",
-                ) from None
+                raise _unparsable(frame_type) from None
             except StreamFinishedError:
                 pass  # no state left for that stream: aioquic ignores the frame
             if frame_type not in NON_ACK_ELICITING_FRAME_TYPES:
@@ -423,6 +415,15 @@ class TunnelConnection(QuicConnection):
         """Why the connection is closing, as soon as it starts to (aioquic reports
         ConnectionTerminated only after the closing or draining period, RFC 9000 §10.2)."""
         return self._close_event
+
+
+def _unparsable(frame_type: int) -> QuicConnectionError:
+    """What aioquic raises for a frame cut short or malformed."""
+    return QuicConnectionError(
+        error_code=QuicErrorCode.FRAME_ENCODING_ERROR,
+        frame_type=frame_type,
+        reason_phrase="Failed to parse frame",
+    )
 
 
 def _utc_now() -> datetime.datetime:

@@ -9,7 +9,9 @@ own) and the state aioquic keeps about them (packet numbers, ACK ranges and time
 window and bytes in flight, pacing, idle timer, connection state). The conversations are random
 but seeded: datagrams of any size in bursts either way, control-stream data, PINGs, key updates,
 time passing with timers run, and a network that loses, duplicates, reorders and corrupts
-packets and once in a while delivers one from another address.
+packets and once in a while delivers one from another address. A second test hands the short
+receive a packet sealed with the right keys whose frame is malformed: it must close the
+connection with aioquic's error, code and reason alike.
 """
 
 from __future__ import annotations
@@ -19,8 +21,11 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from aioquic import tls
 from aioquic.quic import events
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicPacketType
+from aioquic.quic.packet_builder import QuicPacketBuilder
 
 from relay.tunnel.certs import Credentials, make_ca
 from relay.tunnel.connection import LinkConfig, TunnelConnection
@@ -80,8 +85,6 @@ def describe(event: events.QuicEvent) -> Any:
 
 def state(conn: QuicConnection) -> tuple[Any, ...]:
     """What aioquic keeps about the packets a connection sent and received."""
-    from aioquic import tls
-
     space = conn._spaces[tls.Epoch.ONE_RTT]
     loss = conn._loss
     return (
@@ -237,3 +240,50 @@ def test_the_short_ways_do_what_aioquic_does(seed: int) -> None:
     assert all(conn.short_received >= 10 and conn.short_sent >= 10 for conn in taken)
     untaken = [plain.world.conn(side) for side in ("client", "server")]
     assert all(conn.short_received == conn.short_sent == 0 for conn in untaken)
+
+
+#: frames no peer of ours sends: (frame type, the bytes after it), each a protocol error
+FORGED = {
+    "datagram longer than its packet": (0x31, b"\x40\xff" + b"x" * 20),
+    "unknown frame type": (0x3F, b"x" * 20),
+    "ack cut short": (0x02, b"\x05"),
+    "crypto frame cut short": (0x06, b"\x00\x40\xff" + b"x" * 20),
+}
+
+
+def forge(sender: TunnelConnection, frame_type: int, body: bytes) -> bytes:
+    """A 1-RTT packet sealed with ``sender``'s keys that carries one frame as given."""
+    builder = QuicPacketBuilder(
+        host_cid=sender.host_cid,
+        peer_cid=sender._peer_cid.cid,
+        version=sender._version,
+        is_client=sender._is_client,
+        max_datagram_size=1200,
+        packet_number=sender._packet_number,
+        spin_bit=sender._spin_bit,
+    )
+    builder.start_packet(QuicPacketType.ONE_RTT, sender._cryptos[tls.Epoch.ONE_RTT])
+    builder.start_frame(frame_type).push_bytes(body)
+    (datagram,), _ = builder.flush()
+    sender._packet_number += 1
+    return datagram
+
+
+@pytest.mark.parametrize("name", sorted(FORGED))
+def test_a_malformed_frame_closes_the_connection_as_aioquic_does(name: str) -> None:
+    short, plain = twin_runs()
+    for action, args in conversation(seed=99, steps=60):
+        assert short.act(action, args) == plain.act(action, args)
+    frame_type, body = FORGED[name]
+    for run in (short, plain):
+        world = run.world
+        world.server.receive_datagram(forge(world.client, frame_type, body), CLIENT_ADDR, run.now)
+    after = [run.act("wait", (0.02,)) for run in (short, plain)]
+    assert after[0] == after[1]
+    closed = [run.world.server.close_event for run in (short, plain)]
+    assert closed[0] is not None and closed[1] is not None
+    assert (closed[0].error_code, closed[0].reason_phrase) == (
+        closed[1].error_code,
+        closed[1].reason_phrase,
+    )
+    assert short.world.server.short_received > plain.world.server.short_received == 0

@@ -25,10 +25,10 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Sequence
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, final
+from typing import IO, TYPE_CHECKING, Final, final
 
 import attrs
 
@@ -107,11 +107,26 @@ class EtcdServerTLS:
         ]
 
 
+#: ports :func:`free_port` gave out lately. Callers ask for several before binding any (an
+#: etcd's client and peer ports, every child of ``parley up``), and the kernel may offer a port
+#: again as soon as the socket that found it is closed: a CI run once started an etcd whose
+#: client and peer URLs had the same port, and it failed to bind its own second listener.
+_GIVEN: deque[int] = deque(maxlen=1024)
+#: fresh ports tried before giving up (the kernel repeating itself this often means trouble)
+_PORT_TRIES: Final = 64
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on ``host``."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A TCP port that was free a moment ago on ``host``, and not given out by this function
+    lately in this process."""
+    for _ in range(_PORT_TRIES):
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+            s.bind((host, 0))
+            port = int(s.getsockname()[1])
+        if port not in _GIVEN:
+            _GIVEN.append(port)
+            return port
+    raise OSError(f"no free port on {host} that was not just given out ({_PORT_TRIES} tries)")
 
 
 def find_etcd_binary() -> str:

@@ -133,12 +133,18 @@ def test_the_tls_internals_we_use_exist(name: str) -> None:
         assert hasattr(conn.tls, name), missing(name, TLS_INTERNALS[name], "tls.Context")
 
 
-def test_the_private_buffer_module_we_import_exists() -> None:
-    # relay/tunnel/quic.py parses packet headers with it (aioquic.buffer re-exports it without
-    # type information).
-    assert hasattr(importlib.import_module("aioquic._buffer"), "Buffer"), missing(
-        "Buffer", "to parse QUIC headers", "aioquic._buffer"
-    )
+@pytest.mark.parametrize(
+    ("module", "name", "why"),
+    [
+        # relay/tunnel/quic.py parses packet headers with it (aioquic.buffer re-exports it
+        # without type information), and so does the short receive its frames
+        ("aioquic._buffer", "Buffer", "to parse QUIC headers and frames"),
+        ("aioquic._buffer", "BufferReadError", "to tell a frame cut short"),
+        ("aioquic._crypto", "CryptoError", "to drop a packet that does not decrypt"),
+    ],
+)
+def test_the_private_modules_we_import_exist(module: str, name: str, why: str) -> None:
+    assert hasattr(importlib.import_module(module), name), missing(name, why, module)
 
 
 def test_the_internals_still_do_what_we_use_them_for() -> None:

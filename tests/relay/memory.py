@@ -7,12 +7,13 @@ a test can drive a whole handshake deterministically by moving datagrams between
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TypeVar
 
 from aioquic._buffer import Buffer
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.packet import pull_quic_header
 
-from relay.tunnel.connection import CID_LENGTH
+from relay.tunnel.connection import CID_LENGTH, LinkConfig
 
 CLIENT_ADDR = ("127.0.0.1", 40001)
 SERVER_ADDR = ("127.0.0.1", 4433)
@@ -69,3 +70,28 @@ def pump(
         if not moved:
             return
     raise AssertionError("the connections never went quiet")
+
+
+C = TypeVar("C", bound=QuicConnection)
+S = TypeVar("S", bound=QuicConnection)
+
+
+def handshake(
+    client_type: type[C],
+    server_type: type[S],
+    *,
+    node: LinkConfig,
+    relay: LinkConfig,
+    now: float,
+) -> tuple[C, S]:
+    """A node's connection (the client, from CLIENT_ADDR) and a relay's (the server, at
+    SERVER_ADDR), handshaken in memory at ``now``."""
+    client = client_type(configuration=node.quic(is_client=True))
+    client.connect(SERVER_ADDR, now)
+    dcid, flight = first_dcid(client, now)
+    server = server_type(
+        configuration=relay.quic(is_client=False), original_destination_connection_id=dcid
+    )
+    deliver(flight, server, CLIENT_ADDR, now)
+    pump(client, server, now)
+    return client, server

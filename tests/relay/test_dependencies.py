@@ -24,7 +24,7 @@ from relay.tunnel.connection import (
     LinkConfig,
     TunnelConnection,
 )
-from tests.relay.memory import SERVER_ADDR, deliver, first_dcid, pump
+from tests.relay import memory
 
 CA = make_ca()
 RELAY = LinkConfig(Credentials.issued(*CA, "relay", "r1"))
@@ -90,16 +90,7 @@ def handshake(
     client_type: type[QuicConnection], server_type: type[QuicConnection]
 ) -> tuple[QuicConnection, QuicConnection]:
     """A node's connection and a relay's, handshaken in memory."""
-    now = 1.0
-    client = client_type(configuration=NODE.quic(is_client=True))
-    client.connect(SERVER_ADDR, now)
-    dcid, flight = first_dcid(client, now)
-    server = server_type(
-        configuration=RELAY.quic(is_client=False), original_destination_connection_id=dcid
-    )
-    deliver(flight, server, ("127.0.0.1", 40001), now)
-    pump(client, server, now)
-    return client, server
+    return memory.handshake(client_type, server_type, node=NODE, relay=RELAY, now=1.0)
 
 
 def missing(name: str, why: str, where: str) -> str:

@@ -29,7 +29,7 @@ from aioquic.quic.packet_builder import QuicPacketBuilder
 
 from relay.tunnel.certs import Credentials, make_ca
 from relay.tunnel.connection import LinkConfig, TunnelConnection
-from tests.relay.memory import CLIENT_ADDR, SERVER_ADDR, deliver, first_dcid, pump
+from tests.relay.memory import CLIENT_ADDR, SERVER_ADDR, handshake, pump
 
 CA = make_ca()
 RELAY = LinkConfig(Credentials.issued(*CA, "relay", "r1"))
@@ -37,22 +37,19 @@ NODE = LinkConfig(Credentials.issued(*CA, "node", "n1"))
 ELSEWHERE = ("127.0.0.2", 40002)
 
 
+class AioquicsOwn(TunnelConnection):
+    """A tunnel connection that leaves every packet to aioquic, from its first."""
+
+    short_receive = short_send = False
+
+
 class World:
     """A node's connection (client) and a relay's (server), handshaken in memory, with or
     without the short ways, and the packets each has sent that the network still holds."""
 
     def __init__(self, short: bool, now: float) -> None:
-        self.client = TunnelConnection(configuration=NODE.quic(is_client=True))
-        self.client.connect(SERVER_ADDR, now)
-        dcid, flight = first_dcid(self.client, now)
-        self.server = TunnelConnection(
-            configuration=RELAY.quic(is_client=False), original_destination_connection_id=dcid
-        )
-        for conn in (self.client, self.server):
-            conn.short_receive = conn.short_send = short
-        deliver(flight, self.server, CLIENT_ADDR, now)
-        pump(self.client, self.server, now)
-        self.events: list[tuple[str, Any]] = []
+        kind = TunnelConnection if short else AioquicsOwn
+        self.client, self.server = handshake(kind, kind, node=NODE, relay=RELAY, now=now)
         self.drain_events()
         self.client.send_stream_data(0, b"hello\n")  # the tunnels' control stream
         pump(self.client, self.server, now)

@@ -108,7 +108,10 @@ class RtcpReports:
         if RTP went either way since the last one, else at :data:`RTCP_IDLE_INTERVAL`."""
         mean = RTCP_INTERVAL if self._flowing else RTCP_IDLE_INTERVAL
         self._flowing = False
-        self._at = now + mean * self._rng.uniform(0.5, 1.5)
+        self._at = self._after(now, mean)
+
+    def _after(self, now: float, mean: float) -> float:
+        return now + mean * self._rng.uniform(0.5, 1.5)
 
     def _flows(self, now: float) -> None:
         """The first RTP packet since the last report was scheduled: a report scheduled at the
@@ -116,7 +119,7 @@ class RtcpReports:
         self._flowing = True
         at = self._at
         if at is not None and at > now + RTCP_INTERVAL * 1.5:
-            self._at = now + RTCP_INTERVAL * self._rng.uniform(0.5, 1.5)
+            self._at = self._after(now, RTCP_INTERVAL)
 
     # --- what we sent and received ------------------------------------------------------------
 

@@ -53,7 +53,7 @@ from aioquic.quic.packet import (
     QuicPacketType,
 )
 from aioquic.quic.packet_builder import QuicPacketBuilder, QuicPacketBuilderStop
-from aioquic.quic.recovery import MAX_ACK_RANGES
+from aioquic.quic.recovery import MAX_ACK_RANGES, QuicPacketPacer
 from aioquic.quic.stream import StreamFinishedError
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -67,6 +67,7 @@ __all__ = [
     "MAX_DATAGRAM_FRAME_SIZE",
     "LinkConfig",
     "TunnelConnection",
+    "TunnelPacer",
 ]
 
 ALPN: Final = "parley-tunnel/1"
@@ -80,6 +81,11 @@ MAX_DATAGRAM_FRAME_SIZE: Final = 65536
 #: aioquic's default, RFC 9000 §18.2). An ACK due by then rides on the next packet either way.
 ACK_DELAY: Final = 0.020
 
+#: RFC 9002 §7.7: a sender that paces may still send bursts of its initial window, ten packets
+BURST_PACKETS: Final = 10
+#: and the pacer's bucket holds at least this long of its rate (see TunnelPacer)
+BURST_SPAN: Final = 0.002
+
 _ONE_RTT: Final = tls.Epoch.ONE_RTT
 _ZERO_RTT: Final = tls.Epoch.ZERO_RTT
 _CONNECTED: Final = QuicConnectionState.CONNECTED
@@ -87,6 +93,33 @@ _DATAGRAM: Final = int(QuicFrameType.DATAGRAM)
 _DATAGRAM_WITH_LENGTH: Final = int(QuicFrameType.DATAGRAM_WITH_LENGTH)
 #: aioquic's table of frame handlers (a name-mangled private attribute of QuicConnection)
 _FRAME_HANDLERS: Final = "_QuicConnection__frame_handlers"
+
+
+class TunnelPacer(QuicPacketPacer):
+    """aioquic's token-bucket pacer, with a bucket that never holds less than a burst.
+
+    aioquic sizes the bucket as up to 16 packets' worth of its rate (a quarter of the
+    congestion window at most) and clamps the time per packet at 1 µs. On a fast path with a
+    large window (a tunnel is application-limited, and aioquic grows the window on every
+    acknowledgement regardless: 34 MB after seconds under load on loopback) the rate runs into
+    the clamp, the bucket shrinks below one packet's 1 µs, and the pacer lets out one packet per
+    call: every further packet of a flush waited for a timer of its own. Under load that was
+    4,500 timer wake-ups a second on a relay, most of its timer task's 29 % of the relay's time,
+    and the node's grid bursts left one QUIC packet per wake-up instead of one segmented send.
+
+    The bucket here holds at least :data:`BURST_PACKETS` packets (the initial window, the
+    burst RFC 9002 §7.7 allows a pacing sender) and at least :data:`BURST_SPAN` of the rate,
+    so that a Trio timer, which fires tens to hundreds of microseconds late on a busy loop,
+    still keeps up with the rate (quic-go sizes its bucket the same way). A slow path is still
+    paced: at a packet every 5 ms the bucket is 50 ms, ten packets. Only the bucket's size
+    differs from aioquic's pacer.
+    """
+
+    def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
+        super().update_rate(congestion_window=congestion_window, smoothed_rtt=smoothed_rtt)
+        packet_time = self.packet_time
+        if packet_time is not None:
+            self.bucket_max = max(self.bucket_max, BURST_PACKETS * packet_time, BURST_SPAN)
 
 
 class TunnelConnection(QuicConnection):
@@ -103,6 +136,8 @@ class TunnelConnection(QuicConnection):
         super().__init__(**kwargs)
         # aioquic internal: its ACK delay is fixed at 1 ms (see ACK_DELAY).
         self._ack_delay = ACK_DELAY
+        # aioquic internal: the loss recovery's pacer, replaced before anything was sent
+        self._loss._pacer = TunnelPacer(max_datagram_size=self._loss._pacer._max_datagram_size)
         self._handlers: dict[int, tuple[Callable[..., None], frozenset[tls.Epoch]]] = getattr(
             self, _FRAME_HANDLERS
         )

@@ -16,6 +16,7 @@ import importlib.metadata
 
 import pytest
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.recovery import QuicPacketPacer
 
 from relay.tunnel.certs import Credentials, Identity, make_ca, verify_peer
 from relay.tunnel.connection import (
@@ -157,6 +158,18 @@ def test_the_internals_still_do_what_we_use_them_for() -> None:
     assert client.close_event is None
     client.close(error_code=0, reason_phrase="bye")
     assert client.close_event is not None and client.close_event.reason_phrase == "bye"
+
+
+def test_the_pacer_we_replace_is_still_there() -> None:
+    # TunnelConnection swaps its loss recovery's pacer for TunnelPacer (a subclass that sizes
+    # the bucket differently), built with the same datagram size.
+    client, server = handshake(QuicConnection, QuicConnection)
+    for conn in (client, server):
+        assert hasattr(conn._loss, "_pacer"), missing("_pacer", "to pace tunnels", "recovery")
+        pacer = conn._loss._pacer
+        assert type(pacer) is QuicPacketPacer, "aioquic's recovery uses another pacer class"
+        for name in ("_max_datagram_size", "bucket_max", "packet_time"):
+            assert hasattr(pacer, name), missing(name, "TunnelPacer", "QuicPacketPacer")
 
 
 def test_a_plain_aioquic_server_asks_for_no_client_certificate() -> None:

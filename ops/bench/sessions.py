@@ -39,7 +39,7 @@ Figures, for each side:
    server's CPU seconds per wall second over a window, divided by N (the relay's too, in cluster
    mode).
 3. **Sessions one core holds**: N ramps up (5, 10, 20, 40 ... up to ``--sessions``; always
-   through N=10) until a step fails above the largest pass, then bisects twice. A step passes
+   through N=10) until a step fails above the largest pass, then bisects three times. A step passes
    with under 1% bad echoed frames (*late*: came more than 5 ms later after the previous one
    than their RTP timestamps are apart; *missing*: its timestamp never came) and an echo delay
    (arrival minus RTP timestamp) that moved less than 20 ms over the window. A step that fails
@@ -126,7 +126,7 @@ SETUP_CONCURRENCY: Final = 4
 #: the ramp goes on through this N whatever happens (CPU per session at N=5 and N=10)
 MANDATORY_STEP: Final = 10
 #: bisection steps after the first failure
-REFINEMENTS: Final = 2
+REFINEMENTS: Final = 3
 #: a failing step gets a third window if other processes used this much CPU in both others
 BUSY_OTHERS: Final = 0.2
 
@@ -584,7 +584,7 @@ def main(argv: Sequence[str] | None = None) -> BenchResult:
         warmup=args.warmup if args.warmup is not None else (1.5 if quick else 3.0),
         window=args.window if args.window is not None else (3.0 if quick else 6.0),
         decode_all=args.client_decode,
-        time_budget=20.0 if quick else 150.0,
+        time_budget=20.0 if quick else 200.0,
         sides=sides,
         profile=str(Path(args.profile).resolve()) if args.profile else None,
         tick_ms=args.tick_ms,

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import datetime
 import ssl
+from collections import deque
 from collections.abc import Callable
 from typing import Any, Final, final
 
@@ -46,13 +47,14 @@ from aioquic.quic.connection import (
 )
 from aioquic.quic.packet import (
     NON_ACK_ELICITING_FRAME_TYPES,
+    PACKET_NUMBER_MAX_SIZE,
     PACKET_SPIN_BIT,
     PROBING_FRAME_TYPES,
     QuicErrorCode,
     QuicFrameType,
     QuicPacketType,
 )
-from aioquic.quic.packet_builder import QuicPacketBuilder, QuicPacketBuilderStop
+from aioquic.quic.packet_builder import PACKET_NUMBER_SEND_SIZE, QuicPacketBuilder
 from aioquic.quic.recovery import MAX_ACK_RANGES, QuicPacketPacer
 from aioquic.quic.stream import StreamFinishedError
 from cryptography import x509
@@ -91,6 +93,9 @@ _ZERO_RTT: Final = tls.Epoch.ZERO_RTT
 _CONNECTED: Final = QuicConnectionState.CONNECTED
 _DATAGRAM: Final = int(QuicFrameType.DATAGRAM)
 _DATAGRAM_WITH_LENGTH: Final = int(QuicFrameType.DATAGRAM_WITH_LENGTH)
+#: the least room aioquic's start_frame asks of a packet's first frame (header protection samples
+#: bytes after the packet number, RFC 9001 §5.4.2)
+_FIRST_FRAME_ROOM: Final = PACKET_NUMBER_MAX_SIZE - PACKET_NUMBER_SEND_SIZE
 #: aioquic's table of frame handlers (a name-mangled private attribute of QuicConnection)
 _FRAME_HANDLERS: Final = "_QuicConnection__frame_handlers"
 
@@ -296,21 +301,47 @@ class TunnelConnection(QuicConnection):
             self._write_connection_limits(builder=builder, space=space)
             for stream in streams.values():
                 self._write_stream_limits(builder=builder, space=space, stream=stream)
-            while pending:
-                data = pending[0]
-                length = len(data)
-                try:
-                    buf = builder.start_frame(
-                        _DATAGRAM_WITH_LENGTH, capacity=1 + size_uint_var(length) + length
-                    )
-                except QuicPacketBuilderStop:
-                    break
-                buf.push_uint_var(length)
-                buf.push_bytes(data)
-                pending.popleft()
+            if pending:
+                self._write_datagrams(builder, pending)
             if builder.packet_is_empty:
                 break
             pacer.update_after_send(now=now)
+
+    @staticmethod
+    def _write_datagrams(builder: QuicPacketBuilder, pending: deque[bytes]) -> None:
+        """As many of ``pending`` as fit into the builder's packet, as DATAGRAM frames.
+
+        What aioquic's ``start_frame`` does for each, without the call, its three property reads
+        and its four frame-type checks per frame (6 % of a loaded relay's time went there): a
+        frame fits if neither the packet's buffer nor the congestion window's room for it
+        (both fixed when the packet started) is short of the frame's size after the AEAD tag;
+        the first frame of a packet must leave room for header protection's sample, which any
+        DATAGRAM frame does unless aioquic raised that minimum; a DATAGRAM frame makes the
+        packet ack-eliciting and in flight.
+        """
+        buf = builder._buffer
+        packet = builder._packet
+        assert packet is not None and builder._packet_crypto is not None
+        room = (
+            min(builder._buffer_capacity, builder._flight_capacity)
+            - builder._packet_crypto.aead_tag_size
+        )
+        empty_until = builder._packet_start + builder._header_size
+        while pending:
+            data = pending[0]
+            length = len(data)
+            capacity = 1 + size_uint_var(length) + length
+            position = buf.tell()
+            if position <= empty_until and capacity < _FIRST_FRAME_ROOM:
+                capacity = _FIRST_FRAME_ROOM
+            if room - position < capacity:
+                return
+            buf.push_uint_var(_DATAGRAM_WITH_LENGTH)
+            packet.is_ack_eliciting = True
+            packet.in_flight = True
+            buf.push_uint_var(length)
+            buf.push_bytes(data)
+            pending.popleft()
 
     def _only_datagrams_due(self, network_path: QuicNetworkPath) -> bool:
         """Whether aioquic's 1-RTT writer could only write an ACK, limits and DATAGRAMs now."""

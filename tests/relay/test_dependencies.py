@@ -15,7 +15,10 @@ import importlib
 import importlib.metadata
 
 import pytest
+from aioquic import tls
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.packet import QuicPacketType
+from aioquic.quic.packet_builder import QuicPacketBuilder
 from aioquic.quic.recovery import QuicPacketPacer
 
 from relay.tunnel.certs import Credentials, Identity, make_ca, verify_peer
@@ -158,6 +161,39 @@ def test_the_internals_still_do_what_we_use_them_for() -> None:
     assert client.close_event is None
     client.close(error_code=0, reason_phrase="bye")
     assert client.close_event is not None and client.close_event.reason_phrase == "bye"
+
+
+#: QuicPacketBuilder attributes TunnelConnection._write_datagrams reads and sets, as aioquic's
+#: start_frame does for each frame
+BUILDER_INTERNALS = (
+    "_buffer",
+    "_buffer_capacity",
+    "_flight_capacity",
+    "_header_size",
+    "_packet",
+    "_packet_crypto",
+    "_packet_start",
+)
+
+
+def test_the_packet_builder_internals_of_the_short_write_exist() -> None:
+    client, _ = handshake(QuicConnection, QuicConnection)
+    assert client._version is not None
+    builder = QuicPacketBuilder(
+        host_cid=client.host_cid,
+        peer_cid=client._peer_cid.cid,
+        version=client._version,
+        is_client=True,
+        max_datagram_size=1200,
+    )
+    builder.start_packet(QuicPacketType.ONE_RTT, client._cryptos[tls.Epoch.ONE_RTT])
+    why = "to write DATAGRAM frames without start_frame"
+    for name in BUILDER_INTERNALS:
+        assert hasattr(builder, name), missing(name, why, "QuicPacketBuilder")
+    packet = builder._packet
+    assert packet is not None
+    for name in ("is_ack_eliciting", "in_flight"):
+        assert hasattr(packet, name), missing(name, why, "QuicSentPacket")
 
 
 def test_the_pacer_we_replace_is_still_there() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -118,6 +119,7 @@ class WebSocketClient:
                     self.answer, self.session = message["sdp"], message["session"]
                     self.answered.set()
                 elif message["type"] == "event":
+                    message["_received"] = time.monotonic()  # the test's clock, not the node's
                     self.events.append(message)
                 else:
                     raise AssertionError(f"unexpected signaling message {message}")

@@ -88,8 +88,19 @@ def outcome(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
 
 
 def explain(result: dict[str, Any]) -> str:
-    brief = {k: v for k, v in result.items() if not k.startswith(("status_", "chromium_s"))}
-    return json.dumps(brief, indent=1, default=str)[-12000:]
+    # What went wrong first, whole (the scenario's error and traceback); then the rest, cut to
+    # its last part (the logs' tails, where a failure's context is)
+    first = {k: result[k] for k in ("error", "traceback", "errors") if k in result}
+    rest = {
+        k: v
+        for k, v in result.items()
+        if k not in first and not k.startswith(("status_", "chromium_s"))
+    }
+    return (
+        json.dumps(first, indent=1, default=str)
+        + "\n"
+        + json.dumps(rest, indent=1, default=str)[-12000:]
+    )
 
 
 def owners(status: dict[str, Any]) -> dict[str, str]:

@@ -51,38 +51,47 @@ async def migrate(
     tls: EtcdTLS | None = None,
 ) -> int:
     """Move ``session`` to ``target``; exit status 0 moved, 1 refused or failed, 2 no etcd.
+    ``within`` bounds the whole command, from connecting to etcd to the move's outcome: an
+    etcd that accepts a watch and never confirms it cannot hold an operator's script past it.
     ``tls``: the operator's client certificate, for an etcd that requires one."""
     keys = Keyspace(prefix)
     started = time.time()
+    requested: Move | None = None
     try:
-        async with open_etcd(endpoint, tls=tls) as etcd:
-            members = Members(etcd, keys)
-            node = await members.node(target)
-            if node is None or node.info.state != "active":
-                why = "not registered" if node is None else f"{node.info.state}"
-                return _refused(out, as_json, session, target, f"node {target} is {why}")
-            moves = Moves(etcd, keys)
-            # Watch first: a move can be over (and its key gone) before a later watch started.
-            async with moves.watch() as changes:
-                try:
-                    move = await moves.request(session, target)
-                except MoveError as exc:
-                    return _refused(out, as_json, session, target, str(exc))
-                if not as_json:
-                    _print(out, f"moving {session}: {move.source} -> {target} (epoch {move.epoch})")
-                with trio.move_on_after(within):
+        with trio.move_on_after(within):
+            async with open_etcd(endpoint, tls=tls) as etcd:
+                members = Members(etcd, keys)
+                node = await members.node(target)
+                if node is None or node.info.state != "active":
+                    why = "not registered" if node is None else f"{node.info.state}"
+                    return _refused(out, as_json, session, target, f"node {target} is {why}")
+                moves = Moves(etcd, keys)
+                # Watch first: a move can be over (and its key gone) before a later watch
+                # started.
+                async with moves.watch() as changes:
+                    try:
+                        requested = move = await moves.request(session, target)
+                    except MoveError as exc:
+                        return _refused(out, as_json, session, target, str(exc))
+                    if not as_json:
+                        _print(
+                            out,
+                            f"moving {session}: {move.source} -> {target} (epoch {move.epoch})",
+                        )
                     final = await _follow(changes, session, move.id)
                     if final is None:
                         owner = await Owners(etcd, keys).owner_of(session)
                         if owner is not None and owner.node == target:
                             final = move.advance("ready").advance("done", new_epoch=owner.epoch)
                     return _report(out, as_json, move, final, started)
-            return _refused(
-                out, as_json, session, target, f"no outcome within {within:g} s (still running)"
-            )
     except EtcdError as exc:
         print(f"parley migrate: etcd at {endpoint} did not answer: {exc}", file=sys.stderr)
         return 2
+    if requested is None:
+        why = f"etcd at {endpoint} did not let the move start within {within:g} s"
+    else:
+        why = f"no outcome within {within:g} s (still running)"
+    return _refused(out, as_json, session, target, why)
 
 
 def _refused(out: TextIO, as_json: bool, session: str, target: str, reason: str) -> int:
@@ -150,20 +159,22 @@ async def drain(
     summary: dict[str, Any] = {"node": node_id, "moved": 0, "failed": [], "remaining": []}
     try:
         async with open_etcd(endpoint, tls=tls) as etcd:
-            member = await Members(etcd, keys).node(node_id)
-            if member is None:
-                summary["error"] = f"node {node_id} is not registered"
-                return _drain_result(out, as_json, summary, started, 1)
-            moves = Moves(etcd, keys)
-            owned = await _owned_by(etcd, keys, node_id)
-            total = len(owned)
-            async with moves.watch() as changes:
-                if not await moves.request_drain(node_id, member.lease, by="parley drain"):
-                    if not as_json:
-                        _print(out, f"a drain of {node_id} was already requested; following it")
-                elif not as_json:
-                    _print(out, f"draining {node_id}: {total} sessions to move")
-                with trio.move_on_after(within):
+            # ``within`` bounds all of it (a watch etcd never confirms included), but for the
+            # last read of what is left, which has etcd's own deadline.
+            with trio.move_on_after(within):
+                member = await Members(etcd, keys).node(node_id)
+                if member is None:
+                    summary["error"] = f"node {node_id} is not registered"
+                    return _drain_result(out, as_json, summary, started, 1)
+                moves = Moves(etcd, keys)
+                owned = await _owned_by(etcd, keys, node_id)
+                total = len(owned)
+                async with moves.watch() as changes:
+                    if not await moves.request_drain(node_id, member.lease, by="parley drain"):
+                        if not as_json:
+                            _print(out, f"a drain of {node_id} was already requested; following it")
+                    elif not as_json:
+                        _print(out, f"draining {node_id}: {total} sessions to move")
                     await _watch_drain(etcd, keys, moves, changes, node_id, summary, out, as_json)
                     summary["remaining"] = []
                     # The watch may not have delivered every move's end before the node was

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import functools
 import math
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import attrs
@@ -30,13 +32,44 @@ def utterance() -> bytes:
     return speech.speak("testing the agent bridge", rate=190)
 
 
-def start_agent() -> subprocess.Popen[bytes]:
-    agent = subprocess.Popen(
-        [sys.executable, str(EXAMPLE), "--port", str(AGENT_PORT)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    return agent
+def start_agent(log: Path) -> subprocess.Popen[bytes]:
+    """The example agent, its log (which says when a node's connection is served) in ``log``."""
+    with log.open("wb") as sink:
+        return subprocess.Popen(
+            [sys.executable, str(EXAMPLE), "--port", str(AGENT_PORT)],
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+        )
+
+
+async def served(agent: subprocess.Popen[bytes], log: Path, session: str) -> None:
+    """Until the agent says the node's connection for ``session`` is up. A fixed pause was not
+    enough under load: a Python process takes several seconds to start on a machine running the
+    whole suite, and a node that found no agent backs off before it tries again; a turn that
+    ended before the connection came went unanswered."""
+    loop = asyncio.get_running_loop()
+    until = loop.time() + 30.0
+    while f"session {session} connected" not in (said := await asyncio.to_thread(read, log)):
+        assert agent.poll() is None, f"the agent exited with {agent.returncode}"
+        assert loop.time() < until, f"the node did not reach the agent: {said[-2000:]}"
+        await asyncio.sleep(0.05)
+
+
+def read(log: Path) -> str:
+    return log.read_text(errors="replace")
+
+
+def listening(agent: subprocess.Popen[bytes]) -> None:
+    """Until the agent accepts connections (so the session's first attempt finds it)."""
+    until = time.monotonic() + 30.0
+    while True:
+        assert agent.poll() is None, f"the agent exited with {agent.returncode}"
+        try:
+            socket.create_connection(("127.0.0.1", AGENT_PORT), timeout=0.5).close()
+            return
+        except OSError:
+            assert time.monotonic() < until, f"the agent did not listen on {AGENT_PORT}"
+            time.sleep(0.05)
 
 
 @pytest.fixture
@@ -48,11 +81,12 @@ def node_config(node_config: Config) -> Config:
 
 
 def test_external_agent_serves_a_session_and_survives_a_restart(
-    running_node: RunningNode,
+    running_node: RunningNode, tmp_path: Path
 ) -> None:
     sent = utterance()
     turn_seconds = len(sent) / 96_000
-    agent = start_agent()
+    agent = start_agent(tmp_path / "agent-1.log")
+    listening(agent)
     try:
 
         async def scenario() -> tuple[float, float, bool]:
@@ -60,7 +94,6 @@ def test_external_agent_serves_a_session_and_survives_a_restart(
             call = AiortcCall(sent, pause=1.5)
             loop = asyncio.get_running_loop()
             try:
-                await asyncio.sleep(1.0)  # the agent process is listening
                 offer = await call.offer()
                 status, location, answer = await asyncio.to_thread(
                     whip_post, running_node.whip, offer, running_node.access_token
@@ -68,6 +101,7 @@ def test_external_agent_serves_a_session_and_survives_a_restart(
                 assert status == 201
                 session = location.split("/")[3]
                 await call.answer(answer)
+                await served(agent, tmp_path / "agent-1.log", session)
                 start = loop.time()
                 await asyncio.sleep(2 * (turn_seconds + 1.5) + 1.0)
                 heard = call.pcm_between(start, math.inf)
@@ -77,11 +111,13 @@ def test_external_agent_serves_a_session_and_survives_a_restart(
                 agent.wait()
                 await asyncio.sleep(1.0)
                 alive = session in running_node.node.sessions
-                restarted = start_agent()
+                restarted = start_agent(tmp_path / "agent-2.log")
                 try:
+                    # The node finds the new process by itself (it keeps reconnecting).
+                    await served(restarted, tmp_path / "agent-2.log", session)
                     again = loop.time()
-                    await asyncio.sleep(2 * (turn_seconds + 1.5) + 2.0)
-                    heard = call.pcm_between(again + 1.0, math.inf)
+                    await asyncio.sleep(2 * (turn_seconds + 1.5) + 1.0)
+                    heard = call.pcm_between(again, math.inf)
                     after, _ = speech.correlation(sent, heard, len(heard) // 2 - 1)
                 finally:
                     restarted.kill()

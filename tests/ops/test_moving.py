@@ -58,15 +58,21 @@ async def timed(command: Any) -> tuple[int, dict[str, Any], float]:
     return code, json.loads(out.getvalue().splitlines()[-1]), time.monotonic() - started
 
 
-async def test_migrate_to_a_node_that_never_takes_it_ends_at_its_timeout(
-    etcd_server: EtcdServer, etcd: Etcd, keys: Keyspace
-) -> None:
-    await two_nodes(etcd, keys)
-    code, said, took = await timed(
+async def migrate_s1_to_b(
+    etcd_server: EtcdServer, keys: Keyspace
+) -> tuple[int, dict[str, Any], float]:
+    return await timed(
         lambda out: moving.migrate(
             etcd_server.endpoint, keys.prefix, "s1", "b", within=WITHIN, as_json=True, out=out
         )
     )
+
+
+async def test_migrate_to_a_node_that_never_takes_it_ends_at_its_timeout(
+    etcd_server: EtcdServer, etcd: Etcd, keys: Keyspace
+) -> None:
+    await two_nodes(etcd, keys)
+    code, said, took = await migrate_s1_to_b(etcd_server, keys)
     assert code == 1 and said["moved"] is False
     assert said["reason"] == f"no outcome within {WITHIN:g} s (still running)"
     assert WITHIN <= took < WITHIN + SLACK
@@ -78,11 +84,7 @@ async def test_migrate_ends_at_its_timeout_when_etcd_never_confirms_its_watch(
     etcd_server: EtcdServer, etcd: Etcd, keys: Keyspace
 ) -> None:
     await two_nodes(etcd, keys)
-    code, said, took = await timed(
-        lambda out: moving.migrate(
-            etcd_server.endpoint, keys.prefix, "s1", "b", within=WITHIN, as_json=True, out=out
-        )
-    )
+    code, said, took = await migrate_s1_to_b(etcd_server, keys)
     assert code == 1 and said["moved"] is False
     assert "did not let the move start within 1 s" in said["reason"]
     assert took < WITHIN + SLACK

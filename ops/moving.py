@@ -87,11 +87,15 @@ async def migrate(
     except EtcdError as exc:
         print(f"parley migrate: etcd at {endpoint} did not answer: {exc}", file=sys.stderr)
         return 2
-    if requested is None:
-        why = f"etcd at {endpoint} did not let the move start within {within:g} s"
-    else:
-        why = f"no outcome within {within:g} s (still running)"
-    return _refused(out, as_json, session, target, why)
+    if requested is None:  # etcd's part before the request did not end: as if it were down
+        print(
+            f"parley migrate: etcd at {endpoint} did not let the move start within {within:g} s",
+            file=sys.stderr,
+        )
+        return 2
+    return _refused(
+        out, as_json, session, target, f"no outcome within {within:g} s (still running)"
+    )
 
 
 def _refused(out: TextIO, as_json: bool, session: str, target: str, reason: str) -> int:

@@ -508,11 +508,15 @@ def test_rtcp_compound_is_sr_then_sdes_and_reports_on_the_client() -> None:
     sim = connected_sim()
     end = sim.talk(speech.frames(utterance())[:150])
     sim.every(sim.now + 0.1, 0.5, end, lambda: sim.to_core(sim.client.report(sim.now)))
+    # The client stays (consent checks): without them its consent expired about 25 s after it
+    # stopped talking, and the reports with it, at the fifth or sixth as the draw fell.
+    sim.keep_consent(until=end + 50)
     sim.run(end + 0.1)
     receiver_reports_from = len(sim.client.rtcp)
     # The echo ends a few hundred ms later; two reports after that, receiver reports only
     # (RFC 3550 §6.4: an SR only from a participant that sent since the report before last).
-    sim.run(end + 30)
+    # Idle intervals are randomized up to 1.5 x 5 s: 50 s hold six of them whatever the draw.
+    sim.run(end + 50)
     firsts = [
         p
         for p in sim.client.rtcp[receiver_reports_from:]

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
+import json
 import math
 
 import attrs
@@ -61,6 +63,16 @@ def vads_built(monkeypatch: pytest.MonkeyPatch) -> list[SpeechClassifier]:
     return built
 
 
+def node_figures(running_node: RunningNode) -> str:
+    """The node's figures of its sessions that tell a reply cut short from one sent late."""
+    source = running_node.node.stats_source
+    if source is None:
+        return "no stats"
+    stats = running_node.call(source)
+    keys = ("late_frames", "pacer", "dropped", "jitter_buffer", "packets_out")
+    return json.dumps([{k: one.get(k) for k in keys} for one in stats.values()])
+
+
 def test_aiortc_hears_its_turn_played_back_with_events_in_order(
     vads_built: list[SpeechClassifier], running_node: RunningNode, node_config: Config
 ) -> None:
@@ -103,7 +115,13 @@ def test_aiortc_hears_its_turn_played_back_with_events_in_order(
                 f"{e['event']}@{e['_received'] - start:+.2f}s" for e in list(client.events)
             )
             seen = f"lag {lag}, {len(heard) / 96_000:.2f} s heard, sentence {seconds:.2f} s"
-            return score, [e["event"] for e in client.events], f"{seen}; {timeline}"
+            # and whether the reply's frames left the node late or were held (the node's own
+            # figures) or reached the client in bursts (the longest wait between two frames)
+            arrivals = [at for at, _ in call.received if at >= began - REPLY_LEAD]
+            gap = max((b - a for a, b in itertools.pairwise(arrivals)), default=0.0)
+            node = await asyncio.to_thread(node_figures, running_node)
+            why = f"{seen}; {timeline}; longest wait between frames {gap:.3f} s; node: {node}"
+            return score, [e["event"] for e in client.events], why
         finally:
             await call.close()
 

@@ -35,7 +35,7 @@ from sessions.agents import FRAME_BYTES, Agent, DuckAwareAgent, ReactiveAgent, S
 from sessions.audio.echo import EchoEstimator
 from sessions.audio.jitter import Frame, FrameKind, JitterBuffer
 from sessions.audio.opus import CodecError, OpusDecoder, OpusEncoder, VoiceCodec
-from sessions.audio.pacer import FRAME_MS, FRAME_SECONDS, FRAME_TIMESTAMP, Pacer
+from sessions.audio.pacer import FRAME_MS, FRAME_SECONDS, FRAME_TIMESTAMP, GRID_SLACK, Pacer
 from sessions.audio.vad import Vad
 from sessions.deadlines import earlier
 from sessions.snapshot import MAX_PENDING, MAX_PLAYOUT
@@ -372,8 +372,17 @@ class VoiceLoop:
 
     def _speak(self, now: float) -> None:
         # The agent's reply, a little ahead of the pacer; PCM is encoded only when sent (the
-        # pacer's rule), so frames the pacer drops were never encoded.
-        while self._pacer.queued_ms < _PULL_AHEAD_MS:
+        # pacer's rule), so frames the pacer drops were never encoded. A tick handled late (a
+        # loaded node) finds several due: one frame is pulled for each, so that the pacer sends
+        # them as the burst it allows a caller that fell behind, instead of finding its queue
+        # empty (an underrun: a hole in the middle of a reply the agent had ready).
+        ahead = _PULL_AHEAD_MS
+        pacer = self._pacer
+        due = pacer.get_timer()
+        if due is not None and due < now:
+            behind = min(int((now - due + GRID_SLACK) / FRAME_SECONDS), pacer.max_catchup)
+            ahead += behind * FRAME_MS
+        while self._pacer.queued_ms < ahead:
             pcm = self._agent.pull(now)
             if pcm is None:
                 break

@@ -8,6 +8,7 @@ from sessions.agents import FRAME_BYTES, EchoAgent, TurnEchoAgent
 from sessions.audio import speech
 from sessions.audio.opus import VoiceCodec
 from sessions.transceiver import ClientEvent
+from sessions.transceiver.voice import VoiceLoop
 from sessions.turns import TurnConfig
 from sessions.webrtc.demux import PacketKind, classify
 from tests.sessions.test_transceiver import FRAME, Sim
@@ -204,3 +205,56 @@ def test_libopus_state_is_made_on_the_first_frame_each_way_not_for_a_silent_sess
     encoder, decoder = sim.core._voice.codecs
     assert encoder is not None and decoder is not None
     assert len(sim.client.pcm()) > 0  # the echo came back through them
+
+
+class _ReadyReply:
+    """An agent whose whole reply is ready (a TTS that ran ahead of real time)."""
+
+    interruptible = False
+
+    def __init__(self, frames: int) -> None:
+        self._left = frames
+
+    def on_audio(self, pcm: bytes, now: float) -> None:
+        pass
+
+    def on_turn(self, event: object, now: float) -> None:
+        pass
+
+    def on_interrupted(self, played_ms: int, now: float) -> None:
+        pass
+
+    def pull(self, now: float) -> bytes | None:
+        if not self._left:
+            return None
+        self._left -= 1
+        return bytes([self._left % 200]) * FRAME_BYTES
+
+    def poll_events(self) -> list[dict[str, object]]:
+        return []
+
+
+def test_a_late_tick_sends_every_due_frame_of_a_ready_reply_without_a_hole() -> None:
+    """A node busy for 100 ms handles its next tick five ticks late: the frames due meanwhile
+    leave together (the pacer's catch-up burst, which a jitter buffer absorbs), the RTP
+    timestamps run on without a gap, and nothing counts as an underrun. Pulling only the
+    usual two frames ahead left three of those ticks empty: holes in the reply."""
+    loop = VoiceLoop(agent=_ReadyReply(200), may_send=True, timestamp=0)
+    loop.start(0.0)
+    sent: list[list[int]] = []
+
+    def tick(at: float) -> None:
+        loop.handle_timer(at)
+        sent.append([frame.timestamp for frame in loop.frames_to_send()])
+
+    for index in range(10):
+        tick(index * FRAME)
+    tick(14 * FRAME)  # ticks 10 to 14 are due at once
+    for index in range(15, 20):
+        tick(index * FRAME)
+    assert [len(frames) for frames in sent] == [1] * 10 + [5] + [1] * 5
+    stamps = [stamp for frames in sent for stamp in frames]
+    assert stamps == [960 * index for index in range(20)]
+    pacer = loop.stats()["pacer"]
+    assert isinstance(pacer, dict)
+    assert pacer["underruns"] == 0 and pacer["skipped"] == 0 and pacer["late"] >= 4

@@ -278,7 +278,7 @@ class Pacer:
         deadline = self._deadline()
         if now < deadline:
             return None
-        behind = math.floor((now - deadline) / FRAME_SECONDS)
+        behind = self._ticks_behind(now, deadline)
         if behind > self._max_catchup:
             # A long stall: skip to the tick that is due now instead of bursting them all.
             self._tick += behind
@@ -314,6 +314,26 @@ class Pacer:
         if not self._queue and self._ending:
             self._go_idle()
         return frame
+
+    def due(self, now: float) -> int:
+        """How many ticks :meth:`pop` hands out at ``now``, each a frame if one is queued: 0
+        before the next tick's deadline, one more for each tick the caller fell behind, and 1
+        after a stall longer than ``max_catchup`` ticks (those are skipped). A caller that
+        queues frames just in time queues this many before popping, so that a late tick sends
+        a catch-up burst rather than finding the queue empty."""
+        if not self._active:
+            return 0
+        deadline = self._deadline()
+        if now < deadline:
+            return 0
+        # a later tick whose deadline is a float's rounding after ``now`` is counted as due
+        behind = self._ticks_behind(now + GRID_SLACK, deadline)
+        return 1 if behind > self._max_catchup else behind + 1
+
+    @staticmethod
+    def _ticks_behind(now: float, deadline: float) -> int:
+        """Whole ticks between the due tick's ``deadline`` and ``now``."""
+        return math.floor((now - deadline) / FRAME_SECONDS)
 
     # --- state --------------------------------------------------------------------------------
 

@@ -35,7 +35,7 @@ from sessions.agents import FRAME_BYTES, Agent, DuckAwareAgent, ReactiveAgent, S
 from sessions.audio.echo import EchoEstimator
 from sessions.audio.jitter import Frame, FrameKind, JitterBuffer
 from sessions.audio.opus import CodecError, OpusDecoder, OpusEncoder, VoiceCodec
-from sessions.audio.pacer import FRAME_MS, FRAME_SECONDS, FRAME_TIMESTAMP, GRID_SLACK, Pacer
+from sessions.audio.pacer import FRAME_MS, FRAME_SECONDS, FRAME_TIMESTAMP, Pacer
 from sessions.audio.vad import Vad
 from sessions.deadlines import earlier
 from sessions.snapshot import MAX_PENDING, MAX_PLAYOUT
@@ -376,12 +376,7 @@ class VoiceLoop:
         # loaded node) finds several due: one frame is pulled for each, so that the pacer sends
         # them as the burst it allows a caller that fell behind, instead of finding its queue
         # empty (an underrun: a hole in the middle of a reply the agent had ready).
-        ahead = _PULL_AHEAD_MS
-        pacer = self._pacer
-        due = pacer.get_timer()
-        if due is not None and due < now:
-            behind = min(int((now - due + GRID_SLACK) / FRAME_SECONDS), pacer.max_catchup)
-            ahead += behind * FRAME_MS
+        ahead = _PULL_AHEAD_MS + max(0, self._pacer.due(now) - 1) * FRAME_MS
         while self._pacer.queued_ms < ahead:
             pcm = self._agent.pull(now)
             if pcm is None:

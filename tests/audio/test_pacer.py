@@ -237,3 +237,15 @@ def test_a_grid_talkspurt_starts_on_the_nearest_point_and_keeps_its_timeline() -
     later = Pacer(grid=0.02)
     later.push(b"a", 10.013)  # nearer 10.02: never more than half a tick early or late
     assert later.get_timer() == pytest.approx(10.02)
+
+
+def test_due_counts_the_ticks_pop_hands_out_at_a_time() -> None:
+    pacer = Pacer(max_catchup=5)
+    assert pacer.due(1.0) == 0  # idle: nothing queued, no tick
+    for n in range(50):
+        pacer.push(frame(n), 0.0)
+    assert pacer.due(0.0) == 1 and drive(pacer, 0.0)  # tick 0
+    assert pacer.due(0.01) == 0  # tick 1 is due at 20 ms
+    assert pacer.due(4 * TICK) == 4  # ticks 1-4: a catch-up burst
+    assert len([f for f in (pacer.pop(4 * TICK) for _ in range(6)) if f is not None]) == 4
+    assert pacer.due(0.5 + 0.003) == 1  # a long stall: ticks 5-24 are skipped, 25 is due

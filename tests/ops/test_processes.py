@@ -17,14 +17,17 @@ from ops.etcdserver import EtcdServer, free_port
 from tests.helpers import PARLEY, run_status, token_keys
 
 
-def wait_for(predicate: Any, within: float, what: str) -> Any:
+def wait_for(predicate: Any, within: float, what: str, *, show: Any = None) -> Any:
+    """``predicate()`` once it is truthy; after ``within`` s, fails saying what ``show()``
+    (if given) finds then."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
         value = predicate()
         if value:
             return value
         time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
+    seen = "" if show is None else f"; found {show()!r}"
+    raise AssertionError(f"timed out waiting for {what}{seen}")
 
 
 def start_node(endpoint: str, node_id: str, tmp_path: Path) -> subprocess.Popen[bytes]:
@@ -168,13 +171,17 @@ def test_parley_up_runs_etcd_relays_and_nodes_restarts_a_killed_node_and_stops_c
         # Cluster mode: the nodes open no client UDP port, and every relay has a tunnel from
         # every node (parley up waits for the relays; the tunnels follow within a second).
         assert all(n["addresses"]["media"] == "relays" for n in status["nodes"])
+
+        def tunnels() -> list[Any]:
+            return [
+                (r.get("id"), r.get("tunnels")) for r in run_status(endpoint, certs=certs)["relays"]
+            ]
+
         wait_for(
-            lambda: (
-                [r.get("tunnels") for r in run_status(endpoint, certs=certs)["relays"]]
-                == [["node-1", "node-2"]] * 2
-            ),
+            lambda: [t for _, t in tunnels()] == [["node-1", "node-2"]] * 2,
             10,
             "tunnels from both nodes to both relays",
+            show=tunnels,
         )
         assert (data / "certs" / "ca.pem").is_file() and (data / "certs" / "hint.secret").is_file()
         # Chaos: kill a node; `parley up` brings it back.

@@ -126,6 +126,7 @@ def test_aiortc_hears_its_turn_played_back_with_events_in_order(
             await call.close()
 
     score, events, why = asyncio.run(scenario())
+    print(why)  # whole in the report of a failure (pytest shortens a long assertion message)
     assert score > 0.6, (score, why)
     turn = [e for e in events if e.startswith(("speech_", "agent_"))]
     assert turn[:4] == ["speech_started", "speech_stopped", "agent_started", "agent_finished"]

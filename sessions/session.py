@@ -70,7 +70,7 @@ import trio
 from actors import Actor
 from sessions.agents import Agent, EchoAgent, MoveAwareAgent, RunningAgent
 from sessions.audio.opus import VoiceCodec
-from sessions.grid import grid_index, ride
+from sessions.grid import Rest, Step, grid_index, ride
 from sessions.ports import INBOX_SIZE, Datagram, Inbound, PeerAddress, SessionPort
 from sessions.snapshot import SessionSnapshot
 from sessions.transceiver import (
@@ -133,15 +133,16 @@ class Arrival:
 _PASSES: Final = 4
 
 
-def handle_due_timers(core: Transceiver, now: float, tick: float) -> None:
+def handle_due_timers(core: Transceiver, now: float, tick: float, *, send: bool = True) -> None:
     """A grid step's timers: what is due at the grid point ``now`` (a multiple of ``tick``),
-    then what that made due at once too, at most _PASSES times."""
+    then what that made due at once too, at most _PASSES times. With ``send`` false the frames
+    are left for ``core.send_due`` (see ``Transceiver.handle_timer``)."""
     for _ in range(_PASSES):
         timer = core.get_timer()
         if timer is None or now < grid_index(timer, tick) * tick:
             break
         # at most GRID_SLACK ahead of the clock: a timer a rounding after its point
-        core.handle_timer(max(now, timer))
+        core.handle_timer(max(now, timer), send=send)
 
 
 def _near(point: int, tick: float) -> bool:
@@ -546,21 +547,25 @@ class SessionActor(Actor):
             self._flush()
             self._handle_events()
 
-    def _grid_step(
-        self, core: Transceiver, inbox: trio.MemoryReceiveChannel[Inbound]
-    ) -> Callable[[float], int | None]:
+    def _grid_step(self, core: Transceiver, inbox: trio.MemoryReceiveChannel[Inbound]) -> Step:
         """The session's work at a point of the node's grid, run by the grid (see ``ride``):
-        what arrived since the last point, then the core's timers, sends and events. The next
-        grid point it wants, or None when this task must take over again."""
+        what arrived since the last point and the core's timers; then, once the other sessions
+        of its group have done as much (see sessions/grid.py), the encoding and sending of its
+        frames, and its events. The next grid point it wants, or None when this task must
+        take over again."""
         tick = self._tick
 
-        def step(now: float) -> int | None:
+        def step(now: float) -> Rest | None:
             if not self._take_queued(inbox):
                 return None  # it ended: the inbox closed
             self._guard()
             if not self._riding(core):
                 return None
-            handle_due_timers(core, now, tick)
+            handle_due_timers(core, now, tick, send=False)
+            return finish
+
+        def finish() -> int | None:
+            core.send_due(trio.current_time())  # when they leave: after the others' steps
             self._flush()
             self._handle_events()
             if not self._riding(core) or not core.media_ready:

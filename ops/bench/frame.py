@@ -450,12 +450,24 @@ class Bench:
     def step(self, datagrams: list[bytes], sent: list[tuple[bytes, float]]) -> None:
         """One grid step at the next point: what arrived, the due timers, what the session
         sends to the client (into ``sent``, with the time), its events."""
+        self.first(datagrams)
+        self.rest(sent)
+
+    def first(self, datagrams: list[bytes]) -> None:
+        """A grid step up to the frames it sends: what arrived, the due timers (the grid runs
+        these of several sessions before their rests, sessions/grid.py)."""
         core, tick = self.core, FRAME
         now = self._point * tick
         self.now = now
         for data in datagrams:
             core.receive(data, CLIENT_ADDR, now)
-        handle_due_timers(core, now, tick)
+        handle_due_timers(core, now, tick, send=False)
+
+    def rest(self, sent: list[tuple[bytes, float]]) -> None:
+        """The rest of the grid step: its frames encoded and sent to the client (into
+        ``sent``, with the time), its events."""
+        core, now = self.core, self.now
+        core.send_due(now)
         for data, addr in core.datagrams_to_send():
             if addr == CLIENT_ADDR:
                 sent.append((data, now))
@@ -512,14 +524,19 @@ class Bench:
 
 def run_in_turn(benches: Sequence[Bench], frames: int) -> float:
     """``frames`` grid points at which every session of ``benches`` takes its step, in a fixed
-    order, as a node's grid serves its riders: this thread's CPU seconds per session-frame."""
+    order, as a node's grid serves its riders (every session's step up to the frames it sends,
+    then the rests that encode and send them, sessions/grid.py): this thread's CPU seconds per
+    session-frame."""
     inputs = [bench.inputs(frames) for bench in benches]
     sent: list[list[tuple[bytes, float]]] = [[] for _ in benches]
-    steps = [bench.step for bench in benches]
+    firsts = [bench.first for bench in benches]
+    rests = [bench.rest for bench in benches]
     started = time.thread_time()
     for index in range(frames):
-        for step, made, out in zip(steps, inputs, sent, strict=True):
-            step(made[index], out)
+        for first, made in zip(firsts, inputs, strict=True):
+            first(made[index])
+        for rest, out in zip(rests, sent, strict=True):
+            rest(out)
     elapsed = time.thread_time() - started
     for bench, out in zip(benches, sent, strict=True):
         bench.deliver(out)

@@ -336,11 +336,14 @@ class Transceiver:
             self._checkpoints.get_timer(),
         )
 
-    def handle_timer(self, now: float) -> None:
+    def handle_timer(self, now: float, *, send: bool = True) -> None:
         """Run whatever is due at ``now``: consent expiry, DTLS retransmission, the connect
         timeout and RTCP (the transport), the media tick (playout, agent, pacing) unless the
         session just ended, then checkpoint requests (after the tick, whose packets may have
         used up the reservation).
+
+        With ``send`` false the tick's frames are left for :meth:`send_due` to encode and send
+        (a node's grid runs several sessions' ticks before their sends, sessions/grid.py).
 
         Harmless to call early or repeatedly, and while quiesced (it does nothing then).
         """
@@ -353,18 +356,35 @@ class Transceiver:
             return
         voice = self._voice
         voice.handle_timer(now)
-        for frame in voice.frames_to_send():
-            transport.send_media(
+        if send:
+            self._send_frames(now)
+        while (event := voice.next_event()) is not None:
+            self._events.append(event)
+        self._checkpoints.handle_timer(now)
+        self._take_checkpoint_events()
+
+    def send_due(self, now: float) -> None:
+        """Encode and send at ``now`` the frames :meth:`handle_timer` left (``send`` false), then
+        the checkpoint request they may call for (the reservation running low); a frame sent
+        late counts in ``late_frames``. Frames of a session that ended or was quiesced
+        meanwhile are dropped: nothing is protected then."""
+        if not self._transport.timed:
+            self._voice.drop_due()
+            return
+        self._send_frames(now)
+        self._checkpoints.handle_timer(now)
+        self._take_checkpoint_events()
+
+    def _send_frames(self, now: float) -> None:
+        send_media = self._transport.send_media
+        for frame in self._voice.frames_to_send(now):
+            send_media(
                 frame.payload,
                 timestamp=frame.timestamp,
                 marker=frame.marker,
                 deadline=frame.deadline,
                 now=now,
             )
-        while (event := voice.next_event()) is not None:
-            self._events.append(event)
-        self._checkpoints.handle_timer(now)
-        self._take_checkpoint_events()
 
     # --- checkpoints --------------------------------------------------------------------------
 

@@ -161,7 +161,12 @@ class VoiceLoop:
         self._stopped = False
         self._poll_at: float | None = None
         self._events: collections.deque[ClientEvent] = collections.deque()
-        self._out: list[OutboundFrame] = []
+        # The frames due, as PCM, with the pacer's RTP timestamp, marker and tick deadline of
+        # each and when the tick was handled: encoded when taken (frames_to_send), which a
+        # node's grid does for its sessions after all their ticks (sessions/grid.py)
+        self._unencoded: list[tuple[bytes, int, bool, float, float]] = []
+        # frames that left late though their tick was handled in time (taken late)
+        self._sent_late = 0
         self._frames_resized = 0
         self._dropped: collections.Counter[str] = collections.Counter()
 
@@ -303,9 +308,28 @@ class VoiceLoop:
         self._jitter.push(seq, timestamp, payload, now)
         self._heard.append((seq, timestamp, payload, now))
 
-    def frames_to_send(self) -> list[OutboundFrame]:
-        """Encoded frames due since the last call, in order."""
-        out, self._out = self._out, []
+    def drop_due(self) -> None:
+        """Forget the frames due and not taken (the session ended before they went out)."""
+        self._unencoded.clear()
+
+    def frames_to_send(self, now: float | None = None) -> list[OutboundFrame]:
+        """The frames due since the last call, in order, encoded now (see ``_speak``). ``now``
+        is when they are sent, if later than their ticks were handled: a frame that leaves
+        more than the pacer's ``late_threshold`` after its deadline counts as late
+        (``late_frames``) as one whose tick came late does."""
+        unencoded = self._unencoded
+        if not unencoded:
+            return []
+        encoder = self._encoder
+        if encoder is None:
+            encoder = self._encoder = self._codec.encoder()
+        out = []
+        threshold = self._pacer.late_threshold
+        for pcm, timestamp, marker, deadline, handled in unencoded:
+            out.append(OutboundFrame(encoder.encode(pcm), timestamp, marker, deadline))
+            if now is not None and now - deadline > threshold >= handled - deadline:
+                self._sent_late += 1  # the pacer counted its tick in time
+        unencoded.clear()
         return out
 
     def next_event(self) -> ClientEvent | None:
@@ -415,13 +439,7 @@ class VoiceLoop:
                 self._fade = None
                 if self.echo is not None:
                     self.echo.sent(pcm, paced.deadline)
-                encoder = self._encoder
-                if encoder is None:
-                    encoder = self._encoder = self._codec.encoder()
-                payload = encoder.encode(pcm)
-                self._out.append(
-                    OutboundFrame(payload, paced.timestamp, paced.marker, paced.deadline)
-                )
+                self._unencoded.append((pcm, paced.timestamp, paced.marker, paced.deadline, now))
                 sent = True
         if sent:
             if self._turn_ended_at is not None:
@@ -618,7 +636,7 @@ class VoiceLoop:
         """The loop's counters (see ``Transceiver.stats``)."""
         pacer = self._pacer.stats()
         return {
-            "late_frames": pacer.late,
+            "late_frames": pacer.late + self._sent_late,
             "frames_resized": self._frames_resized,
             "pacer": attrs.asdict(pacer),
             "jitter_buffer": attrs.asdict(self._jitter.stats()),

@@ -9,7 +9,7 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from sessions.grid import grid_index, ride
+from sessions.grid import Rest, grid_index, ride
 
 TICK = 0.02
 
@@ -180,3 +180,62 @@ async def test_a_grid_that_fell_behind_lets_other_tasks_run_between_points(
     steps = [i for i, what in enumerate(order) if what == "step"]
     assert len(steps) == 10
     assert all("other" in order[a:b] for a, b in itertools.pairwise(steps))
+
+
+async def test_rests_run_after_every_step_in_the_same_order(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # A node's session steps up to its frames and leaves their encoding and sending for its
+    # rest: the grid runs every rider's step, then the rests, in the riders' order.
+    done: list[tuple[int, str, int]] = []  # (point, what, whose)
+
+    async def rider(name: int) -> None:
+        def step(now: float) -> int | Rest | None:
+            point = round(now / TICK)
+            done.append((point, "step", name))
+            if name % 3 == 0:  # some riders leave no rest
+                return point + 1 if point < 4 else None
+
+            def rest() -> int | None:
+                done.append((point, "rest", name))
+                return point + 1 if point < 4 else None
+
+            return rest
+
+        await ride(2, TICK, step)
+
+    async with trio.open_nursery() as nursery:
+        for name in range(8):
+            nursery.start_soon(rider, name)
+    order = [who for p, what, who in done if p == 2 and what == "step"]  # as they joined
+    for point in (2, 3, 4):
+        assert [(what, who) for p, what, who in done if p == point] == [
+            *(("step", who) for who in order),
+            *(("rest", who) for who in order if who % 3),
+        ]
+    assert {p for p, _, _ in done} == {2, 3, 4}  # each rest's next point was followed, then None
+
+
+async def test_a_rest_that_fails_is_raised_in_its_own_task_and_the_others_go_on(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    done: list[str] = []
+
+    def failing(now: float) -> Rest:
+        def rest() -> int | None:
+            raise ValueError("this session's own bug")
+
+        return rest
+
+    def steady(now: float) -> Rest:
+        def rest() -> int | None:
+            done.append("steady")
+            return None if done.count("steady") == 3 else round(now / TICK) + 1
+
+        return rest
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(ride, 3, TICK, steady)
+        with pytest.raises(ValueError, match="own bug"):
+            await ride(3, TICK, failing)
+    assert done.count("steady") == 3

@@ -306,9 +306,12 @@ class Sim:
         client_certificate: Certificate = CLIENT_CERT,
         agent: Agent | None = None,
         codec: VoiceCodec | None = None,
+        deferred: bool = False,
     ) -> None:
         self.now = 0.0
         self.codec = codec
+        # send as a node's grid does: the frames are encoded and sent after handle_timer
+        self.deferred = deferred
         self.delay = delay
         self.auto_checkpoint = auto_checkpoint
         self.core, answer = Transceiver.accept(
@@ -379,6 +382,9 @@ class Sim:
             self.now = max(self.now, when)
             if heap_at <= core_at:
                 heapq.heappop(self._heap)[2]()
+            elif self.deferred:
+                self.core.handle_timer(self.now, send=False)
+                self.core.send_due(self.now)
             else:
                 self.core.handle_timer(self.now)
             self.pump()
@@ -502,6 +508,40 @@ def test_connects_and_echoes_speech() -> None:
     # two 20 ms hops, measured from the client's report echoing our SR (RFC 3550 §6.4.1)
     assert stats["rtt_ms"] == pytest.approx(40, abs=1)
     assert stats["remote_jitter_ms"] == pytest.approx(2.0)
+
+
+def test_frames_left_for_send_due_reach_the_client_as_handle_timer_sends_them() -> None:
+    # A node's grid leaves each session's frames for after the ticks of the other sessions in
+    # its group (sessions/grid.py): the client must hear exactly what it would have.
+    heard = []
+    for deferred in (False, True):
+        sim = connected_sim(deferred=deferred)
+        sim.run(sim.talk(speech.frames(utterance())) + 0.5)
+        stats = sim.core.stats()
+        heard.append((sim.client.pcm(), stats["packets_out"], stats["late_frames"]))
+    assert heard[0][1] > 50
+    assert heard[1] == heard[0]
+
+
+def test_frames_due_when_the_session_closed_are_dropped_unprotected() -> None:
+    sent = []
+    for close in (False, True):
+        sim = connected_sim()
+        sim.run(sim.talk(speech.frames(utterance())[:20]) - 0.1)
+        core = sim.core
+        timer = core.get_timer()
+        assert timer is not None
+        core.handle_timer(timer, send=False)
+        before = core.stats()["packets_out"]
+        assert isinstance(before, int)
+        if close:
+            core.close(timer)
+        core.send_due(timer)
+        rtp = [d for d, _ in core.datagrams_to_send() if d[0] >> 6 == 2 and not is_rtcp(d)]
+        after = core.stats()["packets_out"]
+        assert isinstance(after, int)
+        sent.append((after - before, len(rtp)))
+    assert sent == [(1, 1), (0, 0)]  # a frame was due; closed, it was never protected
 
 
 def test_rtcp_compound_is_sr_then_sdes_and_reports_on_the_client() -> None:

@@ -234,6 +234,21 @@ class _ReadyReply:
         return []
 
 
+def test_a_frame_sent_late_counts_late_though_its_tick_was_handled_in_time() -> None:
+    """A node's grid handles every session's tick before it sends their frames
+    (sessions/grid.py): a frame that leaves more than the pacer's 5 ms after its deadline is a
+    late frame all the same, counted once."""
+    loop = VoiceLoop(agent=_ReadyReply(200), may_send=True, timestamp=0)
+    loop.start(0.0)
+    waits = [0.0, 0.004, 0.006, 0.030, 0.0]  # from the tick's handling to the send
+    for index, wait in enumerate(waits):
+        loop.handle_timer(index * FRAME)
+        assert len(loop.frames_to_send(index * FRAME + wait)) == 1
+    loop.handle_timer(5 * FRAME + 0.008)  # a tick handled late, its frame sent later still
+    assert len(loop.frames_to_send(5 * FRAME + 0.012)) == 1
+    assert loop.stats()["late_frames"] == 3
+
+
 def test_a_late_tick_sends_every_due_frame_of_a_ready_reply_without_a_hole() -> None:
     """A node busy for 100 ms handles its next tick five ticks late: the frames due meanwhile
     leave together (the pacer's catch-up burst, which a jitter buffer absorbs), the RTP

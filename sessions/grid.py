@@ -27,16 +27,18 @@ the same order; a rest says where its rider goes next, as a step would. A node's
 up to the frames it will send (what arrived, playout, turns, the agent, pacing) and leaves
 their encoding and sending for its rest. Each half of the work then runs for every session
 back to back, Python and libopus alike, which is what we measured it saves: the node's CPU per
-session, 40 echo sessions through a relay (ops/bench/sessions.py, alternating runs), 18.0 and
-18.5 ms a session-second against 19.3 and 19.2 ms with each step doing all its work at once,
-and 16 sessions to a group (steps, then their rests, group after group) kept only about 1 % of
-that. Our reading: each half's code and tables stay in the CPU's caches from one session to
-the next. What it costs: a session's frame waits for the first halves of the sessions after it
-in the pass, so the first sessions' frames leave later than before by up to the sum of those
-(a first half is about 0.14 ms of a session's 0.27 in ops/bench/frame.py: some 5 ms at 40
-sessions, more in a node), and the last session's no later; each
-session's place in the pass, and so the time after the grid point its frames leave, is still
-the same at every point.
+session, 40 echo sessions through a relay (ops/bench/sessions.py, four alternating pairs of
+runs), 18.0-18.5 ms a session-second against 18.8-19.3 with each step doing all its work at
+once; in groups of 16 sessions (steps, then their rests, group after group) 19.0 and 19.2.
+Our reading: each half's code and tables stay in the CPU's caches from one session to the
+next. What it costs: in cluster mode nothing on the wire, since the tunnel sends what the
+sessions queued once the pass is over (relay/tunnel/quic.py, ``flush``), as it did before. On
+a node's own port (direct mode), where each datagram leaves at once, a session's frames wait
+for the first halves of the sessions after it in the pass: the first session's frames leave
+later than before by up to the sum of those (a first half is about 0.14 ms of a session's 0.27
+in ops/bench/frame.py: some 5 ms at 40 sessions), the last one's no later. Each session's place
+in the pass, and so the time after the grid point its frames leave, is still the same at
+every point.
 """
 
 from __future__ import annotations

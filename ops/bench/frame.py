@@ -36,7 +36,11 @@ taking its step at every grid point one after the other in a fixed order, as a n
 serves its riders: ``N sessions in turn`` is their cost per session and frame, and ``in turn /
 alone`` its ratio to the single session's. It tells whether a node's sessions cost more for
 sharing the caches: each one's state (its codec, jitter buffer, SRTP) is cold again when its
-turn comes.
+turn comes. They are served as a node's grid serves them (sessions/grid.py): every session's
+step up to the frames it sends, then every session's rest (encoding and sending). In the same
+rounds, ``floor, N in turn`` is the codec floor paid the same way: N decoders and encoders,
+each decoding and encoding in turn, what those sessions would cost if Python cost nothing
+(``in turn / its floor`` is their ratio).
 
 Left out, and in ops/bench/sessions.py instead: sockets and the kernel, Trio's scheduling and
 the grid's own bookkeeping, the tunnel endpoint's Trio tasks, the node's other tasks
@@ -112,10 +116,16 @@ class RoundFigures:
     tunneled_us: float = math.nan
     #: per session and frame, ``FrameResult.turns`` sessions each taking its step in turn
     turns_us: float = math.nan
+    #: the codec floor with as many codec states, each decoding and encoding in turn
+    turns_codec_us: float = math.nan
 
     @property
     def turns_over_session(self) -> float:
         return self.turns_us / self.session_us if self.session_us > 0 else math.nan
+
+    @property
+    def turns_over_codec(self) -> float:
+        return self.turns_us / self.turns_codec_us if self.turns_codec_us > 0 else math.nan
 
     @property
     def python_us(self) -> float:
@@ -206,6 +216,14 @@ class FrameResult:
     def turns_over_session(self) -> float:
         return self._median("turns_over_session")
 
+    @property
+    def turns_codec_us(self) -> float:
+        return self._median("turns_codec_us")
+
+    @property
+    def turns_over_codec(self) -> float:
+        return self._median("turns_over_codec")
+
     def as_dict(self) -> dict[str, object]:
         return {
             "frames": self.frames,
@@ -223,6 +241,8 @@ class FrameResult:
             "turns": self.turns,
             "turns_us": None if self.turns == 1 else round(self.turns_us, 2),
             "turns_over_session": None if self.turns == 1 else round(self.turns_over_session, 3),
+            "turns_codec_us": None if self.turns == 1 else round(self.turns_codec_us, 2),
+            "turns_over_codec": None if self.turns == 1 else round(self.turns_over_codec, 3),
             "rounds": [
                 {
                     "session_us": round(r.session_us, 2),
@@ -522,6 +542,22 @@ class Bench:
         return time.thread_time() - started
 
 
+def floor_in_turn(bench: Bench, count: int, frames: int) -> float:
+    """The codec floor as ``count`` sessions pay it: each its own decoder and encoder (libopus
+    state of some 70 KiB a session), decoding a packet and encoding the PCM again in turn at
+    each of ``frames`` points, at their own places in the speech. This thread's CPU seconds
+    per session-frame: what a node's sessions would cost with that many codecs in the CPU's
+    caches if Python cost nothing."""
+    payloads = bench.payloads
+    count_payloads = len(payloads)
+    codecs = [(OpusDecoder(), bench.codec.encoder(), 7 * index) for index in range(count)]
+    started = time.thread_time()
+    for index in range(frames):
+        for decoder, encoder, offset in codecs:
+            encoder.encode(decoder.decode(payloads[(index + offset) % count_payloads]))
+    return (time.thread_time() - started) / (frames * count)
+
+
 def run_in_turn(benches: Sequence[Bench], frames: int) -> float:
     """``frames`` grid points at which every session of ``benches`` takes its step, in a fixed
     order, as a node's grid serves its riders (every session's step up to the frames it sends,
@@ -576,6 +612,7 @@ def measure(
     tunneled.run(tunneled.inputs(WARMUP_FRAMES))
     if crowd:
         run_in_turn(crowd, WARMUP_FRAMES)
+        floor_in_turn(bench, turns, WARMUP_FRAMES // 10)
     bench.floor(WARMUP_FRAMES)
     figures: list[RoundFigures] = []
     for _ in range(rounds):
@@ -583,9 +620,14 @@ def measure(
         through = tunneled.run(tunneled.inputs(frames))
         in_turn = run_in_turn(crowd, frames) * 1e6 if crowd else math.nan
         codec = bench.floor(frames)
+        codec_in_turn = floor_in_turn(bench, turns, frames) * 1e6 if crowd else math.nan
         figures.append(
             RoundFigures(
-                session / frames * 1e6, codec / frames * 1e6, through / frames * 1e6, in_turn
+                session / frames * 1e6,
+                codec / frames * 1e6,
+                through / frames * 1e6,
+                in_turn,
+                codec_in_turn,
             )
         )
     text = _profile(bench, frames) if profile else None
@@ -629,6 +671,8 @@ def render(result: FrameResult) -> str:
         lines += [
             f"  {f'{result.turns} sessions in turn':<22}{result.turns_us:>10.1f}",
             f"  {'in turn / alone':<22}{result.turns_over_session:>10.2f}",
+            f"  {f'floor, {result.turns} in turn':<22}{result.turns_codec_us:>10.1f}",
+            f"  {'in turn / its floor':<22}{result.turns_over_codec:>10.2f}",
         ]
     lines += [
         "",

@@ -41,6 +41,10 @@ def test_bench_frame_smoke(capsys: pytest.CaptureFixture[str]) -> None:
     assert printed["turns"] == 3 and result.turns_us > result.codec_us
     assert result.turns_over_session == pytest.approx(result.turns_us / result.session_us)
     assert result.turns_ended is None
+    # ... beside the codec floor of three codecs in turn, which costs less than they do
+    assert 0 < result.turns_codec_us < result.turns_us
+    assert result.turns_over_codec == pytest.approx(result.turns_us / result.turns_codec_us)
+    assert printed["turns_codec_us"] == pytest.approx(result.turns_codec_us, abs=0.01)
 
 
 def test_bench_frame_profile(capsys: pytest.CaptureFixture[str]) -> None:

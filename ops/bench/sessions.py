@@ -45,9 +45,11 @@ Figures, for each side:
    (arrival minus RTP timestamp) that moved less than 20 ms over the window. A step that fails
    narrowly gets another window (a third if other processes were busy in both), the best kept:
    the machine may be shared, and the CPU every other process used is shown. Also shown: the
-   echo's jitter, the node's own late pacer ticks (published to etcd), the clients' worst
-   event-loop delay. And the steadier *CPU ceiling*: N / server CPU at the largest step under
-   90% server CPU whose echo kept up (under 1% missing, delay moved under 20 ms).
+   echo's jitter, the node's own late frames (its ``late_frames``: pacer ticks handled, or
+   frames handed to the port, over 5 ms after their grid point; published to etcd), the
+   clients' worst event-loop delay. And the steadier *CPU ceiling*: N / server CPU at the
+   largest step under 90% server CPU whose echo kept up (under 1% missing, delay moved under
+   20 ms).
 
 ``--profile DIR`` runs py-spy on the cluster's node at N=10, after that step's window (py-spy
 stops the process to sample it) with its calls still up: once with ``--gil`` (the Python work)

@@ -60,7 +60,7 @@ class StepFigures:
     drift: float
     """growth of the echo's delay over the window (median over sessions), seconds"""
     server_late: float | None
-    """parley only: late pacer ticks / ticks, from the node's own stats"""
+    """parley only: late frames (``late_frames``) / pacer ticks, from the node's own stats"""
     failed_setups: int
     attempts: int
     """windows measured; a failing step is measured once more and the better window kept"""
@@ -416,8 +416,9 @@ def render(result: BenchResult) -> str:
     lines += _ramp_table(*sides)
     lines.append(
         "bad = late + missing; jitter p99: of the echo delay above its least in the window;"
-        " drift: how the echo delay moved over the window; node late: the node's own late pacer"
-        " ticks; relay: the relay's CPU (cluster); others: CPU of every other process on the"
+        " drift: how the echo delay moved over the window; node late: the node's own late"
+        " frames (ticks handled, or frames handed to the port, > 5 ms after their grid point);"
+        " relay: the relay's CPU (cluster); others: CPU of every other process on the"
         " machine (etcd included), 100% = one core; lag: the clients' worst event-loop delay."
         " CPU ceiling: N / server CPU at the largest step under 90% CPU that kept up (< 1%"
         " missing, delay moved < 20 ms)"

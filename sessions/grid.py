@@ -27,9 +27,10 @@ the same order; a rest says where its rider goes next, as a step would. A node's
 up to the frames it will send (what arrived, playout, turns, the agent, pacing) and leaves
 their encoding and sending for its rest. Each half of the work then runs for every session
 back to back, Python and libopus alike, which is what we measured it saves: the node's CPU per
-session, 40 echo sessions through a relay (ops/bench/sessions.py, four alternating pairs of
-runs), 18.0-18.5 ms a session-second against 18.8-19.3 with each step doing all its work at
-once; in groups of 16 sessions (steps, then their rests, group after group) 19.0 and 19.2.
+session, 40 echo sessions through a relay (ops/bench/sessions.py, alternating runs), 17.3-17.8
+ms a session-second against 18.6-19.5 with each step doing all its work at once (three pairs;
+18.0-18.5 against 18.8-19.3 in four earlier ones); in groups of 16 sessions (steps, then their
+rests, group after group) 19.0 and 19.2.
 Our reading: each half's code and tables stay in the CPU's caches from one session to the
 next. What it costs: in cluster mode nothing on the wire, since the tunnel sends what the
 sessions queued once the pass is over (relay/tunnel/quic.py, ``flush``), as it did before. On

@@ -549,8 +549,8 @@ class SessionActor(Actor):
 
     def _grid_step(self, core: Transceiver, inbox: trio.MemoryReceiveChannel[Inbound]) -> Step:
         """The session's work at a point of the node's grid, run by the grid (see ``ride``):
-        what arrived since the last point and the core's timers; then, once the other sessions
-        of its group have done as much (see sessions/grid.py), the encoding and sending of its
+        what arrived since the last point and the core's timers; then, once every session of
+        the point has done as much (see sessions/grid.py), the encoding and sending of its
         frames, and its events. The next grid point it wants, or None when this task must
         take over again."""
         tick = self._tick

@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import attrs
 import trio
@@ -352,6 +352,10 @@ def cmd_relay(
     return 0
 
 
+#: seconds ``parley status`` gives etcd to answer (a leader election's worth and more)
+_STATUS_TIMEOUT: Final = 6.0
+
+
 def cmd_status(config: Config, as_json: bool, watch: float | None = None) -> int:
     """``parley status``; ``watch``: refresh every that many seconds until Ctrl-C (exit 0)."""
     from ops.status import format_status, gather_status, watch_status
@@ -365,7 +369,10 @@ def cmd_status(config: Config, as_json: bool, watch: float | None = None) -> int
         return 2
 
     async def main() -> dict[str, Any]:
-        async with open_etcd(config.cluster.etcd, tls=tls) as etcd:
+        # An operator asks once, so it waits out what a cluster rides out: a frozen leader
+        # takes about 1-2 s to replace, during which the other members answer no read, and a
+        # new process tries the frozen member first (half of the call each way).
+        async with open_etcd(config.cluster.etcd, tls=tls, rpc_timeout=_STATUS_TIMEOUT) as etcd:
             return await gather_status(etcd, Keyspace(config.cluster.prefix))
 
     async def watching(interval: float) -> None:

@@ -573,8 +573,8 @@ class Transceiver:
         ``loss_cumulative`` and ``jitter_ms`` describe the client's stream as we receive it
         (RFC 3550 §6.4.1, §A.3, §A.8); ``remote_*`` the same about our stream, as the client
         reports it; ``rtt_ms`` comes from the client's reports about our SRs; ``late_frames``
-        counts pacing ticks handled more than 5 ms late; ``dropped`` counts input dropped by
-        reason, ``ice`` the responder's own counters.
+        counts pacing ticks handled, or frames sent, more than 5 ms late; ``dropped`` counts
+        input dropped by reason, ``ice`` the responder's own counters.
         """
         keys = self._transport.keys
         t = self._transport.stats()

@@ -204,10 +204,14 @@ async def look_at_the_page(url: str, work: Path) -> dict[str, Any]:
                 "[c.id, (({left, top, right, bottom}) => ({left, top, right, bottom}))"
                 "(c.getBoundingClientRect())]))"
             )
-            series = await cdp.evaluate(
-                "Object.fromEntries([...document.querySelectorAll('canvas')].map(c => "
-                "[c.id, JSON.parse(c.dataset.series || '{}')]))"
+            # What the canvases drew and what the page says it plotted, read in one go: a figure
+            # that first came during the second above (an RTT, with the client's first RTCP
+            # report) is then in both, not only in the drawing.
+            both = await cdp.evaluate(
+                "[Object.fromEntries([...document.querySelectorAll('canvas')].map(c => "
+                "[c.id, JSON.parse(c.dataset.series || '{}')])), window.opsView.plotted]"
             )
+            series, plotted = both
             state = await cdp.evaluate("document.getElementById('state').textContent")
             changes = await cdp.evaluate(
                 "[...document.querySelectorAll('#changes tbody tr')].map(r => r.textContent)"

@@ -529,9 +529,14 @@ def test_frames_due_when_the_session_closed_are_dropped_unprotected() -> None:
         sim = connected_sim()
         sim.run(sim.talk(speech.frames(utterance())[:20]) - 0.1)
         core = sim.core
-        timer = core.get_timer()
-        assert timer is not None
-        core.handle_timer(timer, send=False)
+        # every timer due over the next 60 ms (RTCP's and consent's come at random times among
+        # the media ticks): at least one tick leaves a frame
+        start = core.get_timer()
+        assert start is not None
+        timer = start
+        while (due := core.get_timer()) is not None and due <= start + 0.06:
+            timer = due
+            core.handle_timer(timer, send=False)
         before = core.stats()["packets_out"]
         assert isinstance(before, int)
         if close:
@@ -541,7 +546,8 @@ def test_frames_due_when_the_session_closed_are_dropped_unprotected() -> None:
         after = core.stats()["packets_out"]
         assert isinstance(after, int)
         sent.append((after - before, len(rtp)))
-    assert sent == [(1, 1), (0, 0)]  # a frame was due; closed, it was never protected
+    assert sent[0][0] >= 1 and sent[0][0] == sent[0][1]  # frames were due, and went out
+    assert sent[1] == (0, 0)  # closed: they were never protected
 
 
 def test_rtcp_compound_is_sr_then_sdes_and_reports_on_the_client() -> None:

@@ -25,7 +25,16 @@ towards the target one frame at a time, without time-stretching: it lengthens th
 inserting one concealed frame (when the buffer runs dry this happens by itself: the clock
 holds its media position while it conceals, so a delay spike is absorbed rather than turned
 into losses), and shortens it by dropping one packet at most every ``shrink_interval`` seconds,
-or for free by skipping a frame of a sender's silence. After ``idle_after`` dry ticks the
+or for free by skipping a frame of a sender's silence.
+
+A dropped packet is 20 ms cut out of what the user said, so the buffer drops at a quiet moment:
+when the caller says the user is not speaking (``pop(now, speech=False)``: the voice loop says
+so after a few frames its voice activity detector called no speech, a pause rather than the
+unvoiced middle of a word) and the packet is no larger than the last one played (Opus packets
+grow at a speech onset: silence is some 20 bytes at 32 kbit/s, speech 50-110). A talker who
+does not pause for ``shrink_wait`` seconds after the delay became too long gets the drops
+anyway, one per ``shrink_interval`` (``dropped_in_speech`` counts them): otherwise a burst at
+the start of a long turn would add its delay to the whole turn. After ``idle_after`` dry ticks the
 stream is taken to have paused (DTX, hold, outage): the buffer goes idle and :meth:`pop`
 returns nothing until a packet comes, which starts a new talkspurt at the target delay.
 
@@ -147,6 +156,9 @@ class JitterStats:
     duplicate: int
     strays: int
     dropped: int
+    dropped_in_speech: int
+    """Of ``dropped``: packets dropped to shorten the delay while the user was speaking, after
+    ``shrink_wait`` without a quiet moment."""
     lost: int
     fec_recovered: int
     concealed: int
@@ -181,6 +193,8 @@ class JitterBuffer:
     * ``quantile``: the share of them that must have been on time at the target delay;
     * ``idle_after``: dry ticks after which the stream is taken to have paused;
     * ``shrink_interval``: seconds between two packets dropped to shorten the delay;
+    * ``shrink_wait``: seconds a too-long delay waits for a quiet moment to drop a packet in
+      before it drops one in speech (see the module docstring);
     * ``max_misorder``, ``max_dropout``: how far behind or ahead of the newest packet a
       sequence number may be before it looks like a restart (RFC 3550 A.1's 100 and 3000);
     * ``jump_threshold``: how far, in seconds, a packet's transit may differ from the best
@@ -197,6 +211,7 @@ class JitterBuffer:
     )
     _idle_after: int = attrs.field(default=10, validator=_ge(1))
     _shrink_interval: float = attrs.field(default=0.25, validator=_ge(0.0))
+    _shrink_wait: float = attrs.field(default=4.0, validator=_ge(0.0))
     _max_misorder: int = attrs.field(default=100, validator=_ge(1))
     _max_dropout: int = attrs.field(default=3000, validator=_ge(1))
     #: let packets older than a stream's first one start it, until something plays (see the
@@ -217,6 +232,9 @@ class JitterBuffer:
     _deadline: float | None = attrs.field(init=False, default=None)  # None: idle
     _dry: int = attrs.field(init=False, default=0)  # consecutive ticks with an empty buffer
     _last_shrink: float = attrs.field(init=False, default=-math.inf)
+    #: since when the delay has been too long with no packet dropped in quiet (None: it is not)
+    _too_long_since: float | None = attrs.field(init=False, default=None)
+    _last_size: int | None = attrs.field(init=False, default=None)  # last played payload's
     _played_seqs: set[int] = attrs.field(init=False, factory=set)
     #: the stream started and nothing has been played yet (older packets may still fit)
     _fresh: bool = attrs.field(init=False, default=False)
@@ -231,6 +249,7 @@ class JitterBuffer:
     quantile = Fixed[float]()
     idle_after = Fixed[int]()
     shrink_interval = Fixed[float]()
+    shrink_wait = Fixed[float]()
     max_misorder = Fixed[int]()
     max_dropout = Fixed[int]()
     jump_threshold = Fixed[float]()
@@ -301,6 +320,7 @@ class JitterBuffer:
     def _start(self, seq: int, timestamp: int, payload: bytes, now: float) -> None:
         """Begin a stream (first packet, or after a reset) with this packet."""
         self._tracker = SequenceTracker()
+        self._too_long_since = self._last_size = None
         ext = self._tracker.update(seq)
         self._top_seq, self._top_ts = ext, timestamp
         self._transits.clear()
@@ -376,11 +396,13 @@ class JitterBuffer:
         """When the next slot is due, or ``None`` while idle (no packet yet, or paused)."""
         return self._deadline
 
-    def pop(self, now: float) -> Frame | None:
+    def pop(self, now: float, *, speech: bool = False) -> Frame | None:
         """The frame for the next 20 ms slot if it is due at ``now``, else ``None``.
 
         Each call hands out at most one frame; a caller that fell behind calls again until it
-        gets ``None``. ``None`` is also returned while the buffer is idle.
+        gets ``None``. ``None`` is also returned while the buffer is idle. ``speech``: the last
+        frame the caller played was speech, so this is no moment to drop a packet (see the
+        module docstring).
         """
         deadline = self._deadline
         if deadline is None or now < deadline:
@@ -428,17 +450,27 @@ class JitterBuffer:
             # Too short: insert a concealed frame before this packet to lengthen the delay.
             return self._conceal(media, deadline, None)
 
-        if (
-            too_long
-            and self._next_seq + 1 in self._buffer
-            and now - self._last_shrink >= self._shrink_interval
+        if not too_long:
+            self._too_long_since = None
+        elif (
+            self._next_seq + 1 in self._buffer and now - self._last_shrink >= self._shrink_interval
         ):
-            # Too long: drop this packet and play the next one in its slot.
-            self._last_shrink = now
-            del self._buffer[packet.seq]
-            self._counts["dropped"] += 1
-            packet = self._buffer[packet.seq + 1]
+            # Too long: drop this packet and play the next one in its slot, if this is a quiet
+            # moment or none came for shrink_wait.
+            since = self._too_long_since
+            if since is None:
+                since = self._too_long_since = now
+            last = self._last_size
+            quiet = not speech and last is not None and len(packet.payload) <= last
+            if quiet or now - since >= self._shrink_wait:
+                self._last_shrink = now
+                del self._buffer[packet.seq]
+                self._counts["dropped"] += 1
+                if not quiet:
+                    self._counts["dropped_in_speech"] += 1
+                packet = self._buffer[packet.seq + 1]
         del self._buffer[packet.seq]
+        self._last_size = len(packet.payload)
         self._remember_played(packet.seq)
         self._counts["played"] += 1
         self._advance(packet.seq + 1, packet.ts + FRAME_TIMESTAMP)
@@ -474,6 +506,7 @@ class JitterBuffer:
             duplicate=c["duplicate"],
             strays=c["strays"],
             dropped=c["dropped"],
+            dropped_in_speech=c["dropped_in_speech"],
             lost=c["lost"],
             fec_recovered=c["fec_recovered"],
             concealed=c["concealed"],

@@ -69,6 +69,9 @@ _TS_MOD: Final = 1 << 32
 # A frame due this close after a tick is played out in it: a pacer tick a hair before a
 # playout tick must not send a frame the voice of that playout would have ducked.
 _EARLY: Final = 0.001
+#: frames in a row the classifier called no speech before the jitter buffer may drop a packet
+#: to shorten its delay: a pause, not the unvoiced middle of a word (one or two frames)
+_PAUSE_FRAMES: Final = 3
 
 
 @final
@@ -133,6 +136,7 @@ class VoiceLoop:
             maxlen=MAX_PLAYOUT
         )
         self._played_seq: int | None = None
+        self._unvoiced_run = 0  # frames played in a row that the classifier called no speech
         self._clock: tuple[int, float] | None = None
         self._paused = False
         self._paused_at = 0.0
@@ -358,7 +362,8 @@ class VoiceLoop:
         # (The parts are looked up once: none of them is replaced while frames play out.)
         jitter, turns, gate, echo = self._jitter, self._turns, self._gate, self.echo
         while (due := jitter.get_timer()) is not None and due <= now + _EARLY:
-            frame = jitter.pop(max(now, due))
+            # (a too-long delay is shortened in a pause of the user's, not in a word)
+            frame = jitter.pop(max(now, due), speech=self._unvoiced_run < _PAUSE_FRAMES)
             if frame is None:
                 break  # the stream paused
             if frame.seq is not None:
@@ -370,6 +375,7 @@ class VoiceLoop:
                 gate.echo = echo.heard(heard, now)
             for turn in turns.push(heard, now):
                 self._on_turn(turn, now)
+            self._unvoiced_run = 0 if turns.voiced else self._unvoiced_run + 1
             self._after_frame(now)
         # A client that stops sending (DTX, an outage) still ends its turn.
         for turn in self._turns.poll(now):

@@ -195,6 +195,78 @@ def test_delay_spike_is_absorbed_not_lost() -> None:
     assert s.delay < s.target + FRAME
 
 
+def talk(
+    jb: JitterBuffer, sizes: list[int], *, burst: int, speech_above: int = 50
+) -> list[tuple[int, int]]:
+    """A client that sends ``len(sizes)`` packets of these payload sizes, its first ``burst``
+    arriving together (a client that started late), the rest every 20 ms; the caller says a
+    frame was speech when its packet was larger than ``speech_above`` bytes, as a VAD would
+    (Opus at 32 kbit/s: silence about 20 bytes, speech 70-110). The (index, size) played."""
+    arrivals = [
+        (max(k, burst) * FRAME + 0.001, k, k.to_bytes(4, "big").ljust(size, b"\0"))
+        for k, size in enumerate(sizes)
+    ]
+    played: list[tuple[int, int]] = []
+    last = 0
+    i = 0
+    while i < len(arrivals) or jb.get_timer() is not None:
+        timer = jb.get_timer()
+        if i < len(arrivals) and (timer is None or arrivals[i][0] < timer):
+            at, k, data = arrivals[i]
+            jb.push(k, 960 * k, data, at)
+            i += 1
+            continue
+        assert timer is not None
+        frame = jb.pop(timer, speech=last > speech_above)
+        if frame is not None and frame.kind is FrameKind.AUDIO:
+            last = len(frame.payload)
+            played.append((int.from_bytes(frame.payload[:4], "big"), last))
+    return played
+
+
+def test_a_long_delay_is_shortened_in_a_pause_not_in_speech() -> None:
+    # Speech from the first packet (90 bytes), a pause of 1.2 s (20 bytes), speech again: the
+    # first five packets came together, which made the delay 80 ms too long. The packets
+    # dropped to shorten it are the pause's (one per shrink_interval), not holes in the words.
+    sizes = [90] * 50 + [20] * 60 + [90] * 50
+    jb = JitterBuffer()
+    played = talk(jb, sizes, burst=4)
+    dropped = sorted(set(range(len(sizes))) - {k for k, _ in played})
+    s = jb.stats()
+    assert s.dropped == len(dropped) == 4
+    assert all(sizes[k] == 20 for k in dropped), dropped
+    assert s.dropped_in_speech == 0
+    assert s.delay < s.target + FRAME
+
+
+def test_a_drop_waits_for_a_packet_no_larger_than_the_last_one_played() -> None:
+    # The caller never says speech; the sizes alone: three quiet packets, then a word. With no
+    # interval between drops, any slot of a too-long delay may drop, except the onset (20 -> 90
+    # bytes: the first packet of the word) and the very first (nothing played to compare with).
+    # (The target is held at 20 ms, so that the burst's delay is too long from the start.)
+    sizes = [20] * 3 + [90] * 50
+    jb = JitterBuffer(min_delay=0.020, max_delay=0.020, shrink_interval=0.0)
+    played = talk(jb, sizes, burst=5, speech_above=1000)
+    dropped = sorted(set(range(len(sizes))) - {k for k, _ in played})
+    assert [k for k, _ in played][:4] == [0, 2, 3, 5]
+    assert dropped[:2] == [1, 4]
+    assert jb.stats().dropped_in_speech == 0
+
+
+def test_a_talker_who_never_pauses_gets_the_delay_shortened_after_shrink_wait() -> None:
+    # Five seconds of speech with no pause: the drops wait shrink_wait (2 s), then come one per
+    # shrink_interval, each counted as dropped in speech.
+    sizes = [90] * 250
+    jb = JitterBuffer(shrink_wait=2.0)
+    played = talk(jb, sizes, burst=5)
+    dropped = sorted(set(range(len(sizes))) - {k for k, _ in played})
+    s = jb.stats()
+    assert s.dropped == s.dropped_in_speech == len(dropped) == 5
+    assert dropped[0] * FRAME >= 2.0
+    assert all(b - a >= 0.250 / FRAME for a, b in itertools.pairwise(dropped))
+    assert s.delay < s.target + FRAME
+
+
 # --- individual behaviours --------------------------------------------------------------------
 
 

@@ -27,14 +27,13 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("loopback_ice")]
 #: the user's silence between repeats of the sentence: the whole reply must fit in it, also when a
 #: loaded machine ends the turn late (the test waits only until the reply is over)
 PAUSE = 6.0
-#: the user's silence before the first sentence, as on a call. Without it the sentence began
-#: with the first packet: a client that starts late (a busy test process) sends its first few
-#: packets in a burst, the node's jitter buffer finds its delay too long and shortens it by
-#: dropping one packet every shrink_interval (0.25 s), so each packet of the burst cost a 20 ms
-#: frame in the middle of the sentence, and the turn-echo reply, shortened inside, scored about
-#: 0.34 (ci36 and ci37: 3 dropped, the same 0.337 both times; a burst of 3 at the start of a
-#: simulated call gives 0.42, of 4 gives 0.33, of none 0.85). 1.5 s of silence lets a burst of
-#: up to 5 packets be shortened before the user speaks (README: What a session is).
+#: the user's silence before the first sentence, as on a call. (It was added when the node's
+#: jitter buffer shortened a delay by dropping whatever packet came next: a client that starts
+#: late, as a busy test process does, sends its first packets in a burst, and with the sentence
+#: from the first packet each drop was a 20 ms hole in it; the reply scored 0.34 in ci36 and
+#: ci37. The buffer now drops only in the user's pauses, which
+#: tests/sessions/test_voice_loop.py checks with a burst and no lead; this keeps the call
+#: realistic.)
 LEAD = 1.5
 #: what is correlated starts this long before the reply's agent_started event came. It used to
 #: start one sentence after the test's own start, taken after the answer: when the answer came

@@ -56,6 +56,30 @@ def test_turn_echo_plays_the_turn_back_after_it_ends_with_events_in_order() -> N
     assert stopped.fields["duration_ms"] > 1000
 
 
+def test_a_client_that_bursts_as_it_starts_talking_is_heard_whole() -> None:
+    # A client that starts late sends its first packets at once, with speech from the first
+    # one. The jitter buffer shortens the delay the burst left by dropping packets where the
+    # user is quiet, not in the words: the turn-echo reply is the sentence, whole. (Dropping
+    # one packet every shrink_interval from the start, as it did, cut four 20 ms holes in the
+    # sentence and the reply scored 0.25.)
+    sim = connected(TurnEchoAgent())
+    sent = sentence()
+    frames = speech.frames(sent) + [SILENCE] * 150
+    begin, burst = sim.now, 4
+    for i, pcm in enumerate(frames):
+        sim.at(begin + max(i, burst) * FRAME, functools.partial(sim._talk, pcm))
+    end = begin + len(frames) * FRAME
+    sim.keep_consent(end + 6)
+    sim.run(end + 6)
+    received = sim.client.pcm()
+    score, _ = speech.correlation(sent, received, len(received) // 2 - 1)
+    jitter = sim.core.stats()["jitter_buffer"]
+    assert jitter["dropped"] >= burst - 1  # the burst's delay was taken back...
+    print("SCORE", score, jitter)
+    assert jitter["dropped_in_speech"] == 0  # ...where the user was quiet
+    assert score > 0.8, score
+
+
 def test_barge_in_stops_agent_audio_within_frames_and_reports_what_was_played() -> None:
     sim = connected(TurnEchoAgent())
     first = speech.frames(sentence())

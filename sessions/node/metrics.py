@@ -66,6 +66,12 @@ TURN_BUCKETS: Final = (0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0)
 #: a core's counters summed over the node (Transceiver.stats: authentic RTP in, RTP sent,
 #: their SRTP bytes, SRTCP packets)
 _FIGURES: Final = ("packets_in", "packets_out", "bytes_in", "bytes_out", "rtcp_in", "rtcp_out")
+#: the same of its inbound jitter buffer (Transceiver.stats' ``jitter_buffer``): packets dropped
+#: to shorten the delay, all of them and those in speech (sessions/audio/jitter.py)
+_JITTER_FIGURES: Final = {
+    "jitter_dropped": "dropped",
+    "jitter_dropped_in_speech": "dropped_in_speech",
+}
 #: the connection states a session can be in (sessions/transceiver/connection.py), and
 #: ``starting``: hosted, its actor not running a core yet
 STATES: Final = ("starting", "new", "connecting", "connected", "quiesced", "failed", "closed")
@@ -93,6 +99,16 @@ def _number(value: object) -> float | None:
     return float(value) if isinstance(value, int | float) else None
 
 
+def _figures(stats: Mapping[str, Any]) -> dict[str, int]:
+    """A core's counters that the tally sums: ``_FIGURES`` and ``_JITTER_FIGURES``."""
+    out = {name: int(stats[name]) for name in _FIGURES}
+    jitter = stats.get("jitter_buffer")
+    jitter = jitter if isinstance(jitter, Mapping) else {}
+    for name, key in _JITTER_FIGURES.items():
+        out[name] = int(jitter.get(key) or 0)
+    return out
+
+
 @final
 class _Tracked:
     """One core the tally follows: what it had counted when it came, and what was taken."""
@@ -101,7 +117,7 @@ class _Tracked:
 
     def __init__(self, core: Transceiver, stats: Mapping[str, Any]) -> None:
         self.core = core
-        self.base = {name: int(stats[name]) for name in _FIGURES}
+        self.base = _figures(stats)
         dropped = stats.get("dropped")
         self.dropped = Counter(dropped if isinstance(dropped, dict) else {})
         self.lost = int(stats.get("loss_cumulative") or 0)
@@ -201,7 +217,7 @@ class SessionTally:
         """What ``tracked`` counted here, observing its new figures into the histograms (and,
         unless ``live``, moving its drops into :attr:`dropped` for good)."""
         out: Counter[str] = Counter(
-            {name: max(0, int(stats[name]) - tracked.base[name]) for name in _FIGURES}
+            {name: max(0, value - tracked.base[name]) for name, value in _figures(stats).items()}
         )
         # RFC 3550's cumulative loss can go down (duplicates); the counter keeps what it saw.
         lost = int(stats.get("loss_cumulative") or 0)
@@ -374,6 +390,16 @@ class NodeCollector:
             "SRTCP packets of the node's sessions, in and out.",
             "direction",
             both("rtcp"),
+        )
+        yield labelled_counter(
+            "parley_jitter_buffer_drops_total",
+            "Client packets the sessions' jitter buffers dropped to shorten their delay: in a "
+            "pause of the user's, or in speech when no pause came for shrink_wait.",
+            "during",
+            {
+                "pause": totals["jitter_dropped"] - totals["jitter_dropped_in_speech"],
+                "speech": totals["jitter_dropped_in_speech"],
+            },
         )
         yield counter(
             "parley_media_packets_lost_total",

@@ -100,6 +100,28 @@ def test_a_session_moved_in_counts_from_its_arrival_and_one_gone_is_retired_at_s
     assert tally.sample(["s3"])[1]["starting"] == 1  # hosted, its actor not started yet
 
 
+def test_jitter_buffer_drops_are_summed_by_pause_and_speech_and_never_go_back() -> None:
+    tally = SessionTally()
+    fake = FakeCore(jitter_buffer={"dropped": 2, "dropped_in_speech": 1})  # before: not ours
+    tally.track("s1", core(fake))
+    fake.figures["jitter_buffer"] = {"dropped": 7, "dropped_in_speech": 2}
+    totals, _ = tally.sample(["s1"])
+    assert (totals["jitter_dropped"], totals["jitter_dropped_in_speech"]) == (5, 1)
+    # A restart brings a fresh jitter buffer: what the old one dropped stays counted.
+    tally.track("s1", core(FakeCore(jitter_buffer={"dropped": 0, "dropped_in_speech": 0})))
+    tally.forget("s1")
+    totals, _ = tally.sample([])
+    assert (totals["jitter_dropped"], totals["jitter_dropped_in_speech"]) == (5, 1)
+    node = idle_node()
+    found = families(exposition(new_registry(node_collector(node, tally))))
+    drops = {
+        s.labels["during"]: s.value
+        for s in found["parley_jitter_buffer_drops"].samples
+        if s.name.endswith("_total")
+    }
+    assert drops == {"pause": 4, "speech": 1}
+
+
 def test_loss_jitter_and_rtt_are_sampled_once_per_new_rtcp_report() -> None:
     tally = SessionTally()
     fake = FakeCore()
@@ -196,6 +218,7 @@ def test_a_node_exposes_conventional_families_without_per_session_labels() -> No
         "parley_lease_seconds_left": "gauge",
         "parley_event_loop_lag_seconds": "histogram",
         "parley_kernel_drops": "counter",
+        "parley_jitter_buffer_drops": "counter",
     }
     assert {name: parley[name].type for name in expected} == expected
 

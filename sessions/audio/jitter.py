@@ -25,7 +25,9 @@ towards the target one frame at a time, without time-stretching: it lengthens th
 inserting one concealed frame (when the buffer runs dry this happens by itself: the clock
 holds its media position while it conceals, so a delay spike is absorbed rather than turned
 into losses), and shortens it by dropping one packet at most every ``shrink_interval`` seconds,
-or for free by skipping a frame of a sender's silence.
+or for free by skipping a frame of a sender's silence. After ``idle_after`` dry ticks the
+stream is taken to have paused (DTX, hold, outage): the buffer goes idle and :meth:`pop`
+returns nothing until a packet comes, which starts a new talkspurt at the target delay.
 
 A dropped packet is 20 ms cut out of what the user said, so the buffer drops at a quiet moment:
 when the caller says the user is not speaking (``pop(now, speech=False)``: the voice loop says
@@ -34,9 +36,7 @@ unvoiced middle of a word) and the packet is no larger than the last one played 
 grow at a speech onset: silence is some 20 bytes at 32 kbit/s, speech 50-110). A talker who
 does not pause for ``shrink_wait`` seconds after the delay became too long gets the drops
 anyway, one per ``shrink_interval`` (``dropped_in_speech`` counts them): otherwise a burst at
-the start of a long turn would add its delay to the whole turn. After ``idle_after`` dry ticks the
-stream is taken to have paused (DTX, hold, outage): the buffer goes idle and :meth:`pop`
-returns nothing until a packet comes, which starts a new talkspurt at the target delay.
+the start of a long turn would add its delay to the whole turn.
 
 A sender restart shows as a jump: a sequence number more than ``max_dropout`` ahead or
 ``max_misorder`` behind (the limits of RFC 3550 Appendix A.1), or a timestamp that disagrees
@@ -232,9 +232,10 @@ class JitterBuffer:
     _deadline: float | None = attrs.field(init=False, default=None)  # None: idle
     _dry: int = attrs.field(init=False, default=0)  # consecutive ticks with an empty buffer
     _last_shrink: float = attrs.field(init=False, default=-math.inf)
-    #: since when the delay has been too long with no packet dropped in quiet (None: it is not)
+    #: since when the delay has been too long (None: it is not), for shrink_wait
     _too_long_since: float | None = attrs.field(init=False, default=None)
-    _last_size: int | None = attrs.field(init=False, default=None)  # last played payload's
+    #: the payload size of the last packet played (None: none yet)
+    _last_size: int | None = attrs.field(init=False, default=None)
     _played_seqs: set[int] = attrs.field(init=False, factory=set)
     #: the stream started and nothing has been played yet (older packets may still fit)
     _fresh: bool = attrs.field(init=False, default=False)
@@ -400,9 +401,9 @@ class JitterBuffer:
         """The frame for the next 20 ms slot if it is due at ``now``, else ``None``.
 
         Each call hands out at most one frame; a caller that fell behind calls again until it
-        gets ``None``. ``None`` is also returned while the buffer is idle. ``speech``: the last
-        frame the caller played was speech, so this is no moment to drop a packet (see the
-        module docstring).
+        gets ``None``. ``None`` is also returned while the buffer is idle. ``speech``: the user
+        may be speaking (the caller heard speech lately), so this is no moment to drop a packet
+        to shorten the delay (see the module docstring).
         """
         deadline = self._deadline
         if deadline is None or now < deadline:

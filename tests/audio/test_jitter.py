@@ -201,7 +201,7 @@ def talk(
     """A client that sends ``len(sizes)`` packets of these payload sizes, its first ``burst``
     arriving together (a client that started late), the rest every 20 ms; the caller says a
     frame was speech when its packet was larger than ``speech_above`` bytes, as a VAD would
-    (Opus at 32 kbit/s: silence about 20 bytes, speech 70-110). The (index, size) played."""
+    (Opus at 32 kbit/s: silence about 20 bytes, speech 50-110). The (index, size) played."""
     arrivals = [
         (max(k, burst) * FRAME + 0.001, k, k.to_bytes(4, "big").ljust(size, b"\0"))
         for k, size in enumerate(sizes)

@@ -222,6 +222,7 @@ class TurnDetector:
         self._first_voiced: _Frame | None = None
         self._last_voiced: _Frame | None = None
         self._run = 0  # voiced frames in a row, up to the last one pushed
+        self._unvoiced = 0  # and unvoiced ones
         self._finished = b""
 
     # --- state --------------------------------------------------------------------------------
@@ -249,6 +250,11 @@ class TurnDetector:
     def voiced_run(self) -> int:
         """Voiced frames in a row, up to the last one pushed."""
         return self._run
+
+    @property
+    def unvoiced_run(self) -> int:
+        """Frames in a row the classifier called no speech, up to the last one pushed."""
+        return self._unvoiced
 
     def dismiss(self) -> None:
         """The open turn was not one (a backchannel while the agent spoke): forget it, with no
@@ -296,6 +302,7 @@ class TurnDetector:
         self._index += 1
         self._recent.append(current)
         self._run = self._run + 1 if voiced else 0
+        self._unvoiced = 0 if voiced else self._unvoiced + 1
         if not self._in_speech:
             return self._try_start()
         self._turn.append(current.pcm)

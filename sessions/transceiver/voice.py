@@ -136,7 +136,6 @@ class VoiceLoop:
             maxlen=MAX_PLAYOUT
         )
         self._played_seq: int | None = None
-        self._unvoiced_run = 0  # frames played in a row that the classifier called no speech
         self._clock: tuple[int, float] | None = None
         self._paused = False
         self._paused_at = 0.0
@@ -363,7 +362,7 @@ class VoiceLoop:
         jitter, turns, gate, echo = self._jitter, self._turns, self._gate, self.echo
         while (due := jitter.get_timer()) is not None and due <= now + _EARLY:
             # (a too-long delay is shortened in a pause of the user's, not in a word)
-            frame = jitter.pop(max(now, due), speech=self._unvoiced_run < _PAUSE_FRAMES)
+            frame = jitter.pop(max(now, due), speech=turns.unvoiced_run < _PAUSE_FRAMES)
             if frame is None:
                 break  # the stream paused
             if frame.seq is not None:
@@ -375,7 +374,6 @@ class VoiceLoop:
                 gate.echo = echo.heard(heard, now)
             for turn in turns.push(heard, now):
                 self._on_turn(turn, now)
-            self._unvoiced_run = 0 if turns.voiced else self._unvoiced_run + 1
             self._after_frame(now)
         # A client that stops sending (DTX, an outage) still ends its turn.
         for turn in self._turns.poll(now):

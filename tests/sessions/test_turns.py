@@ -218,6 +218,7 @@ def test_state_during_a_turn() -> None:
     for i in range(9):
         detector.push(chunks[i], arrival(i))
     assert state(detector) == (False, None, None)  # not yet min_speech
+    assert (detector.voiced_run, detector.unvoiced_run) == (9, 0)
     detector.push(chunks[9], arrival(9))
     # The first voiced frame's arrival: barge-in latency is measured from there.
     assert state(detector)[:2] == (True, arrival(0))
@@ -232,6 +233,7 @@ def test_state_during_a_turn() -> None:
         events += detector.push(chunks[i], arrival(i))
     assert [type(e) for e in events] == [SpeechStopped]
     assert state(detector) == (False, None, None)
+    assert (detector.voiced_run, detector.unvoiced_run) == (0, 40)
 
 
 def test_bursts_shorter_than_min_speech_are_ignored() -> None:

@@ -84,7 +84,7 @@ from typing import Any, Final, final
 import attrs
 
 from ops.bench.common import percentile, process_cpu, split_cores
-from ops.bench.sessions_clients import Call, _speech_track, lateness, speech_packets
+from ops.bench.sessions_clients import Call, _speech_track, lateness, loop_start, speech_packets
 from ops.bench.sessions_profile import codec_floor, configured_codec, profile_node
 from ops.bench.sessions_report import (
     BenchResult,
@@ -188,14 +188,17 @@ async def _setup_phase(
 async def _add_calls(
     server: Server, packets: list[bytes], calls: list[Call], count: int, params: Params
 ) -> int:
-    """Set ``count`` more calls up (a few at a time); returns how many failed."""
+    """Set ``count`` more calls up (a few at a time), each starting the speech loop at its own
+    place (``loop_start``); returns how many failed."""
     gate = asyncio.Semaphore(SETUP_CONCURRENCY)
     failed = 0
+    first = len(calls)
 
-    async def one() -> None:
+    async def one(index: int) -> None:
         nonlocal failed
         async with gate:
-            call = Call(packets, decode_all=params.decode_all, token=server.token)
+            start = loop_start(index, packets)
+            call = Call(packets, decode_all=params.decode_all, token=server.token, start=start)
             try:
                 await call.connect(server.url)
             except (RuntimeError, TimeoutError, OSError):
@@ -204,7 +207,7 @@ async def _add_calls(
             else:
                 calls.append(call)
 
-    await asyncio.gather(*(one() for _ in range(count)))
+    await asyncio.gather(*(one(first + i) for i in range(count)))
     return failed
 
 

@@ -13,6 +13,7 @@ addition); a node counts its sessions' bytes (``parley_media_bytes_total``).
 
 from __future__ import annotations
 
+import gc
 from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, Final, final
 
@@ -25,6 +26,7 @@ from prometheus_client.core import (
 
 from actors.histogram import Histogram
 from actors.lag import LoopLag
+from actors.pauses import PAUSES
 
 if TYPE_CHECKING:
     from relay.daemon import Relay
@@ -36,6 +38,7 @@ __all__ = [
     "RelayCollector",
     "counter",
     "gauge",
+    "gc_metrics",
     "histogram",
     "info_metric",
     "labelled_counter",
@@ -128,6 +131,21 @@ def lag_metrics(lag: LoopLag) -> Iterator[Metric]:
         "parley_event_loop_stalls_total",
         "Event-loop wakeups 100 ms or more late: the process did not run (a long step, no CPU).",
         lag.stalls,
+    )
+
+
+def gc_metrics() -> Iterator[Metric]:
+    """The garbage collector's pauses and frozen startup objects (actors/pauses.py)."""
+    yield histogram(
+        "parley_gc_pause_seconds",
+        "How long each garbage collection stopped the process, by generation (2: a full one).",
+        PAUSES.by_generation,
+        label="generation",
+    )
+    yield gauge(
+        "parley_gc_frozen_objects",
+        "Objects alive at startup that no garbage collection walks again (gc.freeze).",
+        gc.get_freeze_count(),
     )
 
 
@@ -289,3 +307,4 @@ class RelayCollector:
         yield from tunnel_metrics(endpoint, dict.fromkeys(edge.tunnels, True), rtts)
         yield from lease_metrics(relay.keeper)
         yield from lag_metrics(relay.lag)
+        yield from gc_metrics()

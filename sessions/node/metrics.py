@@ -29,6 +29,7 @@ from actors.lag import LoopLag
 from relay.metrics import (
     counter,
     gauge,
+    gc_metrics,
     histogram,
     info_metric,
     labelled_counter,
@@ -366,6 +367,7 @@ class NodeCollector:
             node.lease_stalls,
         )
         yield from lag_metrics(self.lag)
+        yield from gc_metrics()
 
     def _media(self, totals: Counter[str]) -> Iterable[Metric]:
         tally = self.tally

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +37,18 @@ def start_node(endpoint: str, node_id: str, tmp_path: Path) -> subprocess.Popen[
     # a node checks access tokens: it needs the cluster's token keys to start
     argv += ["--certs", str(token_keys(tmp_path / "certs"))]
     return subprocess.Popen(argv, stdout=log, stderr=log)
+
+
+def _gc_figures(url: str) -> dict[str, float]:
+    """The ``parley_gc_*`` samples of a process' /metrics, by name and labels."""
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    figures = {}
+    for line in text.splitlines():
+        if line.startswith("parley_gc_"):
+            name, value = line.rsplit(" ", 1)
+            figures[name] = float(value)
+    return figures
 
 
 def node_ids(endpoint: str) -> set[str]:
@@ -206,6 +219,12 @@ def test_parley_up_runs_etcd_relays_and_nodes_restarts_a_killed_node_and_stops_c
         for relay in run_status(endpoint, certs=certs)["relays"]:
             assert relay["counters"]["kernel_drops"] == 0, relay
             assert {"tunnel_kernel_drops", "loop_lag_ms"} <= set(relay["counters"]), relay
+        # Each froze what its startup left alive out of the garbage collector's walks
+        # (actors/pauses.py) once up, and times its collections: the freeze's own was one.
+        for member in nodes + run_status(endpoint, certs=certs)["relays"]:
+            gc = _gc_figures(member["metrics"])
+            assert gc["parley_gc_frozen_objects"] > 20_000, (member["id"], gc)
+            assert gc['parley_gc_pause_seconds_count{generation="2"}'] >= 1, (member["id"], gc)
         survivor = next(n for n in status["nodes"] if n["id"] == "node-2")
         assert [n["pid"] for n in nodes if n["id"] == "node-2"] == [survivor["pid"]]
         pids = [n["pid"] for n in nodes] + [

@@ -280,7 +280,7 @@ class _WhenUp:
     """The ``task_status`` of a node or relay daemon that runs as the process: once it reports
     itself up (registered in etcd, its ports open), what its startup left alive is frozen out
     of the garbage collector's walks, which made every full collection stall the process for
-    20-45 ms (actors/pauses.py)."""
+    tens of milliseconds (actors/pauses.py)."""
 
     def __init__(self, name: str) -> None:
         self.name = name

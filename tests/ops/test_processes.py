@@ -16,6 +16,7 @@ import pytest
 
 from ops.etcdserver import EtcdServer, free_port
 from tests.helpers import PARLEY, run_status, token_keys
+from tests.metrics_support import families
 
 
 def wait_for(predicate: Any, within: float, what: str, *, show: Any = None) -> Any:
@@ -44,10 +45,11 @@ def _gc_figures(url: str) -> dict[str, float]:
     with urllib.request.urlopen(url, timeout=10) as response:
         text = response.read().decode()
     figures = {}
-    for line in text.splitlines():
-        if line.startswith("parley_gc_"):
-            name, value = line.rsplit(" ", 1)
-            figures[name] = float(value)
+    for name, family in families(text).items():
+        if name.startswith("parley_gc_"):
+            for sample in family.samples:
+                labels = ",".join(f'{key}="{value}"' for key, value in sample.labels.items())
+                figures[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return figures
 
 

@@ -232,7 +232,9 @@ class JitterBuffer:
     _deadline: float | None = attrs.field(init=False, default=None)  # None: idle
     _dry: int = attrs.field(init=False, default=0)  # consecutive ticks with an empty buffer
     _last_shrink: float = attrs.field(init=False, default=-math.inf)
-    #: since when the delay has been too long (None: it is not), for shrink_wait
+    #: since when a drop has been due (the delay too long, the next packet there, the interval
+    #: passed) without a quiet moment to make it in; None while the delay is not too long
+    #: (for shrink_wait)
     _too_long_since: float | None = attrs.field(init=False, default=None)
     #: the payload size of the last packet played (None: none yet)
     _last_size: int | None = attrs.field(init=False, default=None)
